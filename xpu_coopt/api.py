@@ -1,0 +1,64 @@
+"""optimize(): validate the model and the options, build the optimized wrapper, return it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from xpu_coopt.backends import resolve_backend
+from xpu_coopt.cache import KV_CACHE_KINDS
+from xpu_coopt.config import model_spec
+from xpu_coopt.model import LlamaDecoder
+from xpu_coopt.ops import KV_FORMATS
+from xpu_coopt.optimized_model import OptimizedModel
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def optimize(
+    model: Any,
+    dtype: torch.dtype | None = None,
+    kv_cache: str = "segment",
+    kv_dtype: str = "auto",
+    backend: str = "auto",
+    inplace: bool = False,
+) -> OptimizedModel:
+    """Returns `model` (a Hugging Face LLaMA, Mistral or Qwen2 causal LM) running on xpu_coopt's kernels.
+
+    Mirrors `ipex.llm.optimize(model, dtype=...)`: an IPEX user changes one import.
+
+    Parameters
+    ----------
+    model : transformers LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM
+        Its weights are shared, not copied (the fused q/k/v and gate/up matrices excepted, see inplace).
+    dtype : torch.float32, torch.bfloat16 or torch.float16, optional
+        Compute dtype; default the model's own.
+    kv_cache : "segment"
+        KV cache layout: prompt K/V once per request, response K/V per beam.
+    kv_dtype : "auto", "fp8_e4m3" or "fp8_e5m2"
+        "auto" stores K/V in the compute dtype; FP8 stores uint8 codes with per-token-per-head scales.
+    backend : "auto", "torch", "sycl" or "triton"
+        "auto": SYCL for xpu tensors, Triton for cuda, the PyTorch reference for cpu.
+        "torch" runs the reference kernels on any device.
+    inplace : bool
+        False (default): the model passed in is left unchanged. True: it may be converted to `dtype`
+        and its q/k/v and gate/up weights become views of the fused matrices, so no weight is held twice.
+    """
+    hf_config = getattr(model, "config", None)
+    if hf_config is None or not isinstance(model, torch.nn.Module):
+        raise TypeError(f"optimize() takes a transformers causal LM (a torch.nn.Module with a config), got {type(model)}")
+    spec = model_spec(hf_config)
+    if kv_cache not in KV_CACHE_KINDS:
+        raise ValueError(f"unknown kv_cache {kv_cache!r}; choose one of {', '.join(KV_CACHE_KINDS)}")
+    if kv_dtype not in KV_FORMATS:
+        raise ValueError(f"unknown kv_dtype {kv_dtype!r}; choose one of {', '.join(KV_FORMATS)}")
+    parameter = next(model.parameters())
+    dtype = parameter.dtype if dtype is None else dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {dtype} is not supported; choose one of {SUPPORTED_DTYPES}")
+    ops = resolve_backend(backend, parameter.device)
+    if inplace and parameter.dtype != dtype:
+        model.to(dtype)
+    decoder = LlamaDecoder(model, spec, ops, dtype, inplace)
+    return OptimizedModel(model, decoder, kv_dtype, ops.name)

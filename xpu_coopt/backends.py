@@ -1,0 +1,47 @@
+"""Choosing the kernels: backend names, what each device gets with "auto", and clear errors otherwise."""
+
+from __future__ import annotations
+
+import torch
+
+from xpu_coopt.ops import Ops, dispatcher_kernels, reference_kernels
+
+BACKENDS = ("auto", "torch", "sycl", "triton")
+# The backend "auto" picks for each device type: the kernels registered for it in torch's dispatcher.
+DEVICE_BACKENDS = {"cpu": "torch", "cuda": "triton", "xpu": "sycl"}
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run here; the message says why and what to install or change."""
+
+
+def _unavailable_reasons(backend: str, device: torch.device) -> list[str]:
+    if backend == "torch":
+        return []
+    if backend == "sycl":
+        return ["the SYCL kernels (sycl_kernels/) are not built into this version of xpu_coopt yet"]
+    if backend == "triton":
+        return ["the Triton kernels are not built into this version of xpu_coopt yet"]
+    return [f"unknown backend {backend!r}"]
+
+
+def resolve_backend(backend: str, device: torch.device) -> Ops:
+    """The Ops for `backend` on `device`; BackendUnavailableError or ValueError naming the problem."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    name = DEVICE_BACKENDS.get(device.type) if backend == "auto" else backend
+    if name is None:
+        raise BackendUnavailableError(
+            f"no backend for device type {device.type!r}; xpu_coopt runs on {', '.join(DEVICE_BACKENDS)}"
+        )
+    reasons = _unavailable_reasons(name, device)
+    if reasons:
+        raise BackendUnavailableError(
+            f"backend {name!r} is not available on {device}: " + "; ".join(reasons)
+            + ". Pass backend='torch' to run the PyTorch reference kernels explicitly."
+        )
+    if backend == "auto":
+        # torch's dispatcher picks the kernel registered for the tensors' device.
+        return Ops(dispatcher_kernels(), name)
+    # backend="torch" asked for explicitly: the reference kernels as plain functions, on any device.
+    return Ops(reference_kernels(), name)

@@ -1,0 +1,183 @@
+"""Segment KV cache: the prompt's K/V once per request, the response's K/V per beam.
+
+Layout (L layers, R requests, nb beams per request, S = R * nb sequences, P padded prompt length,
+C response capacity, Hkv KV heads, D head_dim):
+    prompt_k, prompt_v     [L, R, Hkv, P, D]  written once at prefill, shared by the request's beams
+    response_k, response_v [L, S, Hkv, C, D]  row s, column t: the token that sequence slot s generated at step t
+    *_scale                 same without D, float32 (FP8 caches only: one scale per token and KV head)
+    beam_slots             [S, C] int32: beam_slots[s, t] = the response row that holds step t of sequence s
+    prompt_start           [R] int32: first non-padding prompt position (prompts are left-padded)
+
+Beam reordering gathers rows of beam_slots (integers); no K/V moves. KV memory is proportional to
+R * P + S * C, not S * (P + C). The response segment grows in steps of RESPONSE_STEP columns when a caller
+decodes past the capacity it asked for; generate() asks for max_new_tokens up front.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xpu_coopt.config import ModelSpec
+from xpu_coopt.ops import Ops, fp8
+
+RESPONSE_STEP = 16
+
+
+def _round_up(n: int, step: int) -> int:
+    return max(step, -(-n // step) * step)
+
+
+class SegmentKVCache:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        ops: Ops,
+        cos_sin_cache: torch.Tensor,
+        prompt_start: torch.Tensor,
+        prompt_len: int,
+        num_beams: int,
+        max_new_tokens: int,
+        dtype: torch.dtype,
+        kv_format: str,
+    ) -> None:
+        self.spec = spec
+        self.ops = ops
+        self.cos_sin_cache = cos_sin_cache
+        self.kv_format = kv_format
+        self.dtype = dtype
+        device = prompt_start.device
+        self.num_requests = prompt_start.shape[0]
+        self.num_beams = num_beams
+        self.num_seqs = self.num_requests * num_beams
+        self.prompt_len = prompt_len
+        self.prompt_start = prompt_start.to(torch.int32)
+        # Positions continue from each request's real (unpadded) prompt length.
+        self.prompt_lengths = (prompt_len - self.prompt_start.long()).repeat_interleave(num_beams)
+        self.response_len = 0
+        self.prefilled = False
+
+        storage = torch.uint8 if fp8.is_fp8(kv_format) else dtype
+        layers, heads, dim = spec.num_layers, spec.num_kv_heads, spec.head_dim
+        prompt_shape = (layers, self.num_requests, heads, prompt_len, dim)
+        self.prompt_k = torch.zeros(prompt_shape, dtype=storage, device=device)
+        self.prompt_v = torch.zeros(prompt_shape, dtype=storage, device=device)
+        self.prompt_k_scale = self._scales(prompt_shape)
+        self.prompt_v_scale = self._scales(prompt_shape)
+        capacity = _round_up(max_new_tokens, RESPONSE_STEP)
+        response_shape = (layers, self.num_seqs, heads, capacity, dim)
+        self.response_k = torch.zeros(response_shape, dtype=storage, device=device)
+        self.response_v = torch.zeros(response_shape, dtype=storage, device=device)
+        self.response_k_scale = self._scales(response_shape)
+        self.response_v_scale = self._scales(response_shape)
+        self.beam_slots = torch.zeros((self.num_seqs, capacity), dtype=torch.int32, device=device)
+        self._seq_rows = torch.arange(self.num_seqs, device=device)
+        self._prompt_rows = torch.arange(self.num_requests, device=device).repeat_interleave(prompt_len)
+        self._prompt_columns = torch.arange(prompt_len, device=device).repeat(self.num_requests)
+
+    def _scales(self, shape: tuple[int, ...]) -> torch.Tensor | None:
+        if not fp8.is_fp8(self.kv_format):
+            return None
+        return torch.ones(shape[:-1], dtype=torch.float32, device=self.prompt_start.device)
+
+    @staticmethod
+    def _layer(tensor: torch.Tensor | None, layer: int) -> torch.Tensor | None:
+        return None if tensor is None else tensor[layer]
+
+    @property
+    def capacity(self) -> int:
+        return self.beam_slots.shape[1]
+
+    def positions(self) -> torch.Tensor:
+        """int64 [S]: the rotary position of the token each sequence decodes next."""
+        return self.prompt_lengths + self.response_len
+
+    def begin_decode_step(self) -> None:
+        """Claims column response_len of every slot's own row for the token about to be decoded."""
+        if not self.prefilled:
+            raise RuntimeError("decode before prefill: the cache holds no prompt")
+        if self.response_len == self.capacity:
+            self._grow()
+        self.beam_slots[:, self.response_len] = self._seq_rows.to(torch.int32)
+        self._decode_columns = torch.full_like(self._seq_rows, self.response_len)
+
+    def end_step(self) -> None:
+        if self.prefilled:
+            self.response_len += 1
+        self.prefilled = True
+
+    def reorder(self, parents: torch.Tensor) -> None:
+        """parents: int [S], the slot each sequence continues from (within its own request)."""
+        done = self.response_len
+        self.beam_slots[:, :done] = self.beam_slots[parents.long(), :done]
+
+    def _grow(self) -> None:
+        def widen(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            pad_shape = (*tensor.shape[:3], RESPONSE_STEP, *tensor.shape[4:])
+            return torch.cat((tensor, tensor.new_zeros(pad_shape)), dim=3)
+
+        self.response_k, self.response_v = widen(self.response_k), widen(self.response_v)
+        self.response_k_scale, self.response_v_scale = widen(self.response_k_scale), widen(self.response_v_scale)
+        extra = self.beam_slots.new_zeros((self.num_seqs, RESPONSE_STEP))
+        self.beam_slots = torch.cat((self.beam_slots, extra), dim=1)
+
+    def nbytes(self) -> int:
+        tensors = (
+            self.prompt_k, self.prompt_v, self.prompt_k_scale, self.prompt_v_scale,
+            self.response_k, self.response_v, self.response_k_scale, self.response_v_scale,
+            self.beam_slots,
+        )  # fmt: skip
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def attend(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """query [T, H, D], key/value [T, Hkv, D] for T tokens (R * P at prefill, S at decode); positions [T].
+
+        Rotates query and key, writes K/V into this layer's segment, returns attention output [T, H * D].
+        """
+        if self.prefilled:
+            return self._attend_decode(layer, query, key, value, positions)
+        return self._attend_prefill(layer, query, key, value, positions)
+
+    def _attend_prefill(self, layer, query, key, value, positions) -> torch.Tensor:
+        kernels = self.ops.kernels
+        kernels.rotary_embedding_kv_write(
+            query, key, value, positions, self.cos_sin_cache,
+            self.prompt_k[layer], self.prompt_v[layer],
+            self._layer(self.prompt_k_scale, layer), self._layer(self.prompt_v_scale, layer),
+            self._prompt_rows, self._prompt_columns, self.kv_format,
+        )  # fmt: skip
+        batch, length = self.num_requests, self.prompt_len
+        out = query.new_empty((batch, length, query.shape[1], query.shape[2]))
+        kernels.attention_prefill(
+            out,
+            query.view(batch, length, *query.shape[1:]),
+            key.view(batch, length, *key.shape[1:]),
+            value.view(batch, length, *value.shape[1:]),
+            self.prompt_start,
+            self.spec.attention_scale,
+        )
+        return out.view(batch * length, -1)
+
+    def _attend_decode(self, layer, query, key, value, positions) -> torch.Tensor:
+        kernels = self.ops.kernels
+        step = self.response_len
+        kernels.rotary_embedding_kv_write(
+            query, key, value, positions, self.cos_sin_cache,
+            self.response_k[layer], self.response_v[layer],
+            self._layer(self.response_k_scale, layer), self._layer(self.response_v_scale, layer),
+            self._seq_rows, self._decode_columns, self.kv_format,
+        )  # fmt: skip
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        kernels.segment_attention_decode(
+            out, query,
+            self.prompt_k[layer], self.prompt_v[layer],
+            self._layer(self.prompt_k_scale, layer), self._layer(self.prompt_v_scale, layer),
+            self.prompt_start,
+            self.response_k[layer], self.response_v[layer],
+            self._layer(self.response_k_scale, layer), self._layer(self.response_v_scale, layer),
+            self.beam_slots, step + 1, self.spec.attention_scale, self.kv_format,
+        )  # fmt: skip
+        return out.view(query.shape[0], -1)

@@ -1,0 +1,126 @@
+"""What xpu_coopt reads from a Hugging Face config: one frozen dataclass, built from config fields only.
+
+Reading plain fields (not transformers' module classes or call signatures) is what keeps xpu_coopt
+working across transformers releases.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    theta: float
+    rope_type: str = "default"
+    factor: float = 1.0
+    # llama3 only
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeSpec
+    tie_word_embeddings: bool
+    sliding_window: int | None
+
+    @property
+    def attention_scale(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+    def kv_bytes_per_token(self, element_bytes: float) -> float:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_bytes
+
+
+def _architecture(config: Any) -> str:
+    names = list(getattr(config, "architectures", None) or [])
+    if names:
+        return names[0]
+    # Configs built in code have no `architectures`; the model_type names the family.
+    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+    return by_type.get(getattr(config, "model_type", ""), f"model_type={getattr(config, 'model_type', None)!r}")
+
+
+def _rope(config: Any) -> RopeSpec:
+    # transformers 5 keeps rope settings in `rope_parameters`; 4.x in `rope_theta` + `rope_scaling`.
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    scaling = dict(getattr(config, "rope_scaling", None) or {})
+    params = {**scaling, **params}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"rope type {rope_type!r} is not supported; xpu_coopt supports {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    return RopeSpec(
+        theta=float(theta),
+        rope_type=rope_type,
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def _sliding_window(config: Any) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    # Qwen2 carries a window size but applies it only with use_sliding_window.
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
+def model_spec(config: Any) -> ModelSpec:
+    """Reads a ModelSpec from a transformers config; ValueError naming what is unsupported."""
+    architecture = _architecture(config)
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"architecture {architecture} is not supported; xpu_coopt supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"hidden_act {act!r} is not supported; the LLaMA family uses 'silu'")
+    num_heads = int(config.num_attention_heads)
+    num_kv_heads = int(getattr(config, "num_key_value_heads", None) or num_heads)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // num_heads)
+    if head_dim % 2:
+        raise ValueError(f"head_dim {head_dim} must be even for rotary embeddings")
+    return ModelSpec(
+        architecture=architecture,
+        vocab_size=int(config.vocab_size),
+        hidden_size=int(config.hidden_size),
+        intermediate_size=int(config.intermediate_size),
+        num_layers=int(config.num_hidden_layers),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(config.rms_norm_eps),
+        max_position_embeddings=int(config.max_position_embeddings),
+        rope=_rope(config),
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        sliding_window=_sliding_window(config),
+    )

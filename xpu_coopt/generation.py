@@ -1,0 +1,314 @@
+"""Greedy, sampling and beam search over the segment KV cache, with transformers' argument names.
+
+xpu_coopt owns this loop (rather than riding on transformers' generate) because transformers expands the
+prompt to every beam before prefill and copies the whole cache at each beam step; here the prompt is
+prefilled once per request and a beam step reorders integers. The arithmetic of each decision (logits
+processors, beam bookkeeping, length penalty, early stopping) follows transformers 5 so that outputs match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_ARGUMENTS = (
+    "max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+    "num_beams", "length_penalty", "early_stopping", "num_return_sequences", "eos_token_id",
+    "pad_token_id", "bos_token_id", "streamer", "generator", "return_dict_in_generate", "output_scores",
+    "use_cache",
+)  # fmt: skip
+
+# Fields of a model's generation_config that xpu_coopt neither uses nor needs to: bookkeeping only.
+_IGNORED_CONFIG_FIELDS = {
+    "transformers_version", "_from_model_config", "_commit_hash", "_original_object_hash", "use_cache",
+    "cache_implementation", "cache_config", "return_legacy_cache", "output_attentions",
+    "output_hidden_states", "output_logits", "decoder_start_token_id", "generation_kwargs",
+    "is_assistant", "compile_config", "disable_compile", "trust_remote_code",
+}  # fmt: skip
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    eos_token_id: list[int] | None = None
+    pad_token_id: int | None = None
+    return_dict_in_generate: bool = False
+    output_scores: bool = False
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # [N * num_return_sequences, prompt + generated]
+    sequences_scores: torch.Tensor | None = None  # beam search with output_scores: length-normalised scores
+    scores: tuple[torch.Tensor, ...] | None = None  # output_scores: processed scores of each step
+    kv_cache_bytes: int = 0  # bytes the KV cache held
+
+
+def _config_defaults(generation_config: Any) -> dict[str, Any]:
+    """Supported fields of the model's generation_config; ValueError for unsupported ones set away from default."""
+    if generation_config is None:
+        return {}
+    from transformers import GenerationConfig
+
+    base = GenerationConfig().to_dict()
+    own = generation_config.to_dict()
+    supported = {f.name for f in fields(GenerationSettings)} | {"max_length", "bos_token_id"}
+    unsupported = {
+        key: value
+        for key, value in own.items()
+        if key not in supported and key not in _IGNORED_CONFIG_FIELDS and key in base and value != base[key]
+    }
+    if unsupported:
+        raise ValueError(
+            f"the model's generation_config sets {unsupported}, which xpu_coopt's generate does not support; "
+            "reset those fields on model.generation_config to their defaults to generate without them"
+        )
+    return {key: own[key] for key in supported if key in own and own[key] != base.get(key)}
+
+
+def resolve_settings(model: Any, prompt_len: int, kwargs: dict[str, Any]) -> GenerationSettings:
+    unknown = sorted(set(kwargs) - set(SUPPORTED_ARGUMENTS))
+    if unknown:
+        raise TypeError(
+            f"generate() got unsupported arguments {unknown}; xpu_coopt supports {', '.join(SUPPORTED_ARGUMENTS)}"
+        )
+    if kwargs.get("use_cache", True) is not True:
+        raise ValueError("use_cache=False is not supported: xpu_coopt always decodes over its KV cache")
+    values = {**_config_defaults(model.generation_config), **kwargs}
+    max_new_tokens = values.get("max_new_tokens")
+    if max_new_tokens is None:
+        max_new_tokens = values.get("max_length", 20) - prompt_len
+    eos = values.get("eos_token_id")
+    if isinstance(eos, int):
+        eos = [eos]
+    settings = GenerationSettings(
+        **{
+            f.name: values[f.name]
+            for f in fields(GenerationSettings)
+            if f.name in values and values[f.name] is not None and f.name not in ("eos_token_id", "max_new_tokens")
+        },
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(eos) if eos is not None else None,
+    )
+    if settings.pad_token_id is None and settings.eos_token_id:
+        settings.pad_token_id = settings.eos_token_id[0]  # as transformers does, without its warning
+    _validate(settings)
+    return settings
+
+
+def _validate(s: GenerationSettings) -> None:
+    if s.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {s.max_new_tokens}")
+    if s.min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be >= 0, got {s.min_new_tokens}")
+    if not isinstance(s.num_beams, int) or s.num_beams < 1:
+        raise ValueError(f"num_beams must be an integer >= 1, got {s.num_beams}")
+    if s.num_return_sequences < 1 or s.num_return_sequences > s.num_beams:
+        raise ValueError(
+            f"num_return_sequences ({s.num_return_sequences}) must be between 1 and num_beams ({s.num_beams})"
+        )
+    if s.num_beams > 1 and s.do_sample:
+        raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported")
+    if s.do_sample and s.temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {s.temperature}")
+    if s.do_sample and not 0 < s.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {s.top_p}")
+    if s.do_sample and s.top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {s.top_k}")
+    if s.early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {s.early_stopping!r}")
+    if s.pad_token_id is None and s.eos_token_id:
+        raise ValueError("pad_token_id is needed to pad finished sequences")
+
+
+# --- logits processors, in transformers' order: min_new_tokens, temperature, top_k, top_p -------------------
+
+
+def _suppress_eos(scores: torch.Tensor, s: GenerationSettings, new_tokens: int) -> torch.Tensor:
+    if s.eos_token_id and new_tokens < s.min_new_tokens:
+        scores = scores.clone()
+        scores[:, s.eos_token_id] = float("-inf")
+    return scores
+
+
+def _warp(scores: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
+    if s.temperature != 1.0:
+        scores = scores / s.temperature
+    if s.top_k:
+        k = min(s.top_k, scores.shape[-1])
+        threshold = torch.topk(scores, k)[0][..., -1, None]
+        scores = scores.masked_fill(scores < threshold, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_scores, sorted_indices = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - s.top_p)
+        remove[..., -1:] = False  # always keep the most likely token
+        scores = scores.masked_fill(remove.scatter(1, sorted_indices, remove), float("-inf"))
+    return scores
+
+
+def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any):
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a 2-D tensor [batch, prompt_length]")
+    input_ids = input_ids.to(model.device)
+    settings = resolve_settings(model, input_ids.shape[1], kwargs)
+    streamer = kwargs.get("streamer")
+    generator = kwargs.get("generator")
+    if streamer is not None and (settings.num_beams > 1 or input_ids.shape[0] > 1):
+        raise ValueError("streamer supports batch size 1 without beam search (as transformers)")
+    with torch.inference_mode():
+        if settings.num_beams > 1:
+            output = _beam_search(model, input_ids, attention_mask, settings)
+        else:
+            output = _sample(model, input_ids, attention_mask, settings, streamer, generator)
+    return output if settings.return_dict_in_generate else output.sequences
+
+
+def _is_eos(tokens: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
+    if not s.eos_token_id:
+        return torch.zeros_like(tokens, dtype=torch.bool)
+    return torch.isin(tokens, torch.tensor(s.eos_token_id, device=tokens.device))
+
+
+def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, generator) -> GenerateOutput:
+    logits, cache = model.prefill(input_ids, attention_mask, 1, s.max_new_tokens)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    generated: list[torch.Tensor] = []
+    all_scores: list[torch.Tensor] = []
+    for step in range(s.max_new_tokens):
+        scores = _suppress_eos(logits.float(), s, step)
+        if s.do_sample:
+            scores = _warp(scores, s)
+            next_tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+        else:
+            next_tokens = scores.argmax(dim=-1)
+        if s.output_scores:
+            all_scores.append(scores)
+        if s.pad_token_id is not None:
+            next_tokens = torch.where(unfinished, next_tokens, s.pad_token_id)
+        generated.append(next_tokens)
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
+        unfinished &= ~_is_eos(next_tokens, s)
+        if not unfinished.any() or step == s.max_new_tokens - 1:
+            break
+        logits = model.decode(next_tokens, cache)
+    if streamer is not None:
+        streamer.end()
+    sequences = torch.cat((input_ids, torch.stack(generated, dim=1)), dim=1)
+    return GenerateOutput(sequences, None, tuple(all_scores) if s.output_scores else None, cache.nbytes())
+
+
+def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """tensor [R, K, ...], indices [R, J] -> [R, J, ...]."""
+    while indices.dim() < tensor.dim():
+        indices = indices.unsqueeze(-1)
+    return torch.take_along_dim(tensor, indices, dim=1)
+
+
+def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> GenerateOutput:
+    """transformers 5's vectorised beam search, with the prompt prefilled once per request."""
+    device = input_ids.device
+    batch, prompt_len = input_ids.shape
+    beams = s.num_beams
+    max_length = prompt_len + s.max_new_tokens
+    eos = torch.tensor(s.eos_token_id or [], device=device, dtype=torch.long)
+    beams_to_keep = max(2, 1 + eos.numel()) * beams
+    top_num_beam_mask = torch.arange(beams_to_keep, device=device) < beams
+    fill = (s.pad_token_id or s.eos_token_id[0]) if s.eos_token_id else -1
+
+    running_sequences = torch.full((batch, beams, max_length), fill, dtype=torch.long, device=device)
+    running_sequences[:, :, :prompt_len] = input_ids[:, None, :]
+    sequences = running_sequences.clone()
+    running_scores = torch.zeros((batch, beams), dtype=torch.float, device=device)
+    running_scores[:, 1:] = -1e9
+    beam_scores = torch.full((batch, beams), -1e9, dtype=torch.float, device=device)
+    is_finished = torch.zeros((batch, beams), dtype=torch.bool, device=device)
+    improvable = torch.ones((batch, 1), dtype=torch.bool, device=device)
+    running_beam_indices = torch.full((batch, beams, s.max_new_tokens), -1, dtype=torch.int32, device=device)
+    beam_indices = running_beam_indices.clone()
+    batch_offset = torch.arange(batch, device=device).view(-1, 1) * beams
+    all_scores: list[torch.Tensor] = []
+
+    logits, cache = model.prefill(input_ids, attention_mask, beams, s.max_new_tokens)
+    logits = logits.repeat_interleave(beams, dim=0)  # every beam of a request starts from the same prompt
+    cur_len = prompt_len
+    while True:
+        log_probs = _suppress_eos(F.log_softmax(logits.float(), dim=-1), s, cur_len - prompt_len)
+        if s.output_scores:
+            all_scores.append(log_probs)
+        vocab = log_probs.shape[-1]
+        log_probs = log_probs.view(batch, beams, vocab) + running_scores[:, :, None]
+        topk_log_probs, topk_indices = torch.topk(log_probs.view(batch, -1), k=beams_to_keep)
+        topk_beam = topk_indices // vocab
+        topk_running_beam_indices = _gather_beams(running_beam_indices, topk_beam)
+        topk_sequences = _gather_beams(running_sequences, topk_beam)
+        topk_sequences[:, :, cur_len] = topk_indices % vocab
+        topk_running_beam_indices[:, :, cur_len - prompt_len] = (topk_beam + batch_offset).to(torch.int32)
+
+        # Stopping criteria of each candidate: length limit, or an EOS as its last token.
+        hits_stop = torch.isin(topk_sequences[:, :, cur_len], eos) | (cur_len + 1 >= max_length)
+
+        # Running beams for the next step: the best candidates that did not stop.
+        running_candidates = topk_log_probs + hits_stop.float() * -1.0e9
+        next_indices = torch.topk(running_candidates, k=beams)[1]
+        running_sequences = _gather_beams(topk_sequences, next_indices)
+        running_scores = _gather_beams(running_candidates, next_indices)
+        running_beam_indices = _gather_beams(topk_running_beam_indices, next_indices)
+
+        # Finished hypotheses: candidates among the top num_beams that stopped, scored with the length penalty.
+        just_finished = hits_stop & top_num_beam_mask[None, :]
+        finished_scores = topk_log_probs / ((cur_len + 1 - prompt_len) ** s.length_penalty)
+        batch_full = is_finished.all(dim=-1, keepdim=True) & (s.early_stopping is True)
+        finished_scores = finished_scores + batch_full.float() * -1.0e9
+        finished_scores = finished_scores + (~improvable).float() * -1.0e9
+        finished_scores = finished_scores + (~just_finished) * -1.0e9
+        merged_scores = torch.cat((beam_scores, finished_scores), dim=1)
+        best = torch.topk(merged_scores, k=beams)[1]
+        sequences = _gather_beams(torch.cat((sequences, topk_sequences), dim=1), best)
+        beam_scores = _gather_beams(merged_scores, best)
+        beam_indices = _gather_beams(torch.cat((beam_indices, topk_running_beam_indices), dim=1), best)
+        is_finished = _gather_beams(torch.cat((is_finished, just_finished), dim=1), best)
+
+        parents = running_beam_indices[..., cur_len - prompt_len].reshape(-1)
+        cur_len += 1
+
+        # Early-stop heuristic: can a running beam still beat the worst finished one?
+        if s.early_stopping == "never" and s.length_penalty > 0.0:
+            best_length = max_length - prompt_len
+        else:
+            best_length = cur_len - prompt_len
+        best_running = running_scores[:, :1] / (best_length**s.length_penalty)
+        worst_finished = torch.where(is_finished, beam_scores.min(dim=1, keepdim=True)[0], -1.0e9)
+        improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
+        open_beams = not (bool(is_finished.all()) and s.early_stopping is True)
+        if not (bool(improvable.any()) and open_beams and not bool(hits_stop.all())):
+            break
+        cache.reorder(parents)
+        logits = model.decode(running_sequences[:, :, cur_len - 1].reshape(-1), cache)
+
+    keep = s.num_return_sequences
+    sequences = sequences[:, :keep].reshape(batch * keep, -1)
+    scores = beam_scores[:, :keep].reshape(-1)
+    generated_lengths = (beam_indices[:, :keep].reshape(batch * keep, -1) + 1).bool().sum(dim=1)
+    sequences = sequences[:, : prompt_len + int(generated_lengths.max())]
+    return GenerateOutput(
+        sequences,
+        scores if s.output_scores else None,
+        tuple(all_scores) if s.output_scores else None,
+        cache.nbytes(),
+    )

@@ -1,0 +1,157 @@
+"""The LLaMA-family decoder on xpu_coopt's ops: one implementation, driven by ModelSpec.
+
+Weights are read from the Hugging Face module tree by parameter name (model.layers.N.self_attn.q_proj, ...),
+never through transformers' forward methods. Per layer:
+    h = fused_add_rms_norm(h, residual)     residual += h, h = norm(residual)
+    qkv = h @ W_qkv                          one GEMM (weights concatenated once)
+    attn = cache.attend(q, k, v)             RoPE on q and k, K/V written into the cache, attention
+    h = fused_add_rms_norm(attn @ W_o, residual)
+    h = silu_and_mul(h @ W_gate_up) @ W_down one GEMM for gate and up
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xpu_coopt.cache import SegmentKVCache
+from xpu_coopt.config import ModelSpec
+from xpu_coopt.ops import Ops
+from xpu_coopt.rope import cos_sin_cache
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    # Exact type: a subclass (quantized, LoRA, ...) may compute something other than x @ W.T + b.
+    return type(module) is nn.Linear
+
+
+class FusedLinear:
+    """Projections sharing one input, run as one GEMM when they are plain nn.Linear layers.
+
+    Other module types (quantized Linear layers, adapters) are called as they are and their outputs
+    concatenated, so they keep working. A single plain Linear shares its weight with the HF model.
+    """
+
+    def __init__(self, modules: list[nn.Module], dtype: torch.dtype, share_fused: bool) -> None:
+        self.modules = None
+        self.weight = self.bias = None
+        if not all(_is_plain_linear(m) for m in modules):
+            self.modules = modules
+            return
+        self.weight = _concat([m.weight for m in modules], dtype)
+        if any(m.bias is not None for m in modules):
+            biases = [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules]
+            self.bias = _concat(biases, dtype)
+        if share_fused and len(modules) > 1:
+            _rebind_as_views(modules, self.weight, self.bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.modules is None:
+            return F.linear(x, self.weight, self.bias)
+        return torch.cat([m(x) for m in self.modules], dim=-1)
+
+
+def _concat(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    if len(tensors) == 1:
+        return tensors[0].detach().to(dtype)  # no copy when the dtype already matches
+    return torch.cat([t.detach() for t in tensors], dim=0).to(dtype)
+
+
+def _rebind_as_views(modules: list[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """inplace=True: point the HF modules at slices of the fused tensors, so no weight is held twice."""
+    start = 0
+    for module in modules:
+        rows = module.out_features
+        module.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
+        if module.bias is not None:
+            module.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
+        start += rows
+
+
+@dataclass
+class DecoderLayer:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: FusedLinear  # hidden -> (H + 2 Hkv) * D
+    o_proj: FusedLinear  # H * D -> hidden
+    post_attention_norm: torch.Tensor  # [hidden]
+    gate_up: FusedLinear  # hidden -> 2 * intermediate
+    down_proj: FusedLinear  # intermediate -> hidden
+
+
+def _norm_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    return module.weight.detach().to(dtype)
+
+
+class LlamaDecoder:
+    """Runs token ids through the decoder and the LM head, writing K/V into a cache."""
+
+    def __init__(self, hf_model: nn.Module, spec: ModelSpec, ops: Ops, dtype: torch.dtype, inplace: bool):
+        self.spec = spec
+        self.ops = ops
+        self.dtype = dtype
+        backbone = hf_model.model
+        self.embed_tokens = backbone.embed_tokens.weight.detach().to(dtype)  # [vocab, hidden]
+        self.layers = [self._layer(layer, dtype, inplace) for layer in backbone.layers]
+        self.final_norm = _norm_weight(backbone.norm, dtype)
+        self.lm_head = FusedLinear([hf_model.lm_head], dtype, inplace)  # hidden -> vocab
+        self.cos_sin_cache = cos_sin_cache(
+            spec.rope, spec.head_dim, spec.max_position_embeddings, self.embed_tokens.device
+        )
+
+    @staticmethod
+    def _layer(layer: nn.Module, dtype: torch.dtype, inplace: bool) -> DecoderLayer:
+        attn, mlp = layer.self_attn, layer.mlp
+        return DecoderLayer(
+            input_norm=_norm_weight(layer.input_layernorm, dtype),
+            qkv=FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, inplace),
+            o_proj=FusedLinear([attn.o_proj], dtype, inplace),
+            post_attention_norm=_norm_weight(layer.post_attention_layernorm, dtype),
+            gate_up=FusedLinear([mlp.gate_proj, mlp.up_proj], dtype, inplace),
+            down_proj=FusedLinear([mlp.down_proj], dtype, inplace),
+        )
+
+    def new_cache(
+        self, prompt_start: torch.Tensor, prompt_len: int, num_beams: int, max_new_tokens: int, kv_format: str
+    ) -> SegmentKVCache:
+        return SegmentKVCache(
+            self.spec, self.ops, self.cos_sin_cache, prompt_start, prompt_len,
+            num_beams, max_new_tokens, self.dtype, kv_format,
+        )  # fmt: skip
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: SegmentKVCache, last_only: bool
+    ) -> torch.Tensor:
+        """input_ids, positions: [N, L] (prefill: the padded prompts; decode: L = 1).
+
+        Returns logits [N, L, vocab] in the model dtype, or [N, vocab] for the last position when last_only.
+        """
+        spec, ops = self.spec, self.ops
+        num_seqs, length = input_ids.shape
+        heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        residual = F.embedding(input_ids.reshape(-1), self.embed_tokens)  # [T, hidden]
+        flat_positions = positions.reshape(-1)
+        hidden = None
+        for index, layer in enumerate(self.layers):
+            if hidden is None:
+                hidden = ops.rms_norm(residual, layer.input_norm, spec.rms_norm_eps)
+            else:
+                hidden = ops.fused_add_rms_norm(hidden, residual, layer.input_norm, spec.rms_norm_eps)
+            qkv = layer.qkv(hidden)  # [T, (H + 2 Hkv) * D]
+            tokens = qkv.shape[0]
+            query = qkv[:, : heads * dim].view(tokens, heads, dim)
+            key = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+            value = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
+            attention = cache.attend(index, query, key, value, flat_positions)  # [T, H * D]
+            hidden = ops.fused_add_rms_norm(
+                layer.o_proj(attention), residual, layer.post_attention_norm, spec.rms_norm_eps
+            )
+            hidden = layer.down_proj(ops.silu_and_mul(layer.gate_up(hidden)))
+        cache.end_step()
+        hidden = ops.fused_add_rms_norm(hidden, residual, self.final_norm, spec.rms_norm_eps)
+        hidden = hidden.view(num_seqs, length, -1)
+        if last_only:
+            hidden = hidden[:, -1]
+        return self.lm_head(hidden)

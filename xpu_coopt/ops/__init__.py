@@ -1,0 +1,55 @@
+"""The op layer: allocating wrappers over one backend's kernels.
+
+Model and cache code call these methods and never look at devices; which kernel runs is decided by the
+backend's kernel table (for the device backends, torch's dispatcher picks the kernel by tensor device).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from xpu_coopt.ops import reference  # noqa: F401  (registers the CPU kernels)
+from xpu_coopt.ops.schema import KV_FORMATS, NAMESPACE, SCHEMAS
+
+__all__ = ["KV_FORMATS", "SCHEMAS", "Ops", "dispatcher_kernels"]
+
+
+def dispatcher_kernels() -> Any:
+    """The registered ops, dispatched by tensor device: torch.ops.xpu_coopt."""
+    return getattr(torch.ops, NAMESPACE)
+
+
+class Ops:
+    """Allocating front end of a kernel table with one attribute per op in schema.SCHEMAS."""
+
+    def __init__(self, kernels: Any, name: str) -> None:
+        missing = [op for op in SCHEMAS if not hasattr(kernels, op)]
+        if missing:
+            raise ValueError(f"backend {name!r} lacks kernels for {missing}")
+        self.kernels = kernels
+        self.name = name
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        out = torch.empty_like(x)
+        self.kernels.rms_norm(out, x, weight, eps)
+        return out
+
+    def fused_add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """residual += x in place; returns x, overwritten with rms_norm(residual)."""
+        self.kernels.fused_add_rms_norm(x, residual, weight, eps)
+        return x
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        out = gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+        self.kernels.silu_and_mul(out, gate_up)
+        return out
+
+
+def reference_kernels() -> SimpleNamespace:
+    """The reference kernels as plain functions, whatever the device: the oracle of backend tests."""
+    return SimpleNamespace(**reference.KERNELS)

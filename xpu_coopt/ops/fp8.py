@@ -1,0 +1,40 @@
+"""FP8 KV-cache codecs: uint8 codes with one float32 scale per (token, KV head).
+
+Codes are the bit patterns of torch.float8_e4m3fn / torch.float8_e5m2, stored as uint8 so every backend
+(SYCL in particular, whose FP8 types crash the SPIR-V writer) handles them as plain bytes.
+Scales are dynamic: scale = amax(|x|) / FP8_MAX over head_dim, so the largest element maps to the
+largest finite code. Out-of-range values saturate to the largest finite code: never NaN or inf.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+FP8_MAX = {name: torch.finfo(dtype).max for name, dtype in FP8_DTYPES.items()}
+
+# A scale of exactly zero would turn the decode into 0 * code; an all-zero row is stored with this scale.
+MIN_SCALE = 1e-12
+
+
+def is_fp8(kv_format: str) -> bool:
+    return kv_format in FP8_DTYPES
+
+
+def encode(x: torch.Tensor, scale: torch.Tensor, kv_format: str) -> torch.Tensor:
+    """x: [..., D] any float dtype; scale: [...] float32 -> uint8 codes [..., D] (saturating)."""
+    limit = FP8_MAX[kv_format]
+    scaled = (x.float() / scale.unsqueeze(-1)).clamp(-limit, limit)
+    return scaled.to(FP8_DTYPES[kv_format]).view(torch.uint8)
+
+
+def decode(codes: torch.Tensor, scale: torch.Tensor, kv_format: str, dtype: torch.dtype) -> torch.Tensor:
+    """codes: uint8 [..., D]; scale: [...] float32 -> values [..., D] in dtype."""
+    values = codes.view(FP8_DTYPES[kv_format]).float() * scale.unsqueeze(-1)
+    return values.to(dtype)
+
+
+def dynamic_scale(x: torch.Tensor, kv_format: str) -> torch.Tensor:
+    """Per-row scale over the last dim: x [..., D] -> float32 [...]."""
+    amax = x.detach().abs().amax(dim=-1).float()
+    return (amax / FP8_MAX[kv_format]).clamp_min(MIN_SCALE)

@@ -1,0 +1,72 @@
+"""Every op's schema and fake kernel, in one place. docs/ops.md is the prose form of this file.
+
+Conventions (as in vLLM): the tensors an op writes come first and are marked `(a!)`; ops return nothing,
+so callers own every allocation and a backend never hides one. Each backend (reference for CPU, SYCL for
+XPU, Triton for CUDA) registers an implementation of exactly these schemas.
+
+We register through `torch.library.Library.define` + `impl` rather than `torch.library.custom_op`:
+the latter adds tens of microseconds of Python per call, which a decode step pays hundreds of times.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAMESPACE = "xpu_coopt"
+
+# KV cache storage formats. "auto" stores K/V in the activation dtype; the FP8 formats store uint8 codes
+# with one float32 scale per (token, KV head).
+KV_FORMATS = ("auto", "fp8_e4m3", "fp8_e5m2")
+
+SCHEMAS: dict[str, str] = {
+    # out[n, :] = input[n, :] * rsqrt(mean(input[n, :]^2) + epsilon) * weight
+    "rms_norm": "rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float epsilon) -> ()",
+    # residual += input; input = rms_norm(residual) * weight   (both in place)
+    "fused_add_rms_norm": (
+        "fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, Tensor weight, float epsilon) -> ()"
+    ),
+    # out = silu(input[..., :d]) * input[..., d:]
+    "silu_and_mul": "silu_and_mul(Tensor(a!) out, Tensor input) -> ()",
+    # Rotates query and key in place (neox / rotate-half layout), then writes key and value into the cache.
+    "rotary_embedding_kv_write": (
+        "rotary_embedding_kv_write(Tensor(a!) query, Tensor(b!) key, Tensor value, Tensor positions, "
+        "Tensor cos_sin_cache, Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor(e!)? k_scale, "
+        "Tensor(f!)? v_scale, Tensor cache_rows, Tensor cache_positions, str kv_format) -> ()"
+    ),
+    # Writes key and value into the cache, quantizing to FP8 when kv_format asks for it.
+    "kv_write": (
+        "kv_write(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!)? k_scale, "
+        "Tensor(d!)? v_scale, Tensor cache_rows, Tensor cache_positions, str kv_format) -> ()"
+    ),
+    # Causal attention over a left-padded batch of prompts; rows before seq_start[b] are written as zeros.
+    "attention_prefill": (
+        "attention_prefill(Tensor(a!) out, Tensor query, Tensor key, Tensor value, Tensor seq_start, "
+        "float scale) -> ()"
+    ),
+    # One query token per sequence (beam) over the shared prompt segment of its request and its own
+    # response history, which beam_slots maps to response-segment rows.
+    "segment_attention_decode": (
+        "segment_attention_decode(Tensor(a!) out, Tensor query, Tensor prompt_k, Tensor prompt_v, "
+        "Tensor? prompt_k_scale, Tensor? prompt_v_scale, Tensor prompt_start, Tensor response_k, "
+        "Tensor response_v, Tensor? response_k_scale, Tensor? response_v_scale, Tensor beam_slots, "
+        "int response_len, float scale, str kv_format) -> ()"
+    ),
+}
+
+_library = torch.library.Library(NAMESPACE, "DEF")
+for _schema in SCHEMAS.values():
+    _library.define(_schema)
+
+
+def _no_output(*args: object, **kwargs: object) -> None:
+    """Fake kernel shared by every op: they all return nothing and only write their `(a!)` arguments."""
+    return None
+
+
+for _name in SCHEMAS:
+    torch.library.register_fake(f"{NAMESPACE}::{_name}", _no_output, lib=_library)
+
+
+def library() -> torch.library.Library:
+    """The Library object that backends register their implementations on."""
+    return _library

@@ -1,0 +1,146 @@
+"""The object optimize() returns: forward and generate over the fused decoder and the segment KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from xpu_coopt.cache import SegmentKVCache
+from xpu_coopt.config import ModelSpec
+from xpu_coopt.model import LlamaDecoder
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [N, L, vocab] (or [N, 1, vocab] with logits_to_keep=1), model dtype
+    cache: SegmentKVCache
+
+
+def prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, spec: ModelSpec):
+    """Validates a left-padded prompt batch; returns (attention_mask, positions [N, P], prompt_start [N])."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a 2-D tensor [batch, prompt_length]")
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    batch, length = input_ids.shape
+    if batch == 0 or length == 0:
+        raise ValueError(f"empty prompt: input_ids has shape {tuple(input_ids.shape)}")
+    if input_ids.min() < 0 or input_ids.max() >= spec.vocab_size:
+        raise ValueError(f"input_ids hold token ids outside the vocabulary [0, {spec.vocab_size})")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape "
+            f"{tuple(input_ids.shape)}"
+        )
+    mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+    if ((mask != 0) & (mask != 1)).any():
+        raise ValueError("attention_mask must hold only 0 and 1")
+    if (mask[:, 1:] < mask[:, :-1]).any():
+        raise ValueError(
+            "attention_mask must be left-padded (zeros before each prompt's tokens, none after); "
+            "with a Hugging Face tokenizer set tokenizer.padding_side = 'left'"
+        )
+    if (mask.sum(-1) == 0).any():
+        raise ValueError("empty prompt: a row of attention_mask has no token")
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    prompt_start = (length - mask.sum(-1)).to(torch.int32)
+    return mask, positions, prompt_start
+
+
+class OptimizedModel:
+    """A Hugging Face LLaMA-family causal LM running on xpu_coopt's kernels.
+
+    It shares the original model's weights (only the fused q/k/v and gate/up matrices are new tensors
+    unless optimize(..., inplace=True)), and serves `forward` and `generate`.
+    """
+
+    def __init__(self, hf_model: Any, decoder: LlamaDecoder, kv_format: str, backend: str) -> None:
+        self.hf_model = hf_model
+        self.config = hf_model.config
+        self.generation_config = getattr(hf_model, "generation_config", None)
+        self.decoder = decoder
+        self.spec = decoder.spec
+        self.dtype = decoder.dtype
+        self.device = decoder.embed_tokens.device
+        self.kv_format = kv_format
+        self.backend = backend
+
+    def __repr__(self) -> str:
+        return (
+            f"OptimizedModel({self.spec.architecture}, layers={self.spec.num_layers}, dtype={self.dtype}, "
+            f"kv_dtype={self.kv_format!r}, backend={self.backend!r}, device={self.device})"
+        )
+
+    def check_length(self, total_length: int) -> None:
+        limit = self.spec.max_position_embeddings
+        if total_length > limit:
+            raise ValueError(
+                f"prompt plus new tokens is {total_length} tokens, more than the model's "
+                f"max_position_embeddings ({limit})"
+            )
+        window = self.spec.sliding_window
+        if window is not None and total_length > window:
+            raise ValueError(
+                f"sequence of {total_length} tokens exceeds the model's sliding window ({window}); "
+                "sliding-window attention is not supported"
+            )
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        num_beams: int = 1,
+        max_new_tokens: int = 0,
+        last_only: bool = True,
+    ) -> tuple[torch.Tensor, SegmentKVCache]:
+        """Runs each prompt once (not once per beam) and returns (logits, cache with room for the beams)."""
+        _, positions, prompt_start = prompt_layout(input_ids, attention_mask, self.spec)
+        self.check_length(input_ids.shape[1] + max_new_tokens)
+        cache = self.decoder.new_cache(prompt_start, input_ids.shape[1], num_beams, max_new_tokens, self.kv_format)
+        logits = self.decoder.forward(input_ids.long(), positions, cache, last_only)
+        return logits, cache
+
+    @torch.inference_mode()
+    def decode(self, next_tokens: torch.Tensor, cache: SegmentKVCache) -> torch.Tensor:
+        """next_tokens: [S] (one per sequence) -> logits [S, vocab] in the model dtype."""
+        self.check_length(cache.prompt_len + cache.response_len + 1)
+        cache.begin_decode_step()
+        positions = cache.positions()
+        return self.decoder.forward(next_tokens.long().view(-1, 1), positions.view(-1, 1), cache, True)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: SegmentKVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> ModelOutput:
+        """Without a cache: prefill left-padded prompts [N, P]. With one: decode one token per sequence [S, 1].
+
+        logits_to_keep=1 returns only the last position's logits (as transformers' argument of that name).
+        """
+        if logits_to_keep not in (0, 1):
+            raise ValueError(f"logits_to_keep must be 0 (all positions) or 1 (last), got {logits_to_keep}")
+        if cache is None:
+            logits, cache = self.prefill(input_ids, attention_mask, last_only=logits_to_keep == 1)
+            return ModelOutput(logits if logits_to_keep == 0 else logits[:, None], cache)
+        if attention_mask is not None:
+            raise ValueError("attention_mask is only taken with the prompt; the cache keeps it for decode steps")
+        if input_ids.dim() != 2 or input_ids.shape != (cache.num_seqs, 1):
+            raise ValueError(
+                f"decode takes input_ids of shape ({cache.num_seqs}, 1) for this cache, got {tuple(input_ids.shape)}"
+            )
+        return ModelOutput(self.decode(input_ids[:, 0], cache)[:, None], cache)
+
+    __call__ = forward
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        """Greedy, sampling or beam search, with transformers' argument names. See xpu_coopt.generation."""
+        from xpu_coopt.generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
