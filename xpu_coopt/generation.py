@@ -8,7 +8,8 @@ processors, beam bookkeeping, length penalty, early stopping) follows transforme
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import time
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -54,6 +55,8 @@ class GenerateOutput:
     sequences_scores: torch.Tensor | None = None  # beam search with output_scores: length-normalised scores
     scores: tuple[torch.Tensor, ...] | None = None  # output_scores: processed scores of each step
     kv_cache_bytes: int = 0  # bytes the KV cache held
+    # time.perf_counter() right after each step's tokens were chosen (index 0: the first token)
+    step_times: list[float] = field(default_factory=list)
 
 
 def _config_defaults(generation_config: Any) -> dict[str, Any]:
@@ -189,6 +192,7 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     generated: list[torch.Tensor] = []
     all_scores: list[torch.Tensor] = []
+    step_times: list[float] = []
     for step in range(s.max_new_tokens):
         scores = _suppress_eos(logits.float(), s, step)
         if s.do_sample:
@@ -201,6 +205,7 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
         if s.pad_token_id is not None:
             next_tokens = torch.where(unfinished, next_tokens, s.pad_token_id)
         generated.append(next_tokens)
+        step_times.append(time.perf_counter())
         if streamer is not None:
             streamer.put(next_tokens.cpu())
         unfinished &= ~_is_eos(next_tokens, s)
@@ -210,7 +215,8 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
     if streamer is not None:
         streamer.end()
     sequences = torch.cat((input_ids, torch.stack(generated, dim=1)), dim=1)
-    return GenerateOutput(sequences, None, tuple(all_scores) if s.output_scores else None, cache.nbytes())
+    scores = tuple(all_scores) if s.output_scores else None
+    return GenerateOutput(sequences, None, scores, cache.nbytes(), step_times)
 
 
 def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -243,6 +249,7 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
     beam_indices = running_beam_indices.clone()
     batch_offset = torch.arange(batch, device=device).view(-1, 1) * beams
     all_scores: list[torch.Tensor] = []
+    step_times: list[float] = []
 
     logits, cache = model.prefill(input_ids, attention_mask, beams, s.max_new_tokens)
     logits = logits.repeat_interleave(beams, dim=0)  # every beam of a request starts from the same prompt
@@ -286,6 +293,7 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
 
         parents = running_beam_indices[..., cur_len - prompt_len].reshape(-1)
         cur_len += 1
+        step_times.append(time.perf_counter())
 
         # Early-stop heuristic: can a running beam still beat the worst finished one?
         if s.early_stopping == "never" and s.length_penalty > 0.0:
@@ -311,4 +319,5 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
         scores if s.output_scores else None,
         tuple(all_scores) if s.output_scores else None,
         cache.nbytes(),
+        step_times,
     )

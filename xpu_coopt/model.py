@@ -48,9 +48,9 @@ class FusedLinear:
         if share_fused and len(modules) > 1:
             _rebind_as_views(modules, self.weight, self.bias)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
         if self.modules is None:
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         return torch.cat([m(x) for m in self.modules], dim=-1)
 
 
@@ -139,19 +139,19 @@ class LlamaDecoder:
                 hidden = ops.rms_norm(residual, layer.input_norm, spec.rms_norm_eps)
             else:
                 hidden = ops.fused_add_rms_norm(hidden, residual, layer.input_norm, spec.rms_norm_eps)
-            qkv = layer.qkv(hidden)  # [T, (H + 2 Hkv) * D]
+            qkv = layer.qkv(hidden, ops.linear)  # [T, (H + 2 Hkv) * D]
             tokens = qkv.shape[0]
             query = qkv[:, : heads * dim].view(tokens, heads, dim)
             key = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
             value = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
             attention = cache.attend(index, query, key, value, flat_positions)  # [T, H * D]
             hidden = ops.fused_add_rms_norm(
-                layer.o_proj(attention), residual, layer.post_attention_norm, spec.rms_norm_eps
+                layer.o_proj(attention, ops.linear), residual, layer.post_attention_norm, spec.rms_norm_eps
             )
-            hidden = layer.down_proj(ops.silu_and_mul(layer.gate_up(hidden)))
+            hidden = layer.down_proj(ops.silu_and_mul(layer.gate_up(hidden, ops.linear)), ops.linear)
         cache.end_step()
         hidden = ops.fused_add_rms_norm(hidden, residual, self.final_norm, spec.rms_norm_eps)
         hidden = hidden.view(num_seqs, length, -1)
         if last_only:
             hidden = hidden[:, -1]
-        return self.lm_head(hidden)
+        return self.lm_head(hidden, self.ops.linear)

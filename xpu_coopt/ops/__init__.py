@@ -6,15 +6,17 @@ backend's kernel table (for the device backends, torch's dispatcher picks the ke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from xpu_coopt.ops import reference  # noqa: F401  (registers the CPU kernels)
 from xpu_coopt.ops.schema import KV_FORMATS, NAMESPACE, SCHEMAS
 
-__all__ = ["KV_FORMATS", "SCHEMAS", "Ops", "dispatcher_kernels"]
+__all__ = ["KV_FORMATS", "REFERENCE_LINEAR", "SCHEMAS", "Ops", "dispatcher_kernels", "reference_kernels"]
 
 
 def dispatcher_kernels() -> Any:
@@ -25,12 +27,14 @@ def dispatcher_kernels() -> Any:
 class Ops:
     """Allocating front end of a kernel table with one attribute per op in schema.SCHEMAS."""
 
-    def __init__(self, kernels: Any, name: str) -> None:
+    def __init__(self, kernels: Any, name: str, linear: Callable[..., torch.Tensor] = F.linear) -> None:
         missing = [op for op in SCHEMAS if not hasattr(kernels, op)]
         if missing:
             raise ValueError(f"backend {name!r} lacks kernels for {missing}")
         self.kernels = kernels
         self.name = name
+        # GEMMs are torch's own; a backend may only choose which of torch's kernels runs them.
+        self.linear = linear
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         out = torch.empty_like(x)
@@ -53,3 +57,6 @@ class Ops:
 def reference_kernels() -> SimpleNamespace:
     """The reference kernels as plain functions, whatever the device: the oracle of backend tests."""
     return SimpleNamespace(**reference.KERNELS)
+
+
+REFERENCE_LINEAR = reference.linear

@@ -1,0 +1,193 @@
+"""Side-by-side benchmark: transformers' generate and xpu_coopt's, in one process, on the same inputs.
+
+Both runs generate exactly `output_tokens` tokens (min_new_tokens = max_new_tokens, so EOS never stops
+them early). Per-step timestamps come from a logits processor on the transformers side (called once per
+step, right after the forward pass) and from xpu_coopt's own step_times; the first token's latency
+includes the prefill, the next-token latencies are the gaps between consecutive steps.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+import xpu_coopt
+
+
+@dataclass
+class RunResult:
+    first_token_ms: float
+    next_token_ms_mean: float
+    next_token_ms_p90: float
+    throughput_tokens_per_s: float
+    kv_cache_bytes: int
+
+
+@dataclass
+class BenchResult:
+    transformers: RunResult
+    xpu_coopt: RunResult
+    settings: dict[str, Any]
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        base, ours = self.transformers, self.xpu_coopt
+        return {
+            "first_token_speedup": base.first_token_ms / ours.first_token_ms,
+            "next_token_speedup": base.next_token_ms_mean / ours.next_token_ms_mean,
+            "throughput_ratio": ours.throughput_tokens_per_s / base.throughput_tokens_per_s,
+            "kv_bytes_ratio": ours.kv_cache_bytes / base.kv_cache_bytes,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings,
+            "transformers": asdict(self.transformers),
+            "xpu_coopt": asdict(self.xpu_coopt),
+            "ratios": self.ratios,
+        }
+
+
+def _summarise(start: float, step_times: list[float], tokens: int, kv_bytes: int) -> RunResult:
+    gaps = [(b - a) * 1e3 for a, b in zip(step_times, step_times[1:])]
+    total = step_times[-1] - start
+    return RunResult(
+        first_token_ms=(step_times[0] - start) * 1e3,
+        next_token_ms_mean=statistics.fmean(gaps) if gaps else float("nan"),
+        next_token_ms_p90=statistics.quantiles(gaps, n=10)[-1] if len(gaps) >= 2 else float("nan"),
+        throughput_tokens_per_s=tokens / total,
+        kv_cache_bytes=kv_bytes,
+    )
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "xpu":
+        torch.xpu.synchronize(device)
+
+
+class _StepClock:
+    """A transformers logits processor that only records when each step's logits arrive."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        _synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _generate_kwargs(settings: dict[str, Any], tokens: int) -> dict[str, Any]:
+    return dict(
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        num_beams=settings["num_beams"],
+        do_sample=False,
+        eos_token_id=settings["eos_token_id"],
+        pad_token_id=settings["pad_token_id"],
+    )
+
+
+def _hf_kv_bytes(cache: Any) -> int:
+    # Benchmark-only introspection of transformers' DynamicCache (not used by the library itself).
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def run_transformers(model, input_ids, mask, settings, tokens: int) -> RunResult:
+    from transformers import LogitsProcessorList
+
+    clock = _StepClock(input_ids.device)
+    _synchronize(input_ids.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids, attention_mask=mask, logits_processor=LogitsProcessorList([clock]),
+            return_dict_in_generate=True, **_generate_kwargs(settings, tokens),
+        )  # fmt: skip
+    generated = input_ids.shape[0] * tokens
+    return _summarise(start, clock.times, generated, _hf_kv_bytes(out.past_key_values))
+
+
+def run_xpu_coopt(model, input_ids, mask, settings, tokens: int) -> RunResult:
+    _synchronize(input_ids.device)
+    start = time.perf_counter()
+    out = model.generate(input_ids, attention_mask=mask, return_dict_in_generate=True, **_generate_kwargs(settings, tokens))
+    generated = input_ids.shape[0] * tokens
+    return _summarise(start, out.step_times, generated, out.kv_cache_bytes)
+
+
+def benchmark(
+    hf_model: Any,
+    *,
+    dtype: torch.dtype,
+    batch_size: int,
+    input_tokens: int,
+    output_tokens: int,
+    num_beams: int = 1,
+    kv_dtype: str = "auto",
+    backend: str = "auto",
+    repeats: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> BenchResult:
+    """Times both implementations on the same random prompts; keeps the best (fastest) of `repeats` runs each."""
+    from tqdm import tqdm
+
+    device = next(hf_model.parameters()).device
+    # inplace=True: the HF model's q/k/v and gate/up weights become views of the fused matrices, so the
+    # weights are held once; transformers' results are unchanged (same values, same dtype).
+    optimized = xpu_coopt.optimize(hf_model, dtype=dtype, kv_dtype=kv_dtype, backend=backend, inplace=True)
+    generator = torch.Generator().manual_seed(seed)
+    vocab = optimized.spec.vocab_size
+    input_ids = torch.randint(3, vocab, (batch_size, input_tokens), generator=generator).to(device)
+    mask = torch.ones_like(input_ids)
+    settings = dict(
+        dtype=str(dtype).removeprefix("torch."), batch_size=batch_size, input_tokens=input_tokens,
+        output_tokens=output_tokens, num_beams=num_beams, kv_dtype=kv_dtype, backend=optimized.backend,
+        device=str(device), threads=torch.get_num_threads(), repeats=repeats,
+        eos_token_id=2, pad_token_id=0, torch=torch.__version__,
+    )  # fmt: skip
+    import transformers
+
+    settings["transformers"] = transformers.__version__
+    runners = {"transformers": (run_transformers, hf_model), "xpu_coopt": (run_xpu_coopt, optimized)}
+    best: dict[str, RunResult] = {}
+    plan = [(name, r) for r in range(repeats + 1) for name in runners]  # round 0 warms up with 2 tokens
+    for name, round_index in tqdm(plan, desc="bench", disable=not progress):
+        run, model = runners[name]
+        tokens = 2 if round_index == 0 else output_tokens
+        result = run(model, input_ids, mask, settings, tokens)
+        if round_index and (name not in best or result.next_token_ms_mean < best[name].next_token_ms_mean):
+            best[name] = result
+    return BenchResult(best["transformers"], best["xpu_coopt"], settings)
+
+
+def format_result(result: BenchResult) -> str:
+    rows = [("metric", "transformers", "xpu_coopt", "ratio")]
+    base, ours, ratios = result.transformers, result.xpu_coopt, result.ratios
+    rows.append(("first token (ms)", f"{base.first_token_ms:.1f}", f"{ours.first_token_ms:.1f}",
+                 f"{ratios['first_token_speedup']:.2f}x faster"))
+    rows.append(("next token mean (ms)", f"{base.next_token_ms_mean:.2f}", f"{ours.next_token_ms_mean:.2f}",
+                 f"{ratios['next_token_speedup']:.2f}x faster"))
+    rows.append(("next token p90 (ms)", f"{base.next_token_ms_p90:.2f}", f"{ours.next_token_ms_p90:.2f}", ""))
+    rows.append(("throughput (tok/s)", f"{base.throughput_tokens_per_s:.1f}", f"{ours.throughput_tokens_per_s:.1f}",
+                 f"{ratios['throughput_ratio']:.2f}x"))
+    rows.append(("KV cache (MiB)", f"{base.kv_cache_bytes / 2**20:.1f}", f"{ours.kv_cache_bytes / 2**20:.1f}",
+                 f"{ratios['kv_bytes_ratio']:.2f}x"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    settings = ", ".join(f"{k}={v}" for k, v in result.settings.items())
+    return "\n".join([settings, *lines])

