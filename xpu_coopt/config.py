@@ -54,15 +54,6 @@ class ModelSpec:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_bytes
 
 
-def _architecture(config: Any) -> str:
-    names = list(getattr(config, "architectures", None) or [])
-    if names:
-        return names[0]
-    # Configs built in code have no `architectures`; the model_type names the family.
-    by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-    return by_type.get(getattr(config, "model_type", ""), f"model_type={getattr(config, 'model_type', None)!r}")
-
-
 def _rope(config: Any) -> RopeSpec:
     # transformers 5 keeps rope settings in `rope_parameters`; 4.x in `rope_theta` + `rope_scaling`.
     params = dict(getattr(config, "rope_parameters", None) or {})
@@ -92,9 +83,11 @@ def _sliding_window(config: Any) -> int | None:
     return int(window)
 
 
-def model_spec(config: Any) -> ModelSpec:
-    """Reads a ModelSpec from a transformers config; ValueError naming what is unsupported."""
-    architecture = _architecture(config)
+def model_spec(config: Any, architecture: str) -> ModelSpec:
+    """Reads a ModelSpec from a transformers config; ValueError naming what is unsupported.
+
+    architecture: the model's class name (configs built in code carry no `architectures` list).
+    """
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
             f"architecture {architecture} is not supported; xpu_coopt supports {', '.join(SUPPORTED_ARCHITECTURES)}"

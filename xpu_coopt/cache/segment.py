@@ -105,10 +105,16 @@ class SegmentKVCache:
             self.response_len += 1
         self.prefilled = True
 
+    @torch.inference_mode()
     def reorder(self, parents: torch.Tensor) -> None:
         """parents: int [S], the slot each sequence continues from (within its own request)."""
+        parents = parents.to(device=self.beam_slots.device, dtype=torch.long)
+        if parents.shape != (self.num_seqs,) or not torch.equal(
+            parents // self.num_beams, self._seq_rows // self.num_beams
+        ):
+            raise ValueError(f"parents must hold {self.num_seqs} slots, each within its own request's beams")
         done = self.response_len
-        self.beam_slots[:, :done] = self.beam_slots[parents.long(), :done]
+        self.beam_slots[:, :done] = self.beam_slots[parents, :done]
 
     def _grow(self) -> None:
         def widen(tensor: torch.Tensor | None) -> torch.Tensor | None:

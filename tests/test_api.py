@@ -1,0 +1,216 @@
+"""optimize() and generate(): bad input gets a clear error; the user's model stays unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_parity import _model, _prompts
+from transformers import GPT2Config, GPT2LMHeadModel, TextStreamer
+
+import xpu_coopt
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model("llama-gqa-8q2kv-d64")
+
+
+@pytest.fixture(scope="module")
+def optimized(model):
+    return xpu_coopt.optimize(model)
+
+
+def test_unsupported_architecture_names_what_is_supported():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel is not supported.*LlamaForCausalLM"):
+        xpu_coopt.optimize(gpt2)
+
+
+def test_not_a_model():
+    with pytest.raises(TypeError, match="transformers causal LM"):
+        xpu_coopt.optimize("meta-llama/Llama-2-7b-hf")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(kv_dtype="int4"), "unknown kv_dtype 'int4'"),
+        (dict(backend="cudnn"), "unknown backend 'cudnn'"),
+        (dict(kv_cache="paged"), "unknown kv_cache 'paged'"),
+        (dict(dtype=torch.int8), "dtype torch.int8 is not supported"),
+    ],
+)
+def test_bad_options(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        xpu_coopt.optimize(model, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["sycl", "triton"])
+def test_backend_not_available_is_an_error_not_a_fallback(model, backend):
+    with pytest.raises(xpu_coopt.BackendUnavailableError, match=f"backend '{backend}' is not available"):
+        xpu_coopt.optimize(model, backend=backend)
+
+
+def test_unsupported_rope_type():
+    model = _model("llama-mha-d64")
+    model.config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
+        xpu_coopt.optimize(model)
+
+
+def test_optimize_leaves_the_model_unchanged(model):
+    before = {name: (p.data_ptr(), p.dtype, p.clone()) for name, p in model.state_dict().items()}
+    xpu_coopt.optimize(model, dtype=torch.bfloat16)
+    after = model.state_dict()
+    for name, (pointer, dtype, values) in before.items():
+        assert after[name].data_ptr() == pointer and after[name].dtype == dtype
+        assert torch.equal(after[name], values)
+
+
+def test_optimize_shares_weights_without_copying(model):
+    optimized = xpu_coopt.optimize(model)
+    layer = model.model.layers[0]
+    assert optimized.decoder.embed_tokens.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert optimized.decoder.layers[0].o_proj.weight.data_ptr() == layer.self_attn.o_proj.weight.data_ptr()
+    assert optimized.decoder.layers[0].down_proj.weight.data_ptr() == layer.mlp.down_proj.weight.data_ptr()
+
+
+def test_inplace_makes_projection_weights_views_of_the_fused_matrices():
+    model = _model("llama-mha-d64")
+    ids, mask = _prompts([5], model.config.vocab_size)
+    reference = model(ids).logits
+    optimized = xpu_coopt.optimize(model, inplace=True)
+    fused = optimized.decoder.layers[1].qkv.weight
+    k_proj = model.model.layers[1].self_attn.k_proj.weight
+    assert k_proj.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    torch.testing.assert_close(model(ids).logits, reference, atol=0, rtol=0)  # transformers still works
+
+
+def test_non_plain_linear_modules_are_called_not_fused():
+    class ScaledLinear(torch.nn.Linear):  # stands in for a quantized Linear: a subclass with its own math
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    model = _model("llama-mha-d64")
+    attention = model.model.layers[0].self_attn
+    replacement = ScaledLinear(attention.q_proj.in_features, attention.q_proj.out_features, bias=False)
+    replacement.weight = attention.q_proj.weight
+    attention.q_proj = replacement
+    ids, mask = _prompts([6], model.config.vocab_size)
+    optimized = xpu_coopt.optimize(model)
+    assert optimized.decoder.layers[0].qkv.modules is not None
+    torch.testing.assert_close(optimized(ids).logits, model(ids).logits, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+    ("make_input", "message"),
+    [
+        (lambda: (torch.zeros((1, 0), dtype=torch.long), None), "empty prompt"),
+        (lambda: (torch.ones((2, 3), dtype=torch.long), torch.ones((2, 4))), "does not match input_ids shape"),
+        (lambda: (torch.ones((1, 3), dtype=torch.long), torch.tensor([[1, 1, 0]])), "left-padded"),
+        (lambda: (torch.ones((1, 3), dtype=torch.long), torch.tensor([[0, 0, 0]])), "empty prompt"),
+        (lambda: (torch.ones(3, dtype=torch.long), None), "2-D tensor"),
+        (lambda: (torch.full((1, 3), 10_000), None), "outside the vocabulary"),
+        (lambda: (torch.ones((1, 300), dtype=torch.long), None), "max_position_embeddings"),
+    ],
+)
+def test_bad_prompts(optimized, make_input, message):
+    ids, mask = make_input()
+    with pytest.raises(ValueError, match=message):
+        optimized.generate(ids, attention_mask=mask, max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(num_beams=0), ValueError, "num_beams must be an integer >= 1"),
+        (dict(repetition_penalty=1.2), TypeError, "unsupported arguments \\['repetition_penalty'\\]"),
+        (dict(num_beams=2, num_return_sequences=3), ValueError, "num_return_sequences"),
+        (dict(num_beams=2, do_sample=True), ValueError, "beam sampling"),
+        (dict(do_sample=True, temperature=0.0), ValueError, "temperature"),
+        (dict(max_new_tokens=0), ValueError, "max_new_tokens must be at least 1"),
+        (dict(use_cache=False), ValueError, "use_cache=False"),
+        (dict(max_new_tokens=250), ValueError, "max_position_embeddings"),
+    ],
+)
+def test_bad_generate_arguments(optimized, kwargs, error, message):
+    ids, _ = _prompts([8], 256)
+    with pytest.raises(error, match=message):
+        optimized.generate(ids, **{"max_new_tokens": 2, **kwargs})
+
+
+def test_unsupported_generation_config_field_is_an_error():
+    model = _model("llama-mha-d64")
+    model.generation_config.repetition_penalty = 1.3
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        xpu_coopt.optimize(model).generate(_prompts([4], 256)[0], max_new_tokens=2)
+
+
+def test_generation_config_defaults_are_honoured():
+    model = _model("llama-mha-d64")
+    model.generation_config.num_beams = 3
+    model.generation_config.max_new_tokens = 5
+    ids, _ = _prompts([4], 256)
+    ours = xpu_coopt.optimize(model).generate(ids, pad_token_id=0)
+    assert torch.equal(ours, model.generate(ids, pad_token_id=0))
+
+
+def test_decode_with_the_wrong_shape_is_an_error(optimized):
+    ids, _ = _prompts([4, 4], 256)
+    out = optimized(ids)
+    with pytest.raises(ValueError, match=r"decode takes input_ids of shape \(2, 1\)"):
+        optimized(torch.ones((3, 1), dtype=torch.long), cache=out.cache)
+
+
+class _Collector:
+    """The TextStreamer interface: put(token ids), end()."""
+
+    def __init__(self):
+        self.chunks: list[list[int]] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.chunks.append(value.flatten().tolist())
+
+    def end(self) -> None:
+        self.ended = True
+
+
+def test_streamer_receives_prompt_then_each_token(optimized):
+    ids, _ = _prompts([5], 256)
+    streamer = _Collector()
+    out = optimized.generate(ids, max_new_tokens=6, streamer=streamer)
+    assert streamer.ended
+    assert streamer.chunks[0] == ids[0].tolist()
+    assert sum(streamer.chunks[1:], []) == out[0, 5:].tolist()
+
+
+def test_text_streamer_prints_the_generation(stories_model, stories_tokenizer, capsys):
+    class Tokenizer:  # TextStreamer needs only decode()
+        def decode(self, ids, **kwargs):
+            return stories_tokenizer.decode(list(ids))
+
+    ids = torch.tensor([stories_tokenizer.encode("Once upon a time")])
+    xpu_coopt.optimize(stories_model).generate(ids, max_new_tokens=20, streamer=TextStreamer(Tokenizer(), skip_prompt=True))
+    assert len(capsys.readouterr().out.split()) >= 5
+
+
+def test_streamer_with_beam_search_is_an_error(optimized):
+    with pytest.raises(ValueError, match="streamer"):
+        optimized.generate(_prompts([5], 256)[0], max_new_tokens=3, num_beams=2, streamer=_Collector())
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_kv_cache_stays_close_to_the_16_bit_cache(model, kv_dtype):
+    ids, mask = _prompts([9, 6], 256, seed=5)
+    full = xpu_coopt.optimize(model)
+    quantized = xpu_coopt.optimize(model, kv_dtype=kv_dtype)
+    logits_full, cache_full = full.prefill(ids, mask, max_new_tokens=4)
+    logits_q, cache_q = quantized.prefill(ids, mask, max_new_tokens=4)
+    tokens = logits_full.argmax(-1)
+    for _ in range(3):
+        step_full, step_q = full.decode(tokens, cache_full), quantized.decode(tokens, cache_q)
+        relative = (step_full - step_q).abs().max() / step_full.abs().max()
+        assert relative < (0.05 if kv_dtype == "fp8_e4m3" else 0.1)
+        tokens = step_full.argmax(-1)
+    assert cache_q.nbytes() < 0.6 * cache_full.nbytes()

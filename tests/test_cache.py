@@ -1,0 +1,59 @@
+"""The segment KV cache: memory proportional to P + B*R, beam reorders that move no K/V, growth."""
+
+from __future__ import annotations
+
+import torch
+from test_parity import _hf_logits, _model, _prompts
+
+import xpu_coopt
+from xpu_coopt.cache import RESPONSE_STEP
+
+
+def test_kv_bytes_are_prompt_once_plus_response_per_beam():
+    model = _model("llama-gqa-8q2kv-d64")
+    spec = xpu_coopt.optimize(model).spec
+    requests, beams, prompt_len, new_tokens = 2, 4, 33, 16
+    ids, mask = _prompts([prompt_len, 20], spec.vocab_size)
+    _, cache = xpu_coopt.optimize(model).prefill(ids, mask, beams, new_tokens)
+    capacity = -(-new_tokens // RESPONSE_STEP) * RESPONSE_STEP
+    per_token = spec.kv_bytes_per_token(4)  # float32 K and V of every layer
+    expected = per_token * (requests * prompt_len + requests * beams * capacity) + requests * beams * capacity * 4
+    assert cache.nbytes() == expected
+    per_beam_contiguous = per_token * requests * beams * (prompt_len + new_tokens)
+    assert cache.nbytes() < 0.55 * per_beam_contiguous  # (33 + 4 * 16) / (4 * 49) plus the index
+
+
+def test_reorder_moves_integers_not_kv():
+    model = _model("llama-mha-d64")
+    optimized = xpu_coopt.optimize(model)
+    ids, mask = _prompts([7, 5], model.config.vocab_size)
+    logits, cache = optimized.prefill(ids, mask, num_beams=3, max_new_tokens=8)
+    tokens = logits.argmax(-1).repeat_interleave(3)
+    for _ in range(3):
+        logits = optimized.decode(tokens, cache)
+        tokens = logits.argmax(-1)
+    snapshot = {name: getattr(cache, name).clone() for name in ("prompt_k", "prompt_v", "response_k", "response_v")}
+    pointers = {name: getattr(cache, name).data_ptr() for name in snapshot}
+    slots_before = cache.beam_slots.clone()
+    parents = torch.tensor([2, 2, 0, 4, 3, 3])  # within each request's three beams
+    cache.reorder(parents)
+    for name, values in snapshot.items():
+        assert getattr(cache, name).data_ptr() == pointers[name]
+        assert torch.equal(getattr(cache, name), values)
+    assert torch.equal(cache.beam_slots[:, :3], slots_before[parents, :3])
+
+
+def test_decoding_past_the_reserved_capacity_grows_in_steps():
+    model = _model("qwen2-bias")
+    optimized = xpu_coopt.optimize(model)
+    ids, mask = _prompts([6, 4], model.config.vocab_size)
+    out = optimized(ids, mask)  # forward() reserves no new tokens: the first decode step grows the cache
+    cache = out.cache
+    for step in range(RESPONSE_STEP + 3):
+        next_tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+        out = optimized(next_tokens, cache=cache)
+        ids = torch.cat((ids, next_tokens), dim=1)
+        mask = torch.cat((mask, torch.ones_like(next_tokens)), dim=1)
+    assert cache.capacity == 2 * RESPONSE_STEP
+    expected = _hf_logits(model, ids, mask)[:, -1]
+    torch.testing.assert_close(out.logits[:, -1], expected, atol=2e-5, rtol=2e-5)

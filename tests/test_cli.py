@@ -1,0 +1,30 @@
+"""The xpu-coopt command line."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import STORIES_MODEL, require_data
+
+from xpu_coopt.cli import main
+
+
+def test_bench_runs_both_sides_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", str(require_data(STORIES_MODEL)), "--dtype", "float32", "--input-tokens", "40",
+            "--output-tokens", "5", "--num-beams", "2", "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "next token mean (ms)" in printed and "KV cache (MiB)" in printed
+    result = json.loads(out.read_text())
+    for side in ("transformers", "xpu_coopt"):
+        assert result[side]["first_token_ms"] > 0 and result[side]["next_token_ms_mean"] > 0
+        assert result[side]["kv_cache_bytes"] > 0
+    ratios = result["ratios"]
+    assert ratios["kv_bytes_ratio"] == result["xpu_coopt"]["kv_cache_bytes"] / result["transformers"]["kv_cache_bytes"]
+    assert ratios["kv_bytes_ratio"] < 1  # two beams share one prompt segment
+
+
+def test_bench_with_an_unknown_model_is_a_clear_error(capsys):
+    assert main(["bench", "--model", "no-such-model"]) == 2
+    assert "neither 'smollm2-135m', a shape preset" in capsys.readouterr().err

@@ -1,0 +1,234 @@
+"""Every op of docs/ops.md against the loop-based oracles, for every kernel backend, plus opcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close
+
+import oracles
+from xpu_coopt.config import RopeSpec
+from xpu_coopt.ops import dispatcher_kernels, fp8
+from xpu_coopt.rope import cos_sin_cache, inverse_frequencies
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+HIDDEN_SIZES = [8, 64, 111, 576]
+NUM_TOKENS = [1, 7, 33]
+NAN_CODE = 0x7F  # a NaN in both e4m3fn and e5m2: unused cache cells hold it to prove they are never read
+
+
+def _random(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float32) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", HIDDEN_SIZES)
+@pytest.mark.parametrize("tokens", NUM_TOKENS)
+def test_rms_norm(kernels, dtype, hidden, tokens):
+    x, weight = _random(tokens, hidden, dtype=dtype), _random(hidden, dtype=dtype)
+    out = torch.empty_like(x)
+    kernels.rms_norm(out, x, weight, 1e-5)
+    assert_close(out, oracles.rms_norm(x, weight, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", HIDDEN_SIZES)
+def test_fused_add_rms_norm(kernels, dtype, hidden):
+    x, residual, weight = _random(5, hidden, dtype=dtype), _random(5, hidden, dtype=dtype), _random(hidden, dtype=dtype)
+    expected_residual = (x.double() + residual.double()).to(dtype)
+    expected = oracles.rms_norm(expected_residual, weight, 1e-6)
+    kernels.fused_add_rms_norm(x, residual, weight, 1e-6)
+    assert_close(residual, expected_residual, dtype)
+    assert_close(x, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [2, 128, 222, 1536])
+def test_silu_and_mul(kernels, dtype, width):
+    x = _random(3, 4, 2 * width, dtype=dtype)
+    out = x.new_empty(3, 4, width)
+    kernels.silu_and_mul(out, x)
+    assert_close(out, oracles.silu_and_mul(x), dtype)
+
+
+def _cache(shape, kv_format, dtype):
+    """A cache whose every cell is NaN, so cells a kernel must not touch or read stay recognisable."""
+    if fp8.is_fp8(kv_format):
+        return torch.full(shape, NAN_CODE, dtype=torch.uint8), torch.full(shape[:-1], float("nan"))
+    return torch.full(shape, float("nan"), dtype=dtype), None
+
+
+def _dequantized(cache, scale, kv_format):
+    return cache if scale is None else fp8.decode(cache, scale, kv_format, torch.float64)
+
+
+FP8_TOLERANCE = {"fp8_e4m3": 2**-3, "fp8_e5m2": 2**-2}  # relative step of each format, times amax
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 64), (8, 2, 128), (6, 1, 16)])
+def test_rotary_embedding_kv_write(kernels, dtype, kv_format, heads, kv_heads, head_dim):
+    tokens, rows, length = 5, 3, 9
+    rope = RopeSpec(theta=10000.0)
+    table = cos_sin_cache(rope, head_dim, 64, torch.device("cpu"))
+    positions = torch.tensor([0, 3, 17, 63, 5])
+    qkv = _random(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)  # strided views, as the model passes
+    query = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    key = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    value = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
+    original_q, original_k, original_v = query.clone(), key.clone(), value.clone()
+    k_cache, k_scale = _cache((rows, kv_heads, length, head_dim), kv_format, dtype)
+    v_cache, v_scale = _cache((rows, kv_heads, length, head_dim), kv_format, dtype)
+    cache_rows, cache_positions = torch.tensor([0, 2, 1, 2, 0]), torch.tensor([0, 8, 4, 3, 7])
+
+    kernels.rotary_embedding_kv_write(
+        query, key, value, positions, table, k_cache, v_cache, k_scale, v_scale,
+        cache_rows, cache_positions, kv_format,
+    )  # fmt: skip
+
+    inv_freq = inverse_frequencies(rope, head_dim)
+    expected_q = oracles.rotate(original_q, positions, inv_freq)
+    expected_k = oracles.rotate(original_k, positions, inv_freq)
+    assert_close(query, expected_q, dtype, scale=4)
+    assert_close(key, expected_k, dtype, scale=4)
+    written = torch.zeros((rows, length), dtype=torch.bool)
+    written[cache_rows, cache_positions] = True
+    for cache, scale, expected in ((k_cache, k_scale, expected_k), (v_cache, v_scale, original_v.double())):
+        stored = _dequantized(cache, scale, kv_format)[cache_rows, :, cache_positions]
+        if fp8.is_fp8(kv_format):
+            amax = expected.abs().amax(dim=-1, keepdim=True)
+            assert ((stored - expected).abs() <= amax * FP8_TOLERANCE[kv_format] + 1e-2).all()
+        else:
+            assert_close(stored, expected, dtype, scale=4)
+        untouched = cache.permute(0, 2, 1, 3)[~written]
+        assert (untouched == NAN_CODE).all() if fp8.is_fp8(kv_format) else untouched.isnan().all()
+
+
+@pytest.mark.parametrize("kv_format", ["fp8_e4m3", "fp8_e5m2"])
+def test_kv_write_fp8_scales_and_saturation(kernels, kv_format):
+    key = torch.tensor([[[1e6, -2.0, 0.5, 0.0]], [[0.0, 0.0, 0.0, 0.0]]])  # one huge value; one all-zero row
+    value = torch.tensor([[[3.0, -3.0, 1.0, 2.0]], [[-1e30, 1.0, 0.0, 4.0]]])
+    k_cache, k_scale = _cache((2, 1, 3, 4), kv_format, torch.float32)
+    v_cache, v_scale = _cache((2, 1, 3, 4), kv_format, torch.float32)
+    rows, cols = torch.tensor([1, 0]), torch.tensor([2, 0])
+    kernels.kv_write(key, value, k_cache, v_cache, k_scale, v_scale, rows, cols, kv_format)
+    limit = fp8.FP8_MAX[kv_format]
+    assert k_scale[1, 0, 2] == pytest.approx(1e6 / limit, rel=1e-6)
+    assert v_scale[1, 0, 2] == pytest.approx(3.0 / limit, rel=1e-6)
+    decoded_k = fp8.decode(k_cache, k_scale, kv_format, torch.float32)
+    decoded_v = fp8.decode(v_cache, v_scale, kv_format, torch.float32)
+    assert decoded_k[1, 0, 2, 0] == pytest.approx(1e6, rel=1e-6)  # the largest element maps to FP8_MAX
+    assert (decoded_k[0, 0, 0] == 0).all()  # an all-zero row decodes to zeros, not NaN
+    assert decoded_v[0, 0, 0, 0] == pytest.approx(-1e30, rel=1e-6)
+    assert torch.isfinite(decoded_k[[1, 0], 0, [2, 0]]).all() and torch.isfinite(decoded_v[[1, 0], 0, [2, 0]]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 64), (8, 2, 128), (3, 1, 32)])
+@pytest.mark.parametrize(("length", "seq_start"), [(1, [0]), (13, [0, 5, 12]), (32, [0, 31])])
+def test_attention_prefill(kernels, dtype, heads, kv_heads, head_dim, length, seq_start):
+    batch = len(seq_start)
+    q = _random(batch, length, heads, head_dim, dtype=dtype)
+    k = _random(batch, length, kv_heads, head_dim, dtype=dtype)
+    v = _random(batch, length, kv_heads, head_dim, dtype=dtype)
+    starts = torch.tensor(seq_start, dtype=torch.int32)
+    out = torch.full_like(q, float("nan"))
+    scale = head_dim**-0.5
+    kernels.attention_prefill(out, q, k, v, starts, scale)
+    assert_close(out, oracles.attention_prefill(q, k, v, starts, scale), dtype)
+
+
+def _segment_case(dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded):
+    """Random segment caches with NaN in every cell the op must not read."""
+    seqs = requests * beams
+    capacity = response_len + 3
+    prompt_start = torch.tensor([(3 * r) % prompt_len if padded else 0 for r in range(requests)], dtype=torch.int32)
+    query = _random(seqs, heads, head_dim, dtype=dtype)
+    caches = []
+    for shape in [(requests, kv_heads, prompt_len, head_dim)] * 2 + [(seqs, kv_heads, capacity, head_dim)] * 2:
+        values = _random(*shape, dtype=dtype)
+        if fp8.is_fp8(kv_format):
+            scale = fp8.dynamic_scale(values, kv_format)
+            cache = fp8.encode(values, scale, kv_format)
+        else:
+            cache, scale = values, None
+        caches.append((cache, scale))
+    # Histories: step t of sequence s lives in a random row of the same request (after beam reorders).
+    beam_slots = torch.full((seqs, capacity), -1, dtype=torch.int32)
+    generator = torch.Generator().manual_seed(seqs * 31 + response_len)
+    for s in range(seqs):
+        first = (s // beams) * beams
+        beam_slots[s, :response_len] = first + torch.randint(0, beams, (response_len,), generator=generator)
+    if response_len:
+        beam_slots[:, response_len - 1] = torch.arange(seqs, dtype=torch.int32)  # the newest token is its own
+    read = torch.zeros((seqs, capacity), dtype=torch.bool)
+    for s in range(seqs):
+        for t in range(response_len):
+            read[int(beam_slots[s, t]), t] = True
+    dequantized = [_dequantized(c, sc, kv_format).to(torch.float64) for c, sc in caches]
+    # Poison what must never be read: prompt padding and response cells outside every history.
+    for index, (cache, scale) in enumerate(caches):
+        poison = NAN_CODE if fp8.is_fp8(kv_format) else float("nan")
+        if index < 2:
+            for r in range(requests):
+                cache[r, :, : int(prompt_start[r])] = poison
+        else:
+            cache.permute(0, 2, 1, 3)[~read] = poison
+    return query, caches, dequantized, prompt_start, beam_slots
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize(
+    ("requests", "beams", "heads", "kv_heads", "head_dim"),
+    [(1, 1, 4, 4, 64), (2, 4, 8, 2, 128), (1, 4, 9, 3, 64), (3, 1, 8, 1, 16), (2, 4, 4, 4, 64)],
+)
+@pytest.mark.parametrize(("prompt_len", "response_len", "padded"), [(1, 1, False), (37, 6, True), (64, 17, False)])
+def test_segment_attention_decode(
+    kernels, dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded
+):
+    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+        dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded
+    )
+    (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
+    out = torch.full_like(query, float("nan"))
+    scale = head_dim**-0.5
+    kernels.segment_attention_decode(
+        out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s, beam_slots, response_len, scale, kv_format
+    )
+    expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
+                                                response_len, scale)  # fmt: skip
+    assert_close(out, expected, dtype)
+
+
+def _opcheck(op_name, args):
+    torch.library.opcheck(getattr(dispatcher_kernels(), op_name).default, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_elementwise_ops(dtype):
+    x, weight = _random(3, 64, dtype=dtype), _random(64, dtype=dtype)
+    _opcheck("rms_norm", (torch.empty_like(x), x, weight, 1e-5))
+    _opcheck("fused_add_rms_norm", (x.clone(), x.clone(), weight, 1e-5))
+    _opcheck("silu_and_mul", (x.new_empty(3, 32), x))
+
+
+@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
+def test_opcheck_cache_and_attention_ops(kv_format):
+    dtype = torch.bfloat16
+    query, caches, _, prompt_start, beam_slots = _segment_case(dtype, kv_format, 2, 2, 4, 2, 16, 9, 3, True)
+    (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
+    _opcheck("segment_attention_decode", (torch.empty_like(query), query, pk, pv, pk_s, pv_s, prompt_start,
+                                          rk, rv, rk_s, rv_s, beam_slots, 3, 0.25, kv_format))  # fmt: skip
+    table = cos_sin_cache(RopeSpec(theta=10000.0), 16, 32, torch.device("cpu"))
+    q, k, v = _random(4, 4, 16, dtype=dtype), _random(4, 2, 16, dtype=dtype), _random(4, 2, 16, dtype=dtype)
+    k_cache, k_scale = _cache((2, 2, 8, 16), kv_format, dtype)
+    v_cache, v_scale = _cache((2, 2, 8, 16), kv_format, dtype)
+    rows, cols = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 2, 3])
+    _opcheck("rotary_embedding_kv_write", (q, k, v, torch.arange(4), table, k_cache, v_cache, k_scale, v_scale,
+                                           rows, cols, kv_format))  # fmt: skip
+    _opcheck("kv_write", (k, v, k_cache, v_cache, k_scale, v_scale, rows, cols, kv_format))
+    q4, k4 = _random(2, 5, 4, 16, dtype=dtype), _random(2, 5, 2, 16, dtype=dtype)
+    _opcheck("attention_prefill", (torch.empty_like(q4), q4, k4, k4.clone(), torch.tensor([0, 2], dtype=torch.int32),
+                                   0.25))  # fmt: skip

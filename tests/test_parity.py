@@ -1,0 +1,156 @@
+"""xpu_coopt against transformers itself on random-weight configs of every supported shape."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import xpu_coopt
+
+COMMON = dict(vocab_size=256, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=256)
+CONFIGS = {
+    "llama-mha-d64": (LlamaForCausalLM, LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=4, **COMMON)),
+    "llama-gqa-8q2kv-d64": (LlamaForCausalLM, LlamaConfig(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, **COMMON)),
+    "llama-mqa-d128": (LlamaForCausalLM, LlamaConfig(hidden_size=512, num_attention_heads=4, num_key_value_heads=1, **COMMON)),
+    "llama-tied-bias": (LlamaForCausalLM, LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                                      tie_word_embeddings=True, attention_bias=True, mlp_bias=True, **COMMON)),
+    "llama3-rope": (LlamaForCausalLM, LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}, **COMMON)),
+    "llama-linear-rope": (LlamaForCausalLM, LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=4,
+                                                        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
+                                                                         "factor": 4.0}, **COMMON)),
+    "mistral": (MistralForCausalLM, MistralConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+                                                  sliding_window=None, **COMMON)),
+    "qwen2-bias": (Qwen2ForCausalLM, Qwen2Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, **COMMON)),
+}  # fmt: skip
+# Relative tolerance on logits (max |diff| / max |logit|) by dtype.
+LOGIT_TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+def _model(name: str, dtype: torch.dtype = torch.float32):
+    cls, config = CONFIGS[name]
+    torch.manual_seed(sum(map(ord, name)))
+    model = cls(copy.deepcopy(config)).eval()  # tests may edit model.config
+    # Random biases and norms (zero biases and unit norms at init would hide fused-bias and norm bugs).
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if param_name.endswith("bias") or "norm" in param_name:
+                param.copy_(torch.randn_like(param) * 0.2 + (1.0 if "norm" in param_name else 0.0))
+    return model.to(dtype)
+
+
+def _prompts(batch_lengths: list[int], vocab: int, seed: int = 0):
+    """A left-padded batch of prompts of the given lengths (odd lengths welcome)."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(batch_lengths)
+    ids = torch.randint(3, vocab, (len(batch_lengths), width), generator=generator)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(batch_lengths):
+        mask[row, width - length :] = 1
+        ids[row, : width - length] = 0
+    return ids, mask
+
+
+def _hf_logits(model, ids, mask):
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        return model(ids, attention_mask=mask, position_ids=positions).logits
+
+
+def _assert_logits_close(actual, expected, dtype):
+    relative = (actual.float() - expected.float()).abs().max() / expected.float().abs().max()
+    assert relative <= LOGIT_TOLERANCE[dtype], f"relative logit error {relative:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_prefill_and_decode_logits(name, dtype):
+    model = _model(name, dtype)
+    optimized = xpu_coopt.optimize(model)
+    ids, mask = _prompts([7, 3, 11], model.config.vocab_size)
+    out = optimized(ids, mask)
+    expected = _hf_logits(model, ids, mask)
+    for row in range(ids.shape[0]):
+        valid = mask[row].bool()
+        _assert_logits_close(out.logits[row, valid], expected[row, valid], dtype)
+    cache = out.cache
+    for _ in range(4):  # decode steps against a full transformers forward over the grown sequences
+        next_tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+        out = optimized(next_tokens, cache=cache)
+        ids = torch.cat((ids, next_tokens), dim=1)
+        mask = torch.cat((mask, torch.ones_like(next_tokens)), dim=1)
+        _assert_logits_close(out.logits[:, -1], _hf_logits(model, ids, mask)[:, -1], dtype)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_greedy_tokens_identical(name):
+    model = _model(name)
+    ids, mask = _prompts([5, 9], model.config.vocab_size, seed=1)
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
+    theirs = model.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ours, theirs)
+
+
+def _frequent_token(model, ids, mask) -> int:
+    """A token greedy decoding produces early, so that EOS actually ends some beams."""
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    return int(out[0, -1])
+
+
+@pytest.mark.parametrize(
+    ("name", "num_beams", "num_return_sequences", "length_penalty", "early_stopping"),
+    [
+        ("llama-gqa-8q2kv-d64", 4, 1, 1.0, False),
+        ("llama-mha-d64", 4, 2, 0.5, True),
+        ("qwen2-bias", 3, 3, 1.5, "never"),
+        ("llama-mqa-d128", 2, 1, -1.0, False),
+        ("mistral", 4, 4, 1.0, True),
+    ],
+)
+def test_beam_search_identical(name, num_beams, num_return_sequences, length_penalty, early_stopping):
+    model = _model(name)
+    ids, mask = _prompts([6, 10], model.config.vocab_size, seed=2)
+    kwargs = dict(
+        max_new_tokens=10, num_beams=num_beams, num_return_sequences=num_return_sequences,
+        length_penalty=length_penalty, early_stopping=early_stopping, do_sample=False,
+        eos_token_id=_frequent_token(model, ids, mask), pad_token_id=0,
+        return_dict_in_generate=True, output_scores=True,
+    )  # fmt: skip
+    ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
+    theirs = model.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    torch.testing.assert_close(ours.sequences_scores, theirs.sequences_scores, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sampling_matches_transformers_with_the_same_seed(seed):
+    model = _model("llama-gqa-8q2kv-d64")
+    ids, mask = _prompts([4, 8], model.config.vocab_size, seed=3)
+    kwargs = dict(max_new_tokens=10, do_sample=True, temperature=0.7, top_k=20, top_p=0.9, pad_token_id=0)
+    torch.manual_seed(seed)
+    ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
+    torch.manual_seed(seed)
+    theirs = model.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ours, theirs)
+
+
+def test_min_new_tokens_and_eos_list_match_transformers():
+    model = _model("llama-mha-d64")
+    ids, mask = _prompts([5, 7], model.config.vocab_size, seed=4)
+    eos = _frequent_token(model, ids, mask)
+    kwargs = dict(max_new_tokens=9, min_new_tokens=4, eos_token_id=[eos, 7], pad_token_id=1, do_sample=False)
+    ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
+    theirs = model.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ours, theirs)
