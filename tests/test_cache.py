@@ -17,7 +17,9 @@ def test_kv_bytes_are_prompt_once_plus_response_per_beam():
     _, cache = xpu_coopt.optimize(model).prefill(ids, mask, beams, new_tokens)
     capacity = -(-new_tokens // RESPONSE_STEP) * RESPONSE_STEP
     per_token = spec.kv_bytes_per_token(4)  # float32 K and V of every layer
-    expected = per_token * (requests * prompt_len + requests * beams * capacity) + requests * beams * capacity * 4
+    expected = (
+        per_token * (requests * prompt_len + requests * beams * capacity) + requests * beams * capacity * 4
+    )
     assert cache.nbytes() == expected
     per_beam_contiguous = per_token * requests * beams * (prompt_len + new_tokens)
     assert cache.nbytes() < 0.55 * per_beam_contiguous  # (33 + 4 * 16) / (4 * 49) plus the index
@@ -32,7 +34,9 @@ def test_reorder_moves_integers_not_kv():
     for _ in range(3):
         logits = optimized.decode(tokens, cache)
         tokens = logits.argmax(-1)
-    snapshot = {name: getattr(cache, name).clone() for name in ("prompt_k", "prompt_v", "response_k", "response_v")}
+    snapshot = {
+        name: getattr(cache, name).clone() for name in ("prompt_k", "prompt_v", "response_k", "response_v")
+    }
     pointers = {name: getattr(cache, name).data_ptr() for name in snapshot}
     slots_before = cache.beam_slots.clone()
     parents = torch.tensor([2, 2, 0, 4, 3, 3])  # within each request's three beams
@@ -49,7 +53,7 @@ def test_decoding_past_the_reserved_capacity_grows_in_steps():
     ids, mask = _prompts([6, 4], model.config.vocab_size)
     out = optimized(ids, mask)  # forward() reserves no new tokens: the first decode step grows the cache
     cache = out.cache
-    for step in range(RESPONSE_STEP + 3):
+    for _ in range(RESPONSE_STEP + 3):
         next_tokens = out.logits[:, -1].argmax(-1, keepdim=True)
         out = optimized(next_tokens, cache=cache)
         ids = torch.cat((ids, next_tokens), dim=1)

@@ -21,7 +21,10 @@ def test_bench_runs_both_sides_and_writes_json(tmp_path, capsys):
         assert result[side]["first_token_ms"] > 0 and result[side]["next_token_ms_mean"] > 0
         assert result[side]["kv_cache_bytes"] > 0
     ratios = result["ratios"]
-    assert ratios["kv_bytes_ratio"] == result["xpu_coopt"]["kv_cache_bytes"] / result["transformers"]["kv_cache_bytes"]
+    assert (
+        ratios["kv_bytes_ratio"]
+        == result["xpu_coopt"]["kv_cache_bytes"] / result["transformers"]["kv_cache_bytes"]
+    )
     assert ratios["kv_bytes_ratio"] < 1  # two beams share one prompt segment
 
 

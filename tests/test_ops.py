@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import oracles
 import pytest
 import torch
 from conftest import assert_close
 
-import oracles
 from xpu_coopt.config import RopeSpec
 from xpu_coopt.ops import dispatcher_kernels, fp8
 from xpu_coopt.rope import cos_sin_cache, inverse_frequencies
@@ -34,7 +34,11 @@ def test_rms_norm(kernels, dtype, hidden, tokens):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", HIDDEN_SIZES)
 def test_fused_add_rms_norm(kernels, dtype, hidden):
-    x, residual, weight = _random(5, hidden, dtype=dtype), _random(5, hidden, dtype=dtype), _random(hidden, dtype=dtype)
+    x, residual, weight = (
+        _random(5, hidden, dtype=dtype),
+        _random(5, hidden, dtype=dtype),
+        _random(hidden, dtype=dtype),
+    )
     expected_residual = (x.double() + residual.double()).to(dtype)
     expected = oracles.rms_norm(expected_residual, weight, 1e-6)
     kernels.fused_add_rms_norm(x, residual, weight, 1e-6)
@@ -73,7 +77,9 @@ def test_rotary_embedding_kv_write(kernels, dtype, kv_format, heads, kv_heads, h
     rope = RopeSpec(theta=10000.0)
     table = cos_sin_cache(rope, head_dim, 64, torch.device("cpu"))
     positions = torch.tensor([0, 3, 17, 63, 5])
-    qkv = _random(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)  # strided views, as the model passes
+    qkv = _random(
+        tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype
+    )  # strided views, as the model passes
     query = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
     key = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
     value = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
@@ -94,8 +100,11 @@ def test_rotary_embedding_kv_write(kernels, dtype, kv_format, heads, kv_heads, h
     assert_close(key, expected_k, dtype, scale=4)
     written = torch.zeros((rows, length), dtype=torch.bool)
     written[cache_rows, cache_positions] = True
-    for cache, scale, expected in ((k_cache, k_scale, expected_k), (v_cache, v_scale, original_v.double())):
-        stored = _dequantized(cache, scale, kv_format)[cache_rows, :, cache_positions]
+    for cache, cache_scale, expected in (
+        (k_cache, k_scale, expected_k),
+        (v_cache, v_scale, original_v.double()),
+    ):
+        stored = _dequantized(cache, cache_scale, kv_format)[cache_rows, :, cache_positions]
         if fp8.is_fp8(kv_format):
             amax = expected.abs().amax(dim=-1, keepdim=True)
             assert ((stored - expected).abs() <= amax * FP8_TOLERANCE[kv_format] + 1e-2).all()
@@ -121,7 +130,10 @@ def test_kv_write_fp8_scales_and_saturation(kernels, kv_format):
     assert decoded_k[1, 0, 2, 0] == pytest.approx(1e6, rel=1e-6)  # the largest element maps to FP8_MAX
     assert (decoded_k[0, 0, 0] == 0).all()  # an all-zero row decodes to zeros, not NaN
     assert decoded_v[0, 0, 0, 0] == pytest.approx(-1e30, rel=1e-6)
-    assert torch.isfinite(decoded_k[[1, 0], 0, [2, 0]]).all() and torch.isfinite(decoded_v[[1, 0], 0, [2, 0]]).all()
+    assert (
+        torch.isfinite(decoded_k[[1, 0], 0, [2, 0]]).all()
+        and torch.isfinite(decoded_v[[1, 0], 0, [2, 0]]).all()
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -139,14 +151,20 @@ def test_attention_prefill(kernels, dtype, heads, kv_heads, head_dim, length, se
     assert_close(out, oracles.attention_prefill(q, k, v, starts, scale), dtype)
 
 
-def _segment_case(dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded):
+def _segment_case(
+    dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded
+):
     """Random segment caches with NaN in every cell the op must not read."""
     seqs = requests * beams
     capacity = response_len + 3
-    prompt_start = torch.tensor([(3 * r) % prompt_len if padded else 0 for r in range(requests)], dtype=torch.int32)
+    prompt_start = torch.tensor(
+        [(3 * r) % prompt_len if padded else 0 for r in range(requests)], dtype=torch.int32
+    )
     query = _random(seqs, heads, head_dim, dtype=dtype)
     caches = []
-    for shape in [(requests, kv_heads, prompt_len, head_dim)] * 2 + [(seqs, kv_heads, capacity, head_dim)] * 2:
+    for shape in [(requests, kv_heads, prompt_len, head_dim)] * 2 + [
+        (seqs, kv_heads, capacity, head_dim)
+    ] * 2:
         values = _random(*shape, dtype=dtype)
         if fp8.is_fp8(kv_format):
             scale = fp8.dynamic_scale(values, kv_format)
@@ -168,7 +186,7 @@ def _segment_case(dtype, kv_format, requests, beams, heads, kv_heads, head_dim, 
             read[int(beam_slots[s, t]), t] = True
     dequantized = [_dequantized(c, sc, kv_format).to(torch.float64) for c, sc in caches]
     # Poison what must never be read: prompt padding and response cells outside every history.
-    for index, (cache, scale) in enumerate(caches):
+    for index, (cache, _) in enumerate(caches):
         poison = NAN_CODE if fp8.is_fp8(kv_format) else float("nan")
         if index < 2:
             for r in range(requests):
@@ -184,7 +202,9 @@ def _segment_case(dtype, kv_format, requests, beams, heads, kv_heads, head_dim, 
     ("requests", "beams", "heads", "kv_heads", "head_dim"),
     [(1, 1, 4, 4, 64), (2, 4, 8, 2, 128), (1, 4, 9, 3, 64), (3, 1, 8, 1, 16), (2, 4, 4, 4, 64)],
 )
-@pytest.mark.parametrize(("prompt_len", "response_len", "padded"), [(1, 1, False), (37, 6, True), (64, 17, False)])
+@pytest.mark.parametrize(
+    ("prompt_len", "response_len", "padded"), [(1, 1, False), (37, 6, True), (64, 17, False)]
+)
 def test_segment_attention_decode(
     kernels, dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded
 ):
@@ -195,7 +215,21 @@ def test_segment_attention_decode(
     out = torch.full_like(query, float("nan"))
     scale = head_dim**-0.5
     kernels.segment_attention_decode(
-        out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s, beam_slots, response_len, scale, kv_format
+        out,
+        query,
+        pk,
+        pv,
+        pk_s,
+        pv_s,
+        prompt_start,
+        rk,
+        rv,
+        rk_s,
+        rv_s,
+        beam_slots,
+        response_len,
+        scale,
+        kv_format,
     )
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
                                                 response_len, scale)  # fmt: skip

@@ -62,7 +62,9 @@ def test_smollm2_greedy_batch_matches_transformers(smollm2_chat):
 
 def test_smollm2_beam4_matches_transformers(smollm2_chat):
     model, ids, mask = smollm2_chat
-    kwargs = dict(max_new_tokens=12, num_beams=4, pad_token_id=2, return_dict_in_generate=True, output_scores=True)
+    kwargs = dict(
+        max_new_tokens=12, num_beams=4, pad_token_id=2, return_dict_in_generate=True, output_scores=True
+    )
     ours = xpu_coopt.optimize(model).generate(ids[:1], attention_mask=mask[:1], **kwargs)
     theirs = model.generate(ids[:1], attention_mask=mask[:1], **kwargs)
     assert torch.equal(ours.sequences, theirs.sequences)

@@ -47,7 +47,9 @@ def optimize(
     """
     hf_config = getattr(model, "config", None)
     if hf_config is None or not isinstance(model, torch.nn.Module):
-        raise TypeError(f"optimize() takes a transformers causal LM (a torch.nn.Module with a config), got {type(model)}")
+        raise TypeError(
+            f"optimize() takes a transformers causal LM (a torch.nn.Module with a config), got {type(model)}"
+        )
     spec = model_spec(hf_config, type(model).__name__)
     if kv_cache not in KV_CACHE_KINDS:
         raise ValueError(f"unknown kv_cache {kv_cache!r}; choose one of {', '.join(KV_CACHE_KINDS)}")

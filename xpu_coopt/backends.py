@@ -38,7 +38,8 @@ def resolve_backend(backend: str, device: torch.device) -> Ops:
     reasons = _unavailable_reasons(name, device)
     if reasons:
         raise BackendUnavailableError(
-            f"backend {name!r} is not available on {device}: " + "; ".join(reasons)
+            f"backend {name!r} is not available on {device}: "
+            + "; ".join(reasons)
             + ". Pass backend='torch' to run the PyTorch reference kernels explicitly."
         )
     if backend == "auto":

@@ -8,6 +8,7 @@ includes the prefill, the next-token latencies are the gaps between consecutive 
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -53,7 +54,7 @@ class BenchResult:
 
 
 def _summarise(start: float, step_times: list[float], tokens: int, kv_bytes: int) -> RunResult:
-    gaps = [(b - a) * 1e3 for a, b in zip(step_times, step_times[1:])]
+    gaps = [(b - a) * 1e3 for a, b in itertools.pairwise(step_times)]
     total = step_times[-1] - start
     return RunResult(
         first_token_ms=(step_times[0] - start) * 1e3,
@@ -124,7 +125,9 @@ def run_transformers(model, input_ids, mask, settings, tokens: int) -> RunResult
 def run_xpu_coopt(model, input_ids, mask, settings, tokens: int) -> RunResult:
     _synchronize(input_ids.device)
     start = time.perf_counter()
-    out = model.generate(input_ids, attention_mask=mask, return_dict_in_generate=True, **_generate_kwargs(settings, tokens))
+    out = model.generate(
+        input_ids, attention_mask=mask, return_dict_in_generate=True, **_generate_kwargs(settings, tokens)
+    )
     generated = input_ids.shape[0] * tokens
     return _summarise(start, out.step_times, generated, out.kv_cache_bytes)
 
@@ -178,16 +181,40 @@ def benchmark(
 def format_result(result: BenchResult) -> str:
     rows = [("metric", "transformers", "xpu_coopt", "ratio")]
     base, ours, ratios = result.transformers, result.xpu_coopt, result.ratios
-    rows.append(("first token (ms)", f"{base.first_token_ms:.1f}", f"{ours.first_token_ms:.1f}",
-                 f"{ratios['first_token_speedup']:.2f}x faster"))
-    rows.append(("next token mean (ms)", f"{base.next_token_ms_mean:.2f}", f"{ours.next_token_ms_mean:.2f}",
-                 f"{ratios['next_token_speedup']:.2f}x faster"))
+    rows.append(
+        (
+            "first token (ms)",
+            f"{base.first_token_ms:.1f}",
+            f"{ours.first_token_ms:.1f}",
+            f"{ratios['first_token_speedup']:.2f}x faster",
+        )
+    )
+    rows.append(
+        (
+            "next token mean (ms)",
+            f"{base.next_token_ms_mean:.2f}",
+            f"{ours.next_token_ms_mean:.2f}",
+            f"{ratios['next_token_speedup']:.2f}x faster",
+        )
+    )
     rows.append(("next token p90 (ms)", f"{base.next_token_ms_p90:.2f}", f"{ours.next_token_ms_p90:.2f}", ""))
-    rows.append(("throughput (tok/s)", f"{base.throughput_tokens_per_s:.1f}", f"{ours.throughput_tokens_per_s:.1f}",
-                 f"{ratios['throughput_ratio']:.2f}x"))
-    rows.append(("KV cache (MiB)", f"{base.kv_cache_bytes / 2**20:.1f}", f"{ours.kv_cache_bytes / 2**20:.1f}",
-                 f"{ratios['kv_bytes_ratio']:.2f}x"))
+    rows.append(
+        (
+            "throughput (tok/s)",
+            f"{base.throughput_tokens_per_s:.1f}",
+            f"{ours.throughput_tokens_per_s:.1f}",
+            f"{ratios['throughput_ratio']:.2f}x",
+        )
+    )
+    rows.append(
+        (
+            "KV cache (MiB)",
+            f"{base.kv_cache_bytes / 2**20:.1f}",
+            f"{ours.kv_cache_bytes / 2**20:.1f}",
+            f"{ratios['kv_bytes_ratio']:.2f}x",
+        )
+    )
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
     settings = ", ".join(f"{k}={v}" for k, v in result.settings.items())
     return "\n".join([settings, *lines])

@@ -98,7 +98,9 @@ def model_spec(config: Any, architecture: str) -> ModelSpec:
     num_heads = int(config.num_attention_heads)
     num_kv_heads = int(getattr(config, "num_key_value_heads", None) or num_heads)
     if num_heads % num_kv_heads:
-        raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
+        raise ValueError(
+            f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
+        )
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // num_heads)
     if head_dim % 2:
         raise ValueError(f"head_dim {head_dim} must be even for rotary embeddings")

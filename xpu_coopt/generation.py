@@ -100,7 +100,9 @@ def resolve_settings(model: Any, prompt_len: int, kwargs: dict[str, Any]) -> Gen
         **{
             f.name: values[f.name]
             for f in fields(GenerationSettings)
-            if f.name in values and values[f.name] is not None and f.name not in ("eos_token_id", "max_new_tokens")
+            if f.name in values
+            and values[f.name] is not None
+            and f.name not in ("eos_token_id", "max_new_tokens")
         },
         max_new_tokens=max_new_tokens,
         eos_token_id=list(eos) if eos is not None else None,

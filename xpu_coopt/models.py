@@ -94,7 +94,11 @@ def load_llama2c(path: str | Path, dtype: torch.dtype = torch.float32):
         rms_norm_eps=1e-5, tie_word_embeddings=shared_classifier, bos_token_id=1, eos_token_id=2,
         architectures=["LlamaForCausalLM"],
     )  # fmt: skip
-    state = {"model.embed_tokens.weight": embed, "model.norm.weight": final_norm, "lm_head.weight": classifier}
+    state = {
+        "model.embed_tokens.weight": embed,
+        "model.norm.weight": final_norm,
+        "lm_head.weight": classifier,
+    }
     for i in range(layers):
         prefix = f"model.layers.{i}."
         state.update({
@@ -145,7 +149,9 @@ def random_model(preset: str, dtype: torch.dtype, device: str | torch.device = "
 
     if preset not in SHAPE_PRESETS:
         raise ValueError(f"unknown shape preset {preset!r}; presets: {', '.join(SHAPE_PRESETS)}")
-    config = LlamaConfig(**SHAPE_PRESETS[preset], architectures=["LlamaForCausalLM"], bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        **SHAPE_PRESETS[preset], architectures=["LlamaForCausalLM"], bos_token_id=1, eos_token_id=2
+    )
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

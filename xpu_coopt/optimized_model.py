@@ -101,7 +101,9 @@ class OptimizedModel:
         """Runs each prompt once (not once per beam) and returns (logits, cache with room for the beams)."""
         _, positions, prompt_start = prompt_layout(input_ids, attention_mask, self.spec)
         self.check_length(input_ids.shape[1] + max_new_tokens)
-        cache = self.decoder.new_cache(prompt_start, input_ids.shape[1], num_beams, max_new_tokens, self.kv_format)
+        cache = self.decoder.new_cache(
+            prompt_start, input_ids.shape[1], num_beams, max_new_tokens, self.kv_format
+        )
         logits = self.decoder.forward(input_ids.long(), positions, cache, last_only)
         return logits, cache
 
@@ -130,7 +132,9 @@ class OptimizedModel:
             logits, cache = self.prefill(input_ids, attention_mask, last_only=logits_to_keep == 1)
             return ModelOutput(logits if logits_to_keep == 0 else logits[:, None], cache)
         if attention_mask is not None:
-            raise ValueError("attention_mask is only taken with the prompt; the cache keeps it for decode steps")
+            raise ValueError(
+                "attention_mask is only taken with the prompt; the cache keeps it for decode steps"
+            )
         if input_ids.dim() != 2 or input_ids.shape != (cache.num_seqs, 1):
             raise ValueError(
                 f"decode takes input_ids of shape ({cache.num_seqs}, 1) for this cache, got {tuple(input_ids.shape)}"

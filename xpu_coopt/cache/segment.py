@@ -124,7 +124,10 @@ class SegmentKVCache:
             return torch.cat((tensor, tensor.new_zeros(pad_shape)), dim=3)
 
         self.response_k, self.response_v = widen(self.response_k), widen(self.response_v)
-        self.response_k_scale, self.response_v_scale = widen(self.response_k_scale), widen(self.response_v_scale)
+        self.response_k_scale, self.response_v_scale = (
+            widen(self.response_k_scale),
+            widen(self.response_v_scale),
+        )
         extra = self.beam_slots.new_zeros((self.num_seqs, RESPONSE_STEP))
         self.beam_slots = torch.cat((self.beam_slots, extra), dim=1)
 

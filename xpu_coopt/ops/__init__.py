@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xpu_coopt.ops import reference  # noqa: F401  (registers the CPU kernels)
+from xpu_coopt.ops import reference
 from xpu_coopt.ops.schema import KV_FORMATS, NAMESPACE, SCHEMAS
 
 __all__ = ["KV_FORMATS", "REFERENCE_LINEAR", "SCHEMAS", "Ops", "dispatcher_kernels", "reference_kernels"]

@@ -119,7 +119,7 @@ def attention_prefill(
     seq_start: torch.Tensor,
     scale: float,
 ) -> None:
-    batch, seq_len = query.shape[:2]
+    seq_len = query.shape[1]
     positions = torch.arange(seq_len, device=query.device)
     causal = positions[None, :] <= positions[:, None]  # [S_q, S_k]
     key_valid = positions[None, :] >= seq_start[:, None].to(positions.dtype)  # [B, S_k]
@@ -183,8 +183,12 @@ def segment_attention_decode(
     # Response segment: each beam's rows, gathered through beam_slots (integers only were reordered).
     steps = torch.arange(response_len, device=query.device)
     slots = beam_slots[:, :response_len]  # [S, T]
-    rk = _load_cache(response_k[slots, :, steps], _scale_rows(response_k_scale, slots, steps), kv_format, dtype)
-    rv = _load_cache(response_v[slots, :, steps], _scale_rows(response_v_scale, slots, steps), kv_format, dtype)
+    rk = _load_cache(
+        response_k[slots, :, steps], _scale_rows(response_k_scale, slots, steps), kv_format, dtype
+    )
+    rv = _load_cache(
+        response_v[slots, :, steps], _scale_rows(response_v_scale, slots, steps), kv_format, dtype
+    )
     rk, rv = rk.transpose(1, 2), rv.transpose(1, 2)  # [S, Hkv, T, D]
     q_by_seq = query.view(num_seqs, num_kv_heads, group, head_dim)
     response_scores = torch.matmul(q_by_seq, rk.transpose(-1, -2)).float() * scale  # [S, Hkv, G, T]
