@@ -89,7 +89,7 @@ def test_rotary_embedding_kv_write(kernels, dtype, kv_format, heads, kv_heads, h
     cache_rows, cache_positions = torch.tensor([0, 2, 1, 2, 0]), torch.tensor([0, 8, 4, 3, 7])
 
     kernels.rotary_embedding_kv_write(
-        query, key, value, positions, table, k_cache, v_cache, k_scale, v_scale,
+        query, key, value, table[positions].to(dtype), k_cache, v_cache, k_scale, v_scale,
         cache_rows, cache_positions, kv_format,
     )  # fmt: skip
 
@@ -260,7 +260,7 @@ def test_opcheck_cache_and_attention_ops(kv_format):
     k_cache, k_scale = _cache((2, 2, 8, 16), kv_format, dtype)
     v_cache, v_scale = _cache((2, 2, 8, 16), kv_format, dtype)
     rows, cols = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 2, 3])
-    _opcheck("rotary_embedding_kv_write", (q, k, v, torch.arange(4), table, k_cache, v_cache, k_scale, v_scale,
+    _opcheck("rotary_embedding_kv_write", (q, k, v, table[:4].to(dtype), k_cache, v_cache, k_scale, v_scale,
                                            rows, cols, kv_format))  # fmt: skip
     _opcheck("kv_write", (k, v, k_cache, v_cache, k_scale, v_scale, rows, cols, kv_format))
     q4, k4 = _random(2, 5, 4, 16, dtype=dtype), _random(2, 5, 2, 16, dtype=dtype)

@@ -117,7 +117,7 @@ class LlamaDecoder:
         self, prompt_start: torch.Tensor, prompt_len: int, num_beams: int, max_new_tokens: int, kv_format: str
     ) -> SegmentKVCache:
         return SegmentKVCache(
-            self.spec, self.ops, self.cos_sin_cache, prompt_start, prompt_len,
+            self.spec, self.ops, prompt_start, prompt_len,
             num_beams, max_new_tokens, self.dtype, kv_format,
         )  # fmt: skip
 
@@ -132,7 +132,8 @@ class LlamaDecoder:
         num_seqs, length = input_ids.shape
         heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         residual = F.embedding(input_ids.reshape(-1), self.embed_tokens)  # [T, hidden]
-        flat_positions = positions.reshape(-1)
+        # Each token's rotary [cos | sin] row, rounded to the compute dtype (as transformers), for all layers.
+        cos_sin = self.cos_sin_cache[positions.reshape(-1)].to(self.dtype)  # [T, D]
         hidden = None
         for index, layer in enumerate(self.layers):
             if hidden is None:
@@ -144,7 +145,7 @@ class LlamaDecoder:
             query = qkv[:, : heads * dim].view(tokens, heads, dim)
             key = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
             value = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
-            attention = cache.attend(index, query, key, value, flat_positions)  # [T, H * D]
+            attention = cache.attend(index, query, key, value, cos_sin)  # [T, H * D]
             hidden = ops.fused_add_rms_norm(
                 layer.o_proj(attention, ops.linear), residual, layer.post_attention_norm, spec.rms_norm_eps
             )

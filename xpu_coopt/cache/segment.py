@@ -32,7 +32,6 @@ class SegmentKVCache:
         self,
         spec: ModelSpec,
         ops: Ops,
-        cos_sin_cache: torch.Tensor,
         prompt_start: torch.Tensor,
         prompt_len: int,
         num_beams: int,
@@ -42,7 +41,6 @@ class SegmentKVCache:
     ) -> None:
         self.spec = spec
         self.ops = ops
-        self.cos_sin_cache = cos_sin_cache
         self.kv_format = kv_format
         self.dtype = dtype
         device = prompt_start.device
@@ -140,20 +138,21 @@ class SegmentKVCache:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def attend(
-        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos_sin: torch.Tensor
     ) -> torch.Tensor:
-        """query [T, H, D], key/value [T, Hkv, D] for T tokens (R * P at prefill, S at decode); positions [T].
+        """query [T, H, D], key/value [T, Hkv, D] for T tokens (R * P at prefill, S at decode);
+        cos_sin [T, D]: each token's rotary [cos | sin] row in the activation dtype.
 
         Rotates query and key, writes K/V into this layer's segment, returns attention output [T, H * D].
         """
         if self.prefilled:
-            return self._attend_decode(layer, query, key, value, positions)
-        return self._attend_prefill(layer, query, key, value, positions)
+            return self._attend_decode(layer, query, key, value, cos_sin)
+        return self._attend_prefill(layer, query, key, value, cos_sin)
 
-    def _attend_prefill(self, layer, query, key, value, positions) -> torch.Tensor:
+    def _attend_prefill(self, layer, query, key, value, cos_sin) -> torch.Tensor:
         kernels = self.ops.kernels
         kernels.rotary_embedding_kv_write(
-            query, key, value, positions, self.cos_sin_cache,
+            query, key, value, cos_sin,
             self.prompt_k[layer], self.prompt_v[layer],
             self._layer(self.prompt_k_scale, layer), self._layer(self.prompt_v_scale, layer),
             self._prompt_rows, self._prompt_columns, self.kv_format,
@@ -170,11 +169,11 @@ class SegmentKVCache:
         )
         return out.view(batch * length, -1)
 
-    def _attend_decode(self, layer, query, key, value, positions) -> torch.Tensor:
+    def _attend_decode(self, layer, query, key, value, cos_sin) -> torch.Tensor:
         kernels = self.ops.kernels
         step = self.response_len
         kernels.rotary_embedding_kv_write(
-            query, key, value, positions, self.cos_sin_cache,
+            query, key, value, cos_sin,
             self.response_k[layer], self.response_v[layer],
             self._layer(self.response_k_scale, layer), self._layer(self.response_v_scale, layer),
             self._seq_rows, self._decode_columns, self.kv_format,

@@ -93,8 +93,7 @@ def rotary_embedding_kv_write(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    positions: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
+    cos_sin: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     k_scale: torch.Tensor | None,
@@ -103,9 +102,8 @@ def rotary_embedding_kv_write(
     cache_positions: torch.Tensor,
     kv_format: str,
 ) -> None:
-    half = cos_sin_cache.shape[-1] // 2
-    cos_sin = cos_sin_cache[positions].to(query.dtype).unsqueeze(1)  # [N, 1, D]
-    cos, sin = cos_sin[..., :half], cos_sin[..., half:]
+    half = cos_sin.shape[-1] // 2
+    cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]  # [T, 1, D/2]
     _rotate_in_place(query, cos, sin)
     _rotate_in_place(key, cos, sin)
     kv_write(key, value, k_cache, v_cache, k_scale, v_scale, cache_rows, cache_positions, kv_format)
@@ -119,23 +117,22 @@ def attention_prefill(
     seq_start: torch.Tensor,
     scale: float,
 ) -> None:
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, heads, P, D]
+    if not bool(seq_start.any()):
+        # No padding: plain causal attention, which torch runs with its flash kernel (no mask tensor).
+        result = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        out.copy_(result.transpose(1, 2))
+        return
     seq_len = query.shape[1]
     positions = torch.arange(seq_len, device=query.device)
-    causal = positions[None, :] <= positions[:, None]  # [S_q, S_k]
-    key_valid = positions[None, :] >= seq_start[:, None].to(positions.dtype)  # [B, S_k]
-    query_valid = key_valid  # the same rule, read along the query axis
-    mask = causal[None] & key_valid[:, None, :]
+    causal = positions[None, :] <= positions[:, None]  # [P_q, P_k]
+    valid = positions[None, :] >= seq_start[:, None].to(positions.dtype)  # [B, P]: keys, and queries too
     # Padding rows have no key to attend to; let them see themselves so softmax stays finite, then zero them.
-    mask = mask | torch.eye(seq_len, dtype=torch.bool, device=query.device)[None]
-    result = F.scaled_dot_product_attention(
-        query.transpose(1, 2),
-        key.transpose(1, 2),
-        value.transpose(1, 2),
-        attn_mask=mask[:, None],
-        scale=scale,
-        enable_gqa=True,
-    ).transpose(1, 2)
-    out.copy_(result * query_valid[:, :, None, None])
+    mask = (causal[None] & valid[:, None, :]) | torch.eye(seq_len, dtype=torch.bool, device=query.device)[
+        None
+    ]
+    result = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=True)
+    out.copy_(result.transpose(1, 2) * valid[:, :, None, None])
 
 
 def segment_attention_decode(
@@ -157,28 +154,22 @@ def segment_attention_decode(
 ) -> None:
     num_seqs, num_heads, head_dim = query.shape
     num_requests, num_kv_heads, prompt_len, _ = prompt_k.shape
-    num_beams = num_seqs // num_requests
+    beams = num_seqs // num_requests
     group = num_heads // num_kv_heads
     dtype = query.dtype
+    # Work in [R, Hkv, beams, G, ...]: every beam and query head of a KV group shares one prompt matmul.
+    q = query.view(num_requests, beams, num_kv_heads, group, head_dim).permute(0, 2, 1, 3, 4)
 
-    # Prompt segment: one matmul per (request, KV head) covers every beam and every query head of the group.
+    # Prompt segment: read once per (request, KV head) for all beams and query heads of the group.
     pk = _load_cache(prompt_k, prompt_k_scale, kv_format, dtype)  # [R, Hkv, P, D]
     pv = _load_cache(prompt_v, prompt_v_scale, kv_format, dtype)
-    q_by_request = (
-        query.view(num_requests, num_beams, num_kv_heads, group, head_dim)
-        .transpose(1, 2)
-        .reshape(num_requests, num_kv_heads, num_beams * group, head_dim)
-    )
-    prompt_scores = torch.matmul(q_by_request, pk.transpose(-1, -2)).float() * scale  # [R, Hkv, nb*G, P]
+    prompt_scores = torch.matmul(
+        q.reshape(num_requests, num_kv_heads, beams * group, head_dim), pk.transpose(-1, -2)
+    ).view(num_requests, num_kv_heads, beams, group, prompt_len)
     if bool(prompt_start.any()):  # left padding in the batch: padding positions are never read
         padding = torch.arange(prompt_len, device=query.device)[None, :] < prompt_start[:, None]  # [R, P]
-        prompt_scores.masked_fill_(padding[:, None, None, :], float("-inf"))
+        prompt_scores = prompt_scores.masked_fill(padding[:, None, None, None, :], float("-inf"))
         pv = pv.masked_fill(padding[:, None, :, None], 0)  # a zero weight times garbage could still be NaN
-    prompt_scores = (
-        prompt_scores.view(num_requests, num_kv_heads, num_beams, group, prompt_len)
-        .transpose(1, 2)
-        .reshape(num_seqs, num_kv_heads, group, prompt_len)
-    )
 
     # Response segment: each beam's rows, gathered through beam_slots (integers only were reordered).
     steps = torch.arange(response_len, device=query.device)
@@ -189,25 +180,16 @@ def segment_attention_decode(
     rv = _load_cache(
         response_v[slots, :, steps], _scale_rows(response_v_scale, slots, steps), kv_format, dtype
     )
-    rk, rv = rk.transpose(1, 2), rv.transpose(1, 2)  # [S, Hkv, T, D]
-    q_by_seq = query.view(num_seqs, num_kv_heads, group, head_dim)
-    response_scores = torch.matmul(q_by_seq, rk.transpose(-1, -2)).float() * scale  # [S, Hkv, G, T]
+    rk = rk.view(num_requests, beams, response_len, num_kv_heads, head_dim).permute(0, 3, 1, 4, 2)  # K^T
+    rv = rv.view(num_requests, beams, response_len, num_kv_heads, head_dim).permute(0, 3, 1, 2, 4)
+    response_scores = torch.matmul(q, rk)  # [R, Hkv, beams, G, T]
 
-    probs = torch.softmax(torch.cat((prompt_scores, response_scores), dim=-1), dim=-1).to(dtype)
-    prompt_probs = (
-        probs[..., :prompt_len]
-        .reshape(num_requests, num_beams, num_kv_heads, group, prompt_len)
-        .transpose(1, 2)
-        .reshape(num_requests, num_kv_heads, num_beams * group, prompt_len)
-    )
-    from_prompt = (
-        torch.matmul(prompt_probs, pv)
-        .view(num_requests, num_kv_heads, num_beams, group, head_dim)
-        .transpose(1, 2)
-        .reshape(num_seqs, num_heads, head_dim)
-    )
-    from_response = torch.matmul(probs[..., prompt_len:], rv).reshape(num_seqs, num_heads, head_dim)
-    torch.add(from_prompt, from_response, out=out)
+    scores = torch.cat((prompt_scores.float(), response_scores.float()), dim=-1).mul_(scale)
+    probs = torch.softmax(scores, dim=-1).to(dtype)
+    prompt_probs = probs[..., :prompt_len].reshape(num_requests, num_kv_heads, beams * group, prompt_len)
+    result = torch.matmul(prompt_probs, pv).view(num_requests, num_kv_heads, beams, group, head_dim)
+    result += torch.matmul(probs[..., prompt_len:], rv)
+    out.view(num_requests, beams, num_kv_heads, group, head_dim).copy_(result.permute(0, 2, 1, 3, 4))
 
 
 def _scale_rows(scale: torch.Tensor | None, slots: torch.Tensor, steps: torch.Tensor) -> torch.Tensor | None:

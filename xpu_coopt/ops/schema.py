@@ -28,9 +28,10 @@ SCHEMAS: dict[str, str] = {
     # out = silu(input[..., :d]) * input[..., d:]
     "silu_and_mul": "silu_and_mul(Tensor(a!) out, Tensor input) -> ()",
     # Rotates query and key in place (neox / rotate-half layout), then writes key and value into the cache.
+    # cos_sin holds each token's [cos | sin] row, gathered once per forward and shared by every layer.
     "rotary_embedding_kv_write": (
-        "rotary_embedding_kv_write(Tensor(a!) query, Tensor(b!) key, Tensor value, Tensor positions, "
-        "Tensor cos_sin_cache, Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor(e!)? k_scale, "
+        "rotary_embedding_kv_write(Tensor(a!) query, Tensor(b!) key, Tensor value, "
+        "Tensor cos_sin, Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor(e!)? k_scale, "
         "Tensor(f!)? v_scale, Tensor cache_rows, Tensor cache_positions, str kv_format) -> ()"
     ),
     # Writes key and value into the cache, quantizing to FP8 when kv_format asks for it.
