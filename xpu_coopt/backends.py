@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from xpu_coopt.ops import REFERENCE_LINEAR, Ops, dispatcher_kernels, reference_kernels
+from xpu_coopt.ops import Ops, cpu_gemm_options, dispatcher_kernels, reference_kernels
 
 BACKENDS = ("auto", "torch", "sycl", "triton")
 # The backend "auto" picks for each device type: the kernels registered for it in torch's dispatcher.
@@ -44,6 +43,6 @@ def resolve_backend(backend: str, device: torch.device) -> Ops:
         )
     if backend == "auto":
         # torch's dispatcher picks the kernel registered for the tensors' device.
-        return Ops(dispatcher_kernels(), name, REFERENCE_LINEAR if name == "torch" else F.linear)
+        return Ops(dispatcher_kernels(), name, **(cpu_gemm_options() if name == "torch" else {}))
     # backend="torch" asked for explicitly: the reference kernels as plain functions, on any device.
-    return Ops(reference_kernels(), name, REFERENCE_LINEAR)
+    return Ops(reference_kernels(), name, **cpu_gemm_options())

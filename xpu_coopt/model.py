@@ -32,25 +32,33 @@ class FusedLinear:
     """Projections sharing one input, run as one GEMM when they are plain nn.Linear layers.
 
     Other module types (quantized Linear layers, adapters) are called as they are and their outputs
-    concatenated, so they keep working. A single plain Linear shares its weight with the HF model.
+    concatenated, so they keep working. A single plain Linear shares its weight with the HF model. A fused
+    matrix is xpu_coopt's own: the backend may pack it into its preferred layout (ops.pack_weight); if it
+    keeps it plain and inplace is set, the HF modules become views of it so no weight is held twice.
     """
 
-    def __init__(self, modules: list[nn.Module], dtype: torch.dtype, share_fused: bool) -> None:
+    def __init__(self, modules: list[nn.Module], dtype: torch.dtype, ops: Ops, inplace: bool) -> None:
         self.modules = None
         self.weight = self.bias = None
+        self.linear = ops.linear
         if not all(_is_plain_linear(m) for m in modules):
             self.modules = modules
             return
-        self.weight = _concat([m.weight for m in modules], dtype)
+        weight = _concat([m.weight for m in modules], dtype)
         if any(m.bias is not None for m in modules):
             biases = [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules]
             self.bias = _concat(biases, dtype)
-        if share_fused and len(modules) > 1:
-            _rebind_as_views(modules, self.weight, self.bias)
+        owned = len(modules) > 1 or modules[0].weight.dtype != dtype
+        if owned and ops.pack_weight is not None:
+            weight = ops.pack_weight(weight)
+        self.weight = weight
+        # A packed weight is opaque to transformers: its modules then keep their own weights.
+        if owned and inplace and len(modules) > 1 and isinstance(weight, torch.Tensor):
+            _rebind_as_views(modules, weight, self.bias)
 
-    def __call__(self, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.modules is None:
-            return linear(x, self.weight, self.bias)
+            return self.linear(x, self.weight, self.bias)
         return torch.cat([m(x) for m in self.modules], dim=-1)
 
 
@@ -94,23 +102,23 @@ class LlamaDecoder:
         self.dtype = dtype
         backbone = hf_model.model
         self.embed_tokens = backbone.embed_tokens.weight.detach().to(dtype)  # [vocab, hidden]
-        self.layers = [self._layer(layer, dtype, inplace) for layer in backbone.layers]
+        self.layers = [self._layer(layer, dtype, ops, inplace) for layer in backbone.layers]
         self.final_norm = _norm_weight(backbone.norm, dtype)
-        self.lm_head = FusedLinear([hf_model.lm_head], dtype, inplace)  # hidden -> vocab
+        self.lm_head = FusedLinear([hf_model.lm_head], dtype, ops, inplace)  # hidden -> vocab
         self.cos_sin_cache = cos_sin_cache(
             spec.rope, spec.head_dim, spec.max_position_embeddings, self.embed_tokens.device
         )
 
     @staticmethod
-    def _layer(layer: nn.Module, dtype: torch.dtype, inplace: bool) -> DecoderLayer:
+    def _layer(layer: nn.Module, dtype: torch.dtype, ops: Ops, inplace: bool) -> DecoderLayer:
         attn, mlp = layer.self_attn, layer.mlp
         return DecoderLayer(
             input_norm=_norm_weight(layer.input_layernorm, dtype),
-            qkv=FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, inplace),
-            o_proj=FusedLinear([attn.o_proj], dtype, inplace),
+            qkv=FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, ops, inplace),
+            o_proj=FusedLinear([attn.o_proj], dtype, ops, inplace),
             post_attention_norm=_norm_weight(layer.post_attention_layernorm, dtype),
-            gate_up=FusedLinear([mlp.gate_proj, mlp.up_proj], dtype, inplace),
-            down_proj=FusedLinear([mlp.down_proj], dtype, inplace),
+            gate_up=FusedLinear([mlp.gate_proj, mlp.up_proj], dtype, ops, inplace),
+            down_proj=FusedLinear([mlp.down_proj], dtype, ops, inplace),
         )
 
     def new_cache(
@@ -140,19 +148,19 @@ class LlamaDecoder:
                 hidden = ops.rms_norm(residual, layer.input_norm, spec.rms_norm_eps)
             else:
                 hidden = ops.fused_add_rms_norm(hidden, residual, layer.input_norm, spec.rms_norm_eps)
-            qkv = layer.qkv(hidden, ops.linear)  # [T, (H + 2 Hkv) * D]
+            qkv = layer.qkv(hidden)  # [T, (H + 2 Hkv) * D]
             tokens = qkv.shape[0]
             query = qkv[:, : heads * dim].view(tokens, heads, dim)
             key = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
             value = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
             attention = cache.attend(index, query, key, value, cos_sin)  # [T, H * D]
             hidden = ops.fused_add_rms_norm(
-                layer.o_proj(attention, ops.linear), residual, layer.post_attention_norm, spec.rms_norm_eps
+                layer.o_proj(attention), residual, layer.post_attention_norm, spec.rms_norm_eps
             )
-            hidden = layer.down_proj(ops.silu_and_mul(layer.gate_up(hidden, ops.linear)), ops.linear)
+            hidden = layer.down_proj(ops.silu_and_mul(layer.gate_up(hidden)))
         cache.end_step()
         hidden = ops.fused_add_rms_norm(hidden, residual, self.final_norm, spec.rms_norm_eps)
         hidden = hidden.view(num_seqs, length, -1)
         if last_only:
             hidden = hidden[:, -1]
-        return self.lm_head(hidden, self.ops.linear)
+        return self.lm_head(hidden)

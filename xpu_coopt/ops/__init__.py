@@ -13,10 +13,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xpu_coopt.ops import reference
+from xpu_coopt.ops import (
+    cpu_gemm,
+    reference,  # importing it registers the CPU kernels
+)
 from xpu_coopt.ops.schema import KV_FORMATS, NAMESPACE, SCHEMAS
 
-__all__ = ["KV_FORMATS", "REFERENCE_LINEAR", "SCHEMAS", "Ops", "dispatcher_kernels", "reference_kernels"]
+__all__ = ["KV_FORMATS", "SCHEMAS", "Ops", "cpu_gemm_options", "dispatcher_kernels", "reference_kernels"]
 
 
 def dispatcher_kernels() -> Any:
@@ -27,14 +30,22 @@ def dispatcher_kernels() -> Any:
 class Ops:
     """Allocating front end of a kernel table with one attribute per op in schema.SCHEMAS."""
 
-    def __init__(self, kernels: Any, name: str, linear: Callable[..., torch.Tensor] = F.linear) -> None:
+    def __init__(
+        self,
+        kernels: Any,
+        name: str,
+        linear: Callable[..., torch.Tensor] = F.linear,
+        pack_weight: Callable[[torch.Tensor], Any] | None = None,
+    ) -> None:
         missing = [op for op in SCHEMAS if not hasattr(kernels, op)]
         if missing:
             raise ValueError(f"backend {name!r} lacks kernels for {missing}")
         self.kernels = kernels
         self.name = name
-        # GEMMs are torch's own; a backend may only choose which of torch's kernels runs them.
+        # GEMMs are torch's own; a backend may only choose which of torch's kernels runs them, and the
+        # layout of the weight matrices it owns (pack_weight(w) -> what linear(x, packed, bias) takes).
         self.linear = linear
+        self.pack_weight = pack_weight
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         out = torch.empty_like(x)
@@ -59,4 +70,6 @@ def reference_kernels() -> SimpleNamespace:
     return SimpleNamespace(**reference.KERNELS)
 
 
-REFERENCE_LINEAR = reference.linear
+def cpu_gemm_options() -> dict[str, Any]:
+    """The reference backend's GEMM choices, as Ops keyword arguments."""
+    return {"linear": cpu_gemm.linear, "pack_weight": cpu_gemm.pack_weight}

@@ -15,22 +15,6 @@ from xpu_coopt.ops import fp8
 from xpu_coopt.ops.schema import library
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias. Not a registered op: GEMMs stay torch's, but the CPU path picks the faster kernel.
-
-    For a single row of 16-bit activations (decode at batch 1), torch's own GEMV streams the weights at
-    about 2x the rate of oneDNN's on the CPUs measured here (docs/benchmarks.md); for more rows oneDNN wins.
-    """
-    if x.device.type != "cpu" or x.dtype == torch.float32 or x.numel() != x.shape[-1]:
-        return F.linear(x, weight, bias)
-    enabled = torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
-    try:
-        return F.linear(x, weight, bias)
-    finally:
-        torch._C._set_mkldnn_enabled(enabled)
-
-
 def rms_norm(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
     hidden = input.float()
     inverse_rms = torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True).add_(epsilon))
@@ -171,17 +155,12 @@ def segment_attention_decode(
         prompt_scores = prompt_scores.masked_fill(padding[:, None, None, None, :], float("-inf"))
         pv = pv.masked_fill(padding[:, None, :, None], 0)  # a zero weight times garbage could still be NaN
 
-    # Response segment: each beam's rows, gathered through beam_slots (integers only were reordered).
-    steps = torch.arange(response_len, device=query.device)
-    slots = beam_slots[:, :response_len]  # [S, T]
-    rk = _load_cache(
-        response_k[slots, :, steps], _scale_rows(response_k_scale, slots, steps), kv_format, dtype
-    )
-    rv = _load_cache(
-        response_v[slots, :, steps], _scale_rows(response_v_scale, slots, steps), kv_format, dtype
-    )
-    rk = rk.view(num_requests, beams, response_len, num_kv_heads, head_dim).permute(0, 3, 1, 4, 2)  # K^T
-    rv = rv.view(num_requests, beams, response_len, num_kv_heads, head_dim).permute(0, 3, 1, 2, 4)
+    # Response segment: each beam's own rows, found through beam_slots (integers only were reordered).
+    split = (num_requests, beams, num_kv_heads, response_len, head_dim)
+    rk = _response_history(response_k, response_k_scale, beam_slots, response_len, beams, kv_format, dtype)
+    rv = _response_history(response_v, response_v_scale, beam_slots, response_len, beams, kv_format, dtype)
+    rk = rk.view(split).permute(0, 2, 1, 4, 3)  # [R, Hkv, beams, D, T]: K^T
+    rv = rv.view(split).permute(0, 2, 1, 3, 4)  # [R, Hkv, beams, T, D]
     response_scores = torch.matmul(q, rk)  # [R, Hkv, beams, G, T]
 
     scores = torch.cat((prompt_scores.float(), response_scores.float()), dim=-1).mul_(scale)
@@ -192,8 +171,25 @@ def segment_attention_decode(
     out.view(num_requests, beams, num_kv_heads, group, head_dim).copy_(result.permute(0, 2, 1, 3, 4))
 
 
-def _scale_rows(scale: torch.Tensor | None, slots: torch.Tensor, steps: torch.Tensor) -> torch.Tensor | None:
-    return None if scale is None else scale[slots, :, steps]
+def _response_history(
+    cache: torch.Tensor,
+    scale: torch.Tensor | None,
+    beam_slots: torch.Tensor,
+    response_len: int,
+    beams: int,
+    kv_format: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """[S, Hkv, T, D]: the response K or V of each sequence, in dtype."""
+    if beams == 1:  # one beam per request: its history can only live in its own row, no gather
+        rows = cache[:, :, :response_len]
+        row_scale = None if scale is None else scale[:, :, :response_len]
+    else:
+        steps = torch.arange(response_len, device=cache.device)
+        slots = beam_slots[:, :response_len]  # [S, T]
+        rows = cache[slots, :, steps].transpose(1, 2)  # [S, T, Hkv, D] -> [S, Hkv, T, D]
+        row_scale = None if scale is None else scale[slots, :, steps].transpose(1, 2)
+    return _load_cache(rows, row_scale, kv_format, dtype)
 
 
 KERNELS = {
