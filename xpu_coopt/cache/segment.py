@@ -77,10 +77,6 @@ class SegmentKVCache:
             return None
         return torch.ones(shape[:-1], dtype=torch.float32, device=self.prompt_start.device)
 
-    @staticmethod
-    def _layer(tensor: torch.Tensor | None, layer: int) -> torch.Tensor | None:
-        return None if tensor is None else tensor[layer]
-
     @property
     def capacity(self) -> int:
         return self.beam_slots.shape[1]
@@ -149,12 +145,19 @@ class SegmentKVCache:
             return self._attend_decode(layer, query, key, value, cos_sin)
         return self._attend_prefill(layer, query, key, value, cos_sin)
 
+    def _prompt_segment(self, layer: int) -> tuple[torch.Tensor | None, ...]:
+        """This layer's (k, v, k_scale, v_scale) of the prompt segment, in the ops' argument order."""
+        tensors = (self.prompt_k, self.prompt_v, self.prompt_k_scale, self.prompt_v_scale)
+        return tuple(None if t is None else t[layer] for t in tensors)
+
+    def _response_segment(self, layer: int) -> tuple[torch.Tensor | None, ...]:
+        tensors = (self.response_k, self.response_v, self.response_k_scale, self.response_v_scale)
+        return tuple(None if t is None else t[layer] for t in tensors)
+
     def _attend_prefill(self, layer, query, key, value, cos_sin) -> torch.Tensor:
         kernels = self.ops.kernels
         kernels.rotary_embedding_kv_write(
-            query, key, value, cos_sin,
-            self.prompt_k[layer], self.prompt_v[layer],
-            self._layer(self.prompt_k_scale, layer), self._layer(self.prompt_v_scale, layer),
+            query, key, value, cos_sin, *self._prompt_segment(layer),
             self._prompt_rows, self._prompt_columns, self.kv_format,
         )  # fmt: skip
         batch, length = self.num_requests, self.prompt_len
@@ -171,21 +174,13 @@ class SegmentKVCache:
 
     def _attend_decode(self, layer, query, key, value, cos_sin) -> torch.Tensor:
         kernels = self.ops.kernels
-        step = self.response_len
+        response = self._response_segment(layer)
         kernels.rotary_embedding_kv_write(
-            query, key, value, cos_sin,
-            self.response_k[layer], self.response_v[layer],
-            self._layer(self.response_k_scale, layer), self._layer(self.response_v_scale, layer),
-            self._seq_rows, self._decode_columns, self.kv_format,
-        )  # fmt: skip
+            query, key, value, cos_sin, *response, self._seq_rows, self._decode_columns, self.kv_format
+        )
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         kernels.segment_attention_decode(
-            out, query,
-            self.prompt_k[layer], self.prompt_v[layer],
-            self._layer(self.prompt_k_scale, layer), self._layer(self.prompt_v_scale, layer),
-            self.prompt_start,
-            self.response_k[layer], self.response_v[layer],
-            self._layer(self.response_k_scale, layer), self._layer(self.response_v_scale, layer),
-            self.beam_slots, step + 1, self.spec.attention_scale, self.kv_format,
+            out, query, *self._prompt_segment(layer), self.prompt_start, *response,
+            self.beam_slots, self.response_len + 1, self.spec.attention_scale, self.kv_format,
         )  # fmt: skip
         return out.view(query.shape[0], -1)
