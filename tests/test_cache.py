@@ -61,3 +61,30 @@ def test_decoding_past_the_reserved_capacity_grows_in_steps():
     assert cache.capacity == 2 * RESPONSE_STEP
     expected = _hf_logits(model, ids, mask)[:, -1]
     torch.testing.assert_close(out.logits[:, -1], expected, atol=2e-5, rtol=2e-5)
+
+
+def test_one_beam_cache_continues_the_prompt_segment():
+    model = _model("llama-gqa-8q2kv-d64")
+    optimized = xpu_coopt.optimize(model)
+    spec = optimized.spec
+    ids, mask = _prompts([9, 4], spec.vocab_size)
+    _, cache = optimized.prefill(ids, mask, num_beams=1, max_new_tokens=5)
+    assert cache.response_k.numel() == 0 and cache.beam_slots.numel() == 0
+    assert cache.nbytes() == spec.kv_bytes_per_token(4) * 2 * (9 + RESPONSE_STEP)
+
+
+def test_beam_cache_grows_past_its_capacity():
+    model = _model("llama-mha-d64")
+    optimized = xpu_coopt.optimize(model)
+    ids, mask = _prompts([6, 3], model.config.vocab_size)
+    logits, cache = optimized.prefill(ids, mask, num_beams=2, max_new_tokens=0)
+    logits = logits.repeat_interleave(2, dim=0)
+    for _ in range(RESPONSE_STEP + 2):  # both beams of a request follow its greedy path
+        next_tokens = logits.argmax(-1)
+        logits = optimized.decode(next_tokens, cache)
+        cache.reorder(torch.tensor([1, 0, 2, 3]))  # swapping beams of identical history changes nothing
+        ids = torch.cat((ids, next_tokens[::2, None]), dim=1)
+        mask = torch.cat((mask, torch.ones_like(next_tokens[::2, None])), dim=1)
+    assert cache.capacity == 2 * RESPONSE_STEP
+    expected = _hf_logits(model, ids, mask)[:, -1].repeat_interleave(2, dim=0)
+    torch.testing.assert_close(logits, expected, atol=2e-5, rtol=2e-5)

@@ -162,15 +162,22 @@ def _segment_case(
     )
     query = _random(seqs, heads, head_dim, dtype=dtype)
     caches = []
-    for shape in [(requests, kv_heads, prompt_len, head_dim)] * 2 + [
+    # The prompt segment is passed as a strided view of a longer buffer, as the one-beam cache does.
+    spare = 5
+    shapes = [(requests, kv_heads, prompt_len + spare, head_dim)] * 2 + [
         (seqs, kv_heads, capacity, head_dim)
-    ] * 2:
+    ] * 2
+    for index, shape in enumerate(shapes):
         values = _random(*shape, dtype=dtype)
         if fp8.is_fp8(kv_format):
             scale = fp8.dynamic_scale(values, kv_format)
             cache = fp8.encode(values, scale, kv_format)
         else:
             cache, scale = values, None
+        if index < 2:
+            cache[:, :, prompt_len:] = NAN_CODE if fp8.is_fp8(kv_format) else float("nan")  # never read
+            cache = cache[:, :, :prompt_len]
+            scale = None if scale is None else scale[:, :, :prompt_len]
         caches.append((cache, scale))
     # Histories: step t of sequence s lives in a random row of the same request (after beam reorders).
     beam_slots = torch.full((seqs, capacity), -1, dtype=torch.int32)
@@ -203,7 +210,7 @@ def _segment_case(
     [(1, 1, 4, 4, 64), (2, 4, 8, 2, 128), (1, 4, 9, 3, 64), (3, 1, 8, 1, 16), (2, 4, 4, 4, 64)],
 )
 @pytest.mark.parametrize(
-    ("prompt_len", "response_len", "padded"), [(1, 1, False), (37, 6, True), (64, 17, False)]
+    ("prompt_len", "response_len", "padded"), [(1, 1, False), (37, 6, True), (64, 17, False), (23, 0, True)]
 )
 def test_segment_attention_decode(
     kernels, dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded

@@ -9,8 +9,12 @@ C response capacity, Hkv KV heads, D head_dim):
     prompt_start           [R] int32: first non-padding prompt position (prompts are left-padded)
 
 Beam reordering gathers rows of beam_slots (integers); no K/V moves. KV memory is proportional to
-R * P + S * C, not S * (P + C). The response segment grows in steps of RESPONSE_STEP columns when a caller
-decodes past the capacity it asked for; generate() asks for max_new_tokens up front.
+R * P + S * C, not S * (P + C). The cache grows in steps of RESPONSE_STEP columns when a caller decodes
+past the capacity it asked for; generate() asks for max_new_tokens up front.
+
+With one beam per request (greedy, sampling, batches) every K/V row is the request's own, so the prompt
+segment simply continues with the generated tokens: prompt_* is [L, R, Hkv, P + C, D], the response
+segment is empty, and decode attention runs over one segment (half the matmuls and no gather).
 """
 
 from __future__ import annotations
@@ -56,18 +60,22 @@ class SegmentKVCache:
 
         storage = torch.uint8 if fp8.is_fp8(kv_format) else dtype
         layers, heads, dim = spec.num_layers, spec.num_kv_heads, spec.head_dim
-        prompt_shape = (layers, self.num_requests, heads, prompt_len, dim)
+        capacity = _round_up(max_new_tokens, RESPONSE_STEP)
+        self.single_beam = num_beams == 1
+        self.capacity = capacity
+        prompt_columns = prompt_len + (capacity if self.single_beam else 0)
+        prompt_shape = (layers, self.num_requests, heads, prompt_columns, dim)
         self.prompt_k = torch.zeros(prompt_shape, dtype=storage, device=device)
         self.prompt_v = torch.zeros(prompt_shape, dtype=storage, device=device)
         self.prompt_k_scale = self._scales(prompt_shape)
         self.prompt_v_scale = self._scales(prompt_shape)
-        capacity = _round_up(max_new_tokens, RESPONSE_STEP)
-        response_shape = (layers, self.num_seqs, heads, capacity, dim)
+        response_columns = 0 if self.single_beam else capacity
+        response_shape = (layers, self.num_seqs, heads, response_columns, dim)
         self.response_k = torch.zeros(response_shape, dtype=storage, device=device)
         self.response_v = torch.zeros(response_shape, dtype=storage, device=device)
         self.response_k_scale = self._scales(response_shape)
         self.response_v_scale = self._scales(response_shape)
-        self.beam_slots = torch.zeros((self.num_seqs, capacity), dtype=torch.int32, device=device)
+        self.beam_slots = torch.zeros((self.num_seqs, response_columns), dtype=torch.int32, device=device)
         self._seq_rows = torch.arange(self.num_seqs, device=device)
         self._prompt_rows = torch.arange(self.num_requests, device=device).repeat_interleave(prompt_len)
         self._prompt_columns = torch.arange(prompt_len, device=device).repeat(self.num_requests)
@@ -76,10 +84,6 @@ class SegmentKVCache:
         if not fp8.is_fp8(self.kv_format):
             return None
         return torch.ones(shape[:-1], dtype=torch.float32, device=self.prompt_start.device)
-
-    @property
-    def capacity(self) -> int:
-        return self.beam_slots.shape[1]
 
     def positions(self) -> torch.Tensor:
         """int64 [S]: the rotary position of the token each sequence decodes next."""
@@ -91,8 +95,11 @@ class SegmentKVCache:
             raise RuntimeError("decode before prefill: the cache holds no prompt")
         if self.response_len == self.capacity:
             self._grow()
-        self.beam_slots[:, self.response_len] = self._seq_rows.to(torch.int32)
-        self._decode_columns = torch.full_like(self._seq_rows, self.response_len)
+        if self.single_beam:  # the token continues the request's own segment
+            self._decode_columns = torch.full_like(self._seq_rows, self.prompt_len + self.response_len)
+        else:
+            self.beam_slots[:, self.response_len] = self._seq_rows.to(torch.int32)
+            self._decode_columns = torch.full_like(self._seq_rows, self.response_len)
 
     def end_step(self) -> None:
         if self.prefilled:
@@ -117,6 +124,11 @@ class SegmentKVCache:
             pad_shape = (*tensor.shape[:3], RESPONSE_STEP, *tensor.shape[4:])
             return torch.cat((tensor, tensor.new_zeros(pad_shape)), dim=3)
 
+        self.capacity += RESPONSE_STEP
+        if self.single_beam:
+            self.prompt_k, self.prompt_v = widen(self.prompt_k), widen(self.prompt_v)
+            self.prompt_k_scale, self.prompt_v_scale = widen(self.prompt_k_scale), widen(self.prompt_v_scale)
+            return
         self.response_k, self.response_v = widen(self.response_k), widen(self.response_v)
         self.response_k_scale, self.response_v_scale = (
             widen(self.response_k_scale),
@@ -145,10 +157,11 @@ class SegmentKVCache:
             return self._attend_decode(layer, query, key, value, cos_sin)
         return self._attend_prefill(layer, query, key, value, cos_sin)
 
-    def _prompt_segment(self, layer: int) -> tuple[torch.Tensor | None, ...]:
-        """This layer's (k, v, k_scale, v_scale) of the prompt segment, in the ops' argument order."""
+    def _prompt_segment(self, layer: int, length: int | None = None) -> tuple[torch.Tensor | None, ...]:
+        """This layer's (k, v, k_scale, v_scale) of the prompt segment, in the ops' argument order;
+        with `length`, only its first `length` columns (a strided view)."""
         tensors = (self.prompt_k, self.prompt_v, self.prompt_k_scale, self.prompt_v_scale)
-        return tuple(None if t is None else t[layer] for t in tensors)
+        return tuple(None if t is None else t[layer, :, :, :length] for t in tensors)
 
     def _response_segment(self, layer: int) -> tuple[torch.Tensor | None, ...]:
         tensors = (self.response_k, self.response_v, self.response_k_scale, self.response_v_scale)
@@ -175,12 +188,18 @@ class SegmentKVCache:
     def _attend_decode(self, layer, query, key, value, cos_sin) -> torch.Tensor:
         kernels = self.ops.kernels
         response = self._response_segment(layer)
+        if self.single_beam:  # one segment holds prompt and response: attend over it, response_len 0
+            prompt = self._prompt_segment(layer, self.prompt_len + self.response_len + 1)
+            written, response_len = self._prompt_segment(layer), 0
+        else:
+            prompt = self._prompt_segment(layer, self.prompt_len)
+            written, response_len = response, self.response_len + 1
         kernels.rotary_embedding_kv_write(
-            query, key, value, cos_sin, *response, self._seq_rows, self._decode_columns, self.kv_format
+            query, key, value, cos_sin, *written, self._seq_rows, self._decode_columns, self.kv_format
         )
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         kernels.segment_attention_decode(
-            out, query, *self._prompt_segment(layer), self.prompt_start, *response,
-            self.beam_slots, self.response_len + 1, self.spec.attention_scale, self.kv_format,
+            out, query, *prompt, self.prompt_start, *response,
+            self.beam_slots, response_len, self.spec.attention_scale, self.kv_format,
         )  # fmt: skip
         return out.view(query.shape[0], -1)
