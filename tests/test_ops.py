@@ -72,7 +72,8 @@ FP8_TOLERANCE = {"fp8_e4m3": 2**-3, "fp8_e5m2": 2**-2}  # relative step of each 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 64), (8, 2, 128), (6, 1, 16)])
-def test_rotary_embedding_kv_write(kernels, dtype, kv_format, heads, kv_heads, head_dim):
+@pytest.mark.parametrize("fused_qkv", [True, False])
+def test_rotary_embedding_kv_write(kernels, dtype, kv_format, heads, kv_heads, head_dim, fused_qkv):
     tokens, rows, length = 5, 3, 9
     rope = RopeSpec(theta=10000.0)
     table = cos_sin_cache(rope, head_dim, 64, torch.device("cpu"))
@@ -83,6 +84,8 @@ def test_rotary_embedding_kv_write(kernels, dtype, kv_format, heads, kv_heads, h
     query = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
     key = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
     value = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
+    if not fused_qkv:  # separate tensors
+        query, key, value = query.clone(), key.clone(), value.clone()
     original_q, original_k, original_v = query.clone(), key.clone(), value.clone()
     k_cache, k_scale = _cache((rows, kv_heads, length, head_dim), kv_format, dtype)
     v_cache, v_scale = _cache((rows, kv_heads, length, head_dim), kv_format, dtype)

@@ -44,6 +44,16 @@ def _rotate_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> N
     x1.copy_(rotated_first)
 
 
+def _key_follows_query(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """True when key's heads continue query's in memory, with the same strides."""
+    head_bytes = query.stride(1) * query.element_size()
+    return (
+        query.stride() == key.stride()
+        and query.dtype == key.dtype
+        and key.data_ptr() == query.data_ptr() + query.shape[1] * head_bytes
+    )
+
+
 def _load_cache(cache: torch.Tensor, scale: torch.Tensor | None, kv_format: str, dtype: torch.dtype):
     """The cache's values in dtype: FP8 codes are dequantized, 16/32-bit caches are returned as they are."""
     if fp8.is_fp8(kv_format):
@@ -88,8 +98,13 @@ def rotary_embedding_kv_write(
 ) -> None:
     half = cos_sin.shape[-1] // 2
     cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]  # [T, 1, D/2]
-    _rotate_in_place(query, cos, sin)
-    _rotate_in_place(key, cos, sin)
+    if _key_follows_query(query, key):  # views of one fused q/k/v row: rotate all heads at once
+        heads = query.shape[1] + key.shape[1]
+        query_and_key = query.as_strided((query.shape[0], heads, query.shape[2]), query.stride())
+        _rotate_in_place(query_and_key, cos, sin)
+    else:
+        _rotate_in_place(query, cos, sin)
+        _rotate_in_place(key, cos, sin)
     kv_write(key, value, k_cache, v_cache, k_scale, v_scale, cache_rows, cache_positions, kv_format)
 
 
