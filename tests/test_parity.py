@@ -75,10 +75,11 @@ def _assert_logits_close(actual, expected, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_prefill_and_decode_logits(name, dtype):
+@pytest.mark.parametrize("lengths", [[7, 3, 11], [9]], ids=["padded-batch", "one-row"])
+def test_prefill_and_decode_logits(name, dtype, lengths):
     model = _model(name, dtype)
     optimized = xpu_coopt.optimize(model)
-    ids, mask = _prompts([7, 3, 11], model.config.vocab_size)
+    ids, mask = _prompts(lengths, model.config.vocab_size)
     out = optimized(ids, mask)
     expected = _hf_logits(model, ids, mask)
     for row in range(ids.shape[0]):

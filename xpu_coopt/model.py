@@ -50,7 +50,7 @@ class FusedLinear:
             self.bias = _concat(biases, dtype)
         owned = len(modules) > 1 or modules[0].weight.dtype != dtype
         if owned and ops.pack_weight is not None:
-            weight = ops.pack_weight(weight)
+            weight = ops.pack_weight(weight, tuple(m.weight.detach() for m in modules))
         self.weight = weight
         # A packed weight is opaque to transformers: its modules then keep their own weights.
         if owned and inplace and len(modules) > 1 and isinstance(weight, torch.Tensor):

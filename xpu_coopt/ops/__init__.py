@@ -35,7 +35,7 @@ class Ops:
         kernels: Any,
         name: str,
         linear: Callable[..., torch.Tensor] = F.linear,
-        pack_weight: Callable[[torch.Tensor], Any] | None = None,
+        pack_weight: Callable[..., Any] | None = None,
     ) -> None:
         missing = [op for op in SCHEMAS if not hasattr(kernels, op)]
         if missing:
@@ -43,7 +43,8 @@ class Ops:
         self.kernels = kernels
         self.name = name
         # GEMMs are torch's own; a backend may only choose which of torch's kernels runs them, and the
-        # layout of the weight matrices it owns (pack_weight(w) -> what linear(x, packed, bias) takes).
+        # layout of the weight matrices it owns: pack_weight(fused, parts) -> what linear(x, w, bias)
+        # takes, where parts are the plain matrices the fused one was concatenated from.
         self.linear = linear
         self.pack_weight = pack_weight
 

@@ -1,12 +1,14 @@
 """How the CPU backend runs its GEMMs: torch's own kernels, chosen per shape (not registered ops).
 
-Measured on this project's CPU machines (docs/benchmarks.md), bfloat16:
-- oneDNN re-lays the weight out on every call; a weight packed once into oneDNN's blocked layout
-  (torch.ops.mkldnn._reorder_linear_weight, what torch.compile's CPU freezing uses) runs 1.3-2x faster
-  at 1 to 64 rows, with identical results. The backend packs the matrices xpu_coopt owns (the fused
-  q/k/v and gate/up weights), never the ones it shares with the transformers model.
-- For a single row against a plain (shared) weight, torch's native GEMV streams the weight about 2x
-  faster than oneDNN's unpacked path.
+Measured on this project's CPU machines with weights streaming from DRAM (docs/benchmarks.md), bfloat16,
+the 120 layer GEMMs of SmolLM2-135M per decode step:
+- one row: torch's native GEMV 7.6 ms, oneDNN with a prepacked weight 11.9 ms, oneDNN plain 20.5 ms;
+- 4 rows: prepacked 12.9 ms, plain 22.2 ms, native 23.9 ms; 16 rows: prepacked 15.7 ms, plain 28.5 ms.
+So a weight xpu_coopt owns (the fused q/k/v and gate/up matrices) is packed once into oneDNN's blocked
+layout (torch.ops.mkldnn._reorder_linear_weight, what torch.compile's CPU freezing uses) for several
+rows, while a single row runs torch's native GEMV over the plain per-projection weights it was fused
+from (shared with the transformers model, so they cost no memory). Weights shared with transformers
+(o_proj, down_proj, LM head) stay plain: native GEMV for one row, oneDNN otherwise.
 """
 
 from __future__ import annotations
@@ -19,10 +21,15 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A [out_features, in_features] weight in oneDNN's blocked layout (opaque: only linear() reads it)."""
+    """A [out_features, in_features] weight in oneDNN's blocked layout (opaque: only linear() reads it).
+
+    parts: plain weights whose rows, concatenated, equal the packed matrix (the projections it was fused
+    from); single rows run on them. Empty when they are not in the packed dtype.
+    """
 
     packed: torch.Tensor
     out_features: int
+    parts: tuple[torch.Tensor, ...] = ()
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
@@ -34,26 +41,40 @@ def _can_pack(weight: torch.Tensor) -> bool:
     )
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor | PackedWeight:
-    """The weight in the form linear() runs fastest; packing needs a weight this process may re-lay out."""
+def pack_weight(weight: torch.Tensor, parts: tuple[torch.Tensor, ...] = ()) -> torch.Tensor | PackedWeight:
+    """The weight in the form linear() runs fastest. parts: the plain matrices it was concatenated from."""
     if not _can_pack(weight):
         return weight
-    return PackedWeight(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1), weight.shape[0])
+    usable_parts = tuple(parts) if all(p.dtype == weight.dtype for p in parts) else ()
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
+    return PackedWeight(packed, weight.shape[0], usable_parts)
+
+
+def _native(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return F.linear(x, weight, bias)
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
 
 
 def linear(
     x: torch.Tensor, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x @ weight.T + bias for plain or packed weights."""
+    single_row = x.numel() == x.shape[-1]
     if isinstance(weight, PackedWeight):
+        if single_row and weight.parts:
+            biases = (
+                bias.split([p.shape[0] for p in weight.parts])
+                if bias is not None
+                else [None] * len(weight.parts)
+            )
+            return torch.cat([_native(x, p, b) for p, b in zip(weight.parts, biases, strict=True)], dim=-1)
         rows = x.reshape(-1, x.shape[-1])
         out = torch.ops.mkldnn._linear_pointwise(rows, weight.packed, bias, "none", [], "")
         return out.view(*x.shape[:-1], weight.out_features)
-    if x.device.type != "cpu" or x.dtype == torch.float32 or x.numel() != x.shape[-1]:
-        return F.linear(x, weight, bias)
-    enabled = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)  # one row: torch's native GEMV
-    try:
-        return F.linear(x, weight, bias)
-    finally:
-        torch._C._set_mkldnn_enabled(enabled)
+    if single_row and x.device.type == "cpu" and x.dtype != torch.float32:
+        return _native(x, weight, bias)
+    return F.linear(x, weight, bias)

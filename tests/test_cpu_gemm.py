@@ -1,0 +1,33 @@
+"""The CPU backend's GEMM choices give the same numbers as F.linear, whatever the kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xpu_coopt.ops import cpu_gemm
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_matches_f_linear_for_plain_and_packed_weights(rows, with_bias, dtype):
+    parts = tuple(torch.randn(n, 96, dtype=dtype) for n in (64, 32, 32))
+    fused = torch.cat(parts)
+    bias = torch.randn(128, dtype=dtype) if with_bias else None
+    x = torch.randn(rows, 96, dtype=dtype)
+    expected = F.linear(x.float(), fused.float(), None if bias is None else bias.float())
+    for weight in (fused, cpu_gemm.pack_weight(fused, parts), cpu_gemm.pack_weight(fused)):
+        got = cpu_gemm.linear(x, weight, bias)
+        assert got.shape == (rows, 128) and got.dtype == dtype
+        torch.testing.assert_close(
+            got.float(), expected, atol=3e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2
+        )
+
+
+def test_only_bfloat16_cpu_weights_are_packed():
+    weight = torch.randn(8, 8)
+    assert cpu_gemm.pack_weight(weight) is weight
+    packed = cpu_gemm.pack_weight(weight.bfloat16())
+    assert isinstance(packed, cpu_gemm.PackedWeight) == torch.backends.mkldnn.is_available()
