@@ -166,6 +166,7 @@ def benchmark(
     import transformers
 
     settings["transformers"] = transformers.__version__
+    settings["date"] = time.strftime("%Y-%m-%d")
     runners = {"transformers": (run_transformers, hf_model), "xpu_coopt": (run_xpu_coopt, optimized)}
     best: dict[str, RunResult] = {}
     plan = [(name, r) for r in range(repeats + 1) for name in runners]  # round 0 warms up with 2 tokens
