@@ -45,11 +45,6 @@ class ModelSpec:
     def attention_scale(self) -> float:
         return 1.0 / math.sqrt(self.head_dim)
 
-    @property
-    def group_size(self) -> int:
-        """Query heads per KV head."""
-        return self.num_heads // self.num_kv_heads
-
     def kv_bytes_per_token(self, element_bytes: float) -> float:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_bytes
 
