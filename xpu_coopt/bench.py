@@ -150,8 +150,8 @@ def benchmark(
     from tqdm import tqdm
 
     device = next(hf_model.parameters()).device
-    # inplace=True: the HF model's q/k/v and gate/up weights become views of the fused matrices, so the
-    # weights are held once; transformers' results are unchanged (same values, same dtype).
+    # inplace=True lets optimize() share the fused matrices with transformers where the backend keeps them
+    # plain (weights held once); it converts nothing here (same dtype), so transformers' results are unchanged.
     optimized = xpu_coopt.optimize(hf_model, dtype=dtype, kv_dtype=kv_dtype, backend=backend, inplace=True)
     generator = torch.Generator().manual_seed(seed)
     vocab = optimized.spec.vocab_size
@@ -180,41 +180,20 @@ def benchmark(
 
 
 def format_result(result: BenchResult) -> str:
-    rows = [("metric", "transformers", "xpu_coopt", "ratio")]
     base, ours, ratios = result.transformers, result.xpu_coopt, result.ratios
-    rows.append(
-        (
-            "first token (ms)",
-            f"{base.first_token_ms:.1f}",
-            f"{ours.first_token_ms:.1f}",
-            f"{ratios['first_token_speedup']:.2f}x faster",
-        )
-    )
-    rows.append(
-        (
-            "next token mean (ms)",
-            f"{base.next_token_ms_mean:.2f}",
-            f"{ours.next_token_ms_mean:.2f}",
-            f"{ratios['next_token_speedup']:.2f}x faster",
-        )
-    )
-    rows.append(("next token p90 (ms)", f"{base.next_token_ms_p90:.2f}", f"{ours.next_token_ms_p90:.2f}", ""))
-    rows.append(
-        (
-            "throughput (tok/s)",
-            f"{base.throughput_tokens_per_s:.1f}",
-            f"{ours.throughput_tokens_per_s:.1f}",
-            f"{ratios['throughput_ratio']:.2f}x",
-        )
-    )
-    rows.append(
-        (
-            "KV cache (MiB)",
-            f"{base.kv_cache_bytes / 2**20:.1f}",
-            f"{ours.kv_cache_bytes / 2**20:.1f}",
-            f"{ratios['kv_bytes_ratio']:.2f}x",
-        )
-    )
+    mib = 2**20
+    rows = [
+        ("metric", "transformers", "xpu_coopt", "ratio"),
+        ("first token (ms)", f"{base.first_token_ms:.1f}", f"{ours.first_token_ms:.1f}",
+         f"{ratios['first_token_speedup']:.2f}x faster"),
+        ("next token mean (ms)", f"{base.next_token_ms_mean:.2f}", f"{ours.next_token_ms_mean:.2f}",
+         f"{ratios['next_token_speedup']:.2f}x faster"),
+        ("next token p90 (ms)", f"{base.next_token_ms_p90:.2f}", f"{ours.next_token_ms_p90:.2f}", ""),
+        ("throughput (tok/s)", f"{base.throughput_tokens_per_s:.1f}", f"{ours.throughput_tokens_per_s:.1f}",
+         f"{ratios['throughput_ratio']:.2f}x"),
+        ("KV cache (MiB)", f"{base.kv_cache_bytes / mib:.1f}", f"{ours.kv_cache_bytes / mib:.1f}",
+         f"{ratios['kv_bytes_ratio']:.2f}x"),
+    ]  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]
     settings = ", ".join(f"{k}={v}" for k, v in result.settings.items())

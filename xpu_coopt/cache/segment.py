@@ -27,6 +27,14 @@ from xpu_coopt.ops import Ops, fp8
 RESPONSE_STEP = 16
 
 
+def _layer_views(
+    tensors: tuple[torch.Tensor | None, ...], layer: int, length: int | None
+) -> tuple[torch.Tensor | None, ...]:
+    """One layer of a segment's (k, v, k_scale, v_scale), in the ops' argument order; with `length`, only
+    the first `length` columns (a strided view)."""
+    return tuple(None if t is None else t[layer, :, :, :length] for t in tensors)
+
+
 def _round_up(n: int, step: int) -> int:
     return max(step, -(-n // step) * step)
 
@@ -158,14 +166,12 @@ class SegmentKVCache:
         return self._attend_prefill(layer, query, key, value, cos_sin)
 
     def _prompt_segment(self, layer: int, length: int | None = None) -> tuple[torch.Tensor | None, ...]:
-        """This layer's (k, v, k_scale, v_scale) of the prompt segment, in the ops' argument order;
-        with `length`, only its first `length` columns (a strided view)."""
         tensors = (self.prompt_k, self.prompt_v, self.prompt_k_scale, self.prompt_v_scale)
-        return tuple(None if t is None else t[layer, :, :, :length] for t in tensors)
+        return _layer_views(tensors, layer, length)
 
     def _response_segment(self, layer: int) -> tuple[torch.Tensor | None, ...]:
         tensors = (self.response_k, self.response_v, self.response_k_scale, self.response_v_scale)
-        return tuple(None if t is None else t[layer] for t in tensors)
+        return _layer_views(tensors, layer, None)
 
     def _attend_prefill(self, layer, query, key, value, cos_sin) -> torch.Tensor:
         kernels = self.ops.kernels

@@ -170,11 +170,8 @@ def segment_attention_decode(
         prompt_scores = prompt_scores.masked_fill(padding[:, None, None, None, :], float("-inf"))
         pv = pv.masked_fill(padding[:, None, :, None], 0)  # a zero weight times garbage could still be NaN
 
-    if response_len == 0:  # everything lives in the prompt segment (one beam per request)
-        probs = torch.softmax(prompt_scores.float() * scale, dim=-1).to(dtype)
-        prompt_probs = probs.view(num_requests, num_kv_heads, beams * group, prompt_len)
-        result = torch.matmul(prompt_probs, pv).view(num_requests, num_kv_heads, beams, group, head_dim)
-    else:
+    scores = prompt_scores.float()
+    if response_len:  # (0: everything lives in the prompt segment, as with one beam per request)
         # Response segment: each beam's own rows, found through beam_slots (integers only were reordered).
         split = (num_requests, beams, num_kv_heads, response_len, head_dim)
         rk = _response_history(
@@ -186,10 +183,11 @@ def segment_attention_decode(
         rk = rk.view(split).permute(0, 2, 1, 4, 3)  # [R, Hkv, beams, D, T]: K^T
         rv = rv.view(split).permute(0, 2, 1, 3, 4)  # [R, Hkv, beams, T, D]
         response_scores = torch.matmul(q, rk)  # [R, Hkv, beams, G, T]
-        scores = torch.cat((prompt_scores.float(), response_scores.float()), dim=-1).mul_(scale)
-        probs = torch.softmax(scores, dim=-1).to(dtype)
-        prompt_probs = probs[..., :prompt_len].reshape(num_requests, num_kv_heads, beams * group, prompt_len)
-        result = torch.matmul(prompt_probs, pv).view(num_requests, num_kv_heads, beams, group, head_dim)
+        scores = torch.cat((scores, response_scores.float()), dim=-1)
+    probs = torch.softmax(scores * scale, dim=-1).to(dtype)
+    prompt_probs = probs[..., :prompt_len].reshape(num_requests, num_kv_heads, beams * group, prompt_len)
+    result = torch.matmul(prompt_probs, pv).view(num_requests, num_kv_heads, beams, group, head_dim)
+    if response_len:
         result += torch.matmul(probs[..., prompt_len:], rv)
     out.view(num_requests, beams, num_kv_heads, group, head_dim).copy_(result.permute(0, 2, 1, 3, 4))
 
