@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from xpu_coopt.ops import dispatcher_kernels, reference_kernels
+from xpu_coopt.sycl.kernels import sycl_kernels
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STORIES_MODEL = DATA / "stories260K.bin"
@@ -19,6 +20,7 @@ TINYSTORIES_TEXT = DATA / "tinystories-valid.txt"
 KERNEL_BACKENDS = {
     "dispatcher-cpu": dispatcher_kernels,  # torch.ops.xpu_coopt on CPU tensors: the registered CPU kernels
     "reference": reference_kernels,  # the same kernels called as plain functions (backend="torch")
+    "sycl-cpu": sycl_kernels,  # sycl_kernels/ compiled by SYCL-RTC, run on the OpenCL CPU device
 }
 
 # Tolerances against float64 oracles, by activation dtype: (atol, rtol).

@@ -1,8 +1,8 @@
 """xpu_coopt: fast, lean LLaMA-family inference from PyTorch on Intel GPUs, with NVIDIA GPU and CPU fallbacks."""
 
 from xpu_coopt.api import optimize
-from xpu_coopt.backends import BackendUnavailableError
+from xpu_coopt.errors import BackendUnavailableError, KernelCompileError
 from xpu_coopt.optimized_model import OptimizedModel
 
-__all__ = ["BackendUnavailableError", "OptimizedModel", "optimize"]
+__all__ = ["BackendUnavailableError", "KernelCompileError", "OptimizedModel", "optimize"]
 __version__ = "0.1.0"

@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import torch
 
+from xpu_coopt.errors import BackendUnavailableError
 from xpu_coopt.ops import Ops, cpu_gemm_options, dispatcher_kernels, reference_kernels
+from xpu_coopt.sycl.kernels import sycl_kernels
+from xpu_coopt.sycl.runtime import queue_for
 
 BACKENDS = ("auto", "torch", "sycl", "triton")
 # The backend "auto" picks for each device type: the kernels registered for it in torch's dispatcher.
 DEVICE_BACKENDS = {"cpu": "torch", "cuda": "triton", "xpu": "sycl"}
 
 
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run here; the message says why and what to install or change."""
-
-
 def _unavailable_reasons(backend: str, device: torch.device) -> list[str]:
     if backend == "torch":
         return []
     if backend == "sycl":
-        return ["the SYCL kernels (sycl_kernels/) are not built into this version of xpu_coopt yet"]
+        if device.type not in ("xpu", "cpu"):
+            return [
+                f"the SYCL kernels run on xpu tensors (and cpu tensors, on the OpenCL CPU device), not {device.type}"
+            ]
+        try:
+            queue_for(device)  # loads the runtime and finds the device now, not at the first kernel
+        except BackendUnavailableError as error:
+            return [str(error)]
+        return []
     if backend == "triton":
         return ["the Triton kernels are not built into this version of xpu_coopt yet"]
     return [f"unknown backend {backend!r}"]
@@ -41,8 +48,12 @@ def resolve_backend(backend: str, device: torch.device) -> Ops:
             + "; ".join(reasons)
             + ". Pass backend='torch' to run the PyTorch reference kernels explicitly."
         )
+    # GEMMs stay torch's; on CPU tensors the reference backend's choice of GEMM kernels applies.
+    gemm = cpu_gemm_options() if device.type == "cpu" else {}
     if backend == "auto":
         # torch's dispatcher picks the kernel registered for the tensors' device.
-        return Ops(dispatcher_kernels(), name, **(cpu_gemm_options() if name == "torch" else {}))
+        return Ops(dispatcher_kernels(), name, **gemm)
+    if name == "sycl":  # also on CPU tensors: the SYCL kernels on the OpenCL CPU device
+        return Ops(sycl_kernels(), name, **gemm)
     # backend="torch" asked for explicitly: the reference kernels as plain functions, on any device.
     return Ops(reference_kernels(), name, **cpu_gemm_options())

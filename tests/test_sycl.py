@@ -1,0 +1,107 @@
+"""The SYCL backend end to end (its kernels against the oracles are in test_ops.py), its runtime, and
+its errors. Runs on the OpenCL CPU device: backend="sycl" on CPU tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_real_models import _stories_prompt
+
+import xpu_coopt
+from xpu_coopt.sycl import kernels, runtime
+
+CPU = torch.device("cpu")
+
+
+def _generate_both(model, ids, **kwargs):
+    """Tokens from the reference backend and from the SYCL backend, same model and inputs."""
+    reference = xpu_coopt.optimize(model, backend="torch").generate(ids, **kwargs)
+    sycl = xpu_coopt.optimize(model, backend="sycl").generate(ids, **kwargs)
+    return reference, sycl
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_stories260k_sycl_tokens_match_reference(stories_model, stories_tokenizer, num_beams, kv_dtype):
+    ids = _stories_prompt(stories_tokenizer)
+    kwargs = dict(max_new_tokens=40, num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0)
+    reference, sycl = _generate_both(stories_model, ids, **kwargs)
+    assert torch.equal(sycl, reference)
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_smollm2_sycl_tokens_match_reference(smollm2_fp32, num_beams):
+    model, tokenizer = smollm2_fp32
+    tokenizer.padding_side = "left"
+    batch = tokenizer(
+        ["The capital of France is", "def fibonacci(n):\n    "], return_tensors="pt", padding=True
+    )
+    kwargs = dict(max_new_tokens=12, num_beams=num_beams, do_sample=False, pad_token_id=2)
+    reference, sycl = _generate_both(
+        model, batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs
+    )
+    assert torch.equal(sycl, reference)
+
+
+def test_sycl_prefill_logits_match_transformers(smollm2_fp32):
+    model, tokenizer = smollm2_fp32
+    ids = tokenizer(["Gravity is the force that"], return_tensors="pt")["input_ids"]
+    ours = xpu_coopt.optimize(model, backend="sycl")(ids).logits
+    with torch.no_grad():
+        theirs = model(ids).logits
+    torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=1e-3)
+
+
+def test_runtime_runs_on_the_opencl_cpu_device():
+    queue = runtime.queue_for(CPU)
+    assert queue.synchronous and queue.device_name  # e.g. the host CPU's name
+    assert runtime.queue_for(CPU) is queue  # one queue, its compiled kernels reused
+
+
+def test_compile_error_carries_the_compiler_log():
+    queue = runtime.queue_for(CPU)
+    with pytest.raises(xpu_coopt.KernelCompileError, match=r"broken\.cpp(.|\n)*undeclared_thing"):
+        queue.build("broken.cpp", '#include "common.hpp"\nextern "C" void f() { undeclared_thing(); }\n')
+
+
+def test_missing_runtime_is_a_clear_error_not_a_fallback(monkeypatch, stories_model):
+    # As in a fresh process without the wheels: nothing loaded yet, and the runtime not installed.
+    monkeypatch.setattr(runtime, "_launcher", None)
+    monkeypatch.setattr(runtime, "_queues", {})
+    monkeypatch.setattr(runtime, "_installed_file", lambda distribution, name: None)
+    with pytest.raises(
+        xpu_coopt.BackendUnavailableError,
+        match=r"backend 'sycl' is not available on cpu: .*pip install 'xpu_coopt\[sycl\]'",
+    ):
+        xpu_coopt.optimize(stories_model, backend="sycl")
+
+
+def test_sycl_backend_refuses_other_devices():
+    with pytest.raises(xpu_coopt.BackendUnavailableError, match="not meta"):
+        xpu_coopt.backends.resolve_backend("sycl", torch.device("meta"))
+
+
+def _decode_args(heads, kv_heads, head_dim, beams=1, dtype=torch.float32):
+    query = torch.randn(beams, heads, head_dim, dtype=dtype)
+    prompt = torch.randn(1, kv_heads, 5, head_dim, dtype=dtype)
+    response = torch.randn(beams, kv_heads, 2, head_dim, dtype=dtype)
+    start = torch.zeros(1, dtype=torch.int32)
+    slots = torch.arange(beams, dtype=torch.int32)[:, None].repeat(1, 2)
+    return (torch.empty_like(query), query, prompt, prompt, None, None, start, response, response, None, None,
+            slots, 1, 0.1, "auto")  # fmt: skip
+
+
+def test_unsupported_head_dim_is_a_clear_error():
+    with pytest.raises(ValueError, match="head_dim up to 128, not 256"):
+        kernels.segment_attention_decode(*_decode_args(2, 1, 256))
+
+
+def test_too_many_rows_per_work_group_is_a_clear_error():
+    with pytest.raises(ValueError, match="8 x 8 exceeds the 32 rows"):
+        kernels.segment_attention_decode(*_decode_args(8, 1, 64, beams=8))
+
+
+def test_unsupported_dtype_is_a_clear_error():
+    x = torch.randn(2, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"not torch\.float64"):
+        kernels.rms_norm(torch.empty_like(x), x, torch.ones(8, dtype=torch.float64), 1e-5)

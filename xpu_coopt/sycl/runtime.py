@@ -1,0 +1,252 @@
+"""Intel's SYCL runtime from Python: find it, build the host launcher, compile and launch kernels.
+
+The SYCL runtime and its runtime compiler come from the pip wheel intel-sycl-rt; the OpenCL CPU device
+from intel-opencl-rt. sycl_kernels/host/launcher.cpp, a C ABI over the runtime, is built once with g++
+against the wheel's headers and loaded with ctypes. Kernel sources (sycl_kernels/*.cpp) are compiled at
+run time for the queue's device (SYCL-RTC) on first use; the runtime keeps the result in a persistent
+on-disk cache, so later processes load them in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from xpu_coopt.errors import BackendUnavailableError, KernelCompileError
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'xpu_coopt[sycl]' (the wheels intel-sycl-rt and intel-opencl-rt)"
+ERROR_CAPACITY = 1 << 20  # compiler logs can be long
+
+
+def kernel_source_dir() -> Path:
+    """sycl_kernels/: inside the package when installed from a wheel (pyproject.toml maps it to
+    xpu_coopt/sycl_kernels), beside it in a source checkout or an editable install."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "sycl_kernels", package.parent / "sycl_kernels"):
+        if (candidate / "common.hpp").exists():
+            return candidate
+    raise BackendUnavailableError(f"the SYCL kernel sources (sycl_kernels/) are missing beside {package}")
+
+
+def cache_dir() -> Path:
+    """Where the launcher library and compiled kernels are kept: $XPU_COOPT_CACHE or ~/.cache/xpu_coopt."""
+    root = os.environ.get("XPU_COOPT_CACHE") or Path.home() / ".cache" / "xpu_coopt"
+    return Path(root)
+
+
+def _installed_file(distribution: str, name: str) -> Path | None:
+    """The installed file called `name` of a distribution, or None."""
+    try:
+        files = importlib.metadata.distribution(distribution).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name == name:
+            return Path(str(file.locate())).resolve()
+    return None
+
+
+def sycl_prefix() -> Path:
+    """The install prefix holding lib/libsycl.so and include/sycl of the intel-sycl-rt wheel."""
+    library = _installed_file("intel-sycl-rt", "libsycl.so")
+    if library is None or not (library.parent.parent / "include" / "sycl" / "sycl.hpp").exists():
+        raise BackendUnavailableError(f"the SYCL runtime with its headers is not installed: {INSTALL_HINT}")
+    return library.parent.parent
+
+
+def _configure_environment(prefix: Path) -> None:
+    """Variables the SYCL runtime reads when it loads: they must be set before the launcher is loaded."""
+    opencl_cpu = _installed_file("intel-opencl-rt", "libintelocl.so")
+    if opencl_cpu is not None:
+        # The wheel's .icd file names a placeholder path; point the OpenCL loader at the library itself.
+        known = [p for p in os.environ.get("OCL_ICD_FILENAMES", "").split(":") if p]
+        if str(opencl_cpu) not in known:
+            os.environ["OCL_ICD_FILENAMES"] = ":".join([str(opencl_cpu), *known])
+    os.environ.setdefault("SYCL_CACHE_PERSISTENT", "1")
+    os.environ.setdefault("SYCL_CACHE_DIR", str(cache_dir() / "sycl-rtc"))
+
+
+def _build_launcher(prefix: Path) -> Path:
+    """Compiles sycl_kernels/host/launcher.cpp with g++ once per (source, runtime) and returns the .so."""
+    source = kernel_source_dir() / "host" / "launcher.cpp"
+    compiler = os.environ.get("CXX") or shutil.which("g++")
+    if compiler is None:
+        raise BackendUnavailableError(
+            "g++ is needed to build xpu_coopt's SYCL launcher; install it (or set CXX)"
+        )
+    flags = [
+        "-std=c++17", "-O2", "-shared", "-fPIC", "-DSYCL_DISABLE_FSYCL_SYCLHPP_WARNING",
+        f"-I{prefix / 'include'}", f"-I{prefix / 'include' / 'sycl'}",
+    ]  # fmt: skip
+    key = hashlib.sha256("\0".join([source.read_text(), str(prefix), compiler, *flags]).encode()).hexdigest()
+    target = cache_dir() / f"launcher-{key[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        command = [compiler, *flags, str(source), "-o", str(built)]
+        command += [f"-L{prefix / 'lib'}", "-lsycl", f"-Wl,-rpath,{prefix / 'lib'}"]
+        logger.info("building the SYCL launcher (once): %s", " ".join(command))
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise KernelCompileError(f"building {source.name} failed:\n{result.stderr}")
+        os.replace(built, target)  # atomic: a concurrent process sees the old state or the whole file
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    void_p, char_p, size = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
+    signatures = {
+        "xc_queue_create_cpu": (void_p, [char_p, size]),
+        "xc_queue_adopt": (void_p, [void_p]),
+        "xc_device_name": (ctypes.c_int, [void_p, char_p, size]),
+        "xc_bundle_build": (
+            void_p,
+            [void_p, char_p, ctypes.c_int, void_p, void_p, ctypes.c_int, void_p, char_p, size],
+        ),
+        "xc_kernel_get": (void_p, [void_p, char_p, char_p, size]),
+        "xc_launch": (ctypes.c_int, [void_p, void_p, size, size, ctypes.c_int, void_p, void_p, char_p, size]),
+        "xc_queue_wait": (ctypes.c_int, [void_p, char_p, size]),
+    }
+    for name, (result, arguments) in signatures.items():
+        function = getattr(lib, name)
+        function.restype, function.argtypes = result, arguments
+
+
+_launcher: ctypes.CDLL | None = None
+
+
+def launcher() -> ctypes.CDLL:
+    """The loaded launcher library (built on first use)."""
+    global _launcher
+    if _launcher is None:
+        prefix = sycl_prefix()
+        _configure_environment(prefix)
+        lib = ctypes.CDLL(str(_build_launcher(prefix)))
+        _declare(lib)
+        _launcher = lib
+    return _launcher
+
+
+def _strings(values: Sequence[str]) -> ctypes.Array:
+    return (ctypes.c_char_p * len(values))(*(v.encode() for v in values))
+
+
+class SyclQueue:
+    """One SYCL queue with the kernels compiled for its device.
+
+    synchronous: wait for every op's kernels before returning. Needed on the CPU device, whose kernels
+    work on torch CPU tensors that the next (eager, synchronous) torch op reads; on an XPU the queue is
+    torch's own in-order stream, so ordering is already guaranteed.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, handle: int, synchronous: bool) -> None:
+        self.lib, self.handle, self.synchronous = lib, handle, synchronous
+        self._error = ctypes.create_string_buffer(ERROR_CAPACITY)
+        self._bundles: dict[str, int] = {}
+        self._kernels: dict[str, int] = {}
+        name = ctypes.create_string_buffer(256)
+        lib.xc_device_name(handle, name, 256)
+        self.device_name = name.value.decode()
+
+    def _message(self) -> str:
+        return self._error.value.decode(errors="replace")
+
+    def build(self, source_name: str, source: str) -> int:
+        """Compiles SYCL source (which may include the sycl_kernels/*.hpp headers) into a kernel bundle."""
+        headers = sorted(kernel_source_dir().glob("*.hpp"))
+        logger.info("compiling %s for %s (cached on disk afterwards)", source_name, self.device_name)
+        handle = self.lib.xc_bundle_build(
+            self.handle, source.encode(), len(headers),
+            _strings([h.name for h in headers]), _strings([h.read_text() for h in headers]),
+            0, None, self._error, ERROR_CAPACITY,
+        )  # fmt: skip
+        if not handle:
+            raise KernelCompileError(
+                f"compiling {source_name} for {self.device_name} failed: {self._message()}"
+            )
+        return handle
+
+    def _bundle(self, source_name: str) -> int:
+        if source_name not in self._bundles:
+            source = (kernel_source_dir() / source_name).read_text()
+            self._bundles[source_name] = self.build(f"sycl_kernels/{source_name}", source)
+        return self._bundles[source_name]
+
+    def kernel(self, source_name: str, kernel_name: str) -> int:
+        """The kernel `kernel_name` of sycl_kernels/`source_name`, compiling the source on first use."""
+        if kernel_name not in self._kernels:
+            bundle = self._bundle(source_name)
+            handle = self.lib.xc_kernel_get(bundle, kernel_name.encode(), self._error, ERROR_CAPACITY)
+            if not handle:
+                raise KernelCompileError(f"sycl_kernels/{source_name}: {self._message()}")
+            self._kernels[kernel_name] = handle
+        return self._kernels[kernel_name]
+
+    def launch(self, kernel: int, global_size: int, local_size: int, arguments: Sequence[object]) -> None:
+        """Enqueues `kernel` over nd_range(global_size, local_size).
+
+        arguments: torch tensors (passed as their data pointer), None (a null pointer) or ctypes scalars
+        (c_int, c_int64, c_float: passed by value), in the kernel's parameter order.
+        """
+        count = len(arguments)
+        pointers = (ctypes.c_void_p * count)()
+        sizes = (ctypes.c_size_t * count)()
+        for i, argument in enumerate(arguments):
+            if isinstance(argument, torch.Tensor):
+                pointers[i] = argument.data_ptr()
+            elif argument is not None:
+                pointers[i], sizes[i] = ctypes.addressof(argument), ctypes.sizeof(argument)
+        status = self.lib.xc_launch(
+            self.handle, kernel, global_size, local_size, count, pointers, sizes, self._error, ERROR_CAPACITY
+        )
+        if status:
+            raise RuntimeError(f"launching a SYCL kernel on {self.device_name} failed: {self._message()}")
+
+    def finish(self) -> None:
+        """Waits for the queue when it is synchronous (see the class docstring)."""
+        if self.synchronous and self.lib.xc_queue_wait(self.handle, self._error, ERROR_CAPACITY):
+            raise RuntimeError(f"a SYCL kernel on {self.device_name} failed: {self._message()}")
+
+
+_queues: dict[object, SyclQueue] = {}
+
+
+def queue_for(device: torch.device) -> SyclQueue:
+    """The queue running xpu_coopt's SYCL kernels for tensors on `device`.
+
+    cpu: a queue on the OpenCL CPU device, which reads and writes torch's host memory directly.
+    xpu: torch's current stream (its sycl::queue), so kernels order with torch's own work.
+    """
+    if device.type == "cpu":
+        key: object = "cpu"
+        if key not in _queues:
+            lib = launcher()
+            error = ctypes.create_string_buffer(ERROR_CAPACITY)
+            handle = lib.xc_queue_create_cpu(error, ERROR_CAPACITY)
+            if not handle:
+                raise BackendUnavailableError(
+                    f"no SYCL CPU device: {error.value.decode()}; the OpenCL CPU runtime comes with {INSTALL_HINT}"
+                )
+            _queues[key] = SyclQueue(lib, handle, synchronous=True)
+        return _queues[key]
+    if device.type == "xpu":
+        address = torch.xpu.current_stream(device).sycl_queue
+        if address not in _queues:
+            lib = launcher()
+            _queues[address] = SyclQueue(lib, lib.xc_queue_adopt(address), synchronous=False)
+        return _queues[address]
+    raise BackendUnavailableError(f"the SYCL kernels run on xpu and cpu tensors, not on {device.type}")
