@@ -140,8 +140,11 @@ def test_kv_write_fp8_scales_and_saturation(kernels, kv_format):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 64), (8, 2, 128), (3, 1, 32)])
-@pytest.mark.parametrize(("length", "seq_start"), [(1, [0]), (13, [0, 5, 12]), (32, [0, 31])])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"), [(4, 4, 64), (8, 2, 128), (3, 1, 32), (8, 1, 64), (6, 2, 8)]
+)
+# Lengths that are not multiples of any tile (8 query rows, 16 keys), with and without left padding.
+@pytest.mark.parametrize(("length", "seq_start"), [(1, [0]), (13, [0, 5, 12]), (32, [0, 31]), (45, [7, 0])])
 def test_attention_prefill(kernels, dtype, heads, kv_heads, head_dim, length, seq_start):
     batch = len(seq_start)
     q = _random(batch, length, heads, head_dim, dtype=dtype)

@@ -132,7 +132,7 @@ def _cache_layout(
     return [c_int64(s) for s in (*k_cache.stride()[:3], *scale_strides[:3])]
 
 
-def _rotary_kv_write(
+def rotary_embedding_kv_write(
     query: torch.Tensor | None,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -144,8 +144,10 @@ def _rotary_kv_write(
     cache_rows: torch.Tensor,
     cache_positions: torch.Tensor,
     kv_format: str,
-    op: str,
+    *,
+    op: str = "rotary_embedding_kv_write",
 ) -> None:
+    """One kernel serves both ops: without query and cos_sin it only writes the cache (kv_write)."""
     rotate = query is not None
     activations = (key, value) + ((query, cos_sin) if rotate else ())
     suffix = _kernel_suffix(op, kv_format, *activations)
@@ -183,28 +185,9 @@ def kv_write(
     cache_positions: torch.Tensor,
     kv_format: str,
 ) -> None:
-    _rotary_kv_write(
+    rotary_embedding_kv_write(
         None, key, value, None, k_cache, v_cache, k_scale, v_scale, cache_rows, cache_positions, kv_format,
-        "kv_write",
-    )  # fmt: skip
-
-
-def rotary_embedding_kv_write(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cos_sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k_scale: torch.Tensor | None,
-    v_scale: torch.Tensor | None,
-    cache_rows: torch.Tensor,
-    cache_positions: torch.Tensor,
-    kv_format: str,
-) -> None:
-    _rotary_kv_write(
-        query, key, value, cos_sin, k_cache, v_cache, k_scale, v_scale, cache_rows, cache_positions, kv_format,
-        "rotary_embedding_kv_write",
+        op="kv_write",
     )  # fmt: skip
 
 
