@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import torch
 
-from xpu_coopt.ops.schema import KV_FORMATS, library
+from xpu_coopt.ops import checks
+from xpu_coopt.ops.schema import library
 from xpu_coopt.sycl.runtime import queue_for
 
 DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -26,38 +27,19 @@ KV_WRITE_WORK_GROUP = 4 * SUB_GROUP
 
 
 def _dtype_name(op: str, *tensors: torch.Tensor) -> str:
-    dtype = tensors[0].dtype
-    if dtype not in DTYPE_NAMES:
-        raise TypeError(f"{op}: the SYCL kernels take float32, float16 or bfloat16 activations, not {dtype}")
-    for tensor in tensors[1:]:
-        if tensor.dtype != dtype:
-            raise TypeError(f"{op}: all activations must share one dtype, got {dtype} and {tensor.dtype}")
-    return DTYPE_NAMES[dtype]
+    return DTYPE_NAMES[checks.activation_dtype(op, "SYCL", *tensors)]
 
 
 def _kernel_suffix(op: str, kv_format: str, *tensors: torch.Tensor) -> str:
-    if kv_format not in KV_FORMATS:
-        raise ValueError(f"{op}: unknown kv_format {kv_format!r}; choose one of {KV_FORMATS}")
-    return f"{_dtype_name(op, *tensors)}_{kv_format}"
+    return f"{_dtype_name(op, *tensors)}_{checks.kv_format(op, kv_format)}"
 
 
 def _check_head_dim(op: str, head_dim: int) -> None:
-    if head_dim % 2 or head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"{op}: the SYCL kernels support even head_dim up to {MAX_HEAD_DIM}, not {head_dim}")
+    checks.head_dim(op, "SYCL", head_dim, MAX_HEAD_DIM)
 
 
-def _check_inner_contiguous(op: str, **tensors: torch.Tensor | None) -> None:
-    for name, tensor in tensors.items():
-        if tensor is not None and tensor.stride(-1) != 1:
-            raise ValueError(f"{op}: {name} must be contiguous in its last dimension")
-
-
-def _rows(op: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """A [..., width] tensor as a [rows, width] view (any row stride)."""
-    try:
-        return tensor.view(-1, tensor.shape[-1])
-    except RuntimeError as error:
-        raise ValueError(f"{op}: {name} must be viewable as [rows, {tensor.shape[-1]}]: {error}") from None
+def _cache_layout(op: str, *cache_and_scales: torch.Tensor | None) -> list[c_int64]:
+    return [c_int64(s) for s in checks.cache_strides(op, *cache_and_scales)]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -74,8 +56,8 @@ def _run(device: torch.device, source: str, name: str, global_size: int, local_s
 
 def rms_norm(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
     name = _dtype_name("rms_norm", input, out, weight)
-    _check_inner_contiguous("rms_norm", out=out, input=input, weight=weight)
-    out2, input2 = _rows("rms_norm", "out", out), _rows("rms_norm", "input", input)
+    checks.inner_contiguous("rms_norm", out=out, input=input, weight=weight)
+    out2, input2 = checks.rows("rms_norm", "out", out), checks.rows("rms_norm", "input", input)
     if input2.shape[0] == 0:
         return
     _run(
@@ -88,9 +70,9 @@ def fused_add_rms_norm(
     input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float
 ) -> None:
     name = _dtype_name("fused_add_rms_norm", input, residual, weight)
-    _check_inner_contiguous("fused_add_rms_norm", input=input, residual=residual, weight=weight)
-    input2 = _rows("fused_add_rms_norm", "input", input)
-    residual2 = _rows("fused_add_rms_norm", "residual", residual)
+    checks.inner_contiguous("fused_add_rms_norm", input=input, residual=residual, weight=weight)
+    input2 = checks.rows("fused_add_rms_norm", "input", input)
+    residual2 = checks.rows("fused_add_rms_norm", "residual", residual)
     if input2.shape[0] == 0:
         return
     _run(
@@ -102,8 +84,8 @@ def fused_add_rms_norm(
 
 def silu_and_mul(out: torch.Tensor, input: torch.Tensor) -> None:
     name = _dtype_name("silu_and_mul", input, out)
-    _check_inner_contiguous("silu_and_mul", out=out, input=input)
-    out2, input2 = _rows("silu_and_mul", "out", out), _rows("silu_and_mul", "input", input)
+    checks.inner_contiguous("silu_and_mul", out=out, input=input)
+    out2, input2 = checks.rows("silu_and_mul", "out", out), checks.rows("silu_and_mul", "input", input)
     rows, width = out2.shape
     if rows * width == 0:
         return
@@ -112,24 +94,6 @@ def silu_and_mul(out: torch.Tensor, input: torch.Tensor) -> None:
         _round_up(rows * width, ELEMENTWISE_WORK_GROUP), ELEMENTWISE_WORK_GROUP,
         out2, input2, c_int64(rows), c_int(width), c_int64(out2.stride(0)), c_int64(input2.stride(0)),
     )  # fmt: skip
-
-
-def _cache_layout(
-    op: str,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k_scale: torch.Tensor | None,
-    v_scale: torch.Tensor | None,
-) -> list[c_int64]:
-    """(row, head, position) strides of the caches, then of the scales; K and V must share them."""
-    if k_cache.stride() != v_cache.stride():
-        raise ValueError(f"{op}: k_cache and v_cache must have the same strides")
-    if (k_scale is None) != (v_scale is None) or (
-        k_scale is not None and k_scale.stride() != v_scale.stride()
-    ):
-        raise ValueError(f"{op}: k_scale and v_scale must both be given, with the same strides")
-    scale_strides = k_scale.stride() if k_scale is not None else (0, 0, 0)
-    return [c_int64(s) for s in (*k_cache.stride()[:3], *scale_strides[:3])]
 
 
 def rotary_embedding_kv_write(
@@ -155,12 +119,9 @@ def rotary_embedding_kv_write(
         raise TypeError(f"{op}: a kv_format='auto' cache must have the activation dtype {key.dtype}")
     tokens, kv_heads, head_dim = key.shape
     _check_head_dim(op, head_dim)
-    _check_inner_contiguous(op, key=key, value=value, k_cache=k_cache, v_cache=v_cache, cos_sin=cos_sin)
-    for name, tensor in {"query": query, "key": key, "value": value}.items():
-        if tensor is not None and tensor.stride(1) != head_dim:
-            raise ValueError(f"{op}: the heads of {name} must be head_dim apart")
-    if cache_rows.dtype != torch.int64 or cache_positions.dtype != torch.int64:
-        raise TypeError(f"{op}: cache_rows and cache_positions must be int64")
+    checks.inner_contiguous(op, key=key, value=value, k_cache=k_cache, v_cache=v_cache, cos_sin=cos_sin)
+    checks.heads_apart(op, head_dim, 1, query=query, key=key, value=value)
+    checks.index_dtype(op, torch.int64, cache_rows=cache_rows, cache_positions=cache_positions)
     if tokens == 0:
         return
     _run(
@@ -204,10 +165,8 @@ def attention_prefill(
     batch, length, heads, head_dim = query.shape
     kv_heads = key.shape[2]
     _check_head_dim(op, head_dim)
-    _check_inner_contiguous(op, out=out, query=query, key=key, value=value)
-    for tensor_name, tensor in {"out": out, "query": query, "key": key, "value": value}.items():
-        if tensor.stride(2) != head_dim:
-            raise ValueError(f"{op}: the heads of {tensor_name} must be head_dim apart")
+    checks.inner_contiguous(op, out=out, query=query, key=key, value=value)
+    checks.heads_apart(op, head_dim, 2, out=out, query=query, key=key, value=value)
     if batch * length == 0:
         return
     work_groups = batch * heads * -(-length // PREFILL_QUERY_ROWS)
@@ -248,12 +207,10 @@ def segment_attention_decode(
             f"{op}: beams x query heads per KV head = {beams} x {group} exceeds the {MAX_DECODE_ROWS} rows "
             "one SYCL work-group serves"
         )
-    _check_inner_contiguous(op, out=out, query=query, prompt_k=prompt_k, prompt_v=prompt_v)
-    _check_inner_contiguous(op, response_k=response_k, response_v=response_v, beam_slots=beam_slots)
-    if query.stride(1) != head_dim or out.stride(1) != head_dim:
-        raise ValueError(f"{op}: the heads of query and out must be head_dim apart")
-    if beam_slots.dtype != torch.int32:
-        raise TypeError(f"{op}: beam_slots must be int32")
+    checks.inner_contiguous(op, out=out, query=query, prompt_k=prompt_k, prompt_v=prompt_v)
+    checks.inner_contiguous(op, response_k=response_k, response_v=response_v, beam_slots=beam_slots)
+    checks.heads_apart(op, head_dim, 1, query=query, out=out)
+    checks.index_dtype(op, torch.int32, beam_slots=beam_slots)
     _run(
         query.device, "segment_attention_decode.cpp", f"segment_attention_decode_{suffix}",
         requests * kv_heads * beams * group * SUB_GROUP, beams * group * SUB_GROUP,

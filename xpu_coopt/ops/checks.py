@@ -1,0 +1,81 @@
+"""Argument checks shared by the device backends (SYCL, Triton): what their kernels support, as clear
+errors naming the op, the argument and the limit. The reference kernels accept anything torch does."""
+
+from __future__ import annotations
+
+import torch
+
+from xpu_coopt.ops.schema import KV_FORMATS
+
+ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def activation_dtype(op: str, backend: str, *tensors: torch.Tensor) -> torch.dtype:
+    """The one dtype the activations share; TypeError otherwise."""
+    dtype = tensors[0].dtype
+    if dtype not in ACTIVATION_DTYPES:
+        raise TypeError(
+            f"{op}: the {backend} kernels take float32, float16 or bfloat16 activations, not {dtype}"
+        )
+    for tensor in tensors[1:]:
+        if tensor.dtype != dtype:
+            raise TypeError(f"{op}: all activations must share one dtype, got {dtype} and {tensor.dtype}")
+    return dtype
+
+
+def kv_format(op: str, name: str) -> str:
+    if name not in KV_FORMATS:
+        raise ValueError(f"{op}: unknown kv_format {name!r}; choose one of {KV_FORMATS}")
+    return name
+
+
+def head_dim(op: str, backend: str, size: int, limit: int) -> int:
+    if size % 2 or size > limit:
+        raise ValueError(f"{op}: the {backend} kernels support even head_dim up to {limit}, not {size}")
+    return size
+
+
+def inner_contiguous(op: str, **tensors: torch.Tensor | None) -> None:
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} must be contiguous in its last dimension")
+
+
+def heads_apart(op: str, size: int, dim: int, **tensors: torch.Tensor | None) -> None:
+    """Heads (dimension `dim`) of each tensor are head_dim elements apart, as docs/ops.md requires."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.stride(dim) != size:
+            raise ValueError(f"{op}: the heads of {name} must be head_dim apart")
+
+
+def rows(op: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A [..., width] tensor as a [rows, width] view (any row stride)."""
+    try:
+        return tensor.view(-1, tensor.shape[-1])
+    except RuntimeError as error:
+        raise ValueError(f"{op}: {name} must be viewable as [rows, {tensor.shape[-1]}]: {error}") from None
+
+
+def cache_strides(
+    op: str,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+) -> tuple[int, ...]:
+    """(row, head, position) strides of the caches, then of the scales (zeros without); K and V (and
+    their scales) must share them, so kernels take one set."""
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError(f"{op}: k_cache and v_cache must have the same strides")
+    if (k_scale is None) != (v_scale is None) or (
+        k_scale is not None and k_scale.stride() != v_scale.stride()
+    ):
+        raise ValueError(f"{op}: k_scale and v_scale must both be given, with the same strides")
+    scale_strides = k_scale.stride()[:3] if k_scale is not None else (0, 0, 0)
+    return (*k_cache.stride()[:3], *scale_strides)
+
+
+def index_dtype(op: str, dtype: torch.dtype, **tensors: torch.Tensor) -> None:
+    for name, tensor in tensors.items():
+        if tensor.dtype != dtype:
+            raise TypeError(f"{op}: {name} must be {dtype}, not {tensor.dtype}")
