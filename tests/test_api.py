@@ -45,12 +45,6 @@ def test_bad_options(model, kwargs, message):
         xpu_coopt.optimize(model, **kwargs)
 
 
-@pytest.mark.parametrize("backend", ["triton"])  # sycl: tests/test_sycl.py, with its runtime hidden
-def test_backend_not_available_is_an_error_not_a_fallback(model, backend):
-    with pytest.raises(xpu_coopt.BackendUnavailableError, match=f"backend '{backend}' is not available"):
-        xpu_coopt.optimize(model, backend=backend)
-
-
 def test_unsupported_rope_type():
     model = _model("llama-mha-d64")
     model.config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}

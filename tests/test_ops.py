@@ -142,21 +142,25 @@ def test_kv_write_fp8_scales_and_saturation(kernels, kv_format):
 @pytest.mark.parametrize("kv_format", ["fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kv_write_fp8_codes_are_bit_exact_for_every_16_bit_input(kernels, kv_format, dtype):
-    # Each row is [x, FP8_MAX]: its dynamic scale is exactly 1, so x's code must be torch's cast of x.
+    # Rows of 127 inputs and FP8_MAX: each row's dynamic scale is exactly 1, so every code must be
+    # torch's own cast of its input. 8 KV heads of 128 per token keep the token count small.
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     limit = fp8.FP8_MAX[kv_format]
     x = every[torch.isfinite(every) & (every.float().abs() <= limit)]
-    rows = torch.stack((x, torch.full_like(x, limit)), dim=-1)[:, None, :]  # [T, 1 head, D=2]
-    tokens = rows.shape[0]
-    cache, scale = _cache((1, 1, tokens, 2), kv_format, dtype)
+    per_token = 8 * 127
+    tokens = -(-x.numel() // per_token)
+    inputs = torch.cat((x, x.new_zeros(tokens * per_token - x.numel()))).view(tokens, 8, 127)
+    rows = torch.cat((inputs, torch.full((tokens, 8, 1), limit, dtype=dtype)), dim=-1)  # [T, 8, D=128]
+    cache, scale = _cache((1, 8, tokens, 128), kv_format, dtype)
     positions = torch.arange(tokens)
     kernels.kv_write(
         rows, rows, cache, cache.clone(), scale, scale.clone(), positions * 0, positions, kv_format
     )
     assert (scale == 1).all()
-    expected = x.float().to(fp8.FP8_DTYPES[kv_format]).view(torch.uint8)
-    mismatches = (cache[0, 0, :, 0] != expected).sum().item()
-    assert mismatches == 0, f"{mismatches} of {tokens} codes differ from torch's cast"
+    expected = inputs.float().to(fp8.FP8_DTYPES[kv_format]).view(torch.uint8)
+    codes = cache[0].permute(1, 0, 2)[..., :127]  # [T, 8, 127]
+    mismatches = (codes != expected).sum().item()
+    assert mismatches == 0, f"{mismatches} of {x.numel()} codes differ from torch's cast"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+from typing import Any
+
 import torch
 
 from xpu_coopt.errors import BackendUnavailableError
@@ -12,6 +17,36 @@ from xpu_coopt.sycl.runtime import queue_for
 BACKENDS = ("auto", "torch", "sycl", "triton")
 # The backend "auto" picks for each device type: the kernels registered for it in torch's dispatcher.
 DEVICE_BACKENDS = {"cpu": "torch", "cuda": "triton", "xpu": "sycl"}
+# Oldest NVIDIA GPUs the Triton kernels are compiled and tested for (Ampere: bfloat16 tensor cores).
+MIN_CUDA_CAPABILITY = (8, 0)
+
+
+def _triton_reasons(device: torch.device) -> list[str]:
+    if importlib.util.find_spec("triton") is None:
+        return ["Triton is not installed: pip install 'xpu_coopt[triton]'"]
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < MIN_CUDA_CAPABILITY:
+            return [
+                f"the Triton kernels need an NVIDIA GPU of compute capability "
+                f"{'.'.join(map(str, MIN_CUDA_CAPABILITY))} or newer, this one is {'.'.join(map(str, capability))}"
+            ]
+        return []
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return [
+                "on cpu tensors the Triton kernels run only under Triton's interpreter (TRITON_INTERPRET=1, set "
+                "before Python starts; slow, for tests); backend='auto' runs the CPU kernels"
+            ]
+        return []
+    return [
+        f"the Triton kernels run on cuda tensors (and cpu tensors under the interpreter), not {device.type}"
+    ]
+
+
+def _triton_kernels() -> Any:
+    """Imports the Triton backend (registering the ops' CUDA kernels) only when it is asked for."""
+    return importlib.import_module("xpu_coopt.triton.kernels").triton_kernels()
 
 
 def _unavailable_reasons(backend: str, device: torch.device) -> list[str]:
@@ -28,7 +63,7 @@ def _unavailable_reasons(backend: str, device: torch.device) -> list[str]:
             return [str(error)]
         return []
     if backend == "triton":
-        return ["the Triton kernels are not built into this version of xpu_coopt yet"]
+        return _triton_reasons(device)
     return [f"unknown backend {backend!r}"]
 
 
@@ -50,10 +85,13 @@ def resolve_backend(backend: str, device: torch.device) -> Ops:
         )
     # GEMMs stay torch's; on CPU tensors the reference backend's choice of GEMM kernels applies.
     gemm = cpu_gemm_options() if device.type == "cpu" else {}
+    kernels = _triton_kernels() if name == "triton" else None  # registers the CUDA kernels
     if backend == "auto":
         # torch's dispatcher picks the kernel registered for the tensors' device.
         return Ops(dispatcher_kernels(), name, **gemm)
     if name == "sycl":  # also on CPU tensors: the SYCL kernels on the OpenCL CPU device
         return Ops(sycl_kernels(), name, **gemm)
+    if name == "triton":  # also on CPU tensors, under Triton's interpreter
+        return Ops(kernels, name, **gemm)
     # backend="torch" asked for explicitly: the reference kernels as plain functions, on any device.
     return Ops(reference_kernels(), name, **cpu_gemm_options())

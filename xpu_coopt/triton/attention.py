@@ -1,0 +1,158 @@
+"""attention_prefill and segment_attention_decode in Triton, flash-attention style: scores and the
+softmax are float32, computed block by block with an online softmax, and never stored."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from xpu_coopt.triton.codecs import load_cells
+
+
+@triton.jit
+def _online_softmax(scores, row_max, row_sum, acc):
+    """Folds one block of float32 scores [rows, keys] (-inf where masked) into the running row_max,
+    row_sum and the rescaled accumulator; returns (p, row_max, row_sum, acc), p the block's weights
+    (0 where masked). Rows with every key masked so far keep row_max = -inf and contribute nothing."""
+    new_m = tl.maximum(row_max, tl.max(scores, axis=1))
+    safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)
+    correction = tl.exp(row_max - safe_m)
+    p = tl.exp(scores - safe_m[:, None])
+    return p, new_m, row_sum * correction + tl.sum(p, axis=1), acc * correction[:, None]
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr):
+    """a @ b, accumulated in float32. UPCAST multiplies in float32 instead (exact for 16-bit inputs, so
+    the same result): Triton 3.9's interpreter gets bfloat16 tl.dot wrong."""
+    if UPCAST:
+        result = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        result = tl.dot(a, b, input_precision="ieee")
+    return result
+
+
+@triton.jit
+def attention_prefill_kernel(
+    out, query, key, value, seq_start, length, heads, kv_heads, head_dim, scale,
+    query_batch_stride, query_token_stride, key_batch_stride, key_token_stride,
+    value_batch_stride, value_token_stride, out_batch_stride, out_token_stride,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    """Program = (block of BLOCK_M queries, batch row x query head)."""
+    block = tl.program_id(0)
+    b = (tl.program_id(1) // heads).to(tl.int64)
+    h = tl.program_id(1) % heads
+    kv = h // (heads // kv_heads)
+    start = tl.load(seq_start + b)
+    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    q = tl.load(query + b * query_batch_stride + rows[:, None] * query_token_stride + h * head_dim + d[None, :],
+                mask=(rows[:, None] < length) & (d[None, :] < head_dim), other=0.0)  # fmt: skip
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    last = tl.minimum((block + 1) * BLOCK_M, length)  # causal: no key after the block's last query
+    for first in range(start // BLOCK_N * BLOCK_N, last, BLOCK_N):
+        keys = first + tl.arange(0, BLOCK_N)
+        in_range = (keys[None, :] < length) & (d[:, None] < head_dim)
+        k = tl.load(
+            key + b * key_batch_stride + keys[None, :] * key_token_stride + kv * head_dim + d[:, None],
+            mask=in_range,
+            other=0.0,
+        )  # fmt: skip  [D, N]
+        scores = _dot(q, k, UPCAST_DOT) * scale
+        visible = (keys[None, :] >= start) & (keys[None, :] <= rows[:, None]) & (rows[:, None] >= start)
+        p, row_max, row_sum, acc = _online_softmax(
+            tl.where(visible, scores, float("-inf")), row_max, row_sum, acc
+        )
+        v = tl.load(value + b * value_batch_stride + keys[:, None] * value_token_stride + kv * head_dim + d[None, :],
+                    mask=(keys[:, None] < length) & (d[None, :] < head_dim), other=0.0)  # fmt: skip
+        acc += _dot(p.to(v.dtype), v, UPCAST_DOT)
+    result = tl.where(
+        row_sum[:, None] > 0, acc / tl.maximum(row_sum, 1e-30)[:, None], 0.0
+    )  # padding rows: zeros
+    tl.store(out + b * out_batch_stride + rows[:, None] * out_token_stride + h * head_dim + d[None, :],
+             result.to(out.dtype.element_ty), mask=(rows[:, None] < length) & (d[None, :] < head_dim))  # fmt: skip
+
+
+@triton.jit
+def segment_attention_decode_kernel(
+    out, query, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale, prompt_start,
+    response_k, response_v, response_k_scale, response_v_scale, beam_slots,
+    beams, kv_heads, group, head_dim, prompt_len, response_len, scale, query_stride, out_stride,
+    prompt_request_stride, prompt_head_stride, prompt_position_stride,
+    prompt_scale_request_stride, prompt_scale_head_stride, prompt_scale_position_stride,
+    response_row_stride, response_head_stride, response_position_stride,
+    response_scale_row_stride, response_scale_head_stride, response_scale_position_stride,
+    beam_slots_stride,
+    BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    FORMAT: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr, FP8_MAX: tl.constexpr,
+    MIN_NORMAL: tl.constexpr, SUB_SCALE: tl.constexpr, SUB_UNIT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    """Program = (request, KV head); its rows are every (beam, query head of the group) of the request,
+    so each prompt K/V block is loaded (and dequantized) once for all of them."""
+    request = (tl.program_id(0) // kv_heads).to(tl.int64)
+    kv = tl.program_id(0) % kv_heads
+    rows = tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < beams * group
+    sequence = request * beams + rows // group
+    h = kv * group + rows % group
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    q = tl.load(query + sequence[:, None] * query_stride + h[:, None] * head_dim + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+    dtype = q.dtype
+    row_max = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_ROWS], tl.float32)
+    acc = tl.zeros([BLOCK_ROWS, BLOCK_D], tl.float32)
+
+    # Prompt segment, shared by the request's beams; positions before `start` are padding, never read.
+    start = tl.load(prompt_start + request)
+    prompt = request * prompt_request_stride + kv * prompt_head_stride
+    prompt_scale = request * prompt_scale_request_stride + kv * prompt_scale_head_stride
+    for first in range(start // BLOCK_N * BLOCK_N, prompt_len, BLOCK_N):
+        n = first + tl.arange(0, BLOCK_N)
+        n_ok = (n >= start) & (n < prompt_len)
+        k_mask = n_ok[None, :] & d_ok[:, None]  # K^T block [D, N]
+        k = load_cells(prompt_k + prompt + n[None, :] * prompt_position_stride + d[:, None], k_mask,
+                       prompt_k_scale + prompt_scale + n[None, :] * prompt_scale_position_stride + 0 * d[:, None],
+                       dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT)  # fmt: skip
+        scores = _dot(q, k, UPCAST_DOT) * scale
+        p, row_max, row_sum, acc = _online_softmax(
+            tl.where(n_ok[None, :] & row_ok[:, None], scores, float("-inf")), row_max, row_sum, acc
+        )
+        v_mask = n_ok[:, None] & d_ok[None, :]
+        v = load_cells(prompt_v + prompt + n[:, None] * prompt_position_stride + d[None, :], v_mask,
+                       prompt_v_scale + prompt_scale + n[:, None] * prompt_scale_position_stride + 0 * d[None, :],
+                       dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT)  # fmt: skip
+        acc += _dot(p.to(dtype), v, UPCAST_DOT)
+
+    # Response segment: step t of a sequence lives in row beam_slots[sequence, t]; rows differ per beam,
+    # so these blocks are [rows, steps, D] gathers, reduced without a matrix product.
+    for first in range(0, response_len, BLOCK_T):
+        t = first + tl.arange(0, BLOCK_T)
+        ok = row_ok[:, None] & (t[None, :] < response_len)  # [rows, T]
+        slot = tl.load(beam_slots + sequence[:, None] * beam_slots_stride + t[None, :], mask=ok, other=0).to(
+            tl.int64
+        )
+        cell = kv * response_head_stride + slot * response_row_stride + t[None, :] * response_position_stride
+        scale_cell = (
+            kv * response_scale_head_stride
+            + slot * response_scale_row_stride
+            + t[None, :] * response_scale_position_stride
+        )
+        mask3 = ok[:, :, None] & d_ok[None, None, :]
+        k = load_cells(response_k + cell[:, :, None] + d[None, None, :], mask3,
+                       response_k_scale + scale_cell[:, :, None] + 0 * d[None, None, :],
+                       dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT)  # fmt: skip
+        scores = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32), axis=2) * scale
+        p, row_max, row_sum, acc = _online_softmax(tl.where(ok, scores, float("-inf")), row_max, row_sum, acc)
+        v = load_cells(response_v + cell[:, :, None] + d[None, None, :], mask3,
+                       response_v_scale + scale_cell[:, :, None] + 0 * d[None, None, :],
+                       dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT)  # fmt: skip
+        acc += tl.sum(p.to(dtype).to(tl.float32)[:, :, None] * v.to(tl.float32), axis=1)
+
+    result = acc / tl.maximum(row_sum, 1e-30)[:, None]
+    tl.store(out + sequence[:, None] * out_stride + h[:, None] * head_dim + d[None, :], result.to(dtype),
+             mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip

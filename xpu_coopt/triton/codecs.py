@@ -1,0 +1,87 @@
+"""FP8 KV-cache codes in Triton: uint8 bit patterns of float8_e4m3fn / float8_e5m2, encoded and decoded
+with integer operations (as sycl_kernels/common.hpp does), so they behave the same on every GPU
+generation, with or without FP8 conversion instructions, and in the interpreter."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from xpu_coopt.ops import fp8
+
+_LAYOUT = {"fp8_e4m3": (1, 3, 7), "fp8_e5m2": (2, 2, 15)}  # kv_format -> (FORMAT, mantissa bits, bias)
+
+
+def codec_constants(kv_format: str) -> dict[str, float | int]:
+    """The constexpr arguments every kernel touching the cache takes (FORMAT 0: no quantization)."""
+    if kv_format not in _LAYOUT:
+        return dict(FORMAT=0, MANTISSA=0, BIAS=0, FP8_MAX=1.0, MIN_NORMAL=1.0, SUB_SCALE=1.0, SUB_UNIT=1.0)
+    format_id, mantissa, bias = _LAYOUT[kv_format]
+    return dict(
+        FORMAT=format_id,
+        MANTISSA=mantissa,
+        BIAS=bias,
+        FP8_MAX=float(fp8.FP8_MAX[kv_format]),
+        MIN_NORMAL=2.0 ** (1 - bias),  # smallest normal value
+        SUB_SCALE=2.0 ** (bias - 1 + mantissa),  # subnormal values are multiples of 1 / SUB_SCALE
+        SUB_UNIT=2.0 ** (1 - bias - mantissa),
+    )
+
+
+@triton.jit
+def fp8_encode(x, MANTISSA: tl.constexpr, BIAS: tl.constexpr, FP8_MAX: tl.constexpr,
+               MIN_NORMAL: tl.constexpr, SUB_SCALE: tl.constexpr):  # fmt: skip
+    """float32 x, already divided by its scale -> uint8 codes; saturating, round half to even."""
+    x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
+    bits = x.to(tl.uint32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    magnitude = bits & 0x7FFFFFFF
+    # Normal range: round float32's mantissa to MANTISSA bits; a carry moves into the exponent.
+    shift: tl.constexpr = 23 - MANTISSA
+    rounded = (magnitude + ((1 << (shift - 1)) - 1) + ((magnitude >> shift) & 1)) >> shift
+    normal = rounded - ((127 - BIAS) << MANTISSA)
+    # Subnormal range: adding and subtracting 2^23 rounds a float32 below 2^22 to an integer, half to even.
+    scaled = tl.abs(x) * SUB_SCALE
+    subnormal = ((scaled + 8388608.0) - 8388608.0).to(tl.uint32)
+    code = tl.where(tl.abs(x) < MIN_NORMAL, subnormal, normal)
+    return (sign | code).to(tl.uint8)
+
+
+@triton.jit
+def fp8_decode(code, MANTISSA: tl.constexpr, BIAS: tl.constexpr, SUB_UNIT: tl.constexpr):
+    """uint8 codes -> float32 values (before the scale)."""
+    c = code.to(tl.uint32)
+    exponent = (c & 0x7F) >> MANTISSA
+    mantissa = c & ((1 << MANTISSA) - 1)
+    normal = (((exponent + (127 - BIAS)) << 23) | (mantissa << (23 - MANTISSA))).to(tl.float32, bitcast=True)
+    magnitude = tl.where(exponent == 0, mantissa.to(tl.float32) * SUB_UNIT, normal)
+    return tl.where((c & 0x80) != 0, -magnitude, magnitude)
+
+
+@triton.jit
+def load_cells(pointers, mask, scale_pointers, DTYPE: tl.constexpr, FORMAT: tl.constexpr,
+               MANTISSA: tl.constexpr, BIAS: tl.constexpr, SUB_UNIT: tl.constexpr):  # fmt: skip
+    """Cache cells as DTYPE values: as stored, or FP8 codes times their row's scale rounded to DTYPE (as
+    the reference dequantizes). scale_pointers has the shape of pointers; masked cells are never read."""
+    if FORMAT == 0:
+        values = tl.load(pointers, mask=mask, other=0.0)
+    else:
+        codes = tl.load(pointers, mask=mask, other=0)
+        scales = tl.load(scale_pointers, mask=mask, other=0.0)
+        values = (fp8_decode(codes, MANTISSA, BIAS, SUB_UNIT) * scales).to(DTYPE)
+    return values
+
+
+@triton.jit
+def store_rows(x, mask, pointers, scale_pointers, FORMAT: tl.constexpr, MANTISSA: tl.constexpr,
+               BIAS: tl.constexpr, FP8_MAX: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_SCALE: tl.constexpr):  # fmt: skip
+    """Writes rows x [N, D] (float32) to the cache: as they are, or as FP8 codes with one dynamic scale
+    per row (amax / FP8_MAX, at least 1e-12) stored through scale_pointers [N]."""
+    if FORMAT == 0:
+        tl.store(pointers, x.to(pointers.dtype.element_ty), mask=mask)
+    else:
+        amax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1)
+        scale = tl.maximum(amax / FP8_MAX, 1e-12)
+        tl.store(scale_pointers, scale, mask=tl.max(mask.to(tl.int32), axis=1) > 0)
+        codes = fp8_encode(x / scale[:, None], MANTISSA, BIAS, FP8_MAX, MIN_NORMAL, SUB_SCALE)
+        tl.store(pointers, codes, mask=mask)

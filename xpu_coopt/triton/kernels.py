@@ -1,0 +1,240 @@
+"""The Triton implementation of every op in xpu_coopt/ops/schema.py (contracts: docs/ops.md).
+
+Each function checks what its kernel supports with a clear error and launches it; Triton compiles a
+kernel per dtype, KV format and block sizes on first use. They are registered as the ops' CUDA kernels;
+backend="triton" also calls them on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import torch
+import triton
+
+from xpu_coopt.ops import checks
+from xpu_coopt.ops.schema import library
+from xpu_coopt.triton.attention import attention_prefill_kernel, segment_attention_decode_kernel
+from xpu_coopt.triton.codecs import codec_constants
+from xpu_coopt.triton.kv_write import rotary_kv_write_kernel
+from xpu_coopt.triton.norms import fused_add_rms_norm_kernel, rms_norm_kernel, silu_and_mul_kernel
+
+BACKEND = "Triton"
+MAX_HEAD_DIM = 256
+MAX_HIDDEN = 65536  # rms_norm holds a whole row in one block
+MAX_DECODE_ROWS = 64  # beams x query heads per KV head in one decode program
+SILU_BLOCK = 1024
+PREFILL_BLOCK_M, PREFILL_BLOCK_N = 32, 32
+DECODE_BLOCK_N, DECODE_BLOCK_T = 64, 16
+# Chosen by triton when it is imported; its bfloat16 tl.dot is wrong, so the attention kernels multiply
+# bfloat16 blocks in float32 there (exact products, the same result).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    return INTERPRETED and dtype == torch.bfloat16
+
+
+def _block(n: int, at_least: int = 1) -> int:
+    return max(at_least, triton.next_power_of_2(n))
+
+
+def _hidden(op: str, size: int) -> int:
+    if size > MAX_HIDDEN:
+        raise ValueError(
+            f"{op}: the Triton kernels normalise rows of at most {MAX_HIDDEN} elements, not {size}"
+        )
+    return size
+
+
+def rms_norm(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
+    op = "rms_norm"
+    checks.activation_dtype(op, BACKEND, input, out, weight)
+    checks.inner_contiguous(op, out=out, input=input, weight=weight)
+    out2, input2 = checks.rows(op, "out", out), checks.rows(op, "input", input)
+    hidden = _hidden(op, input2.shape[1])
+    if input2.shape[0]:
+        rms_norm_kernel[(input2.shape[0],)](
+            out2, input2, weight, epsilon, hidden, out2.stride(0), input2.stride(0), BLOCK=_block(hidden)
+        )
+
+
+def fused_add_rms_norm(
+    input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float
+) -> None:
+    op = "fused_add_rms_norm"
+    checks.activation_dtype(op, BACKEND, input, residual, weight)
+    checks.inner_contiguous(op, input=input, residual=residual, weight=weight)
+    input2, residual2 = checks.rows(op, "input", input), checks.rows(op, "residual", residual)
+    hidden = _hidden(op, input2.shape[1])
+    if input2.shape[0]:
+        fused_add_rms_norm_kernel[(input2.shape[0],)](
+            input2, residual2, weight, epsilon, hidden, input2.stride(0), residual2.stride(0),
+            BLOCK=_block(hidden),
+        )  # fmt: skip
+
+
+def silu_and_mul(out: torch.Tensor, input: torch.Tensor) -> None:
+    op = "silu_and_mul"
+    checks.activation_dtype(op, BACKEND, input, out)
+    checks.inner_contiguous(op, out=out, input=input)
+    out2, input2 = checks.rows(op, "out", out), checks.rows(op, "input", input)
+    rows, width = out2.shape
+    block = min(SILU_BLOCK, _block(width))
+    if rows * width:
+        silu_and_mul_kernel[(rows, triton.cdiv(width, block))](
+            out2, input2, width, out2.stride(0), input2.stride(0), BLOCK=block
+        )
+
+
+def rotary_embedding_kv_write(
+    query: torch.Tensor | None,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos_sin: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    cache_rows: torch.Tensor,
+    cache_positions: torch.Tensor,
+    kv_format: str,
+    *,
+    op: str = "rotary_embedding_kv_write",
+) -> None:
+    """One kernel serves both ops: without query and cos_sin it only writes the cache (kv_write)."""
+    rotate = query is not None
+    checks.activation_dtype(op, BACKEND, key, value, *((query, cos_sin) if rotate else ()))
+    checks.kv_format(op, kv_format)
+    if kv_format == "auto" and k_cache.dtype != key.dtype:
+        raise TypeError(f"{op}: a kv_format='auto' cache must have the activation dtype {key.dtype}")
+    tokens, kv_heads, head_dim = key.shape
+    checks.head_dim(op, BACKEND, head_dim, MAX_HEAD_DIM)
+    checks.inner_contiguous(op, key=key, value=value, k_cache=k_cache, v_cache=v_cache, cos_sin=cos_sin)
+    checks.heads_apart(op, head_dim, 1, query=query, key=key, value=value)
+    checks.index_dtype(op, torch.int64, cache_rows=cache_rows, cache_positions=cache_positions)
+    strides = checks.cache_strides(op, k_cache, v_cache, k_scale, v_scale)
+    if tokens == 0:
+        return
+    unused = key.new_empty(0, dtype=torch.float32)  # stands for absent pointers, never dereferenced
+    heads = query.shape[1] if rotate else 0
+    rotary_kv_write_kernel[(tokens,)](
+        query if rotate else key, key, value, cos_sin if rotate else key, k_cache, v_cache,
+        unused if k_scale is None else k_scale, unused if v_scale is None else v_scale,
+        cache_rows.contiguous(), cache_positions.contiguous(), heads, kv_heads, head_dim,
+        query.stride(0) if rotate else 0, key.stride(0), value.stride(0), cos_sin.stride(0) if rotate else 0,
+        *strides, ROTATE=rotate, BLOCK_HEADS=_block(heads), BLOCK_KV=_block(kv_heads),
+        BLOCK_HALF=_block(head_dim // 2), BLOCK_D=_block(head_dim), **codec_constants(kv_format),
+    )  # fmt: skip
+
+
+def kv_write(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    cache_rows: torch.Tensor,
+    cache_positions: torch.Tensor,
+    kv_format: str,
+) -> None:
+    rotary_embedding_kv_write(
+        None, key, value, None, k_cache, v_cache, k_scale, v_scale, cache_rows, cache_positions, kv_format,
+        op="kv_write",
+    )  # fmt: skip
+
+
+def attention_prefill(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    seq_start: torch.Tensor,
+    scale: float,
+) -> None:
+    op = "attention_prefill"
+    checks.activation_dtype(op, BACKEND, query, key, value, out)
+    batch, length, heads, head_dim = query.shape
+    checks.head_dim(op, BACKEND, head_dim, MAX_HEAD_DIM)
+    checks.inner_contiguous(op, out=out, query=query, key=key, value=value)
+    checks.heads_apart(op, head_dim, 2, out=out, query=query, key=key, value=value)
+    if batch * length == 0:
+        return
+    attention_prefill_kernel[(triton.cdiv(length, PREFILL_BLOCK_M), batch * heads)](
+        out, query, key, value, seq_start.to(torch.int32).contiguous(), length, heads, key.shape[2], head_dim,
+        scale, *(s for t in (query, key, value, out) for s in t.stride()[:2]),
+        BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, BLOCK_D=_block(head_dim, 16),
+        UPCAST_DOT=_upcast_dot(query.dtype),
+    )  # fmt: skip
+
+
+def segment_attention_decode(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    prompt_k: torch.Tensor,
+    prompt_v: torch.Tensor,
+    prompt_k_scale: torch.Tensor | None,
+    prompt_v_scale: torch.Tensor | None,
+    prompt_start: torch.Tensor,
+    response_k: torch.Tensor,
+    response_v: torch.Tensor,
+    response_k_scale: torch.Tensor | None,
+    response_v_scale: torch.Tensor | None,
+    beam_slots: torch.Tensor,
+    response_len: int,
+    scale: float,
+    kv_format: str,
+) -> None:
+    op = "segment_attention_decode"
+    checks.activation_dtype(op, BACKEND, query, out)
+    checks.kv_format(op, kv_format)
+    num_seqs, heads, head_dim = query.shape
+    requests, kv_heads, prompt_len, _ = prompt_k.shape
+    beams, group = num_seqs // requests, heads // kv_heads
+    checks.head_dim(op, BACKEND, head_dim, MAX_HEAD_DIM)
+    if beams * group > MAX_DECODE_ROWS:
+        raise ValueError(
+            f"{op}: beams x query heads per KV head = {beams} x {group} exceeds the {MAX_DECODE_ROWS} rows "
+            "one Triton program serves"
+        )
+    checks.inner_contiguous(op, out=out, query=query, prompt_k=prompt_k, prompt_v=prompt_v)
+    checks.inner_contiguous(op, response_k=response_k, response_v=response_v, beam_slots=beam_slots)
+    checks.heads_apart(op, head_dim, 1, query=query, out=out)
+    checks.index_dtype(op, torch.int32, beam_slots=beam_slots)
+    unused = query.new_empty(0, dtype=torch.float32)
+    segment_attention_decode_kernel[(requests * kv_heads,)](
+        out, query, prompt_k, prompt_v,
+        unused if prompt_k_scale is None else prompt_k_scale, unused if prompt_v_scale is None else prompt_v_scale,
+        prompt_start.to(torch.int32).contiguous(), response_k, response_v,
+        unused if response_k_scale is None else response_k_scale,
+        unused if response_v_scale is None else response_v_scale, beam_slots,
+        beams, kv_heads, group, head_dim, prompt_len, response_len, scale, query.stride(0), out.stride(0),
+        *checks.cache_strides(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
+        *checks.cache_strides(op, response_k, response_v, response_k_scale, response_v_scale),
+        beam_slots.stride(0),
+        BLOCK_ROWS=_block(beams * group, 16), BLOCK_N=DECODE_BLOCK_N, BLOCK_T=DECODE_BLOCK_T,
+        BLOCK_D=_block(head_dim, 16), UPCAST_DOT=_upcast_dot(query.dtype), **codec_constants(kv_format),
+    )  # fmt: skip
+
+
+KERNELS = {
+    "rms_norm": rms_norm,
+    "fused_add_rms_norm": fused_add_rms_norm,
+    "silu_and_mul": silu_and_mul,
+    "rotary_embedding_kv_write": rotary_embedding_kv_write,
+    "kv_write": kv_write,
+    "attention_prefill": attention_prefill,
+    "segment_attention_decode": segment_attention_decode,
+}
+
+
+def triton_kernels() -> SimpleNamespace:
+    """The Triton kernels as plain functions: what backend="triton" calls (CUDA tensors, or CPU tensors
+    under the interpreter)."""
+    return SimpleNamespace(**KERNELS)
+
+
+for _name, _kernel in KERNELS.items():
+    library().impl(_name, _kernel, "CUDA")
