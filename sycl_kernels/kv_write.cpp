@@ -1,6 +1,7 @@
 // rotary_embedding_kv_write and kv_write (docs/ops.md): one work-group per token. Its sub-groups first
 // rotate the token's query and key heads in place (rotary only), then each writes one K or V head row into
-// the cache, quantizing it to FP8 with a per-row scale found by a sub-group max reduction.
+// the cache, quantizing it to FP8 with a per-row scale found by a sub-group max reduction (or, with
+// static_scale, the scale already stored for that cell: a per-tensor scale broadcast with zero strides).
 #include "common.hpp"
 
 namespace xc {
@@ -18,17 +19,22 @@ inline void rotate_row(T* x, const T* cos_sin, int head_dim, int lane) {
 }
 
 template <typename T, int Format>
-inline void write_row(const T* source, typename Cache<T, Format>::Cell* cell, float* scale, int head_dim,
-                      sycl::sub_group sg) {
+inline void write_row(const T* source, typename Cache<T, Format>::Cell* cell, float* scale, int static_scale,
+                      int head_dim, sycl::sub_group sg) {
   const int lane = sg.get_local_linear_id();
   if constexpr (Format == 0) {
     for (int i = lane; i < head_dim; i += kSubGroup) cell[i] = source[i];
   } else {
-    float amax = 0.0f;
-    for (int i = lane; i < head_dim; i += kSubGroup) amax = sycl::fmax(amax, sycl::fabs(static_cast<float>(source[i])));
-    amax = sycl::reduce_over_group(sg, amax, sycl::maximum<float>());
-    const float row_scale = sycl::fmax(amax / Fp8<Format>::kMax, 1e-12f);
-    if (lane == 0) *scale = row_scale;
+    float row_scale;
+    if (static_scale) {
+      row_scale = *scale;
+    } else {
+      float amax = 0.0f;
+      for (int i = lane; i < head_dim; i += kSubGroup) amax = sycl::fmax(amax, sycl::fabs(static_cast<float>(source[i])));
+      amax = sycl::reduce_over_group(sg, amax, sycl::maximum<float>());
+      row_scale = sycl::fmax(amax / Fp8<Format>::kMax, 1e-12f);
+      if (lane == 0) *scale = row_scale;
+    }
     for (int i = lane; i < head_dim; i += kSubGroup) cell[i] = fp8_encode<Format>(static_cast<float>(source[i]) / row_scale);
   }
 }
@@ -39,7 +45,7 @@ template <typename T, int Format>
 inline void rotary_kv_write(T* query, T* key, const T* value, const T* cos_sin,
                             typename Cache<T, Format>::Cell* k_cache, typename Cache<T, Format>::Cell* v_cache,
                             float* k_scale, float* v_scale, const int64_t* cache_rows,
-                            const int64_t* cache_positions, int rotate, int heads, int kv_heads, int head_dim,
+                            const int64_t* cache_positions, int rotate, int static_scale, int heads, int kv_heads, int head_dim,
                             int64_t query_token_stride, int64_t key_token_stride, int64_t value_token_stride,
                             int64_t cos_sin_stride, int64_t cache_row_stride, int64_t cache_head_stride,
                             int64_t cache_position_stride, int64_t scale_row_stride, int64_t scale_head_stride,
@@ -67,7 +73,7 @@ inline void rotary_kv_write(T* query, T* key, const T* value, const T* cos_sin,
                              : value + token * value_token_stride + int64_t(h) * head_dim;
     auto* cell = (is_key ? k_cache : v_cache) + cache_at + h * cache_head_stride;
     float* scale = Format == 0 ? nullptr : (is_key ? k_scale : v_scale) + scale_at + h * scale_head_stride;
-    write_row<T, Format>(source, cell, scale, head_dim, sg);
+    write_row<T, Format>(source, cell, scale, static_scale, head_dim, sg);
   }
 }
 
@@ -77,13 +83,13 @@ inline void rotary_kv_write(T* query, T* key, const T* value, const T* cos_sin,
   extern "C" XC_ND_RANGE_KERNEL XC_SUB_GROUP_16 void rotary_kv_write_##NAME(                                 \
       T* query, T* key, const T* value, const T* cos_sin, xc::Cache<T, FORMAT>::Cell* k_cache,              \
       xc::Cache<T, FORMAT>::Cell* v_cache, float* k_scale, float* v_scale, const int64_t* cache_rows,        \
-      const int64_t* cache_positions, int rotate, int heads, int kv_heads, int head_dim,                   \
+      const int64_t* cache_positions, int rotate, int static_scale, int heads, int kv_heads, int head_dim, \
       int64_t query_token_stride, int64_t key_token_stride, int64_t value_token_stride,                    \
       int64_t cos_sin_stride, int64_t cache_row_stride, int64_t cache_head_stride,                         \
       int64_t cache_position_stride, int64_t scale_row_stride, int64_t scale_head_stride,                  \
       int64_t scale_position_stride) {                                                                     \
     xc::rotary_kv_write<T, FORMAT>(query, key, value, cos_sin, k_cache, v_cache, k_scale, v_scale, cache_rows, \
-                                   cache_positions, rotate, heads, kv_heads, head_dim, query_token_stride,  \
+                                   cache_positions, rotate, static_scale, heads, kv_heads, head_dim, query_token_stride,  \
                                    key_token_stride, value_token_stride, cos_sin_stride, cache_row_stride, \
                                    cache_head_stride, cache_position_stride, scale_row_stride,             \
                                    scale_head_stride, scale_position_stride);                              \

@@ -140,6 +140,48 @@ def test_kv_write_fp8_scales_and_saturation(kernels, kv_format):
 
 
 @pytest.mark.parametrize("kv_format", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_static_scales_are_read_by_the_write_and_the_decode(kernels, kv_format, dtype):
+    # Per-tensor scales broadcast with zero strides: kv_write encodes with them (saturating what exceeds
+    # the range, here the rows scaled up 4x) and leaves them alone; decode attention reads them back.
+    tokens, kv_heads, head_dim, heads = 8, 2, 64, 4
+    key, value = (
+        _random(tokens, kv_heads, head_dim, dtype=dtype),
+        _random(tokens, kv_heads, head_dim, dtype=dtype),
+    )
+    key[::3] *= 4
+    base = torch.tensor([key.float().abs().amax() / 2, value.float().abs().amax()]) / fp8.FP8_MAX[kv_format]
+    k_scale, v_scale = (base[i : i + 1].expand(1, kv_heads, tokens) for i in (0, 1))
+    k_cache, _ = _cache((1, kv_heads, tokens, head_dim), kv_format, dtype)
+    v_cache, _ = _cache((1, kv_heads, tokens, head_dim), kv_format, dtype)
+    positions = torch.arange(tokens)
+    kernels.kv_write(
+        key, value, k_cache, v_cache, k_scale, v_scale, positions * 0, positions, kv_format, True
+    )
+    assert torch.equal(base, torch.tensor([k_scale[0, 0, 0], v_scale[0, 0, 0]]))
+    for cache, source, scale in ((k_cache, key, base[0]), (v_cache, value, base[1])):
+        expected = fp8.encode(source, scale.expand(tokens, kv_heads), kv_format)
+        assert torch.equal(cache[0].permute(1, 0, 2), expected)
+    saturated = fp8.decode(k_cache, k_scale, kv_format, torch.float32).abs().amax()
+    assert saturated == pytest.approx(
+        float(base[0]) * fp8.FP8_MAX[kv_format], rel=1e-6
+    )  # finite, at the limit
+
+    query = _random(1, heads, head_dim, dtype=dtype)
+    out = torch.full_like(query, float("nan"))
+    empty, empty_scale = k_cache[:, :, :0], k_scale[:, :, :0]
+    start, slots = torch.zeros(1, dtype=torch.int32), torch.zeros((1, 0), dtype=torch.int32)
+    kernels.segment_attention_decode(out, query, k_cache, v_cache, k_scale, v_scale, start, empty, empty,
+                                     empty_scale, empty_scale, slots, 0, head_dim**-0.5, kv_format)  # fmt: skip
+    stored_k, stored_v = (
+        _dequantized(c, sc, kv_format) for c, sc in ((k_cache, k_scale), (v_cache, v_scale))
+    )
+    expected = oracles.segment_attention_decode(query, stored_k, stored_v, start, stored_k[:, :, :0],
+                                                stored_v[:, :, :0], slots, 0, head_dim**-0.5)  # fmt: skip
+    assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("kv_format", ["fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kv_write_fp8_codes_are_bit_exact_for_every_16_bit_input(kernels, kv_format, dtype):
     # Rows of 127 inputs and FP8_MAX: each row's dynamic scale is exactly 1, so every code must be
@@ -300,6 +342,8 @@ def test_opcheck_cache_and_attention_ops(kv_format):
     _opcheck("rotary_embedding_kv_write", (q, k, v, table[:4].to(dtype), k_cache, v_cache, k_scale, v_scale,
                                            rows, cols, kv_format))  # fmt: skip
     _opcheck("kv_write", (k, v, k_cache, v_cache, k_scale, v_scale, rows, cols, kv_format))
+    if k_scale is not None:
+        _opcheck("kv_write", (k, v, k_cache, v_cache, k_scale, v_scale, rows, cols, kv_format, True))
     q4, k4 = _random(2, 5, 4, 16, dtype=dtype), _random(2, 5, 2, 16, dtype=dtype)
     _opcheck("attention_prefill", (torch.empty_like(q4), q4, k4, k4.clone(), torch.tensor([0, 2], dtype=torch.int32),
                                    0.25))  # fmt: skip

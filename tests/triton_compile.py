@@ -91,6 +91,11 @@ def main() -> None:
             K.rotary_embedding_kv_write(query, key, key.clone(), torch.randn(5, 64, dtype=dtype), cache,
                                         cache.clone(), scale, scale, rows, columns, kv_format)  # fmt: skip
             K.kv_write(key, key.clone(), cache, cache.clone(), scale, scale, rows, columns, kv_format)
+            if scale is not None:  # per-tensor static scales, broadcast with zero strides
+                static = torch.ones(1).expand(scale.shape)
+                K.kv_write(
+                    key, key.clone(), cache, cache.clone(), static, static, rows, columns, kv_format, True
+                )
             response, response_scale = _cache((8, 2, 5, 64), kv_format, dtype)
             decode_query = torch.randn(8, 8, 64, dtype=dtype)
             K.segment_attention_decode(

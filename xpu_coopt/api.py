@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from os import PathLike
 from typing import Any
 
 import torch
@@ -9,6 +10,7 @@ import torch
 from xpu_coopt.backends import resolve_backend
 from xpu_coopt.cache import KV_CACHE_KINDS
 from xpu_coopt.config import model_spec
+from xpu_coopt.kv_scales import KVScales
 from xpu_coopt.model import LlamaDecoder
 from xpu_coopt.ops import KV_FORMATS
 from xpu_coopt.optimized_model import OptimizedModel
@@ -23,6 +25,7 @@ def optimize(
     kv_dtype: str = "auto",
     backend: str = "auto",
     inplace: bool = False,
+    kv_scales: KVScales | str | PathLike | None = None,
 ) -> OptimizedModel:
     """Returns `model` (a Hugging Face LLaMA, Mistral or Qwen2 causal LM) running on xpu_coopt's kernels.
 
@@ -44,6 +47,9 @@ def optimize(
     inplace : bool
         False (default): the model passed in is left unchanged. True: it may be converted to `dtype`
         and its q/k/v and gate/up weights become views of the fused matrices, so no weight is held twice.
+    kv_scales : KVScales, or a path to a model folder or file holding them, optional
+        FP8 caches only: per-tensor static scales (one K and one V scale per layer, calibrated with
+        xpu_coopt.calibrate_kv_scales) instead of the default dynamic per-token-per-head scales.
     """
     hf_config = getattr(model, "config", None)
     if hf_config is None or not isinstance(model, torch.nn.Module):
@@ -55,6 +61,16 @@ def optimize(
         raise ValueError(f"unknown kv_cache {kv_cache!r}; choose one of {', '.join(KV_CACHE_KINDS)}")
     if kv_dtype not in KV_FORMATS:
         raise ValueError(f"unknown kv_dtype {kv_dtype!r}; choose one of {', '.join(KV_FORMATS)}")
+    if kv_scales is not None:
+        if kv_dtype == "auto":
+            raise ValueError("kv_scales are for FP8 caches: pass kv_dtype='fp8_e4m3' or 'fp8_e5m2' with them")
+        if not isinstance(kv_scales, KVScales):
+            kv_scales = KVScales.load(kv_scales)
+        if kv_scales.num_layers != spec.num_layers:
+            raise ValueError(
+                f"kv_scales hold {kv_scales.num_layers} layers, the model has {spec.num_layers}: "
+                "they were calibrated for another model"
+            )
     parameter = next(model.parameters())
     dtype = parameter.dtype if dtype is None else dtype
     if dtype not in SUPPORTED_DTYPES:
@@ -63,4 +79,4 @@ def optimize(
     if inplace and parameter.dtype != dtype:
         model.to(dtype)
     decoder = LlamaDecoder(model, spec, ops, dtype, inplace)
-    return OptimizedModel(model, decoder, kv_dtype, ops.name)
+    return OptimizedModel(model, decoder, kv_dtype, ops.name, kv_scales)

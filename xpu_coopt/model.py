@@ -122,11 +122,17 @@ class LlamaDecoder:
         )
 
     def new_cache(
-        self, prompt_start: torch.Tensor, prompt_len: int, num_beams: int, max_new_tokens: int, kv_format: str
+        self,
+        prompt_start: torch.Tensor,
+        prompt_len: int,
+        num_beams: int,
+        max_new_tokens: int,
+        kv_format: str,
+        static_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> SegmentKVCache:
         return SegmentKVCache(
             self.spec, self.ops, prompt_start, prompt_len,
-            num_beams, max_new_tokens, self.dtype, kv_format,
+            num_beams, max_new_tokens, self.dtype, kv_format, static_scales,
         )  # fmt: skip
 
     def forward(

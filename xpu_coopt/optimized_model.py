@@ -9,6 +9,7 @@ import torch
 
 from xpu_coopt.cache import SegmentKVCache
 from xpu_coopt.config import ModelSpec
+from xpu_coopt.kv_scales import KVScales
 from xpu_coopt.model import LlamaDecoder
 
 
@@ -58,7 +59,14 @@ class OptimizedModel:
     unless optimize(..., inplace=True)), and serves `forward` and `generate`.
     """
 
-    def __init__(self, hf_model: Any, decoder: LlamaDecoder, kv_format: str, backend: str) -> None:
+    def __init__(
+        self,
+        hf_model: Any,
+        decoder: LlamaDecoder,
+        kv_format: str,
+        backend: str,
+        kv_scales: KVScales | None = None,
+    ) -> None:
         self.hf_model = hf_model
         self.config = hf_model.config
         self.generation_config = getattr(hf_model, "generation_config", None)
@@ -68,11 +76,13 @@ class OptimizedModel:
         self.device = decoder.embed_tokens.device
         self.kv_format = kv_format
         self.backend = backend
+        self.kv_scales = kv_scales  # None: dynamic per-row FP8 scales (or a 16-bit cache)
+        self.static_scales = None if kv_scales is None else kv_scales.tensors(kv_format, self.device)
 
     def __repr__(self) -> str:
         return (
             f"OptimizedModel({self.spec.architecture}, layers={self.spec.num_layers}, dtype={self.dtype}, "
-            f"kv_dtype={self.kv_format!r}, backend={self.backend!r}, device={self.device})"
+            f"kv_dtype={self.kv_format!r}{', static KV scales' if self.kv_scales else ''}, backend={self.backend!r}, device={self.device})"
         )
 
     def check_length(self, total_length: int) -> None:
@@ -102,7 +112,7 @@ class OptimizedModel:
         _, positions, prompt_start = prompt_layout(input_ids, attention_mask, self.spec)
         self.check_length(input_ids.shape[1] + max_new_tokens)
         cache = self.decoder.new_cache(
-            prompt_start, input_ids.shape[1], num_beams, max_new_tokens, self.kv_format
+            prompt_start, input_ids.shape[1], num_beams, max_new_tokens, self.kv_format, self.static_scales
         )
         logits = self.decoder.forward(input_ids.long(), positions, cache, last_only)
         return logits, cache

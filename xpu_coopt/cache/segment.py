@@ -4,7 +4,8 @@ Layout (L layers, R requests, nb beams per request, S = R * nb sequences, P padd
 C response capacity, Hkv KV heads, D head_dim):
     prompt_k, prompt_v     [L, R, Hkv, P, D]  written once at prefill, shared by the request's beams
     response_k, response_v [L, S, Hkv, C, D]  row s, column t: the token that sequence slot s generated at step t
-    *_scale                 same without D, float32 (FP8 caches only: one scale per token and KV head)
+    *_scale                 same without D, float32 (FP8 caches only: one scale per token and KV head;
+                            with static scales, each layer's one K or V scale broadcast with zero strides)
     beam_slots             [S, C] int32: beam_slots[s, t] = the response row that holds step t of sequence s
     prompt_start           [R] int32: first non-padding prompt position (prompts are left-padded)
 
@@ -50,10 +51,15 @@ class SegmentKVCache:
         max_new_tokens: int,
         dtype: torch.dtype,
         kv_format: str,
+        static_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
+        """static_scales: float32 [layers] K and V scales (FP8 only); None: dynamic per-row scales."""
+        if static_scales is not None and not fp8.is_fp8(kv_format):
+            raise ValueError(f"static KV scales apply to FP8 caches, not kv_format={kv_format!r}")
         self.spec = spec
         self.ops = ops
         self.kv_format = kv_format
+        self.static_scales = static_scales
         self.dtype = dtype
         device = prompt_start.device
         self.num_requests = prompt_start.shape[0]
@@ -75,23 +81,26 @@ class SegmentKVCache:
         prompt_shape = (layers, self.num_requests, heads, prompt_columns, dim)
         self.prompt_k = torch.zeros(prompt_shape, dtype=storage, device=device)
         self.prompt_v = torch.zeros(prompt_shape, dtype=storage, device=device)
-        self.prompt_k_scale = self._scales(prompt_shape)
-        self.prompt_v_scale = self._scales(prompt_shape)
+        self.prompt_k_scale, self.prompt_v_scale = self._scales(prompt_shape)
         response_columns = 0 if self.single_beam else capacity
         response_shape = (layers, self.num_seqs, heads, response_columns, dim)
         self.response_k = torch.zeros(response_shape, dtype=storage, device=device)
         self.response_v = torch.zeros(response_shape, dtype=storage, device=device)
-        self.response_k_scale = self._scales(response_shape)
-        self.response_v_scale = self._scales(response_shape)
+        self.response_k_scale, self.response_v_scale = self._scales(response_shape)
         self.beam_slots = torch.zeros((self.num_seqs, response_columns), dtype=torch.int32, device=device)
         self._seq_rows = torch.arange(self.num_seqs, device=device)
         self._prompt_rows = torch.arange(self.num_requests, device=device).repeat_interleave(prompt_len)
         self._prompt_columns = torch.arange(prompt_len, device=device).repeat(self.num_requests)
 
-    def _scales(self, shape: tuple[int, ...]) -> torch.Tensor | None:
+    def _scales(self, shape: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The K and V scale tensors of a segment shaped `shape` (None for a 16-bit cache)."""
         if not fp8.is_fp8(self.kv_format):
-            return None
-        return torch.ones(shape[:-1], dtype=torch.float32, device=self.prompt_start.device)
+            return None, None
+        if self.static_scales is not None:  # [layers] -> [layers, rows, heads, columns], no copy
+            return tuple(scale.view(-1, 1, 1, 1).expand(shape[:-1]) for scale in self.static_scales)
+        return tuple(
+            torch.ones(shape[:-1], dtype=torch.float32, device=self.prompt_start.device) for _ in "kv"
+        )
 
     def positions(self) -> torch.Tensor:
         """int64 [S]: the rotary position of the token each sequence decodes next."""
@@ -130,6 +139,10 @@ class SegmentKVCache:
             if tensor is None:
                 return None
             pad_shape = (*tensor.shape[:3], RESPONSE_STEP, *tensor.shape[4:])
+            if tensor.stride(3) == 0:  # static scales: a broadcast view grows without storage
+                return tensor.as_strided(
+                    (*tensor.shape[:3], tensor.shape[3] + RESPONSE_STEP), tensor.stride()
+                )
             return torch.cat((tensor, tensor.new_zeros(pad_shape)), dim=3)
 
         self.capacity += RESPONSE_STEP
@@ -151,7 +164,11 @@ class SegmentKVCache:
             self.response_k, self.response_v, self.response_k_scale, self.response_v_scale,
             self.beam_slots,
         )  # fmt: skip
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        # By storage: broadcast static scales count once, at their real size.
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None
+        }
+        return sum(storages.values())
 
     def attend(
         self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cos_sin: torch.Tensor
@@ -177,7 +194,7 @@ class SegmentKVCache:
         kernels = self.ops.kernels
         kernels.rotary_embedding_kv_write(
             query, key, value, cos_sin, *self._prompt_segment(layer),
-            self._prompt_rows, self._prompt_columns, self.kv_format,
+            self._prompt_rows, self._prompt_columns, self.kv_format, self.static_scales is not None,
         )  # fmt: skip
         batch, length = self.num_requests, self.prompt_len
         out = query.new_empty((batch, length, query.shape[1], query.shape[2]))
@@ -201,8 +218,9 @@ class SegmentKVCache:
             prompt = self._prompt_segment(layer, self.prompt_len)
             written, response_len = response, self.response_len + 1
         kernels.rotary_embedding_kv_write(
-            query, key, value, cos_sin, *written, self._seq_rows, self._decode_columns, self.kv_format
-        )
+            query, key, value, cos_sin, *written, self._seq_rows, self._decode_columns, self.kv_format,
+            self.static_scales is not None,
+        )  # fmt: skip
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         kernels.segment_attention_decode(
             out, query, *prompt, self.prompt_start, *response,

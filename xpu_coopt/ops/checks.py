@@ -29,6 +29,18 @@ def kv_format(op: str, name: str) -> str:
     return name
 
 
+def cache_write(op: str, name: str, key: torch.Tensor, k_cache: torch.Tensor, static_scale: bool) -> str:
+    """The cache-write ops' kv_format: known, matching the cache, static scales only for FP8 caches."""
+    kv_format(op, name)
+    if name == "auto" and k_cache.dtype != key.dtype:
+        raise TypeError(f"{op}: a kv_format='auto' cache must have the activation dtype {key.dtype}")
+    if name != "auto" and k_cache.dtype != torch.uint8:
+        raise TypeError(f"{op}: a kv_format={name!r} cache holds uint8 codes, not {k_cache.dtype}")
+    if static_scale and name == "auto":
+        raise ValueError(f"{op}: static_scale applies to FP8 caches only, not kv_format='auto'")
+    return name
+
+
 def head_dim(op: str, backend: str, size: int, limit: int) -> int:
     if size % 2 or size > limit:
         raise ValueError(f"{op}: the {backend} kernels support even head_dim up to {limit}, not {size}")

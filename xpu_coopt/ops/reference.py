@@ -71,13 +71,17 @@ def kv_write(
     cache_rows: torch.Tensor,
     cache_positions: torch.Tensor,
     kv_format: str,
+    static_scale: bool = False,
 ) -> None:
     # Advanced indices around a slice: cache[rows, :, positions] addresses [N, num_kv_heads, head_dim].
     index = (cache_rows, slice(None), cache_positions)
     for source, cache, scale in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
         if fp8.is_fp8(kv_format):
-            token_scale = fp8.dynamic_scale(source, kv_format)
-            scale[index] = token_scale
+            if static_scale:
+                token_scale = scale[index]
+            else:
+                token_scale = fp8.dynamic_scale(source, kv_format)
+                scale[index] = token_scale
             cache[index] = fp8.encode(source, token_scale, kv_format)
         else:
             cache[index] = source.to(cache.dtype)
@@ -95,6 +99,7 @@ def rotary_embedding_kv_write(
     cache_rows: torch.Tensor,
     cache_positions: torch.Tensor,
     kv_format: str,
+    static_scale: bool = False,
 ) -> None:
     half = cos_sin.shape[-1] // 2
     cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]  # [T, 1, D/2]
@@ -105,7 +110,9 @@ def rotary_embedding_kv_write(
     else:
         _rotate_in_place(query, cos, sin)
         _rotate_in_place(key, cos, sin)
-    kv_write(key, value, k_cache, v_cache, k_scale, v_scale, cache_rows, cache_positions, kv_format)
+    kv_write(
+        key, value, k_cache, v_cache, k_scale, v_scale, cache_rows, cache_positions, kv_format, static_scale
+    )
 
 
 def attention_prefill(

@@ -32,12 +32,16 @@ SCHEMAS: dict[str, str] = {
     "rotary_embedding_kv_write": (
         "rotary_embedding_kv_write(Tensor(a!) query, Tensor(b!) key, Tensor value, "
         "Tensor cos_sin, Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor(e!)? k_scale, "
-        "Tensor(f!)? v_scale, Tensor cache_rows, Tensor cache_positions, str kv_format) -> ()"
+        "Tensor(f!)? v_scale, Tensor cache_rows, Tensor cache_positions, str kv_format, "
+        "bool static_scale=False) -> ()"
     ),
-    # Writes key and value into the cache, quantizing to FP8 when kv_format asks for it.
+    # Writes key and value into the cache, quantizing to FP8 when kv_format asks for it: with a dynamic
+    # scale per (token, KV head) written to k_scale / v_scale, or with static_scale the scales already
+    # there (a per-tensor scale expanded with zero strides), read and left unchanged.
     "kv_write": (
         "kv_write(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!)? k_scale, "
-        "Tensor(d!)? v_scale, Tensor cache_rows, Tensor cache_positions, str kv_format) -> ()"
+        "Tensor(d!)? v_scale, Tensor cache_rows, Tensor cache_positions, str kv_format, "
+        "bool static_scale=False) -> ()"
     ),
     # Causal attention over a left-padded batch of prompts; rows before seq_start[b] are written as zeros.
     "attention_prefill": (

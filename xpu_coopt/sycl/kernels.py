@@ -108,6 +108,7 @@ def rotary_embedding_kv_write(
     cache_rows: torch.Tensor,
     cache_positions: torch.Tensor,
     kv_format: str,
+    static_scale: bool = False,
     *,
     op: str = "rotary_embedding_kv_write",
 ) -> None:
@@ -115,8 +116,7 @@ def rotary_embedding_kv_write(
     rotate = query is not None
     activations = (key, value) + ((query, cos_sin) if rotate else ())
     suffix = _kernel_suffix(op, kv_format, *activations)
-    if kv_format == "auto" and k_cache.dtype != key.dtype:
-        raise TypeError(f"{op}: a kv_format='auto' cache must have the activation dtype {key.dtype}")
+    checks.cache_write(op, kv_format, key, k_cache, static_scale)
     tokens, kv_heads, head_dim = key.shape
     _check_head_dim(op, head_dim)
     checks.inner_contiguous(op, key=key, value=value, k_cache=k_cache, v_cache=v_cache, cos_sin=cos_sin)
@@ -127,7 +127,7 @@ def rotary_embedding_kv_write(
     _run(
         key.device, "kv_write.cpp", f"rotary_kv_write_{suffix}", tokens * KV_WRITE_WORK_GROUP, KV_WRITE_WORK_GROUP,
         query, key, value, cos_sin, k_cache, v_cache, k_scale, v_scale,
-        cache_rows.contiguous(), cache_positions.contiguous(), c_int(int(rotate)),
+        cache_rows.contiguous(), cache_positions.contiguous(), c_int(int(rotate)), c_int(int(static_scale)),
         c_int(query.shape[1] if rotate else 0), c_int(kv_heads), c_int(head_dim),
         c_int64(query.stride(0) if rotate else 0), c_int64(key.stride(0)), c_int64(value.stride(0)),
         c_int64(cos_sin.stride(0) if rotate else 0),
@@ -145,10 +145,11 @@ def kv_write(
     cache_rows: torch.Tensor,
     cache_positions: torch.Tensor,
     kv_format: str,
+    static_scale: bool = False,
 ) -> None:
     rotary_embedding_kv_write(
         None, key, value, None, k_cache, v_cache, k_scale, v_scale, cache_rows, cache_positions, kv_format,
-        op="kv_write",
+        static_scale, op="kv_write",
     )  # fmt: skip
 
 

@@ -73,15 +73,20 @@ def load_cells(pointers, mask, scale_pointers, DTYPE: tl.constexpr, FORMAT: tl.c
 
 
 @triton.jit
-def store_rows(x, mask, pointers, scale_pointers, FORMAT: tl.constexpr, MANTISSA: tl.constexpr,
+def store_rows(x, mask, pointers, scale_pointers, STATIC_SCALE: tl.constexpr, FORMAT: tl.constexpr, MANTISSA: tl.constexpr,
                BIAS: tl.constexpr, FP8_MAX: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_SCALE: tl.constexpr):  # fmt: skip
     """Writes rows x [N, D] (float32) to the cache: as they are, or as FP8 codes with one dynamic scale
-    per row (amax / FP8_MAX, at least 1e-12) stored through scale_pointers [N]."""
+    per row (amax / FP8_MAX, at least 1e-12) stored through scale_pointers [N], or with STATIC_SCALE the
+    scales already there, read and left unchanged."""
     if FORMAT == 0:
         tl.store(pointers, x.to(pointers.dtype.element_ty), mask=mask)
     else:
-        amax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1)
-        scale = tl.maximum(amax / FP8_MAX, 1e-12)
-        tl.store(scale_pointers, scale, mask=tl.max(mask.to(tl.int32), axis=1) > 0)
+        row_mask = tl.max(mask.to(tl.int32), axis=1) > 0
+        if STATIC_SCALE:
+            scale = tl.load(scale_pointers, mask=row_mask, other=1.0)
+        else:
+            amax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1)
+            scale = tl.maximum(amax / FP8_MAX, 1e-12)
+            tl.store(scale_pointers, scale, mask=row_mask)
         codes = fp8_encode(x / scale[:, None], MANTISSA, BIAS, FP8_MAX, MIN_NORMAL, SUB_SCALE)
         tl.store(pointers, codes, mask=mask)

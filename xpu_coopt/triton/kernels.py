@@ -100,6 +100,7 @@ def rotary_embedding_kv_write(
     cache_rows: torch.Tensor,
     cache_positions: torch.Tensor,
     kv_format: str,
+    static_scale: bool = False,
     *,
     op: str = "rotary_embedding_kv_write",
 ) -> None:
@@ -107,8 +108,7 @@ def rotary_embedding_kv_write(
     rotate = query is not None
     checks.activation_dtype(op, BACKEND, key, value, *((query, cos_sin) if rotate else ()))
     checks.kv_format(op, kv_format)
-    if kv_format == "auto" and k_cache.dtype != key.dtype:
-        raise TypeError(f"{op}: a kv_format='auto' cache must have the activation dtype {key.dtype}")
+    checks.cache_write(op, kv_format, key, k_cache, static_scale)
     tokens, kv_heads, head_dim = key.shape
     checks.head_dim(op, BACKEND, head_dim, MAX_HEAD_DIM)
     checks.inner_contiguous(op, key=key, value=value, k_cache=k_cache, v_cache=v_cache, cos_sin=cos_sin)
@@ -124,7 +124,7 @@ def rotary_embedding_kv_write(
         unused if k_scale is None else k_scale, unused if v_scale is None else v_scale,
         cache_rows.contiguous(), cache_positions.contiguous(), heads, kv_heads, head_dim,
         query.stride(0) if rotate else 0, key.stride(0), value.stride(0), cos_sin.stride(0) if rotate else 0,
-        *strides, ROTATE=rotate, BLOCK_HEADS=_block(heads), BLOCK_KV=_block(kv_heads),
+        *strides, ROTATE=rotate, STATIC_SCALE=static_scale, BLOCK_HEADS=_block(heads), BLOCK_KV=_block(kv_heads),
         BLOCK_HALF=_block(head_dim // 2), BLOCK_D=_block(head_dim), **codec_constants(kv_format),
     )  # fmt: skip
 
@@ -139,10 +139,11 @@ def kv_write(
     cache_rows: torch.Tensor,
     cache_positions: torch.Tensor,
     kv_format: str,
+    static_scale: bool = False,
 ) -> None:
     rotary_embedding_kv_write(
         None, key, value, None, k_cache, v_cache, k_scale, v_scale, cache_rows, cache_positions, kv_format,
-        op="kv_write",
+        static_scale, op="kv_write",
     )  # fmt: skip
 
 

@@ -30,13 +30,13 @@ def _rotate(pointer, heads, head_dim, cos, sin, BLOCK_HEADS: tl.constexpr, BLOCK
 
 @triton.jit
 def _write(source, kv_heads, head_dim, cache, scale, cache_head_stride, scale_head_stride,
-           BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, FORMAT: tl.constexpr, MANTISSA: tl.constexpr,
+           STATIC_SCALE: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_D: tl.constexpr, FORMAT: tl.constexpr, MANTISSA: tl.constexpr,
            BIAS: tl.constexpr, FP8_MAX: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_SCALE: tl.constexpr):  # fmt: skip
     h = tl.arange(0, BLOCK_KV)
     d = tl.arange(0, BLOCK_D)[None, :]
     mask = (h[:, None] < kv_heads) & (d < head_dim)
     x = tl.load(source + h[:, None] * head_dim + d, mask=mask, other=0.0).to(tl.float32)
-    store_rows(x, mask, cache + h[:, None] * cache_head_stride + d, scale + h * scale_head_stride,
+    store_rows(x, mask, cache + h[:, None] * cache_head_stride + d, scale + h * scale_head_stride, STATIC_SCALE,
                FORMAT, MANTISSA, BIAS, FP8_MAX, MIN_NORMAL, SUB_SCALE)  # fmt: skip
 
 
@@ -46,7 +46,7 @@ def rotary_kv_write_kernel(
     heads, kv_heads, head_dim, query_stride, key_stride, value_stride, cos_sin_stride,
     cache_row_stride, cache_head_stride, cache_position_stride,
     scale_row_stride, scale_head_stride, scale_position_stride,
-    ROTATE: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    ROTATE: tl.constexpr, STATIC_SCALE: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_D: tl.constexpr, FORMAT: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr,
     FP8_MAX: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_SCALE: tl.constexpr, SUB_UNIT: tl.constexpr,
 ):  # fmt: skip
@@ -70,7 +70,7 @@ def rotary_kv_write_kernel(
         + tl.load(cache_positions + token) * scale_position_stride
     )
     _write(token_key, kv_heads, head_dim, k_cache + cache_at, k_scale + scale_at, cache_head_stride,
-           scale_head_stride, BLOCK_KV, BLOCK_D, FORMAT, MANTISSA, BIAS, FP8_MAX, MIN_NORMAL, SUB_SCALE)  # fmt: skip
+           scale_head_stride, STATIC_SCALE, BLOCK_KV, BLOCK_D, FORMAT, MANTISSA, BIAS, FP8_MAX, MIN_NORMAL, SUB_SCALE)  # fmt: skip
     _write(value + token * value_stride, kv_heads, head_dim, v_cache + cache_at, v_scale + scale_at,
-           cache_head_stride, scale_head_stride, BLOCK_KV, BLOCK_D, FORMAT, MANTISSA, BIAS, FP8_MAX,
+           cache_head_stride, scale_head_stride, STATIC_SCALE, BLOCK_KV, BLOCK_D, FORMAT, MANTISSA, BIAS, FP8_MAX,
            MIN_NORMAL, SUB_SCALE)  # fmt: skip
