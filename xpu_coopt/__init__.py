@@ -2,7 +2,17 @@
 
 from xpu_coopt.api import optimize
 from xpu_coopt.errors import BackendUnavailableError, KernelCompileError
+from xpu_coopt.gqa import convert_to_gqa
+from xpu_coopt.kv_scales import KVScales, calibrate_kv_scales
 from xpu_coopt.optimized_model import OptimizedModel
 
-__all__ = ["BackendUnavailableError", "KernelCompileError", "OptimizedModel", "optimize"]
+__all__ = [
+    "BackendUnavailableError",
+    "KVScales",
+    "KernelCompileError",
+    "OptimizedModel",
+    "calibrate_kv_scales",
+    "convert_to_gqa",
+    "optimize",
+]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The `xpu-coopt` command: `xpu-coopt bench ...`."""
+"""The `xpu-coopt` command: `xpu-coopt bench | eval-ppl | calibrate-kv | convert-gqa ...`."""
 
 from __future__ import annotations
 
@@ -67,13 +67,218 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_arguments(parser: argparse.ArgumentParser, text_help: str) -> None:
+    from xpu_coopt.models import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"'{DEFAULT_MODEL}' (embedded, default), a local HF folder, a .gguf or a llama2.c .bin file")  # fmt: skip
+    parser.add_argument("--tokenizer", help="a llama2.c tokenizer .bin, for a llama2.c model")
+    parser.add_argument("--text", required=True, help=text_help)
+    parser.add_argument("--context", type=_positive, default=1024, help="tokens per window (default 1024)")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or xpu (default cpu)")
+    parser.add_argument("--backend", default="auto", help="auto, torch, sycl or triton")
+    parser.add_argument("--batch-size", type=_positive, default=8, help="windows run together (default 8)")
+    parser.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: torch's)")
+
+
+def _eval_ppl_parser(subparsers) -> None:
+    from xpu_coopt.ops import KV_FORMATS
+
+    parser = subparsers.add_parser(
+        "eval-ppl",
+        help="perplexity of transformers and of xpu_coopt with each KV cache format, on one text",
+        description="Chunked perplexity over non-overlapping windows of --context tokens (stride = context). "
+        "transformers scores each window in one forward pass; xpu_coopt prefills its first token and decodes "
+        "the rest token by token, so attention reads every earlier K/V back from the (possibly FP8) cache.",
+    )
+    _model_arguments(parser, "the text file to score (e.g. wikitext-2's test split)")
+    parser.add_argument("--max-tokens", type=_positive, default=10240,
+                        help="tokens of the text to score, from its start (default 10240)")  # fmt: skip
+    parser.add_argument("--kv-dtypes", default=",".join(KV_FORMATS),
+                        help=f"comma-separated cache formats to evaluate (default {','.join(KV_FORMATS)})")  # fmt: skip
+    parser.add_argument("--kv-scales", default="calibrate",
+                        help="per-tensor static FP8 scales, also evaluated: 'calibrate' (default: on the "
+                        "--calibration-tokens tokens that follow the scored ones), 'none', or a saved scales "
+                        "file or model folder")  # fmt: skip
+    parser.add_argument("--calibration-tokens", type=_positive, default=4096)
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+
+
+def _calibrate_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "calibrate-kv",
+        help="calibrate per-tensor static FP8 KV scales on a text and save them",
+        description="Measures each layer's largest |K| (after RoPE) and |V| over windows of a text and "
+        "saves them as xpu_coopt_kv_scales.json; optimize(..., kv_scales=PATH) loads them.",
+    )
+    _model_arguments(parser, "the calibration text")
+    parser.add_argument(
+        "--max-tokens", type=_positive, default=8192, help="calibration tokens (default 8192)"
+    )
+    parser.add_argument("--out", help="a folder or .json file (default: the model's folder)")
+
+
+def _convert_gqa_parser(subparsers) -> None:
+    from xpu_coopt.gqa import GROUPINGS
+    from xpu_coopt.models import DEFAULT_MODEL
+
+    parser = subparsers.add_parser(
+        "convert-gqa",
+        help="restructure attention into grouped-query attention with fewer K/V heads (Opt-GQA)",
+        description="Mean-pools groups of K/V projection heads (Ainslie et al., 2023) and writes a checkpoint "
+        "transformers loads (save_pretrained). --grouping similarity pools the heads closest on a calibration text.",
+    )
+    parser.add_argument(
+        "model", help=f"'{DEFAULT_MODEL}', a local HF folder, a .gguf or a llama2.c .bin file"
+    )
+    parser.add_argument("out", help="the folder to write (must not exist or be empty)")
+    parser.add_argument("--kv-heads", type=_positive, required=True, help="K/V heads after conversion")
+    parser.add_argument("--grouping", default="mean", choices=GROUPINGS)
+    parser.add_argument("--calibration-text", help="text for --grouping similarity")
+    parser.add_argument("--calibration-tokens", type=_positive, default=4096)
+    parser.add_argument("--context", type=_positive, default=256, help="tokens per calibration window")
+    parser.add_argument("--tokenizer", help="a llama2.c tokenizer .bin, for a llama2.c model")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+
+
+def _run_convert_gqa(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from xpu_coopt.gqa import convert_to_gqa
+    from xpu_coopt.models import Llama2cTokenizer, load_model
+    from xpu_coopt.perplexity import token_windows, tokenize
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty: choose a new folder")
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype])
+    llama2c_tokenizer = Llama2cTokenizer(args.tokenizer) if args.tokenizer else None
+    calibration = None
+    if args.grouping == "similarity":
+        if not args.calibration_text:
+            raise ValueError("--grouping similarity needs --calibration-text")
+        if (llama2c_tokenizer or tokenizer) is None:
+            raise ValueError(f"{args.model} comes without a tokenizer: pass --tokenizer")
+        ids = tokenize(
+            llama2c_tokenizer or tokenizer, _read_text(args.calibration_text), args.calibration_tokens
+        )
+        calibration = token_windows(ids, args.context)
+    converted = convert_to_gqa(model, args.kv_heads, args.grouping, calibration)
+    converted.save_pretrained(out)
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(out)
+    print(f"wrote {out}: {args.kv_heads} K/V heads ({args.grouping} grouping)")
+    return 0
+
+
+def _load_with_tokenizer(args: argparse.Namespace):
+    from xpu_coopt.models import Llama2cTokenizer, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"loading {args.model} ({args.dtype}) on {args.device} ...", file=sys.stderr)
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype], torch.device(args.device))
+    if args.tokenizer:
+        tokenizer = Llama2cTokenizer(args.tokenizer)
+    if tokenizer is None:
+        raise ValueError(
+            f"{args.model} comes without a tokenizer: pass --tokenizer (a llama2.c tokenizer .bin)"
+        )
+    return model, tokenizer
+
+
+def _read_text(path: str) -> str:
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def _run_eval_ppl(args: argparse.Namespace) -> int:
+    import xpu_coopt
+    from xpu_coopt.kv_scales import KVScales, calibrate_kv_scales
+    from xpu_coopt.perplexity import evaluate, format_table, token_windows, tokenize
+
+    kv_dtypes = [name.strip() for name in args.kv_dtypes.split(",") if name.strip()]
+    hf_model, tokenizer = _load_with_tokenizer(args)
+    text = _read_text(args.text)
+    wanted = args.max_tokens + (args.calibration_tokens if args.kv_scales == "calibrate" else 0)
+    ids = tokenize(tokenizer, text, wanted)
+    windows = token_windows(ids, args.context, args.max_tokens)
+    models = [
+        xpu_coopt.optimize(hf_model, dtype=DTYPES[args.dtype], kv_dtype=kv_dtype, backend=args.backend)
+        for kv_dtype in kv_dtypes
+    ]
+    fp8_dtypes = [kv_dtype for kv_dtype in kv_dtypes if kv_dtype != "auto"]
+    scales = None
+    if args.kv_scales == "calibrate" and fp8_dtypes:
+        calibration = token_windows(ids[windows.numel() :], args.context)
+        scales = calibrate_kv_scales(
+            models[0],
+            calibration,
+            args.batch_size,
+            f"{args.text}: {calibration.numel()} tokens after the scored ones",
+        )
+    elif args.kv_scales != "none" and fp8_dtypes:
+        scales = KVScales.load(args.kv_scales)
+    if scales is not None:
+        models += [
+            xpu_coopt.optimize(
+                hf_model, dtype=DTYPES[args.dtype], kv_dtype=kv_dtype, backend=args.backend, kv_scales=scales
+            )
+            for kv_dtype in fp8_dtypes
+        ]
+    print(f"scoring {windows.shape[0]} windows of {args.context} tokens "
+          f"({windows.shape[0] * (args.context - 1)} scored tokens)", file=sys.stderr)  # fmt: skip
+    results = evaluate(
+        hf_model, models, windows, args.batch_size, log=lambda line: print(line, file=sys.stderr)
+    )
+    print(format_table(results))
+    if args.json:
+        settings = {key: value for key, value in vars(args).items() if key != "json"}
+        settings["scored_tokens"] = results[0].tokens
+        payload = {"settings": settings, "results": [r.to_dict() for r in results]}
+        if scales is not None:
+            payload["kv_scales"] = {"key_amax": scales.key_amax, "value_amax": scales.value_amax,
+                                    "calibration": scales.calibration}  # fmt: skip
+        with open(args.json, "w") as handle:
+            json.dump(payload, handle, indent=2)
+    return 0
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import xpu_coopt
+    from xpu_coopt.kv_scales import calibrate_kv_scales
+    from xpu_coopt.perplexity import token_windows, tokenize
+
+    out = args.out or (args.model if Path(args.model).is_dir() else None)
+    if out is None:
+        raise ValueError(f"{args.model} is not a model folder: pass --out (a folder or .json file)")
+    hf_model, tokenizer = _load_with_tokenizer(args)
+    windows = token_windows(tokenize(tokenizer, _read_text(args.text), args.max_tokens), args.context)
+    model = xpu_coopt.optimize(hf_model, dtype=DTYPES[args.dtype], backend=args.backend)
+    scales = calibrate_kv_scales(model, windows, args.batch_size, f"{args.text}: {windows.numel()} tokens")
+    print(f"wrote {scales.save(out)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="xpu-coopt", description="xpu_coopt: fast LLaMA-family inference")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _bench_parser(subparsers)
+    _eval_ppl_parser(subparsers)
+    _calibrate_parser(subparsers)
+    _convert_gqa_parser(subparsers)
     args = parser.parse_args(argv)
+    commands = {
+        "bench": _run_bench,
+        "eval-ppl": _run_eval_ppl,
+        "calibrate-kv": _run_calibrate,
+        "convert-gqa": _run_convert_gqa,
+    }
     try:
-        return {"bench": _run_bench}[args.command](args)
+        return commands[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"xpu-coopt {args.command}: error: {error}", file=sys.stderr)
         return 2
