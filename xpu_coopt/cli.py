@@ -19,6 +19,14 @@ def _positive(text: str) -> int:
     return value
 
 
+def _runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where and how the model runs: shared by every command that runs one."""
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or xpu (default cpu)")
+    parser.add_argument("--backend", default="auto", help="auto, torch, sycl or triton")
+    parser.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: torch's)")
+
+
 def _bench_parser(subparsers) -> None:
     from xpu_coopt.models import DEFAULT_MODEL, SHAPE_PRESETS
     from xpu_coopt.ops import KV_FORMATS
@@ -32,15 +40,12 @@ def _bench_parser(subparsers) -> None:
     bench.add_argument("--model", default=DEFAULT_MODEL,
                        help=f"'{DEFAULT_MODEL}' (embedded, default), a shape preset with random weights "
                        f"({', '.join(SHAPE_PRESETS)}), a local HF folder, a .gguf or a llama2.c .bin file")  # fmt: skip
-    bench.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    bench.add_argument("--device", default="cpu", help="cpu, cuda or xpu (default cpu)")
-    bench.add_argument("--backend", default="auto", help="auto, torch, sycl or triton")
+    _runtime_arguments(bench)
     bench.add_argument("--batch-size", type=_positive, default=1)
     bench.add_argument("--input-tokens", type=_positive, default=1024)
     bench.add_argument("--output-tokens", type=_positive, default=32)
     bench.add_argument("--num-beams", type=_positive, default=1)
     bench.add_argument("--kv-dtype", default="auto", choices=KV_FORMATS)
-    bench.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: torch's)")
     bench.add_argument("--repeats", type=_positive, default=1, help="timed runs per side; the best is kept")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
 
@@ -75,11 +80,8 @@ def _model_arguments(parser: argparse.ArgumentParser, text_help: str) -> None:
     parser.add_argument("--tokenizer", help="a llama2.c tokenizer .bin, for a llama2.c model")
     parser.add_argument("--text", required=True, help=text_help)
     parser.add_argument("--context", type=_positive, default=1024, help="tokens per window (default 1024)")
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or xpu (default cpu)")
-    parser.add_argument("--backend", default="auto", help="auto, torch, sycl or triton")
+    _runtime_arguments(parser)
     parser.add_argument("--batch-size", type=_positive, default=8, help="windows run together (default 8)")
-    parser.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: torch's)")
 
 
 def _eval_ppl_parser(subparsers) -> None:
