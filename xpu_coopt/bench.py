@@ -179,15 +179,20 @@ def benchmark(
     return BenchResult(best["transformers"], best["xpu_coopt"], settings)
 
 
+def _speedup(ratio: float) -> str:
+    """A speedup ratio in words: '2.00x faster', or '0.96x (slower)' below 1."""
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{ratio:.2f}x (slower)"
+
+
 def format_result(result: BenchResult) -> str:
     base, ours, ratios = result.transformers, result.xpu_coopt, result.ratios
     mib = 2**20
     rows = [
         ("metric", "transformers", "xpu_coopt", "ratio"),
         ("first token (ms)", f"{base.first_token_ms:.1f}", f"{ours.first_token_ms:.1f}",
-         f"{ratios['first_token_speedup']:.2f}x faster"),
+         _speedup(ratios["first_token_speedup"])),
         ("next token mean (ms)", f"{base.next_token_ms_mean:.2f}", f"{ours.next_token_ms_mean:.2f}",
-         f"{ratios['next_token_speedup']:.2f}x faster"),
+         _speedup(ratios["next_token_speedup"])),
         ("next token p90 (ms)", f"{base.next_token_ms_p90:.2f}", f"{ours.next_token_ms_p90:.2f}", ""),
         ("throughput (tok/s)", f"{base.throughput_tokens_per_s:.1f}", f"{ours.throughput_tokens_per_s:.1f}",
          f"{ratios['throughput_ratio']:.2f}x"),
