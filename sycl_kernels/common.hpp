@@ -104,7 +104,13 @@ inline float fp8_decode(uint8_t code) {
   return (code & 0x80) ? -magnitude : magnitude;
 }
 
-// ---- KV cache cells: the activation dtype itself (Format 0) or FP8 codes with a float32 scale -------
+// Positive x rounded up to the next bfloat16 value: FP8 scales are stored in bfloat16, rounded up so the
+// row's largest element still fits the format's range (the reference does the same bit operation).
+inline float round_up_to_bf16(float x) {
+  return sycl::bit_cast<float>((sycl::bit_cast<uint32_t>(x) + 0xffffu) & 0xffff0000u);
+}
+
+// ---- KV cache cells: the activation dtype itself (Format 0) or FP8 codes with a bfloat16 scale ------
 
 // load() returns the value in T, as the reference dequantizes (code * scale, rounded to T) before use.
 template <typename T, int Format>

@@ -19,7 +19,7 @@ inline void rotate_row(T* x, const T* cos_sin, int head_dim, int lane) {
 }
 
 template <typename T, int Format>
-inline void write_row(const T* source, typename Cache<T, Format>::Cell* cell, float* scale, int static_scale,
+inline void write_row(const T* source, typename Cache<T, Format>::Cell* cell, bf16* scale, int static_scale,
                       int head_dim, sycl::sub_group sg) {
   const int lane = sg.get_local_linear_id();
   if constexpr (Format == 0) {
@@ -27,13 +27,13 @@ inline void write_row(const T* source, typename Cache<T, Format>::Cell* cell, fl
   } else {
     float row_scale;
     if (static_scale) {
-      row_scale = *scale;
+      row_scale = static_cast<float>(*scale);
     } else {
       float amax = 0.0f;
       for (int i = lane; i < head_dim; i += kSubGroup) amax = sycl::fmax(amax, sycl::fabs(static_cast<float>(source[i])));
       amax = sycl::reduce_over_group(sg, amax, sycl::maximum<float>());
-      row_scale = sycl::fmax(amax / Fp8<Format>::kMax, 1e-12f);
-      if (lane == 0) *scale = row_scale;
+      row_scale = round_up_to_bf16(sycl::fmax(amax / Fp8<Format>::kMax, 1e-12f));
+      if (lane == 0) *scale = bf16(row_scale);  // exact: row_scale is a bfloat16 value
     }
     for (int i = lane; i < head_dim; i += kSubGroup) cell[i] = fp8_encode<Format>(static_cast<float>(source[i]) / row_scale);
   }
@@ -44,7 +44,7 @@ inline void write_row(const T* source, typename Cache<T, Format>::Cell* cell, fl
 template <typename T, int Format>
 inline void rotary_kv_write(T* query, T* key, const T* value, const T* cos_sin,
                             typename Cache<T, Format>::Cell* k_cache, typename Cache<T, Format>::Cell* v_cache,
-                            float* k_scale, float* v_scale, const int64_t* cache_rows,
+                            bf16* k_scale, bf16* v_scale, const int64_t* cache_rows,
                             const int64_t* cache_positions, int rotate, int static_scale, int heads, int kv_heads, int head_dim,
                             int64_t query_token_stride, int64_t key_token_stride, int64_t value_token_stride,
                             int64_t cos_sin_stride, int64_t cache_row_stride, int64_t cache_head_stride,
@@ -72,7 +72,7 @@ inline void rotary_kv_write(T* query, T* key, const T* value, const T* cos_sin,
     const T* source = is_key ? token_key + int64_t(h) * head_dim
                              : value + token * value_token_stride + int64_t(h) * head_dim;
     auto* cell = (is_key ? k_cache : v_cache) + cache_at + h * cache_head_stride;
-    float* scale = Format == 0 ? nullptr : (is_key ? k_scale : v_scale) + scale_at + h * scale_head_stride;
+    bf16* scale = Format == 0 ? nullptr : (is_key ? k_scale : v_scale) + scale_at + h * scale_head_stride;
     write_row<T, Format>(source, cell, scale, static_scale, head_dim, sg);
   }
 }
@@ -82,7 +82,7 @@ inline void rotary_kv_write(T* query, T* key, const T* value, const T* cos_sin,
 #define XC_KV_WRITE_KERNEL(NAME, T, FORMAT)                                                                   \
   extern "C" XC_ND_RANGE_KERNEL XC_SUB_GROUP_16 void rotary_kv_write_##NAME(                                 \
       T* query, T* key, const T* value, const T* cos_sin, xc::Cache<T, FORMAT>::Cell* k_cache,              \
-      xc::Cache<T, FORMAT>::Cell* v_cache, float* k_scale, float* v_scale, const int64_t* cache_rows,        \
+      xc::Cache<T, FORMAT>::Cell* v_cache, xc::bf16* k_scale, xc::bf16* v_scale, const int64_t* cache_rows,  \
       const int64_t* cache_positions, int rotate, int static_scale, int heads, int kv_heads, int head_dim, \
       int64_t query_token_stride, int64_t key_token_stride, int64_t value_token_stride,                    \
       int64_t cos_sin_stride, int64_t cache_row_stride, int64_t cache_head_stride,                         \

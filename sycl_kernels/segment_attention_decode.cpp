@@ -12,10 +12,10 @@ constexpr int kMaxRows = 32;
 template <typename T, int Format>
 inline void segment_attention_decode(
     T* out, const T* query, const typename Cache<T, Format>::Cell* prompt_k,
-    const typename Cache<T, Format>::Cell* prompt_v, const float* prompt_k_scale, const float* prompt_v_scale,
+    const typename Cache<T, Format>::Cell* prompt_v, const bf16* prompt_k_scale, const bf16* prompt_v_scale,
     const int* prompt_start, const typename Cache<T, Format>::Cell* response_k,
-    const typename Cache<T, Format>::Cell* response_v, const float* response_k_scale,
-    const float* response_v_scale, const int* beam_slots, int beams, int kv_heads, int group, int head_dim,
+    const typename Cache<T, Format>::Cell* response_v, const bf16* response_k_scale,
+    const bf16* response_v_scale, const int* beam_slots, int beams, int kv_heads, int group, int head_dim,
     int prompt_len, int response_len, float scale, int64_t query_stride, int64_t out_stride,
     int64_t prompt_request_stride, int64_t prompt_head_stride, int64_t prompt_position_stride,
     int64_t prompt_scale_request_stride, int64_t prompt_scale_head_stride, int64_t prompt_scale_position_stride,
@@ -49,8 +49,8 @@ inline void segment_attention_decode(
       if (position < start || position >= prompt_len) continue;
       const int64_t cell = prompt_at + position * prompt_position_stride + d;
       const int64_t at = prompt_scale_at + position * prompt_scale_position_stride;
-      key_tile[j * kMaxHeadDim + d] = C::load(prompt_k + cell, Format ? prompt_k_scale[at] : 0.0f);
-      value_tile[j * kMaxHeadDim + d] = C::load(prompt_v + cell, Format ? prompt_v_scale[at] : 0.0f);
+      key_tile[j * kMaxHeadDim + d] = C::load(prompt_k + cell, Format ? float(prompt_k_scale[at]) : 0.0f);
+      value_tile[j * kMaxHeadDim + d] = C::load(prompt_v + cell, Format ? float(prompt_v_scale[at]) : 0.0f);
     }
     sycl::group_barrier(wg);
     const int position = first + lane;
@@ -66,8 +66,8 @@ inline void segment_attention_decode(
   const int64_t response_at = kv * response_head_stride;
   const int64_t response_scale_at = kv * response_scale_head_stride;
   auto cell = [&](int slot, int t) { return response_at + slot * response_row_stride + t * response_position_stride; };
-  auto scale_of = [&](const float* scales, int slot, int t) {
-    return Format ? scales[response_scale_at + slot * response_scale_row_stride + t * response_scale_position_stride] : 0.0f;
+  auto scale_of = [&](const bf16* scales, int slot, int t) {
+    return Format ? (float)scales[response_scale_at + slot * response_scale_row_stride + t * response_scale_position_stride] : 0.0f;
   };
   for (int first = 0; first < response_len; first += kKeyTile) {
     const int t = first + lane;
@@ -89,10 +89,10 @@ inline void segment_attention_decode(
 #define XC_SEGMENT_ATTENTION_DECODE_KERNEL(NAME, T, FORMAT)                                                     \
   extern "C" XC_ND_RANGE_KERNEL XC_SUB_GROUP_16 void segment_attention_decode_##NAME(                          \
       T* out, const T* query, const xc::Cache<T, FORMAT>::Cell* prompt_k,                                     \
-      const xc::Cache<T, FORMAT>::Cell* prompt_v, const float* prompt_k_scale, const float* prompt_v_scale,   \
+      const xc::Cache<T, FORMAT>::Cell* prompt_v, const xc::bf16* prompt_k_scale, const xc::bf16* prompt_v_scale, \
       const int* prompt_start, const xc::Cache<T, FORMAT>::Cell* response_k,                                  \
-      const xc::Cache<T, FORMAT>::Cell* response_v, const float* response_k_scale,                            \
-      const float* response_v_scale, const int* beam_slots, int beams, int kv_heads, int group, int head_dim, \
+      const xc::Cache<T, FORMAT>::Cell* response_v, const xc::bf16* response_k_scale,                         \
+      const xc::bf16* response_v_scale, const int* beam_slots, int beams, int kv_heads, int group, int head_dim, \
       int prompt_len, int response_len, float scale, int64_t query_stride, int64_t out_stride,              \
       int64_t prompt_request_stride, int64_t prompt_head_stride, int64_t prompt_position_stride,             \
       int64_t prompt_scale_request_stride, int64_t prompt_scale_head_stride,                                \

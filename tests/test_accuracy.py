@@ -58,8 +58,8 @@ def test_fp8_cache_perplexity_stays_within_tolerance(
     result = cached_perplexity(model, windows, progress=False)
     increase = result.perplexity / base.perplexity - 1
     assert 0 <= increase <= PPL_TOLERANCE[(kv_format, static)], increase
-    spec = model.spec  # float32 16-bit cache: 4 bytes per element; FP8: 1, plus a float32 scale per row
-    per_row = spec.head_dim + (0 if static else 4)
+    spec = model.spec  # float32 16-bit cache: 4 bytes per element; FP8: 1, plus a bfloat16 scale per row
+    per_row = spec.head_dim + (0 if static else 2)
     assert result.kv_bytes / base.kv_bytes == pytest.approx(per_row / (4 * spec.head_dim), rel=0.01)
 
 
@@ -84,7 +84,8 @@ def test_kv_scales_round_trip_through_the_model_folder(tmp_path, stories_scales,
     assert all(value > 0 for value in loaded.key_amax + loaded.value_amax)
     model = xpu_coopt.optimize(stories_model, kv_dtype="fp8_e5m2", kv_scales=tmp_path)
     k_scale, _ = model.static_scales
-    assert torch.equal(k_scale, torch.tensor(loaded.key_amax) / fp8.FP8_MAX["fp8_e5m2"])
+    expected = fp8.round_up_to_bfloat16(torch.tensor(loaded.key_amax) / fp8.FP8_MAX["fp8_e5m2"])
+    assert k_scale.dtype == torch.bfloat16 and torch.equal(k_scale.float(), expected)
 
 
 def test_kv_scales_bad_input(tmp_path, stories_model, stories_scales):

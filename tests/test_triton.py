@@ -34,7 +34,7 @@ def test_kernels_compile_for_ampere_and_hopper():
     script = Path(__file__).with_name("triton_compile.py")
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=environment)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "compiled 13 launches for [80, 90]" in result.stdout, result.stdout
+    assert "compiled 15 launches for [80, 90]" in result.stdout, result.stdout
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):

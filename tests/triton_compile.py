@@ -71,7 +71,7 @@ for name in ("rms_norm_kernel", "fused_add_rms_norm_kernel", "silu_and_mul_kerne
 
 def _cache(shape, kv_format, dtype):
     if fp8.is_fp8(kv_format):
-        return torch.zeros(shape, dtype=torch.uint8), torch.ones(shape[:-1])
+        return torch.zeros(shape, dtype=torch.uint8), torch.ones(shape[:-1], dtype=fp8.SCALE_DTYPE)
     return torch.zeros(shape, dtype=dtype), None
 
 
@@ -92,7 +92,7 @@ def main() -> None:
                                         cache.clone(), scale, scale, rows, columns, kv_format)  # fmt: skip
             K.kv_write(key, key.clone(), cache, cache.clone(), scale, scale, rows, columns, kv_format)
             if scale is not None:  # per-tensor static scales, broadcast with zero strides
-                static = torch.ones(1).expand(scale.shape)
+                static = torch.ones(1, dtype=fp8.SCALE_DTYPE).expand(scale.shape)
                 K.kv_write(
                     key, key.clone(), cache, cache.clone(), static, static, rows, columns, kv_format, True
                 )

@@ -43,12 +43,15 @@ class KVScales:
         return len(self.key_amax)
 
     def tensors(self, kv_format: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 [layers] K and V scales for an FP8 format: amax / FP8_MAX (at least fp8.MIN_SCALE)."""
+        """[layers] K and V scales for an FP8 format, in fp8.SCALE_DTYPE: amax / FP8_MAX (at least
+        fp8.MIN_SCALE), rounded up to a bfloat16 value so the calibrated amax still fits the range."""
         if not fp8.is_fp8(kv_format):
             raise ValueError(f"static KV scales apply to FP8 caches, not kv_dtype={kv_format!r}")
         limit = fp8.FP8_MAX[kv_format]
         return tuple(
-            (torch.tensor(amax, dtype=torch.float32, device=device) / limit).clamp_min(fp8.MIN_SCALE)
+            fp8.round_up_to_bfloat16(
+                (torch.tensor(amax, dtype=torch.float32) / limit).clamp_min(fp8.MIN_SCALE)
+            ).to(device=device, dtype=fp8.SCALE_DTYPE)
             for amax in (self.key_amax, self.value_amax)
         )
 

@@ -4,7 +4,7 @@ Layout (L layers, R requests, nb beams per request, S = R * nb sequences, P padd
 C response capacity, Hkv KV heads, D head_dim):
     prompt_k, prompt_v     [L, R, Hkv, P, D]  written once at prefill, shared by the request's beams
     response_k, response_v [L, S, Hkv, C, D]  row s, column t: the token that sequence slot s generated at step t
-    *_scale                 same without D, float32 (FP8 caches only: one scale per token and KV head;
+    *_scale                 same without D, bfloat16 (FP8 caches only: one scale per token and KV head;
                             with static scales, each layer's one K or V scale broadcast with zero strides)
     beam_slots             [S, C] int32: beam_slots[s, t] = the response row that holds step t of sequence s
     prompt_start           [R] int32: first non-padding prompt position (prompts are left-padded)
@@ -53,7 +53,7 @@ class SegmentKVCache:
         kv_format: str,
         static_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """static_scales: float32 [layers] K and V scales (FP8 only); None: dynamic per-row scales."""
+        """static_scales: [layers] K and V scales in fp8.SCALE_DTYPE (FP8 only); None: dynamic per-row scales."""
         if static_scales is not None and not fp8.is_fp8(kv_format):
             raise ValueError(f"static KV scales apply to FP8 caches, not kv_format={kv_format!r}")
         self.spec = spec
@@ -99,7 +99,7 @@ class SegmentKVCache:
         if self.static_scales is not None:  # [layers] -> [layers, rows, heads, columns], no copy
             return tuple(scale.view(-1, 1, 1, 1).expand(shape[:-1]) for scale in self.static_scales)
         return tuple(
-            torch.ones(shape[:-1], dtype=torch.float32, device=self.prompt_start.device) for _ in "kv"
+            torch.ones(shape[:-1], dtype=fp8.SCALE_DTYPE, device=self.prompt_start.device) for _ in "kv"
         )
 
     def positions(self) -> torch.Tensor:

@@ -76,13 +76,15 @@ def cache_strides(
     v_scale: torch.Tensor | None,
 ) -> tuple[int, ...]:
     """(row, head, position) strides of the caches, then of the scales (zeros without); K and V (and
-    their scales) must share them, so kernels take one set."""
+    their scales) must share them, so kernels take one set. Scales are bfloat16."""
     if k_cache.stride() != v_cache.stride():
         raise ValueError(f"{op}: k_cache and v_cache must have the same strides")
     if (k_scale is None) != (v_scale is None) or (
         k_scale is not None and k_scale.stride() != v_scale.stride()
     ):
         raise ValueError(f"{op}: k_scale and v_scale must both be given, with the same strides")
+    if k_scale is not None and (k_scale.dtype != torch.bfloat16 or v_scale.dtype != torch.bfloat16):
+        raise TypeError(f"{op}: FP8 scales must be bfloat16, not {k_scale.dtype} / {v_scale.dtype}")
     scale_strides = k_scale.stride()[:3] if k_scale is not None else (0, 0, 0)
     return (*k_cache.stride()[:3], *scale_strides)
 

@@ -81,7 +81,7 @@ def kv_write(
                 token_scale = scale[index]
             else:
                 token_scale = fp8.dynamic_scale(source, kv_format)
-                scale[index] = token_scale
+                scale[index] = token_scale.to(scale.dtype)  # exact: a bfloat16 value
             cache[index] = fp8.encode(source, token_scale, kv_format)
         else:
             cache[index] = source.to(cache.dtype)

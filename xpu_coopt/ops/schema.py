@@ -15,7 +15,7 @@ import torch
 NAMESPACE = "xpu_coopt"
 
 # KV cache storage formats. "auto" stores K/V in the activation dtype; the FP8 formats store uint8 codes
-# with one float32 scale per (token, KV head).
+# with one bfloat16 scale per (token, KV head).
 KV_FORMATS = ("auto", "fp8_e4m3", "fp8_e5m2")
 
 SCHEMAS: dict[str, str] = {

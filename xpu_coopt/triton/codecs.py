@@ -67,7 +67,7 @@ def load_cells(pointers, mask, scale_pointers, DTYPE: tl.constexpr, FORMAT: tl.c
         values = tl.load(pointers, mask=mask, other=0.0)
     else:
         codes = tl.load(pointers, mask=mask, other=0)
-        scales = tl.load(scale_pointers, mask=mask, other=0.0)
+        scales = tl.load(scale_pointers, mask=mask, other=0.0).to(tl.float32)
         values = (fp8_decode(codes, MANTISSA, BIAS, SUB_UNIT) * scales).to(DTYPE)
     return values
 
@@ -76,17 +76,18 @@ def load_cells(pointers, mask, scale_pointers, DTYPE: tl.constexpr, FORMAT: tl.c
 def store_rows(x, mask, pointers, scale_pointers, STATIC_SCALE: tl.constexpr, FORMAT: tl.constexpr, MANTISSA: tl.constexpr,
                BIAS: tl.constexpr, FP8_MAX: tl.constexpr, MIN_NORMAL: tl.constexpr, SUB_SCALE: tl.constexpr):  # fmt: skip
     """Writes rows x [N, D] (float32) to the cache: as they are, or as FP8 codes with one dynamic scale
-    per row (amax / FP8_MAX, at least 1e-12) stored through scale_pointers [N], or with STATIC_SCALE the
-    scales already there, read and left unchanged."""
+    per row (amax / FP8_MAX, at least 1e-12, rounded up to a bfloat16 value) stored through scale_pointers
+    [N] (bfloat16), or with STATIC_SCALE the scales already there, read and left unchanged."""
     if FORMAT == 0:
         tl.store(pointers, x.to(pointers.dtype.element_ty), mask=mask)
     else:
         row_mask = tl.max(mask.to(tl.int32), axis=1) > 0
         if STATIC_SCALE:
-            scale = tl.load(scale_pointers, mask=row_mask, other=1.0)
+            scale = tl.load(scale_pointers, mask=row_mask, other=1.0).to(tl.float32)
         else:
             amax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=1)
-            scale = tl.maximum(amax / FP8_MAX, 1e-12)
-            tl.store(scale_pointers, scale, mask=row_mask)
+            bits = tl.maximum(amax / FP8_MAX, 1e-12).to(tl.int32, bitcast=True)
+            scale = ((bits + 0xFFFF) & -65536).to(tl.float32, bitcast=True)  # up to a bfloat16 value
+            tl.store(scale_pointers, scale.to(tl.bfloat16), mask=row_mask)  # exact
         codes = fp8_encode(x / scale[:, None], MANTISSA, BIAS, FP8_MAX, MIN_NORMAL, SUB_SCALE)
         tl.store(pointers, codes, mask=mask)
