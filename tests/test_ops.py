@@ -229,9 +229,11 @@ def test_attention_prefill(kernels, dtype, heads, kv_heads, head_dim, length, se
 
 
 def _segment_case(
-    dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded
-):
-    """Random segment caches with NaN in every cell the op must not read."""
+    dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded,
+    spare=5, keep_spare=False,
+):  # fmt: skip
+    """Random segment caches with NaN in every cell the op must not read. The prompt segment is a view of
+    its first prompt_len columns, or with keep_spare all of them (the lengths then come from segment_lens)."""
     seqs = requests * beams
     capacity = response_len + 3
     prompt_start = torch.tensor(
@@ -240,7 +242,6 @@ def _segment_case(
     query = _random(seqs, heads, head_dim, dtype=dtype)
     caches = []
     # The prompt segment is passed as a strided view of a longer buffer, as the one-beam cache does.
-    spare = 5
     shapes = [(requests, kv_heads, prompt_len + spare, head_dim)] * 2 + [
         (seqs, kv_heads, capacity, head_dim)
     ] * 2
@@ -253,8 +254,9 @@ def _segment_case(
             cache, scale = values, None
         if index < 2:
             cache[:, :, prompt_len:] = NAN_CODE if fp8.is_fp8(kv_format) else float("nan")  # never read
-            cache = cache[:, :, :prompt_len]
-            scale = None if scale is None else scale[:, :, :prompt_len]
+            if not keep_spare:
+                cache = cache[:, :, :prompt_len]
+                scale = None if scale is None else scale[:, :, :prompt_len]
         caches.append((cache, scale))
     # Histories: step t of sequence s lives in a random row of the same request (after beam reorders).
     beam_slots = torch.full((seqs, capacity), -1, dtype=torch.int32)
@@ -318,6 +320,64 @@ def test_segment_attention_decode(
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
                                                 response_len, scale)  # fmt: skip
     assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize(
+    ("requests", "beams", "heads", "kv_heads", "prompt_len", "response_len"),
+    [(1, 1, 4, 4, 300, 0), (2, 4, 8, 2, 200, 5)],
+)
+def test_segment_attention_decode_reads_lengths_from_the_device(
+    kernels, dtype, kv_format, requests, beams, heads, kv_heads, prompt_len, response_len
+):
+    """segment_lens holds the segments' lengths in a tensor (what a replayed CUDA graph reads); the
+    segments are passed at their capacity, with NaN past the lengths. These long prompts are also
+    split across several programs by the Triton kernel (flash-decoding), then combined."""
+    head_dim, spare = 64, 70
+    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+        dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
+        spare=spare, keep_spare=True,
+    )  # fmt: skip
+    (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
+    assert pk.shape[2] == prompt_len + spare
+    lengths = torch.tensor([prompt_len, response_len], dtype=torch.int32)
+    out = torch.full_like(query, float("nan"))
+    scale = head_dim**-0.5
+    capacity = rk.shape[2]
+    kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s,
+                                     beam_slots, capacity, scale, kv_format, lengths)  # fmt: skip
+    prompt_k, prompt_v = (t[:, :, :prompt_len] for t in dequantized[:2])
+    expected = oracles.segment_attention_decode(query, prompt_k, prompt_v, prompt_start, *dequantized[2:],
+                                                beam_slots, response_len, scale)  # fmt: skip
+    assert_close(out, expected, dtype)
+
+
+def test_segment_lens_must_be_two_int32_lengths(kernels):
+    query, caches, _, prompt_start, beam_slots = _segment_case(
+        torch.float32, "auto", 1, 1, 4, 4, 16, 9, 2, False
+    )
+    (pk, _), (pv, _), (rk, _), (rv, _) = caches
+    args = (torch.empty_like(query), query, pk, pv, None, None, prompt_start, rk, rv, None, None, beam_slots, 2,
+            0.25, "auto")  # fmt: skip
+    with pytest.raises(ValueError, match=r"segment_lens must be an int32 tensor of shape \(2,\)"):
+        kernels.segment_attention_decode(*args, torch.tensor([9, 2]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "sycl-cpu"])
+def test_segment_lens_beyond_the_capacity_is_an_error(backend):
+    """Backends that read the lengths on the host check them (the Triton kernel reads them on the device)."""
+    from conftest import KERNEL_BACKENDS
+
+    query, caches, _, prompt_start, beam_slots = _segment_case(
+        torch.float32, "auto", 1, 1, 4, 4, 16, 9, 2, False
+    )
+    (pk, _), (pv, _), (rk, _), (rv, _) = caches
+    with pytest.raises(ValueError, match=r"segment_lens \(10, 2\) exceed the segments' capacities \(9, 2\)"):
+        KERNEL_BACKENDS[backend]().segment_attention_decode(
+            torch.empty_like(query), query, pk, pv, None, None, prompt_start, rk, rv, None, None, beam_slots, 2,
+            0.25, "auto", torch.tensor([10, 2], dtype=torch.int32),
+        )  # fmt: skip
 
 
 def _opcheck(op_name, args):

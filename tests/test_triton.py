@@ -34,7 +34,7 @@ def test_kernels_compile_for_ampere_and_hopper():
     script = Path(__file__).with_name("triton_compile.py")
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=environment)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "compiled 15 launches for [80, 90]" in result.stdout, result.stdout
+    assert "compiled 21 launches for [80, 90]" in result.stdout, result.stdout
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
@@ -63,3 +63,56 @@ def test_unsupported_head_dim_is_a_clear_error():
     q = torch.randn(1, 3, 2, 512)
     with pytest.raises(ValueError, match="head_dim up to 256, not 512"):
         kernels.attention_prefill(torch.empty_like(q), q, q, q, torch.zeros(1, dtype=torch.int32), 0.1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_graph_decode_bookkeeping_gives_the_same_tokens(
+    stories_model, stories_tokenizer, monkeypatch, backend, kv_dtype, num_beams
+):
+    """The CUDA-graph decode path without a GPU: the cache at full capacity with its write column,
+    positions and segment lengths in device tensors updated in place, and the decode graph's fixed input
+    and output buffers, each step run eagerly where a GPU would replay the captured graph."""
+    from xpu_coopt.decode_graph import DecodeGraph
+
+    replays = []
+
+    def eager_replay(self, cache, next_tokens):
+        self.tokens.copy_(next_tokens.view(-1, 1))
+        replays.append(cache.segment_lens.tolist())
+        return self._forward(cache)
+
+    monkeypatch.setattr(DecodeGraph, "__call__", eager_replay)
+    ids = torch.cat([_stories_prompt(stories_tokenizer)] * 2)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # a left-padded row
+    kwargs = dict(max_new_tokens=12, num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0)
+    expected = xpu_coopt.optimize(stories_model, backend=backend, kv_dtype=kv_dtype).generate(
+        ids, mask, **kwargs
+    )
+    graphed = xpu_coopt.optimize(stories_model, backend=backend, kv_dtype=kv_dtype)
+    graphed.cuda_graph = True  # what optimize() chooses for a CUDA model on the Triton backend
+    assert torch.equal(graphed.generate(ids, mask, **kwargs), expected)
+    prompt = ids.shape[1]
+    first = [prompt + 1, 0] if num_beams == 1 else [prompt, 1]
+    assert replays[0] == first and len(replays) == expected.shape[1] - prompt - 1
+
+
+def test_cuda_graph_needs_cuda_and_triton(stories_model):
+    with pytest.raises(
+        ValueError, match="cuda_graph=True needs a CUDA model on the Triton backend, not a cpu"
+    ):
+        xpu_coopt.optimize(stories_model, backend="triton", cuda_graph=True)
+    assert xpu_coopt.optimize(stories_model, backend="triton").cuda_graph is False  # off on CPU by default
+
+
+def test_device_lengths_do_not_grow(stories_model, stories_tokenizer):
+    model = xpu_coopt.optimize(stories_model)
+    logits, cache = model.prefill(_stories_prompt(stories_tokenizer), max_new_tokens=1)
+    cache.use_device_lengths()
+    token = logits.argmax(-1)
+    for _ in range(cache.capacity):
+        token = model.decode(token, cache).argmax(-1)
+    with pytest.raises(RuntimeError, match="ask for max_new_tokens up front"):
+        model.decode(token, cache)

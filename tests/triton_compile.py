@@ -57,6 +57,8 @@ class _Compile:
         def launch(*args, **kwargs):
             signature, constexprs = _signature(self.kernel, args, kwargs)
             for target in TARGETS:
+                if "NATIVE_FP8" in constexprs:  # as on a GPU of that target: FP8 instructions from sm_89
+                    constexprs["NATIVE_FP8"] = target.arch >= 89
                 triton.compile(ASTSource(self.kernel, signature, constexprs), target=target)
             compiled.append(f"{self.kernel.fn.__name__} {constexprs}")
             print(compiled[-1], flush=True)
@@ -65,8 +67,9 @@ class _Compile:
 
 
 for name in ("rms_norm_kernel", "fused_add_rms_norm_kernel", "silu_and_mul_kernel", "rotary_kv_write_kernel",
-             "attention_prefill_kernel", "segment_attention_decode_kernel"):  # fmt: skip
+             "attention_prefill_kernel", "segment_attention_decode_kernel", "combine_splits_kernel"):  # fmt: skip
     setattr(K, name, _Compile(getattr(K, name)))
+K._programs_to_fill = lambda device: 264  # as on an H100 (132 SMs), so long segments are split
 
 
 def _cache(shape, kv_format, dtype):
@@ -102,6 +105,13 @@ def main() -> None:
                 torch.empty_like(decode_query), decode_query, cache[:2], cache[:2], scale if scale is None else scale[:2],
                 scale if scale is None else scale[:2], torch.zeros(2, dtype=torch.int32), response, response,
                 response_scale, response_scale, torch.zeros(8, 5, dtype=torch.int32), 3, 0.125, kv_format,
+            )  # fmt: skip
+            # A long prompt segment (split decode and the combine) with device-side lengths (graph replay).
+            long_cache, long_scale = _cache((2, 2, 600, 64), kv_format, dtype)
+            K.segment_attention_decode(
+                torch.empty_like(decode_query), decode_query, long_cache, long_cache, long_scale, long_scale,
+                torch.zeros(2, dtype=torch.int32), response, response, response_scale, response_scale,
+                torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_format, torch.tensor([500, 3], dtype=torch.int32),
             )  # fmt: skip
     print(f"compiled {len(compiled)} launches for {[t.arch for t in TARGETS]}")
 

@@ -26,6 +26,7 @@ def optimize(
     backend: str = "auto",
     inplace: bool = False,
     kv_scales: KVScales | str | PathLike | None = None,
+    cuda_graph: bool | None = None,
 ) -> OptimizedModel:
     """Returns `model` (a Hugging Face LLaMA, Mistral or Qwen2 causal LM) running on xpu_coopt's kernels.
 
@@ -50,6 +51,10 @@ def optimize(
     kv_scales : KVScales, or a path to a model folder or file holding them, optional
         FP8 caches only: per-tensor static scales (one K and one V scale per layer, calibrated with
         xpu_coopt.calibrate_kv_scales) instead of the default dynamic per-token-per-head scales.
+    cuda_graph : bool, optional
+        Capture each generation's decode step as a CUDA graph at its first step and replay it for the
+        rest, so a step costs GPU work rather than Python launch overhead. Default: on for CUDA models on
+        the Triton backend (the only backend whose kernels read the cache lengths on the device).
     """
     hf_config = getattr(model, "config", None)
     if hf_config is None or not isinstance(model, torch.nn.Module):
@@ -78,5 +83,12 @@ def optimize(
     ops = resolve_backend(backend, parameter.device)
     if inplace and parameter.dtype != dtype:
         model.to(dtype)
+    graph_capable = ops.name == "triton" and parameter.device.type == "cuda"
+    if cuda_graph and not graph_capable:
+        raise ValueError(
+            f"cuda_graph=True needs a CUDA model on the Triton backend, not a {parameter.device.type} model "
+            f"on backend {ops.name!r}"
+        )
     decoder = LlamaDecoder(model, spec, ops, dtype, inplace)
-    return OptimizedModel(model, decoder, kv_dtype, ops.name, kv_scales)
+    use_graph = graph_capable if cuda_graph is None else cuda_graph
+    return OptimizedModel(model, decoder, kv_dtype, ops.name, kv_scales, use_graph)

@@ -145,6 +145,7 @@ def benchmark(
     repeats: int = 1,
     seed: int = 0,
     progress: bool = True,
+    cuda_graph: bool | None = None,
 ) -> BenchResult:
     """Times both implementations on the same random prompts; keeps the best (fastest) of `repeats` runs each."""
     from tqdm import tqdm
@@ -152,7 +153,9 @@ def benchmark(
     device = next(hf_model.parameters()).device
     # inplace=True lets optimize() share the fused matrices with transformers where the backend keeps them
     # plain (weights held once); it converts nothing here (same dtype), so transformers' results are unchanged.
-    optimized = xpu_coopt.optimize(hf_model, dtype=dtype, kv_dtype=kv_dtype, backend=backend, inplace=True)
+    optimized = xpu_coopt.optimize(
+        hf_model, dtype=dtype, kv_dtype=kv_dtype, backend=backend, inplace=True, cuda_graph=cuda_graph
+    )
     generator = torch.Generator().manual_seed(seed)
     vocab = optimized.spec.vocab_size
     input_ids = torch.randint(3, vocab, (batch_size, input_tokens), generator=generator).to(device)
@@ -160,7 +163,7 @@ def benchmark(
     settings = dict(
         dtype=str(dtype).removeprefix("torch."), batch_size=batch_size, input_tokens=input_tokens,
         output_tokens=output_tokens, num_beams=num_beams, kv_dtype=kv_dtype, backend=optimized.backend,
-        device=str(device), threads=torch.get_num_threads(), repeats=repeats,
+        cuda_graph=optimized.cuda_graph, device=str(device), threads=torch.get_num_threads(), repeats=repeats,
         eos_token_id=2, pad_token_id=0, torch=torch.__version__,
     )  # fmt: skip
     import transformers

@@ -47,6 +47,8 @@ def _bench_parser(subparsers) -> None:
     bench.add_argument("--num-beams", type=_positive, default=1)
     bench.add_argument("--kv-dtype", default="auto", choices=KV_FORMATS)
     bench.add_argument("--repeats", type=_positive, default=1, help="timed runs per side; the best is kept")
+    bench.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
+                       help="replay decode steps as a CUDA graph (auto: on for CUDA with the Triton backend)")  # fmt: skip
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
 
 
@@ -63,6 +65,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         model, dtype=DTYPES[args.dtype], batch_size=args.batch_size, input_tokens=args.input_tokens,
         output_tokens=args.output_tokens, num_beams=args.num_beams, kv_dtype=args.kv_dtype,
         backend=args.backend, repeats=args.repeats,
+        cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph],
     )  # fmt: skip
     result.settings["model"] = args.model
     print(format_result(result))

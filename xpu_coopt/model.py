@@ -164,7 +164,6 @@ class LlamaDecoder:
                 layer.o_proj(attention), residual, layer.post_attention_norm, spec.rms_norm_eps
             )
             hidden = layer.down_proj(ops.silu_and_mul(layer.gate_up(hidden)))
-        cache.end_step()
         hidden = ops.fused_add_rms_norm(hidden, residual, self.final_norm, spec.rms_norm_eps)
         hidden = hidden.view(num_seqs, length, -1)
         if last_only:

@@ -9,6 +9,7 @@ import torch
 
 from xpu_coopt.cache import SegmentKVCache
 from xpu_coopt.config import ModelSpec
+from xpu_coopt.decode_graph import DecodeGraph
 from xpu_coopt.kv_scales import KVScales
 from xpu_coopt.model import LlamaDecoder
 
@@ -66,6 +67,7 @@ class OptimizedModel:
         kv_format: str,
         backend: str,
         kv_scales: KVScales | None = None,
+        cuda_graph: bool = False,
     ) -> None:
         self.hf_model = hf_model
         self.config = hf_model.config
@@ -78,11 +80,13 @@ class OptimizedModel:
         self.backend = backend
         self.kv_scales = kv_scales  # None: dynamic per-row FP8 scales (or a 16-bit cache)
         self.static_scales = None if kv_scales is None else kv_scales.tensors(kv_format, self.device)
+        self.cuda_graph = cuda_graph  # decode steps replay a captured CUDA graph (xpu_coopt.decode_graph)
 
     def __repr__(self) -> str:
         return (
             f"OptimizedModel({self.spec.architecture}, layers={self.spec.num_layers}, dtype={self.dtype}, "
-            f"kv_dtype={self.kv_format!r}{', static KV scales' if self.kv_scales else ''}, backend={self.backend!r}, device={self.device})"
+            f"kv_dtype={self.kv_format!r}{', static KV scales' if self.kv_scales else ''}, backend={self.backend!r}, "
+            f"cuda_graph={self.cuda_graph}, device={self.device})"
         )
 
     def check_length(self, total_length: int) -> None:
@@ -115,15 +119,24 @@ class OptimizedModel:
             prompt_start, input_ids.shape[1], num_beams, max_new_tokens, self.kv_format, self.static_scales
         )
         logits = self.decoder.forward(input_ids.long(), positions, cache, last_only)
+        cache.end_step()
         return logits, cache
 
     @torch.inference_mode()
     def decode(self, next_tokens: torch.Tensor, cache: SegmentKVCache) -> torch.Tensor:
         """next_tokens: [S] (one per sequence) -> logits [S, vocab] in the model dtype."""
         self.check_length(cache.prompt_len + cache.response_len + 1)
+        if self.cuda_graph and cache.decode_graph is None:
+            cache.use_device_lengths()
+            cache.decode_graph = DecodeGraph(self.decoder, cache)
         cache.begin_decode_step()
-        positions = cache.positions()
-        return self.decoder.forward(next_tokens.long().view(-1, 1), positions.view(-1, 1), cache, True)
+        if cache.decode_graph is not None:
+            logits = cache.decode_graph(cache, next_tokens)
+        else:
+            positions = cache.positions().view(-1, 1)
+            logits = self.decoder.forward(next_tokens.long().view(-1, 1), positions, cache, True)
+        cache.end_step()
+        return logits
 
     def forward(
         self,

@@ -89,6 +89,8 @@ class SegmentKVCache:
         self.response_k_scale, self.response_v_scale = self._scales(response_shape)
         self.beam_slots = torch.zeros((self.num_seqs, response_columns), dtype=torch.int32, device=device)
         self._seq_rows = torch.arange(self.num_seqs, device=device)
+        self.segment_lens = None  # set by use_device_lengths(): decode steps then suit CUDA graph replay
+        self.decode_graph = None  # the DecodeGraph replaying this cache's decode steps, if any
         self._prompt_rows = torch.arange(self.num_requests, device=device).repeat_interleave(prompt_len)
         self._prompt_columns = torch.arange(prompt_len, device=device).repeat(self.num_requests)
 
@@ -102,8 +104,19 @@ class SegmentKVCache:
             torch.ones(shape[:-1], dtype=fp8.SCALE_DTYPE, device=self.prompt_start.device) for _ in "kv"
         )
 
+    def use_device_lengths(self) -> None:
+        """From the next decode step on, every step reads the segments at their full capacity, with the
+        write column, the positions and the segments' lengths held in device tensors updated in place: one
+        CUDA graph captured at one step then replays at every later step. The cache no longer grows."""
+        device = self._seq_rows.device
+        self.segment_lens = torch.zeros(2, dtype=torch.int32, device=device)
+        self._decode_columns = torch.zeros_like(self._seq_rows)
+        self._positions = torch.zeros_like(self.prompt_lengths)
+
     def positions(self) -> torch.Tensor:
         """int64 [S]: the rotary position of the token each sequence decodes next."""
+        if self.segment_lens is not None:
+            return self._positions
         return self.prompt_lengths + self.response_len
 
     def begin_decode_step(self) -> None:
@@ -111,12 +124,24 @@ class SegmentKVCache:
         if not self.prefilled:
             raise RuntimeError("decode before prefill: the cache holds no prompt")
         if self.response_len == self.capacity:
+            if self.segment_lens is not None:
+                raise RuntimeError(
+                    f"the cache holds {self.capacity} generated tokens and was set to device lengths "
+                    "(a captured decode graph): ask for max_new_tokens up front"
+                )
             self._grow()
-        if self.single_beam:  # the token continues the request's own segment
-            self._decode_columns = torch.full_like(self._seq_rows, self.prompt_len + self.response_len)
-        else:
-            self.beam_slots[:, self.response_len] = self._seq_rows.to(torch.int32)
-            self._decode_columns = torch.full_like(self._seq_rows, self.response_len)
+        step = self.response_len
+        column = self.prompt_len + step if self.single_beam else step
+        if not self.single_beam:
+            self.beam_slots[:, step] = self._seq_rows.to(torch.int32)
+        if self.segment_lens is None:
+            self._decode_columns = torch.full_like(self._seq_rows, column)
+            return
+        # In place, as a replayed graph reads them: a few tiny asynchronous fills, no host sync.
+        self._decode_columns.fill_(column)
+        torch.add(self.prompt_lengths, step, out=self._positions)
+        self.segment_lens[0].fill_(self.prompt_len + step + 1 if self.single_beam else self.prompt_len)
+        self.segment_lens[1].fill_(0 if self.single_beam else step + 1)
 
     def end_step(self) -> None:
         if self.prefilled:
@@ -211,12 +236,15 @@ class SegmentKVCache:
     def _attend_decode(self, layer, query, key, value, cos_sin) -> torch.Tensor:
         kernels = self.ops.kernels
         response = self._response_segment(layer)
+        device_lengths = self.segment_lens is not None  # full capacity; the lengths live in segment_lens
         if self.single_beam:  # one segment holds prompt and response: attend over it, response_len 0
-            prompt = self._prompt_segment(layer, self.prompt_len + self.response_len + 1)
+            columns = None if device_lengths else self.prompt_len + self.response_len + 1
+            prompt = self._prompt_segment(layer, columns)
             written, response_len = self._prompt_segment(layer), 0
         else:
             prompt = self._prompt_segment(layer, self.prompt_len)
-            written, response_len = response, self.response_len + 1
+            written = response
+            response_len = self.capacity if device_lengths else self.response_len + 1
         kernels.rotary_embedding_kv_write(
             query, key, value, cos_sin, *written, self._seq_rows, self._decode_columns, self.kv_format,
             self.static_scales is not None,
@@ -224,6 +252,6 @@ class SegmentKVCache:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         kernels.segment_attention_decode(
             out, query, *prompt, self.prompt_start, *response,
-            self.beam_slots, response_len, self.spec.attention_scale, self.kv_format,
+            self.beam_slots, response_len, self.spec.attention_scale, self.kv_format, self.segment_lens,
         )  # fmt: skip
         return out.view(query.shape[0], -1)

@@ -93,3 +93,26 @@ def index_dtype(op: str, dtype: torch.dtype, **tensors: torch.Tensor) -> None:
     for name, tensor in tensors.items():
         if tensor.dtype != dtype:
             raise TypeError(f"{op}: {name} must be {dtype}, not {tensor.dtype}")
+
+
+def segment_lens_tensor(op: str, segment_lens: torch.Tensor | None) -> None:
+    """segment_attention_decode's optional device-side lengths: int32 [2] (prompt columns, response steps)."""
+    if segment_lens is not None and (segment_lens.dtype != torch.int32 or segment_lens.shape != (2,)):
+        raise ValueError(
+            f"{op}: segment_lens must be an int32 tensor of shape (2,), not {segment_lens.dtype} "
+            f"{tuple(segment_lens.shape)}"
+        )
+
+
+def segment_lens_values(
+    op: str, segment_lens: torch.Tensor, prompt_capacity: int, response_capacity: int
+) -> tuple[int, int]:
+    """The two lengths read on the host (backends without device-side lengths), within the capacities."""
+    segment_lens_tensor(op, segment_lens)
+    prompt_len, response_len = (int(n) for n in segment_lens.tolist())
+    if not (0 <= prompt_len <= prompt_capacity and 0 <= response_len <= response_capacity):
+        raise ValueError(
+            f"{op}: segment_lens ({prompt_len}, {response_len}) exceed the segments' capacities "
+            f"({prompt_capacity}, {response_capacity})"
+        )
+    return prompt_len, response_len

@@ -79,9 +79,10 @@ def attention_prefill_kernel(
 @triton.jit
 def segment_attention_decode_kernel(
     out, query, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale, prompt_start,
-    response_k, response_v, response_k_scale, response_v_scale, beam_slots,
-    beams, kv_heads, group, head_dim, prompt_len, response_len, scale, query_stride, out_stride,
-    prompt_request_stride, prompt_head_stride, prompt_position_stride,
+    response_k, response_v, response_k_scale, response_v_scale, beam_slots, segment_lens,
+    partial_acc, partial_stats,
+    beams, kv_heads, group, head_dim, prompt_len, response_len, chunk, rows_per_split, scale,
+    query_stride, out_stride, prompt_request_stride, prompt_head_stride, prompt_position_stride,
     prompt_scale_request_stride, prompt_scale_head_stride, prompt_scale_position_stride,
     response_row_stride, response_head_stride, response_position_stride,
     response_scale_row_stride, response_scale_head_stride, response_scale_position_stride,
@@ -89,11 +90,24 @@ def segment_attention_decode_kernel(
     BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     FORMAT: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr, FP8_MAX: tl.constexpr,
     MIN_NORMAL: tl.constexpr, SUB_SCALE: tl.constexpr, SUB_UNIT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    NATIVE_FP8: tl.constexpr, HAS_LENS: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
-    """Program = (request, KV head); its rows are every (beam, query head of the group) of the request,
-    so each prompt K/V block is loaded (and dequantized) once for all of them."""
+    """Program = (request, KV head, split); its rows are every (beam, query head of the group) of the
+    request, so each prompt K/V block is loaded (and dequantized) once for all of them. Split k covers
+    prompt columns [k * chunk, (k + 1) * chunk) (flash-decoding: enough programs to fill the GPU at batch
+    1); the last split also covers the response segment. With SPLIT, each split writes its unnormalised
+    accumulator and (row max, row sum) to partial_acc / partial_stats for combine_splits_kernel; without,
+    the one split writes out. With HAS_LENS the segment lengths are read from segment_lens on the device
+    (prompt_len and response_len are then capacities), so a captured CUDA graph replays at any step."""
     request = (tl.program_id(0) // kv_heads).to(tl.int64)
     kv = tl.program_id(0) % kv_heads
+    split = tl.program_id(1)
+    if HAS_LENS:
+        prompt_end = tl.load(segment_lens)
+        response_end = tl.load(segment_lens + 1)
+    else:
+        prompt_end = prompt_len
+        response_end = response_len
     rows = tl.arange(0, BLOCK_ROWS)
     row_ok = rows < beams * group
     sequence = request * beams + rows // group
@@ -111,28 +125,30 @@ def segment_attention_decode_kernel(
     start = tl.load(prompt_start + request)
     prompt = request * prompt_request_stride + kv * prompt_head_stride
     prompt_scale = request * prompt_scale_request_stride + kv * prompt_scale_head_stride
-    for first in range(start // BLOCK_N * BLOCK_N, prompt_len, BLOCK_N):
+    end = tl.minimum((split + 1) * chunk, prompt_end)
+    for first in range(tl.maximum(split * chunk, start // BLOCK_N * BLOCK_N), end, BLOCK_N):
         n = first + tl.arange(0, BLOCK_N)
-        n_ok = (n >= start) & (n < prompt_len)
-        k_mask = n_ok[None, :] & d_ok[:, None]  # K^T block [D, N]
-        k = load_cells(prompt_k + prompt + n[None, :] * prompt_position_stride + d[:, None], k_mask,
-                       prompt_k_scale + prompt_scale + n[None, :] * prompt_scale_position_stride + 0 * d[:, None],
-                       dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT)  # fmt: skip
+        n_ok = (n >= start) & (n < end)
+        k = load_cells(prompt_k + prompt + n[None, :] * prompt_position_stride + d[:, None],  # K^T [D, N]
+                       n_ok[None, :] & d_ok[:, None],
+                       prompt_k_scale + prompt_scale + n[None, :] * prompt_scale_position_stride, n_ok[None, :],
+                       dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
         scores = _dot(q, k, UPCAST_DOT) * scale
         p, row_max, row_sum, acc = _online_softmax(
             tl.where(n_ok[None, :] & row_ok[:, None], scores, float("-inf")), row_max, row_sum, acc
         )
-        v_mask = n_ok[:, None] & d_ok[None, :]
-        v = load_cells(prompt_v + prompt + n[:, None] * prompt_position_stride + d[None, :], v_mask,
-                       prompt_v_scale + prompt_scale + n[:, None] * prompt_scale_position_stride + 0 * d[None, :],
-                       dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT)  # fmt: skip
+        v = load_cells(prompt_v + prompt + n[:, None] * prompt_position_stride + d[None, :],
+                       n_ok[:, None] & d_ok[None, :],
+                       prompt_v_scale + prompt_scale + n[:, None] * prompt_scale_position_stride, n_ok[:, None],
+                       dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
         acc += _dot(p.to(dtype), v, UPCAST_DOT)
 
-    # Response segment: step t of a sequence lives in row beam_slots[sequence, t]; rows differ per beam,
-    # so these blocks are [rows, steps, D] gathers, reduced without a matrix product.
-    for first in range(0, response_len, BLOCK_T):
+    # Response segment (last split only): step t of a sequence lives in row beam_slots[sequence, t]; rows
+    # differ per beam, so these blocks are [rows, steps, D] gathers, reduced without a matrix product.
+    steps = tl.where(split == tl.num_programs(1) - 1, response_end, 0)
+    for first in range(0, steps, BLOCK_T):
         t = first + tl.arange(0, BLOCK_T)
-        ok = row_ok[:, None] & (t[None, :] < response_len)  # [rows, T]
+        ok = row_ok[:, None] & (t[None, :] < steps)  # [rows, T]
         slot = tl.load(beam_slots + sequence[:, None] * beam_slots_stride + t[None, :], mask=ok, other=0).to(
             tl.int64
         )
@@ -144,15 +160,50 @@ def segment_attention_decode_kernel(
         )
         mask3 = ok[:, :, None] & d_ok[None, None, :]
         k = load_cells(response_k + cell[:, :, None] + d[None, None, :], mask3,
-                       response_k_scale + scale_cell[:, :, None] + 0 * d[None, None, :],
-                       dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT)  # fmt: skip
+                       response_k_scale + scale_cell[:, :, None], ok[:, :, None],
+                       dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
         scores = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32), axis=2) * scale
         p, row_max, row_sum, acc = _online_softmax(tl.where(ok, scores, float("-inf")), row_max, row_sum, acc)
         v = load_cells(response_v + cell[:, :, None] + d[None, None, :], mask3,
-                       response_v_scale + scale_cell[:, :, None] + 0 * d[None, None, :],
-                       dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT)  # fmt: skip
+                       response_v_scale + scale_cell[:, :, None], ok[:, :, None],
+                       dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
         acc += tl.sum(p.to(dtype).to(tl.float32)[:, :, None] * v.to(tl.float32), axis=1)
 
-    result = acc / tl.maximum(row_sum, 1e-30)[:, None]
-    tl.store(out + sequence[:, None] * out_stride + h[:, None] * head_dim + d[None, :], result.to(dtype),
-             mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+    if SPLIT:  # partial results of this split, rows indexed by (sequence, query head)
+        row = split.to(tl.int64) * rows_per_split + sequence * (kv_heads * group) + h
+        tl.store(
+            partial_acc + row[:, None] * head_dim + d[None, :], acc, mask=row_ok[:, None] & d_ok[None, :]
+        )
+        tl.store(partial_stats + row * 2, row_max, mask=row_ok)
+        tl.store(partial_stats + row * 2 + 1, row_sum, mask=row_ok)
+    else:
+        result = acc / tl.maximum(row_sum, 1e-30)[:, None]
+        tl.store(out + sequence[:, None] * out_stride + h[:, None] * head_dim + d[None, :], result.to(dtype),
+                 mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+
+
+@triton.jit
+def combine_splits_kernel(
+    out, partial_acc, partial_stats, splits, rows_per_split, heads, head_dim, out_stride,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Program = one (sequence, query head) row: merges the splits' softmax partials (each accumulator is
+    relative to its own row max) into the normalised output."""
+    row = tl.program_id(0)
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < splits
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < head_dim
+    partial = s.to(tl.int64) * rows_per_split + row
+    row_max = tl.load(partial_stats + partial * 2, mask=s_ok, other=float("-inf"))
+    row_sum = tl.load(partial_stats + partial * 2 + 1, mask=s_ok, other=0.0)
+    top = tl.max(row_max, axis=0)
+    weight = tl.where(
+        row_max == float("-inf"), 0.0, tl.exp(row_max - tl.where(top == float("-inf"), 0.0, top))
+    )
+    acc = tl.load(partial_acc + partial[:, None] * head_dim + d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                  other=0.0)  # fmt: skip
+    total = tl.sum(weight * row_sum, axis=0)
+    result = tl.sum(weight[:, None] * acc, axis=0) / tl.maximum(total, 1e-30)
+    sequence, h = row // heads, row % heads
+    tl.store(out + sequence * out_stride + h * head_dim + d, result.to(out.dtype.element_ty), mask=d_ok)

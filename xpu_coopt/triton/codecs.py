@@ -59,16 +59,33 @@ def fp8_decode(code, MANTISSA: tl.constexpr, BIAS: tl.constexpr, SUB_UNIT: tl.co
 
 
 @triton.jit
-def load_cells(pointers, mask, scale_pointers, DTYPE: tl.constexpr, FORMAT: tl.constexpr,
-               MANTISSA: tl.constexpr, BIAS: tl.constexpr, SUB_UNIT: tl.constexpr):  # fmt: skip
+def decode_codes(codes, MANTISSA: tl.constexpr, BIAS: tl.constexpr, SUB_UNIT: tl.constexpr,
+                 NATIVE_FP8: tl.constexpr):  # fmt: skip
+    """uint8 codes -> float32 values (before the scale): with NATIVE_FP8 through the GPU's FP8 conversion
+    instructions (sm_89 and newer), else with integer operations. Both are exact and agree on every code
+    the encoder writes (it never writes e4m3's NaN codes 0x7f / 0xff, nor e5m2's inf / NaN)."""
+    if NATIVE_FP8:
+        if MANTISSA == 3:
+            values = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        else:
+            values = codes.to(tl.float8e5, bitcast=True).to(tl.float32)
+    else:
+        values = fp8_decode(codes, MANTISSA, BIAS, SUB_UNIT)
+    return values
+
+
+@triton.jit
+def load_cells(pointers, mask, scale_pointers, scale_mask, DTYPE: tl.constexpr, FORMAT: tl.constexpr,
+               MANTISSA: tl.constexpr, BIAS: tl.constexpr, SUB_UNIT: tl.constexpr, NATIVE_FP8: tl.constexpr):  # fmt: skip
     """Cache cells as DTYPE values: as stored, or FP8 codes times their row's scale rounded to DTYPE (as
-    the reference dequantizes). scale_pointers has the shape of pointers; masked cells are never read."""
+    the reference dequantizes). scale_pointers / scale_mask broadcast against pointers (one scale per
+    cache row, loaded once, not once per element); masked cells are never read."""
     if FORMAT == 0:
         values = tl.load(pointers, mask=mask, other=0.0)
     else:
         codes = tl.load(pointers, mask=mask, other=0)
-        scales = tl.load(scale_pointers, mask=mask, other=0.0).to(tl.float32)
-        values = (fp8_decode(codes, MANTISSA, BIAS, SUB_UNIT) * scales).to(DTYPE)
+        scales = tl.load(scale_pointers, mask=scale_mask, other=0.0).to(tl.float32)
+        values = (decode_codes(codes, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8) * scales).to(DTYPE)
     return values
 
 

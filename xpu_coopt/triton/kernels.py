@@ -7,6 +7,7 @@ backend="triton" also calls them on CPU tensors under Triton's interpreter (TRIT
 
 from __future__ import annotations
 
+import functools
 import os
 from types import SimpleNamespace
 
@@ -15,21 +16,29 @@ import triton
 
 from xpu_coopt.ops import checks
 from xpu_coopt.ops.schema import library
-from xpu_coopt.triton.attention import attention_prefill_kernel, segment_attention_decode_kernel
+from xpu_coopt.triton.attention import (
+    attention_prefill_kernel,
+    combine_splits_kernel,
+    segment_attention_decode_kernel,
+)
 from xpu_coopt.triton.codecs import codec_constants
 from xpu_coopt.triton.kv_write import rotary_kv_write_kernel
 from xpu_coopt.triton.norms import fused_add_rms_norm_kernel, rms_norm_kernel, silu_and_mul_kernel
 
 BACKEND = "Triton"
+# Chosen by triton when it is imported; its bfloat16 tl.dot is wrong, so the attention kernels multiply
+# bfloat16 blocks in float32 there (exact products, the same result).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_HEAD_DIM = 256
 MAX_HIDDEN = 65536  # rms_norm holds a whole row in one block
 MAX_DECODE_ROWS = 64  # beams x query heads per KV head in one decode program
 SILU_BLOCK = 1024
 PREFILL_BLOCK_M, PREFILL_BLOCK_N = 32, 32
 DECODE_BLOCK_N, DECODE_BLOCK_T = 64, 16
-# Chosen by triton when it is imported; its bfloat16 tl.dot is wrong, so the attention kernels multiply
-# bfloat16 blocks in float32 there (exact products, the same result).
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Prompt columns: a shorter split costs more to combine than it saves. Under the interpreter one block,
+# so that the tests' small shapes exercise split decoding.
+DECODE_MIN_CHUNK = DECODE_BLOCK_N if INTERPRETED else 256
+INTERPRETER_DECODE_PROGRAMS = 16
 
 
 def _upcast_dot(dtype: torch.dtype) -> bool:
@@ -171,6 +180,33 @@ def attention_prefill(
     )  # fmt: skip
 
 
+@functools.cache
+def _native_fp8(device: torch.device) -> bool:
+    """Whether the GPU converts FP8 in hardware (sm_89 and newer); the interpreter and older GPUs decode
+    codes with integer operations."""
+    return device.type == "cuda" and not INTERPRETED and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@functools.cache
+def _programs_to_fill(device: torch.device) -> int:
+    """Decode programs that keep every multiprocessor busy (two per SM); a small number under the
+    interpreter, so the tests' small shapes run the split path too."""
+    if device.type != "cuda" or INTERPRETED:
+        return INTERPRETER_DECODE_PROGRAMS
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_splits(programs: int, columns: int, device: torch.device) -> tuple[int, int]:
+    """(splits, chunk): the prompt columns each split of a (request, KV head) covers, a multiple of
+    DECODE_BLOCK_N, split only as far as needed to fill the GPU and never below DECODE_MIN_CHUNK columns.
+    Sized by the segment's capacity, so a captured graph stays valid as the sequence grows."""
+    wanted = -(-_programs_to_fill(device) // programs)
+    splits = max(1, min(wanted, columns // DECODE_MIN_CHUNK))
+    chunk = -(-max(columns, 1) // splits)
+    chunk = -(-chunk // DECODE_BLOCK_N) * DECODE_BLOCK_N
+    return -(-max(columns, 1) // chunk), chunk
+
+
 def segment_attention_decode(
     out: torch.Tensor,
     query: torch.Tensor,
@@ -187,6 +223,7 @@ def segment_attention_decode(
     response_len: int,
     scale: float,
     kv_format: str,
+    segment_lens: torch.Tensor | None = None,
 ) -> None:
     op = "segment_attention_decode"
     checks.activation_dtype(op, BACKEND, query, out)
@@ -204,20 +241,39 @@ def segment_attention_decode(
     checks.inner_contiguous(op, response_k=response_k, response_v=response_v, beam_slots=beam_slots)
     checks.heads_apart(op, head_dim, 1, query=query, out=out)
     checks.index_dtype(op, torch.int32, beam_slots=beam_slots)
+    checks.segment_lens_tensor(op, segment_lens)
+    if num_seqs == 0:
+        return
+    splits, chunk = decode_splits(requests * kv_heads, prompt_len, query.device)
     unused = query.new_empty(0, dtype=torch.float32)
-    segment_attention_decode_kernel[(requests * kv_heads,)](
+    # Partials of a split decode: workspace of this call (inside a captured graph, from the graph's pool).
+    partial_acc = (
+        unused if splits == 1 else query.new_empty((splits, num_seqs * heads, head_dim), dtype=torch.float32)
+    )
+    partial_stats = (
+        unused if splits == 1 else query.new_empty((splits, num_seqs * heads, 2), dtype=torch.float32)
+    )
+    segment_attention_decode_kernel[(requests * kv_heads, splits)](
         out, query, prompt_k, prompt_v,
         unused if prompt_k_scale is None else prompt_k_scale, unused if prompt_v_scale is None else prompt_v_scale,
         prompt_start.to(torch.int32).contiguous(), response_k, response_v,
         unused if response_k_scale is None else response_k_scale,
         unused if response_v_scale is None else response_v_scale, beam_slots,
-        beams, kv_heads, group, head_dim, prompt_len, response_len, scale, query.stride(0), out.stride(0),
+        unused if segment_lens is None else segment_lens, partial_acc, partial_stats,
+        beams, kv_heads, group, head_dim, prompt_len, response_len, chunk, num_seqs * heads, scale,
+        query.stride(0), out.stride(0),
         *checks.cache_strides(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
         *checks.cache_strides(op, response_k, response_v, response_k_scale, response_v_scale),
         beam_slots.stride(0),
         BLOCK_ROWS=_block(beams * group, 16), BLOCK_N=DECODE_BLOCK_N, BLOCK_T=DECODE_BLOCK_T,
-        BLOCK_D=_block(head_dim, 16), UPCAST_DOT=_upcast_dot(query.dtype), **codec_constants(kv_format),
+        BLOCK_D=_block(head_dim, 16), UPCAST_DOT=_upcast_dot(query.dtype), NATIVE_FP8=_native_fp8(query.device),
+        HAS_LENS=segment_lens is not None, SPLIT=splits > 1, **codec_constants(kv_format),
     )  # fmt: skip
+    if splits > 1:
+        combine_splits_kernel[(num_seqs * heads,)](
+            out, partial_acc, partial_stats, splits, num_seqs * heads, heads, head_dim, out.stride(0),
+            BLOCK_S=_block(splits), BLOCK_D=_block(head_dim),
+        )  # fmt: skip
 
 
 KERNELS = {

@@ -1,0 +1,56 @@
+"""A decode step captured as a CUDA graph and replayed for every later step of a generation.
+
+At batch 1 a 7B model's decode step launches a few hundred small kernels; in eager mode the GPU waits on
+Python between them. The graph records them once and replays them with one launch. What changes between
+steps lives in device tensors updated in place before each replay: the input tokens (copied into the
+graph's input buffer) and the cache's write column, positions and segment lengths
+(SegmentKVCache.use_device_lengths). The cache is preallocated for max_new_tokens, so every tensor the
+graph touches keeps its address. Prefill stays eager: its shapes change with every prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xpu_coopt.cache import SegmentKVCache
+
+# Eager runs before capture, on a side stream as torch.cuda.graph requires: they compile the Triton kernels
+# and create the cuBLAS workspaces, which must not happen during capture. Each run computes the very step
+# being captured (same inputs, same cache cells), so it changes nothing.
+WARMUP_RUNS = 2
+
+
+class DecodeGraph:
+    """One cache's decode step as a CUDA graph, kept on the cache (cache.decode_graph). It holds no
+    reference to the cache, so the two are freed together as soon as the generation drops the cache.
+    Call begin_decode_step() on the cache before each call."""
+
+    def __init__(self, decoder, cache: SegmentKVCache) -> None:
+        if cache.segment_lens is None:
+            raise RuntimeError("DecodeGraph needs a cache set to device lengths (use_device_lengths)")
+        self.decoder = decoder
+        self.tokens = torch.zeros((cache.num_seqs, 1), dtype=torch.long, device=cache.beam_slots.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def _forward(self, cache: SegmentKVCache) -> torch.Tensor:
+        return self.decoder.forward(self.tokens, cache.positions().view(-1, 1), cache, True)
+
+    def _capture(self, cache: SegmentKVCache) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                self._forward(cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._forward(cache)
+
+    def __call__(self, cache: SegmentKVCache, next_tokens: torch.Tensor) -> torch.Tensor:
+        """next_tokens [S] -> logits [S, vocab]: the graph's output buffer, overwritten by the next call."""
+        self.tokens.copy_(next_tokens.view(-1, 1))
+        if self.graph is None:
+            self._capture(cache)
+        self.graph.replay()
+        return self.logits
