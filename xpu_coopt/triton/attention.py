@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from xpu_coopt.triton.codecs import load_cells
+from xpu_coopt.triton.codecs import load_cells, load_unscaled
 
 
 @triton.jit
@@ -129,11 +129,11 @@ def segment_attention_decode_kernel(
     for first in range(tl.maximum(split * chunk, start // BLOCK_N * BLOCK_N), end, BLOCK_N):
         n = first + tl.arange(0, BLOCK_N)
         n_ok = (n >= start) & (n < end)
-        k = load_cells(prompt_k + prompt + n[None, :] * prompt_position_stride + d[:, None],  # K^T [D, N]
-                       n_ok[None, :] & d_ok[:, None],
-                       prompt_k_scale + prompt_scale + n[None, :] * prompt_scale_position_stride, n_ok[None, :],
-                       dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
-        scores = _dot(q, k, UPCAST_DOT) * scale
+        k, k_scale = load_unscaled(prompt_k + prompt + n[None, :] * prompt_position_stride + d[:, None],  # K^T [D, N]
+                                   n_ok[None, :] & d_ok[:, None],
+                                   prompt_k_scale + prompt_scale + n * prompt_scale_position_stride, n_ok,
+                                   dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
+        scores = _dot(q, k, UPCAST_DOT) * (k_scale * scale)[None, :]
         p, row_max, row_sum, acc = _online_softmax(
             tl.where(n_ok[None, :] & row_ok[:, None], scores, float("-inf")), row_max, row_sum, acc
         )

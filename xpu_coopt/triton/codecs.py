@@ -59,18 +59,19 @@ def fp8_decode(code, MANTISSA: tl.constexpr, BIAS: tl.constexpr, SUB_UNIT: tl.co
 
 
 @triton.jit
-def decode_codes(codes, MANTISSA: tl.constexpr, BIAS: tl.constexpr, SUB_UNIT: tl.constexpr,
+def decode_codes(codes, OUT: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr, SUB_UNIT: tl.constexpr,
                  NATIVE_FP8: tl.constexpr):  # fmt: skip
-    """uint8 codes -> float32 values (before the scale): with NATIVE_FP8 through the GPU's FP8 conversion
-    instructions (sm_89 and newer), else with integer operations. Both are exact and agree on every code
-    the encoder writes (it never writes e4m3's NaN codes 0x7f / 0xff, nor e5m2's inf / NaN)."""
+    """uint8 codes -> their values (before the scale) as OUT, exactly (every FP8 value is a 16-bit float):
+    with NATIVE_FP8 through the GPU's FP8 conversion instructions (sm_89 and newer; to float16 one
+    instruction per pair of codes), else with integer operations. Both agree on every code the encoder
+    writes (it never writes e4m3's NaN codes 0x7f / 0xff, nor e5m2's inf / NaN)."""
     if NATIVE_FP8:
         if MANTISSA == 3:
-            values = codes.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            values = codes.to(tl.float8e4nv, bitcast=True).to(OUT)
         else:
-            values = codes.to(tl.float8e5, bitcast=True).to(tl.float32)
+            values = codes.to(tl.float8e5, bitcast=True).to(OUT)
     else:
-        values = fp8_decode(codes, MANTISSA, BIAS, SUB_UNIT)
+        values = fp8_decode(codes, MANTISSA, BIAS, SUB_UNIT).to(OUT)
     return values
 
 
@@ -85,8 +86,24 @@ def load_cells(pointers, mask, scale_pointers, scale_mask, DTYPE: tl.constexpr, 
     else:
         codes = tl.load(pointers, mask=mask, other=0)
         scales = tl.load(scale_pointers, mask=scale_mask, other=0.0).to(tl.float32)
-        values = (decode_codes(codes, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8) * scales).to(DTYPE)
+        values = (decode_codes(codes, tl.float32, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8) * scales).to(DTYPE)
     return values
+
+
+@triton.jit
+def load_unscaled(pointers, mask, scale_pointers, scale_mask, DTYPE: tl.constexpr, FORMAT: tl.constexpr,
+                  MANTISSA: tl.constexpr, BIAS: tl.constexpr, SUB_UNIT: tl.constexpr, NATIVE_FP8: tl.constexpr):  # fmt: skip
+    """(values, scales): cache cells as DTYPE values before their row's scale (FP8 codes convert exactly to
+    16-bit floats), and the rows' scales as float32 (ones for a 16-bit cache). For K, whose scale is one
+    per key, scores = (q . codes) * scale: one multiply per score instead of one per element."""
+    if FORMAT == 0:
+        values = tl.load(pointers, mask=mask, other=0.0)
+        scales = tl.where(scale_mask, 1.0, 0.0)
+    else:
+        codes = tl.load(pointers, mask=mask, other=0)
+        values = decode_codes(codes, DTYPE, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)
+        scales = tl.load(scale_pointers, mask=scale_mask, other=0.0).to(tl.float32)
+    return values, scales
 
 
 @triton.jit

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 import triton
 
-from xpu_coopt.ops import checks
+from xpu_coopt.ops import checks, fp8
 from xpu_coopt.ops.schema import library
 from xpu_coopt.triton.attention import (
     attention_prefill_kernel,
@@ -34,10 +34,14 @@ MAX_HIDDEN = 65536  # rms_norm holds a whole row in one block
 MAX_DECODE_ROWS = 64  # beams x query heads per KV head in one decode program
 SILU_BLOCK = 1024
 PREFILL_BLOCK_M, PREFILL_BLOCK_N = 32, 32
-DECODE_BLOCK_N, DECODE_BLOCK_T = 64, 16
+# Keys per block of the decode kernel, by cache storage (measured on an H100, docs/benchmarks.md: 64 keeps
+# a 16-bit cache at 77-89% of the copy rate from 4k; 128 runs an FP8 cache 20% faster than 64).
+DECODE_BLOCK_N = {"16-bit": 64, "fp8": 128}
+DECODE_BLOCK_T = 16
+DECODE_NUM_WARPS = 4
 # Prompt columns: a shorter split costs more to combine than it saves. Under the interpreter one block,
 # so that the tests' small shapes exercise split decoding.
-DECODE_MIN_CHUNK = DECODE_BLOCK_N if INTERPRETED else 256
+DECODE_MIN_CHUNK = 64 if INTERPRETED else 256
 INTERPRETER_DECODE_PROGRAMS = 16
 
 
@@ -196,14 +200,14 @@ def _programs_to_fill(device: torch.device) -> int:
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def decode_splits(programs: int, columns: int, device: torch.device) -> tuple[int, int]:
+def decode_splits(programs: int, columns: int, device: torch.device, block_n: int) -> tuple[int, int]:
     """(splits, chunk): the prompt columns each split of a (request, KV head) covers, a multiple of
-    DECODE_BLOCK_N, split only as far as needed to fill the GPU and never below DECODE_MIN_CHUNK columns.
+    block_n, split only as far as needed to fill the GPU and never below DECODE_MIN_CHUNK columns.
     Sized by the segment's capacity, so a captured graph stays valid as the sequence grows."""
     wanted = -(-_programs_to_fill(device) // programs)
     splits = max(1, min(wanted, columns // DECODE_MIN_CHUNK))
     chunk = -(-max(columns, 1) // splits)
-    chunk = -(-chunk // DECODE_BLOCK_N) * DECODE_BLOCK_N
+    chunk = -(-chunk // block_n) * block_n
     return -(-max(columns, 1) // chunk), chunk
 
 
@@ -244,7 +248,8 @@ def segment_attention_decode(
     checks.segment_lens_tensor(op, segment_lens)
     if num_seqs == 0:
         return
-    splits, chunk = decode_splits(requests * kv_heads, prompt_len, query.device)
+    block_n = DECODE_BLOCK_N["fp8" if fp8.is_fp8(kv_format) else "16-bit"]
+    splits, chunk = decode_splits(requests * kv_heads, prompt_len, query.device, block_n)
     unused = query.new_empty(0, dtype=torch.float32)
     # Partials of a split decode: workspace of this call (inside a captured graph, from the graph's pool).
     partial_acc = (
@@ -265,9 +270,10 @@ def segment_attention_decode(
         *checks.cache_strides(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
         *checks.cache_strides(op, response_k, response_v, response_k_scale, response_v_scale),
         beam_slots.stride(0),
-        BLOCK_ROWS=_block(beams * group, 16), BLOCK_N=DECODE_BLOCK_N, BLOCK_T=DECODE_BLOCK_T,
+        BLOCK_ROWS=_block(beams * group, 16), BLOCK_N=block_n, BLOCK_T=DECODE_BLOCK_T,
         BLOCK_D=_block(head_dim, 16), UPCAST_DOT=_upcast_dot(query.dtype), NATIVE_FP8=_native_fp8(query.device),
         HAS_LENS=segment_lens is not None, SPLIT=splits > 1, **codec_constants(kv_format),
+        num_warps=DECODE_NUM_WARPS,
     )  # fmt: skip
     if splits > 1:
         combine_splits_kernel[(num_seqs * heads,)](

@@ -1,0 +1,145 @@
+"""Decode-attention microbenchmark on a GPU: achieved memory bandwidth of segment_attention_decode.
+
+One query token per sequence over a prompt segment of `context` tokens (llama-2-7b's attention by default:
+32 query heads, 32 KV heads, head_dim 128). The bytes counted are the fewest the op must move: every K/V
+row of the segment read once (FP8: codes plus bfloat16 scales), the query read and the output written.
+Several layers' caches are cycled so that no run is served from L2. Each time is the median of
+triton.testing.do_bench. The peak is the card's measured device-to-device copy rate (bytes read plus
+written), reported beside the datasheet figure given with --datasheet-gbs.
+
+    python scripts/bench_decode_attention.py [--backend triton] [--kv-dtype auto fp8_e4m3] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+
+import torch
+import triton.testing
+
+from xpu_coopt.backends import resolve_backend
+from xpu_coopt.ops import fp8
+
+SCALE_BYTES = 2  # bfloat16
+
+
+def measured_copy_gbs(device: str) -> float:
+    """Device-to-device copy of 1 GiB, counting bytes read plus bytes written."""
+    source = torch.randn(256 * 1024 * 1024, device=device)
+    target = torch.empty_like(source)
+    ms = triton.testing.do_bench(lambda: target.copy_(source), warmup=50, rep=400, return_mode="median")
+    return 2 * source.numel() * source.element_size() / ms / 1e6
+
+
+def segment_bytes(context: int, requests: int, kv_heads: int, head_dim: int, kv_format: str, dtype) -> int:
+    if fp8.is_fp8(kv_format):
+        per_row = head_dim + SCALE_BYTES
+    else:
+        per_row = head_dim * torch.tensor([], dtype=dtype).element_size()
+    return 2 * requests * kv_heads * context * per_row
+
+
+def bench_case(ops, args, context: int, kv_format: str) -> dict:
+    device, dtype = args.device, torch.float16
+    requests, beams, heads, kv_heads, dim = args.batch, 1, args.heads, args.kv_heads, args.head_dim
+    storage = torch.uint8 if fp8.is_fp8(kv_format) else dtype
+    kv_bytes = segment_bytes(context, requests, kv_heads, dim, kv_format, dtype)
+    layers = max(2, -(-args.min_cycle_bytes // kv_bytes))  # enough caches that L2 serves none of them
+    shape = (layers, requests, kv_heads, context, dim)
+    if storage == torch.uint8:  # random finite FP8 codes of both signs (0x7f / 0xff are NaN in e4m3)
+        k = torch.randint(0, 0x7F, shape, dtype=torch.uint8, device=device) | (
+            torch.randint(0, 2, shape, dtype=torch.uint8, device=device) << 7
+        )
+        v = k.roll(1, dims=-1)
+        k_scale = torch.rand(shape[:-1], device=device).to(fp8.SCALE_DTYPE) / 64
+        v_scale = torch.rand(shape[:-1], device=device).to(fp8.SCALE_DTYPE) / 64
+    else:
+        k, v = torch.randn(shape, dtype=dtype, device=device), torch.randn(shape, dtype=dtype, device=device)
+        k_scale = v_scale = None
+    seqs = requests * beams
+    query = torch.randn(seqs, heads, dim, dtype=dtype, device=device)
+    out = torch.empty_like(query)
+    start = torch.zeros(requests, dtype=torch.int32, device=device)
+    empty = torch.empty((seqs, kv_heads, 0, dim), dtype=storage, device=device)
+    empty_scale = (
+        None if k_scale is None else torch.empty((seqs, kv_heads, 0), dtype=fp8.SCALE_DTYPE, device=device)
+    )
+    slots = torch.zeros((seqs, 0), dtype=torch.int32, device=device)
+    layer = [0]
+
+    def run() -> None:
+        i = layer[0] = (layer[0] + 1) % layers
+        ops.kernels.segment_attention_decode(
+            out, query, k[i], v[i], None if k_scale is None else k_scale[i],
+            None if v_scale is None else v_scale[i], start, empty, empty, empty_scale, empty_scale,
+            slots, 0, dim**-0.5, kv_format,
+        )  # fmt: skip
+
+    # Kernel time: the calls over all cached layers captured once as a CUDA graph (as decode runs them),
+    # replayed; eager time: one call at a time, Python launch overhead included.
+    eager_ms = triton.testing.do_bench(run, warmup=50, rep=300, return_mode="median")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(layers):
+            run()
+    ms = triton.testing.do_bench(graph.replay, warmup=50, rep=300, return_mode="median") / layers
+    if args.profile and context == args.contexts[0]:
+        profile = cProfile.Profile()
+        profile.runcall(lambda: [run() for _ in range(200)])
+        pstats.Stats(profile).sort_stats("tottime").print_stats(12)
+    moved = kv_bytes + 2 * query.numel() * query.element_size()
+    return {"context": context, "kv_dtype": kv_format, "batch": requests, "ms": ms, "eager_ms": eager_ms,
+            "bytes": moved, "gbs": moved / ms / 1e6}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--backend", default="triton")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    parser.add_argument("--kv-dtype", nargs="+", default=["auto", "fp8_e4m3"])
+    parser.add_argument("--min-cycle-bytes", type=int, default=512 * 2**20)
+    parser.add_argument("--datasheet-gbs", type=float, default=3350.0, help="H100 SXM5 HBM3: 3.35 TB/s")
+    parser.add_argument("--block-n", type=int, help="override the Triton decode kernel's key block (tuning)")
+    parser.add_argument("--num-warps", type=int, help="override the Triton decode kernel's warps (tuning)")
+    parser.add_argument("--profile", action="store_true", help="profile 200 eager calls of the first context")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.block_n or args.num_warps:
+        from xpu_coopt.triton import kernels
+
+        if args.block_n:
+            kernels.DECODE_BLOCK_N = dict.fromkeys(kernels.DECODE_BLOCK_N, args.block_n)
+        kernels.DECODE_NUM_WARPS = args.num_warps or kernels.DECODE_NUM_WARPS
+        print(f"decode kernel: BLOCK_N={kernels.DECODE_BLOCK_N}, num_warps={kernels.DECODE_NUM_WARPS}")
+    ops = resolve_backend(args.backend, torch.device(args.device))
+    peak = measured_copy_gbs(args.device)
+    print(
+        f"{torch.cuda.get_device_name()}: measured copy {peak:.0f} GB/s, datasheet {args.datasheet_gbs:.0f} GB/s"
+    )
+    rows = [bench_case(ops, args, c, f) for f in args.kv_dtype for c in args.contexts]
+    header = ("kv_dtype", "batch", "context", "eager us", "kernel us", "GB/s", "% copy", "% datasheet")
+    print(" ".join(f"{h:>11}" for h in header))
+    for r in rows:
+        r["pct_copy"], r["pct_datasheet"] = 100 * r["gbs"] / peak, 100 * r["gbs"] / args.datasheet_gbs
+        cells = (r["kv_dtype"], r["batch"], r["context"], f"{1000 * r['eager_ms']:.1f}", f"{1000 * r['ms']:.1f}",
+                 f"{r['gbs']:.0f}", f"{r['pct_copy']:.1f}%", f"{r['pct_datasheet']:.1f}%")  # fmt: skip
+        print(" ".join(f"{c:>11}" for c in cells))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_gbs": peak,
+                       "datasheet_gbs": args.datasheet_gbs, "backend": args.backend, "rows": rows}, f, indent=1)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
