@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/benchmarks.md in one go (a lent GPU machine, run from the repository root):
+# parity smoke test, decode-attention bandwidth, and xpu-coopt bench on the llama-2-7b shape.
+#   bash scripts/gpu_bench.sh OUT_DIR
+set -uo pipefail
+out=${1:?usage: gpu_bench.sh OUT_DIR}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+python3 scripts/cuda_smoke.py --backend triton 2>&1 | tee "$out/smoke.log"
+python3 scripts/bench_decode_attention.py --json "$out/decode-attention.json"
+bench() {  # NAME ARGS...
+    local name=$1; shift
+    python3 -m xpu_coopt.cli bench --model llama-2-7b --device cuda --dtype float16 --backend triton \
+        --input-tokens 1024 --output-tokens 128 --repeats 2 --json "$out/$name.json" "$@" 2>&1 |
+        grep -v "it/s\]" | tail -8
+}
+bench h100-llama2-7b-greedy-b1-triton
+bench h100-llama2-7b-greedy-b1-triton-eager --cuda-graph off
+bench h100-llama2-7b-beam4-b1-triton --num-beams 4
+bench h100-llama2-7b-greedy-b64-triton --batch-size 64
+bench h100-llama2-7b-greedy-b1-triton-fp8 --kv-dtype fp8_e4m3
+python3 scripts/profile_decode_step.py 2>&1 | grep -v "Warning\|_warn_once" | tee "$out/profile-decode-b1.txt"

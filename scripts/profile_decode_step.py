@@ -1,0 +1,90 @@
+"""Where a decode step's GPU time goes (run by hand on a GPU): kernel time per kind of kernel over a few
+eager decode steps, against the wall time of one step replayed as a CUDA graph and the weight-read floor.
+
+    python scripts/profile_decode_step.py [--model llama-2-7b] [--batch-size 1] [--input-tokens 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import xpu_coopt
+from xpu_coopt.models import load_model
+
+STEPS = 8
+KINDS = {  # substring of a kernel's name -> what it is
+    "segment_attention_decode": "decode attention",
+    "combine_splits": "decode attention (combine)",
+    "rotary_kv_write": "rotary + KV write",
+    "rms_norm": "RMSNorm (+ residual add)",
+    "silu_and_mul": "SiLU * mul",
+    "gemv": "GEMM (cuBLAS GEMV)",
+    "gemm": "GEMM (cuBLAS)",
+    "sm90": "GEMM (cuBLAS)",
+    "cutlass": "GEMM (cuBLAS)",
+}
+
+
+def kind(name: str) -> str:
+    lowered = name.lower()
+    return next((label for key, label in KINDS.items() if key in lowered), f"other: {name[:60]}")
+
+
+def decode_steps(model, ids, steps: int, profiler=None) -> float:
+    """Prefill, one decode step, then `steps` more (profiled when a profiler is given); returns their mean
+    wall time (ms)."""
+    logits, cache = model.prefill(ids, max_new_tokens=steps + 4)
+    token = model.decode(logits.argmax(-1), cache).argmax(-1)  # the first step captures the graph, if any
+    torch.cuda.synchronize()
+    if profiler is not None:
+        profiler.start()
+    start = time.perf_counter()
+    for _ in range(steps):
+        token = model.decode(token, cache).argmax(-1)
+    torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) / steps * 1e3
+    if profiler is not None:
+        profiler.stop()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="llama-2-7b")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--input-tokens", type=int, default=1024)
+    parser.add_argument("--peak-gbs", type=float, default=3350.0)
+    args = parser.parse_args()
+    hf_model, _ = load_model(args.model, torch.float16, "cuda")
+    weight_bytes = sum(p.numel() * p.element_size() for p in hf_model.parameters())
+    ids = torch.randint(3, hf_model.config.vocab_size, (args.batch_size, args.input_tokens), device="cuda")
+    eager = xpu_coopt.optimize(hf_model, cuda_graph=False)
+    graphed = xpu_coopt.optimize(hf_model, cuda_graph=True)
+    decode_steps(eager, ids, 2)
+    prof = profile(activities=[ProfilerActivity.CUDA])
+    eager_ms = decode_steps(eager, ids, STEPS, prof)
+    graph_ms = min(decode_steps(graphed, ids, 32) for _ in range(3))
+    totals: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA and event.device_time_total > 0:
+            totals[kind(event.key)] += event.device_time_total / 1e3
+            counts[kind(event.key)] += event.count
+    steps = STEPS
+    floor = weight_bytes / args.peak_gbs / 1e6
+    print(f"weights {weight_bytes / 1e9:.2f} GB: read floor {floor:.2f} ms at {args.peak_gbs:.0f} GB/s")
+    print(
+        f"decode step: graph replay {graph_ms:.2f} ms ({graph_ms / floor:.2f}x the floor), eager {eager_ms:.2f} ms"
+    )
+    print("kernel time per decode step (eager steps, profiled):")
+    for label, total in sorted(totals.items(), key=lambda item: -item[1]):
+        print(f"  {label:<40} {total / steps:7.3f} ms  {counts[label] / steps:6.1f} launches")
+
+
+if __name__ == "__main__":
+    main()
