@@ -2,6 +2,7 @@
 eager decode steps, against the wall time of one step replayed as a CUDA graph and the weight-read floor.
 
     python scripts/profile_decode_step.py [--model llama-2-7b] [--batch-size 1] [--input-tokens 1024]
+        [--num-beams 4]
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ def kind(name: str) -> str:
     return next((label for key, label in KINDS.items() if key in lowered), f"other: {name[:60]}")
 
 
-def decode_steps(model, ids, steps: int, profiler=None) -> float:
+def decode_steps(model, ids, steps: int, beams: int, profiler=None) -> float:
     """Prefill, one decode step, then `steps` more (profiled when a profiler is given); returns their mean
-    wall time (ms)."""
-    logits, cache = model.prefill(ids, max_new_tokens=steps + 4)
-    token = model.decode(logits.argmax(-1), cache).argmax(-1)  # the first step captures the graph, if any
+    wall time (ms). With beams, every beam follows its own argmax (no reordering: the model's work per
+    step is a beam step's, the beam search's own bookkeeping is left out)."""
+    logits, cache = model.prefill(ids, num_beams=beams, max_new_tokens=steps + 4)
+    token = logits.argmax(-1).repeat_interleave(beams)
+    token = model.decode(token, cache).argmax(-1)  # the first step captures the graph, if any
     torch.cuda.synchronize()
     if profiler is not None:
         profiler.start()
@@ -58,6 +61,7 @@ def main() -> None:
     parser.add_argument("--model", default="llama-2-7b")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--input-tokens", type=int, default=1024)
+    parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--peak-gbs", type=float, default=3350.0)
     args = parser.parse_args()
     hf_model, _ = load_model(args.model, torch.float16, "cuda")
@@ -65,10 +69,10 @@ def main() -> None:
     ids = torch.randint(3, hf_model.config.vocab_size, (args.batch_size, args.input_tokens), device="cuda")
     eager = xpu_coopt.optimize(hf_model, cuda_graph=False)
     graphed = xpu_coopt.optimize(hf_model, cuda_graph=True)
-    decode_steps(eager, ids, 2)
+    decode_steps(eager, ids, 2, args.num_beams)
     prof = profile(activities=[ProfilerActivity.CUDA])
-    eager_ms = decode_steps(eager, ids, STEPS, prof)
-    graph_ms = min(decode_steps(graphed, ids, 32) for _ in range(3))
+    eager_ms = decode_steps(eager, ids, STEPS, args.num_beams, prof)
+    graph_ms = min(decode_steps(graphed, ids, 32, args.num_beams) for _ in range(3))
     totals: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     for event in prof.key_averages():
