@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_parity import _hf_logits, _model, _prompts
 
@@ -88,3 +89,14 @@ def test_beam_cache_grows_past_its_capacity():
     assert cache.capacity == 2 * RESPONSE_STEP
     expected = _hf_logits(model, ids, mask)[:, -1].repeat_interleave(2, dim=0)
     torch.testing.assert_close(logits, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_reorder_rejects_parents_outside_their_request():
+    model = _model("llama-mha-d64")
+    ids, mask = _prompts([7, 5], model.config.vocab_size)
+    _, cache = xpu_coopt.optimize(model).prefill(ids, mask, num_beams=2, max_new_tokens=4)
+    with pytest.raises(ValueError, match="each within its own request's beams"):
+        cache.reorder(torch.tensor([2, 0, 2, 3]))  # sequence 0 (request 0) cannot continue slot 2 (request 1)
+    with pytest.raises(ValueError, match="must hold 4 slots, one per sequence"):
+        cache.reorder(torch.tensor([0, 1]))
+    cache.reorder(torch.tensor([1, 0, 2, 3]), check=False)  # the caller's guarantee: no wait for the device

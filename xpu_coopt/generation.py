@@ -208,12 +208,17 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
             next_tokens = torch.where(unfinished, next_tokens, s.pad_token_id)
         generated.append(next_tokens)
         step_times.append(time.perf_counter())
+        unfinished &= ~_is_eos(next_tokens, s)
+        last = step == s.max_new_tokens - 1
+        # The next step is queued before anything waits for the device (the streamer, the stop check), so
+        # the GPU never idles while the host decides; after the last EOS that one step is discarded.
+        if not last:
+            next_logits = model.decode(next_tokens, cache)
         if streamer is not None:
             streamer.put(next_tokens.cpu())
-        unfinished &= ~_is_eos(next_tokens, s)
-        if not unfinished.any() or step == s.max_new_tokens - 1:
+        if last or not unfinished.any():
             break
-        logits = model.decode(next_tokens, cache)
+        logits = next_logits
     if streamer is not None:
         streamer.end()
     sequences = torch.cat((input_ids, torch.stack(generated, dim=1)), dim=1)
@@ -305,11 +310,19 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
         best_running = running_scores[:, :1] / (best_length**s.length_penalty)
         worst_finished = torch.where(is_finished, beam_scores.min(dim=1, keepdim=True)[0], -1.0e9)
         improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
-        open_beams = not (bool(is_finished.all()) and s.early_stopping is True)
-        if not (bool(improvable.any()) and open_beams and not bool(hits_stop.all())):
+        last = cur_len >= max_length  # known on the host: every candidate hit the length limit
+        # As in _sample: the next step is queued before the one wait for the stop flags; the parents come
+        # from this request's own top-k, so the cache need not check them (a host sync of its own).
+        if not last:
+            cache.reorder(parents, check=False)
+            next_logits = model.decode(running_sequences[:, :, cur_len - 1].reshape(-1), cache)
+        all_finished, any_improvable, all_stopped = torch.stack(
+            (is_finished.all(), improvable.any(), hits_stop.all())
+        ).tolist()
+        open_beams = not (all_finished and s.early_stopping is True)
+        if last or not (any_improvable and open_beams and not all_stopped):
             break
-        cache.reorder(parents)
-        logits = model.decode(running_sequences[:, :, cur_len - 1].reshape(-1), cache)
+        logits = next_logits
 
     keep = s.num_return_sequences
     sequences = sequences[:, :keep].reshape(batch * keep, -1)

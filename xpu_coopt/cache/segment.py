@@ -149,12 +149,13 @@ class SegmentKVCache:
         self.prefilled = True
 
     @torch.inference_mode()
-    def reorder(self, parents: torch.Tensor) -> None:
-        """parents: int [S], the slot each sequence continues from (within its own request)."""
+    def reorder(self, parents: torch.Tensor, check: bool = True) -> None:
+        """parents: int [S], the slot each sequence continues from (within its own request). check=False
+        skips verifying that (a wait for the device) when the caller guarantees it, as beam search does."""
         parents = parents.to(device=self.beam_slots.device, dtype=torch.long)
-        if parents.shape != (self.num_seqs,) or not torch.equal(
-            parents // self.num_beams, self._seq_rows // self.num_beams
-        ):
+        if parents.shape != (self.num_seqs,):
+            raise ValueError(f"parents must hold {self.num_seqs} slots, one per sequence")
+        if check and not torch.equal(parents // self.num_beams, self._seq_rows // self.num_beams):
             raise ValueError(f"parents must hold {self.num_seqs} slots, each within its own request's beams")
         done = self.response_len
         self.beam_slots[:, :done] = self.beam_slots[parents, :done]
