@@ -104,15 +104,23 @@ def segment_lens_tensor(op: str, segment_lens: torch.Tensor | None) -> None:
         )
 
 
-def segment_lens_values(
-    op: str, segment_lens: torch.Tensor, prompt_capacity: int, response_capacity: int
-) -> tuple[int, int]:
-    """The two lengths read on the host (backends without device-side lengths), within the capacities."""
+def host_segment_lens(
+    op: str,
+    segment_lens: torch.Tensor | None,
+    prompt: tuple[torch.Tensor | None, ...],
+    response_len: int,
+) -> tuple[tuple[torch.Tensor | None, ...], int]:
+    """For backends that read segment_lens on the host (reference, SYCL): the prompt segment's
+    (k, v, k_scale, v_scale) cut to the prompt length, and the response length; unchanged without
+    segment_lens. The lengths must lie within the capacities the tensors and response_len give."""
+    if segment_lens is None:
+        return prompt, response_len
     segment_lens_tensor(op, segment_lens)
+    prompt_capacity, response_capacity = prompt[0].shape[2], response_len
     prompt_len, response_len = (int(n) for n in segment_lens.tolist())
     if not (0 <= prompt_len <= prompt_capacity and 0 <= response_len <= response_capacity):
         raise ValueError(
             f"{op}: segment_lens ({prompt_len}, {response_len}) exceed the segments' capacities "
             f"({prompt_capacity}, {response_capacity})"
         )
-    return prompt_len, response_len
+    return tuple(None if t is None else t[:, :, :prompt_len] for t in prompt), response_len

@@ -159,16 +159,13 @@ def segment_attention_decode(
     kv_format: str,
     segment_lens: torch.Tensor | None = None,
 ) -> None:
-    if segment_lens is not None:  # the lengths live on the device: read them, keep those columns
-        prompt_len, response_len = checks.segment_lens_values(
-            "segment_attention_decode", segment_lens, prompt_k.shape[2], response_len
-        )
-        prompt_k, prompt_v = prompt_k[:, :, :prompt_len], prompt_v[:, :, :prompt_len]
-        if prompt_k_scale is not None:
-            prompt_k_scale, prompt_v_scale = (
-                prompt_k_scale[:, :, :prompt_len],
-                prompt_v_scale[:, :, :prompt_len],
-            )
+    # The lengths may live on the device: read them here and keep those columns.
+    (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale), response_len = checks.host_segment_lens(
+        "segment_attention_decode",
+        segment_lens,
+        (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
+        response_len,
+    )
     num_seqs, num_heads, head_dim = query.shape
     num_requests, num_kv_heads, prompt_len, _ = prompt_k.shape
     beams = num_seqs // num_requests

@@ -200,14 +200,10 @@ def segment_attention_decode(
 ) -> None:
     op = "segment_attention_decode"
     suffix = _kernel_suffix(op, kv_format, query, out)
-    if segment_lens is not None:  # read on the host: no graph capture on this backend
-        prompt_columns, response_len = checks.segment_lens_values(
-            op, segment_lens, prompt_k.shape[2], response_len
-        )
-        prompt_k, prompt_v = prompt_k[:, :, :prompt_columns], prompt_v[:, :, :prompt_columns]
-        if prompt_k_scale is not None:
-            prompt_k_scale = prompt_k_scale[:, :, :prompt_columns]
-            prompt_v_scale = prompt_v_scale[:, :, :prompt_columns]
+    # segment_lens read on the host: no graph capture on this backend.
+    (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale), response_len = checks.host_segment_lens(
+        op, segment_lens, (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale), response_len
+    )
     num_seqs, heads, head_dim = query.shape
     requests, kv_heads, prompt_len, _ = prompt_k.shape
     beams, group = num_seqs // requests, heads // kv_heads
