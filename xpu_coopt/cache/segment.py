@@ -140,8 +140,14 @@ class SegmentKVCache:
         # In place, as a replayed graph reads them: a few tiny asynchronous fills, no host sync.
         self._decode_columns.fill_(column)
         torch.add(self.prompt_lengths, step, out=self._positions)
-        self.segment_lens[0].fill_(self.prompt_len + step + 1 if self.single_beam else self.prompt_len)
-        self.segment_lens[1].fill_(0 if self.single_beam else step + 1)
+        prompt_columns, response_steps = self._decode_lengths()
+        self.segment_lens[0].fill_(prompt_columns)
+        self.segment_lens[1].fill_(response_steps)
+
+    def _decode_lengths(self) -> tuple[int, int]:
+        """(prompt-segment columns, response steps) the token being decoded attends to, itself included."""
+        step = self.response_len
+        return (self.prompt_len + step + 1, 0) if self.single_beam else (self.prompt_len, step + 1)
 
     def end_step(self) -> None:
         if self.prefilled:
@@ -237,15 +243,12 @@ class SegmentKVCache:
     def _attend_decode(self, layer, query, key, value, cos_sin) -> torch.Tensor:
         kernels = self.ops.kernels
         response = self._response_segment(layer)
-        device_lengths = self.segment_lens is not None  # full capacity; the lengths live in segment_lens
-        if self.single_beam:  # one segment holds prompt and response: attend over it, response_len 0
-            columns = None if device_lengths else self.prompt_len + self.response_len + 1
-            prompt = self._prompt_segment(layer, columns)
-            written, response_len = self._prompt_segment(layer), 0
-        else:
-            prompt = self._prompt_segment(layer, self.prompt_len)
-            written = response
-            response_len = self.capacity if device_lengths else self.response_len + 1
+        # One beam per request: one segment holds prompt and response, attended as the prompt segment.
+        written = self._prompt_segment(layer) if self.single_beam else response
+        prompt_columns, response_len = self._decode_lengths()
+        if self.segment_lens is not None:  # the lengths live in segment_lens: pass the capacities
+            prompt_columns, response_len = None, self.response_k.shape[3]
+        prompt = self._prompt_segment(layer, prompt_columns)
         kernels.rotary_embedding_kv_write(
             query, key, value, cos_sin, *written, self._seq_rows, self._decode_columns, self.kv_format,
             self.static_scales is not None,
