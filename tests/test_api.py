@@ -69,6 +69,34 @@ def test_optimize_shares_weights_without_copying(model):
     assert optimized.decoder.layers[0].down_proj.weight.data_ptr() == layer.mlp.down_proj.weight.data_ptr()
 
 
+def test_weight_bytes_count_the_shared_weights_once_and_the_packed_copies_in_full():
+    model = _model("llama-gqa-8q2kv-d64", torch.bfloat16)
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    layers = model.model.layers
+    fused = sum(  # the q/k/v and gate/up matrices: always xpu_coopt's own (packed) copies
+        m.weight.numel() * 2
+        for layer in layers
+        for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.gate_proj,
+                  layer.mlp.up_proj)
+    )  # fmt: skip
+    shared = model.lm_head.weight.numel() * 2 + sum(
+        (layer.self_attn.o_proj.weight.numel() + layer.mlp.down_proj.weight.numel()) * 2 for layer in layers
+    )
+    assert xpu_coopt.optimize(model).weight_bytes() == model_bytes + fused
+    packed = xpu_coopt.optimize(model, pack_shared_weights=True)
+    assert packed.weight_bytes() == model_bytes + fused + shared
+    for name, values in model.state_dict().items():  # the packed copies leave transformers' weights alone
+        assert torch.equal(values, before[name])
+
+
+def test_pack_shared_weights_needs_a_bfloat16_cpu_model(model):
+    with pytest.raises(
+        ValueError, match=r"packs bfloat16 weights for oneDNN.s CPU GEMMs; this model runs in torch\.float32"
+    ):
+        xpu_coopt.optimize(model, pack_shared_weights=True)
+
+
 def test_inplace_makes_projection_weights_views_of_the_fused_matrices():
     model = _model("llama-mha-d64")
     ids, _ = _prompts([5], model.config.vocab_size)

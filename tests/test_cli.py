@@ -26,6 +26,8 @@ def test_bench_runs_both_sides_and_writes_json(tmp_path, capsys):
         == result["xpu_coopt"]["kv_cache_bytes"] / result["transformers"]["kv_cache_bytes"]
     )
     assert ratios["kv_bytes_ratio"] < 1  # two beams share one prompt segment
+    # float32, inplace: transformers' q/k/v and gate/up weights become views of the fused matrices.
+    assert "weights (MiB)" in printed and ratios["weight_bytes_ratio"] == 1
 
 
 def test_bench_with_an_unknown_model_is_a_clear_error(capsys):

@@ -16,6 +16,7 @@ from transformers import (
 )
 
 import xpu_coopt
+from xpu_coopt.ops import cpu_gemm
 
 COMMON = dict(vocab_size=256, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=256)
 CONFIGS = {
@@ -78,7 +79,24 @@ def _assert_logits_close(actual, expected, dtype):
 @pytest.mark.parametrize("lengths", [[7, 3, 11], [9]], ids=["padded-batch", "one-row"])
 def test_prefill_and_decode_logits(name, dtype, lengths):
     model = _model(name, dtype)
-    optimized = xpu_coopt.optimize(model)
+    _check_prefill_and_decode(model, xpu_coopt.optimize(model), lengths, dtype)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-8q2kv-d64", "llama-tied-bias", "qwen2-bias"])
+@pytest.mark.parametrize("lengths", [[7, 3, 11], [9]], ids=["padded-batch", "one-row"])
+def test_packed_shared_weights_keep_the_logits(name, lengths):
+    """pack_shared_weights: o_proj, down_proj and the LM head (tied or biased too) run from packed copies
+    on several rows, from the shared plain weights on one."""
+    model = _model(name, torch.bfloat16)
+    optimized = xpu_coopt.optimize(model, pack_shared_weights=True)
+    layer = optimized.decoder.layers[0]
+    for linear in (layer.o_proj, layer.down_proj, optimized.decoder.lm_head):
+        assert isinstance(linear.weight, cpu_gemm.PackedWeight)
+    _check_prefill_and_decode(model, optimized, lengths, torch.bfloat16)
+
+
+def _check_prefill_and_decode(model, optimized, lengths, dtype):
+    """Prefill logits, then four decode steps' logits, against transformers over the grown sequences."""
     ids, mask = _prompts(lengths, model.config.vocab_size)
     out = optimized(ids, mask)
     expected = _hf_logits(model, ids, mask)
@@ -86,7 +104,7 @@ def test_prefill_and_decode_logits(name, dtype, lengths):
         valid = mask[row].bool()
         _assert_logits_close(out.logits[row, valid], expected[row, valid], dtype)
     cache = out.cache
-    for _ in range(4):  # decode steps against a full transformers forward over the grown sequences
+    for _ in range(4):
         next_tokens = out.logits[:, -1].argmax(-1, keepdim=True)
         out = optimized(next_tokens, cache=cache)
         ids = torch.cat((ids, next_tokens), dim=1)

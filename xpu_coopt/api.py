@@ -12,7 +12,7 @@ from xpu_coopt.cache import KV_CACHE_KINDS
 from xpu_coopt.config import model_spec
 from xpu_coopt.kv_scales import KVScales
 from xpu_coopt.model import LlamaDecoder
-from xpu_coopt.ops import KV_FORMATS
+from xpu_coopt.ops import KV_FORMATS, cpu_gemm
 from xpu_coopt.optimized_model import OptimizedModel
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -27,6 +27,7 @@ def optimize(
     inplace: bool = False,
     kv_scales: KVScales | str | PathLike | None = None,
     cuda_graph: bool | None = None,
+    pack_shared_weights: bool = False,
 ) -> OptimizedModel:
     """Returns `model` (a Hugging Face LLaMA, Mistral or Qwen2 causal LM) running on xpu_coopt's kernels.
 
@@ -55,6 +56,13 @@ def optimize(
         Capture each generation's decode step as a CUDA graph at its first step and replay it for the
         rest, so a step costs GPU work rather than Python launch overhead. Default: on for CUDA models on
         the Triton backend (the only backend whose kernels read the cache lengths on the device).
+    pack_shared_weights : bool
+        bfloat16 models on CPU only. xpu_coopt always packs the fused q/k/v and gate/up matrices (its own
+        copies) into oneDNN's blocked layout. True packs the weights it shares with the model too (o_proj,
+        down_proj, LM head): a second copy of them, which makes beam search and batches faster (multi-row
+        GEMMs over them ~1.6-2.5x faster; single rows keep using the shared plain weights). Weights held on
+        SmolLM2-135M: 1.52x the model's own by default, 2.00x with this (OptimizedModel.weight_bytes()).
+        See docs/benchmarks.md.
     """
     hf_config = getattr(model, "config", None)
     if hf_config is None or not isinstance(model, torch.nn.Module):
@@ -89,6 +97,12 @@ def optimize(
             f"cuda_graph=True needs a CUDA model on the Triton backend, not a {parameter.device.type} model "
             f"on backend {ops.name!r}"
         )
-    decoder = LlamaDecoder(model, spec, ops, dtype, inplace)
+    if pack_shared_weights and not cpu_gemm.can_pack(parameter.device, dtype):
+        raise ValueError(
+            "pack_shared_weights=True packs bfloat16 weights for oneDNN's CPU GEMMs; this model runs in "
+            f"{dtype} on {parameter.device.type}"
+            + ("" if torch.backends.mkldnn.is_available() else ", and this torch build has no oneDNN")
+        )
+    decoder = LlamaDecoder(model, spec, ops, dtype, inplace, pack_shared_weights)
     use_graph = graph_capable if cuda_graph is None else cuda_graph
     return OptimizedModel(model, decoder, kv_dtype, ops.name, kv_scales, use_graph)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 import xpu_coopt
+from xpu_coopt.optimized_model import held_bytes
 
 
 @dataclass
@@ -26,6 +27,7 @@ class RunResult:
     next_token_ms_p90: float
     throughput_tokens_per_s: float
     kv_cache_bytes: int
+    weight_bytes: int = 0  # weights held by the model that ran (xpu_coopt: the shared ones included)
 
 
 @dataclass
@@ -42,6 +44,7 @@ class BenchResult:
             "next_token_speedup": base.next_token_ms_mean / ours.next_token_ms_mean,
             "throughput_ratio": ours.throughput_tokens_per_s / base.throughput_tokens_per_s,
             "kv_bytes_ratio": ours.kv_cache_bytes / base.kv_cache_bytes,
+            "weight_bytes_ratio": ours.weight_bytes / base.weight_bytes,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,6 +149,7 @@ def benchmark(
     seed: int = 0,
     progress: bool = True,
     cuda_graph: bool | None = None,
+    pack_shared_weights: bool = False,
 ) -> BenchResult:
     """Times both implementations on the same random prompts; keeps the best (fastest) of `repeats` runs each."""
     from tqdm import tqdm
@@ -154,8 +158,9 @@ def benchmark(
     # inplace=True lets optimize() share the fused matrices with transformers where the backend keeps them
     # plain (weights held once); it converts nothing here (same dtype), so transformers' results are unchanged.
     optimized = xpu_coopt.optimize(
-        hf_model, dtype=dtype, kv_dtype=kv_dtype, backend=backend, inplace=True, cuda_graph=cuda_graph
-    )
+        hf_model, dtype=dtype, kv_dtype=kv_dtype, backend=backend, inplace=True, cuda_graph=cuda_graph,
+        pack_shared_weights=pack_shared_weights,
+    )  # fmt: skip
     generator = torch.Generator().manual_seed(seed)
     vocab = optimized.spec.vocab_size
     input_ids = torch.randint(3, vocab, (batch_size, input_tokens), generator=generator).to(device)
@@ -163,7 +168,8 @@ def benchmark(
     settings = dict(
         dtype=str(dtype).removeprefix("torch."), batch_size=batch_size, input_tokens=input_tokens,
         output_tokens=output_tokens, num_beams=num_beams, kv_dtype=kv_dtype, backend=optimized.backend,
-        cuda_graph=optimized.cuda_graph, device=str(device), threads=torch.get_num_threads(), repeats=repeats,
+        cuda_graph=optimized.cuda_graph, pack_shared_weights=pack_shared_weights, device=str(device),
+        threads=torch.get_num_threads(), repeats=repeats,
         eos_token_id=2, pad_token_id=0, torch=torch.__version__,
     )  # fmt: skip
     import transformers
@@ -179,6 +185,8 @@ def benchmark(
         result = run(model, input_ids, mask, settings, tokens)
         if round_index and (name not in best or result.next_token_ms_mean < best[name].next_token_ms_mean):
             best[name] = result
+    best["transformers"].weight_bytes = held_bytes(hf_model.parameters())
+    best["xpu_coopt"].weight_bytes = optimized.weight_bytes()
     return BenchResult(best["transformers"], best["xpu_coopt"], settings)
 
 
@@ -201,6 +209,8 @@ def format_result(result: BenchResult) -> str:
          f"{ratios['throughput_ratio']:.2f}x"),
         ("KV cache (MiB)", f"{base.kv_cache_bytes / mib:.1f}", f"{ours.kv_cache_bytes / mib:.1f}",
          f"{ratios['kv_bytes_ratio']:.2f}x"),
+        ("weights (MiB)", f"{base.weight_bytes / mib:.1f}", f"{ours.weight_bytes / mib:.1f}",
+         f"{ratios['weight_bytes_ratio']:.2f}x"),
     ]  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows]

@@ -32,12 +32,15 @@ class FusedLinear:
     """Projections sharing one input, run as one GEMM when they are plain nn.Linear layers.
 
     Other module types (quantized Linear layers, adapters) are called as they are and their outputs
-    concatenated, so they keep working. A single plain Linear shares its weight with the HF model. A fused
-    matrix is xpu_coopt's own: the backend may pack it into its preferred layout (ops.pack_weight); if it
-    keeps it plain and inplace is set, the HF modules become views of it so no weight is held twice.
+    concatenated, so they keep working. A single plain Linear shares its weight with the HF model, unless
+    pack_shared asks for a packed copy of it too. A fused matrix is xpu_coopt's own: the backend may pack it
+    into its preferred layout (ops.pack_weight); if it keeps it plain and inplace is set, the HF modules
+    become views of it so no weight is held twice.
     """
 
-    def __init__(self, modules: list[nn.Module], dtype: torch.dtype, ops: Ops, inplace: bool) -> None:
+    def __init__(
+        self, modules: list[nn.Module], dtype: torch.dtype, ops: Ops, inplace: bool, pack_shared: bool = False
+    ) -> None:
         self.modules = None
         self.weight = self.bias = None
         self.linear = ops.linear
@@ -49,12 +52,20 @@ class FusedLinear:
             biases = [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules]
             self.bias = _concat(biases, dtype)
         owned = len(modules) > 1 or modules[0].weight.dtype != dtype
-        if owned and ops.pack_weight is not None:
+        if (owned or pack_shared) and ops.pack_weight is not None:
             weight = ops.pack_weight(weight, tuple(m.weight.detach() for m in modules))
         self.weight = weight
         # A packed weight is opaque to transformers: its modules then keep their own weights.
         if owned and inplace and len(modules) > 1 and isinstance(weight, torch.Tensor):
             _rebind_as_views(modules, weight, self.bias)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors this projection holds or reads (a packed weight's plain parts included)."""
+        if self.modules is not None:
+            return [p for m in self.modules for p in m.parameters()]
+        weight = self.weight
+        held = list(weight.tensors()) if hasattr(weight, "tensors") else [weight]
+        return held + ([self.bias] if self.bias is not None else [])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.modules is None:
@@ -96,30 +107,49 @@ def _norm_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 class LlamaDecoder:
     """Runs token ids through the decoder and the LM head, writing K/V into a cache."""
 
-    def __init__(self, hf_model: nn.Module, spec: ModelSpec, ops: Ops, dtype: torch.dtype, inplace: bool):
+    def __init__(
+        self,
+        hf_model: nn.Module,
+        spec: ModelSpec,
+        ops: Ops,
+        dtype: torch.dtype,
+        inplace: bool,
+        pack_shared: bool = False,
+    ):
         self.spec = spec
         self.ops = ops
         self.dtype = dtype
         backbone = hf_model.model
         self.embed_tokens = backbone.embed_tokens.weight.detach().to(dtype)  # [vocab, hidden]
-        self.layers = [self._layer(layer, dtype, ops, inplace) for layer in backbone.layers]
+        self.layers = [self._layer(layer, dtype, ops, inplace, pack_shared) for layer in backbone.layers]
         self.final_norm = _norm_weight(backbone.norm, dtype)
-        self.lm_head = FusedLinear([hf_model.lm_head], dtype, ops, inplace)  # hidden -> vocab
+        self.lm_head = FusedLinear([hf_model.lm_head], dtype, ops, inplace, pack_shared)  # hidden -> vocab
         self.cos_sin_cache = cos_sin_cache(
             spec.rope, spec.head_dim, spec.max_position_embeddings, self.embed_tokens.device
         )
 
     @staticmethod
-    def _layer(layer: nn.Module, dtype: torch.dtype, ops: Ops, inplace: bool) -> DecoderLayer:
+    def _layer(
+        layer: nn.Module, dtype: torch.dtype, ops: Ops, inplace: bool, pack_shared: bool
+    ) -> DecoderLayer:
         attn, mlp = layer.self_attn, layer.mlp
         return DecoderLayer(
             input_norm=_norm_weight(layer.input_layernorm, dtype),
             qkv=FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, ops, inplace),
-            o_proj=FusedLinear([attn.o_proj], dtype, ops, inplace),
+            o_proj=FusedLinear([attn.o_proj], dtype, ops, inplace, pack_shared),
             post_attention_norm=_norm_weight(layer.post_attention_layernorm, dtype),
             gate_up=FusedLinear([mlp.gate_proj, mlp.up_proj], dtype, ops, inplace),
-            down_proj=FusedLinear([mlp.down_proj], dtype, ops, inplace),
+            down_proj=FusedLinear([mlp.down_proj], dtype, ops, inplace, pack_shared),
         )
+
+    def weight_tensors(self) -> list[torch.Tensor]:
+        """Every weight tensor the decoder reads, whether shared with the HF model or its own."""
+        tensors = [self.embed_tokens, self.final_norm, *self.lm_head.tensors()]
+        for layer in self.layers:
+            tensors += [layer.input_norm, layer.post_attention_norm]
+            for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj):
+                tensors += linear.tensors()
+        return tensors
 
     def new_cache(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,21 @@ def prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, 
     return mask, positions, prompt_start
 
 
+def held_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Memory the tensors hold, each storage counted once (views of one storage share its bytes)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in tensors:
+        if tensor.layout == torch.strided:
+            key, size = tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
+        else:  # an opaque tensor (oneDNN's packed layout) has no storage to share
+            key, size = id(tensor), tensor.numel() * tensor.element_size()
+        if key not in seen:
+            seen.add(key)
+            total += size
+    return total
+
+
 class OptimizedModel:
     """A Hugging Face LLaMA-family causal LM running on xpu_coopt's kernels.
 
@@ -88,6 +104,11 @@ class OptimizedModel:
             f"kv_dtype={self.kv_format!r}{', static KV scales' if self.kv_scales else ''}, backend={self.backend!r}, "
             f"cuda_graph={self.cuda_graph}, device={self.device})"
         )
+
+    def weight_bytes(self) -> int:
+        """Bytes of weights held for this model: the Hugging Face model's parameters (which it shares) plus
+        xpu_coopt's own fused or packed copies."""
+        return held_bytes([*self.hf_model.parameters(), *self.decoder.weight_tensors()])
 
     def check_length(self, total_length: int) -> None:
         limit = self.spec.max_position_embeddings

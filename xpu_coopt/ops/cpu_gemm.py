@@ -8,7 +8,9 @@ So a weight xpu_coopt owns (the fused q/k/v and gate/up matrices) is packed once
 layout (torch.ops.mkldnn._reorder_linear_weight, what torch.compile's CPU freezing uses) for several
 rows, while a single row runs torch's native GEMV over the plain per-projection weights it was fused
 from (shared with the transformers model, so they cost no memory). Weights shared with transformers
-(o_proj, down_proj, LM head) stay plain: native GEMV for one row, oneDNN otherwise.
+(o_proj, down_proj, LM head) stay plain by default: native GEMV for one row, oneDNN otherwise. With
+optimize(pack_shared_weights=True) they get a packed copy too (held next to the shared plain weight, which
+single rows keep using): 4- and 16-row GEMMs over them ~1.6-2.5x faster, for a second copy of them.
 """
 
 from __future__ import annotations
@@ -31,11 +33,15 @@ class PackedWeight:
     out_features: int
     parts: tuple[torch.Tensor, ...] = ()
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.packed, *self.parts)
 
-def _can_pack(weight: torch.Tensor) -> bool:
+
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether pack_weight packs weights of this device and dtype (bfloat16 on CPU, with oneDNN)."""
     return (
-        weight.device.type == "cpu"
-        and weight.dtype == torch.bfloat16
+        device.type == "cpu"
+        and dtype == torch.bfloat16
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     )
@@ -43,7 +49,7 @@ def _can_pack(weight: torch.Tensor) -> bool:
 
 def pack_weight(weight: torch.Tensor, parts: tuple[torch.Tensor, ...] = ()) -> torch.Tensor | PackedWeight:
     """The weight in the form linear() runs fastest. parts: the plain matrices it was concatenated from."""
-    if not _can_pack(weight):
+    if not can_pack(weight.device, weight.dtype):
         return weight
     usable_parts = tuple(parts) if all(p.dtype == weight.dtype for p in parts) else ()
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
