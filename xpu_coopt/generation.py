@@ -141,10 +141,12 @@ def _validate(s: GenerationSettings) -> None:
 # --- logits processors, in transformers' order: min_new_tokens, temperature, top_k, top_p -------------------
 
 
-def _suppress_eos(scores: torch.Tensor, s: GenerationSettings, new_tokens: int) -> torch.Tensor:
-    if s.eos_token_id and new_tokens < s.min_new_tokens:
-        scores = scores.clone()
-        scores[:, s.eos_token_id] = float("-inf")
+def _suppress_eos(
+    scores: torch.Tensor, s: GenerationSettings, eos: torch.Tensor, new_tokens: int
+) -> torch.Tensor:
+    """eos: the EOS ids on the scores' device (indexing with a Python list would copy it there, a wait)."""
+    if eos.numel() and new_tokens < s.min_new_tokens:
+        scores = scores.index_fill(-1, eos, float("-inf"))
     return scores
 
 
@@ -181,10 +183,28 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     return output if settings.return_dict_in_generate else output.sequences
 
 
-def _is_eos(tokens: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
-    if not s.eos_token_id:
-        return torch.zeros_like(tokens, dtype=torch.bool)
-    return torch.isin(tokens, torch.tensor(s.eos_token_id, device=tokens.device))
+def _eos_ids(s: GenerationSettings, device: torch.device) -> torch.Tensor:
+    """The EOS ids as a device tensor, made once per generation: per-step host-to-device copies would each
+    wait for the work queued before them, a decode step included."""
+    return torch.tensor(s.eos_token_id or [], dtype=torch.long, device=device)
+
+
+class _HostFlags:
+    """Device booleans on their way to the host. The copy is queued before the next decode step and read
+    after it: the host then waits for the flags only, not for the step queued behind them, and issues the
+    next step's bookkeeping while the device still runs that step."""
+
+    def __init__(self, flags: torch.Tensor) -> None:
+        self.values = flags.to("cpu", non_blocking=True)
+        self.ready = None
+        if flags.device.type != "cpu":
+            self.ready = torch.Event(device=flags.device)
+            self.ready.record()
+
+    def read(self) -> list[bool]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.values.tolist()
 
 
 def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, generator) -> GenerateOutput:
@@ -192,11 +212,12 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
     if streamer is not None:
         streamer.put(input_ids.cpu())
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    eos = _eos_ids(s, input_ids.device)
     generated: list[torch.Tensor] = []
     all_scores: list[torch.Tensor] = []
     step_times: list[float] = []
     for step in range(s.max_new_tokens):
-        scores = _suppress_eos(logits.float(), s, step)
+        scores = _suppress_eos(logits.float(), s, eos, step)
         if s.do_sample:
             scores = _warp(scores, s)
             next_tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
@@ -208,7 +229,8 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
             next_tokens = torch.where(unfinished, next_tokens, s.pad_token_id)
         generated.append(next_tokens)
         step_times.append(time.perf_counter())
-        unfinished &= ~_is_eos(next_tokens, s)
+        unfinished &= ~torch.isin(next_tokens, eos)
+        any_unfinished = _HostFlags(unfinished.any().view(1))
         last = step == s.max_new_tokens - 1
         # The next step is queued before anything waits for the device (the streamer, the stop check), so
         # the GPU never idles while the host decides; after the last EOS that one step is discarded.
@@ -216,7 +238,7 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
             next_logits = model.decode(next_tokens, cache)
         if streamer is not None:
             streamer.put(next_tokens.cpu())
-        if last or not unfinished.any():
+        if last or not any_unfinished.read()[0]:
             break
         logits = next_logits
     if streamer is not None:
@@ -239,7 +261,7 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
     batch, prompt_len = input_ids.shape
     beams = s.num_beams
     max_length = prompt_len + s.max_new_tokens
-    eos = torch.tensor(s.eos_token_id or [], device=device, dtype=torch.long)
+    eos = _eos_ids(s, device)
     beams_to_keep = max(2, 1 + eos.numel()) * beams
     top_num_beam_mask = torch.arange(beams_to_keep, device=device) < beams
     fill = (s.pad_token_id or s.eos_token_id[0]) if s.eos_token_id else -1
@@ -262,7 +284,7 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
     logits = logits.repeat_interleave(beams, dim=0)  # every beam of a request starts from the same prompt
     cur_len = prompt_len
     while True:
-        log_probs = _suppress_eos(F.log_softmax(logits.float(), dim=-1), s, cur_len - prompt_len)
+        log_probs = _suppress_eos(F.log_softmax(logits.float(), dim=-1), s, eos, cur_len - prompt_len)
         if s.output_scores:
             all_scores.append(log_probs)
         vocab = log_probs.shape[-1]
@@ -311,14 +333,13 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
         worst_finished = torch.where(is_finished, beam_scores.min(dim=1, keepdim=True)[0], -1.0e9)
         improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
         last = cur_len >= max_length  # known on the host: every candidate hit the length limit
+        stop_flags = _HostFlags(torch.stack((is_finished.all(), improvable.any(), hits_stop.all())))
         # As in _sample: the next step is queued before the one wait for the stop flags; the parents come
         # from this request's own top-k, so the cache need not check them (a host sync of its own).
         if not last:
             cache.reorder(parents, check=False)
             next_logits = model.decode(running_sequences[:, :, cur_len - 1].reshape(-1), cache)
-        all_finished, any_improvable, all_stopped = torch.stack(
-            (is_finished.all(), improvable.any(), hits_stop.all())
-        ).tolist()
+        all_finished, any_improvable, all_stopped = stop_flags.read()
         open_beams = not (all_finished and s.early_stopping is True)
         if last or not (any_improvable and open_beams and not all_stopped):
             break
