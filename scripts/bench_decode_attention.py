@@ -111,17 +111,22 @@ def main() -> None:
     parser.add_argument("--datasheet-gbs", type=float, default=3350.0, help="H100 SXM5 HBM3: 3.35 TB/s")
     parser.add_argument("--block-n", type=int, help="override the Triton decode kernel's key block (tuning)")
     parser.add_argument("--num-warps", type=int, help="override the Triton decode kernel's warps (tuning)")
+    parser.add_argument("--num-stages", type=int, help="override the Triton decode kernel's stages (tuning)")
     parser.add_argument("--profile", action="store_true", help="profile 200 eager calls of the first context")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.block_n or args.num_warps:
+    if args.block_n or args.num_warps or args.num_stages:
         from xpu_coopt.triton import kernels
 
         if args.block_n:
             kernels.DECODE_BLOCK_N = dict.fromkeys(kernels.DECODE_BLOCK_N, args.block_n)
         kernels.DECODE_NUM_WARPS = args.num_warps or kernels.DECODE_NUM_WARPS
-        print(f"decode kernel: BLOCK_N={kernels.DECODE_BLOCK_N}, num_warps={kernels.DECODE_NUM_WARPS}")
+        kernels.DECODE_NUM_STAGES = args.num_stages or kernels.DECODE_NUM_STAGES
+        print(
+            f"decode kernel: BLOCK_N={kernels.DECODE_BLOCK_N}, num_warps={kernels.DECODE_NUM_WARPS}, "
+            f"num_stages={kernels.DECODE_NUM_STAGES}"
+        )
     ops = resolve_backend(args.backend, torch.device(args.device))
     peak = measured_copy_gbs(args.device)
     print(

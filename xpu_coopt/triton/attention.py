@@ -137,11 +137,12 @@ def segment_attention_decode_kernel(
         p, row_max, row_sum, acc = _online_softmax(
             tl.where(n_ok[None, :] & row_ok[:, None], scores, float("-inf")), row_max, row_sum, acc
         )
-        v = load_cells(prompt_v + prompt + n[:, None] * prompt_position_stride + d[None, :],
-                       n_ok[:, None] & d_ok[None, :],
-                       prompt_v_scale + prompt_scale + n[:, None] * prompt_scale_position_stride, n_ok[:, None],
-                       dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
-        acc += _dot(p.to(dtype), v, UPCAST_DOT)
+        v, v_scale = load_unscaled(prompt_v + prompt + n[:, None] * prompt_position_stride + d[None, :],
+                                   n_ok[:, None] & d_ok[None, :],
+                                   prompt_v_scale + prompt_scale + n * prompt_scale_position_stride, n_ok,
+                                   dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
+        # V's scale, one per key as K's, folds into the weights: one multiply per weight, not per element.
+        acc += _dot((p * v_scale[None, :]).to(dtype), v, UPCAST_DOT)
 
     # Response segment (last split only): step t of a sequence lives in row beam_slots[sequence, t]; rows
     # differ per beam, so these blocks are [rows, steps, D] gathers, reduced without a matrix product.

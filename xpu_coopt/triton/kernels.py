@@ -39,6 +39,8 @@ PREFILL_BLOCK_M, PREFILL_BLOCK_N = 32, 32
 DECODE_BLOCK_N = {"16-bit": 64, "fp8": 128}
 DECODE_BLOCK_T = 16
 DECODE_NUM_WARPS = 4
+# Triton's default on CUDA; 2, 4 and 5 stages were no faster for either cache (docs/benchmarks.md).
+DECODE_NUM_STAGES = 3
 # Prompt columns: a shorter split costs more to combine than it saves. Under the interpreter one block,
 # so that the tests' small shapes exercise split decoding.
 DECODE_MIN_CHUNK = 64 if INTERPRETED else 256
@@ -273,7 +275,7 @@ def segment_attention_decode(
         BLOCK_ROWS=_block(beams * group, 16), BLOCK_N=block_n, BLOCK_T=DECODE_BLOCK_T,
         BLOCK_D=_block(head_dim, 16), UPCAST_DOT=_upcast_dot(query.dtype), NATIVE_FP8=_native_fp8(query.device),
         HAS_LENS=segment_lens is not None, SPLIT=splits > 1, **codec_constants(kv_format),
-        num_warps=DECODE_NUM_WARPS,
+        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
     )  # fmt: skip
     if splits > 1:
         combine_splits_kernel[(num_seqs * heads,)](
