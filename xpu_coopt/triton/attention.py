@@ -95,7 +95,7 @@ def segment_attention_decode_kernel(
     """Program = (request, KV head, split); its rows are every (beam, query head of the group) of the
     request, so each prompt K/V block is loaded (and dequantized) once for all of them. Split k covers
     prompt columns [k * chunk, (k + 1) * chunk) (flash-decoding: enough programs to fill the GPU at batch
-    1); the last split also covers the response segment. With SPLIT, each split writes its unnormalised
+    1), and an equal share of the response segment's steps. With SPLIT, each split writes its unnormalised
     accumulator and (row max, row sum) to partial_acc / partial_stats for combine_splits_kernel; without,
     the one split writes out. With HAS_LENS the segment lengths are read from segment_lens on the device
     (prompt_len and response_len are then capacities), so a captured CUDA graph replays at any step."""
@@ -144,12 +144,15 @@ def segment_attention_decode_kernel(
         # V's scale, one per key as K's, folds into the weights: one multiply per weight, not per element.
         acc += _dot((p * v_scale[None, :]).to(dtype), v, UPCAST_DOT)
 
-    # Response segment (last split only): step t of a sequence lives in row beam_slots[sequence, t]; rows
-    # differ per beam, so these blocks are [rows, steps, D] gathers, reduced without a matrix product.
-    steps = tl.where(split == tl.num_programs(1) - 1, response_end, 0)
-    for first in range(0, steps, BLOCK_T):
+    # Response segment: step t of a sequence lives in row beam_slots[sequence, t]; rows differ per beam, so
+    # these blocks are [rows, steps, D] gathers, reduced without a matrix product. Its steps are shared out
+    # among the splits as the prompt's columns are: in one split they would grow its share by every
+    # generated token (measured on an H100: beam 4 steps from 6.5 to 9.4 ms over 128 tokens).
+    per_split = tl.cdiv(response_end, tl.num_programs(1))
+    steps_end = tl.minimum((split + 1) * per_split, response_end)
+    for first in range(split * per_split, steps_end, BLOCK_T):
         t = first + tl.arange(0, BLOCK_T)
-        ok = row_ok[:, None] & (t[None, :] < steps)  # [rows, T]
+        ok = row_ok[:, None] & (t[None, :] < steps_end)  # [rows, T]
         slot = tl.load(beam_slots + sequence[:, None] * beam_slots_stride + t[None, :], mask=ok, other=0).to(
             tl.int64
         )
