@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from xpu_coopt.triton.codecs import load_cells, load_unscaled
+from xpu_coopt.triton.codecs import load_unscaled
 
 
 @triton.jit
@@ -147,7 +147,9 @@ def segment_attention_decode_kernel(
     # Response segment: step t of a sequence lives in row beam_slots[sequence, t]; rows differ per beam, so
     # these blocks are [rows, steps, D] gathers, reduced without a matrix product. Its steps are shared out
     # among the splits as the prompt's columns are: in one split they would grow its share by every
-    # generated token (measured on an H100: beam 4 steps from 6.5 to 9.4 ms over 128 tokens).
+    # generated token (measured on an H100: beam 4 steps from 6.5 to 9.4 ms over 128 tokens). As in the
+    # prompt loop, the cells stay unscaled 16-bit values and their scales apply to scores and weights: cells
+    # scaled in float32 here took the FP8 kernel to 255 registers with spills (docs/benchmarks.md).
     per_split = tl.cdiv(response_end, tl.num_programs(1))
     steps_end = tl.minimum((split + 1) * per_split, response_end)
     for first in range(split * per_split, steps_end, BLOCK_T):
@@ -163,15 +165,15 @@ def segment_attention_decode_kernel(
             + t[None, :] * response_scale_position_stride
         )
         mask3 = ok[:, :, None] & d_ok[None, None, :]
-        k = load_cells(response_k + cell[:, :, None] + d[None, None, :], mask3,
-                       response_k_scale + scale_cell[:, :, None], ok[:, :, None],
-                       dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
-        scores = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32), axis=2) * scale
+        k, k_scale = load_unscaled(response_k + cell[:, :, None] + d[None, None, :], mask3,
+                                   response_k_scale + scale_cell, ok,
+                                   dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
+        scores = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32), axis=2) * (k_scale * scale)
         p, row_max, row_sum, acc = _online_softmax(tl.where(ok, scores, float("-inf")), row_max, row_sum, acc)
-        v = load_cells(response_v + cell[:, :, None] + d[None, None, :], mask3,
-                       response_v_scale + scale_cell[:, :, None], ok[:, :, None],
-                       dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
-        acc += tl.sum(p.to(dtype).to(tl.float32)[:, :, None] * v.to(tl.float32), axis=1)
+        v, v_scale = load_unscaled(response_v + cell[:, :, None] + d[None, None, :], mask3,
+                                   response_v_scale + scale_cell, ok,
+                                   dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
+        acc += tl.sum((p * v_scale).to(dtype).to(tl.float32)[:, :, None] * v.to(tl.float32), axis=1)
 
     if SPLIT:  # partial results of this split, rows indexed by (sequence, query head)
         row = split.to(tl.int64) * rows_per_split + sequence * (kv_heads * group) + h

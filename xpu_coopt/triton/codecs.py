@@ -76,21 +76,6 @@ def decode_codes(codes, OUT: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.cons
 
 
 @triton.jit
-def load_cells(pointers, mask, scale_pointers, scale_mask, DTYPE: tl.constexpr, FORMAT: tl.constexpr,
-               MANTISSA: tl.constexpr, BIAS: tl.constexpr, SUB_UNIT: tl.constexpr, NATIVE_FP8: tl.constexpr):  # fmt: skip
-    """Cache cells as DTYPE values: as stored, or FP8 codes times their row's scale rounded to DTYPE (as
-    the reference dequantizes). scale_pointers / scale_mask broadcast against pointers (one scale per
-    cache row, loaded once, not once per element); masked cells are never read."""
-    if FORMAT == 0:
-        values = tl.load(pointers, mask=mask, other=0.0)
-    else:
-        codes = tl.load(pointers, mask=mask, other=0)
-        scales = tl.load(scale_pointers, mask=scale_mask, other=0.0).to(tl.float32)
-        values = (decode_codes(codes, tl.float32, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8) * scales).to(DTYPE)
-    return values
-
-
-@triton.jit
 def load_unscaled(pointers, mask, scale_pointers, scale_mask, DTYPE: tl.constexpr, FORMAT: tl.constexpr,
                   MANTISSA: tl.constexpr, BIAS: tl.constexpr, SUB_UNIT: tl.constexpr, NATIVE_FP8: tl.constexpr):  # fmt: skip
     """(values, scales): cache cells as DTYPE values before their row's scale (FP8 codes convert exactly to
