@@ -22,6 +22,15 @@ def _online_softmax(scores, row_max, row_sum, acc):
 
 
 @triton.jit
+def _scaled(x, scales, FORMAT: tl.constexpr):
+    """x times its cache rows' scales (FP8 formats); a 16-bit cache has none, and no multiply: multiplying
+    by ones took the float16 kernel at 4 beams from 202 to 255 registers (scripts/decode_kernel_resources.py)."""
+    if FORMAT != 0:
+        x = x * scales
+    return x
+
+
+@triton.jit
 def _dot(a, b, UPCAST: tl.constexpr):
     """a @ b, accumulated in float32. UPCAST multiplies in float32 instead (exact for 16-bit inputs, so
     the same result): Triton 3.9's interpreter gets bfloat16 tl.dot wrong."""
@@ -133,7 +142,7 @@ def segment_attention_decode_kernel(
                                    n_ok[None, :] & d_ok[:, None],
                                    prompt_k_scale + prompt_scale + n * prompt_scale_position_stride, n_ok,
                                    dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
-        scores = _dot(q, k, UPCAST_DOT) * (k_scale * scale)[None, :]
+        scores = _dot(q, k, UPCAST_DOT) * _scaled(scale, k_scale[None, :], FORMAT)
         p, row_max, row_sum, acc = _online_softmax(
             tl.where(n_ok[None, :] & row_ok[:, None], scores, float("-inf")), row_max, row_sum, acc
         )
@@ -142,7 +151,7 @@ def segment_attention_decode_kernel(
                                    prompt_v_scale + prompt_scale + n * prompt_scale_position_stride, n_ok,
                                    dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
         # V's scale, one per key as K's, folds into the weights: one multiply per weight, not per element.
-        acc += _dot((p * v_scale[None, :]).to(dtype), v, UPCAST_DOT)
+        acc += _dot(_scaled(p, v_scale[None, :], FORMAT).to(dtype), v, UPCAST_DOT)
 
     # Response segment: step t of a sequence lives in row beam_slots[sequence, t]; rows differ per beam, so
     # these blocks are [rows, steps, D] gathers, reduced without a matrix product. Its steps are shared out
@@ -168,12 +177,16 @@ def segment_attention_decode_kernel(
         k, k_scale = load_unscaled(response_k + cell[:, :, None] + d[None, None, :], mask3,
                                    response_k_scale + scale_cell, ok,
                                    dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
-        scores = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32), axis=2) * (k_scale * scale)
+        scores = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32), axis=2) * _scaled(
+            scale, k_scale, FORMAT
+        )
         p, row_max, row_sum, acc = _online_softmax(tl.where(ok, scores, float("-inf")), row_max, row_sum, acc)
         v, v_scale = load_unscaled(response_v + cell[:, :, None] + d[None, None, :], mask3,
                                    response_v_scale + scale_cell, ok,
                                    dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
-        acc += tl.sum((p * v_scale).to(dtype).to(tl.float32)[:, :, None] * v.to(tl.float32), axis=1)
+        acc += tl.sum(
+            _scaled(p, v_scale, FORMAT).to(dtype).to(tl.float32)[:, :, None] * v.to(tl.float32), axis=1
+        )
 
     if SPLIT:  # partial results of this split, rows indexed by (sequence, query head)
         row = split.to(tl.int64) * rows_per_split + sequence * (kv_heads * group) + h

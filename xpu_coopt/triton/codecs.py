@@ -79,7 +79,7 @@ def decode_codes(codes, OUT: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.cons
 def load_unscaled(pointers, mask, scale_pointers, scale_mask, DTYPE: tl.constexpr, FORMAT: tl.constexpr,
                   MANTISSA: tl.constexpr, BIAS: tl.constexpr, SUB_UNIT: tl.constexpr, NATIVE_FP8: tl.constexpr):  # fmt: skip
     """(values, scales): cache cells as DTYPE values before their row's scale (FP8 codes convert exactly to
-    16-bit floats), and the rows' scales as float32 (ones for a 16-bit cache). For K, whose scale is one
+    16-bit floats), and the rows' scales as float32 (ones for a 16-bit cache, which callers skip). For K, whose scale is one
     per key, scores = (q . codes) * scale: one multiply per score instead of one per element."""
     if FORMAT == 0:
         values = tl.load(pointers, mask=mask, other=0.0)
