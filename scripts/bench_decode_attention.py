@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import json
 import pstats
 
@@ -22,6 +23,7 @@ import triton.testing
 
 from xpu_coopt.backends import resolve_backend
 from xpu_coopt.ops import fp8
+from xpu_coopt.triton.tuning import add_decode_launch_arguments, apply_decode_launch
 
 SCALE_BYTES = 2  # bfloat16
 
@@ -109,24 +111,13 @@ def main() -> None:
     parser.add_argument("--kv-dtype", nargs="+", default=["auto", "fp8_e4m3"])
     parser.add_argument("--min-cycle-bytes", type=int, default=512 * 2**20)
     parser.add_argument("--datasheet-gbs", type=float, default=3350.0, help="H100 SXM5 HBM3: 3.35 TB/s")
-    parser.add_argument("--block-n", type=int, help="override the Triton decode kernel's key block (tuning)")
-    parser.add_argument("--num-warps", type=int, help="override the Triton decode kernel's warps (tuning)")
-    parser.add_argument("--num-stages", type=int, help="override the Triton decode kernel's stages (tuning)")
+    add_decode_launch_arguments(parser)
     parser.add_argument("--profile", action="store_true", help="profile 200 eager calls of the first context")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.block_n or args.num_warps or args.num_stages:
-        from xpu_coopt.triton import kernels
-
-        if args.block_n:
-            kernels.DECODE_BLOCK_N = dict.fromkeys(kernels.DECODE_BLOCK_N, args.block_n)
-        kernels.DECODE_NUM_WARPS = args.num_warps or kernels.DECODE_NUM_WARPS
-        kernels.DECODE_NUM_STAGES = args.num_stages or kernels.DECODE_NUM_STAGES
-        print(
-            f"decode kernel: BLOCK_N={kernels.DECODE_BLOCK_N}, num_warps={kernels.DECODE_NUM_WARPS}, "
-            f"num_stages={kernels.DECODE_NUM_STAGES}"
-        )
+    launch = apply_decode_launch(args)
+    print(f"decode kernel: {launch}")
     ops = resolve_backend(args.backend, torch.device(args.device))
     peak = measured_copy_gbs(args.device)
     print(
@@ -143,7 +134,8 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_gbs": peak,
-                       "datasheet_gbs": args.datasheet_gbs, "backend": args.backend, "rows": rows}, f, indent=1)  # fmt: skip
+                       "datasheet_gbs": args.datasheet_gbs, "backend": args.backend,
+                       "launch": dataclasses.asdict(launch), "rows": rows}, f, indent=1)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ test_ops.py), its compilation for real NVIDIA targets, and its errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,6 +36,59 @@ def test_kernels_compile_for_ampere_and_hopper():
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=environment)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "compiled 21 launches for [80, 90]" in result.stdout, result.stdout
+
+
+def test_decode_kernel_resources_report_registers_without_a_gpu(tmp_path):
+    """scripts/decode_kernel_resources.py compiles the decode kernel for sm_90 and reads its cubin."""
+    environment = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    script = Path(__file__).parents[1] / "scripts" / "decode_kernel_resources.py"
+    report = tmp_path / "resources.json"
+    command = [sys.executable, str(script), "--context", "4096", "--block-t", "4", "--json", str(report)]
+    result = subprocess.run(command, capture_output=True, text=True, env=environment)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {row["kv_dtype"]: row for row in json.loads(report.read_text())["rows"]}
+    assert sorted(rows) == ["auto", "fp8_e4m3"]
+    for row in rows.values():
+        assert row["BLOCK_T"] == 4 and 16 <= row["registers"] <= 255 and row["stack_bytes"] >= 0
+        assert row["num_warps"] == 4 and row["shared_bytes"] > 0
+        # 132 SMs x 2 programs wanted over 32 KV heads: 9 splits of 4096 columns, whole blocks of 64 or 128
+        # keys: chunks of 512, so 8 splits a head
+        assert row["programs"] == 32 * 8
+
+
+@pytest.mark.parametrize(
+    "registers, shared, blocks",
+    # Nsight Compute's block limits for the decode kernel on an H100 (docs/results/h100-ncu-*-8k.txt)
+    [(156, 71680, {"registers": 3, "shared": 3}), (255, 73728, {"registers": 2, "shared": 3})],
+)
+def test_blocks_per_sm_match_nsight_compute(registers, shared, blocks):
+    from xpu_coopt.triton import offline
+
+    usage = offline.Resources(registers=registers, stack_bytes=0, shared_bytes=shared, num_warps=4)
+    assert usage.blocks_per_sm(90) == blocks
+    with pytest.raises(ValueError, match="shared memory per SM of sm_75 unknown"):
+        usage.blocks_per_sm(75)
+
+
+def test_compile_for_refuses_the_interpreter():
+    from xpu_coopt.triton import offline
+
+    with pytest.raises(RuntimeError, match="without TRITON_INTERPRET=1"), offline.compile_for(90):
+        pass
+
+
+def test_decode_launch_overrides(monkeypatch):
+    import argparse
+
+    from xpu_coopt.triton import kernels, tuning
+
+    monkeypatch.setattr(kernels, "DECODE_LAUNCH", kernels.DecodeLaunch())
+    parser = argparse.ArgumentParser()
+    tuning.add_decode_launch_arguments(parser)
+    launch = tuning.apply_decode_launch(parser.parse_args(["--block-n", "32", "--programs-per-sm", "3"]))
+    assert launch is kernels.DECODE_LAUNCH
+    assert (launch.block_n("auto"), launch.block_n("fp8_e5m2"), launch.programs_per_sm) == (32, 32, 3)
+    assert (launch.block_t, launch.num_stages, launch.max_registers) == (16, 3, None)  # the defaults kept
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):

@@ -2,9 +2,10 @@
 
 The interpreter (which runs the kernels in the other tests) is lenient: it accepts block shapes, dtypes
 and constructs that the real compiler rejects. This script runs each wrapper of xpu_coopt.triton.kernels
-on CPU tensors with the kernels' launch replaced by triton.compile(..., target=sm_XX) down to a cubin,
-so CI proves that the exact launches the wrappers make compile. Run by tests/test_triton.py in a
-process without TRITON_INTERPRET; prints one line per compiled launch, then "compiled N launches".
+on CPU tensors within xpu_coopt.triton.offline.compile_for(sm_XX), which compiles every launch down to a
+cubin through Triton's own launch path instead of running it, so CI proves that the exact launches the
+wrappers make compile. Run by tests/test_triton.py in a process without TRITON_INTERPRET; prints one line
+per compiled launch, then "compiled N launches for [targets]".
 """
 
 from __future__ import annotations
@@ -16,60 +17,11 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without the interpreter"
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-
 import xpu_coopt.triton.kernels as K  # noqa: E402
 from xpu_coopt.ops import fp8  # noqa: E402
+from xpu_coopt.triton import offline  # noqa: E402
 
-POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.uint8: "*u8",
-                 torch.int32: "*i32", torch.int64: "*i64"}  # fmt: skip
-TARGETS = [GPUTarget("cuda", capability, 32) for capability in (80, 90)]
-compiled: list[str] = []
-
-
-def _signature(kernel, args, kwargs):
-    signature, constexprs = {}, {}
-    for name, value in zip(kernel.arg_names, list(args) + [None] * len(kernel.arg_names), strict=False):
-        if name in kwargs:
-            signature[name], constexprs[name] = "constexpr", kwargs[name]
-        elif isinstance(value, torch.Tensor):
-            signature[name] = POINTER_TYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif isinstance(value, int):
-            signature[name] = "i64" if abs(value) >= 2**31 else "i32"
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        else:
-            raise TypeError(f"{kernel.fn.__name__}: cannot type argument {name}={value!r}")
-    return signature, constexprs
-
-
-class _Compile:
-    """Stands in for kernel[grid]: compiles for every target instead of launching."""
-
-    def __init__(self, kernel):
-        self.kernel = kernel
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            signature, constexprs = _signature(self.kernel, args, kwargs)
-            for target in TARGETS:
-                if "NATIVE_FP8" in constexprs:  # as on a GPU of that target: FP8 instructions from sm_89
-                    constexprs["NATIVE_FP8"] = target.arch >= 89
-                triton.compile(ASTSource(self.kernel, signature, constexprs), target=target)
-            compiled.append(f"{self.kernel.fn.__name__} {constexprs}")
-            print(compiled[-1], flush=True)
-
-        return launch
-
-
-for name in ("rms_norm_kernel", "fused_add_rms_norm_kernel", "silu_and_mul_kernel", "rotary_kv_write_kernel",
-             "attention_prefill_kernel", "segment_attention_decode_kernel", "combine_splits_kernel"):  # fmt: skip
-    setattr(K, name, _Compile(getattr(K, name)))
-K._programs_to_fill = lambda device: 264  # as on an H100 (132 SMs), so long segments are split
+CAPABILITIES = (80, 90)
 
 
 def _cache(shape, kv_format, dtype):
@@ -78,8 +30,8 @@ def _cache(shape, kv_format, dtype):
     return torch.zeros(shape, dtype=dtype), None
 
 
-def main() -> None:
-    dtypes = [torch.bfloat16, torch.float16, torch.float32] if "--all" in sys.argv else [torch.bfloat16]
+def launch_all(dtypes: list[torch.dtype]) -> None:
+    """Every wrapper, with every KV format, as generation calls them (short and split decode)."""
     for dtype in dtypes:
         x = torch.randn(3, 576, dtype=dtype)
         K.rms_norm(torch.empty_like(x), x, torch.ones(576, dtype=dtype), 1e-5)
@@ -113,7 +65,19 @@ def main() -> None:
                 torch.zeros(2, dtype=torch.int32), response, response, response_scale, response_scale,
                 torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_format, torch.tensor([500, 3], dtype=torch.int32),
             )  # fmt: skip
-    print(f"compiled {len(compiled)} launches for {[t.arch for t in TARGETS]}")
+
+
+def main() -> None:
+    dtypes = [torch.bfloat16, torch.float16, torch.float32] if "--all" in sys.argv else [torch.bfloat16]
+    counts = []
+    for capability in CAPABILITIES:
+        with offline.compile_for(capability) as launches:
+            launch_all(dtypes)
+        for launch in launches:
+            print(f"sm_{capability} {launch.name} {launch.constexprs}", flush=True)
+        counts.append(len(launches))
+    assert len(set(counts)) == 1, f"launches per target differ: {counts}"
+    print(f"compiled {counts[0]} launches for {list(CAPABILITIES)}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ backend="triton" also calls them on CPU tensors under Triton's interpreter (TRIT
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from types import SimpleNamespace
@@ -34,13 +35,28 @@ MAX_HIDDEN = 65536  # rms_norm holds a whole row in one block
 MAX_DECODE_ROWS = 64  # beams x query heads per KV head in one decode program
 SILU_BLOCK = 1024
 PREFILL_BLOCK_M, PREFILL_BLOCK_N = 32, 32
-# Keys per block of the decode kernel, by cache storage (measured on an H100, docs/benchmarks.md: 64 keeps
-# a 16-bit cache at 77-89% of the copy rate from 4k; 128 runs an FP8 cache 20% faster than 64).
-DECODE_BLOCK_N = {"16-bit": 64, "fp8": 128}
-DECODE_BLOCK_T = 16
-DECODE_NUM_WARPS = 4
-# Triton's default on CUDA; 2, 4 and 5 stages were no faster for either cache (docs/benchmarks.md).
-DECODE_NUM_STAGES = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLaunch:
+    """The decode kernel's launch constants (tuning scripts replace DECODE_LAUNCH: xpu_coopt/triton/tuning.py)."""
+
+    # Keys per block, by cache storage (measured on an H100, docs/benchmarks.md: 64 keeps a 16-bit cache
+    # at 77-89% of the copy rate from 4k; 128 runs an FP8 cache 20% faster than 64).
+    block_n_16bit: int = 64
+    block_n_fp8: int = 128
+    block_t: int = 16  # response steps per block
+    num_warps: int = 4
+    # Triton's default on CUDA; 2, 4 and 5 stages were no faster for either cache (docs/benchmarks.md).
+    num_stages: int = 3
+    max_registers: int | None = None  # ptxas's default: up to 255 a thread
+    programs_per_sm: int = 2  # decode programs (splits of the prompt segment) wanted per multiprocessor
+
+    def block_n(self, kv_format: str) -> int:
+        return self.block_n_fp8 if fp8.is_fp8(kv_format) else self.block_n_16bit
+
+
+DECODE_LAUNCH = DecodeLaunch()
 # Prompt columns: a shorter split costs more to combine than it saves. Under the interpreter one block,
 # so that the tests' small shapes exercise split decoding.
 DECODE_MIN_CHUNK = 64 if INTERPRETED else 256
@@ -194,12 +210,16 @@ def _native_fp8(device: torch.device) -> bool:
 
 
 @functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _programs_to_fill(device: torch.device) -> int:
-    """Decode programs that keep every multiprocessor busy (two per SM); a small number under the
-    interpreter, so the tests' small shapes run the split path too."""
+    """Decode programs that keep every multiprocessor busy (DECODE_LAUNCH.programs_per_sm each); a small
+    number under the interpreter, so the tests' small shapes run the split path too."""
     if device.type != "cuda" or INTERPRETED:
         return INTERPRETER_DECODE_PROGRAMS
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return DECODE_LAUNCH.programs_per_sm * _multiprocessors(device)
 
 
 def decode_splits(programs: int, columns: int, device: torch.device, block_n: int) -> tuple[int, int]:
@@ -250,7 +270,8 @@ def segment_attention_decode(
     checks.segment_lens_tensor(op, segment_lens)
     if num_seqs == 0:
         return
-    block_n = DECODE_BLOCK_N["fp8" if fp8.is_fp8(kv_format) else "16-bit"]
+    launch = DECODE_LAUNCH
+    block_n = launch.block_n(kv_format)
     splits, chunk = decode_splits(requests * kv_heads, prompt_len, query.device, block_n)
     unused = query.new_empty(0, dtype=torch.float32)
     # Partials of a split decode: workspace of this call (inside a captured graph, from the graph's pool).
@@ -272,10 +293,10 @@ def segment_attention_decode(
         *checks.cache_strides(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
         *checks.cache_strides(op, response_k, response_v, response_k_scale, response_v_scale),
         beam_slots.stride(0),
-        BLOCK_ROWS=_block(beams * group, 16), BLOCK_N=block_n, BLOCK_T=DECODE_BLOCK_T,
+        BLOCK_ROWS=_block(beams * group, 16), BLOCK_N=block_n, BLOCK_T=launch.block_t,
         BLOCK_D=_block(head_dim, 16), UPCAST_DOT=_upcast_dot(query.dtype), NATIVE_FP8=_native_fp8(query.device),
         HAS_LENS=segment_lens is not None, SPLIT=splits > 1, **codec_constants(kv_format),
-        num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
+        num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.max_registers,
     )  # fmt: skip
     if splits > 1:
         combine_splits_kernel[(num_seqs * heads,)](

@@ -1,0 +1,35 @@
+"""Command-line overrides of the decode kernel's launch constants, shared by the tuning scripts
+(scripts/bench_decode_attention.py times a launch on a GPU, scripts/decode_kernel_resources.py reads
+its registers without one)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from xpu_coopt.triton import kernels
+
+
+def add_decode_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "decode kernel launch (defaults: xpu_coopt.triton.kernels.DecodeLaunch)"
+    )
+    group.add_argument("--block-n", type=int, help="keys per block, for every cache storage")
+    group.add_argument("--block-t", type=int, help="response steps per block")
+    group.add_argument("--num-warps", type=int)
+    group.add_argument("--num-stages", type=int)
+    group.add_argument("--max-registers", type=int, help="registers a thread at most (Triton's maxnreg)")
+    group.add_argument("--programs-per-sm", type=int, help="decode programs wanted per multiprocessor")
+
+
+def apply_decode_launch(args: argparse.Namespace) -> kernels.DecodeLaunch:
+    """Replaces the decode kernel's launch constants in this process by those given in args; returns them."""
+    overrides = {
+        name: value
+        for name in ("block_t", "num_warps", "num_stages", "max_registers", "programs_per_sm")
+        if (value := getattr(args, name)) is not None
+    }
+    if args.block_n is not None:
+        overrides.update(block_n_16bit=args.block_n, block_n_fp8=args.block_n)
+    kernels.DECODE_LAUNCH = dataclasses.replace(kernels.DECODE_LAUNCH, **overrides)
+    return kernels.DECODE_LAUNCH
