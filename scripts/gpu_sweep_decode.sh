@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The decode kernel's launch candidates found offline (docs/benchmarks.md, "Registers and occupancy without
+# a GPU"), timed one after another in one session on a lent GPU, the defaults first:
+#   bash scripts/gpu_sweep_decode.sh OUT_DIR
+set -uo pipefail
+out=${1:?usage: gpu_sweep_decode.sh OUT_DIR}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+sweep() {  # NAME OPTIONS...
+    local name=$1; shift
+    echo "== $name $*"
+    python3 scripts/bench_decode_attention.py --contexts 4096 8192 32768 --json "$out/decode-$name.json" "$@" |
+        tail -6
+}
+sweep default
+sweep programs3-registers168 --programs-per-sm 3 --max-registers 168
+sweep programs3 --programs-per-sm 3
+sweep registers168 --max-registers 168
+sweep block-t4 --block-t 4
