@@ -29,23 +29,27 @@ def test_stories260k_triton_tokens_match_reference(stories_model, stories_tokeni
     assert torch.equal(triton, reference)
 
 
+def _compile_without_the_interpreter(script: Path, *arguments: str) -> subprocess.CompletedProcess:
+    """Runs a script that compiles for NVIDIA targets (xpu_coopt.triton.offline), in a process without
+    TRITON_INTERPRET; asserts that it succeeded."""
+    environment = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    command = [sys.executable, str(script), *arguments]
+    result = subprocess.run(command, capture_output=True, text=True, env=environment)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
 def test_kernels_compile_for_ampere_and_hopper():
     """The interpreter is lenient; the real compiler must accept every launch the wrappers make."""
-    environment = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    script = Path(__file__).with_name("triton_compile.py")
-    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=environment)
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = _compile_without_the_interpreter(Path(__file__).with_name("triton_compile.py"))
     assert "compiled 21 launches for [80, 90]" in result.stdout, result.stdout
 
 
 def test_decode_kernel_resources_report_registers_without_a_gpu(tmp_path):
     """scripts/decode_kernel_resources.py compiles the decode kernel for sm_90 and reads its cubin."""
-    environment = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     script = Path(__file__).parents[1] / "scripts" / "decode_kernel_resources.py"
     report = tmp_path / "resources.json"
-    command = [sys.executable, str(script), "--context", "4096", "--block-t", "4", "--json", str(report)]
-    result = subprocess.run(command, capture_output=True, text=True, env=environment)
-    assert result.returncode == 0, result.stdout + result.stderr
+    _compile_without_the_interpreter(script, "--context", "4096", "--block-t", "4", "--json", str(report))
     rows = {row["kv_dtype"]: row for row in json.loads(report.read_text())["rows"]}
     assert sorted(rows) == ["auto", "fp8_e4m3"]
     for row in rows.values():

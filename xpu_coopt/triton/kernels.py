@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import os
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import triton
@@ -202,24 +203,37 @@ def attention_prefill(
     )  # fmt: skip
 
 
+class GpuFacts(NamedTuple):
+    """What the launches depend on of the GPU the tensors live on."""
+
+    capability: tuple[int, int]
+    multiprocessors: int
+
+
 @functools.cache
+def _gpu(device: torch.device) -> GpuFacts | None:
+    """The tensors' GPU; None under the interpreter (CPU tensors). xpu_coopt.triton.offline stands a
+    target GPU in for it."""
+    if device.type != "cuda" or INTERPRETED:
+        return None
+    properties = torch.cuda.get_device_properties(device)
+    return GpuFacts((properties.major, properties.minor), properties.multi_processor_count)
+
+
 def _native_fp8(device: torch.device) -> bool:
     """Whether the GPU converts FP8 in hardware (sm_89 and newer); the interpreter and older GPUs decode
     codes with integer operations."""
-    return device.type == "cuda" and not INTERPRETED and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    gpu = _gpu(device)
+    return gpu is not None and gpu.capability >= (8, 9)
 
 
 def _programs_to_fill(device: torch.device) -> int:
     """Decode programs that keep every multiprocessor busy (DECODE_LAUNCH.programs_per_sm each); a small
     number under the interpreter, so the tests' small shapes run the split path too."""
-    if device.type != "cuda" or INTERPRETED:
+    gpu = _gpu(device)
+    if gpu is None:
         return INTERPRETER_DECODE_PROGRAMS
-    return DECODE_LAUNCH.programs_per_sm * _multiprocessors(device)
+    return DECODE_LAUNCH.programs_per_sm * gpu.multiprocessors
 
 
 def decode_splits(programs: int, columns: int, device: torch.device, block_n: int) -> tuple[int, int]:

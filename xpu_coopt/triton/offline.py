@@ -94,10 +94,9 @@ def compile_for(capability: int, multiprocessors: int = H100_MULTIPROCESSORS) ->
             stack.enter_context(
                 mock.patch.object(kernels, name, _CompileOnly(getattr(kernels, name), launches))
             )
-        # As on a GPU of this capability: FP8 conversion instructions from sm_89.
-        stack.enter_context(mock.patch.object(kernels, "_native_fp8", lambda device: capability >= 89))
-        programs = lambda device: kernels.DECODE_LAUNCH.programs_per_sm * multiprocessors  # noqa: E731
-        stack.enter_context(mock.patch.object(kernels, "_programs_to_fill", programs))
+        # The launches then choose (FP8 instructions, splits) as on a GPU of this capability and size.
+        target = kernels.GpuFacts(divmod(capability, 10), multiprocessors)
+        stack.enter_context(mock.patch.object(kernels, "_gpu", lambda device: target))
         stack.callback(driver.set_active, getattr(driver, "_active", None))  # the driver it replaces
         driver.set_active(_OfflineDriver(capability))
         yield launches
