@@ -24,6 +24,7 @@ KINDS = {  # substring of a kernel's name -> what it is
     "rotary_kv_write": "rotary + KV write",
     "rms_norm": "RMSNorm (+ residual add)",
     "silu_and_mul": "SiLU * mul",
+    "skinny_linear": "GEMM (Triton, few rows)",
     "gemv": "GEMM (cuBLAS GEMV)",
     "gemm": "GEMM (cuBLAS)",
     "sm90": "GEMM (cuBLAS)",

@@ -2,8 +2,8 @@
 
 The interpreter (which runs the kernels in the other tests) is lenient: it accepts block shapes, dtypes
 and constructs that the real compiler rejects. This script runs each wrapper of xpu_coopt.triton.kernels
-on CPU tensors within xpu_coopt.triton.offline.compile_for(sm_XX), which compiles every launch down to a
-cubin through Triton's own launch path instead of running it, so CI proves that the exact launches the
+and .linear on CPU tensors within xpu_coopt.triton.offline.compile_for(sm_XX), which compiles every launch
+down to a cubin through Triton's own launch path instead of running it, so CI proves that the exact launches the
 wrappers make compile. Run by tests/test_triton.py in a process without TRITON_INTERPRET; prints one line
 per compiled launch, then "compiled N launches for [targets]".
 """
@@ -19,7 +19,7 @@ assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without the interpre
 
 import xpu_coopt.triton.kernels as K  # noqa: E402
 from xpu_coopt.ops import fp8  # noqa: E402
-from xpu_coopt.triton import offline  # noqa: E402
+from xpu_coopt.triton import linear, offline  # noqa: E402
 
 CAPABILITIES = (80, 90)
 
@@ -37,6 +37,9 @@ def launch_all(dtypes: list[torch.dtype]) -> None:
         K.rms_norm(torch.empty_like(x), x, torch.ones(576, dtype=dtype), 1e-5)
         K.fused_add_rms_norm(x, x.clone(), torch.ones(576, dtype=dtype), 1e-5)
         K.silu_and_mul(x[:, :288].clone(), x)
+        weight = torch.randn(100, 576, dtype=dtype)
+        linear.linear(x[:1], weight)  # one row: elementwise
+        linear.linear(x, weight, torch.randn(100, dtype=dtype))  # a few rows through tl.dot, with a bias
         q, k = torch.randn(4, 2, 7, 64, dtype=dtype), torch.randn(4, 2, 1, 64, dtype=dtype)
         K.attention_prefill(torch.empty_like(q), q, k, k.clone(), torch.zeros(4, dtype=torch.int32), 0.125)
         for kv_format in ("auto", "fp8_e4m3", "fp8_e5m2"):

@@ -42,9 +42,10 @@ class Ops:
             raise ValueError(f"backend {name!r} lacks kernels for {missing}")
         self.kernels = kernels
         self.name = name
-        # GEMMs are torch's own; a backend may only choose which of torch's kernels runs them, and the
-        # layout of the weight matrices it owns: pack_weight(fused, parts) -> what linear(x, w, bias)
-        # takes, where parts are the plain matrices the fused one was concatenated from.
+        # GEMMs are not ops of the schema (contract: docs/ops.md, "linear"): a backend chooses the kernel
+        # that runs them, torch's or its own (Triton's few-row GEMM), and the layout of the weight
+        # matrices it owns: pack_weight(fused, parts) -> what linear(x, w, bias) takes, where parts are
+        # the plain matrices the fused one was concatenated from.
         self.linear = linear
         self.pack_weight = pack_weight
 

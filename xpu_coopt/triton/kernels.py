@@ -64,7 +64,8 @@ DECODE_MIN_CHUNK = 64 if INTERPRETED else 256
 INTERPRETER_DECODE_PROGRAMS = 16
 
 
-def _upcast_dot(dtype: torch.dtype) -> bool:
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """Whether tl.dot must multiply blocks of this dtype in float32 (the interpreter's bfloat16 dot)."""
     return INTERPRETED and dtype == torch.bfloat16
 
 
@@ -199,7 +200,7 @@ def attention_prefill(
         out, query, key, value, seq_start.to(torch.int32).contiguous(), length, heads, key.shape[2], head_dim,
         scale, *(s for t in (query, key, value, out) for s in t.stride()[:2]),
         BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, BLOCK_D=_block(head_dim, 16),
-        UPCAST_DOT=_upcast_dot(query.dtype),
+        UPCAST_DOT=upcast_dot(query.dtype),
     )  # fmt: skip
 
 
@@ -308,7 +309,7 @@ def segment_attention_decode(
         *checks.cache_strides(op, response_k, response_v, response_k_scale, response_v_scale),
         beam_slots.stride(0),
         BLOCK_ROWS=_block(beams * group, 16), BLOCK_N=block_n, BLOCK_T=launch.block_t,
-        BLOCK_D=_block(head_dim, 16), UPCAST_DOT=_upcast_dot(query.dtype), NATIVE_FP8=_native_fp8(query.device),
+        BLOCK_D=_block(head_dim, 16), UPCAST_DOT=upcast_dot(query.dtype), NATIVE_FP8=_native_fp8(query.device),
         HAS_LENS=segment_lens is not None, SPLIT=splits > 1, **codec_constants(kv_format),
         num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.max_registers,
     )  # fmt: skip

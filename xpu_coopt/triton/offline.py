@@ -1,6 +1,6 @@
 """Compiles the Triton kernels for an NVIDIA GPU on a machine without one, as the op wrappers launch them.
 
-Within compile_for(capability), every wrapper of xpu_coopt.triton.kernels runs on CPU tensors and each
+Within compile_for(capability), every wrapper of xpu_coopt.triton.kernels and .linear runs on CPU tensors and each
 launch it makes compiles down to a cubin for sm_<capability> instead of running: through Triton's own
 launch path (JITFunction.warmup), so it gets the argument specialisation a real launch gets (pointer
 alignment, integers divisible by 16) and the same code. CI uses it to prove the launches compile;
@@ -24,10 +24,13 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 
 import xpu_coopt.triton.kernels as kernels
+import xpu_coopt.triton.linear as linear
 
+# The module each wrapper looks its kernels up in, and their names.
 KERNEL_NAMES = (
-    "rms_norm_kernel", "fused_add_rms_norm_kernel", "silu_and_mul_kernel", "rotary_kv_write_kernel",
-    "attention_prefill_kernel", "segment_attention_decode_kernel", "combine_splits_kernel",
+    (kernels, ("rms_norm_kernel", "fused_add_rms_norm_kernel", "silu_and_mul_kernel", "rotary_kv_write_kernel",
+               "attention_prefill_kernel", "segment_attention_decode_kernel", "combine_splits_kernel")),
+    (linear, ("skinny_linear_kernel",)),
 )  # fmt: skip
 REGISTERS_PER_SM = 65536  # every NVIDIA GPU from sm_50 to sm_120
 REGISTER_ALLOCATION_UNIT = 256  # registers are given to a warp in multiples of this
@@ -83,17 +86,18 @@ class _CompileOnly:
 
 @contextlib.contextmanager
 def compile_for(capability: int, multiprocessors: int = H100_MULTIPROCESSORS) -> Iterator[list[Launch]]:
-    """Within it, the wrappers in xpu_coopt.triton.kernels compile their launches for sm_<capability>
+    """Within it, the wrappers in xpu_coopt.triton.kernels and .linear compile their launches for sm_<capability>
     (on CPU tensors, without TRITON_INTERPRET) instead of running them; yields the list of launches,
     filled as they are made. multiprocessors: the GPU's size, which split decoding depends on."""
     if kernels.INTERPRETED:
         raise RuntimeError("compile_for needs a process without TRITON_INTERPRET=1")
     launches: list[Launch] = []
     with contextlib.ExitStack() as stack:
-        for name in KERNEL_NAMES:
-            stack.enter_context(
-                mock.patch.object(kernels, name, _CompileOnly(getattr(kernels, name), launches))
-            )
+        for module, names in KERNEL_NAMES:
+            for name in names:
+                stack.enter_context(
+                    mock.patch.object(module, name, _CompileOnly(getattr(module, name), launches))
+                )
         # The launches then choose (FP8 instructions, splits) as on a GPU of this capability and size.
         target = kernels.GpuFacts(divmod(capability, 10), multiprocessors)
         stack.enter_context(mock.patch.object(kernels, "_gpu", lambda device: target))
