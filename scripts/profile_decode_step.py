@@ -16,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import xpu_coopt
 from xpu_coopt.models import load_model
+from xpu_coopt.triton.tuning import add_decode_launch_arguments, apply_decode_launch
 
 STEPS = 8
 KINDS = {  # substring of a kernel's name -> what it is
@@ -64,7 +65,9 @@ def main() -> None:
     parser.add_argument("--input-tokens", type=int, default=1024)
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--peak-gbs", type=float, default=3350.0)
+    add_decode_launch_arguments(parser)
     args = parser.parse_args()
+    print(f"decode kernel: {apply_decode_launch(args)}")
     hf_model, _ = load_model(args.model, torch.float16, "cuda")
     weight_bytes = sum(p.numel() * p.element_size() for p in hf_model.parameters())
     ids = torch.randint(3, hf_model.config.vocab_size, (args.batch_size, args.input_tokens), device="cuda")

@@ -83,15 +83,23 @@ def test_compile_for_refuses_the_interpreter():
 
 def test_decode_launch_overrides(monkeypatch):
     import argparse
+    import dataclasses
 
     from xpu_coopt.triton import kernels, tuning
 
     monkeypatch.setattr(kernels, "DECODE_LAUNCH", kernels.DecodeLaunch())
     parser = argparse.ArgumentParser()
     tuning.add_decode_launch_arguments(parser)
-    launch = tuning.apply_decode_launch(parser.parse_args(["--block-n", "32", "--programs-per-sm", "3"]))
+    arguments = ["--block-n", "32", "--programs-per-sm", "3", "--min-chunk", "128"]
+    launch = tuning.apply_decode_launch(parser.parse_args(arguments))
     assert launch is kernels.DECODE_LAUNCH
     assert (launch.block_n("auto"), launch.block_n("fp8_e5m2"), launch.programs_per_sm) == (32, 32, 3)
+    # 16 programs wanted under the interpreter, 8 splits for 2 (request, KV head) pairs: 600 columns of
+    # at least 128 allow 4 (chunks of 150, rounded up to whole 64-column blocks); 64 columns allow 8.
+    cpu = torch.device("cpu")
+    assert kernels.decode_splits(2, 600, cpu, 64) == (4, 192)
+    monkeypatch.setattr(kernels, "DECODE_LAUNCH", dataclasses.replace(launch, min_chunk=64))
+    assert kernels.decode_splits(2, 600, cpu, 64) == (5, 128)
     assert (launch.block_t, launch.num_stages, launch.max_registers) == (16, 3, None)  # the defaults kept
 
 

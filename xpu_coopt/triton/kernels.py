@@ -52,15 +52,15 @@ class DecodeLaunch:
     num_stages: int = 3
     max_registers: int | None = None  # ptxas's default: up to 255 a thread
     programs_per_sm: int = 2  # decode programs (splits of the prompt segment) wanted per multiprocessor
+    # Prompt columns a split covers at least: a shorter split costs more to combine than it saves. Under
+    # the interpreter one block, so that the tests' small shapes exercise split decoding.
+    min_chunk: int = 64 if INTERPRETED else 256
 
     def block_n(self, kv_format: str) -> int:
         return self.block_n_fp8 if fp8.is_fp8(kv_format) else self.block_n_16bit
 
 
 DECODE_LAUNCH = DecodeLaunch()
-# Prompt columns: a shorter split costs more to combine than it saves. Under the interpreter one block,
-# so that the tests' small shapes exercise split decoding.
-DECODE_MIN_CHUNK = 64 if INTERPRETED else 256
 INTERPRETER_DECODE_PROGRAMS = 16
 
 
@@ -239,10 +239,10 @@ def _programs_to_fill(device: torch.device) -> int:
 
 def decode_splits(programs: int, columns: int, device: torch.device, block_n: int) -> tuple[int, int]:
     """(splits, chunk): the prompt columns each split of a (request, KV head) covers, a multiple of
-    block_n, split only as far as needed to fill the GPU and never below DECODE_MIN_CHUNK columns.
+    block_n, split only as far as needed to fill the GPU and never below DECODE_LAUNCH.min_chunk columns.
     Sized by the segment's capacity, so a captured graph stays valid as the sequence grows."""
     wanted = -(-_programs_to_fill(device) // programs)
-    splits = max(1, min(wanted, columns // DECODE_MIN_CHUNK))
+    splits = max(1, min(wanted, columns // DECODE_LAUNCH.min_chunk))
     chunk = -(-max(columns, 1) // splits)
     chunk = -(-chunk // block_n) * block_n
     return -(-max(columns, 1) // chunk), chunk

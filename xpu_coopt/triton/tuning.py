@@ -20,13 +20,14 @@ def add_decode_launch_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-stages", type=int)
     group.add_argument("--max-registers", type=int, help="registers a thread at most (Triton's maxnreg)")
     group.add_argument("--programs-per-sm", type=int, help="decode programs wanted per multiprocessor")
+    group.add_argument("--min-chunk", type=int, help="prompt columns a split covers at least")
 
 
 def apply_decode_launch(args: argparse.Namespace) -> kernels.DecodeLaunch:
     """Replaces the decode kernel's launch constants in this process by those given in args; returns them."""
     overrides = {
         name: value
-        for name in ("block_t", "num_warps", "num_stages", "max_registers", "programs_per_sm")
+        for name in ("block_t", "num_warps", "num_stages", "max_registers", "programs_per_sm", "min_chunk")
         if (value := getattr(args, name)) is not None
     }
     if args.block_n is not None:
