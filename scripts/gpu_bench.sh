@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/benchmarks.md in one go (a lent GPU machine, run from the repository root):
-# parity smoke test, decode-attention bandwidth, and xpu-coopt bench on the llama-2-7b shape.
+# parity smoke test, decode-attention bandwidth, few-row GEMMs against cuBLAS, and xpu-coopt bench on
+# the llama-2-7b shape.
 #   bash scripts/gpu_bench.sh OUT_DIR
 set -uo pipefail
 out=${1:?usage: gpu_bench.sh OUT_DIR}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 python3 scripts/cuda_smoke.py --backend triton 2>&1 | tee "$out/smoke.log"
 python3 scripts/bench_decode_attention.py --json "$out/decode-attention.json"
+python3 scripts/bench_linear.py --json "$out/linear.json"
 bench() {  # NAME ARGS...
     local name=$1; shift
     python3 -m xpu_coopt.cli bench --model llama-2-7b --device cuda --dtype float16 --backend triton \
