@@ -5,8 +5,10 @@ output columns for all rows and walks the whole K dimension, so no split-K parti
 kernel (cuBLAS splits some of these shapes and adds a reduce kernel); the loop's loads are
 software-pipelined (num_stages) to keep enough bytes in flight. Rows are padded to a 16-row tile for
 tl.dot (tensor cores; the padding costs nothing when memory bound), or, for one row, multiplied
-elementwise and reduced once after the loop (DOT=False). Many rows (prefill, large batches) are
-compute-bound GEMMs: torch's (cuBLAS) run them.
+elementwise and reduced once after the loop (DOT=False). float32 blocks are multiplied in full precision
+(input_precision="ieee": tl.dot would round them to TF32), as are bfloat16 ones under the interpreter,
+whose bfloat16 tl.dot is wrong. Many rows (prefill, large batches) are compute-bound GEMMs: torch's
+(cuBLAS) run them.
 """
 
 from __future__ import annotations
