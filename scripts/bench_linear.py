@@ -1,5 +1,6 @@
 """Decode-step GEMM microbenchmark on a GPU: torch's F.linear (cuBLAS) against xpu_coopt's Triton
-skinny GEMM (xpu_coopt/triton/linear.py) on one model's projection shapes, a few activation rows.
+skinny GEMM (xpu_coopt/triton/linear.py) on a shape preset's projections (llama-2-7b by default), a
+few activation rows.
 
 Bytes counted: the weight once (activations are noise beside it). Several copies of each weight are
 cycled so that L2 serves none of them; each time is the median of triton.testing.do_bench over a CUDA
@@ -7,7 +8,7 @@ graph of the calls, divided by the calls. The Triton side is timed with the laun
 (skinny_launch) and with every launch of a grid, the fastest reported beside it; the per-step totals weigh
 each shape by its calls per decode step.
 
-    python scripts/bench_linear.py [--rows 1 4] [--json FILE]
+    python scripts/bench_linear.py [--model llama-2-7b] [--rows 1 4 16] [--json FILE]
 """
 
 from __future__ import annotations
@@ -23,11 +24,21 @@ import triton
 import triton.testing
 from triton.runtime.errors import OutOfResources
 
+from xpu_coopt.models import SHAPE_PRESETS
 from xpu_coopt.triton.linear import SkinnyLaunch, launch_skinny_linear, skinny_launch
 
-# llama-2-7b: (name, N, K, calls per decode step)
-LLAMA2_7B = (("qkv", 12288, 4096, 32), ("o_proj", 4096, 4096, 32), ("gate_up", 22016, 4096, 32),
-             ("down_proj", 4096, 11008, 32), ("lm_head", 32000, 4096, 1))  # fmt: skip
+
+def projection_shapes(preset: str) -> tuple[tuple[str, int, int, int], ...]:
+    """(name, N, K, calls per decode step) of each projection of a shape preset (xpu_coopt.models)."""
+    c = SHAPE_PRESETS[preset]
+    hidden, layers = c["hidden_size"], c["num_hidden_layers"]
+    head_dim = hidden // c["num_attention_heads"]
+    qkv = (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * head_dim
+    return (("qkv", qkv, hidden, layers), ("o_proj", hidden, c["num_attention_heads"] * head_dim, layers),
+            ("gate_up", 2 * c["intermediate_size"], hidden, layers),
+            ("down_proj", hidden, c["intermediate_size"], layers), ("lm_head", c["vocab_size"], hidden, 1))  # fmt: skip
+
+
 DOT_GRID = [SkinnyLaunch(True, *c) for c in itertools.product([16, 32, 64], [128, 256], [4, 8], [4, 5, 6])]
 ELEMENTWISE_GRID = [
     SkinnyLaunch(False, *c) for c in itertools.product([4, 8, 16], [512, 1024], [4, 8], [3, 4])
@@ -53,7 +64,8 @@ def bench_shape(name: str, n: int, k: int, rows: int, args) -> dict:
     cublas_ms = graph_ms(lambda i: torch.matmul(x, weights[i].t(), out=cublas_out), copies)
     chosen = skinny_launch(rows)
     times = {}
-    for launch in [chosen] + DOT_GRID + (ELEMENTWISE_GRID if rows == 1 else []):
+    grid = args.candidates or DOT_GRID + (ELEMENTWISE_GRID if rows == 1 else [])
+    for launch in [chosen, *grid]:
         if launch in times:
             continue
         try:
@@ -86,18 +98,33 @@ def bench_shape(name: str, n: int, k: int, rows: int, args) -> dict:
     return row
 
 
+def parse_launch(text: str) -> SkinnyLaunch:
+    dot, block_n, block_k, warps, stages = (int(v) for v in text.split(","))
+    return SkinnyLaunch(bool(dot), block_n, block_k, warps, stages)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--model", default="llama-2-7b", choices=sorted(SHAPE_PRESETS), help="shape preset")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--min-cycle-bytes", type=int, default=256 * 2**20)
+    parser.add_argument(
+        "--candidate",
+        dest="candidates",
+        action="append",
+        type=parse_launch,
+        metavar="DOT,N,K,WARPS,STAGES",
+        help="time this launch instead of the grid (repeatable), e.g. 0,4,1024,8,3 (DOT 0: elementwise)",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.manual_seed(0)
-    print(torch.cuda.get_device_name(), "triton", triton.__version__)
-    rows = [bench_shape(name, n, k, r, args) for r in args.rows for name, n, k, _ in LLAMA2_7B]
-    calls = {name: c for name, _, _, c in LLAMA2_7B}
+    print(torch.cuda.get_device_name(), "triton", triton.__version__, args.model)
+    shapes = projection_shapes(args.model)
+    rows = [bench_shape(name, n, k, r, args) for r in args.rows for name, n, k, _ in shapes]
+    calls = {name: c for name, _, _, c in shapes}
     for r in args.rows:
         per_rows = [row for row in rows if row["rows"] == r]
         cublas = sum(row["cublas_ms"] * calls[row["shape"]] for row in per_rows)
@@ -109,7 +136,7 @@ def main() -> None:
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "triton": triton.__version__, "rows": rows}, f,
+            json.dump({"device": torch.cuda.get_device_name(), "triton": triton.__version__, "model": args.model, "rows": rows}, f,
                       indent=1)  # fmt: skip
 
 

@@ -74,10 +74,11 @@ class SkinnyLaunch:
     num_stages: int = 4
 
 
-# On an H100, over llama-2-7b's five projection shapes (scripts/bench_linear.py, docs/benchmarks.md): one
-# row elementwise in long K blocks, within 1% of each shape's fastest launch of the grid; several rows
-# through tl.dot, within 4%.
-ONE_ROW = SkinnyLaunch(dot=False, block_n=16, block_k=1024, num_stages=4)
+# On an H100 (scripts/bench_linear.py, docs/benchmarks.md). One row: elementwise in long K blocks over
+# few columns a program, whose many programs leave short wave tails on any N; over the projections of
+# llama-2-7b, llama-3-8b and llama-2-13b a step's GEMMs take within 0.8% of the fastest of the launches
+# tried for each model. Several rows: through tl.dot, within 4% of a 36-launch grid on llama-2-7b.
+ONE_ROW = SkinnyLaunch(dot=False, block_n=4, block_k=1024, num_warps=8, num_stages=3)
 TILED = SkinnyLaunch(dot=True, block_n=32, block_k=256, num_stages=5)
 
 
