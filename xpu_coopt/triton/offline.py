@@ -1,8 +1,8 @@
 """Compiles the Triton kernels for an NVIDIA GPU on a machine without one, as the op wrappers launch them.
 
-Within compile_for(capability), every wrapper of xpu_coopt.triton.kernels and .linear runs on CPU tensors and each
-launch it makes compiles down to a cubin for sm_<capability> instead of running: through Triton's own
-launch path (JITFunction.warmup), so it gets the argument specialisation a real launch gets (pointer
+Within compile_for(capability), every wrapper of xpu_coopt.triton.kernels and .linear runs on CPU tensors
+and each launch it makes compiles down to a cubin for sm_<capability> instead of running: through Triton's
+own launch path (JITFunction.warmup), so it gets the argument specialisation a real launch gets (pointer
 alignment, integers divisible by 16) and the same code. CI uses it to prove the launches compile;
 scripts/decode_kernel_resources.py to read registers and spills, which decide a kernel's occupancy.
 """
@@ -86,9 +86,9 @@ class _CompileOnly:
 
 @contextlib.contextmanager
 def compile_for(capability: int, multiprocessors: int = H100_MULTIPROCESSORS) -> Iterator[list[Launch]]:
-    """Within it, the wrappers in xpu_coopt.triton.kernels and .linear compile their launches for sm_<capability>
-    (on CPU tensors, without TRITON_INTERPRET) instead of running them; yields the list of launches,
-    filled as they are made. multiprocessors: the GPU's size, which split decoding depends on."""
+    """Within it, the wrappers in xpu_coopt.triton.kernels and .linear compile their launches for
+    sm_<capability> (on CPU tensors, without TRITON_INTERPRET) instead of running them; yields the list of
+    launches, filled as they are made. multiprocessors: the GPU's size, which split decoding depends on."""
     if kernels.INTERPRETED:
         raise RuntimeError("compile_for needs a process without TRITON_INTERPRET=1")
     launches: list[Launch] = []
