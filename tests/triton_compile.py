@@ -40,6 +40,9 @@ def launch_all(dtypes: list[torch.dtype]) -> None:
         weight = torch.randn(100, 576, dtype=dtype)
         linear.linear(x[:1], weight)  # one row: elementwise
         linear.linear(x, weight, torch.randn(100, dtype=dtype))  # a few rows through tl.dot, with a bias
+        even = torch.randn(3, 1024, dtype=dtype)  # K a multiple of both K blocks: loads without a K mask
+        linear.linear(even[:1], weight[:, :1].expand(100, 1024).contiguous())
+        linear.linear(even, weight[:, :1].expand(100, 1024).contiguous())
         q, k = torch.randn(4, 2, 7, 64, dtype=dtype), torch.randn(4, 2, 1, 64, dtype=dtype)
         K.attention_prefill(torch.empty_like(q), q, k, k.clone(), torch.zeros(4, dtype=torch.int32), 0.125)
         for kv_format in ("auto", "fp8_e4m3", "fp8_e5m2"):

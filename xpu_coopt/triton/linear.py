@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from xpu_coopt.ops import checks
-from xpu_coopt.triton.kernels import BACKEND, upcast_dot
+from xpu_coopt.triton.kernels import BACKEND, INTERPRETED, upcast_dot
 
 OP = "linear"
 MAX_ROWS = 16  # one tl.dot tile of rows; more rows run torch's GEMM
@@ -82,8 +82,14 @@ ONE_ROW = SkinnyLaunch(dot=False, block_n=4, block_k=1024, num_warps=8, num_stag
 TILED = SkinnyLaunch(dot=True, block_n=32, block_k=256, num_stages=5)
 
 
+# Under the interpreter every program costs milliseconds of Python, so the wrapper launches a few wide
+# ones there (tests/test_triton_linear.py runs ONE_ROW and TILED themselves).
+INTERPRETER_BLOCK_N = 64
+
+
 def skinny_launch(rows: int) -> SkinnyLaunch:
-    return ONE_ROW if rows == 1 else TILED
+    launch = ONE_ROW if rows == 1 else TILED
+    return dataclasses.replace(launch, block_n=INTERPRETER_BLOCK_N) if INTERPRETED else launch
 
 
 def launch_skinny_linear(
