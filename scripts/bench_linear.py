@@ -22,21 +22,23 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
+from transformers import LlamaConfig
 from triton.runtime.errors import OutOfResources
 
+from xpu_coopt.config import model_spec
 from xpu_coopt.models import SHAPE_PRESETS
 from xpu_coopt.triton.linear import SkinnyLaunch, launch_skinny_linear, skinny_launch
 
 
 def projection_shapes(preset: str) -> tuple[tuple[str, int, int, int], ...]:
-    """(name, N, K, calls per decode step) of each projection of a shape preset (xpu_coopt.models)."""
-    c = SHAPE_PRESETS[preset]
-    hidden, layers = c["hidden_size"], c["num_hidden_layers"]
-    head_dim = hidden // c["num_attention_heads"]
-    qkv = (c["num_attention_heads"] + 2 * c["num_key_value_heads"]) * head_dim
-    return (("qkv", qkv, hidden, layers), ("o_proj", hidden, c["num_attention_heads"] * head_dim, layers),
-            ("gate_up", 2 * c["intermediate_size"], hidden, layers),
-            ("down_proj", hidden, c["intermediate_size"], layers), ("lm_head", c["vocab_size"], hidden, 1))  # fmt: skip
+    """(name, N, K, calls per decode step) of each projection of a shape preset (xpu_coopt.models), read
+    from its config as optimize() reads it."""
+    spec = model_spec(LlamaConfig(**SHAPE_PRESETS[preset]), "LlamaForCausalLM")
+    hidden, layers, attention = spec.hidden_size, spec.num_layers, spec.num_heads * spec.head_dim
+    qkv = attention + 2 * spec.num_kv_heads * spec.head_dim
+    return (("qkv", qkv, hidden, layers), ("o_proj", hidden, attention, layers),
+            ("gate_up", 2 * spec.intermediate_size, hidden, layers),
+            ("down_proj", hidden, spec.intermediate_size, layers), ("lm_head", spec.vocab_size, hidden, 1))  # fmt: skip
 
 
 DOT_GRID = [SkinnyLaunch(True, *c) for c in itertools.product([16, 32, 64], [128, 256], [4, 8], [4, 5, 6])]

@@ -3,8 +3,8 @@
 The interpreter (which runs the kernels in the other tests) is lenient: it accepts block shapes, dtypes
 and constructs that the real compiler rejects. This script runs each wrapper of xpu_coopt.triton.kernels
 and .linear on CPU tensors within xpu_coopt.triton.offline.compile_for(sm_XX), which compiles every launch
-down to a cubin through Triton's own launch path instead of running it, so CI proves that the exact launches the
-wrappers make compile. Run by tests/test_triton.py in a process without TRITON_INTERPRET; prints one line
+down to a cubin through Triton's own launch path instead of running it, so CI proves that the exact
+launches the wrappers make compile. Run by tests/test_triton.py in a process without TRITON_INTERPRET; prints one line
 per compiled launch, then "compiled N launches for [targets]".
 """
 
@@ -40,9 +40,10 @@ def launch_all(dtypes: list[torch.dtype]) -> None:
         weight = torch.randn(100, 576, dtype=dtype)
         linear.linear(x[:1], weight)  # one row: elementwise
         linear.linear(x, weight, torch.randn(100, dtype=dtype))  # a few rows through tl.dot, with a bias
-        even = torch.randn(3, 1024, dtype=dtype)  # K a multiple of both K blocks: loads without a K mask
-        linear.linear(even[:1], weight[:, :1].expand(100, 1024).contiguous())
-        linear.linear(even, weight[:, :1].expand(100, 1024).contiguous())
+        # K a multiple of both K blocks: loads without a K mask
+        even, even_weight = torch.randn(3, 1024, dtype=dtype), torch.randn(100, 1024, dtype=dtype)
+        linear.linear(even[:1], even_weight)
+        linear.linear(even, even_weight)
         q, k = torch.randn(4, 2, 7, 64, dtype=dtype), torch.randn(4, 2, 1, 64, dtype=dtype)
         K.attention_prefill(torch.empty_like(q), q, k, k.clone(), torch.zeros(4, dtype=torch.int32), 0.125)
         for kv_format in ("auto", "fp8_e4m3", "fp8_e5m2"):

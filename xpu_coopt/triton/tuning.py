@@ -1,6 +1,6 @@
 """Command-line overrides of the decode kernel's launch constants, shared by the tuning scripts
-(scripts/bench_decode_attention.py times a launch on a GPU, scripts/decode_kernel_resources.py reads
-its registers without one)."""
+(scripts/bench_decode_attention.py times a launch on a GPU, profile_decode_step.py profiles a model's
+decode step with it, scripts/decode_kernel_resources.py reads its registers without one)."""
 
 from __future__ import annotations
 
