@@ -20,4 +20,11 @@ bench h100-llama2-7b-greedy-b1-triton-eager --cuda-graph off
 bench h100-llama2-7b-beam4-b1-triton --num-beams 4
 bench h100-llama2-7b-greedy-b64-triton --batch-size 64
 bench h100-llama2-7b-greedy-b1-triton-fp8 --kv-dtype fp8_e4m3
-python3 scripts/profile_decode_step.py 2>&1 | grep -v "Warning\|_warn_once" | tee "$out/profile-decode-b1.txt"
+profile() {  # NAME ARGS...
+    local name=$1; shift
+    python3 scripts/profile_decode_step.py "$@" 2>&1 | grep -v "Warning\|_warn_once" | tee "$out/$name.txt"
+}
+profile profile-decode-b1
+profile profile-decode-b1-unfused --unfused  # the GEMM fusions' gain
+profile profile-decode-beam4 --num-beams 4
+profile profile-decode-beam4-unfused --num-beams 4 --unfused

@@ -1,8 +1,10 @@
 """Where a decode step's GPU time goes (run by hand on a GPU): kernel time per kind of kernel over a few
-eager decode steps, against the wall time of one step replayed as a CUDA graph and the weight-read floor.
+decode steps, against the wall time of one step replayed as a CUDA graph and the weight-read floor. The
+profiled steps launch the graph's kernels one by one (a cuda_graph=False model would run torch's GEMMs
+instead, see xpu_coopt.optimize). --unfused: decode steps without the GEMM fusions, to compare.
 
     python scripts/profile_decode_step.py [--model llama-2-7b] [--batch-size 1] [--input-tokens 1024]
-        [--num-beams 4]
+        [--num-beams 4] [--unfused]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ KINDS = {  # substring of a kernel's name -> what it is
     "rotary_kv_write": "rotary + KV write",
     "rms_norm": "RMSNorm (+ residual add)",
     "silu_and_mul": "SiLU * mul",
-    "skinny_linear": "GEMM (Triton, few rows)",
+    "skinny_linear": "GEMM (Triton, few rows; norms, SiLU, residual adds fused in)",
     "gemv": "GEMM (cuBLAS GEMV)",
     "gemm": "GEMM (cuBLAS)",
     "sm90": "GEMM (cuBLAS)",
@@ -65,14 +67,19 @@ def main() -> None:
     parser.add_argument("--input-tokens", type=int, default=1024)
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--peak-gbs", type=float, default=3350.0)
+    parser.add_argument("--unfused", action="store_true", help="GEMMs without the norm/SiLU/residual fusions")
     add_decode_launch_arguments(parser)
     args = parser.parse_args()
     print(f"decode kernel: {apply_decode_launch(args)}")
     hf_model, _ = load_model(args.model, torch.float16, "cuda")
     weight_bytes = sum(p.numel() * p.element_size() for p in hf_model.parameters())
     ids = torch.randint(3, hf_model.config.vocab_size, (args.batch_size, args.input_tokens), device="cuda")
-    eager = xpu_coopt.optimize(hf_model, cuda_graph=False)
     graphed = xpu_coopt.optimize(hf_model, cuda_graph=True)
+    eager = xpu_coopt.optimize(hf_model, cuda_graph=True)
+    eager.cuda_graph = False  # the graph's kernels, each launched on its own so that the profiler sees it
+    if args.unfused:
+        graphed.decoder.fusions = eager.decoder.fusions = None
+    print(f"GEMM fusions: {'off' if args.unfused else 'on'}")
     decode_steps(eager, ids, 2, args.num_beams)
     prof = profile(activities=[ProfilerActivity.CUDA])
     eager_ms = decode_steps(eager, ids, STEPS, args.num_beams, prof)
@@ -87,7 +94,8 @@ def main() -> None:
     floor = weight_bytes / args.peak_gbs / 1e6
     print(f"weights {weight_bytes / 1e9:.2f} GB: read floor {floor:.2f} ms at {args.peak_gbs:.0f} GB/s")
     print(
-        f"decode step: graph replay {graph_ms:.2f} ms ({graph_ms / floor:.2f}x the floor), eager {eager_ms:.2f} ms"
+        f"decode step: graph replay {graph_ms:.2f} ms ({graph_ms / floor:.2f}x the floor), "
+        f"its kernels launched eagerly {eager_ms:.2f} ms"
     )
     print("kernel time per decode step (eager steps, profiled):")
     for label, total in sorted(totals.items(), key=lambda item: -item[1]):

@@ -108,7 +108,8 @@ def test_inplace_makes_projection_weights_views_of_the_fused_matrices():
     torch.testing.assert_close(model(ids).logits, reference, atol=0, rtol=0)  # transformers still works
 
 
-def test_non_plain_linear_modules_are_called_not_fused():
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_non_plain_linear_modules_are_called_not_fused(backend):
     class ScaledLinear(torch.nn.Linear):  # stands in for a quantized Linear: a subclass with its own math
         def forward(self, x):
             return super().forward(x) * 0.5
@@ -119,8 +120,9 @@ def test_non_plain_linear_modules_are_called_not_fused():
     replacement.weight = attention.q_proj.weight
     attention.q_proj = replacement
     ids, _ = _prompts([6], model.config.vocab_size)
-    optimized = xpu_coopt.optimize(model)
+    optimized = xpu_coopt.optimize(model, backend=backend)
     assert optimized.decoder.layers[0].qkv.modules is not None
+    assert optimized.decoder.fusions is None  # Triton's fused GEMMs take plain weights: every layer unfused
     torch.testing.assert_close(optimized(ids).logits, model(ids).logits, atol=2e-5, rtol=2e-5)
 
 

@@ -3,10 +3,12 @@ test_ops.py), its compilation for real NVIDIA targets, and its errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from test_real_models import _stories_prompt
 
 import xpu_coopt
 from xpu_coopt import backends
+from xpu_coopt.triton import linear
 
 CPU = torch.device("cpu")
 
@@ -27,6 +30,42 @@ def test_stories260k_triton_tokens_match_reference(stories_model, stories_tokeni
     reference = xpu_coopt.optimize(stories_model, backend="torch", kv_dtype=kv_dtype).generate(ids, **kwargs)
     triton = xpu_coopt.optimize(stories_model, backend="triton", kv_dtype=kv_dtype).generate(ids, **kwargs)
     assert torch.equal(triton, reference)
+
+
+def test_decode_steps_run_the_fused_gemms_and_long_prompts_prefill_unfused(
+    stories_model, stories_tokenizer, monkeypatch
+):
+    """The fused GEMMs (norm before, residual add or SiLU after) serve up to MAX_ROWS tokens: here every
+    decode step of two sequences, and no prefill of these prompts, which are longer."""
+    calls = Counter()
+
+    def counted(name, function):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return call
+
+    fusions = linear.FUSIONS
+    monkeypatch.setattr(
+        linear,
+        "FUSIONS",
+        dataclasses.replace(
+            fusions,
+            norm_linear=counted("norm_linear", fusions.norm_linear),
+            linear_add=counted("linear_add", fusions.linear_add),
+        ),
+    )
+    text = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
+    ids = torch.tensor([stories_tokenizer.encode(text)] * 2)
+    assert ids.shape[1] > linear.MAX_ROWS
+    kwargs = dict(max_new_tokens=6, do_sample=False)
+    reference = xpu_coopt.optimize(stories_model, backend="torch").generate(ids, **kwargs)
+    triton = xpu_coopt.optimize(stories_model, backend="triton").generate(ids, **kwargs)
+    assert torch.equal(triton, reference)
+    layers, decode_steps = stories_model.config.num_hidden_layers, kwargs["max_new_tokens"] - 1
+    # per step and layer: the q/k/v and gate/up GEMMs after a norm, o_proj and down_proj into the residual
+    assert calls == {"norm_linear": decode_steps * (2 * layers + 1), "linear_add": decode_steps * 2 * layers}
 
 
 def _compile_without_the_interpreter(script: Path, *arguments: str) -> subprocess.CompletedProcess:
@@ -42,7 +81,27 @@ def _compile_without_the_interpreter(script: Path, *arguments: str) -> subproces
 def test_kernels_compile_for_ampere_and_hopper():
     """The interpreter is lenient; the real compiler must accept every launch the wrappers make."""
     result = _compile_without_the_interpreter(Path(__file__).with_name("triton_compile.py"))
-    assert "compiled 25 launches for [80, 90]" in result.stdout, result.stdout
+    assert "compiled 33 launches for [80, 90]" in result.stdout, result.stdout
+
+
+def test_linear_kernel_resources_compile_plain_and_fused_launches():
+    """scripts/linear_kernel_resources.py compiles each projection's plain and fused GEMM for sm_90."""
+    script = Path(__file__).parents[1] / "scripts" / "linear_kernel_resources.py"
+    result = _compile_without_the_interpreter(script, "--model", "smollm2-135m-shape", "--rows", "1", "4")
+    rows = [line.split() for line in result.stdout.splitlines()[2:]]
+    assert [tuple(row[:3]) for row in rows[:4]] == [
+        ("qkv", "1", "plain"), ("qkv", "1", "norm"), ("o_proj", "1", "plain"), ("o_proj", "1", "residual")
+    ]  # fmt: skip
+    # every projection at both row counts, plain and fused, none spilling registers to the stack
+    assert len(rows) == 20 and all(row[5] == "0" for row in rows)
+    # the gated gate/up launch gives a program half the columns of the plain one
+    gate_up = [int(row[3]) for row in rows if row[0] == "gate_up"]
+    assert gate_up == [
+        linear.ONE_ROW.block_n,
+        linear.ONE_ROW.block_n // 2,
+        linear.TILED.block_n,
+        linear.TILED.block_n // 2,
+    ]
 
 
 def test_decode_kernel_resources_report_registers_without_a_gpu(tmp_path):

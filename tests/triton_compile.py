@@ -44,6 +44,15 @@ def launch_all(dtypes: list[torch.dtype]) -> None:
         even, even_weight = torch.randn(3, 1024, dtype=dtype), torch.randn(100, 1024, dtype=dtype)
         linear.linear(even[:1], even_weight)
         linear.linear(even, even_weight)
+        # The fused GEMMs of a decode step (xpu_coopt/model.py): the norm before, SiLU * up or a residual add
+        # after; with K a multiple of the K block too for the fullest of them.
+        norm, even_norm = torch.ones(576, dtype=dtype), torch.ones(1024, dtype=dtype)
+        for rows in (x[:1], x):
+            linear.norm_linear(rows, norm, 1e-5, weight)
+            linear.norm_linear(rows, norm, 1e-5, weight, gated=True)
+            linear.linear_add_(rows, weight, None, torch.zeros(rows.shape[0], 100, dtype=dtype))
+        for rows in (even[:1], even):
+            linear.norm_linear(rows, even_norm, 1e-5, even_weight, gated=True)
         q, k = torch.randn(4, 2, 7, 64, dtype=dtype), torch.randn(4, 2, 1, 64, dtype=dtype)
         K.attention_prefill(torch.empty_like(q), q, k, k.clone(), torch.zeros(4, dtype=torch.int32), 0.125)
         for kv_format in ("auto", "fp8_e4m3", "fp8_e5m2"):

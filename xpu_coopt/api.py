@@ -55,7 +55,10 @@ def optimize(
     cuda_graph : bool, optional
         Capture each generation's decode step as a CUDA graph at its first step and replay it for the
         rest, so a step costs GPU work rather than Python launch overhead. Default: on for CUDA models on
-        the Triton backend (the only backend whose kernels read the cache lengths on the device).
+        the Triton backend (the only backend whose kernels read the cache lengths on the device). With
+        the graph, decode steps run Triton's few-row GEMMs, fused with the RMSNorm before them, the
+        residual add or SiLU after them; False runs them through torch (cuBLAS), unfused, whose eager
+        launches cost less.
     pack_shared_weights : bool
         bfloat16 models on CPU only. xpu_coopt always packs the fused q/k/v and gate/up matrices (its own
         copies) into oneDNN's blocked layout. True packs the weights it shares with the model too (o_proj,
@@ -103,6 +106,10 @@ def optimize(
             f"{dtype} on {parameter.device.type}"
             + ("" if torch.backends.mkldnn.is_available() else ", and this torch build has no oneDNN")
         )
-    decoder = LlamaDecoder(model, spec, ops, dtype, inplace, pack_shared_weights)
     use_graph = graph_capable if cuda_graph is None else cuda_graph
+    if graph_capable and not use_graph:
+        # Eager decode steps on a GPU: a Triton launch costs tens of microseconds of Python more than a
+        # cuBLAS call, which a step of 129 GEMMs does not win back (docs/ops.md, "linear").
+        ops = ops.with_torch_gemms()
+    decoder = LlamaDecoder(model, spec, ops, dtype, inplace, pack_shared_weights)
     return OptimizedModel(model, decoder, kv_dtype, ops.name, kv_scales, use_graph)

@@ -84,12 +84,13 @@ def resolve_backend(backend: str, device: torch.device) -> Ops:
             + ". Pass backend='torch' to run the PyTorch reference kernels explicitly."
         )
     # GEMMs are torch's, with the reference backend's choice of kernels on CPU tensors; Triton runs the
-    # few-row GEMMs of decode steps with its own kernel, on either device.
+    # few-row GEMMs of decode steps with its own kernel, fused with their neighbours, on either device.
     gemm = cpu_gemm_options() if device.type == "cpu" else {}
     kernels = None
     if name == "triton":
         kernels = _triton_kernels()  # registers the CUDA kernels
-        gemm = {"linear": importlib.import_module("xpu_coopt.triton.linear").linear}
+        triton_linear = importlib.import_module("xpu_coopt.triton.linear")
+        gemm = {"linear": triton_linear.linear, "fusions": triton_linear.FUSIONS}
     if backend == "auto" and device.type == "cpu":
         # The kernels registered for CPU, called directly: the dispatcher's argument handling would cost
         # 3-15 us a call, about 1.2 ms (3%) of a beam-4 decode step of SmolLM2-135M.

@@ -168,7 +168,8 @@ def benchmark(
     settings = dict(
         dtype=str(dtype).removeprefix("torch."), batch_size=batch_size, input_tokens=input_tokens,
         output_tokens=output_tokens, num_beams=num_beams, kv_dtype=kv_dtype, backend=optimized.backend,
-        cuda_graph=optimized.cuda_graph, pack_shared_weights=pack_shared_weights, device=str(device),
+        cuda_graph=optimized.cuda_graph, gemm_fusions=optimized.decoder.fusions is not None,
+        pack_shared_weights=pack_shared_weights, device=str(device),
         threads=torch.get_num_threads(), repeats=repeats,
         eos_token_id=2, pad_token_id=0, torch=torch.__version__,
     )  # fmt: skip

@@ -7,6 +7,11 @@ never through transformers' forward methods. Per layer:
     attn = cache.attend(q, k, v)             RoPE on q and k, K/V written into the cache, attention
     h = fused_add_rms_norm(attn @ W_o, residual)
     h = silu_and_mul(h @ W_gate_up) @ W_down one GEMM for gate and up
+With a backend's GEMM fusions (ops.fusions) and few enough tokens (decode steps), four kernels instead:
+    qkv = norm_linear(residual, W_qkv)       the norm in the GEMM
+    residual += attn @ W_o                   linear_add: the residual add in the GEMM
+    h = norm_linear(residual, W_gate_up, gated=True)   the norm, SiLU and the product in the GEMM
+    residual += h @ W_down
 """
 
 from __future__ import annotations
@@ -127,6 +132,10 @@ class LlamaDecoder:
         self.cos_sin_cache = cos_sin_cache(
             spec.rope, spec.head_dim, spec.max_position_embeddings, self.embed_tokens.device
         )
+        # The fused GEMMs take plain weight matrices: a layer kept as its own modules (quantized, adapters)
+        # runs every step unfused.
+        plain = all(p.modules is None for p in self._projections())
+        self.fusions = ops.fusions if plain else None
 
     @staticmethod
     def _layer(
@@ -142,14 +151,16 @@ class LlamaDecoder:
             down_proj=FusedLinear([mlp.down_proj], dtype, ops, inplace, pack_shared),
         )
 
+    def _projections(self) -> list[FusedLinear]:
+        layers = [(layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj) for layer in self.layers]
+        return [projection for projections in layers for projection in projections] + [self.lm_head]
+
     def weight_tensors(self) -> list[torch.Tensor]:
         """Every weight tensor the decoder reads, whether shared with the HF model or its own."""
-        tensors = [self.embed_tokens, self.final_norm, *self.lm_head.tensors()]
+        tensors = [self.embed_tokens, self.final_norm]
         for layer in self.layers:
             tensors += [layer.input_norm, layer.post_attention_norm]
-            for linear in (layer.qkv, layer.o_proj, layer.gate_up, layer.down_proj):
-                tensors += linear.tensors()
-        return tensors
+        return tensors + [t for projection in self._projections() for t in projection.tensors()]
 
     def new_cache(
         self,
@@ -178,24 +189,54 @@ class LlamaDecoder:
         residual = F.embedding(input_ids.reshape(-1), self.embed_tokens)  # [T, hidden]
         # Each token's rotary [cos | sin] row, rounded to the compute dtype (as transformers), for all layers.
         cos_sin = self.cos_sin_cache[positions.reshape(-1)].to(self.dtype)  # [T, D]
-        hidden = None
+        tokens = residual.shape[0]
+        fused = self.fusions is not None and tokens <= self.fusions.max_rows
+        pending = None  # unfused: a sublayer's output, added to the residual by the next norm
         for index, layer in enumerate(self.layers):
-            if hidden is None:
-                hidden = ops.rms_norm(residual, layer.input_norm, spec.rms_norm_eps)
-            else:
-                hidden = ops.fused_add_rms_norm(hidden, residual, layer.input_norm, spec.rms_norm_eps)
-            qkv = layer.qkv(hidden)  # [T, (H + 2 Hkv) * D]
-            tokens = qkv.shape[0]
+            qkv = self._normed(layer.qkv, pending, residual, layer.input_norm, fused)  # [T, (H + 2 Hkv) * D]
             query = qkv[:, : heads * dim].view(tokens, heads, dim)
             key = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
             value = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
             attention = cache.attend(index, query, key, value, cos_sin)  # [T, H * D]
-            hidden = ops.fused_add_rms_norm(
-                layer.o_proj(attention), residual, layer.post_attention_norm, spec.rms_norm_eps
-            )
-            hidden = layer.down_proj(ops.silu_and_mul(layer.gate_up(hidden)))
-        hidden = ops.fused_add_rms_norm(hidden, residual, self.final_norm, spec.rms_norm_eps)
+            pending = self._residual_branch(layer.o_proj, attention, residual, fused)
+            hidden = self._normed(layer.gate_up, pending, residual, layer.post_attention_norm, fused, True)
+            pending = self._residual_branch(layer.down_proj, hidden, residual, fused)
+        if fused:
+            last = residual.view(num_seqs, length, -1)
+            return self._normed(self.lm_head, None, last[:, -1] if last_only else last, self.final_norm, True)
+        hidden = ops.fused_add_rms_norm(pending, residual, self.final_norm, spec.rms_norm_eps)
         hidden = hidden.view(num_seqs, length, -1)
         if last_only:
             hidden = hidden[:, -1]
         return self.lm_head(hidden)
+
+    def _normed(
+        self,
+        projection: FusedLinear,
+        pending: torch.Tensor | None,
+        residual: torch.Tensor,
+        norm_weight: torch.Tensor,
+        fused: bool,
+        gated: bool = False,
+    ) -> torch.Tensor:
+        """projection(rms_norm(residual += pending)); gated: silu_and_mul of that."""
+        eps = self.spec.rms_norm_eps
+        if fused:  # nothing pending: the fused GEMMs add their outputs to the residual themselves
+            return self.fusions.norm_linear(
+                residual, norm_weight, eps, projection.weight, projection.bias, gated
+            )
+        if pending is None:
+            hidden = self.ops.rms_norm(residual, norm_weight, eps)
+        else:
+            hidden = self.ops.fused_add_rms_norm(pending, residual, norm_weight, eps)
+        out = projection(hidden)
+        return self.ops.silu_and_mul(out) if gated else out
+
+    def _residual_branch(
+        self, projection: FusedLinear, x: torch.Tensor, residual: torch.Tensor, fused: bool
+    ) -> torch.Tensor | None:
+        """projection(x): added to the residual now (fused), or returned for the next norm to add."""
+        if not fused:
+            return projection(x)
+        self.fusions.linear_add(x, projection.weight, projection.bias, residual)
+        return None

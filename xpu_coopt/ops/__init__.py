@@ -7,6 +7,7 @@ backend's kernel table (for the device backends, torch's dispatcher picks the ke
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,12 +20,35 @@ from xpu_coopt.ops import (
 )
 from xpu_coopt.ops.schema import KV_FORMATS, NAMESPACE, SCHEMAS
 
-__all__ = ["KV_FORMATS", "SCHEMAS", "Ops", "cpu_gemm_options", "dispatcher_kernels", "reference_kernels"]
+__all__ = [
+    "KV_FORMATS",
+    "SCHEMAS",
+    "GemmFusions",
+    "Ops",
+    "cpu_gemm_options",
+    "dispatcher_kernels",
+    "reference_kernels",
+]
 
 
 def dispatcher_kernels() -> Any:
     """The registered ops, dispatched by tensor device: torch.ops.xpu_coopt."""
     return getattr(torch.ops, NAMESPACE)
+
+
+@dataclass(frozen=True)
+class GemmFusions:
+    """A backend's GEMMs with their neighbours in a decoder layer fused in, for up to max_rows activation
+    rows (contract: docs/ops.md, "linear"). Plain weight matrices only.
+
+    norm_linear(x, norm_weight, eps, weight, bias, gated) -> rms_norm(x) @ weight.T + bias; gated: silu(gate)
+        * up of the product's two halves
+    linear_add(x, weight, bias, residual) -> residual, after residual += x @ weight.T + bias
+    """
+
+    max_rows: int
+    norm_linear: Callable[..., torch.Tensor]
+    linear_add: Callable[..., torch.Tensor]
 
 
 class Ops:
@@ -36,6 +60,7 @@ class Ops:
         name: str,
         linear: Callable[..., torch.Tensor] = F.linear,
         pack_weight: Callable[..., Any] | None = None,
+        fusions: GemmFusions | None = None,
     ) -> None:
         missing = [op for op in SCHEMAS if not hasattr(kernels, op)]
         if missing:
@@ -48,6 +73,11 @@ class Ops:
         # the plain matrices the fused one was concatenated from.
         self.linear = linear
         self.pack_weight = pack_weight
+        self.fusions = fusions
+
+    def with_torch_gemms(self) -> Ops:
+        """These kernels with torch's GEMMs, unfused."""
+        return Ops(self.kernels, self.name)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         out = torch.empty_like(x)
