@@ -202,8 +202,9 @@ class LlamaDecoder:
             hidden = self._normed(layer.gate_up, pending, residual, layer.post_attention_norm, fused, True)
             pending = self._residual_branch(layer.down_proj, hidden, residual, fused)
         if fused:
-            last = residual.view(num_seqs, length, -1)
-            return self._normed(self.lm_head, None, last[:, -1] if last_only else last, self.final_norm, True)
+            rows = residual.view(num_seqs, length, -1)
+            rows = rows[:, -1] if last_only else rows
+            return self._normed(self.lm_head, None, rows, self.final_norm, fused)
         hidden = ops.fused_add_rms_norm(pending, residual, self.final_norm, spec.rms_norm_eps)
         hidden = hidden.view(num_seqs, length, -1)
         if last_only:
