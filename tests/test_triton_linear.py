@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import oracles
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,17 +22,9 @@ def _expected(x, weight, bias):
     return F.linear(x.double(), weight.double(), None if bias is None else bias.double())
 
 
-def _normed(x, norm_weight, eps):
-    x = x.double()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.double()
-
-
 def _expected_norm_linear(x, norm_weight, eps, weight, bias, gated):
-    product = _expected(_normed(x, norm_weight, eps), weight, bias)
-    if not gated:
-        return product
-    gate, up = product.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    product = _expected(oracles.rms_norm(x, norm_weight, eps), weight, bias)
+    return oracles.silu_and_mul(product) if gated else product
 
 
 # The elementwise launch serves one row; tl.dot's any number up to MAX_ROWS.

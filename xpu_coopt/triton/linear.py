@@ -22,6 +22,7 @@ import triton.language as tl
 
 from xpu_coopt.ops import GemmFusions, checks
 from xpu_coopt.triton.kernels import BACKEND, INTERPRETED, upcast_dot
+from xpu_coopt.triton.norms import inverse_rms as rows_inverse_rms
 
 OP = "linear"
 MAX_ROWS = 16  # one tl.dot tile of rows; more rows run torch's GEMM
@@ -95,7 +96,7 @@ def skinny_linear_kernel(out, x, weight, bias, norm_weight, rows, N, K, epsilon,
         for k0 in range(0, K, BLOCK_K):
             a32 = _load_k_block(x_rows, k0 + depth, K, in_rows[:, None], EVEN_K).to(tl.float32)
             row_squares += tl.sum(a32 * a32, axis=1)
-        inverse_rms = 1.0 / tl.sqrt(row_squares / K + epsilon)
+        inverse_rms = rows_inverse_rms(row_squares, K, epsilon)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + depth
         w = _load_k_block(w_rows, k, K, in_n[:, None], EVEN_K)
@@ -116,7 +117,7 @@ def skinny_linear_kernel(out, x, weight, bias, norm_weight, rows, N, K, epsilon,
             up_acc = _product(a, _load_k_block(up_rows, k, K, in_n[:, None], EVEN_K), up_acc, DOT, UPCAST_DOT)
     SCALE_PRODUCTS: tl.constexpr = NORM and not DOT
     if SCALE_PRODUCTS:
-        inverse_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + epsilon)
+        inverse_rms = rows_inverse_rms(tl.sum(squares, axis=1), K, epsilon)
     result = _output_columns(acc, inverse_rms, bias, columns, in_n, SCALE_PRODUCTS, DOT, HAS_BIAS)
     if GATED:
         up = _output_columns(up_acc, inverse_rms, bias + N, columns, in_n, SCALE_PRODUCTS, DOT, HAS_BIAS)

@@ -9,11 +9,17 @@ import triton.language as tl
 
 
 @triton.jit
+def inverse_rms(sum_of_squares, hidden, epsilon):
+    """1 / RMS of rows of `hidden` values from their sums of squares (also the fused GEMMs' norm)."""
+    return 1.0 / tl.sqrt(sum_of_squares / hidden + epsilon)
+
+
+@triton.jit
 def _normalize(x, weight_pointer, columns, mask, hidden, epsilon, DTYPE: tl.constexpr):
     """x: one float32 row -> rms_norm(x) * weight, in DTYPE."""
-    inverse_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / hidden + epsilon)
+    inverse_rms_of_x = inverse_rms(tl.sum(x * x, axis=0), hidden, epsilon)
     weight = tl.load(weight_pointer + columns, mask=mask, other=0.0).to(tl.float32)
-    return (weight * (x * inverse_rms).to(DTYPE).to(tl.float32)).to(DTYPE)
+    return (weight * (x * inverse_rms_of_x).to(DTYPE).to(tl.float32)).to(DTYPE)
 
 
 @triton.jit
