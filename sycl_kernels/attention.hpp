@@ -56,6 +56,19 @@ struct OnlineSoftmax {
       if (column < head_dim) out[column] = static_cast<T>(sum > 0.0f ? acc[c] / sum : 0.0f);
     }
   }
+
+  // Writes the row's partial state for a combine: this lane's columns of the unnormalised accumulator
+  // (relative to `max`) to acc_out, and (max, sum) to stats (-inf and 0 when no key was attended).
+  inline void store_partial(float* acc_out, float* stats, int head_dim, int lane) const {
+    for (int c = 0; c < kColumnsPerLane; ++c) {
+      const int column = lane + c * kSubGroup;
+      if (column < head_dim) acc_out[column] = acc[c];
+    }
+    if (lane == 0) {
+      stats[0] = max;
+      stats[1] = sum;
+    }
+  }
 };
 
 }  // namespace xc

@@ -1,7 +1,11 @@
 // segment_attention_decode (docs/ops.md): one new query token per sequence over the segment KV cache.
-// Work-group = (request, KV head): its sub-groups are every (beam, query head of the group) row of that
-// request, so each prompt K/V row is loaded (and FP8-dequantized) into local memory once and used by all
-// of them. Then each sub-group reads its own beam's response rows, found through beam_slots.
+// Work-group = (request, KV head, split): its sub-groups are every (beam, query head of the group) row of
+// that request, so each prompt K/V row is loaded (and FP8-dequantized) into local memory once and used by
+// all of them. Then each sub-group reads its own beam's response rows, found through beam_slots.
+// Split decoding (flash-decoding): split k covers prompt columns [k * chunk, (k + 1) * chunk) and an equal
+// share of the response steps, so that a batch-1 step has enough work-groups to fill the GPU (one per
+// (request, KV head) gives Llama-3-8B 8). With several splits each writes its softmax partials, and
+// combine_splits merges them into the output.
 #include "attention.hpp"
 
 namespace xc {
@@ -21,15 +25,18 @@ inline void segment_attention_decode(
     int64_t prompt_scale_request_stride, int64_t prompt_scale_head_stride, int64_t prompt_scale_position_stride,
     int64_t response_row_stride, int64_t response_head_stride, int64_t response_position_stride,
     int64_t response_scale_row_stride, int64_t response_scale_head_stride,
-    int64_t response_scale_position_stride, int64_t beam_slots_stride, T* key_tile, T* value_tile,
+    int64_t response_scale_position_stride, int64_t beam_slots_stride, int splits, int chunk,
+    int64_t rows_per_split, float* partial_acc, float* partial_stats, T* key_tile, T* value_tile,
     float* query_rows) {
   using C = Cache<T, Format>;
   const auto it = item();
   const auto wg = it.get_group();
   const auto sg = it.get_sub_group();
   const int lane = sg.get_local_linear_id(), row = sg.get_group_linear_id();
-  const int64_t request = it.get_group(0) / kv_heads;
-  const int kv = it.get_group(0) % kv_heads;
+  const int64_t pair = it.get_group(0) / splits;
+  const int split = it.get_group(0) % splits;
+  const int64_t request = pair / kv_heads;
+  const int kv = pair % kv_heads;
   const int64_t sequence = request * beams + row / group;
   const int h = kv * group + row % group;
 
@@ -39,14 +46,16 @@ inline void segment_attention_decode(
 
   OnlineSoftmax softmax;
   // Prompt segment, shared by the request's beams: positions before `start` are padding, never read.
+  // This split's columns end at `end`; chunk is a whole number of tiles, so its tiles stay aligned.
   const int start = prompt_start[request];
+  const int end = sycl::min((split + 1) * chunk, prompt_len);
   const int64_t prompt_at = request * prompt_request_stride + kv * prompt_head_stride;
   const int64_t prompt_scale_at = request * prompt_scale_request_stride + kv * prompt_scale_head_stride;
-  for (int first = start / kKeyTile * kKeyTile; first < prompt_len; first += kKeyTile) {
+  for (int first = sycl::max(split * chunk, start / kKeyTile * kKeyTile); first < end; first += kKeyTile) {
     sycl::group_barrier(wg);  // the previous tile has been consumed
     for (int index = it.get_local_id(0); index < kKeyTile * head_dim; index += it.get_local_range(0)) {
       const int j = index / head_dim, d = index % head_dim, position = first + j;
-      if (position < start || position >= prompt_len) continue;
+      if (position < start || position >= end) continue;
       const int64_t cell = prompt_at + position * prompt_position_stride + d;
       const int64_t at = prompt_scale_at + position * prompt_scale_position_stride;
       key_tile[j * kMaxHeadDim + d] = C::load(prompt_k + cell, Format ? float(prompt_k_scale[at]) : 0.0f);
@@ -55,7 +64,7 @@ inline void segment_attention_decode(
     sycl::group_barrier(wg);
     const int position = first + lane;
     float score = kMinusInfinity;
-    if (position >= start && position < prompt_len)
+    if (position >= start && position < end)
       score = scale * dot(q, head_dim, [&](int d) { return key_tile[lane * kMaxHeadDim + d]; });
     softmax.add_tile(sg, score, 0, head_dim, [&](int, int j, int column) { return value_tile[j * kMaxHeadDim + column]; });
   }
@@ -69,11 +78,15 @@ inline void segment_attention_decode(
   auto scale_of = [&](const bf16* scales, int slot, int t) {
     return Format ? (float)scales[response_scale_at + slot * response_scale_row_stride + t * response_scale_position_stride] : 0.0f;
   };
-  for (int first = 0; first < response_len; first += kKeyTile) {
+  // This split's share of the steps: [steps_begin, steps_end).
+  const int per_split = (response_len + splits - 1) / splits;
+  const int steps_begin = split * per_split;
+  const int steps_end = sycl::min(steps_begin + per_split, response_len);
+  for (int first = steps_begin; first < steps_end; first += kKeyTile) {
     const int t = first + lane;
-    const int slot = t < response_len ? slots[t] : 0;
+    const int slot = t < steps_end ? slots[t] : 0;
     float score = kMinusInfinity;
-    if (t < response_len) {
+    if (t < steps_end) {
       const float k_scale = scale_of(response_k_scale, slot, t);
       score = scale * dot(q, head_dim, [&](int d) { return C::load(response_k + cell(slot, t) + d, k_scale); });
     }
@@ -81,7 +94,43 @@ inline void segment_attention_decode(
       return C::load(response_v + cell(slot_j, first + j) + column, scale_of(response_v_scale, slot_j, first + j));
     });
   }
-  softmax.store(out + sequence * out_stride + h * head_dim, head_dim, lane);
+  if (splits == 1) {
+    softmax.store(out + sequence * out_stride + h * head_dim, head_dim, lane);
+  } else {  // partials of this split, rows indexed by (sequence, query head)
+    const int64_t partial_row = split * rows_per_split + sequence * (kv_heads * group) + h;
+    softmax.store_partial(partial_acc + partial_row * head_dim, partial_stats + partial_row * 2, head_dim, lane);
+  }
+}
+
+// Work-group = one sub-group = one output row (sequence, query head): merges the splits' partials (each
+// accumulator relative to its own split's max) into the normalised row; zeros where no key was attended.
+template <typename T>
+inline void combine_splits(T* out, const float* partial_acc, const float* partial_stats, int splits,
+                           int64_t rows_per_split, int heads, int head_dim, int64_t out_stride) {
+  const auto it = item();
+  const int64_t row = it.get_group(0);
+  const int lane = it.get_sub_group().get_local_linear_id();
+  float top = kMinusInfinity;
+  for (int s = 0; s < splits; ++s) top = sycl::fmax(top, partial_stats[(s * rows_per_split + row) * 2]);
+  float total = 0.0f;
+  float acc[kColumnsPerLane] = {};
+  if (top != kMinusInfinity) {
+    for (int s = 0; s < splits; ++s) {
+      const int64_t partial = s * rows_per_split + row;
+      const float weight = sycl::exp(partial_stats[partial * 2] - top);  // 0 for a split that saw no key
+      if (weight == 0.0f) continue;  // its accumulator is zeros; skipped as masked keys are
+      total += weight * partial_stats[partial * 2 + 1];
+      for (int c = 0; c < kColumnsPerLane; ++c) {
+        const int column = lane + c * kSubGroup;
+        if (column < head_dim) acc[c] += weight * partial_acc[partial * head_dim + column];
+      }
+    }
+  }
+  T* out_row = out + (row / heads) * out_stride + (row % heads) * head_dim;
+  for (int c = 0; c < kColumnsPerLane; ++c) {
+    const int column = lane + c * kSubGroup;
+    if (column < head_dim) out_row[column] = static_cast<T>(total > 0.0f ? acc[c] / total : 0.0f);
+  }
 }
 
 }  // namespace xc
@@ -99,7 +148,8 @@ inline void segment_attention_decode(
       int64_t prompt_scale_position_stride, int64_t response_row_stride, int64_t response_head_stride,       \
       int64_t response_position_stride, int64_t response_scale_row_stride,                                  \
       int64_t response_scale_head_stride, int64_t response_scale_position_stride,                           \
-      int64_t beam_slots_stride) {                                                                           \
+      int64_t beam_slots_stride, int splits, int chunk, int64_t rows_per_split, float* partial_acc,           \
+      float* partial_stats) {                                                                                \
     static xc::syclexp::work_group_static<T[xc::kKeyTile * xc::kMaxHeadDim]> key_tile;                         \
     static xc::syclexp::work_group_static<T[xc::kKeyTile * xc::kMaxHeadDim]> value_tile;                       \
     static xc::syclexp::work_group_static<float[xc::kMaxRows * xc::kMaxHeadDim]> query_rows;                   \
@@ -110,7 +160,16 @@ inline void segment_attention_decode(
         prompt_position_stride, prompt_scale_request_stride, prompt_scale_head_stride,                        \
         prompt_scale_position_stride, response_row_stride, response_head_stride, response_position_stride,    \
         response_scale_row_stride, response_scale_head_stride, response_scale_position_stride,                \
-        beam_slots_stride, xc::local_array(key_tile), xc::local_array(value_tile), xc::local_array(query_rows)); \
+        beam_slots_stride, splits, chunk, rows_per_split, partial_acc, partial_stats, xc::local_array(key_tile), \
+        xc::local_array(value_tile), xc::local_array(query_rows));                                             \
+  }
+
+#define XC_COMBINE_SPLITS_KERNEL(NAME, T)                                                                       \
+  extern "C" XC_ND_RANGE_KERNEL XC_SUB_GROUP_16 void combine_splits_##NAME(                                    \
+      T* out, const float* partial_acc, const float* partial_stats, int splits, int64_t rows_per_split,       \
+      int heads, int head_dim, int64_t out_stride) {                                                           \
+    xc::combine_splits<T>(out, partial_acc, partial_stats, splits, rows_per_split, heads, head_dim, out_stride); \
   }
 
 XC_FOR_EACH_DTYPE_AND_FORMAT(XC_SEGMENT_ATTENTION_DECODE_KERNEL)
+XC_FOR_EACH_DTYPE(XC_COMBINE_SPLITS_KERNEL)

@@ -230,15 +230,16 @@ def test_attention_prefill(kernels, dtype, heads, kv_heads, head_dim, length, se
 
 def _segment_case(
     dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded,
-    spare=5, keep_spare=False,
+    spare=5, keep_spare=False, starts=None,
 ):  # fmt: skip
     """Random segment caches with NaN in every cell the op must not read. The prompt segment is a view of
-    its first prompt_len columns, or with keep_spare all of them (the lengths then come from segment_lens)."""
+    its first prompt_len columns, or with keep_spare all of them (the lengths then come from segment_lens).
+    Each request's prompt starts at starts[r] if given, else at (3 r) % prompt_len when padded."""
     seqs = requests * beams
     capacity = response_len + 3
-    prompt_start = torch.tensor(
-        [(3 * r) % prompt_len if padded else 0 for r in range(requests)], dtype=torch.int32
-    )
+    if starts is None:
+        starts = [(3 * r) % prompt_len if padded else 0 for r in range(requests)]
+    prompt_start = torch.tensor(starts, dtype=torch.int32)
     query = _random(seqs, heads, head_dim, dtype=dtype)
     caches = []
     # The prompt segment is passed as a strided view of a longer buffer, as the one-beam cache does.
@@ -350,6 +351,28 @@ def test_segment_attention_decode_reads_lengths_from_the_device(
     prompt_k, prompt_v = (t[:, :, :prompt_len] for t in dequantized[:2])
     expected = oracles.segment_attention_decode(query, prompt_k, prompt_v, prompt_start, *dequantized[2:],
                                                 beam_slots, response_len, scale)  # fmt: skip
+    assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("response_len", [0, 3])
+def test_segment_attention_decode_when_padding_fills_whole_splits(kernels, dtype, kv_format, response_len):
+    """The device backends split a long prompt across programs (flash-decoding): here the second
+    request's left padding covers the first splits whole, and with 3 response steps most splits get none,
+    so several splits attend to no key at all. Their partials must carry no weight in the combine."""
+    requests, beams, heads, kv_heads, head_dim, prompt_len = 2, 2, 4, 2, 64, 300
+    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+        dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
+        starts=[0, 260],
+    )  # fmt: skip
+    (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
+    out = torch.full_like(query, float("nan"))
+    scale = head_dim**-0.5
+    kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s,
+                                     beam_slots, response_len, scale, kv_format)  # fmt: skip
+    expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
+                                                response_len, scale)  # fmt: skip
     assert_close(out, expected, dtype)
 
 

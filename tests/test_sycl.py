@@ -105,3 +105,20 @@ def test_unsupported_dtype_is_a_clear_error():
     x = torch.randn(2, 8, dtype=torch.float64)
     with pytest.raises(TypeError, match=r"not torch\.float64"):
         kernels.rms_norm(torch.empty_like(x), x, torch.ones(8, dtype=torch.float64), 1e-5)
+
+
+def test_decode_splits_fill_an_intel_gpu_and_exercise_the_tests(monkeypatch):
+    """Split decoding's sizes. On an XPU device: one work-group per vector engine wanted, at least 64
+    prompt columns a split (the Arc A770 has 512 engines; Llama-2-7B has 32 KV heads, Llama-3-8B 8). On the
+    OpenCL CPU device: 16 work-groups and one 16-column tile a split, so the tests' prompts split too."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.xpu, "get_device_properties", lambda device: SimpleNamespace(gpu_eu_count=512))
+    xpu = torch.device("xpu")
+    assert kernels.decode_splits(32, 1024, xpu) == (16, 64)  # 16 wanted, 16 chunks of 64
+    assert kernels.decode_splits(8, 1024, xpu) == (16, 64)  # 64 wanted, but no chunk below 64 columns
+    assert kernels.decode_splits(8, 8192, xpu) == (64, 128)
+    assert kernels.decode_splits(512, 1024, xpu) == (1, 1024)  # a batch fills the GPU unsplit
+    assert kernels.decode_splits(1, 37, CPU) == (2, 32)  # whole tiles: 37 columns in chunks of 32
+    assert kernels.decode_splits(4, 64, CPU) == (4, 16)
+    assert kernels.decode_splits(1, 0, CPU) == (1, 16)  # an empty prompt: one split, nothing to read

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
-from xpu_coopt.ops import checks
+from xpu_coopt.ops import checks, decode_split
 from xpu_coopt.ops.schema import library
 from xpu_coopt.sycl.runtime import queue_for
 
@@ -20,6 +20,14 @@ DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16
 SUB_GROUP = 16  # sycl_kernels/common.hpp kSubGroup
 MAX_HEAD_DIM = 128  # common.hpp kMaxHeadDim
 MAX_DECODE_ROWS = 32  # segment_attention_decode.cpp kMaxRows: beams x query heads per KV head
+DECODE_KEY_TILE = 16  # attention.hpp kKeyTile: the prompt columns a split covers are a multiple of it
+# Split decoding on an Intel GPU aims for one work-group per vector engine (XVE) in all, and gives a split
+# at least XPU_MIN_CHUNK prompt columns: its partials cost 130 floats a row to write and combine, where 64
+# columns of K and V are 32 KiB in 16 bits at head_dim 128. Estimates: not measured on an Intel GPU.
+XPU_MIN_CHUNK = 64
+# On the OpenCL CPU device (the tests): a fixed work-group count and one tile a split, so that the tests'
+# small prompts run split decoding too.
+CPU_DEVICE_DECODE_WORK_GROUPS = 16
 PREFILL_QUERY_ROWS = 8  # attention_prefill.cpp kQueryRows
 NORM_WORK_GROUP = 128
 ELEMENTWISE_WORK_GROUP = 256
@@ -180,6 +188,16 @@ def attention_prefill(
     )  # fmt: skip
 
 
+def decode_splits(pairs: int, columns: int, device: torch.device) -> tuple[int, int]:
+    """(splits, chunk) of the prompt columns for `pairs` (request, KV head) work-groups
+    (decode_split.split_prompt)."""
+    if device.type == "xpu":
+        to_fill, min_chunk = torch.xpu.get_device_properties(device).gpu_eu_count, XPU_MIN_CHUNK
+    else:
+        to_fill, min_chunk = CPU_DEVICE_DECODE_WORK_GROUPS, DECODE_KEY_TILE
+    return decode_split.split_prompt(pairs, columns, to_fill, min_chunk, DECODE_KEY_TILE)
+
+
 def segment_attention_decode(
     out: torch.Tensor,
     query: torch.Tensor,
@@ -217,17 +235,33 @@ def segment_attention_decode(
     checks.inner_contiguous(op, response_k=response_k, response_v=response_v, beam_slots=beam_slots)
     checks.heads_apart(op, head_dim, 1, query=query, out=out)
     checks.index_dtype(op, torch.int32, beam_slots=beam_slots)
+    if num_seqs == 0:
+        return
+    splits, chunk = decode_splits(requests * kv_heads, prompt_len, query.device)
+    rows = num_seqs * heads
+    # Partials of a split decode (workspace of this call, read by combine_splits); one split writes out.
+    partial_acc = partial_stats = None
+    if splits > 1:
+        partial_acc = query.new_empty((splits, rows, head_dim), dtype=torch.float32)
+        partial_stats = query.new_empty((splits, rows, 2), dtype=torch.float32)
     _run(
         query.device, "segment_attention_decode.cpp", f"segment_attention_decode_{suffix}",
-        requests * kv_heads * beams * group * SUB_GROUP, beams * group * SUB_GROUP,
+        requests * kv_heads * splits * beams * group * SUB_GROUP, beams * group * SUB_GROUP,
         out, query, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale, prompt_start.to(torch.int32).contiguous(),
         response_k, response_v, response_k_scale, response_v_scale, beam_slots,
         c_int(beams), c_int(kv_heads), c_int(group), c_int(head_dim), c_int(prompt_len), c_int(response_len),
         c_float(scale), c_int64(query.stride(0)), c_int64(out.stride(0)),
         *_cache_layout(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
         *_cache_layout(op, response_k, response_v, response_k_scale, response_v_scale),
-        c_int64(beam_slots.stride(0)),
+        c_int64(beam_slots.stride(0)), c_int(splits), c_int(chunk), c_int64(rows), partial_acc, partial_stats,
     )  # fmt: skip
+    if splits > 1:
+        _run(
+            query.device, "segment_attention_decode.cpp", f"combine_splits_{_dtype_name(op, out)}",
+            rows * SUB_GROUP, SUB_GROUP,
+            out, partial_acc, partial_stats, c_int(splits), c_int64(rows), c_int(heads), c_int(head_dim),
+            c_int64(out.stride(0)),
+        )  # fmt: skip
 
 
 KERNELS = {

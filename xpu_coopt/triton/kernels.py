@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from xpu_coopt.ops import checks, fp8
+from xpu_coopt.ops import checks, decode_split, fp8
 from xpu_coopt.ops.schema import library
 from xpu_coopt.triton.attention import (
     attention_prefill_kernel,
@@ -238,14 +238,12 @@ def _programs_to_fill(device: torch.device) -> int:
 
 
 def decode_splits(programs: int, columns: int, device: torch.device, block_n: int) -> tuple[int, int]:
-    """(splits, chunk): the prompt columns each split of a (request, KV head) covers, a multiple of
-    block_n, split only as far as needed to fill the GPU and never below DECODE_LAUNCH.min_chunk columns.
-    Sized by the segment's capacity, so a captured graph stays valid as the sequence grows."""
-    wanted = -(-_programs_to_fill(device) // programs)
-    splits = max(1, min(wanted, columns // DECODE_LAUNCH.min_chunk))
-    chunk = -(-max(columns, 1) // splits)
-    chunk = -(-chunk // block_n) * block_n
-    return -(-max(columns, 1) // chunk), chunk
+    """(splits, chunk) of the prompt columns for `programs` (request, KV head) pairs (decode_split.split_prompt),
+    filling the GPU with DECODE_LAUNCH's min_chunk. Sized by the segment's capacity, so a captured graph stays
+    valid as the sequence grows."""
+    return decode_split.split_prompt(
+        programs, columns, _programs_to_fill(device), DECODE_LAUNCH.min_chunk, block_n
+    )
 
 
 def segment_attention_decode(
