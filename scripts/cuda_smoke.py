@@ -1,7 +1,9 @@
 """Parity smoke test on a GPU (run by hand where one exists; CI has none): xpu_coopt against transformers
-on the same device, greedy and beam search token for token, prefill logits in float16.
+on the same device, greedy and beam search token for token, prefill logits in float16; with the Triton
+backend also its FP8 decode attention against the reference kernel on the same GPU tensors, with the
+decode launch options given (e.g. --fp8-upcast-in-registers, which only a GPU can check).
 
-    python scripts/cuda_smoke.py [--device cuda] [--backend torch]
+    python scripts/cuda_smoke.py [--device cuda] [--backend torch] [decode launch options]
 """
 
 from __future__ import annotations
@@ -12,13 +14,45 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import xpu_coopt
+from xpu_coopt.ops import fp8, reference_kernels
+from xpu_coopt.triton.tuning import add_decode_launch_arguments, apply_decode_launch
+
+
+def fp8_decode_error(device: str, kv_format: str, beams: int) -> float:
+    """Largest relative difference between the Triton kernel's FP8 decode attention and the reference
+    kernel's, same inputs: llama-2-7b heads, a 4096-token prompt (split across programs), 9 response steps."""
+    from xpu_coopt.triton.kernels import triton_kernels
+
+    generator = torch.Generator(device=device).manual_seed(beams)
+
+    def cache(*shape):
+        values = torch.randn(*shape, device=device, generator=generator, dtype=torch.float16)
+        scale = fp8.dynamic_scale(values, kv_format).to(fp8.SCALE_DTYPE)
+        return fp8.encode(values, scale, kv_format), scale
+
+    heads, head_dim, prompt, steps = 32, 128, 4096, 9
+    query = torch.randn(beams, heads, head_dim, device=device, generator=generator, dtype=torch.float16)
+    (pk, pk_s), (pv, pv_s) = cache(1, heads, prompt, head_dim), cache(1, heads, prompt, head_dim)
+    (rk, rk_s), (rv, rv_s) = cache(beams, heads, steps, head_dim), cache(beams, heads, steps, head_dim)
+    slots = torch.arange(beams, device=device, dtype=torch.int32)[:, None].repeat(1, steps)
+    start = torch.tensor([5], device=device, dtype=torch.int32)
+    outputs = []
+    for kernels in (triton_kernels(), reference_kernels()):
+        out = torch.empty_like(query)
+        kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, start, rk, rv, rk_s, rv_s, slots, steps,
+                                         head_dim**-0.5, kv_format)  # fmt: skip
+        outputs.append(out.float())
+    return ((outputs[0] - outputs[1]).abs().max() / outputs[1].abs().max()).item()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--backend", default="torch")
+    add_decode_launch_arguments(parser)
     args = parser.parse_args()
+    if args.backend == "triton":
+        print(f"decode launch: {apply_decode_launch(args)}")
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
@@ -47,6 +81,12 @@ def main() -> None:
     relative = ((got - expected).abs()[valid].max() / expected.abs()[valid].max()).item()
     print(f"float16 prefill logits: relative max error {relative:.2e}")
     failures += [] if relative < 5e-3 else ["fp16 logits"]
+    if args.backend == "triton":
+        for kv_format in ("fp8_e4m3", "fp8_e5m2"):
+            for beams in (1, 4):
+                error = fp8_decode_error(args.device, kv_format, beams)
+                print(f"{kv_format} decode attention, {beams} beam(s): relative max error {error:.2e}")
+                failures += [] if error < 2e-2 else [f"{kv_format} decode, {beams} beams"]
     print("PASS" if not failures else f"FAIL: {failures}")
 
 

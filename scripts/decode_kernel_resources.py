@@ -4,7 +4,9 @@ Compiles segment_attention_decode as the op wrapper launches it (xpu_coopt.trito
 launch path, so the same specialisation and code as on the GPU) for sm_<capability>, and reads the
 cubin. Registers and shared memory bound how many blocks an SM holds ("blocks/SM": by registers r, by
 shared memory s), the grid how many it is given ("waves": programs over the SMs' room for them); the
-decode kernel is memory-bound, and fewer warps on an SM mean fewer loads in flight. The counts depend on the Triton version
+decode kernel is memory-bound, and fewer warps on an SM mean fewer loads in flight. The prompt loop's
+machine code (SASS) is counted too: instructions of one tile ("loop ins"), per key, and single-byte
+shared-memory loads (LDS.U8), the measure of the FP8 conversion's cost. The counts depend on the Triton version
 (it and its bundled ptxas make the code): compare runs of one version, and use the GPU's (printed).
 
     python scripts/decode_kernel_resources.py [--kv-dtype auto fp8_e4m3] [--beams 4] [--block-t 4] [--json F]
@@ -48,6 +50,20 @@ def compile_decode(args: argparse.Namespace, kv_format: str) -> offline.Launch:
     return next(launch for launch in launches if launch.name == "segment_attention_decode_kernel")
 
 
+def prompt_loop(launch: offline.Launch) -> dict[str, float]:
+    """The prompt loop's machine code: its body's instructions (one tile of BLOCK_N keys), per key, and its
+    shared-memory loads of single bytes (LDS.U8). The prompt loop is the kernel's one loop with tensor-core
+    instructions (HMMA: its tl.dot calls)."""
+    loop = next(
+        loop for loop in offline.loops(launch.compiled) if any(op.startswith("HMMA") for op in loop.opcodes)
+    )
+    return {
+        "prompt_loop_instructions": loop.instructions,
+        "instructions_per_key": loop.instructions / launch.constexprs["BLOCK_N"],
+        "shared_byte_loads": loop.opcodes["LDS.U8"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -66,7 +82,7 @@ def main() -> None:
     launch = apply_decode_launch(args)
     print(f"Triton {triton.__version__}, sm_{args.capability}, decode kernel: {launch}")
     header = ("kv_dtype", "rows", "BLOCK_N", "BLOCK_T", "registers", "stack B", "shared B", "blocks/SM",
-              "programs", "waves")  # fmt: skip
+              "programs", "waves", "loop ins", "ins/key", "LDS.U8")  # fmt: skip
     print(" ".join(f"{h:>9}" for h in header))
     rows = []
     for kv_format in args.kv_dtype:
@@ -76,10 +92,11 @@ def main() -> None:
         programs = compiled.grid[0] * compiled.grid[1]
         row = {"kv_dtype": kv_format, **{k: compiled.constexprs[k] for k in ("BLOCK_ROWS", "BLOCK_N", "BLOCK_T")},
                **dataclasses.asdict(usage), "blocks_per_sm": limits, "programs": programs,
-               "waves": programs / (args.multiprocessors * min(limits.values()))}  # fmt: skip
+               "waves": programs / (args.multiprocessors * min(limits.values())), **prompt_loop(compiled)}  # fmt: skip
         rows.append(row)
         cells = (kv_format, row["BLOCK_ROWS"], row["BLOCK_N"], row["BLOCK_T"], usage.registers, usage.stack_bytes,
-                 usage.shared_bytes, f"{limits['registers']}r/{limits['shared']}s", programs, f"{row['waves']:.2f}")  # fmt: skip
+                 usage.shared_bytes, f"{limits['registers']}r/{limits['shared']}s", programs, f"{row['waves']:.2f}",
+                 row["prompt_loop_instructions"], f"{row['instructions_per_key']:.1f}", row["shared_byte_loads"])  # fmt: skip
         print(" ".join(f"{c:>9}" for c in cells))
     if args.json:
         with open(args.json, "w") as f:

@@ -16,3 +16,6 @@ sweep programs3-registers168 --programs-per-sm 3 --max-registers 168
 sweep programs3 --programs-per-sm 3
 sweep registers168 --max-registers 168
 sweep block-t4 --block-t 4
+# FP8 tiles converted before Triton moves them into tl.dot's operand layout (offline sm_90 SASS: the prompt
+# loop's instructions 9.6 -> 6.0 a key, no single-byte shared-memory loads; docs/benchmarks.md)
+sweep fp8-upcast-registers --fp8-upcast-in-registers

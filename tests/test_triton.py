@@ -81,7 +81,7 @@ def _compile_without_the_interpreter(script: Path, *arguments: str) -> subproces
 def test_kernels_compile_for_ampere_and_hopper():
     """The interpreter is lenient; the real compiler must accept every launch the wrappers make."""
     result = _compile_without_the_interpreter(Path(__file__).with_name("triton_compile.py"))
-    assert "compiled 33 launches for [80, 90]" in result.stdout, result.stdout
+    assert "compiled 37 launches for [80, 90]" in result.stdout, result.stdout
 
 
 def test_linear_kernel_resources_compile_plain_and_fused_launches():
@@ -117,6 +117,20 @@ def test_decode_kernel_resources_report_registers_without_a_gpu(tmp_path):
         # 132 SMs x 2 programs wanted over 32 KV heads: 9 splits of 4096 columns, whole blocks of 64 or 128
         # keys: chunks of 512, so 8 splits a head
         assert row["programs"] == 32 * 8
+
+
+def test_fp8_upcast_in_registers_keeps_byte_loads_out_of_the_prompt_loop(tmp_path):
+    """DecodeLaunch.fp8_upcast_in_registers: the prompt loop's FP8 tiles convert before Triton moves them
+    into tl.dot's operand layout. Without it V's codes are read from shared memory a byte at a time."""
+    script = Path(__file__).parents[1] / "scripts" / "decode_kernel_resources.py"
+    loops = {}
+    for name, options in (("default", ()), ("upcast", ("--fp8-upcast-in-registers",))):
+        report = tmp_path / f"{name}.json"
+        _compile_without_the_interpreter(script, "--kv-dtype", "fp8_e4m3", "--json", str(report), *options)
+        (loops[name],) = json.loads(report.read_text())["rows"]
+    assert loops["default"]["shared_byte_loads"] > 0
+    assert loops["upcast"]["shared_byte_loads"] == 0
+    assert loops["upcast"]["prompt_loop_instructions"] < 0.8 * loops["default"]["prompt_loop_instructions"]
 
 
 @pytest.mark.parametrize(
@@ -160,6 +174,23 @@ def test_decode_launch_overrides(monkeypatch):
     monkeypatch.setattr(kernels, "DECODE_LAUNCH", dataclasses.replace(launch, min_chunk=64))
     assert kernels.decode_splits(2, 600, cpu, 64) == (5, 128)
     assert (launch.block_t, launch.num_stages, launch.max_registers) == (16, 3, None)  # the defaults kept
+
+
+def test_fp8_upcast_in_registers_is_refused_by_the_interpreter(monkeypatch):
+    import dataclasses
+
+    from xpu_coopt.triton import kernels
+
+    monkeypatch.setattr(
+        kernels, "DECODE_LAUNCH", dataclasses.replace(kernels.DECODE_LAUNCH, fp8_upcast_in_registers=True)
+    )
+    query = torch.zeros(1, 2, 16)
+    cache = torch.zeros(1, 2, 4, 16)
+    with pytest.raises(ValueError, match="fp8_upcast_in_registers needs compiled GPU code"):
+        kernels.segment_attention_decode(
+            torch.empty_like(query), query, cache, cache, None, None, torch.zeros(1, dtype=torch.int32), cache,
+            cache, None, None, torch.zeros(1, 4, dtype=torch.int32), 0, 0.25, "auto",
+        )  # fmt: skip
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):

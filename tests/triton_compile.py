@@ -10,6 +10,7 @@ per compiled launch, then "compiled N launches for [targets]".
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -81,6 +82,17 @@ def launch_all(dtypes: list[torch.dtype]) -> None:
                 torch.zeros(2, dtype=torch.int32), response, response, response_scale, response_scale,
                 torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_format, torch.tensor([500, 3], dtype=torch.int32),
             )  # fmt: skip
+            if scale is not None:  # the tuning option that converts FP8 tiles before their dot layout
+                launch = K.DECODE_LAUNCH
+                K.DECODE_LAUNCH = dataclasses.replace(launch, fp8_upcast_in_registers=True)
+                try:
+                    K.segment_attention_decode(
+                        torch.empty_like(decode_query), decode_query, long_cache, long_cache, long_scale, long_scale,
+                        torch.zeros(2, dtype=torch.int32), response, response, response_scale, response_scale,
+                        torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_format,
+                    )  # fmt: skip
+                finally:
+                    K.DECODE_LAUNCH = launch
 
 
 def main() -> None:

@@ -99,7 +99,7 @@ def segment_attention_decode_kernel(
     BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     FORMAT: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr, FP8_MAX: tl.constexpr,
     MIN_NORMAL: tl.constexpr, SUB_SCALE: tl.constexpr, SUB_UNIT: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    NATIVE_FP8: tl.constexpr, HAS_LENS: tl.constexpr, SPLIT: tl.constexpr,
+    NATIVE_FP8: tl.constexpr, HAS_LENS: tl.constexpr, SPLIT: tl.constexpr, FP8_UPCAST_IN_REGISTERS: tl.constexpr,
 ):  # fmt: skip
     """Program = (request, KV head, split); its rows are every (beam, query head of the group) of the
     request, so each prompt K/V block is loaded (and dequantized) once for all of them. Split k covers
@@ -141,7 +141,7 @@ def segment_attention_decode_kernel(
         k, k_scale = load_unscaled(prompt_k + prompt + n[None, :] * prompt_position_stride + d[:, None],  # K^T [D, N]
                                    n_ok[None, :] & d_ok[:, None],
                                    prompt_k_scale + prompt_scale + n * prompt_scale_position_stride, n_ok,
-                                   dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
+                                   dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, FP8_UPCAST_IN_REGISTERS)  # fmt: skip
         scores = _dot(q, k, UPCAST_DOT) * _scaled(scale, k_scale[None, :], FORMAT)
         p, row_max, row_sum, acc = _online_softmax(
             tl.where(n_ok[None, :] & row_ok[:, None], scores, float("-inf")), row_max, row_sum, acc
@@ -149,7 +149,7 @@ def segment_attention_decode_kernel(
         v, v_scale = load_unscaled(prompt_v + prompt + n[:, None] * prompt_position_stride + d[None, :],
                                    n_ok[:, None] & d_ok[None, :],
                                    prompt_v_scale + prompt_scale + n * prompt_scale_position_stride, n_ok,
-                                   dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
+                                   dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, FP8_UPCAST_IN_REGISTERS)  # fmt: skip
         # V's scale, one per key as K's, folds into the weights: one multiply per weight, not per element.
         acc += _dot(_scaled(p, v_scale[None, :], FORMAT).to(dtype), v, UPCAST_DOT)
 

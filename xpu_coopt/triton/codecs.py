@@ -59,13 +59,31 @@ def fp8_decode(code, MANTISSA: tl.constexpr, BIAS: tl.constexpr, SUB_UNIT: tl.co
 
 
 @triton.jit
+def _layout_barrier(values):
+    """float16 values unchanged (a register move, which ptxas drops), through an op Triton's optimizer
+    does not move (not pure): a conversion before it stays in the layout its codes were loaded in."""
+    return tl.inline_asm_elementwise(
+        "mov.b32 $0, $1;", "=r,r", [values], dtype=tl.float16, is_pure=False, pack=2
+    )
+
+
+@triton.jit
 def decode_codes(codes, OUT: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr, SUB_UNIT: tl.constexpr,
-                 NATIVE_FP8: tl.constexpr):  # fmt: skip
+                 NATIVE_FP8: tl.constexpr, UPCAST_IN_REGISTERS: tl.constexpr = False):  # fmt: skip
     """uint8 codes -> their values (before the scale) as OUT, exactly (every FP8 value is a 16-bit float):
     with NATIVE_FP8 through the GPU's FP8 conversion instructions (sm_89 and newer; to float16 one
     instruction per pair of codes), else with integer operations. Both agree on every code the encoder
-    writes (it never writes e4m3's NaN codes 0x7f / 0xff, nor e5m2's inf / NaN)."""
-    if NATIVE_FP8:
+    writes (it never writes e4m3's NaN codes 0x7f / 0xff, nor e5m2's inf / NaN).
+
+    UPCAST_IN_REGISTERS (compiled GPU code only: the interpreter has no inline assembly): convert in the
+    layout the codes were loaded in. Otherwise, when the values feed tl.dot, Triton moves the codes into
+    the dot operand's layout and converts there: for an operand whose reduced dimension is not the
+    contiguous one (V in p @ V) that reads shared memory a byte at a time (docs/benchmarks.md)."""
+    if UPCAST_IN_REGISTERS:
+        values = _layout_barrier(decode_codes(codes, tl.float16, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)).to(
+            OUT
+        )
+    elif NATIVE_FP8:
         if MANTISSA == 3:
             values = codes.to(tl.float8e4nv, bitcast=True).to(OUT)
         else:
@@ -77,7 +95,8 @@ def decode_codes(codes, OUT: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.cons
 
 @triton.jit
 def load_unscaled(pointers, mask, scale_pointers, scale_mask, DTYPE: tl.constexpr, FORMAT: tl.constexpr,
-                  MANTISSA: tl.constexpr, BIAS: tl.constexpr, SUB_UNIT: tl.constexpr, NATIVE_FP8: tl.constexpr):  # fmt: skip
+                  MANTISSA: tl.constexpr, BIAS: tl.constexpr, SUB_UNIT: tl.constexpr, NATIVE_FP8: tl.constexpr,
+                  UPCAST_IN_REGISTERS: tl.constexpr = False):  # fmt: skip
     """(values, scales): cache cells as DTYPE values before their row's scale (FP8 codes convert exactly to
     16-bit floats), and the rows' scales as float32 (ones for a 16-bit cache, which callers skip). For K, whose scale is one
     per key, scores = (q . codes) * scale: one multiply per score instead of one per element."""
@@ -86,7 +105,7 @@ def load_unscaled(pointers, mask, scale_pointers, scale_mask, DTYPE: tl.constexp
         scales = tl.where(scale_mask, 1.0, 0.0)
     else:
         codes = tl.load(pointers, mask=mask, other=0)
-        values = decode_codes(codes, DTYPE, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)
+        values = decode_codes(codes, DTYPE, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, UPCAST_IN_REGISTERS)
         scales = tl.load(scale_pointers, mask=scale_mask, other=0.0).to(tl.float32)
     return values, scales
 

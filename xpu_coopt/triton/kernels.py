@@ -55,6 +55,11 @@ class DecodeLaunch:
     # Prompt columns a split covers at least: a shorter split costs more to combine than it saves. Under
     # the interpreter one block, so that the tests' small shapes exercise split decoding.
     min_chunk: int = 64 if INTERPRETED else 256
+    # The prompt loop's FP8 tiles converted to 16 bits in the layout they were loaded in, before Triton
+    # moves them into tl.dot's operand layout (codecs.decode_codes). Off, Triton moves the codes and
+    # converts after, reading V's from shared memory a byte at a time: offline sm_90 SASS of a 128-key
+    # prompt tile, 1197 instructions off, 728 on (docs/benchmarks.md). Not yet timed on a GPU: off.
+    fp8_upcast_in_registers: bool = False
 
     def block_n(self, kv_format: str) -> int:
         return self.block_n_fp8 if fp8.is_fp8(kv_format) else self.block_n_16bit
@@ -284,6 +289,11 @@ def segment_attention_decode(
     if num_seqs == 0:
         return
     launch = DECODE_LAUNCH
+    if launch.fp8_upcast_in_registers and _gpu(query.device) is None:
+        raise ValueError(
+            f"{op}: DecodeLaunch.fp8_upcast_in_registers needs compiled GPU code (inline assembly), which "
+            "Triton's interpreter does not run"
+        )
     block_n = launch.block_n(kv_format)
     splits, chunk = decode_splits(requests * kv_heads, prompt_len, query.device, block_n)
     unused = query.new_empty(0, dtype=torch.float32)
@@ -308,7 +318,8 @@ def segment_attention_decode(
         beam_slots.stride(0),
         BLOCK_ROWS=_block(beams * group, 16), BLOCK_N=block_n, BLOCK_T=launch.block_t,
         BLOCK_D=_block(head_dim, 16), UPCAST_DOT=upcast_dot(query.dtype), NATIVE_FP8=_native_fp8(query.device),
-        HAS_LENS=segment_lens is not None, SPLIT=splits > 1, **codec_constants(kv_format),
+        HAS_LENS=segment_lens is not None, SPLIT=splits > 1, FP8_UPCAST_IN_REGISTERS=launch.fp8_upcast_in_registers,
+        **codec_constants(kv_format),
         num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.max_registers,
     )  # fmt: skip
     if splits > 1:

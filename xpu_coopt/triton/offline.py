@@ -4,11 +4,13 @@ Within compile_for(capability), every wrapper of xpu_coopt.triton.kernels and .l
 and each launch it makes compiles down to a cubin for sm_<capability> instead of running: through Triton's
 own launch path (JITFunction.warmup), so it gets the argument specialisation a real launch gets (pointer
 alignment, integers divisible by 16) and the same code. CI uses it to prove the launches compile;
-scripts/decode_kernel_resources.py to read registers and spills, which decide a kernel's occupancy.
+scripts/decode_kernel_resources.py to read registers and spills, which decide a kernel's occupancy, and
+the instructions of a loop's body (SASS).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -129,18 +131,48 @@ class Resources:
         }
 
 
-def resources(compiled) -> Resources:
-    """Registers, stack and shared memory of a compiled kernel, from cuobjdump (bundled with Triton)."""
+def _tool_output(compiled, tool: str, *options: str) -> str:
+    """What one of Triton's bundled CUDA tools (cuobjdump, nvdisasm) prints for the compiled cubin."""
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "kernel.cubin")
         with open(path, "wb") as file:
             file.write(compiled.asm["cubin"])
-        usage = subprocess.run(
-            [knobs.nvidia.cuobjdump.path, "--dump-resource-usage", path],
-            capture_output=True,
-            text=True,
-            check=True,
+        return subprocess.run(
+            [getattr(knobs.nvidia, tool).path, *options, path], capture_output=True, text=True, check=True
         ).stdout
+
+
+@dataclasses.dataclass
+class Loop:
+    """One loop of a kernel's machine code (SASS): its body's instructions, counted by opcode."""
+
+    instructions: int
+    opcodes: collections.Counter[str]
+
+
+def loops(compiled) -> list[Loop]:
+    """The loops of a compiled kernel, in code order: each backward branch closes one, from its target
+    label to the branch. Counts are static (a loop body's instructions once), the measure of how much
+    work a kernel issues per iteration when comparing variants of one loop."""
+    labels: dict[str, int] = {}
+    instructions: list[str] = []
+    for line in _tool_output(compiled, "nvdisasm", "-c").splitlines():
+        if label := re.match(r"\s*(\.L_x_\d+):", line):
+            labels[label[1]] = len(instructions)
+        elif instruction := re.match(r"\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;", line):
+            instructions.append(re.sub(r"^@!?U?P\w+\s+", "", instruction[1]))  # without its predicate
+    found = []
+    for end, instruction in enumerate(instructions):
+        branch = re.match(r"BRA\s+`?\(?(\.L_x_\d+)", instruction)
+        if branch and labels.get(branch[1], end + 1) <= end:
+            body = instructions[labels[branch[1]] : end + 1]
+            found.append(Loop(len(body), collections.Counter(text.split()[0] for text in body)))
+    return found
+
+
+def resources(compiled) -> Resources:
+    """Registers, stack and shared memory of a compiled kernel, from cuobjdump (bundled with Triton)."""
+    usage = _tool_output(compiled, "cuobjdump", "--dump-resource-usage")
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     if found is None:
         raise RuntimeError(f"no resource usage in cuobjdump's output:\n{usage}")
