@@ -108,7 +108,9 @@ def test_decode_kernel_resources_report_registers_without_a_gpu(tmp_path):
     """scripts/decode_kernel_resources.py compiles the decode kernel for sm_90 and reads its cubin."""
     script = Path(__file__).parents[1] / "scripts" / "decode_kernel_resources.py"
     report = tmp_path / "resources.json"
-    _compile_without_the_interpreter(script, "--context", "4096", "--block-t", "4", "--json", str(report))
+    _compile_without_the_interpreter(
+        script, "--context", "4096", "--beams", "4", "--block-t", "4", "--json", str(report)
+    )
     rows = {row["kv_dtype"]: row for row in json.loads(report.read_text())["rows"]}
     assert sorted(rows) == ["auto", "fp8_e4m3"]
     for row in rows.values():

@@ -42,6 +42,30 @@ def _dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _attend_block(
+    q, k_pointers, v_pointers, k_scale_pointers, v_scale_pointers, column_ok, d_ok, visible, scale,
+    row_max, row_sum, acc, FORMAT: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr,
+    SUB_UNIT: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST_DOT: tl.constexpr, UPCAST_IN_REGISTERS: tl.constexpr,
+):  # fmt: skip
+    """Folds one block of cache columns into a decode program's online softmax: K^T [D, columns] and
+    V [columns, D] through their pointers (cells of columns not column_ok are never read), scores of q
+    [rows, D] masked by visible [rows, columns]. FP8 cells stay unscaled 16-bit values: K's scale (one per
+    column) multiplies the scores and V's the softmax weights, one multiply per key instead of one per
+    element. Returns the new (row_max, row_sum, acc)."""
+    dtype = q.dtype
+    k, k_scale = load_unscaled(k_pointers, column_ok[None, :] & d_ok[:, None], k_scale_pointers, column_ok,
+                               dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, UPCAST_IN_REGISTERS)  # fmt: skip
+    scores = _dot(q, k, UPCAST_DOT) * _scaled(scale, k_scale[None, :], FORMAT)
+    p, row_max, row_sum, acc = _online_softmax(
+        tl.where(visible, scores, float("-inf")), row_max, row_sum, acc
+    )
+    v, v_scale = load_unscaled(v_pointers, column_ok[:, None] & d_ok[None, :], v_scale_pointers, column_ok,
+                               dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, UPCAST_IN_REGISTERS)  # fmt: skip
+    acc += _dot(_scaled(p, v_scale[None, :], FORMAT).to(dtype), v, UPCAST_DOT)
+    return row_max, row_sum, acc
+
+
+@triton.jit
 def attention_prefill_kernel(
     out, query, key, value, seq_start, length, heads, kv_heads, head_dim, scale,
     query_batch_stride, query_token_stride, key_batch_stride, key_token_stride,
@@ -97,7 +121,7 @@ def segment_attention_decode_kernel(
     response_scale_row_stride, response_scale_head_stride, response_scale_position_stride,
     beam_slots_stride,
     BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    FORMAT: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr, FP8_MAX: tl.constexpr,
+    BEAMS: tl.constexpr, FORMAT: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr, FP8_MAX: tl.constexpr,
     MIN_NORMAL: tl.constexpr, SUB_SCALE: tl.constexpr, SUB_UNIT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     NATIVE_FP8: tl.constexpr, HAS_LENS: tl.constexpr, SPLIT: tl.constexpr, FP8_UPCAST_IN_REGISTERS: tl.constexpr,
 ):  # fmt: skip
@@ -138,55 +162,44 @@ def segment_attention_decode_kernel(
     for first in range(tl.maximum(split * chunk, start // BLOCK_N * BLOCK_N), end, BLOCK_N):
         n = first + tl.arange(0, BLOCK_N)
         n_ok = (n >= start) & (n < end)
-        k, k_scale = load_unscaled(prompt_k + prompt + n[None, :] * prompt_position_stride + d[:, None],  # K^T [D, N]
-                                   n_ok[None, :] & d_ok[:, None],
-                                   prompt_k_scale + prompt_scale + n * prompt_scale_position_stride, n_ok,
-                                   dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, FP8_UPCAST_IN_REGISTERS)  # fmt: skip
-        scores = _dot(q, k, UPCAST_DOT) * _scaled(scale, k_scale[None, :], FORMAT)
-        p, row_max, row_sum, acc = _online_softmax(
-            tl.where(n_ok[None, :] & row_ok[:, None], scores, float("-inf")), row_max, row_sum, acc
-        )
-        v, v_scale = load_unscaled(prompt_v + prompt + n[:, None] * prompt_position_stride + d[None, :],
-                                   n_ok[:, None] & d_ok[None, :],
-                                   prompt_v_scale + prompt_scale + n * prompt_scale_position_stride, n_ok,
-                                   dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, FP8_UPCAST_IN_REGISTERS)  # fmt: skip
-        # V's scale, one per key as K's, folds into the weights: one multiply per weight, not per element.
-        acc += _dot(_scaled(p, v_scale[None, :], FORMAT).to(dtype), v, UPCAST_DOT)
+        row_max, row_sum, acc = _attend_block(
+            q, prompt_k + prompt + n[None, :] * prompt_position_stride + d[:, None],
+            prompt_v + prompt + n[:, None] * prompt_position_stride + d[None, :],
+            prompt_k_scale + prompt_scale + n * prompt_scale_position_stride,
+            prompt_v_scale + prompt_scale + n * prompt_scale_position_stride,
+            n_ok, d_ok, n_ok[None, :] & row_ok[:, None], scale, row_max, row_sum, acc,
+            FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, UPCAST_DOT, FP8_UPCAST_IN_REGISTERS,
+        )  # fmt: skip
 
-    # Response segment: step t of a sequence lives in row beam_slots[sequence, t]; rows differ per beam, so
-    # these blocks are [rows, steps, D] gathers, reduced without a matrix product. Its steps are shared out
-    # among the splits as the prompt's columns are: in one split they would grow its share by every
-    # generated token (measured on an H100: beam 4 steps from 6.5 to 9.4 ms over 128 tokens). As in the
-    # prompt loop, the cells stay unscaled 16-bit values and their scales apply to scores and weights: cells
-    # scaled in float32 here took the FP8 kernel to 255 registers with spills (docs/benchmarks.md).
+    # Response segment: step t of sequence s lives in row beam_slots[s, t], and the rows differ per beam.
+    # A block's columns are (beam, step) pairs of every beam of the request: each row multiplies all of
+    # them with tl.dot, as in the prompt loop, and keeps those of its own beam. That is BEAMS times the
+    # products needed, on tensor cores, instead of per-row gathers reduced across the block (which set the
+    # kernel's register count: docs/benchmarks.md). Its steps are shared out among the splits as the
+    # prompt's columns are: in one split they would grow its share by every generated token (measured on
+    # an H100: beam 4 steps from 6.5 to 9.4 ms over 128 tokens).
+    c = tl.arange(0, BEAMS * BLOCK_T)
+    column_beam = c // BLOCK_T
+    own_beam = (rows // group)[:, None] == column_beam[None, :]
+    column_sequence = request * beams + column_beam
     per_split = tl.cdiv(response_end, tl.num_programs(1))
     steps_end = tl.minimum((split + 1) * per_split, response_end)
     for first in range(split * per_split, steps_end, BLOCK_T):
-        t = first + tl.arange(0, BLOCK_T)
-        ok = row_ok[:, None] & (t[None, :] < steps_end)  # [rows, T]
-        slot = tl.load(beam_slots + sequence[:, None] * beam_slots_stride + t[None, :], mask=ok, other=0).to(
-            tl.int64
-        )
-        cell = kv * response_head_stride + slot * response_row_stride + t[None, :] * response_position_stride
+        t = first + c % BLOCK_T
+        c_ok = (column_beam < beams) & (t < steps_end)
+        slot = tl.load(beam_slots + column_sequence * beam_slots_stride + t, mask=c_ok, other=0).to(tl.int64)
+        cell = kv * response_head_stride + slot * response_row_stride + t * response_position_stride
         scale_cell = (
             kv * response_scale_head_stride
             + slot * response_scale_row_stride
-            + t[None, :] * response_scale_position_stride
+            + t * response_scale_position_stride
         )
-        mask3 = ok[:, :, None] & d_ok[None, None, :]
-        k, k_scale = load_unscaled(response_k + cell[:, :, None] + d[None, None, :], mask3,
-                                   response_k_scale + scale_cell, ok,
-                                   dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
-        scores = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32), axis=2) * _scaled(
-            scale, k_scale, FORMAT
-        )
-        p, row_max, row_sum, acc = _online_softmax(tl.where(ok, scores, float("-inf")), row_max, row_sum, acc)
-        v, v_scale = load_unscaled(response_v + cell[:, :, None] + d[None, None, :], mask3,
-                                   response_v_scale + scale_cell, ok,
-                                   dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8)  # fmt: skip
-        acc += tl.sum(
-            _scaled(p, v_scale, FORMAT).to(dtype).to(tl.float32)[:, :, None] * v.to(tl.float32), axis=1
-        )
+        row_max, row_sum, acc = _attend_block(
+            q, response_k + cell[None, :] + d[:, None], response_v + cell[:, None] + d[None, :],
+            response_k_scale + scale_cell, response_v_scale + scale_cell,
+            c_ok, d_ok, c_ok[None, :] & row_ok[:, None] & own_beam, scale, row_max, row_sum, acc,
+            FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, UPCAST_DOT, FP8_UPCAST_IN_REGISTERS,
+        )  # fmt: skip
 
     if SPLIT:  # partial results of this split, rows indexed by (sequence, query head)
         row = split.to(tl.int64) * rows_per_split + sequence * (kv_heads * group) + h

@@ -46,7 +46,8 @@ class DecodeLaunch:
     # at 77-89% of the copy rate from 4k; 128 runs an FP8 cache 20% faster than 64).
     block_n_16bit: int = 64
     block_n_fp8: int = 128
-    block_t: int = 16  # response steps per block
+    # Response steps per block; a block's columns are these steps of every beam, at least 16 (tl.dot).
+    block_t: int = 16
     num_warps: int = 4
     # Triton's default on CUDA; 2, 4 and 5 stages were no faster for either cache (docs/benchmarks.md).
     num_stages: int = 3
@@ -316,7 +317,8 @@ def segment_attention_decode(
         *checks.cache_strides(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
         *checks.cache_strides(op, response_k, response_v, response_k_scale, response_v_scale),
         beam_slots.stride(0),
-        BLOCK_ROWS=_block(beams * group, 16), BLOCK_N=block_n, BLOCK_T=launch.block_t,
+        BLOCK_ROWS=_block(beams * group, 16), BLOCK_N=block_n, BLOCK_T=max(launch.block_t, 16 // _block(beams)),
+        BEAMS=_block(beams),
         BLOCK_D=_block(head_dim, 16), UPCAST_DOT=upcast_dot(query.dtype), NATIVE_FP8=_native_fp8(query.device),
         HAS_LENS=segment_lens is not None, SPLIT=splits > 1, FP8_UPCAST_IN_REGISTERS=launch.fp8_upcast_in_registers,
         **codec_constants(kv_format),
