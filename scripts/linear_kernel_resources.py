@@ -5,8 +5,10 @@ Compiles each projection of a shape preset (as scripts/bench_linear.py lists the
 launches it: the plain GEMM, and the fused one the model runs (q/k/v, gate/up and the LM head after the
 RMSNorm, gate/up with SiLU * up, o_proj and down_proj adding into the residual); xpu_coopt.triton.offline
 compiles for sm_<capability> and reads the cubins. Registers and shared memory bound how many blocks an SM
-holds (by registers r, by shared memory s), and so the loads in flight of these memory-bound kernels. The
-counts depend on the Triton version: compare runs of one version.
+holds (by registers r, by shared memory s), and so the loads in flight of these memory-bound kernels.
+"loop ins": the instructions of each loop's body in the machine code (SASS), one K block each; the
+normed launches of several rows have two loops, the RMS pass over x and the GEMM. The counts depend on the
+Triton version: compare runs of one version.
 
     python scripts/linear_kernel_resources.py [--model llama-2-7b] [--rows 1 4] [--capability 90]
 """
@@ -66,6 +68,7 @@ def main() -> None:
         "shared B",
         "blocks/SM",
         "programs",
+        "loop ins",
     )
     print(" ".join(f"{h:>10}" for h in header))
     for rows in args.rows:
@@ -75,7 +78,9 @@ def main() -> None:
                 usage = offline.resources(launch.compiled)
                 limits = usage.blocks_per_sm(args.capability)
                 cells = (name, rows, label, launch.constexprs["BLOCK_N"], usage.registers, usage.stack_bytes,
-                         usage.shared_bytes, f"{limits['registers']}r/{limits['shared']}s", launch.grid[0])  # fmt: skip
+                         usage.shared_bytes, f"{limits['registers']}r/{limits['shared']}s", launch.grid[0],
+                         "+".join(str(loop.instructions) for loop in offline.loops(launch.compiled)
+                                  if loop.instructions > 1))  # fmt: skip
                 print(" ".join(f"{c:>10}" for c in cells), flush=True)
 
 
