@@ -8,6 +8,9 @@ out=${1:?usage: gpu_bench.sh OUT_DIR}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 python3 scripts/cuda_smoke.py --backend triton 2>&1 | tee "$out/smoke.log"
 python3 scripts/bench_decode_attention.py --json "$out/decode-attention.json"
+# beam search's decode attention: 4 beams sharing a 1024-token prompt, 128 response steps each
+python3 scripts/bench_decode_attention.py --beams 4 --response 128 --contexts 1024 4096 \
+    --json "$out/decode-attention-beam4.json"
 python3 scripts/bench_linear.py --json "$out/linear.json"
 bench() {  # NAME ARGS...
     local name=$1; shift

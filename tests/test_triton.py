@@ -274,3 +274,33 @@ def test_device_lengths_do_not_grow(stories_model, stories_tokenizer):
         token = model.decode(token, cache).argmax(-1)
     with pytest.raises(RuntimeError, match="ask for max_new_tokens up front"):
         model.decode(token, cache)
+
+
+@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
+def test_decode_microbenchmark_cases_are_valid_calls(kv_format, monkeypatch):
+    """scripts/bench_decode_attention.py's inputs (run on a GPU only): with --beams and --response, one
+    call per cached layer of a valid op call, on which the Triton kernel and the reference agree, and the
+    bytes count each distinct response row once."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "scripts"))
+    import bench_decode_attention
+
+    from xpu_coopt.ops import reference_kernels
+    from xpu_coopt.triton.kernels import triton_kernels
+
+    args = argparse.Namespace(device="cpu", batch=2, beams=4, heads=4, kv_heads=2, head_dim=64, response=9,
+                              min_cycle_bytes=1)  # fmt: skip
+    calls, layers, moved = bench_decode_attention.make_case(args, 64, kv_format)
+    assert layers == 2 and len(calls) == 2
+    slots = calls[0][11]
+    assert slots.shape == (8, 9) and torch.equal(slots[:, -1], torch.arange(8, dtype=torch.int32))
+    assert bool(((slots // 4) == (torch.arange(8) // 4)[:, None]).all())  # histories stay in their request
+    row_bytes = 64 + 2 if kv_format != "auto" else 128
+    distinct = sum(len(torch.unique(slots.view(2, 4, 9)[r, :, t])) for r in range(2) for t in range(9))
+    assert 2 * 9 <= distinct <= 8 * 9
+    assert moved == 2 * 2 * row_bytes * (2 * 64 + distinct) + 2 * 8 * 4 * 64 * 2
+    triton_out, reference_out = torch.empty_like(calls[0][0]), torch.empty_like(calls[0][0])
+    triton_kernels().segment_attention_decode(triton_out, *calls[0][1:])
+    reference_kernels().segment_attention_decode(reference_out, *calls[0][1:])
+    torch.testing.assert_close(triton_out, reference_out, atol=2e-3, rtol=2e-3)
