@@ -10,9 +10,6 @@
 
 namespace xc {
 
-// Rows (beams x query heads per KV head) one work-group serves: one sub-group each.
-constexpr int kMaxRows = 32;
-
 template <typename T, int Format>
 inline void segment_attention_decode(
     T* out, const T* query, const typename Cache<T, Format>::Cell* prompt_k,
@@ -135,7 +132,15 @@ inline void combine_splits(T* out, const float* partial_acc, const float* partia
 
 }  // namespace xc
 
-#define XC_SEGMENT_ATTENTION_DECODE_KERNEL(NAME, T, FORMAT)                                                     \
+// A work-group serves up to ROWS rows (beams x query heads per KV head), one sub-group each, and holds their
+// query rows in local memory: 16 KiB for 32 rows. Each kernel comes in two sizes, so that a step of at
+// most 4 rows (greedy, GQA groups up to 4) takes 10 KiB of local memory in all instead of 24: an Xe-core's
+// 128 KiB then holds 12 of its work-groups instead of 5 (Intel's GPU occupancy calculator; not measured
+// on a GPU).
+#define XC_SEGMENT_ATTENTION_DECODE_KERNEL(NAME, T, FORMAT) \
+  XC_SEGMENT_ATTENTION_DECODE_ROWS(NAME##_r4, T, FORMAT, 4) XC_SEGMENT_ATTENTION_DECODE_ROWS(NAME##_r32, T, FORMAT, 32)
+
+#define XC_SEGMENT_ATTENTION_DECODE_ROWS(NAME, T, FORMAT, ROWS)                                                 \
   extern "C" XC_ND_RANGE_KERNEL XC_SUB_GROUP_16 void segment_attention_decode_##NAME(                          \
       T* out, const T* query, const xc::Cache<T, FORMAT>::Cell* prompt_k,                                     \
       const xc::Cache<T, FORMAT>::Cell* prompt_v, const xc::bf16* prompt_k_scale, const xc::bf16* prompt_v_scale, \
@@ -152,7 +157,7 @@ inline void combine_splits(T* out, const float* partial_acc, const float* partia
       float* partial_stats) {                                                                                \
     static xc::syclexp::work_group_static<T[xc::kKeyTile * xc::kMaxHeadDim]> key_tile;                         \
     static xc::syclexp::work_group_static<T[xc::kKeyTile * xc::kMaxHeadDim]> value_tile;                       \
-    static xc::syclexp::work_group_static<float[xc::kMaxRows * xc::kMaxHeadDim]> query_rows;                   \
+    static xc::syclexp::work_group_static<float[ROWS * xc::kMaxHeadDim]> query_rows;                           \
     xc::segment_attention_decode<T, FORMAT>(                                                                   \
         out, query, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale, prompt_start, response_k, response_v, \
         response_k_scale, response_v_scale, beam_slots, beams, kv_heads, group, head_dim, prompt_len,         \

@@ -19,7 +19,10 @@ from xpu_coopt.sycl.runtime import queue_for
 DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 SUB_GROUP = 16  # sycl_kernels/common.hpp kSubGroup
 MAX_HEAD_DIM = 128  # common.hpp kMaxHeadDim
-MAX_DECODE_ROWS = 32  # segment_attention_decode.cpp kMaxRows: beams x query heads per KV head
+# segment_attention_decode.cpp: rows (beams x query heads per KV head) a work-group serves, in its two
+# sizes (the smaller holds less local memory, so that more work-groups fit an Xe-core)
+DECODE_ROWS = (4, 32)
+MAX_DECODE_ROWS = DECODE_ROWS[-1]
 DECODE_KEY_TILE = 16  # attention.hpp kKeyTile: the prompt columns a split covers are a multiple of it
 # Split decoding on an Intel GPU aims for one work-group per vector engine (XVE) in all, and gives a split
 # at least XPU_MIN_CHUNK prompt columns: its partials cost 130 floats a row to write and combine, where 64
@@ -245,7 +248,8 @@ def segment_attention_decode(
         partial_acc = query.new_empty((splits, rows, head_dim), dtype=torch.float32)
         partial_stats = query.new_empty((splits, rows, 2), dtype=torch.float32)
     _run(
-        query.device, "segment_attention_decode.cpp", f"segment_attention_decode_{suffix}",
+        query.device, "segment_attention_decode.cpp",
+        f"segment_attention_decode_{suffix}_r{next(r for r in DECODE_ROWS if beams * group <= r)}",
         requests * kv_heads * splits * beams * group * SUB_GROUP, beams * group * SUB_GROUP,
         out, query, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale, prompt_start.to(torch.int32).contiguous(),
         response_k, response_v, response_k_scale, response_v_scale, beam_slots,
