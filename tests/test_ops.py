@@ -376,6 +376,23 @@ def test_segment_attention_decode_when_padding_fills_whole_splits(kernels, dtype
     assert_close(out, expected, dtype)
 
 
+@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("beams", [8, 16])
+def test_segment_attention_decode_many_beams(kernels, kv_format, beams):
+    """Wide beam searches: the Triton kernel's response blocks then cover fewer steps for each beam
+    (8 and 4 steps of every beam: at most 64 columns), and 21 steps span several blocks."""
+    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+        torch.float32, kv_format, 1, beams, 4, 4, 32, 40, 21, True
+    )
+    (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
+    out = torch.full_like(query, float("nan"))
+    kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s,
+                                     beam_slots, 21, 0.2, kv_format)  # fmt: skip
+    expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
+                                                21, 0.2)  # fmt: skip
+    assert_close(out, expected, torch.float32)
+
+
 def test_segment_lens_must_be_two_int32_lengths(kernels):
     query, caches, _, prompt_start, beam_slots = _segment_case(
         torch.float32, "auto", 1, 1, 4, 4, 16, 9, 2, False

@@ -178,6 +178,13 @@ def test_decode_launch_overrides(monkeypatch):
     assert (launch.block_t, launch.num_stages, launch.max_registers) == (16, 3, None)  # the defaults kept
 
 
+def test_response_blocks_hold_16_to_64_columns():
+    from xpu_coopt.triton import kernels
+
+    steps = {beams: kernels.response_steps(kernels.DECODE_LAUNCH, beams) for beams in (1, 2, 3, 4, 8, 16, 64)}
+    assert steps == {1: 16, 2: 16, 3: 16, 4: 16, 8: 8, 16: 4, 64: 1}  # 3 beams: blocks of 4 (a power of 2)
+
+
 def test_fp8_upcast_in_registers_is_refused_by_the_interpreter(monkeypatch):
     import dataclasses
 

@@ -46,7 +46,8 @@ class DecodeLaunch:
     # at 77-89% of the copy rate from 4k; 128 runs an FP8 cache 20% faster than 64).
     block_n_16bit: int = 64
     block_n_fp8: int = 128
-    # Response steps per block; a block's columns are these steps of every beam, at least 16 (tl.dot).
+    # Response steps per block (at most: a block's columns are these steps of every beam, and hold at most
+    # MAX_RESPONSE_COLUMNS; response_steps).
     block_t: int = 16
     num_warps: int = 4
     # Triton's default on CUDA; 2, 4 and 5 stages were no faster for either cache (docs/benchmarks.md).
@@ -67,6 +68,18 @@ class DecodeLaunch:
 
 
 DECODE_LAUNCH = DecodeLaunch()
+# A response block's columns are (beam, step) pairs: at least 16 (tl.dot's smallest reduction), and at
+# most 64, beyond which the block's K and V tiles outgrow the prompt loop's (16 beams x 16 steps of
+# head_dim 128 took 141 KiB of shared memory, one block an SM).
+MIN_RESPONSE_COLUMNS, MAX_RESPONSE_COLUMNS = 16, 64
+
+
+def response_steps(launch: DecodeLaunch, beams: int) -> int:
+    """Response steps a block of the decode kernel covers for each of `beams` (rounded up to a power of 2)."""
+    beams = _block(beams)
+    return max(MIN_RESPONSE_COLUMNS // beams, min(launch.block_t, MAX_RESPONSE_COLUMNS // beams), 1)
+
+
 INTERPRETER_DECODE_PROGRAMS = 16
 
 
@@ -317,7 +330,7 @@ def segment_attention_decode(
         *checks.cache_strides(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
         *checks.cache_strides(op, response_k, response_v, response_k_scale, response_v_scale),
         beam_slots.stride(0),
-        BLOCK_ROWS=_block(beams * group, 16), BLOCK_N=block_n, BLOCK_T=max(launch.block_t, 16 // _block(beams)),
+        BLOCK_ROWS=_block(beams * group, 16), BLOCK_N=block_n, BLOCK_T=response_steps(launch, beams),
         BEAMS=_block(beams),
         BLOCK_D=_block(head_dim, 16), UPCAST_DOT=upcast_dot(query.dtype), NATIVE_FP8=_native_fp8(query.device),
         HAS_LENS=segment_lens is not None, SPLIT=splits > 1, FP8_UPCAST_IN_REGISTERS=launch.fp8_upcast_in_registers,
