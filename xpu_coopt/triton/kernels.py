@@ -59,8 +59,9 @@ class DecodeLaunch:
     min_chunk: int = 64 if INTERPRETED else 256
     # The prompt loop's FP8 tiles converted to 16 bits in the layout they were loaded in, before Triton
     # moves them into tl.dot's operand layout (codecs.decode_codes). Off, Triton moves the codes and
-    # converts after, reading V's from shared memory a byte at a time: offline sm_90 SASS of a 128-key
-    # prompt tile, 1197 instructions off, 728 on (docs/benchmarks.md). Not yet timed on a GPU: off.
+    # converts after, reading V's from shared memory a byte at a time: offline sm_90 SASS of the prompt
+    # loop under Triton 3.6, 9.6 instructions a key off, 6.0 on (docs/benchmarks.md). Not yet timed on a
+    # GPU: off.
     fp8_upcast_in_registers: bool = False
 
     def block_n(self, kv_format: str) -> int:
