@@ -31,3 +31,5 @@ profile profile-decode-b1
 profile profile-decode-b1-unfused --unfused  # the GEMM fusions' gain
 profile profile-decode-beam4 --num-beams 4
 profile profile-decode-beam4-unfused --num-beams 4 --unfused
+profile profile-decode-b1-fp8 --kv-dtype fp8_e4m3
+profile profile-decode-b1-fp8-upcast --kv-dtype fp8_e4m3 --fp8-upcast-in-registers

@@ -4,7 +4,7 @@ profiled steps launch the graph's kernels one by one (a cuda_graph=False model w
 instead, see xpu_coopt.optimize). --unfused: decode steps without the GEMM fusions, to compare.
 
     python scripts/profile_decode_step.py [--model llama-2-7b] [--batch-size 1] [--input-tokens 1024]
-        [--num-beams 4] [--unfused]
+        [--num-beams 4] [--kv-dtype fp8_e4m3] [--unfused] [decode launch options]
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--input-tokens", type=int, default=1024)
     parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--kv-dtype", default="auto", help="the KV cache's format: auto, fp8_e4m3, fp8_e5m2")
     parser.add_argument("--peak-gbs", type=float, default=3350.0)
     parser.add_argument("--unfused", action="store_true", help="GEMMs without the norm/SiLU/residual fusions")
     add_decode_launch_arguments(parser)
@@ -74,8 +75,8 @@ def main() -> None:
     hf_model, _ = load_model(args.model, torch.float16, "cuda")
     weight_bytes = sum(p.numel() * p.element_size() for p in hf_model.parameters())
     ids = torch.randint(3, hf_model.config.vocab_size, (args.batch_size, args.input_tokens), device="cuda")
-    graphed = xpu_coopt.optimize(hf_model, cuda_graph=True)
-    eager = xpu_coopt.optimize(hf_model, cuda_graph=True)
+    graphed = xpu_coopt.optimize(hf_model, cuda_graph=True, kv_dtype=args.kv_dtype)
+    eager = xpu_coopt.optimize(hf_model, cuda_graph=True, kv_dtype=args.kv_dtype)
     eager.cuda_graph = False  # the graph's kernels, each launched on its own so that the profiler sees it
     if args.unfused:
         graphed.decoder.fusions = eager.decoder.fusions = None
