@@ -109,25 +109,20 @@ inline void combine_splits(T* out, const float* partial_acc, const float* partia
   const int lane = it.get_sub_group().get_local_linear_id();
   float top = kMinusInfinity;
   for (int s = 0; s < splits; ++s) top = sycl::fmax(top, partial_stats[(s * rows_per_split + row) * 2]);
-  float total = 0.0f;
-  float acc[kColumnsPerLane] = {};
+  OnlineSoftmax merged;  // the splits' sums and accumulators, rescaled to `top`, then stored as one row's
   if (top != kMinusInfinity) {
     for (int s = 0; s < splits; ++s) {
       const int64_t partial = s * rows_per_split + row;
       const float weight = sycl::exp(partial_stats[partial * 2] - top);  // 0 for a split that saw no key
       if (weight == 0.0f) continue;  // its accumulator is zeros; skipped as masked keys are
-      total += weight * partial_stats[partial * 2 + 1];
+      merged.sum += weight * partial_stats[partial * 2 + 1];
       for (int c = 0; c < kColumnsPerLane; ++c) {
         const int column = lane + c * kSubGroup;
-        if (column < head_dim) acc[c] += weight * partial_acc[partial * head_dim + column];
+        if (column < head_dim) merged.acc[c] += weight * partial_acc[partial * head_dim + column];
       }
     }
   }
-  T* out_row = out + (row / heads) * out_stride + (row % heads) * head_dim;
-  for (int c = 0; c < kColumnsPerLane; ++c) {
-    const int column = lane + c * kSubGroup;
-    if (column < head_dim) out_row[column] = static_cast<T>(total > 0.0f ? acc[c] / total : 0.0f);
-  }
+  merged.store(out + (row / heads) * out_stride + (row % heads) * head_dim, head_dim, lane);
 }
 
 }  // namespace xc
