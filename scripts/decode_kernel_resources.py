@@ -9,7 +9,7 @@ machine code (SASS) is counted too: instructions of one tile ("loop ins"), per k
 shared-memory loads (LDS.U8), the measure of the FP8 conversion's cost. The counts depend on the Triton version
 (it and its bundled ptxas make the code): compare runs of one version, and use the GPU's (printed).
 
-    python scripts/decode_kernel_resources.py [--kv-dtype auto fp8_e4m3] [--beams 4] [--block-t 4] [--json F]
+    python scripts/decode_kernel_resources.py [--kv-dtype auto fp8_e4m3] [--beams 4] [--device-lengths] [--json F]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def compile_decode(args: argparse.Namespace, kv_format: str) -> offline.Launch:
             torch.empty_like(query), query, prompt, prompt, prompt_scale, prompt_scale,
             torch.zeros(1, dtype=torch.int32), response, response, response_scale, response_scale,
             torch.zeros((sequences, 0), dtype=torch.int32), 0, dim**-0.5, kv_format,
+            torch.tensor([args.context, 0], dtype=torch.int32) if args.device_lengths else None,
         )  # fmt: skip
     return next(launch for launch in launches if launch.name == "segment_attention_decode_kernel")
 
@@ -76,6 +77,10 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument(
+        "--device-lengths", action="store_true",
+        help="pass the segments' lengths in a device tensor, as a decode step replayed in a CUDA graph does",
+    )  # fmt: skip
     add_decode_launch_arguments(parser)
     parser.add_argument("--json")
     args = parser.parse_args()

@@ -326,16 +326,18 @@ def test_segment_attention_decode(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize(
-    ("requests", "beams", "heads", "kv_heads", "prompt_len", "response_len"),
-    [(1, 1, 4, 4, 300, 0), (2, 4, 8, 2, 200, 5)],
+    ("requests", "beams", "heads", "kv_heads", "prompt_len", "response_len", "spare"),
+    # the last: a segment far longer than its length, as a decode graph kept for later generations reads
+    [(1, 1, 4, 4, 300, 0, 70), (2, 4, 8, 2, 200, 5, 70), (2, 1, 4, 2, 40, 0, 400)],
 )
 def test_segment_attention_decode_reads_lengths_from_the_device(
-    kernels, dtype, kv_format, requests, beams, heads, kv_heads, prompt_len, response_len
+    kernels, dtype, kv_format, requests, beams, heads, kv_heads, prompt_len, response_len, spare
 ):
     """segment_lens holds the segments' lengths in a tensor (what a replayed CUDA graph reads); the
     segments are passed at their capacity, with NaN past the lengths. These long prompts are also
-    split across several programs by the Triton kernel (flash-decoding), then combined."""
-    head_dim, spare = 64, 70
+    split across several programs by the Triton kernel (flash-decoding), then combined; the split count
+    follows the capacity, so with a long spare most splits have nothing to read."""
+    head_dim = 64
     query, caches, dequantized, prompt_start, beam_slots = _segment_case(
         dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
         spare=spare, keep_spare=True,
@@ -359,8 +361,10 @@ def test_segment_attention_decode_reads_lengths_from_the_device(
 @pytest.mark.parametrize("response_len", [0, 3])
 def test_segment_attention_decode_when_padding_fills_whole_splits(kernels, dtype, kv_format, response_len):
     """The device backends split a long prompt across programs (flash-decoding): here the second
-    request's left padding covers the first splits whole, and with 3 response steps most splits get none,
-    so several splits attend to no key at all. Their partials must carry no weight in the combine."""
+    request's left padding covers the first splits whole (SYCL, whose splits cut the segment), or leaves
+    its 40 columns to the first of them (Triton, whose splits share the columns after the padding), and
+    with 3 response steps most splits get none, so several splits attend to no key at all. Their
+    partials must carry no weight in the combine."""
     requests, beams, heads, kv_heads, head_dim, prompt_len = 2, 2, 4, 2, 64, 300
     query, caches, dequantized, prompt_start, beam_slots = _segment_case(
         dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,

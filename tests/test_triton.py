@@ -170,11 +170,11 @@ def test_decode_launch_overrides(monkeypatch):
     assert launch is kernels.DECODE_LAUNCH
     assert (launch.block_n("auto"), launch.block_n("fp8_e5m2"), launch.programs_per_sm) == (32, 32, 3)
     # 16 programs wanted under the interpreter, 8 splits for 2 (request, KV head) pairs: 600 columns of
-    # at least 128 allow 4 (chunks of 150, rounded up to whole 64-column blocks); 64 columns allow 8.
+    # at least 128 allow 4; 64 columns allow 8, of which 5 hold whole 64-column blocks (chunks of 128).
     cpu = torch.device("cpu")
-    assert kernels.decode_splits(2, 600, cpu, 64) == (4, 192)
+    assert kernels.decode_splits(2, 600, cpu, 64) == 4
     monkeypatch.setattr(kernels, "DECODE_LAUNCH", dataclasses.replace(launch, min_chunk=64))
-    assert kernels.decode_splits(2, 600, cpu, 64) == (5, 128)
+    assert kernels.decode_splits(2, 600, cpu, 64) == 5
     assert (launch.block_t, launch.num_stages, launch.max_registers) == (16, 3, None)  # the defaults kept
 
 

@@ -114,7 +114,7 @@ def segment_attention_decode_kernel(
     out, query, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale, prompt_start,
     response_k, response_v, response_k_scale, response_v_scale, beam_slots, segment_lens,
     partial_acc, partial_stats,
-    beams, kv_heads, group, head_dim, prompt_len, response_len, chunk, rows_per_split, scale,
+    beams, kv_heads, group, head_dim, prompt_len, response_len, rows_per_split, scale,
     query_stride, out_stride, prompt_request_stride, prompt_head_stride, prompt_position_stride,
     prompt_scale_request_stride, prompt_scale_head_stride, prompt_scale_position_stride,
     response_row_stride, response_head_stride, response_position_stride,
@@ -127,7 +127,8 @@ def segment_attention_decode_kernel(
 ):  # fmt: skip
     """Program = (request, KV head, split); its rows are every (beam, query head of the group) of the
     request, so each prompt K/V block is loaded (and dequantized) once for all of them. Split k covers
-    prompt columns [k * chunk, (k + 1) * chunk) (flash-decoding: enough programs to fill the GPU at batch
+    the k-th of equal shares, in whole BLOCK_N tiles, of the request's prompt columns from its first
+    non-padding tile to the segment's length (flash-decoding: enough programs to fill the GPU at batch
     1), and an equal share of the response segment's steps. With SPLIT, each split writes its unnormalised
     accumulator and (row max, row sum) to partial_acc / partial_stats for combine_splits_kernel; without,
     the one split writes out. With HAS_LENS the segment lengths are read from segment_lens on the device
@@ -158,10 +159,14 @@ def segment_attention_decode_kernel(
     start = tl.load(prompt_start + request)
     prompt = request * prompt_request_stride + kv * prompt_head_stride
     prompt_scale = request * prompt_scale_request_stride + kv * prompt_scale_head_stride
-    end = tl.minimum((split + 1) * chunk, prompt_end)
-    for first in range(tl.maximum(split * chunk, start // BLOCK_N * BLOCK_N), end, BLOCK_N):
-        n = first + tl.arange(0, BLOCK_N)
-        n_ok = (n >= start) & (n < end)
+    # The shares are cut from the columns this step reads, on the device: neither the left padding nor a
+    # captured graph's unused capacity leaves a split without work while another has several shares.
+    padding_tiles, end_tile = start // BLOCK_N, tl.cdiv(prompt_end, BLOCK_N)
+    tiles = tl.cdiv(end_tile - padding_tiles, tl.num_programs(1))
+    own_first = padding_tiles + split * tiles
+    for tile in range(own_first, tl.minimum(own_first + tiles, end_tile)):
+        n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = (n >= start) & (n < prompt_end)
         row_max, row_sum, acc = _attend_block(
             q, prompt_k + prompt + n[None, :] * prompt_position_stride + d[:, None],
             prompt_v + prompt + n[:, None] * prompt_position_stride + d[None, :],

@@ -257,13 +257,13 @@ def _programs_to_fill(device: torch.device) -> int:
     return DECODE_LAUNCH.programs_per_sm * gpu.multiprocessors
 
 
-def decode_splits(programs: int, columns: int, device: torch.device, block_n: int) -> tuple[int, int]:
-    """(splits, chunk) of the prompt columns for `programs` (request, KV head) pairs (decode_split.split_prompt),
+def decode_splits(programs: int, columns: int, device: torch.device, block_n: int) -> int:
+    """Splits of the prompt columns for `programs` (request, KV head) pairs (decode_split.split_prompt),
     filling the GPU with DECODE_LAUNCH's min_chunk. Sized by the segment's capacity, so a captured graph stays
-    valid as the sequence grows."""
+    valid as the sequence grows; the kernel shares out the columns a step reads among them."""
     return decode_split.split_prompt(
         programs, columns, _programs_to_fill(device), DECODE_LAUNCH.min_chunk, block_n
-    )
+    )[0]
 
 
 def segment_attention_decode(
@@ -310,7 +310,7 @@ def segment_attention_decode(
             "Triton's interpreter does not run"
         )
     block_n = launch.block_n(kv_format)
-    splits, chunk = decode_splits(requests * kv_heads, prompt_len, query.device, block_n)
+    splits = decode_splits(requests * kv_heads, prompt_len, query.device, block_n)
     unused = query.new_empty(0, dtype=torch.float32)
     # Partials of a split decode: workspace of this call (inside a captured graph, from the graph's pool).
     partial_acc = (
@@ -326,7 +326,7 @@ def segment_attention_decode(
         unused if response_k_scale is None else response_k_scale,
         unused if response_v_scale is None else response_v_scale, beam_slots,
         unused if segment_lens is None else segment_lens, partial_acc, partial_stats,
-        beams, kv_heads, group, head_dim, prompt_len, response_len, chunk, num_seqs * heads, scale,
+        beams, kv_heads, group, head_dim, prompt_len, response_len, num_seqs * heads, scale,
         query.stride(0), out.stride(0),
         *checks.cache_strides(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
         *checks.cache_strides(op, response_k, response_v, response_k_scale, response_v_scale),
