@@ -1,5 +1,6 @@
 """Parity smoke test on a GPU (run by hand where one exists; CI has none): xpu_coopt against transformers
-on the same device, greedy and beam search token for token, prefill logits in float16; with the Triton
+on the same device, greedy and beam search token for token (each twice, the second time over shorter
+prompts through the decode graph the first kept, when it uses CUDA graphs), prefill logits in float16; with the Triton
 backend also its FP8 decode attention against the reference kernel on the same GPU tensors, with the
 decode launch options given (e.g. --fp8-upcast-in-registers, which only a GPU can check).
 
@@ -66,11 +67,22 @@ def main() -> None:
         "greedy": dict(max_new_tokens=24, do_sample=False, pad_token_id=0),
         "beam4": dict(max_new_tokens=16, num_beams=4, num_return_sequences=2, pad_token_id=0, eos_token_id=5),
     }.items():
-        ours = optimized.generate(ids, attention_mask=mask, **kwargs)
-        theirs = model.generate(ids, attention_mask=mask, **kwargs)
-        same = torch.equal(ours, theirs)
-        print(f"{name}: tokens identical to transformers: {same}")
-        failures += [] if same else [name]
+        graphs = []
+        for prompt, prompt_mask, label in (
+            (ids, mask, name),
+            (ids[:, 6:], mask[:, 6:], f"{name}, shorter prompts"),
+        ):
+            ours = optimized.generate(prompt, attention_mask=prompt_mask, **kwargs)
+            theirs = model.generate(prompt, attention_mask=prompt_mask, **kwargs)
+            same = torch.equal(ours, theirs)
+            kept = optimized._kept_cache
+            graphs.append(None if kept is None else kept.decode_graph)
+            print(f"{label}: tokens identical to transformers: {same}")
+            failures += [] if same else [label]
+        if optimized.cuda_graph:
+            reused = graphs[0] is graphs[1] is not None
+            print(f"{name}: the shorter prompts replayed the decode graph of the first run: {reused}")
+            failures += [] if reused else [f"{name} graph reuse"]
     half = LlamaForCausalLM(config).eval().to(args.device, torch.float16)
     half.load_state_dict(model.state_dict())
     positions = (mask.cumsum(-1) - 1).clamp_min(0)

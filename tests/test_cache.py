@@ -100,3 +100,28 @@ def test_reorder_rejects_parents_outside_their_request():
     with pytest.raises(ValueError, match="must hold 4 slots, one per sequence"):
         cache.reorder(torch.tensor([0, 1]))
     cache.reorder(torch.tensor([1, 0, 2, 3]), check=False)  # the caller's guarantee: no wait for the device
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_a_cache_fits_and_resets_for_a_generation_within_its_room(beams):
+    """What generate() asks before it reuses a kept cache (and its decode graph): as many prompts and
+    beams, room for the prompt and max_new_tokens (10 new tokens made room for 16: RESPONSE_STEP). A
+    reset keeps every tensor a decode graph reads."""
+    model = _model("llama-mha-d64")
+    optimized = xpu_coopt.optimize(model)
+    ids, mask = _prompts([9, 6], model.config.vocab_size)
+    _, cache = optimized.prefill(ids, mask, num_beams=beams, max_new_tokens=10)
+    cache.use_device_lengths()
+    assert cache.fits(2, 9, beams, 16) and cache.fits(2, 4, beams, 1)
+    assert not cache.fits(2, 9, beams, 17)  # two response steps of room
+    # One beam: the prompt and the new tokens share one segment's 25 columns.
+    assert cache.fits(2, 12, beams, 13) == (beams == 1)
+    assert not cache.fits(1, 9, beams, 1) and not cache.fits(2, 9, beams + 1, 1)
+    addresses = {name: tensor.data_ptr() for name, tensor in cache.graph_inputs().items()}
+    starts = torch.tensor([0, 2], dtype=torch.int32)
+    cache.reset(starts, 5)
+    assert {name: tensor.data_ptr() for name, tensor in cache.graph_inputs().items()} == addresses
+    assert torch.equal(cache.prompt_start, starts) and (cache.prompt_len, cache.response_len) == (5, 0)
+    assert cache.capacity == (16 + 4 if beams == 1 else 16)  # one beam: the prompt's unused columns too
+    with pytest.raises(ValueError, match="2 prompts of 30 columns do not fit this cache's 2 of at most"):
+        cache.reset(starts, 30)

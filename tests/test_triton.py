@@ -239,16 +239,7 @@ def test_graph_decode_bookkeeping_gives_the_same_tokens(
     """The CUDA-graph decode path without a GPU: the cache at full capacity with its write column,
     positions and segment lengths in device tensors updated in place, and the decode graph's fixed input
     and output buffers, each step run eagerly where a GPU would replay the captured graph."""
-    from xpu_coopt.decode_graph import DecodeGraph
-
-    replays = []
-
-    def eager_replay(self, cache, next_tokens):
-        self.tokens.copy_(next_tokens.view(-1, 1))
-        replays.append(cache.segment_lens.tolist())
-        return self._forward(cache)
-
-    monkeypatch.setattr(DecodeGraph, "__call__", eager_replay)
+    replays = _replay_decode_graphs_eagerly(monkeypatch)
     ids = torch.cat([_stories_prompt(stories_tokenizer)] * 2)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # a left-padded row
@@ -261,7 +252,92 @@ def test_graph_decode_bookkeeping_gives_the_same_tokens(
     assert torch.equal(graphed.generate(ids, mask, **kwargs), expected)
     prompt = ids.shape[1]
     first = [prompt + 1, 0] if num_beams == 1 else [prompt, 1]
-    assert replays[0] == first and len(replays) == expected.shape[1] - prompt - 1
+    assert replays[0][1] == first and len(replays) == expected.shape[1] - prompt - 1
+
+
+def _replay_decode_graphs_eagerly(monkeypatch) -> list[tuple[int, list[int]]]:
+    """DecodeGraph without a GPU: each replay runs the step eagerly where a GPU replays the captured graph,
+    returns it in one output buffer as the graph does, and first checks that the tensors a graph would
+    read have not moved. Returns the replays: (the graph's id, the segment lengths it read)."""
+    from xpu_coopt.decode_graph import DecodeGraph
+
+    replays = []
+
+    def eager_replay(self, cache, next_tokens):
+        self.check_inputs(cache)
+        self.tokens.copy_(next_tokens.view(-1, 1))
+        logits = self._forward(cache)
+        if self.logits is None:  # the capture allocates the output buffer
+            self.logits = torch.empty_like(logits)
+        self.logits.copy_(logits)
+        replays.append((id(self), cache.segment_lens.tolist()))
+        return self.logits
+
+    monkeypatch.setattr(DecodeGraph, "__call__", eager_replay)
+    return replays
+
+
+@pytest.mark.parametrize(
+    ("backend", "kv_dtype", "num_beams"),
+    # the Triton interpreter takes minutes a case: one, whose kernels then read segments far longer than
+    # their lengths (the kernels' own tests cover every format)
+    [("torch", "auto", 1), ("torch", "auto", 3), ("torch", "fp8_e4m3", 1), ("torch", "fp8_e4m3", 3),
+     ("triton", "fp8_e4m3", 3)],
+)  # fmt: skip
+def test_generate_reuses_the_kept_decode_graph_when_it_fits(
+    stories_model, stories_tokenizer, monkeypatch, backend, kv_dtype, num_beams
+):
+    """generate() keeps its cache and decode graph for the next generate() that fits them: same batch and
+    beams, a prompt and max_new_tokens within the cache's room. Each generation gives the tokens (and
+    scores) of a model without graphs, whatever the last one left in the cache; one that does not fit
+    gets a cache and graph of its own."""
+    replays = _replay_decode_graphs_eagerly(monkeypatch)
+    prompt = torch.tensor([stories_tokenizer.encode("Once upon a time there was a little girl named Lily")])
+    kwargs = dict(num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0, output_scores=True,
+                  return_dict_in_generate=True)  # fmt: skip
+    eager = xpu_coopt.optimize(stories_model, backend=backend, kv_dtype=kv_dtype)
+    graphed = xpu_coopt.optimize(stories_model, backend=backend, kv_dtype=kv_dtype)
+    graphed.cuda_graph = True  # what optimize() chooses for a CUDA model on the Triton backend
+    long_batch = torch.cat((prompt, prompt.flip(1)))
+    short_batch = long_batch[:, 3:]
+    short_mask = torch.ones_like(short_batch)
+    short_mask[1, :4] = 0  # a left-padded row
+    # (input_ids, attention_mask, max_new_tokens, reuses the last graph); the first makes room for 16 new
+    # tokens (cache.RESPONSE_STEP)
+    generations = [
+        (long_batch, None, 6, False),
+        (short_batch, short_mask, 5, True),  # a shorter prompt: fits
+        (long_batch, None, 3, True),
+        (torch.cat((long_batch, short_batch[:, :11]), dim=1), None, 6, False),  # one column too many
+        (long_batch[:1], None, 4, False),  # another batch size
+    ]
+    graphs = []
+    for ids, mask, new_tokens, reuses in generations:
+        expected = eager.generate(ids, mask, max_new_tokens=new_tokens, **kwargs)
+        out = graphed.generate(ids, mask, max_new_tokens=new_tokens, **kwargs)
+        assert torch.equal(out.sequences, expected.sequences)
+        for step, (got, want) in enumerate(zip(out.scores, expected.scores, strict=True)):
+            torch.testing.assert_close(got, want, msg=lambda m, step=step: f"scores of step {step}: {m}")
+        graph = graphed._kept_cache.decode_graph
+        assert (graphs[-1] is graph if graphs else False) == reuses
+        graphs.append(graph)
+    # Every replay went through the graph of its generation's cache; without graphs nothing is kept.
+    assert {graph_id for graph_id, _ in replays} == {id(graph) for graph in graphs}
+    assert eager._kept_cache is None
+    graphed.release_cache()
+    assert graphed._kept_cache is None
+
+
+def test_a_decode_graph_refuses_inputs_that_moved(stories_model, stories_tokenizer, monkeypatch):
+    _replay_decode_graphs_eagerly(monkeypatch)
+    model = xpu_coopt.optimize(stories_model)
+    model.cuda_graph = True
+    prompt = _stories_prompt(stories_tokenizer)
+    model.generate(prompt, max_new_tokens=4)
+    cache = model._kept_cache
+    cache.prompt_k = cache.prompt_k.clone()  # what a cache that reallocates a tensor would do
+    with pytest.raises(RuntimeError, match=r"the decode graph's inputs \['prompt_k'\] moved"):
+        model.generate(prompt, max_new_tokens=4)
 
 
 def test_cuda_graph_needs_cuda_and_triton(stories_model):

@@ -54,7 +54,10 @@ def optimize(
         xpu_coopt.calibrate_kv_scales) instead of the default dynamic per-token-per-head scales.
     cuda_graph : bool, optional
         Capture each generation's decode step as a CUDA graph at its first step and replay it for the
-        rest, so a step costs GPU work rather than Python launch overhead. Default: on for CUDA models on
+        rest, so a step costs GPU work rather than Python launch overhead. generate() keeps its KV cache
+        and graph for the next generate() with as many prompts and beams whose prompt length and
+        max_new_tokens fit in it, which then replays the graph without capturing one (the memory stays
+        held until then, or until OptimizedModel.release_cache()). Default: on for CUDA models on
         the Triton backend (the only backend whose kernels read the cache lengths on the device). With
         the graph, decode steps run Triton's few-row GEMMs, fused with the RMSNorm before them, the
         residual add or SiLU after them; False runs them through torch (cuBLAS), unfused, whose eager

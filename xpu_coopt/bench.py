@@ -151,7 +151,10 @@ def benchmark(
     cuda_graph: bool | None = None,
     pack_shared_weights: bool = False,
 ) -> BenchResult:
-    """Times both implementations on the same random prompts; keeps the best (fastest) of `repeats` runs each."""
+    """Times both implementations on the same random prompts; keeps the best (fastest) of `repeats` runs each.
+    With CUDA graphs, xpu_coopt's repeats after the first replay the graph the first captured, as any
+    later generate() of the same shape does (OptimizedModel.keep_cache): the best run then has no capture
+    in its first decode step."""
     from tqdm import tqdm
 
     device = next(hf_model.parameters()).device

@@ -208,7 +208,7 @@ class _HostFlags:
 
 
 def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, generator) -> GenerateOutput:
-    logits, cache = model.prefill(input_ids, attention_mask, 1, s.max_new_tokens)
+    logits, cache = model.prefill(input_ids, attention_mask, 1, s.max_new_tokens, reuse_kept_cache=True)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -224,7 +224,8 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
         else:
             next_tokens = scores.argmax(dim=-1)
         if s.output_scores:
-            all_scores.append(scores)
+            # Unprocessed float32 scores are the decode graph's output buffer, which the next step overwrites.
+            all_scores.append(scores.clone() if scores is logits else scores)
         if s.pad_token_id is not None:
             next_tokens = torch.where(unfinished, next_tokens, s.pad_token_id)
         generated.append(next_tokens)
@@ -243,6 +244,7 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
         logits = next_logits
     if streamer is not None:
         streamer.end()
+    model.keep_cache(cache)
     sequences = torch.cat((input_ids, torch.stack(generated, dim=1)), dim=1)
     scores = tuple(all_scores) if s.output_scores else None
     return GenerateOutput(sequences, None, scores, cache.nbytes(), step_times)
@@ -280,7 +282,7 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
     all_scores: list[torch.Tensor] = []
     step_times: list[float] = []
 
-    logits, cache = model.prefill(input_ids, attention_mask, beams, s.max_new_tokens)
+    logits, cache = model.prefill(input_ids, attention_mask, beams, s.max_new_tokens, reuse_kept_cache=True)
     logits = logits.repeat_interleave(beams, dim=0)  # every beam of a request starts from the same prompt
     cur_len = prompt_len
     while True:
@@ -345,6 +347,7 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
             break
         logits = next_logits
 
+    model.keep_cache(cache)
     keep = s.num_return_sequences
     sequences = sequences[:, :keep].reshape(batch * keep, -1)
     scores = beam_scores[:, :keep].reshape(-1)

@@ -97,6 +97,7 @@ class OptimizedModel:
         self.kv_scales = kv_scales  # None: dynamic per-row FP8 scales (or a 16-bit cache)
         self.static_scales = None if kv_scales is None else kv_scales.tensors(kv_format, self.device)
         self.cuda_graph = cuda_graph  # decode steps replay a captured CUDA graph (xpu_coopt.decode_graph)
+        self._kept_cache: SegmentKVCache | None = None  # the last generate()'s cache and decode graph
 
     def __repr__(self) -> str:
         return (
@@ -124,6 +125,29 @@ class OptimizedModel:
                 "sliding-window attention is not supported"
             )
 
+    def keep_cache(self, cache: SegmentKVCache) -> None:
+        """generate() hands its cache back when it is done with it. One that has a captured decode graph is
+        kept for the next generate() it fits (prefill(reuse_kept_cache=True)), which then replays that
+        graph instead of capturing its own; release_cache() frees it."""
+        if cache.decode_graph is not None:
+            self._kept_cache = cache
+
+    def release_cache(self) -> None:
+        """Frees the KV cache and CUDA graph kept from the last generate() (see keep_cache)."""
+        self._kept_cache = None
+
+    def _reuse_kept_cache(
+        self, prompt_start: torch.Tensor, prompt_len: int, num_beams: int, max_new_tokens: int
+    ) -> SegmentKVCache | None:
+        """The kept cache, reset for this generation, if it fits; else None, the kept cache freed before
+        a new one is allocated."""
+        cache, self._kept_cache = self._kept_cache, None
+        if cache is None or not cache.fits(prompt_start.shape[0], prompt_len, num_beams, max_new_tokens):
+            return None
+        cache.reset(prompt_start, prompt_len)
+        cache.decode_graph.check_inputs(cache)
+        return cache
+
     @torch.inference_mode()
     def prefill(
         self,
@@ -132,13 +156,21 @@ class OptimizedModel:
         num_beams: int = 1,
         max_new_tokens: int = 0,
         last_only: bool = True,
+        reuse_kept_cache: bool = False,
     ) -> tuple[torch.Tensor, SegmentKVCache]:
-        """Runs each prompt once (not once per beam) and returns (logits, cache with room for the beams)."""
+        """Runs each prompt once (not once per beam) and returns (logits, cache with room for the beams).
+        reuse_kept_cache: prefill into the cache keep_cache() kept, if this generation fits it (generate()
+        does; a cache returned to the caller may still be in use)."""
         _, positions, prompt_start = prompt_layout(input_ids, attention_mask, self.spec)
         self.check_length(input_ids.shape[1] + max_new_tokens)
-        cache = self.decoder.new_cache(
-            prompt_start, input_ids.shape[1], num_beams, max_new_tokens, self.kv_format, self.static_scales
-        )
+        prompt_len = input_ids.shape[1]
+        cache = None
+        if reuse_kept_cache:
+            cache = self._reuse_kept_cache(prompt_start, prompt_len, num_beams, max_new_tokens)
+        if cache is None:
+            cache = self.decoder.new_cache(
+                prompt_start, prompt_len, num_beams, max_new_tokens, self.kv_format, self.static_scales
+            )
         logits = self.decoder.forward(input_ids.long(), positions, cache, last_only)
         cache.end_step()
         return logits, cache

@@ -65,18 +65,12 @@ class SegmentKVCache:
         self.num_requests = prompt_start.shape[0]
         self.num_beams = num_beams
         self.num_seqs = self.num_requests * num_beams
-        self.prompt_len = prompt_len
         self.prompt_start = prompt_start.to(torch.int32)
-        # Positions continue from each request's real (unpadded) prompt length.
-        self.prompt_lengths = (prompt_len - self.prompt_start.long()).repeat_interleave(num_beams)
-        self.response_len = 0
-        self.prefilled = False
 
         storage = torch.uint8 if fp8.is_fp8(kv_format) else dtype
         layers, heads, dim = spec.num_layers, spec.num_kv_heads, spec.head_dim
         capacity = _round_up(max_new_tokens, RESPONSE_STEP)
         self.single_beam = num_beams == 1
-        self.capacity = capacity
         prompt_columns = prompt_len + (capacity if self.single_beam else 0)
         prompt_shape = (layers, self.num_requests, heads, prompt_columns, dim)
         self.prompt_k = torch.zeros(prompt_shape, dtype=storage, device=device)
@@ -91,8 +85,53 @@ class SegmentKVCache:
         self._seq_rows = torch.arange(self.num_seqs, device=device)
         self.segment_lens = None  # set by use_device_lengths(): decode steps then suit CUDA graph replay
         self.decode_graph = None  # the DecodeGraph replaying this cache's decode steps, if any
+        self._new_prompt(prompt_len)
+
+    def _new_prompt(self, prompt_len: int) -> None:
+        """Sets the state of a generation over prompt_start's prompts of prompt_len columns, before prefill."""
+        device = self.prompt_start.device
+        self.prompt_len = prompt_len
+        # Positions continue from each request's real (unpadded) prompt length.
+        self.prompt_lengths = (prompt_len - self.prompt_start.long()).repeat_interleave(self.num_beams)
+        self.response_len = 0
+        self.prefilled = False
+        # One beam: the generated tokens follow the prompt in its segment, in whatever columns it leaves.
+        self.capacity = self.prompt_k.shape[3] - prompt_len if self.single_beam else self.response_k.shape[3]
         self._prompt_rows = torch.arange(self.num_requests, device=device).repeat_interleave(prompt_len)
         self._prompt_columns = torch.arange(prompt_len, device=device).repeat(self.num_requests)
+
+    def fits(self, num_requests: int, prompt_len: int, num_beams: int, max_new_tokens: int) -> bool:
+        """Whether reset() can take a generation of this shape: as many requests and beams, and room for
+        its prompt and its max_new_tokens."""
+        if (num_requests, num_beams) != (self.num_requests, self.num_beams):
+            return False
+        if self.single_beam:
+            return prompt_len + max_new_tokens <= self.prompt_k.shape[3]
+        return prompt_len <= self.prompt_k.shape[3] and max_new_tokens <= self.response_k.shape[3]
+
+    @torch.inference_mode()
+    def reset(self, prompt_start: torch.Tensor, prompt_len: int) -> None:
+        """Empties the cache for a new generation that fits() it, to be prefilled next. Every tensor keeps
+        its storage, so a decode graph captured over the cache replays the new generation's steps: the new
+        prompt starts are copied into the old tensor, and the cells of the last generation are left as
+        they are (a step reads only the cells its own generation wrote: the lengths bound it)."""
+        if prompt_start.shape != self.prompt_start.shape or prompt_len > self.prompt_k.shape[3]:
+            raise ValueError(
+                f"{prompt_start.shape[0]} prompts of {prompt_len} columns do not fit this cache's "
+                f"{self.num_requests} of at most {self.prompt_k.shape[3]}"
+            )
+        self.prompt_start.copy_(prompt_start)
+        self._new_prompt(prompt_len)
+
+    def graph_inputs(self) -> dict[str, torch.Tensor]:
+        """The tensors a decode step replayed as a CUDA graph reads or writes, by attribute: the graph
+        holds their addresses, so they must keep their storage while it replays."""
+        names = (
+            "prompt_k", "prompt_v", "prompt_k_scale", "prompt_v_scale", "response_k", "response_v",
+            "response_k_scale", "response_v_scale", "beam_slots", "prompt_start", "segment_lens",
+            "_decode_columns", "_positions", "_seq_rows",
+        )  # fmt: skip
+        return {name: getattr(self, name) for name in names if getattr(self, name, None) is not None}
 
     def _scales(self, shape: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The K and V scale tensors of a segment shaped `shape` (None for a 16-bit cache)."""
