@@ -11,6 +11,7 @@ written), reported beside the datasheet figure given with --datasheet-gbs.
 
     python scripts/bench_decode_attention.py [--backend triton] [--kv-dtype auto fp8_e4m3] [--json FILE]
     python scripts/bench_decode_attention.py --beams 4 --response 128 --contexts 1024   # beam search
+    python scripts/bench_decode_attention.py --device-lengths   # the kernel as a replayed decode graph runs it
 """
 
 from __future__ import annotations
@@ -88,9 +89,14 @@ def make_case(args, context: int, kv_format: str) -> tuple[list, int, int]:
     def pick(cache, i):
         return None if cache is None else cache[i]
 
+    # --device-lengths: the segments' lengths in a device tensor, as a decode step replayed in a graph
+    # passes them (the kernel's other specialisation).
+    lengths = (
+        (torch.tensor([context, steps], dtype=torch.int32, device=device),) if args.device_lengths else ()
+    )
     calls = [
         (out, query, k[i], v[i], pick(k_scale, i), pick(v_scale, i), start, rk[i], rv[i], pick(rk_scale, i),
-         pick(rv_scale, i), slots, steps, dim**-0.5, kv_format)
+         pick(rv_scale, i), slots, steps, dim**-0.5, kv_format, *lengths)
         for i in range(layers)
     ]  # fmt: skip
     return calls, layers, kv_bytes + 2 * query.numel() * query.element_size()
@@ -117,7 +123,7 @@ def bench_case(ops, args, context: int, kv_format: str) -> dict:
         profile.runcall(lambda: [run() for _ in range(200)])
         pstats.Stats(profile).sort_stats("tottime").print_stats(12)
     return {"context": context, "kv_dtype": kv_format, "batch": args.batch, "beams": args.beams,
-            "response": args.response, "ms": ms, "eager_ms": eager_ms, "bytes": moved, "gbs": moved / ms / 1e6}  # fmt: skip
+            "response": args.response, "device_lengths": args.device_lengths, "ms": ms, "eager_ms": eager_ms, "bytes": moved, "gbs": moved / ms / 1e6}  # fmt: skip
 
 
 def main() -> None:
@@ -129,6 +135,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--beams", type=int, default=1, help="sequences a request (a shared prompt segment)")
     parser.add_argument("--response", type=int, default=0, help="response steps each beam has generated")
+    parser.add_argument(
+        "--device-lengths", action="store_true",
+        help="pass the segments' lengths in a device tensor, as a decode step replayed in a CUDA graph does",
+    )  # fmt: skip
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)

@@ -8,6 +8,9 @@ out=${1:?usage: gpu_bench.sh OUT_DIR}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 python3 scripts/cuda_smoke.py --backend triton 2>&1 | tee "$out/smoke.log"
 python3 scripts/bench_decode_attention.py --json "$out/decode-attention.json"
+# the same kernel as the decode graph runs it: the lengths in a device tensor
+python3 scripts/bench_decode_attention.py --device-lengths --contexts 1024 4096 8192 32768 \
+    --json "$out/decode-attention-device-lengths.json"
 # beam search's decode attention: 4 beams sharing a 1024-token prompt, 128 response steps each
 python3 scripts/bench_decode_attention.py --beams 4 --response 128 --contexts 1024 4096 \
     --json "$out/decode-attention-beam4.json"
@@ -23,6 +26,9 @@ bench h100-llama2-7b-greedy-b1-triton-eager --cuda-graph off
 bench h100-llama2-7b-beam4-b1-triton --num-beams 4
 bench h100-llama2-7b-greedy-b64-triton --batch-size 64
 bench h100-llama2-7b-greedy-b1-triton-fp8 --kv-dtype fp8_e4m3
+# short generations: the first repeat captures the decode graph, the later ones replay the kept one
+# (the JSON's "runs" hold every repeat)
+bench h100-llama2-7b-greedy-b1-triton-16-tokens --output-tokens 16 --repeats 3
 profile() {  # NAME ARGS...
     local name=$1; shift
     python3 scripts/profile_decode_step.py "$@" 2>&1 | grep -v "Warning\|_warn_once" | tee "$out/$name.txt"

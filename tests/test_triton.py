@@ -359,8 +359,9 @@ def test_device_lengths_do_not_grow(stories_model, stories_tokenizer):
         model.decode(token, cache)
 
 
+@pytest.mark.parametrize("device_lengths", [False, True])
 @pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
-def test_decode_microbenchmark_cases_are_valid_calls(kv_format, monkeypatch):
+def test_decode_microbenchmark_cases_are_valid_calls(kv_format, device_lengths, monkeypatch):
     """scripts/bench_decode_attention.py's inputs (run on a GPU only): with --beams and --response, one
     call per cached layer of a valid op call, on which the Triton kernel and the reference agree, and the
     bytes count each distinct response row once."""
@@ -373,9 +374,10 @@ def test_decode_microbenchmark_cases_are_valid_calls(kv_format, monkeypatch):
     from xpu_coopt.triton.kernels import triton_kernels
 
     args = argparse.Namespace(device="cpu", batch=2, beams=4, heads=4, kv_heads=2, head_dim=64, response=9,
-                              min_cycle_bytes=1)  # fmt: skip
+                              min_cycle_bytes=1, device_lengths=device_lengths)  # fmt: skip
     calls, layers, moved = bench_decode_attention.make_case(args, 64, kv_format)
     assert layers == 2 and len(calls) == 2
+    assert (calls[0][15].tolist() == [64, 9]) if device_lengths else len(calls[0]) == 15
     slots = calls[0][11]
     assert slots.shape == (8, 9) and torch.equal(slots[:, -1], torch.arange(8, dtype=torch.int32))
     assert bool(((slots // 4) == (torch.arange(8) // 4)[:, None]).all())  # histories stay in their request

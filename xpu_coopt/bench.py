@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -32,9 +32,10 @@ class RunResult:
 
 @dataclass
 class BenchResult:
-    transformers: RunResult
+    transformers: RunResult  # the best of the repeats
     xpu_coopt: RunResult
     settings: dict[str, Any]
+    runs: dict[str, list[RunResult]] = field(default_factory=dict)  # every timed repeat, in order, by side
 
     @property
     def ratios(self) -> dict[str, float]:
@@ -53,6 +54,7 @@ class BenchResult:
             "transformers": asdict(self.transformers),
             "xpu_coopt": asdict(self.xpu_coopt),
             "ratios": self.ratios,
+            "runs": {name: [asdict(run) for run in runs] for name, runs in self.runs.items()},
         }
 
 
@@ -181,17 +183,20 @@ def benchmark(
     settings["transformers"] = transformers.__version__
     settings["date"] = time.strftime("%Y-%m-%d")
     runners = {"transformers": (run_transformers, hf_model), "xpu_coopt": (run_xpu_coopt, optimized)}
-    best: dict[str, RunResult] = {}
+    runs: dict[str, list[RunResult]] = {name: [] for name in runners}
     plan = [(name, r) for r in range(repeats + 1) for name in runners]  # round 0 warms up with 2 tokens
     for name, round_index in tqdm(plan, desc="bench", disable=not progress):
         run, model = runners[name]
         tokens = 2 if round_index == 0 else output_tokens
         result = run(model, input_ids, mask, settings, tokens)
-        if round_index and (name not in best or result.next_token_ms_mean < best[name].next_token_ms_mean):
-            best[name] = result
-    best["transformers"].weight_bytes = held_bytes(hf_model.parameters())
-    best["xpu_coopt"].weight_bytes = optimized.weight_bytes()
-    return BenchResult(best["transformers"], best["xpu_coopt"], settings)
+        if round_index:
+            runs[name].append(result)
+    best = {name: min(results, key=lambda r: r.next_token_ms_mean) for name, results in runs.items()}
+    for run in runs["transformers"]:
+        run.weight_bytes = held_bytes(hf_model.parameters())
+    for run in runs["xpu_coopt"]:
+        run.weight_bytes = optimized.weight_bytes()
+    return BenchResult(best["transformers"], best["xpu_coopt"], settings, runs)
 
 
 def _speedup(ratio: float) -> str:
