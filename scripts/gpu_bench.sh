@@ -26,9 +26,10 @@ bench h100-llama2-7b-greedy-b1-triton-eager --cuda-graph off
 bench h100-llama2-7b-beam4-b1-triton --num-beams 4
 bench h100-llama2-7b-greedy-b64-triton --batch-size 64
 bench h100-llama2-7b-greedy-b1-triton-fp8 --kv-dtype fp8_e4m3
-# short generations: the first repeat captures the decode graph, the later ones replay the kept one
-# (the JSON's "runs" hold every repeat)
+# short generations: each repeat captures its own decode graph, or with --keep-decode-graph the later
+# ones replay the first's (the JSON's "runs" hold every repeat)
 bench h100-llama2-7b-greedy-b1-triton-16-tokens --output-tokens 16 --repeats 3
+bench h100-llama2-7b-greedy-b1-triton-16-tokens-kept --output-tokens 16 --repeats 3 --keep-decode-graph
 profile() {  # NAME ARGS...
     local name=$1; shift
     python3 scripts/profile_decode_step.py "$@" 2>&1 | grep -v "Warning\|_warn_once" | tee "$out/$name.txt"

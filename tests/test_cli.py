@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import STORIES_MODEL, require_data
 
 from xpu_coopt.cli import main
@@ -36,3 +37,17 @@ def test_bench_runs_both_sides_and_writes_json(tmp_path, capsys):
 def test_bench_with_an_unknown_model_is_a_clear_error(capsys):
     assert main(["bench", "--model", "no-such-model"]) == 2
     assert "neither 'smollm2-135m', a shape preset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_bench_frees_the_kept_decode_graph_after_each_run_unless_asked(monkeypatch, keep, capsys):
+    """transformers must not run beside xpu_coopt's kept cache (a batch-64 llama-2-7b cache is 37 GB)."""
+    from xpu_coopt.optimized_model import OptimizedModel
+
+    released = []
+    monkeypatch.setattr(OptimizedModel, "release_cache", lambda self: released.append(self))
+    args = ["bench", "--model", str(require_data(STORIES_MODEL)), "--dtype", "float32", "--input-tokens", "8",
+            "--output-tokens", "3", "--repeats", "2", *(["--keep-decode-graph"] if keep else [])]  # fmt: skip
+    assert main(args) == 0
+    assert len(released) == (0 if keep else 3)  # after the warm-up and each of the 2 timed runs
+    assert f"keep_decode_graph={keep}" in capsys.readouterr().out

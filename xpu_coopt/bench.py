@@ -152,11 +152,14 @@ def benchmark(
     progress: bool = True,
     cuda_graph: bool | None = None,
     pack_shared_weights: bool = False,
+    keep_decode_graph: bool = False,
 ) -> BenchResult:
     """Times both implementations on the same random prompts; keeps the best (fastest) of `repeats` runs each.
-    With CUDA graphs, xpu_coopt's repeats after the first replay the graph the first captured, as any
-    later generate() of the same shape does (OptimizedModel.keep_cache): the best run then has no capture
-    in its first decode step."""
+    xpu_coopt's KV cache and decode graph, which generate() keeps for the next call that fits them
+    (OptimizedModel.keep_cache), are freed after each of its runs, so that transformers never runs beside
+    them (a batch-64 llama-2-7b cache is 37 GB) and each run captures its own graph. keep_decode_graph
+    leaves them kept: with CUDA graphs the runs after the first then replay the first's graph, as a
+    later generate() of the same shape does."""
     from tqdm import tqdm
 
     device = next(hf_model.parameters()).device
@@ -174,7 +177,7 @@ def benchmark(
         dtype=str(dtype).removeprefix("torch."), batch_size=batch_size, input_tokens=input_tokens,
         output_tokens=output_tokens, num_beams=num_beams, kv_dtype=kv_dtype, backend=optimized.backend,
         cuda_graph=optimized.cuda_graph, gemm_fusions=optimized.decoder.fusions is not None,
-        pack_shared_weights=pack_shared_weights, device=str(device),
+        pack_shared_weights=pack_shared_weights, keep_decode_graph=keep_decode_graph, device=str(device),
         threads=torch.get_num_threads(), repeats=repeats,
         eos_token_id=2, pad_token_id=0, torch=torch.__version__,
     )  # fmt: skip
@@ -189,6 +192,8 @@ def benchmark(
         run, model = runners[name]
         tokens = 2 if round_index == 0 else output_tokens
         result = run(model, input_ids, mask, settings, tokens)
+        if model is optimized and not keep_decode_graph:
+            optimized.release_cache()
         if round_index:
             runs[name].append(result)
     best = {name: min(results, key=lambda r: r.next_token_ms_mean) for name, results in runs.items()}

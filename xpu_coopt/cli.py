@@ -49,6 +49,10 @@ def _bench_parser(subparsers) -> None:
     bench.add_argument("--repeats", type=_positive, default=1, help="timed runs per side; the best is kept")
     bench.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
                        help="replay decode steps as a CUDA graph (auto: on for CUDA with the Triton backend)")  # fmt: skip
+    bench.add_argument("--keep-decode-graph", action="store_true",
+                       help="let each xpu_coopt run keep its KV cache and decode graph for the next, as "
+                       "generate() does (transformers then runs beside that memory); by default they are "
+                       "freed after each run, so every run captures its own graph")  # fmt: skip
     bench.add_argument("--pack-shared-weights", action="store_true",
                        help="bfloat16 on CPU: also pack the weights shared with transformers (a second copy "
                        "of them; faster beam search and batches), see optimize()")  # fmt: skip
@@ -69,7 +73,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         output_tokens=args.output_tokens, num_beams=args.num_beams, kv_dtype=args.kv_dtype,
         backend=args.backend, repeats=args.repeats,
         cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph],
-        pack_shared_weights=args.pack_shared_weights,
+        pack_shared_weights=args.pack_shared_weights, keep_decode_graph=args.keep_decode_graph,
     )  # fmt: skip
     result.settings["model"] = args.model
     print(format_result(result))
