@@ -2,10 +2,10 @@
 // Work-group = (request, KV head, split): its sub-groups are every (beam, query head of the group) row of
 // that request, so each prompt K/V row is loaded (and FP8-dequantized) into local memory once and used by
 // all of them. Then each sub-group reads its own beam's response rows, found through beam_slots.
-// Split decoding (flash-decoding): split k covers prompt columns [k * chunk, (k + 1) * chunk) and an equal
-// share of the response steps, so that a batch-1 step has enough work-groups to fill the GPU (one per
-// (request, KV head) gives Llama-3-8B 8). With several splits each writes its softmax partials, and
-// combine_splits merges them into the output.
+// Split decoding (flash-decoding): split k covers the k-th of equal shares of the request's prompt tiles,
+// from its first non-padding tile to the segment's end, and an equal share of the response steps, so that
+// a batch-1 step has enough work-groups to fill the GPU (one per (request, KV head) gives Llama-3-8B 8).
+// With several splits each writes its softmax partials, and combine_splits merges them into the output.
 #include "attention.hpp"
 
 namespace xc {
@@ -22,7 +22,7 @@ inline void segment_attention_decode(
     int64_t prompt_scale_request_stride, int64_t prompt_scale_head_stride, int64_t prompt_scale_position_stride,
     int64_t response_row_stride, int64_t response_head_stride, int64_t response_position_stride,
     int64_t response_scale_row_stride, int64_t response_scale_head_stride,
-    int64_t response_scale_position_stride, int64_t beam_slots_stride, int splits, int chunk,
+    int64_t response_scale_position_stride, int64_t beam_slots_stride, int splits,
     int64_t rows_per_split, float* partial_acc, float* partial_stats, T* key_tile, T* value_tile,
     float* query_rows) {
   using C = Cache<T, Format>;
@@ -43,12 +43,15 @@ inline void segment_attention_decode(
 
   OnlineSoftmax softmax;
   // Prompt segment, shared by the request's beams: positions before `start` are padding, never read.
-  // This split's columns end at `end`; chunk is a whole number of tiles, so its tiles stay aligned.
+  // This split's share of the tiles after the padding (the padding's own tiles would leave splits idle).
   const int start = prompt_start[request];
-  const int end = sycl::min((split + 1) * chunk, prompt_len);
+  const int padding_tiles = start / kKeyTile, end_tile = (prompt_len + kKeyTile - 1) / kKeyTile;
+  const int tiles = (end_tile - padding_tiles + splits - 1) / splits;
+  const int own_first = padding_tiles + split * tiles;
+  const int end = sycl::min((own_first + tiles) * kKeyTile, prompt_len);
   const int64_t prompt_at = request * prompt_request_stride + kv * prompt_head_stride;
   const int64_t prompt_scale_at = request * prompt_scale_request_stride + kv * prompt_scale_head_stride;
-  for (int first = sycl::max(split * chunk, start / kKeyTile * kKeyTile); first < end; first += kKeyTile) {
+  for (int first = own_first * kKeyTile; first < end; first += kKeyTile) {
     sycl::group_barrier(wg);  // the previous tile has been consumed
     for (int index = it.get_local_id(0); index < kKeyTile * head_dim; index += it.get_local_range(0)) {
       const int j = index / head_dim, d = index % head_dim, position = first + j;
@@ -148,7 +151,7 @@ inline void combine_splits(T* out, const float* partial_acc, const float* partia
       int64_t prompt_scale_position_stride, int64_t response_row_stride, int64_t response_head_stride,       \
       int64_t response_position_stride, int64_t response_scale_row_stride,                                  \
       int64_t response_scale_head_stride, int64_t response_scale_position_stride,                           \
-      int64_t beam_slots_stride, int splits, int chunk, int64_t rows_per_split, float* partial_acc,           \
+      int64_t beam_slots_stride, int splits, int64_t rows_per_split, float* partial_acc,                      \
       float* partial_stats) {                                                                                \
     static xc::syclexp::work_group_static<T[xc::kKeyTile * xc::kMaxHeadDim]> key_tile;                         \
     static xc::syclexp::work_group_static<T[xc::kKeyTile * xc::kMaxHeadDim]> value_tile;                       \
@@ -160,7 +163,7 @@ inline void combine_splits(T* out, const float* partial_acc, const float* partia
         prompt_position_stride, prompt_scale_request_stride, prompt_scale_head_stride,                        \
         prompt_scale_position_stride, response_row_stride, response_head_stride, response_position_stride,    \
         response_scale_row_stride, response_scale_head_stride, response_scale_position_stride,                \
-        beam_slots_stride, splits, chunk, rows_per_split, partial_acc, partial_stats, xc::local_array(key_tile), \
+        beam_slots_stride, splits, rows_per_split, partial_acc, partial_stats, xc::local_array(key_tile),        \
         xc::local_array(value_tile), xc::local_array(query_rows));                                             \
   }
 

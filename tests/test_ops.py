@@ -360,11 +360,10 @@ def test_segment_attention_decode_reads_lengths_from_the_device(
 @pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize("response_len", [0, 3])
 def test_segment_attention_decode_when_padding_fills_whole_splits(kernels, dtype, kv_format, response_len):
-    """The device backends split a long prompt across programs (flash-decoding): here the second
-    request's left padding covers the first splits whole (SYCL, whose splits cut the segment), or leaves
-    its 40 columns to the first of them (Triton, whose splits share the columns after the padding), and
-    with 3 response steps most splits get none, so several splits attend to no key at all. Their
-    partials must carry no weight in the combine."""
+    """The device backends split a long prompt across programs (flash-decoding), sharing out each
+    request's tiles after its padding: the second request's 40 columns after 260 of padding are fewer
+    tiles than it has splits, and with 3 response steps most splits get none, so several splits attend
+    to no key at all. Their partials must carry no weight in the combine."""
     requests, beams, heads, kv_heads, head_dim, prompt_len = 2, 2, 4, 2, 64, 300
     query, caches, dequantized, prompt_start, beam_slots = _segment_case(
         dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,

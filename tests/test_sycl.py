@@ -115,10 +115,10 @@ def test_decode_splits_fill_an_intel_gpu_and_exercise_the_tests(monkeypatch):
 
     monkeypatch.setattr(torch.xpu, "get_device_properties", lambda device: SimpleNamespace(gpu_eu_count=512))
     xpu = torch.device("xpu")
-    assert kernels.decode_splits(32, 1024, xpu) == (16, 64)  # 16 wanted, 16 chunks of 64
-    assert kernels.decode_splits(8, 1024, xpu) == (16, 64)  # 64 wanted, but no chunk below 64 columns
-    assert kernels.decode_splits(8, 8192, xpu) == (64, 128)
-    assert kernels.decode_splits(512, 1024, xpu) == (1, 1024)  # a batch fills the GPU unsplit
-    assert kernels.decode_splits(1, 37, CPU) == (2, 32)  # whole tiles: 37 columns in chunks of 32
-    assert kernels.decode_splits(4, 64, CPU) == (4, 16)
-    assert kernels.decode_splits(1, 0, CPU) == (1, 16)  # an empty prompt: one split, nothing to read
+    assert kernels.decode_splits(32, 1024, xpu) == 16  # 16 wanted: shares of 64 columns
+    assert kernels.decode_splits(8, 1024, xpu) == 16  # 64 wanted, but no share below 64 columns
+    assert kernels.decode_splits(8, 8192, xpu) == 64
+    assert kernels.decode_splits(512, 1024, xpu) == 1  # a batch fills the GPU unsplit
+    assert kernels.decode_splits(1, 37, CPU) == 2  # whole tiles: 37 columns are 3 tiles, in shares of 2
+    assert kernels.decode_splits(4, 64, CPU) == 4
+    assert kernels.decode_splits(1, 0, CPU) == 1  # an empty prompt: one split, nothing to read

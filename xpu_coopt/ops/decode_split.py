@@ -8,14 +8,13 @@ chunk, and a combine kernel merges the chunks' softmax partials (docs/ops.md, se
 from __future__ import annotations
 
 
-def split_prompt(
-    pairs: int, columns: int, programs_to_fill: int, min_chunk: int, block: int
-) -> tuple[int, int]:
-    """(splits, chunk) for `pairs` (request, KV head) programs over `columns` prompt columns: split only
-    as far as `programs_to_fill` programs in all, never into chunks below `min_chunk` columns, and each
-    chunk a whole number of `block`-column tiles. Every split gets at least one column."""
+def split_prompt(pairs: int, columns: int, programs_to_fill: int, min_chunk: int, block: int) -> int:
+    """Splits for `pairs` (request, KV head) programs over `columns` prompt columns: split only as far as
+    `programs_to_fill` programs in all, never into shares below `min_chunk` columns, and each share a
+    whole number of `block`-column tiles, so that every split gets at least one tile. The kernels share
+    out the tiles a step reads, after a request's padding, among the splits (on the device: a replayed
+    graph's segment lengths are device values)."""
     wanted = -(-programs_to_fill // max(pairs, 1))
     splits = max(1, min(wanted, columns // min_chunk))
-    chunk = -(-max(columns, 1) // splits)
-    chunk = -(-chunk // block) * block
-    return -(-max(columns, 1) // chunk), chunk
+    tiles = -(-max(columns, 1) // block)
+    return -(-tiles // -(-tiles // splits))

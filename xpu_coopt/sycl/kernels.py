@@ -191,9 +191,9 @@ def attention_prefill(
     )  # fmt: skip
 
 
-def decode_splits(pairs: int, columns: int, device: torch.device) -> tuple[int, int]:
-    """(splits, chunk) of the prompt columns for `pairs` (request, KV head) work-groups
-    (decode_split.split_prompt)."""
+def decode_splits(pairs: int, columns: int, device: torch.device) -> int:
+    """Splits of the prompt columns for `pairs` (request, KV head) work-groups (decode_split.split_prompt);
+    the kernel shares out each request's tiles after its padding among them."""
     if device.type == "xpu":
         to_fill, min_chunk = torch.xpu.get_device_properties(device).gpu_eu_count, XPU_MIN_CHUNK
     else:
@@ -240,7 +240,7 @@ def segment_attention_decode(
     checks.index_dtype(op, torch.int32, beam_slots=beam_slots)
     if num_seqs == 0:
         return
-    splits, chunk = decode_splits(requests * kv_heads, prompt_len, query.device)
+    splits = decode_splits(requests * kv_heads, prompt_len, query.device)
     rows = num_seqs * heads
     # Partials of a split decode (workspace of this call, read by combine_splits); one split writes out.
     partial_acc = partial_stats = None
@@ -257,7 +257,7 @@ def segment_attention_decode(
         c_float(scale), c_int64(query.stride(0)), c_int64(out.stride(0)),
         *_cache_layout(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
         *_cache_layout(op, response_k, response_v, response_k_scale, response_v_scale),
-        c_int64(beam_slots.stride(0)), c_int(splits), c_int(chunk), c_int64(rows), partial_acc, partial_stats,
+        c_int64(beam_slots.stride(0)), c_int(splits), c_int64(rows), partial_acc, partial_stats,
     )  # fmt: skip
     if splits > 1:
         _run(

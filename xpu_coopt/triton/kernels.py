@@ -263,7 +263,7 @@ def decode_splits(programs: int, columns: int, device: torch.device, block_n: in
     valid as the sequence grows; the kernel shares out the columns a step reads among them."""
     return decode_split.split_prompt(
         programs, columns, _programs_to_fill(device), DECODE_LAUNCH.min_chunk, block_n
-    )[0]
+    )
 
 
 def segment_attention_decode(
