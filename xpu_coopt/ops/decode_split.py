@@ -1,8 +1,8 @@
 """How a split decode (flash-decoding) shares a prompt segment out, one rule for every device backend.
 
 At batch 1 a decode step has one program per (request, KV head): 32 for Llama-2-7B, 8 for Llama-3-8B,
-far too few to fill a GPU. Each pair's prompt columns are therefore split into chunks, one program per
-chunk, and a combine kernel merges the chunks' softmax partials (docs/ops.md, segment_attention_decode).
+far too few to fill a GPU. Each pair's prompt tiles are therefore shared out among several programs, and
+a combine kernel merges their softmax partials (docs/ops.md, segment_attention_decode).
 """
 
 from __future__ import annotations
@@ -17,4 +17,5 @@ def split_prompt(pairs: int, columns: int, programs_to_fill: int, min_chunk: int
     wanted = -(-programs_to_fill // max(pairs, 1))
     splits = max(1, min(wanted, columns // min_chunk))
     tiles = -(-max(columns, 1) // block)
-    return -(-tiles // -(-tiles // splits))
+    tiles_per_split = -(-tiles // splits)
+    return -(-tiles // tiles_per_split)  # those of the splits that get a tile
