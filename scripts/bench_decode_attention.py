@@ -27,7 +27,11 @@ import triton.testing
 
 from xpu_coopt.backends import resolve_backend
 from xpu_coopt.ops import fp8
-from xpu_coopt.triton.tuning import add_decode_launch_arguments, apply_decode_launch
+from xpu_coopt.triton.tuning import (
+    add_decode_launch_arguments,
+    add_device_lengths_argument,
+    apply_decode_launch,
+)
 
 SCALE_BYTES = 2  # bfloat16
 
@@ -135,10 +139,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--beams", type=int, default=1, help="sequences a request (a shared prompt segment)")
     parser.add_argument("--response", type=int, default=0, help="response steps each beam has generated")
-    parser.add_argument(
-        "--device-lengths", action="store_true",
-        help="pass the segments' lengths in a device tensor, as a decode step replayed in a CUDA graph does",
-    )  # fmt: skip
+    add_device_lengths_argument(parser)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)

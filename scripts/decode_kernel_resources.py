@@ -26,7 +26,11 @@ import triton
 
 from xpu_coopt.ops import fp8
 from xpu_coopt.triton import kernels, offline
-from xpu_coopt.triton.tuning import add_decode_launch_arguments, apply_decode_launch
+from xpu_coopt.triton.tuning import (
+    add_decode_launch_arguments,
+    add_device_lengths_argument,
+    apply_decode_launch,
+)
 
 
 def compile_decode(args: argparse.Namespace, kv_format: str) -> offline.Launch:
@@ -77,10 +81,7 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=32)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--context", type=int, default=8192)
-    parser.add_argument(
-        "--device-lengths", action="store_true",
-        help="pass the segments' lengths in a device tensor, as a decode step replayed in a CUDA graph does",
-    )  # fmt: skip
+    add_device_lengths_argument(parser)
     add_decode_launch_arguments(parser)
     parser.add_argument("--json")
     args = parser.parse_args()

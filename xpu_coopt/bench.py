@@ -197,10 +197,10 @@ def benchmark(
         if round_index:
             runs[name].append(result)
     best = {name: min(results, key=lambda r: r.next_token_ms_mean) for name, results in runs.items()}
-    for run in runs["transformers"]:
-        run.weight_bytes = held_bytes(hf_model.parameters())
-    for run in runs["xpu_coopt"]:
-        run.weight_bytes = optimized.weight_bytes()
+    weight_bytes = {"transformers": held_bytes(hf_model.parameters()), "xpu_coopt": optimized.weight_bytes()}
+    for name, results in runs.items():
+        for result in results:
+            result.weight_bytes = weight_bytes[name]
     return BenchResult(best["transformers"], best["xpu_coopt"], settings, runs)
 
 

@@ -31,6 +31,15 @@ def add_decode_launch_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def add_device_lengths_argument(parser: argparse.ArgumentParser) -> None:
+    """--device-lengths: the scripts then pass the segments' lengths in a device tensor, as the model's
+    replayed decode graph does (the kernel's HAS_LENS specialisation)."""
+    parser.add_argument(
+        "--device-lengths", action="store_true",
+        help="pass the segments' lengths in a device tensor, as a decode step replayed in a CUDA graph does",
+    )  # fmt: skip
+
+
 def apply_decode_launch(args: argparse.Namespace) -> kernels.DecodeLaunch:
     """Replaces the decode kernel's launch constants in this process by those given in args; returns them."""
     overrides = {name: value for name in _FIELDS if (value := getattr(args, name)) is not None}
