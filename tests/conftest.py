@@ -13,7 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
-from xpu_coopt.ops import dispatcher_kernels, reference_kernels
+from xpu_coopt.ops import cpu_gemm, dispatcher_kernels, reference_kernels
 from xpu_coopt.sycl.kernels import sycl_kernels
 from xpu_coopt.triton.kernels import triton_kernels
 
@@ -29,6 +29,13 @@ KERNEL_BACKENDS = {
     "sycl-cpu": sycl_kernels,  # sycl_kernels/ compiled by SYCL-RTC, run on the OpenCL CPU device
     "triton-interpreter": triton_kernels,  # xpu_coopt/triton/, under TRITON_INTERPRET=1 on CPU tensors
 }
+
+# oneDNN's packed bfloat16 GEMMs need AVX-512 (bw, vl, dq) or AVX-NE-CONVERT; on other CPUs the tests of
+# pack_shared_weights=True cannot run, and its error is tested instead (test_api).
+_UNPACKABLE = cpu_gemm.why_not_packable(torch.device("cpu"), torch.bfloat16)
+needs_bfloat16_packing = pytest.mark.skipif(
+    _UNPACKABLE is not None, reason=f"pack_shared_weights=True cannot run here: {_UNPACKABLE}"
+)
 
 # Tolerances against float64 oracles, by activation dtype: (atol, rtol).
 TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 2e-2), torch.float16: (4e-3, 4e-3)}

@@ -8,6 +8,7 @@ from test_parity import _model, _prompts
 from transformers import GPT2Config, GPT2LMHeadModel, TextStreamer
 
 import xpu_coopt
+from xpu_coopt.ops import cpu_gemm
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,9 @@ def test_weight_bytes_count_the_shared_weights_once_and_the_packed_copies_in_ful
         (layer.self_attn.o_proj.weight.numel() + layer.mlp.down_proj.weight.numel()) * 2 for layer in layers
     )
     assert xpu_coopt.optimize(model).weight_bytes() == model_bytes + fused
+    unpackable = cpu_gemm.why_not_packable(torch.device("cpu"), torch.bfloat16)
+    if unpackable:
+        pytest.skip(f"the packed copies' bytes: pack_shared_weights=True cannot run here: {unpackable}")
     packed = xpu_coopt.optimize(model, pack_shared_weights=True)
     assert packed.weight_bytes() == model_bytes + fused + shared
     for name, values in model.state_dict().items():  # the packed copies leave transformers' weights alone
@@ -95,6 +99,23 @@ def test_pack_shared_weights_needs_a_bfloat16_cpu_model(model):
         ValueError, match=r"packs bfloat16 weights for oneDNN.s CPU GEMMs; this model runs in torch\.float32"
     ):
         xpu_coopt.optimize(model, pack_shared_weights=True)
+
+
+def test_pack_shared_weights_needs_a_cpu_with_bfloat16_gemms(monkeypatch):
+    """An AVX2-only CPU: pack_shared_weights=True is an error naming it, and the default leaves every
+    weight plain, so generation still matches transformers."""
+    monkeypatch.setattr(cpu_gemm, "_cpu_has_bfloat16_gemms", lambda: False)
+    model = _model("llama-gqa-8q2kv-d64", torch.bfloat16)
+    with pytest.raises(ValueError, match="oneDNN has no bfloat16 GEMMs on this CPU"):
+        xpu_coopt.optimize(model, pack_shared_weights=True)
+    optimized = xpu_coopt.optimize(model)
+    layer = optimized.decoder.layers[0]
+    assert not any(isinstance(linear.weight, cpu_gemm.PackedWeight) for linear in (layer.qkv, layer.o_proj))
+    ids, mask = _prompts([3, 6], model.config.vocab_size)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(
+        optimized.generate(ids, mask, **kwargs), model.generate(ids, attention_mask=mask, **kwargs)
+    )
 
 
 def test_inplace_makes_projection_weights_views_of_the_fused_matrices():

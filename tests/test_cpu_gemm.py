@@ -30,4 +30,13 @@ def test_only_bfloat16_cpu_weights_are_packed():
     weight = torch.randn(8, 8)
     assert cpu_gemm.pack_weight(weight) is weight
     packed = cpu_gemm.pack_weight(weight.bfloat16())
-    assert isinstance(packed, cpu_gemm.PackedWeight) == torch.backends.mkldnn.is_available()
+    cpu_packs = cpu_gemm.why_not_packable(torch.device("cpu"), torch.bfloat16) is None
+    assert isinstance(packed, cpu_gemm.PackedWeight) == cpu_packs
+
+
+def test_a_cpu_without_bfloat16_gemms_keeps_its_weights_plain(monkeypatch):
+    monkeypatch.setattr(cpu_gemm, "_cpu_has_bfloat16_gemms", lambda: False)
+    weight = torch.randn(8, 8, dtype=torch.bfloat16)
+    assert cpu_gemm.pack_weight(weight) is weight
+    reason = cpu_gemm.why_not_packable(torch.device("cpu"), torch.bfloat16)
+    assert reason is not None and "no bfloat16 GEMMs on this CPU" in reason

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import needs_bfloat16_packing
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -82,6 +83,7 @@ def test_prefill_and_decode_logits(name, dtype, lengths):
     _check_prefill_and_decode(model, xpu_coopt.optimize(model), lengths, dtype)
 
 
+@needs_bfloat16_packing
 @pytest.mark.parametrize("name", ["llama-gqa-8q2kv-d64", "llama-tied-bias", "qwen2-bias"])
 @pytest.mark.parametrize("lengths", [[7, 3, 11], [9]], ids=["padded-batch", "one-row"])
 def test_packed_shared_weights_keep_the_logits(name, lengths):

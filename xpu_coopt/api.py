@@ -103,11 +103,10 @@ def optimize(
             f"cuda_graph=True needs a CUDA model on the Triton backend, not a {parameter.device.type} model "
             f"on backend {ops.name!r}"
         )
-    if pack_shared_weights and not cpu_gemm.can_pack(parameter.device, dtype):
+    unpackable = cpu_gemm.why_not_packable(parameter.device, dtype) if pack_shared_weights else None
+    if unpackable:
         raise ValueError(
-            "pack_shared_weights=True packs bfloat16 weights for oneDNN's CPU GEMMs; this model runs in "
-            f"{dtype} on {parameter.device.type}"
-            + ("" if torch.backends.mkldnn.is_available() else ", and this torch build has no oneDNN")
+            f"pack_shared_weights=True packs bfloat16 weights for oneDNN's CPU GEMMs; {unpackable}"
         )
     use_graph = graph_capable if cuda_graph is None else cuda_graph
     if graph_capable and not use_graph:

@@ -37,14 +37,26 @@ class PackedWeight:
         return (self.packed, *self.parts)
 
 
+def _cpu_has_bfloat16_gemms() -> bool:
+    """Whether oneDNN runs bfloat16 GEMMs on this CPU: it needs avx512bw, avx512vl and avx512dq or
+    avx_ne_convert (an AVX2-only CPU has neither, and its packed GEMMs raise)."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def why_not_packable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why pack_weight leaves weights of this device and dtype plain, or None where it packs them."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return f"this model runs in {dtype} on {device.type}"
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return "this torch build has no oneDNN"
+    if not _cpu_has_bfloat16_gemms():
+        return f"oneDNN has no bfloat16 GEMMs on this CPU ({torch.backends.cpu.get_cpu_capability()})"
+    return None
+
+
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether pack_weight packs weights of this device and dtype (bfloat16 on CPU, with oneDNN)."""
-    return (
-        device.type == "cpu"
-        and dtype == torch.bfloat16
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+    return why_not_packable(device, dtype) is None
 
 
 def pack_weight(weight: torch.Tensor, parts: tuple[torch.Tensor, ...] = ()) -> torch.Tensor | PackedWeight:
