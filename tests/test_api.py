@@ -172,7 +172,8 @@ def test_bad_prompts(optimized, make_input, message):
     ("kwargs", "error", "message"),
     [
         (dict(num_beams=0), ValueError, "num_beams must be an integer >= 1"),
-        (dict(repetition_penalty=1.2), TypeError, "unsupported arguments \\['repetition_penalty'\\]"),
+        (dict(no_repeat_ngram_size=2), TypeError, "unsupported arguments \\['no_repeat_ngram_size'\\]"),
+        (dict(repetition_penalty=0.0), ValueError, "repetition_penalty must be > 0"),
         (dict(num_beams=2, num_return_sequences=3), ValueError, "num_return_sequences"),
         (dict(num_beams=2, do_sample=True), ValueError, "beam sampling"),
         (dict(do_sample=True, temperature=0.0), ValueError, "temperature"),
@@ -189,8 +190,8 @@ def test_bad_generate_arguments(optimized, kwargs, error, message):
 
 def test_unsupported_generation_config_field_is_an_error():
     model = _model("llama-mha-d64")
-    model.generation_config.repetition_penalty = 1.3
-    with pytest.raises(ValueError, match="repetition_penalty"):
+    model.generation_config.no_repeat_ngram_size = 3
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
         xpu_coopt.optimize(model).generate(_prompts([4], 256)[0], max_new_tokens=2)
 
 

@@ -175,3 +175,49 @@ def test_min_new_tokens_and_eos_list_match_transformers():
     ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
     theirs = model.generate(ids, attention_mask=mask, **kwargs)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.8])
+@pytest.mark.parametrize(
+    ("name", "search"),
+    [
+        ("llama-gqa-8q2kv-d64", dict(do_sample=False)),
+        ("qwen2-bias", dict(num_beams=3, num_return_sequences=2)),
+    ],
+    ids=["greedy", "beam3"],
+)
+def test_repetition_penalty_matches_transformers(name, search, penalty):
+    """The penalty skips each prompt's left padding and counts every token generated (pads included), as
+    transformers does; both its scores and the tokens it leads to must agree."""
+    model = _model(name)
+    ids, mask = _prompts([3, 9], model.config.vocab_size, seed=5)
+    kwargs = dict(
+        max_new_tokens=10, repetition_penalty=penalty, eos_token_id=_frequent_token(model, ids, mask),
+        pad_token_id=0, return_dict_in_generate=True, output_scores=True, **search,
+    )  # fmt: skip
+    ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
+    theirs = model.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for step, (actual, expected) in enumerate(zip(ours.scores, theirs.scores, strict=True)):
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-5, msg=f"scores of step {step}")
+    unpenalized = xpu_coopt.optimize(model).generate(
+        ids, attention_mask=mask, **{**kwargs, "repetition_penalty": 1.0}
+    )
+    assert not torch.equal(ours.scores[1], unpenalized.scores[1])  # the penalty changed something
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sampling_with_the_generation_config_of_qwen2_instruct_matches_transformers(seed):
+    """Qwen2-Instruct's generation_config (repetition penalty, temperature, top-k, top-p, sampling) is
+    taken from the model, as transformers takes it."""
+    model = _model("qwen2-bias")
+    for key, value in dict(
+        do_sample=True, repetition_penalty=1.05, temperature=0.7, top_k=20, top_p=0.8
+    ).items():
+        setattr(model.generation_config, key, value)
+    ids, mask = _prompts([4, 8], model.config.vocab_size, seed=6)
+    torch.manual_seed(seed)
+    ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0)
+    torch.manual_seed(seed)
+    theirs = model.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0)
+    assert torch.equal(ours, theirs)

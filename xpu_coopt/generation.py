@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 SUPPORTED_ARGUMENTS = (
     "max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-    "num_beams", "length_penalty", "early_stopping", "num_return_sequences", "eos_token_id",
+    "num_beams", "length_penalty", "early_stopping", "num_return_sequences", "repetition_penalty", "eos_token_id",
     "pad_token_id", "bos_token_id", "streamer", "generator", "return_dict_in_generate", "output_scores",
     "use_cache",
 )  # fmt: skip
@@ -43,6 +43,7 @@ class GenerationSettings:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     num_return_sequences: int = 1
+    repetition_penalty: float = 1.0
     eos_token_id: list[int] | None = None
     pad_token_id: int | None = None
     return_dict_in_generate: bool = False
@@ -132,13 +133,34 @@ def _validate(s: GenerationSettings) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {s.top_p}")
     if s.do_sample and s.top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {s.top_k}")
+    if not s.repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {s.repetition_penalty}")
     if s.early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {s.early_stopping!r}")
     if s.pad_token_id is None and s.eos_token_id:
         raise ValueError("pad_token_id is needed to pad finished sequences")
 
 
-# --- logits processors, in transformers' order: min_new_tokens, temperature, top_k, top_p -------------------
+# --- logits processors, in transformers' order: repetition_penalty, min_new_tokens, temperature, top_k, top_p
+
+
+def _penalize_repetitions(
+    scores: torch.Tensor, tokens: torch.Tensor, prompt_start: torch.Tensor, s: GenerationSettings
+) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor. tokens [rows, length]: each row's prompt and what it
+    generated so far; prompt_start [rows]: its first prompt column after the left padding. Every token id
+    a row holds past its padding has its score divided by the penalty where positive and multiplied by
+    it where negative, once however often it occurs."""
+    if s.repetition_penalty == 1.0:
+        return scores
+    vocab = scores.shape[-1]
+    columns = torch.arange(tokens.shape[1], device=tokens.device)
+    # Padding, and ids the LM head cannot produce, all go to one extra column that is dropped after.
+    tokens = tokens.clamp(max=vocab).masked_fill(columns < prompt_start[:, None], vocab)
+    padded = F.pad(scores, (0, 1))
+    seen = padded.gather(1, tokens)
+    seen = torch.where(seen < 0, seen * s.repetition_penalty, seen / s.repetition_penalty)
+    return padded.scatter(1, tokens, seen)[:, :vocab]
 
 
 def _suppress_eos(
@@ -207,17 +229,30 @@ class _HostFlags:
         return self.values.tolist()
 
 
+def _prompt_starts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Each prompt's first column after its left padding, found as transformers finds it for the
+    repetition penalty."""
+    if attention_mask is None:
+        return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    return (attention_mask.to(input_ids.device) != 0).int().argmax(dim=1)
+
+
 def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, generator) -> GenerateOutput:
     logits, cache = model.prefill(input_ids, attention_mask, 1, s.max_new_tokens, reuse_kept_cache=True)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    unfinished = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    batch, prompt_len = input_ids.shape
+    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     eos = _eos_ids(s, input_ids.device)
-    generated: list[torch.Tensor] = []
+    prompt_start = _prompt_starts(input_ids, attention_mask)
+    sequences = torch.empty((batch, prompt_len + s.max_new_tokens), dtype=torch.long, device=input_ids.device)
+    sequences[:, :prompt_len] = input_ids
     all_scores: list[torch.Tensor] = []
     step_times: list[float] = []
     for step in range(s.max_new_tokens):
-        scores = _suppress_eos(logits.float(), s, eos, step)
+        length = prompt_len + step
+        scores = _penalize_repetitions(logits.float(), sequences[:, :length], prompt_start, s)
+        scores = _suppress_eos(scores, s, eos, step)
         if s.do_sample:
             scores = _warp(scores, s)
             next_tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
@@ -228,7 +263,7 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
             all_scores.append(scores.clone() if scores is logits else scores)
         if s.pad_token_id is not None:
             next_tokens = torch.where(unfinished, next_tokens, s.pad_token_id)
-        generated.append(next_tokens)
+        sequences[:, length] = next_tokens
         step_times.append(time.perf_counter())
         unfinished &= ~torch.isin(next_tokens, eos)
         any_unfinished = _HostFlags(unfinished.any().view(1))
@@ -245,7 +280,7 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
     if streamer is not None:
         streamer.end()
     model.keep_cache(cache)
-    sequences = torch.cat((input_ids, torch.stack(generated, dim=1)), dim=1)
+    sequences = sequences[:, : prompt_len + len(step_times)]
     scores = tuple(all_scores) if s.output_scores else None
     return GenerateOutput(sequences, None, scores, cache.nbytes(), step_times)
 
@@ -279,6 +314,7 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
     running_beam_indices = torch.full((batch, beams, s.max_new_tokens), -1, dtype=torch.int32, device=device)
     beam_indices = running_beam_indices.clone()
     batch_offset = torch.arange(batch, device=device).view(-1, 1) * beams
+    prompt_start = _prompt_starts(input_ids, attention_mask).repeat_interleave(beams)
     all_scores: list[torch.Tensor] = []
     step_times: list[float] = []
 
@@ -286,7 +322,10 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
     logits = logits.repeat_interleave(beams, dim=0)  # every beam of a request starts from the same prompt
     cur_len = prompt_len
     while True:
-        log_probs = _suppress_eos(F.log_softmax(logits.float(), dim=-1), s, eos, cur_len - prompt_len)
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        history = running_sequences[:, :, :cur_len].reshape(batch * beams, cur_len)
+        log_probs = _penalize_repetitions(log_probs, history, prompt_start, s)
+        log_probs = _suppress_eos(log_probs, s, eos, cur_len - prompt_len)
         if s.output_scores:
             all_scores.append(log_probs)
         vocab = log_probs.shape[-1]
