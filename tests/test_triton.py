@@ -238,15 +238,14 @@ def test_graph_decode_bookkeeping_gives_the_same_tokens(
 ):
     """The CUDA-graph decode path without a GPU: the cache at full capacity with its write column,
     positions and segment lengths in device tensors updated in place, and the decode graph's fixed input
-    and output buffers, each step run eagerly where a GPU would replay the captured graph."""
+    and output buffers, each step run eagerly where a GPU would replay the captured graph. The expected
+    tokens are the reference kernels' without graphs (Triton's eager tokens equal them: the test above)."""
     replays = _replay_decode_graphs_eagerly(monkeypatch)
     ids = torch.cat([_stories_prompt(stories_tokenizer)] * 2)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # a left-padded row
     kwargs = dict(max_new_tokens=12, num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0)
-    expected = xpu_coopt.optimize(stories_model, backend=backend, kv_dtype=kv_dtype).generate(
-        ids, mask, **kwargs
-    )
+    expected = xpu_coopt.optimize(stories_model, kv_dtype=kv_dtype).generate(ids, mask, **kwargs)
     graphed = xpu_coopt.optimize(stories_model, backend=backend, kv_dtype=kv_dtype)
     graphed.cuda_graph = True  # what optimize() chooses for a CUDA model on the Triton backend
     assert torch.equal(graphed.generate(ids, mask, **kwargs), expected)
@@ -280,7 +279,7 @@ def _replay_decode_graphs_eagerly(monkeypatch) -> list[tuple[int, list[int]]]:
 @pytest.mark.parametrize(
     ("backend", "kv_dtype", "num_beams"),
     # the Triton interpreter takes minutes a case: one, whose kernels then read segments far longer than
-    # their lengths (the kernels' own tests cover every format)
+    # their lengths (the kernels' own tests cover every format), over the generations that reuse a graph
     [("torch", "auto", 1), ("torch", "auto", 3), ("torch", "fp8_e4m3", 1), ("torch", "fp8_e4m3", 3),
      ("triton", "fp8_e4m3", 3)],
 )  # fmt: skip
@@ -290,12 +289,14 @@ def test_generate_reuses_the_kept_decode_graph_when_it_fits(
     """generate() keeps its cache and decode graph for the next generate() that fits them: same batch and
     beams, a prompt and max_new_tokens within the cache's room. Each generation gives the tokens (and
     scores) of a model without graphs, whatever the last one left in the cache; one that does not fit
-    gets a cache and graph of its own."""
+    gets a cache and graph of its own. The expected tokens and scores are the reference kernels' without
+    graphs (Triton's eager tokens equal them: test_stories260k_triton_tokens_match_reference; their scores
+    differ by the order of the kernels' sums)."""
     replays = _replay_decode_graphs_eagerly(monkeypatch)
     prompt = torch.tensor([stories_tokenizer.encode("Once upon a time there was a little girl named Lily")])
     kwargs = dict(num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0, output_scores=True,
                   return_dict_in_generate=True)  # fmt: skip
-    eager = xpu_coopt.optimize(stories_model, backend=backend, kv_dtype=kv_dtype)
+    eager = xpu_coopt.optimize(stories_model, kv_dtype=kv_dtype)
     graphed = xpu_coopt.optimize(stories_model, backend=backend, kv_dtype=kv_dtype)
     graphed.cuda_graph = True  # what optimize() chooses for a CUDA model on the Triton backend
     long_batch = torch.cat((prompt, prompt.flip(1)))
@@ -311,13 +312,18 @@ def test_generate_reuses_the_kept_decode_graph_when_it_fits(
         (torch.cat((long_batch, short_batch[:, :11]), dim=1), None, 6, False),  # one column too many
         (long_batch[:1], None, 4, False),  # another batch size
     ]
+    if backend == "triton":  # the kernels read a kept cache in the first three; the rest is bookkeeping
+        generations = generations[:3]
+    tolerance = dict(atol=1e-4, rtol=1e-5) if backend == "triton" else {}
     graphs = []
     for ids, mask, new_tokens, reuses in generations:
         expected = eager.generate(ids, mask, max_new_tokens=new_tokens, **kwargs)
         out = graphed.generate(ids, mask, max_new_tokens=new_tokens, **kwargs)
         assert torch.equal(out.sequences, expected.sequences)
         for step, (got, want) in enumerate(zip(out.scores, expected.scores, strict=True)):
-            torch.testing.assert_close(got, want, msg=lambda m, step=step: f"scores of step {step}: {m}")
+            torch.testing.assert_close(
+                got, want, **tolerance, msg=lambda m, step=step: f"scores of step {step}: {m}"
+            )
         graph = graphed._kept_cache.decode_graph
         assert (graphs[-1] is graph if graphs else False) == reuses
         graphs.append(graph)
