@@ -40,3 +40,13 @@ def test_a_cpu_without_bfloat16_gemms_keeps_its_weights_plain(monkeypatch):
     assert cpu_gemm.pack_weight(weight) is weight
     reason = cpu_gemm.why_not_packable(torch.device("cpu"), torch.bfloat16)
     assert reason is not None and "no bfloat16 GEMMs on this CPU" in reason
+
+
+def test_16_bit_matmuls_run_in_float32_only_where_the_cpu_lacks_their_kernels(monkeypatch):
+    cpu = torch.device("cpu")
+    assert cpu_gemm.matmul_dtype(cpu, torch.float32) == torch.float32
+    assert cpu_gemm.matmul_dtype(torch.device("cuda"), torch.bfloat16) == torch.bfloat16
+    monkeypatch.setattr(cpu_gemm, "_cpu_has_bfloat16_gemms", lambda: False)
+    assert cpu_gemm.matmul_dtype(cpu, torch.bfloat16) == torch.float32
+    monkeypatch.setattr(cpu_gemm, "_cpu_has_bfloat16_gemms", lambda: True)
+    assert cpu_gemm.matmul_dtype(cpu, torch.bfloat16) == torch.bfloat16

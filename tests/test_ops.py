@@ -8,7 +8,7 @@ import torch
 from conftest import assert_close
 
 from xpu_coopt.config import RopeSpec
-from xpu_coopt.ops import dispatcher_kernels, fp8
+from xpu_coopt.ops import cpu_gemm, dispatcher_kernels, fp8, reference_kernels
 from xpu_coopt.rope import cos_sin_cache, inverse_frequencies
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -320,6 +320,25 @@ def test_segment_attention_decode(
     )
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
                                                 response_len, scale)  # fmt: skip
+    assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_float32", [False, True], ids=["native", "float32"])
+def test_reference_decode_attention_with_and_without_float32_matmuls(monkeypatch, dtype, in_float32):
+    """The CPU reference runs 16-bit attention matmuls in float32 where oneDNN has no kernels for the dtype
+    (cpu_gemm.matmul_dtype; AVX2 CPUs): either way it meets the oracle."""
+    monkeypatch.setattr(cpu_gemm, "matmul_dtype", lambda device, d: torch.float32 if in_float32 else d)
+    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+        dtype, "auto", 2, 4, 8, 2, 64, 37, 6, True
+    )
+    out = torch.full_like(query, float("nan"))
+    (pk, _), (pv, _), (rk, _), (rv, _) = caches
+    reference_kernels().segment_attention_decode(
+        out, query, pk, pv, None, None, prompt_start, rk, rv, None, None, beam_slots, 6, 0.125, "auto"
+    )
+    expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
+                                                6, 0.125)  # fmt: skip
     assert_close(out, expected, dtype)
 
 

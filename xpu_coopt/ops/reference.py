@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from xpu_coopt.ops import checks, fp8
+from xpu_coopt.ops import checks, cpu_gemm, fp8
 from xpu_coopt.ops.schema import library
 
 
@@ -141,6 +141,15 @@ def attention_prefill(
     out.copy_(result.transpose(1, 2) * valid[:, :, None, None])
 
 
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.matmul in the operands' dtype (float32 sums, rounded once), run in float32 where this CPU has
+    no fast kernel for that dtype (cpu_gemm.matmul_dtype)."""
+    compute = cpu_gemm.matmul_dtype(a.device, a.dtype)
+    if compute == a.dtype:
+        return torch.matmul(a, b)
+    return torch.matmul(a.to(compute), b.to(compute)).to(a.dtype)
+
+
 def segment_attention_decode(
     out: torch.Tensor,
     query: torch.Tensor,
@@ -180,7 +189,7 @@ def segment_attention_decode(
     # element-by-element copy bmm would make of its transpose.
     pk = _load_cache(prompt_k, prompt_k_scale, kv_format, dtype).contiguous()  # [R, Hkv, P, D]
     pv = _load_cache(prompt_v, prompt_v_scale, kv_format, dtype)
-    scores = torch.matmul(q.reshape(num_requests, num_kv_heads, rows, head_dim), pk.transpose(-1, -2))
+    scores = _matmul(q.reshape(num_requests, num_kv_heads, rows, head_dim), pk.transpose(-1, -2))
     if bool(prompt_start.any()):  # left padding in the batch: padding positions are never read
         padding = torch.arange(prompt_len, device=query.device)[None, :] < prompt_start[:, None]  # [R, P]
         scores.masked_fill_(padding[:, None, None, :], float("-inf"))
@@ -197,15 +206,15 @@ def segment_attention_decode(
         )
         rk = rk.view(split).permute(0, 2, 1, 4, 3)  # [R, Hkv, beams, D, T]: K^T
         rv = rv.view(split).permute(0, 2, 1, 3, 4)  # [R, Hkv, beams, T, D]
-        response_scores = torch.matmul(q, rk).view(num_requests, num_kv_heads, rows, response_len)
+        response_scores = _matmul(q, rk).view(num_requests, num_kv_heads, rows, response_len)
         scores = torch.cat((scores, response_scores), dim=-1)  # exact: both are in dtype
     # Softmax in float32 (a fresh tensor unless dtype is float32, where scores is ours to scale in place).
     probs = torch.softmax(scores.float().mul_(scale), dim=-1).to(dtype)  # [R, Hkv, rows, P + T]
-    result = torch.matmul(probs[..., :prompt_len], pv)  # [R, Hkv, rows, D]
+    result = _matmul(probs[..., :prompt_len], pv)  # [R, Hkv, rows, D]
     result = result.view(num_requests, num_kv_heads, beams, group, head_dim)
     if response_len:
         response_probs = probs[..., prompt_len:].view(num_requests, num_kv_heads, beams, group, response_len)
-        result += torch.matmul(response_probs, rv)
+        result += _matmul(response_probs, rv)
     out.view(num_requests, beams, num_kv_heads, group, head_dim).copy_(result.permute(0, 2, 1, 3, 4))
 
 
