@@ -9,10 +9,18 @@ import torch.nn.functional as F
 from xpu_coopt.ops import cpu_gemm
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("cpu_has_bfloat16_gemms", [True, False], ids=["onednn-bf16", "no-onednn-bf16"])
+@pytest.mark.parametrize("rows", [1, 3, 16, 40])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_matches_f_linear_for_plain_and_packed_weights(rows, with_bias, dtype):
+def test_linear_matches_f_linear_for_plain_and_packed_weights(
+    monkeypatch, rows, with_bias, dtype, cpu_has_bfloat16_gemms
+):
+    """Whatever the CPU: from FLOAT32_MIN_ROWS rows on a CPU without oneDNN's bfloat16 GEMMs the plain
+    weights run in float32."""
+    if cpu_has_bfloat16_gemms and cpu_gemm.why_not_packable(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("oneDNN has no bfloat16 GEMMs on this CPU: its packed weights cannot run here")
+    monkeypatch.setattr(cpu_gemm, "_cpu_has_bfloat16_gemms", lambda: cpu_has_bfloat16_gemms)
     parts = tuple(torch.randn(n, 96, dtype=dtype) for n in (64, 32, 32))
     fused = torch.cat(parts)
     bias = torch.randn(128, dtype=dtype) if with_bias else None

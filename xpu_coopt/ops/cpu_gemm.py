@@ -21,6 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+# Where oneDNN has no kernels for a 16-bit dtype (matmul_dtype), torch's fallback GEMM is slower than
+# float32 from 8 rows on, the weight's conversion at every call included (AVX2, SmolLM2-135M's gate/up:
+# 16 rows 3.9 -> 1.7 ms, a 1024-token prefill's 227 -> 33 ms); fewer rows stay 16-bit, bound by the reads.
+FLOAT32_MIN_ROWS = 16
+
 
 @dataclass(frozen=True)
 class PackedWeight:
@@ -110,4 +115,8 @@ def linear(
         return out.view(*x.shape[:-1], weight.out_features)
     if single_row and x.device.type == "cpu" and x.dtype != torch.float32:
         return _native(x, weight, bias)
+    compute = matmul_dtype(x.device, x.dtype)
+    if compute != x.dtype and x.numel() >= FLOAT32_MIN_ROWS * x.shape[-1]:
+        bias = None if bias is None else bias.to(compute)
+        return F.linear(x.to(compute), weight.to(compute), bias).to(x.dtype)
     return F.linear(x, weight, bias)
