@@ -11,6 +11,8 @@ from (shared with the transformers model, so they cost no memory). Weights share
 (o_proj, down_proj, LM head) stay plain by default: native GEMV for one row, oneDNN otherwise. With
 optimize(pack_shared_weights=True) they get a packed copy too (held next to the shared plain weight, which
 single rows keep using): 4- and 16-row GEMMs over them ~1.6-2.5x faster, for a second copy of them.
+On a CPU where oneDNN has no bfloat16 kernels (AVX2 only) nothing is packed, and GEMMs of FLOAT32_MIN_ROWS
+rows or more run in float32 (matmul_dtype).
 """
 
 from __future__ import annotations
