@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 SUPPORTED_ARGUMENTS = (
     "max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-    "num_beams", "length_penalty", "early_stopping", "num_return_sequences", "repetition_penalty", "eos_token_id",
-    "pad_token_id", "bos_token_id", "streamer", "generator", "return_dict_in_generate", "output_scores",
-    "use_cache",
+    "repetition_penalty", "num_beams", "length_penalty", "early_stopping", "num_return_sequences",
+    "eos_token_id", "pad_token_id", "bos_token_id", "streamer", "generator", "return_dict_in_generate",
+    "output_scores", "use_cache",
 )  # fmt: skip
 
 # Fields of a model's generation_config that xpu_coopt neither uses nor needs to: bookkeeping only.

@@ -52,6 +52,11 @@ def _cpu_has_bfloat16_gemms() -> bool:
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+@functools.cache
+def _cpu_has_float16_gemms() -> bool:
+    return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
 def why_not_packable(device: torch.device, dtype: torch.dtype) -> str | None:
     """Why pack_weight leaves weights of this device and dtype plain, or None where it packs them."""
     if device.type != "cpu" or dtype != torch.bfloat16:
@@ -71,7 +76,7 @@ def matmul_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
         return dtype
     if dtype == torch.bfloat16 and not _cpu_has_bfloat16_gemms():
         return torch.float32
-    if dtype == torch.float16 and not torch.ops.mkldnn._is_mkldnn_fp16_supported():
+    if dtype == torch.float16 and not _cpu_has_float16_gemms():
         return torch.float32
     return dtype
 
