@@ -229,14 +229,6 @@ class _HostFlags:
         return self.values.tolist()
 
 
-def _prompt_starts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Each prompt's first column after its left padding, found as transformers finds it for the
-    repetition penalty."""
-    if attention_mask is None:
-        return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-    return (attention_mask.to(input_ids.device) != 0).int().argmax(dim=1)
-
-
 def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, generator) -> GenerateOutput:
     logits, cache = model.prefill(input_ids, attention_mask, 1, s.max_new_tokens, reuse_kept_cache=True)
     if streamer is not None:
@@ -244,7 +236,7 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
     batch, prompt_len = input_ids.shape
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     eos = _eos_ids(s, input_ids.device)
-    prompt_start = _prompt_starts(input_ids, attention_mask)
+    prompt_start = cache.prompt_start  # each prompt's first column after its left padding
     sequences = torch.empty((batch, prompt_len + s.max_new_tokens), dtype=torch.long, device=input_ids.device)
     sequences[:, :prompt_len] = input_ids
     all_scores: list[torch.Tensor] = []
@@ -314,12 +306,12 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
     running_beam_indices = torch.full((batch, beams, s.max_new_tokens), -1, dtype=torch.int32, device=device)
     beam_indices = running_beam_indices.clone()
     batch_offset = torch.arange(batch, device=device).view(-1, 1) * beams
-    prompt_start = _prompt_starts(input_ids, attention_mask).repeat_interleave(beams)
     all_scores: list[torch.Tensor] = []
     step_times: list[float] = []
 
     logits, cache = model.prefill(input_ids, attention_mask, beams, s.max_new_tokens, reuse_kept_cache=True)
     logits = logits.repeat_interleave(beams, dim=0)  # every beam of a request starts from the same prompt
+    prompt_start = cache.prompt_start.repeat_interleave(beams)  # each row's first column after its padding
     cur_len = prompt_len
     while True:
         log_probs = F.log_softmax(logits.float(), dim=-1)
