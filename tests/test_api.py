@@ -172,7 +172,9 @@ def test_bad_prompts(optimized, make_input, message):
     ("kwargs", "error", "message"),
     [
         (dict(num_beams=0), ValueError, "num_beams must be an integer >= 1"),
-        (dict(no_repeat_ngram_size=2), TypeError, "unsupported arguments \\['no_repeat_ngram_size'\\]"),
+        (dict(typical_p=0.9), TypeError, "unsupported arguments \\['typical_p'\\]"),
+        (dict(no_repeat_ngram_size=-1), ValueError, "no_repeat_ngram_size must be an integer >= 0"),
+        (dict(do_sample=True, min_p=1.5), ValueError, "min_p must be in \\[0, 1\\]"),
         (dict(repetition_penalty=0.0), ValueError, "repetition_penalty must be > 0"),
         (dict(num_beams=2, num_return_sequences=3), ValueError, "num_return_sequences"),
         (dict(num_beams=2, do_sample=True), ValueError, "beam sampling"),
@@ -190,8 +192,8 @@ def test_bad_generate_arguments(optimized, kwargs, error, message):
 
 def test_unsupported_generation_config_field_is_an_error():
     model = _model("llama-mha-d64")
-    model.generation_config.no_repeat_ngram_size = 3
-    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+    model.generation_config.typical_p = 0.9
+    with pytest.raises(ValueError, match="typical_p"):
         xpu_coopt.optimize(model).generate(_prompts([4], 256)[0], max_new_tokens=2)
 
 

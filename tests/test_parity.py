@@ -206,6 +206,59 @@ def test_repetition_penalty_matches_transformers(name, search, penalty):
     assert not torch.equal(ours.scores[1], unpenalized.scores[1])  # the penalty changed something
 
 
+@pytest.mark.parametrize("size", [1, 2, 3])
+@pytest.mark.parametrize(
+    ("name", "search"),
+    [
+        ("llama-gqa-8q2kv-d64", dict(do_sample=False)),
+        ("mistral", dict(num_beams=3, num_return_sequences=2)),
+    ],
+    ids=["greedy", "beam3"],
+)
+def test_no_repeat_ngram_size_matches_transformers(name, search, size):
+    """n-grams are banned over each row's whole history, its left padding included, as transformers bans
+    them; scores (with their -inf) and tokens must agree."""
+    model = _model(name)
+    ids, mask = _prompts([3, 9], model.config.vocab_size, seed=7)
+    ids[0, :2] = ids[0, 2]  # the padding repeats the first prompt token: n-grams across padding and prompt
+    kwargs = dict(
+        max_new_tokens=12, no_repeat_ngram_size=size, eos_token_id=_frequent_token(model, ids, mask),
+        pad_token_id=0, return_dict_in_generate=True, output_scores=True, **search,
+    )  # fmt: skip
+    ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
+    theirs = model.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for step, (actual, expected) in enumerate(zip(ours.scores, theirs.scores, strict=True)):
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-5, msg=f"scores of step {step}")
+    banned = sum(int(step.isneginf().sum()) for step in ours.scores)
+    unbanned = xpu_coopt.optimize(model).generate(
+        ids, attention_mask=mask, **{**kwargs, "no_repeat_ngram_size": 0}
+    )
+    assert banned > sum(int(step.isneginf().sum()) for step in unbanned.scores)  # the option banned something
+
+
+@pytest.mark.parametrize("min_p", [0.3, 0.6])
+def test_min_p_sampling_matches_transformers(min_p):
+    """min_p after temperature, top-k and top-p, as transformers orders its warpers."""
+    model = _model("llama-gqa-8q2kv-d64")
+    ids, mask = _prompts([4, 8], model.config.vocab_size, seed=8)
+    kwargs = dict(
+        max_new_tokens=10, do_sample=True, temperature=0.7, top_k=0, top_p=0.95, min_p=min_p, pad_token_id=0,
+        return_dict_in_generate=True, output_scores=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
+    torch.manual_seed(0)
+    theirs = model.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for step, (actual, expected) in enumerate(zip(ours.scores, theirs.scores, strict=True)):
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-5, msg=f"scores of step {step}")
+    torch.manual_seed(0)
+    without = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **{**kwargs, "min_p": None})
+    kept = sum(int(step.isfinite().sum()) for step in ours.scores)
+    assert kept < sum(int(step.isfinite().sum()) for step in without.scores)  # min_p removed tokens
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sampling_with_the_generation_config_of_qwen2_instruct_matches_transformers(seed):
     """Qwen2-Instruct's generation_config (repetition penalty, temperature, top-k, top-p, sampling) is

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED_ARGUMENTS = (
-    "max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-    "repetition_penalty", "num_beams", "length_penalty", "early_stopping", "num_return_sequences",
-    "eos_token_id", "pad_token_id", "bos_token_id", "streamer", "generator", "return_dict_in_generate",
-    "output_scores", "use_cache",
+    "max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
+    "repetition_penalty", "no_repeat_ngram_size", "num_beams", "length_penalty", "early_stopping",
+    "num_return_sequences", "eos_token_id", "pad_token_id", "bos_token_id", "streamer", "generator",
+    "return_dict_in_generate", "output_scores", "use_cache",
 )  # fmt: skip
 
 # Fields of a model's generation_config that xpu_coopt neither uses nor needs to: bookkeeping only.
@@ -39,11 +39,13 @@ class GenerationSettings:
     temperature: float = 1.0
     top_k: int = 50
     top_p: float = 1.0
+    min_p: float | None = None
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     num_return_sequences: int = 1
     repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
     eos_token_id: list[int] | None = None
     pad_token_id: int | None = None
     return_dict_in_generate: bool = False
@@ -133,6 +135,10 @@ def _validate(s: GenerationSettings) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {s.top_p}")
     if s.do_sample and s.top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {s.top_k}")
+    if s.do_sample and s.min_p is not None and not 0 <= s.min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {s.min_p}")
+    if not isinstance(s.no_repeat_ngram_size, int) or s.no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be an integer >= 0, got {s.no_repeat_ngram_size!r}")
     if not s.repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0, got {s.repetition_penalty}")
     if s.early_stopping not in (True, False, "never"):
@@ -141,7 +147,8 @@ def _validate(s: GenerationSettings) -> None:
         raise ValueError("pad_token_id is needed to pad finished sequences")
 
 
-# --- logits processors, in transformers' order: repetition_penalty, min_new_tokens, temperature, top_k, top_p
+# --- logits processors, in transformers' order: repetition_penalty, no_repeat_ngram_size, min_new_tokens;
+# when sampling, then temperature, top_k, top_p, min_p
 
 
 def _penalize_repetitions(
@@ -161,6 +168,22 @@ def _penalize_repetitions(
     seen = padded.gather(1, tokens)
     seen = torch.where(seen < 0, seen * s.repetition_penalty, seen / s.repetition_penalty)
     return padded.scatter(1, tokens, seen)[:, :vocab]
+
+
+def _ban_repeated_ngrams(scores: torch.Tensor, tokens: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
+    """transformers' NoRepeatNGramLogitsProcessor, vectorised. tokens [rows, length]: each row's whole
+    history, left padding included (as transformers counts it). A token that would complete an n-gram the
+    row already holds gets -inf: every earlier n-gram whose first n - 1 tokens equal the row's last n - 1
+    bans its last token."""
+    n = s.no_repeat_ngram_size
+    if n == 0 or tokens.shape[1] < n:
+        return scores
+    vocab = scores.shape[-1]
+    ngrams = tokens.unfold(1, n, 1)  # [rows, length - n + 1, n]
+    repeats = (ngrams[:, :, : n - 1] == tokens[:, None, tokens.shape[1] - n + 1 :]).all(dim=-1)
+    # Ids that complete no repeat, and ids the LM head cannot produce, go to one extra column, dropped after.
+    banned = ngrams[:, :, n - 1].clamp(max=vocab).masked_fill(~repeats, vocab)
+    return F.pad(scores, (0, 1)).scatter(1, banned, float("-inf"))[:, :vocab]
 
 
 def _suppress_eos(
@@ -185,6 +208,10 @@ def _warp(scores: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
         remove = cumulative <= (1 - s.top_p)
         remove[..., -1:] = False  # always keep the most likely token
         scores = scores.masked_fill(remove.scatter(1, sorted_indices, remove), float("-inf"))
+    if s.min_p is not None:
+        # Without beam sampling one token is kept at least, and the most likely one always passes.
+        probs = scores.softmax(dim=-1)
+        scores = scores.masked_fill(probs < s.min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
     return scores
 
 
@@ -244,6 +271,7 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
     for step in range(s.max_new_tokens):
         length = prompt_len + step
         scores = _penalize_repetitions(logits.float(), sequences[:, :length], prompt_start, s)
+        scores = _ban_repeated_ngrams(scores, sequences[:, :length], s)
         scores = _suppress_eos(scores, s, eos, step)
         if s.do_sample:
             scores = _warp(scores, s)
@@ -317,6 +345,7 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
         log_probs = F.log_softmax(logits.float(), dim=-1)
         history = running_sequences[:, :, :cur_len].reshape(batch * beams, cur_len)
         log_probs = _penalize_repetitions(log_probs, history, prompt_start, s)
+        log_probs = _ban_repeated_ngrams(log_probs, history, s)
         log_probs = _suppress_eos(log_probs, s, eos, cur_len - prompt_len)
         if s.output_scores:
             all_scores.append(log_probs)
