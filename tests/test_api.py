@@ -177,6 +177,8 @@ def test_bad_prompts(optimized, make_input, message):
         (dict(do_sample=True, min_p=1.5), ValueError, "min_p must be in \\[0, 1\\]"),
         (dict(repetition_penalty=0.0), ValueError, "repetition_penalty must be > 0"),
         (dict(num_beams=2, num_return_sequences=3), ValueError, "num_return_sequences"),
+        (dict(num_return_sequences=2), ValueError, "needs sampling"),
+        (dict(do_sample=True, num_return_sequences=0), ValueError, "num_return_sequences must be an integer"),
         (dict(num_beams=2, do_sample=True), ValueError, "beam sampling"),
         (dict(do_sample=True, temperature=0.0), ValueError, "temperature"),
         (dict(max_new_tokens=0), ValueError, "max_new_tokens must be at least 1"),
@@ -248,9 +250,12 @@ def test_text_streamer_prints_the_generation(stories_model, stories_tokenizer, c
     assert len(capsys.readouterr().out.split()) >= 5
 
 
-def test_streamer_with_beam_search_is_an_error(optimized):
-    with pytest.raises(ValueError, match="streamer"):
-        optimized.generate(_prompts([5], 256)[0], max_new_tokens=3, num_beams=2, streamer=_Collector())
+@pytest.mark.parametrize(
+    "search", [dict(num_beams=2), dict(do_sample=True, num_return_sequences=2)], ids=["beams", "samples"]
+)
+def test_streamer_of_several_sequences_is_an_error(optimized, search):
+    with pytest.raises(ValueError, match="streamer supports one sequence"):
+        optimized.generate(_prompts([5], 256)[0], max_new_tokens=3, streamer=_Collector(), **search)
 
 
 @pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "fp8_e5m2"])

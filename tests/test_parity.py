@@ -167,6 +167,31 @@ def test_sampling_matches_transformers_with_the_same_seed(seed):
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sampling_several_sequences_per_prompt_matches_transformers(seed):
+    """num_return_sequences samples of each prompt, drawn side by side as transformers draws them, with
+    the prompt's K/V stored once for all of them."""
+    model = _model("qwen2-bias")
+    ids, mask = _prompts([5, 40], model.config.vocab_size, seed=9)
+    kwargs = dict(
+        max_new_tokens=10, do_sample=True, temperature=0.9, top_k=30, repetition_penalty=1.1, pad_token_id=0,
+        eos_token_id=_frequent_token(model, ids, mask), return_dict_in_generate=True, output_scores=True,
+    )  # fmt: skip
+    optimized = xpu_coopt.optimize(model)
+    torch.manual_seed(seed)
+    ours = optimized.generate(ids, attention_mask=mask, num_return_sequences=3, **kwargs)
+    torch.manual_seed(seed)
+    theirs = model.generate(ids, attention_mask=mask, num_return_sequences=3, **kwargs)
+    assert ours.sequences.shape[0] == 6
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for step, (actual, expected) in enumerate(zip(ours.scores, theirs.scores, strict=True)):
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-5, msg=f"scores of step {step}")
+    assert not torch.equal(ours.sequences[0], ours.sequences[1])  # three samples, not one copied
+    # The 40-column prompts are held once: 40 + 3 x 16 response columns a prompt, not 3 x (40 + 16).
+    single = optimized.generate(ids, attention_mask=mask, **kwargs)
+    assert ours.kv_cache_bytes < 0.6 * 3 * single.kv_cache_bytes
+
+
 def test_min_new_tokens_and_eos_list_match_transformers():
     model = _model("llama-mha-d64")
     ids, mask = _prompts([5, 7], model.config.vocab_size, seed=4)

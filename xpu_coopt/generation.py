@@ -123,7 +123,14 @@ def _validate(s: GenerationSettings) -> None:
         raise ValueError(f"min_new_tokens must be >= 0, got {s.min_new_tokens}")
     if not isinstance(s.num_beams, int) or s.num_beams < 1:
         raise ValueError(f"num_beams must be an integer >= 1, got {s.num_beams}")
-    if s.num_return_sequences < 1 or s.num_return_sequences > s.num_beams:
+    if not isinstance(s.num_return_sequences, int) or s.num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be an integer >= 1, got {s.num_return_sequences!r}")
+    if s.num_beams == 1 and not s.do_sample and s.num_return_sequences > 1:
+        raise ValueError(
+            f"num_return_sequences ({s.num_return_sequences}) > 1 needs sampling (do_sample=True) or beam "
+            "search: greedy decoding returns one sequence per prompt (as transformers)"
+        )
+    if s.num_beams > 1 and s.num_return_sequences > s.num_beams:
         raise ValueError(
             f"num_return_sequences ({s.num_return_sequences}) must be between 1 and num_beams ({s.num_beams})"
         )
@@ -222,8 +229,10 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     settings = resolve_settings(model, input_ids.shape[1], kwargs)
     streamer = kwargs.get("streamer")
     generator = kwargs.get("generator")
-    if streamer is not None and (settings.num_beams > 1 or input_ids.shape[0] > 1):
-        raise ValueError("streamer supports batch size 1 without beam search (as transformers)")
+    if streamer is not None and (
+        settings.num_beams > 1 or input_ids.shape[0] * settings.num_return_sequences > 1
+    ):
+        raise ValueError("streamer supports one sequence: batch size 1 without beam search (as transformers)")
     with torch.inference_mode():
         if settings.num_beams > 1:
             output = _beam_search(model, input_ids, attention_mask, settings)
@@ -257,13 +266,21 @@ class _HostFlags:
 
 
 def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, generator) -> GenerateOutput:
-    logits, cache = model.prefill(input_ids, attention_mask, 1, s.max_new_tokens, reuse_kept_cache=True)
+    """Greedy or sampling; sampling num_return_sequences > 1 sequences of each prompt draws them side by
+    side, as transformers does (row order: each prompt's samples together), over one prefill of the prompt
+    whose K/V all its samples share (the segment cache's beams, never reordered)."""
+    samples = s.num_return_sequences
+    logits, cache = model.prefill(input_ids, attention_mask, samples, s.max_new_tokens, reuse_kept_cache=True)
+    prompt_start = cache.prompt_start  # each prompt's first column after its left padding
+    if samples > 1:
+        logits = logits.repeat_interleave(samples, dim=0)
+        input_ids = input_ids.repeat_interleave(samples, dim=0)
+        prompt_start = prompt_start.repeat_interleave(samples)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     batch, prompt_len = input_ids.shape
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     eos = _eos_ids(s, input_ids.device)
-    prompt_start = cache.prompt_start  # each prompt's first column after its left padding
     sequences = torch.empty((batch, prompt_len + s.max_new_tokens), dtype=torch.long, device=input_ids.device)
     sequences[:, :prompt_len] = input_ids
     all_scores: list[torch.Tensor] = []
