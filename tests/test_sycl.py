@@ -29,6 +29,38 @@ def test_stories260k_sycl_tokens_match_reference(stories_model, stories_tokenize
     assert torch.equal(sycl, reference)
 
 
+def test_stories260k_sycl_samples_match_reference(stories_model, stories_tokenizer):
+    """Three samples of a prompt share its K/V: the SYCL decode kernel reads them as beams never reordered."""
+    ids = _stories_prompt(stories_tokenizer)
+    kwargs = dict(
+        max_new_tokens=30, do_sample=True, num_return_sequences=3, top_k=0, eos_token_id=2, pad_token_id=0
+    )
+    torch.manual_seed(0)
+    reference = xpu_coopt.optimize(stories_model, backend="torch").generate(ids, **kwargs)
+    torch.manual_seed(0)
+    sycl = xpu_coopt.optimize(stories_model, backend="sycl").generate(ids, **kwargs)
+    assert torch.equal(sycl, reference)
+    assert len({tuple(row.tolist()) for row in reference}) > 1  # samples, not one sequence three times
+
+
+@pytest.mark.parametrize("search", [dict(num_beams=2), dict(do_sample=True, num_return_sequences=2)])
+def test_more_decode_rows_than_a_work_group_serves_is_an_error_before_prefill(
+    stories_model, search, monkeypatch
+):
+    """Sequences per prompt x query heads per KV head beyond the SYCL kernel's rows: a ValueError naming
+    num_beams and num_return_sequences, before the prompt is run."""
+    config = stories_model.config
+    group = config.num_attention_heads // config.num_key_value_heads
+    too_many = kernels.MAX_DECODE_ROWS // group + 1
+    search = {key: too_many if value == 2 else value for key, value in search.items()}
+    optimized = xpu_coopt.optimize(stories_model, backend="sycl")
+    monkeypatch.setattr(optimized.decoder, "forward", None)  # a prefill would call None
+    with pytest.raises(
+        ValueError, match=rf"{too_many} beams or samples .* more than the 32 the 'sycl' backend"
+    ):
+        optimized.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=3, pad_token_id=0, **search)
+
+
 @pytest.mark.parametrize("num_beams", [1, 4])
 def test_smollm2_sycl_tokens_match_reference(smollm2_fp32, num_beams):
     model, tokenizer = smollm2_fp32

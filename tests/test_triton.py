@@ -32,6 +32,18 @@ def test_stories260k_triton_tokens_match_reference(stories_model, stories_tokeni
     assert torch.equal(triton, reference)
 
 
+def test_more_decode_rows_than_a_program_serves_is_an_error_before_prefill(stories_model, monkeypatch):
+    from xpu_coopt.triton.kernels import MAX_DECODE_ROWS
+
+    config = stories_model.config
+    group = config.num_attention_heads // config.num_key_value_heads
+    optimized = xpu_coopt.optimize(stories_model, backend="triton")
+    monkeypatch.setattr(optimized.decoder, "forward", None)  # a prefill would call None
+    beams = MAX_DECODE_ROWS // group + 1
+    with pytest.raises(ValueError, match=rf"more than the {MAX_DECODE_ROWS} the 'triton' backend"):
+        optimized.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=3, num_beams=beams, pad_token_id=0)
+
+
 def test_decode_steps_run_the_fused_gemms_and_long_prompts_prefill_unfused(
     stories_model, stories_tokenizer, monkeypatch
 ):

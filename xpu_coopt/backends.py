@@ -11,6 +11,7 @@ import torch
 
 from xpu_coopt.errors import BackendUnavailableError
 from xpu_coopt.ops import Ops, cpu_gemm_options, dispatcher_kernels, reference_kernels
+from xpu_coopt.sycl.kernels import MAX_DECODE_ROWS as SYCL_MAX_DECODE_ROWS
 from xpu_coopt.sycl.kernels import sycl_kernels
 from xpu_coopt.sycl.runtime import queue_for
 
@@ -87,10 +88,13 @@ def resolve_backend(backend: str, device: torch.device) -> Ops:
     # few-row GEMMs of decode steps with its own kernel, fused with their neighbours, on either device.
     gemm = cpu_gemm_options() if device.type == "cpu" else {}
     kernels = None
+    if name == "sycl":
+        gemm["max_decode_rows"] = SYCL_MAX_DECODE_ROWS
     if name == "triton":
         kernels = _triton_kernels()  # registers the CUDA kernels
         triton_linear = importlib.import_module("xpu_coopt.triton.linear")
-        gemm = {"linear": triton_linear.linear, "fusions": triton_linear.FUSIONS}
+        max_rows = importlib.import_module("xpu_coopt.triton.kernels").MAX_DECODE_ROWS
+        gemm = {"linear": triton_linear.linear, "fusions": triton_linear.FUSIONS, "max_decode_rows": max_rows}
     if backend == "auto" and device.type == "cpu":
         # The kernels registered for CPU, called directly: the dispatcher's argument handling would cost
         # 3-15 us a call, about 1.2 ms (3%) of a beam-4 decode step of SmolLM2-135M.
