@@ -34,6 +34,23 @@ def test_bench_runs_both_sides_and_writes_json(tmp_path, capsys):
     assert "weights (MiB)" in printed and ratios["weight_bytes_ratio"] == 1
 
 
+def test_bench_samples_several_sequences_per_prompt(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", str(require_data(STORIES_MODEL)), "--dtype", "float32", "--input-tokens", "60",
+            "--output-tokens", "4", "--num-return-sequences", "3", "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["num_return_sequences"] == 3
+    # transformers holds the 60-token prompt three times, xpu_coopt once (plus three response segments)
+    assert result["ratios"]["kv_bytes_ratio"] < 0.6
+
+
+def test_bench_rejects_samples_with_beams(capsys):
+    model = str(require_data(STORIES_MODEL))
+    assert main(["bench", "--model", model, "--num-beams", "2", "--num-return-sequences", "2"]) == 2
+    assert "needs num_beams=1" in capsys.readouterr().err
+
+
 def test_bench_with_an_unknown_model_is_a_clear_error(capsys):
     assert main(["bench", "--model", "no-such-model"]) == 2
     assert "neither 'smollm2-135m', a shape preset" in capsys.readouterr().err

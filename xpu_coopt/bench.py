@@ -91,14 +91,22 @@ class _StepClock:
 
 
 def _generate_kwargs(settings: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """Greedy or beam search; with several sequences per prompt, sampling them (each side's own default
+    warpers, which are transformers' on both)."""
+    samples = settings["num_return_sequences"]
     return dict(
         max_new_tokens=tokens,
         min_new_tokens=tokens,
         num_beams=settings["num_beams"],
-        do_sample=False,
+        do_sample=samples > 1,
+        num_return_sequences=samples,
         eos_token_id=settings["eos_token_id"],
         pad_token_id=settings["pad_token_id"],
     )
+
+
+def _generated_tokens(input_ids: torch.Tensor, settings: dict[str, Any], tokens: int) -> int:
+    return input_ids.shape[0] * settings["num_return_sequences"] * tokens
 
 
 def _hf_kv_bytes(cache: Any) -> int:
@@ -123,7 +131,7 @@ def run_transformers(model, input_ids, mask, settings, tokens: int) -> RunResult
             input_ids, attention_mask=mask, logits_processor=LogitsProcessorList([clock]),
             return_dict_in_generate=True, **_generate_kwargs(settings, tokens),
         )  # fmt: skip
-    generated = input_ids.shape[0] * tokens
+    generated = _generated_tokens(input_ids, settings, tokens)
     return _summarise(start, clock.times, generated, _hf_kv_bytes(out.past_key_values))
 
 
@@ -133,7 +141,7 @@ def run_xpu_coopt(model, input_ids, mask, settings, tokens: int) -> RunResult:
     out = model.generate(
         input_ids, attention_mask=mask, return_dict_in_generate=True, **_generate_kwargs(settings, tokens)
     )
-    generated = input_ids.shape[0] * tokens
+    generated = _generated_tokens(input_ids, settings, tokens)
     return _summarise(start, out.step_times, generated, out.kv_cache_bytes)
 
 
@@ -145,6 +153,7 @@ def benchmark(
     input_tokens: int,
     output_tokens: int,
     num_beams: int = 1,
+    num_return_sequences: int = 1,
     kv_dtype: str = "auto",
     backend: str = "auto",
     repeats: int = 1,
@@ -155,6 +164,8 @@ def benchmark(
     keep_decode_graph: bool = False,
 ) -> BenchResult:
     """Times both implementations on the same random prompts; keeps the best (fastest) of `repeats` runs each.
+    num_return_sequences > 1 (with num_beams 1) samples that many sequences of each prompt, with the same
+    seed on both sides.
     xpu_coopt's KV cache and decode graph, which generate() keeps for the next call that fits them
     (OptimizedModel.keep_cache), are freed after each of its runs, so that transformers never runs beside
     them (a batch-64 llama-2-7b cache is 37 GB) and each run captures its own graph. keep_decode_graph
@@ -162,6 +173,8 @@ def benchmark(
     later generate() of the same shape does."""
     from tqdm import tqdm
 
+    if num_return_sequences > 1 and num_beams > 1:
+        raise ValueError("num_return_sequences > 1 samples sequences, which needs num_beams=1")
     device = next(hf_model.parameters()).device
     # inplace=True lets optimize() share the fused matrices with transformers where the backend keeps them
     # plain (weights held once); it converts nothing here (same dtype), so transformers' results are unchanged.
@@ -175,7 +188,8 @@ def benchmark(
     mask = torch.ones_like(input_ids)
     settings = dict(
         dtype=str(dtype).removeprefix("torch."), batch_size=batch_size, input_tokens=input_tokens,
-        output_tokens=output_tokens, num_beams=num_beams, kv_dtype=kv_dtype, backend=optimized.backend,
+        output_tokens=output_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
+        kv_dtype=kv_dtype, backend=optimized.backend,
         cuda_graph=optimized.cuda_graph, gemm_fusions=optimized.decoder.fusions is not None,
         pack_shared_weights=pack_shared_weights, keep_decode_graph=keep_decode_graph, device=str(device),
         threads=torch.get_num_threads(), repeats=repeats,
@@ -191,6 +205,7 @@ def benchmark(
     for name, round_index in tqdm(plan, desc="bench", disable=not progress):
         run, model = runners[name]
         tokens = 2 if round_index == 0 else output_tokens
+        torch.manual_seed(seed)  # sampling draws the same numbers on both sides
         result = run(model, input_ids, mask, settings, tokens)
         if model is optimized and not keep_decode_graph:
             optimized.release_cache()

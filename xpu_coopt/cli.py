@@ -45,6 +45,8 @@ def _bench_parser(subparsers) -> None:
     bench.add_argument("--input-tokens", type=_positive, default=1024)
     bench.add_argument("--output-tokens", type=_positive, default=32)
     bench.add_argument("--num-beams", type=_positive, default=1)
+    bench.add_argument("--num-return-sequences", type=_positive, default=1,
+                       help="with one beam: sample this many sequences of each prompt (do_sample=True)")  # fmt: skip
     bench.add_argument("--kv-dtype", default="auto", choices=KV_FORMATS)
     bench.add_argument("--repeats", type=_positive, default=1, help="timed runs per side; the best is kept")
     bench.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
@@ -70,7 +72,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     model, _ = load_model(args.model, DTYPES[args.dtype], device)
     result = benchmark(
         model, dtype=DTYPES[args.dtype], batch_size=args.batch_size, input_tokens=args.input_tokens,
-        output_tokens=args.output_tokens, num_beams=args.num_beams, kv_dtype=args.kv_dtype,
+        output_tokens=args.output_tokens, num_beams=args.num_beams,
+        num_return_sequences=args.num_return_sequences, kv_dtype=args.kv_dtype,
         backend=args.backend, repeats=args.repeats,
         cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph],
         pack_shared_weights=args.pack_shared_weights, keep_decode_graph=args.keep_decode_graph,
