@@ -167,6 +167,22 @@ def test_sampling_matches_transformers_with_the_same_seed(seed):
     assert torch.equal(ours, theirs)
 
 
+def _matches_transformers(model, ids, mask, seed: int | None = None, **kwargs):
+    """xpu_coopt's generate and transformers' on the same inputs (each after torch.manual_seed(seed) when
+    sampling): the same tokens and, step by step, the same processed scores. Returns xpu_coopt's output."""
+    kwargs = {**kwargs, "return_dict_in_generate": True, "output_scores": True}
+    outputs = []
+    for generate in (xpu_coopt.optimize(model).generate, model.generate):
+        if seed is not None:
+            torch.manual_seed(seed)
+        outputs.append(generate(ids, attention_mask=mask, **kwargs))
+    ours, theirs = outputs
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for step, (actual, expected) in enumerate(zip(ours.scores, theirs.scores, strict=True)):
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-5, msg=f"scores of step {step}")
+    return ours
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sampling_several_sequences_per_prompt_matches_transformers(seed):
     """num_return_sequences samples of each prompt, drawn side by side as transformers draws them, with
@@ -175,20 +191,15 @@ def test_sampling_several_sequences_per_prompt_matches_transformers(seed):
     ids, mask = _prompts([5, 40], model.config.vocab_size, seed=9)
     kwargs = dict(
         max_new_tokens=10, do_sample=True, temperature=0.9, top_k=30, repetition_penalty=1.1, pad_token_id=0,
-        eos_token_id=_frequent_token(model, ids, mask), return_dict_in_generate=True, output_scores=True,
+        eos_token_id=_frequent_token(model, ids, mask),
     )  # fmt: skip
-    optimized = xpu_coopt.optimize(model)
-    torch.manual_seed(seed)
-    ours = optimized.generate(ids, attention_mask=mask, num_return_sequences=3, **kwargs)
-    torch.manual_seed(seed)
-    theirs = model.generate(ids, attention_mask=mask, num_return_sequences=3, **kwargs)
+    ours = _matches_transformers(model, ids, mask, seed, num_return_sequences=3, **kwargs)
     assert ours.sequences.shape[0] == 6
-    assert torch.equal(ours.sequences, theirs.sequences)
-    for step, (actual, expected) in enumerate(zip(ours.scores, theirs.scores, strict=True)):
-        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-5, msg=f"scores of step {step}")
     assert not torch.equal(ours.sequences[0], ours.sequences[1])  # three samples, not one copied
     # The 40-column prompts are held once: 40 + 3 x 16 response columns a prompt, not 3 x (40 + 16).
-    single = optimized.generate(ids, attention_mask=mask, **kwargs)
+    single = xpu_coopt.optimize(model).generate(
+        ids, attention_mask=mask, return_dict_in_generate=True, **kwargs
+    )
     assert ours.kv_cache_bytes < 0.6 * 3 * single.kv_cache_bytes
 
 
@@ -217,17 +228,11 @@ def test_repetition_penalty_matches_transformers(name, search, penalty):
     model = _model(name)
     ids, mask = _prompts([3, 9], model.config.vocab_size, seed=5)
     kwargs = dict(
-        max_new_tokens=10, repetition_penalty=penalty, eos_token_id=_frequent_token(model, ids, mask),
-        pad_token_id=0, return_dict_in_generate=True, output_scores=True, **search,
+        max_new_tokens=10, eos_token_id=_frequent_token(model, ids, mask), pad_token_id=0,
+        return_dict_in_generate=True, output_scores=True, **search,
     )  # fmt: skip
-    ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
-    theirs = model.generate(ids, attention_mask=mask, **kwargs)
-    assert torch.equal(ours.sequences, theirs.sequences)
-    for step, (actual, expected) in enumerate(zip(ours.scores, theirs.scores, strict=True)):
-        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-5, msg=f"scores of step {step}")
-    unpenalized = xpu_coopt.optimize(model).generate(
-        ids, attention_mask=mask, **{**kwargs, "repetition_penalty": 1.0}
-    )
+    ours = _matches_transformers(model, ids, mask, repetition_penalty=penalty, **kwargs)
+    unpenalized = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
     assert not torch.equal(ours.scores[1], unpenalized.scores[1])  # the penalty changed something
 
 
@@ -246,18 +251,11 @@ def test_no_repeat_ngram_size_matches_transformers(name, search, size):
     model = _model(name)
     ids, mask = _prompts([3, 9], model.config.vocab_size, seed=7)
     ids[0, :2] = ids[0, 2]  # the padding repeats the first prompt token: n-grams across padding and prompt
-    kwargs = dict(
-        max_new_tokens=12, no_repeat_ngram_size=size, eos_token_id=_frequent_token(model, ids, mask),
-        pad_token_id=0, return_dict_in_generate=True, output_scores=True, **search,
-    )  # fmt: skip
-    ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
-    theirs = model.generate(ids, attention_mask=mask, **kwargs)
-    assert torch.equal(ours.sequences, theirs.sequences)
-    for step, (actual, expected) in enumerate(zip(ours.scores, theirs.scores, strict=True)):
-        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-5, msg=f"scores of step {step}")
+    kwargs = dict(max_new_tokens=12, eos_token_id=_frequent_token(model, ids, mask), pad_token_id=0, **search)
+    ours = _matches_transformers(model, ids, mask, no_repeat_ngram_size=size, **kwargs)
     banned = sum(int(step.isneginf().sum()) for step in ours.scores)
     unbanned = xpu_coopt.optimize(model).generate(
-        ids, attention_mask=mask, **{**kwargs, "no_repeat_ngram_size": 0}
+        ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True, **kwargs
     )
     assert banned > sum(int(step.isneginf().sum()) for step in unbanned.scores)  # the option banned something
 
@@ -267,19 +265,12 @@ def test_min_p_sampling_matches_transformers(min_p):
     """min_p after temperature, top-k and top-p, as transformers orders its warpers."""
     model = _model("llama-gqa-8q2kv-d64")
     ids, mask = _prompts([4, 8], model.config.vocab_size, seed=8)
-    kwargs = dict(
-        max_new_tokens=10, do_sample=True, temperature=0.7, top_k=0, top_p=0.95, min_p=min_p, pad_token_id=0,
-        return_dict_in_generate=True, output_scores=True,
-    )  # fmt: skip
+    kwargs = dict(max_new_tokens=10, do_sample=True, temperature=0.7, top_k=0, top_p=0.95, pad_token_id=0)
+    ours = _matches_transformers(model, ids, mask, seed=0, min_p=min_p, **kwargs)
     torch.manual_seed(0)
-    ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
-    torch.manual_seed(0)
-    theirs = model.generate(ids, attention_mask=mask, **kwargs)
-    assert torch.equal(ours.sequences, theirs.sequences)
-    for step, (actual, expected) in enumerate(zip(ours.scores, theirs.scores, strict=True)):
-        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-5, msg=f"scores of step {step}")
-    torch.manual_seed(0)
-    without = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **{**kwargs, "min_p": None})
+    without = xpu_coopt.optimize(model).generate(
+        ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True, **kwargs
+    )
     kept = sum(int(step.isfinite().sum()) for step in ours.scores)
     assert kept < sum(int(step.isfinite().sum()) for step in without.scores)  # min_p removed tokens
 
