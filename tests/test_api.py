@@ -48,8 +48,8 @@ def test_bad_options(model, kwargs, message):
 
 def test_unsupported_rope_type():
     model = _model("llama-mha-d64")
-    model.config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0}
-    with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
+    model.config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(ValueError, match="rope type 'dynamic' is not supported"):
         xpu_coopt.optimize(model)
 
 

@@ -17,7 +17,9 @@ from transformers import (
 )
 
 import xpu_coopt
+from xpu_coopt.config import model_spec
 from xpu_coopt.ops import cpu_gemm
+from xpu_coopt.rope import inverse_frequencies
 
 COMMON = dict(vocab_size=256, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=256)
 CONFIGS = {
@@ -35,6 +37,9 @@ CONFIGS = {
     "mistral": (MistralForCausalLM, MistralConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
                                                   sliding_window=None, **COMMON)),
     "qwen2-bias": (Qwen2ForCausalLM, Qwen2Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, **COMMON)),
+    # Qwen2.5's long-context setting (YaRN), on a pretraining context short enough that the ramp is inside head_dim
+    "qwen2-yarn": (Qwen2ForCausalLM, Qwen2Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}, **COMMON)),
 }  # fmt: skip
 # Relative tolerance on logits (max |diff| / max |logit|) by dtype.
 LOGIT_TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -95,6 +100,40 @@ def test_packed_shared_weights_keep_the_logits(name, lengths):
     for linear in (layer.o_proj, layer.down_proj, optimized.decoder.lm_head):
         assert isinstance(linear.weight, cpu_gemm.PackedWeight)
     _check_prefill_and_decode(model, optimized, lengths, torch.bfloat16)
+
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "default", "rope_theta": 500000.0},
+        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+        CONFIGS["llama3-rope"][1].rope_parameters,
+        YARN,
+        {**YARN, "truncate": False, "beta_fast": 16, "beta_slow": 2},
+        {**YARN, "factor": None},  # from max_position_embeddings / original_max_position_embeddings
+        {**YARN, "mscale": 0.8, "mscale_all_dim": 0.5},
+        {**YARN, "attention_factor": 1.5},
+        {**YARN, "original_max_position_embeddings": 1000, "rope_theta": 1_000_000.0},  # no interpolated dims
+    ],
+    ids=["default", "linear", "llama3", "yarn", "yarn-untruncated", "yarn-no-factor", "yarn-mscale",
+         "yarn-attention-factor", "yarn-long-context"],
+)  # fmt: skip
+def test_rope_frequencies_and_scale_match_transformers(rope):
+    """Inverse frequencies and the cos/sin scale of each rope type, against transformers' own functions."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(hidden_size=512, num_attention_heads=4, rope_parameters=dict(rope), **COMMON)
+    spec = model_spec(config, "LlamaForCausalLM")
+    if rope["rope_type"] == "default":
+        expected = 1.0 / (rope["rope_theta"] ** (torch.arange(0, 128, 2).float() / 128))
+        expected_scale = 1.0
+    else:
+        expected, expected_scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, "cpu")
+    torch.testing.assert_close(inverse_frequencies(spec.rope, spec.head_dim), expected, rtol=1e-6, atol=0)
+    assert spec.rope.attention_factor == pytest.approx(expected_scale, rel=1e-12)
 
 
 def _check_prefill_and_decode(model, optimized, lengths, dtype):

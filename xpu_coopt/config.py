@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -19,10 +19,17 @@ class RopeSpec:
     theta: float
     rope_type: str = "default"
     factor: float = 1.0
+    # llama3 and yarn: the context the model was pretrained for
+    original_max_position_embeddings: int = 8192
     # llama3 only
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
+    # yarn only: the ramp between extrapolated and interpolated frequencies, and the factor cos and sin
+    # are scaled by (transformers' attention_scaling)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -60,14 +67,42 @@ def _rope(config: Any) -> RopeSpec:
         raise ValueError(
             f"rope type {rope_type!r} is not supported; xpu_coopt supports {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
+    # As transformers standardises rope parameters: a config-level field first, else the model's context.
+    original_context = int(
+        getattr(config, "original_max_position_embeddings", None)
+        or params.get("original_max_position_embeddings")
+        or config.max_position_embeddings
+    )
+    factor = params.get("factor")
+    if factor is None:
+        factor = config.max_position_embeddings / original_context if rope_type == "yarn" else 1.0
+    factor = float(factor)
     return RopeSpec(
         theta=float(theta),
         rope_type=rope_type,
-        factor=float(params.get("factor", 1.0)),
+        factor=factor,
+        original_max_position_embeddings=original_context,
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        truncate=bool(params.get("truncate", True)),
+        attention_factor=_yarn_attention_factor(params, factor) if rope_type == "yarn" else 1.0,
     )
+
+
+def _yarn_attention_factor(params: dict[str, Any], factor: float) -> float:
+    """YaRN's scale of cos and sin (its "mscale"): given, or 0.1 ln(factor) + 1 (as the paper suggests), or
+    DeepSeek's ratio of two such scales where mscale and mscale_all_dim are given."""
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+
+    def mscale(scale: float, weight: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * weight * math.log(scale) + 1.0
+
+    if params.get("mscale") and params.get("mscale_all_dim"):
+        return mscale(factor, params["mscale"]) / mscale(factor, params["mscale_all_dim"])
+    return mscale(factor)
 
 
 def _sliding_window(config: Any) -> int | None:

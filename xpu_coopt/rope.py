@@ -21,6 +21,8 @@ def inverse_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:
         return inv_freq / rope.factor
     if rope.rope_type == "llama3":
         return _llama3_frequencies(inv_freq, rope)
+    if rope.rope_type == "yarn":
+        return _yarn_frequencies(rope, head_dim)
     return inv_freq
 
 
@@ -37,9 +39,30 @@ def _llama3_frequencies(inv_freq: torch.Tensor, rope: RopeSpec) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def _yarn_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:
+    # YaRN (arXiv 2309.00071): frequencies that turn fewer than beta_slow times over the pretraining
+    # context are interpolated (divided by factor), those turning more than beta_fast times kept, a linear
+    # ramp over the dimensions between.
+    def dimension_of(rotations: float) -> float:  # the dimension turning `rotations` times in the context
+        context = rope.original_max_position_embeddings
+        return head_dim * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = dimension_of(rope.beta_fast), dimension_of(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    kept = 1 - ramp  # weight of the original (extrapolated) frequency
+    wavelength_base = rope.theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    return (1.0 / (rope.factor * wavelength_base)) * (1 - kept) + (1.0 / wavelength_base) * kept
+
+
 def cos_sin_cache(rope: RopeSpec, head_dim: int, max_positions: int, device: torch.device) -> torch.Tensor:
     """float32 [max_positions, head_dim]: cos of each frequency in the first half, sin in the second."""
     inv_freq = inverse_frequencies(rope, head_dim).to(device)
     positions = torch.arange(max_positions, device=device, dtype=torch.float32)
     freqs = positions[:, None] * inv_freq[None, :]
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    # YaRN scales both (attention_factor 1 elsewhere), before the model rounds them to its dtype.
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1) * rope.attention_factor
