@@ -299,6 +299,52 @@ def test_no_repeat_ngram_size_matches_transformers(name, search, size):
     assert banned > sum(int(step.isneginf().sum()) for step in unbanned.scores)  # the option banned something
 
 
+class _BanLastToken:
+    """A caller's logits processor: no row may repeat its last token; records the shapes it was called with."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tuple(input_ids.shape))
+        return scores.scatter(1, input_ids[:, -1:], float("-inf"))
+
+
+@pytest.mark.parametrize(
+    "search",
+    [dict(do_sample=False), dict(num_beams=3, num_return_sequences=2), dict(do_sample=True, top_k=20)],
+    ids=["greedy", "beam3", "sampling"],
+)
+def test_callers_logits_processors_run_where_transformers_runs_them(search):
+    """After the built-in processors (here the repetition penalty), before the sampling warpers, on each
+    row's tokens so far."""
+    from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
+
+    model = _model("llama-gqa-8q2kv-d64")
+    ids, mask = _prompts([3, 9], model.config.vocab_size, seed=10)
+    suppressed = _frequent_token(model, ids, mask)
+
+    processors = LogitsProcessorList(
+        [SuppressTokensLogitsProcessor([suppressed], device="cpu"), _BanLastToken()]
+    )
+    kwargs = dict(max_new_tokens=8, repetition_penalty=1.2, pad_token_id=0, **search)
+    ours = _matches_transformers(model, ids, mask, seed=0, logits_processor=processors, **kwargs)
+    rows = ids.shape[0] * search.get("num_beams", 1)
+    # xpu_coopt's run, then transformers': the same rows and lengths at every step
+    assert processors[1].calls == [(rows, ids.shape[1] + step) for step in range(8)] * 2
+    assert all(bool(step[:, suppressed].isneginf().all()) for step in ours.scores)
+
+
+def test_a_logits_processor_that_an_argument_builds_is_an_error():
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    model = _model("llama-mha-d64")
+    ids, _ = _prompts([4], model.config.vocab_size)
+    processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.2)])
+    with pytest.raises(ValueError, match="pass generate\\(\\)'s repetition_penalty argument instead"):
+        xpu_coopt.optimize(model).generate(ids, max_new_tokens=2, logits_processor=processors)
+
+
 @pytest.mark.parametrize("min_p", [0.3, 0.6])
 def test_min_p_sampling_matches_transformers(min_p):
     """min_p after temperature, top-k and top-p, as transformers orders its warpers."""

@@ -19,8 +19,16 @@ SUPPORTED_ARGUMENTS = (
     "max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
     "repetition_penalty", "no_repeat_ngram_size", "num_beams", "length_penalty", "early_stopping",
     "num_return_sequences", "eos_token_id", "pad_token_id", "bos_token_id", "streamer", "generator",
-    "return_dict_in_generate", "output_scores", "use_cache",
+    "return_dict_in_generate", "output_scores", "use_cache", "logits_processor",
 )  # fmt: skip
+
+# transformers' processors that generate() arguments build (the argument to pass instead of the object).
+_BUILT_IN_PROCESSORS = {
+    "RepetitionPenaltyLogitsProcessor": "repetition_penalty", "NoRepeatNGramLogitsProcessor": "no_repeat_ngram_size",
+    "MinNewTokensLengthLogitsProcessor": "min_new_tokens", "MinLengthLogitsProcessor": "min_new_tokens",
+    "TemperatureLogitsWarper": "temperature", "TopKLogitsWarper": "top_k", "TopPLogitsWarper": "top_p",
+    "MinPLogitsWarper": "min_p",
+}  # fmt: skip
 
 # Fields of a model's generation_config that xpu_coopt neither uses nor needs to: bookkeeping only.
 _IGNORED_CONFIG_FIELDS = {
@@ -50,6 +58,8 @@ class GenerationSettings:
     pad_token_id: int | None = None
     return_dict_in_generate: bool = False
     output_scores: bool = False
+    # callables (input_ids [rows, length], scores [rows, vocab]) -> scores, as transformers' LogitsProcessor
+    logits_processor: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -152,10 +162,21 @@ def _validate(s: GenerationSettings) -> None:
         raise ValueError(f"early_stopping must be True, False or 'never', got {s.early_stopping!r}")
     if s.pad_token_id is None and s.eos_token_id:
         raise ValueError("pad_token_id is needed to pad finished sequences")
+    for processor in s.logits_processor:
+        if not callable(processor):
+            raise ValueError(
+                f"logits_processor must hold callables (input_ids, scores) -> scores, got {processor!r}"
+            )
+        argument = _BUILT_IN_PROCESSORS.get(type(processor).__name__)
+        if argument is not None:
+            raise ValueError(
+                f"logits_processor holds a {type(processor).__name__}: pass generate()'s {argument} argument "
+                "instead, which xpu_coopt applies where transformers does"
+            )
 
 
-# --- logits processors, in transformers' order: repetition_penalty, no_repeat_ngram_size, min_new_tokens;
-# when sampling, then temperature, top_k, top_p, min_p
+# --- logits processors, in transformers' order: repetition_penalty, no_repeat_ngram_size, min_new_tokens, the
+# caller's logits_processor; when sampling, then temperature, top_k, top_p, min_p
 
 
 def _penalize_repetitions(
@@ -199,6 +220,16 @@ def _suppress_eos(
     """eos: the EOS ids on the scores' device (indexing with a Python list would copy it there, a wait)."""
     if eos.numel() and new_tokens < s.min_new_tokens:
         scores = scores.index_fill(-1, eos, float("-inf"))
+    return scores
+
+
+def _run_callers_processors(
+    scores: torch.Tensor, tokens: torch.Tensor, s: GenerationSettings
+) -> torch.Tensor:
+    """The caller's logits_processor, each given the rows' tokens so far (prompt and padding included) and
+    the scores as processed up to it, as transformers calls them."""
+    for processor in s.logits_processor:
+        scores = processor(tokens, scores)
     return scores
 
 
@@ -290,6 +321,7 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
         scores = _penalize_repetitions(logits.float(), sequences[:, :length], prompt_start, s)
         scores = _ban_repeated_ngrams(scores, sequences[:, :length], s)
         scores = _suppress_eos(scores, s, eos, step)
+        scores = _run_callers_processors(scores, sequences[:, :length], s)
         if s.do_sample:
             scores = _warp(scores, s)
             next_tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
@@ -364,6 +396,7 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
         log_probs = _penalize_repetitions(log_probs, history, prompt_start, s)
         log_probs = _ban_repeated_ngrams(log_probs, history, s)
         log_probs = _suppress_eos(log_probs, s, eos, cur_len - prompt_len)
+        log_probs = _run_callers_processors(log_probs, history, s)
         if s.output_scores:
             all_scores.append(log_probs)
         vocab = log_probs.shape[-1]
