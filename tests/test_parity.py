@@ -335,6 +335,78 @@ def test_callers_logits_processors_run_where_transformers_runs_them(search):
     assert all(bool(step[:, suppressed].isneginf().all()) for step in ours.scores)
 
 
+class _StopByLength:
+    """A caller's stopping criterion: even rows are done at `early` columns, odd ones at `late`."""
+
+    def __init__(self, early: int, late: int) -> None:
+        self.early, self.late = early, late
+
+    def __call__(self, input_ids: torch.Tensor, scores) -> torch.Tensor:
+        rows, length = input_ids.shape
+        even = torch.arange(rows) % 2 == 0
+        return torch.where(even, length >= self.early, length >= self.late)
+
+
+@pytest.mark.parametrize(
+    "search",
+    [
+        dict(do_sample=False),
+        dict(do_sample=False, eos_token_id=None),  # no EOS: stopped rows go on unpadded, as in transformers
+        dict(do_sample=True, top_k=20),
+        dict(num_beams=3, num_return_sequences=2),
+    ],
+    ids=["greedy", "greedy-without-eos", "sampling", "beam3"],
+)
+def test_callers_stopping_criteria_end_rows_as_in_transformers(search):
+    """Even rows stop at their second token, odd ones at their sixth: the even ones go on padded where an
+    EOS id is set, unpadded where none is, as in transformers."""
+    from transformers import StoppingCriteriaList
+
+    model = _model("qwen2-bias")
+    ids, mask = _prompts([3, 9], model.config.vocab_size, seed=11)
+    kwargs = {"max_new_tokens": 10, "eos_token_id": 1, "pad_token_id": 0, **search}
+    criteria = StoppingCriteriaList([_StopByLength(ids.shape[1] + 2, ids.shape[1] + 6)])
+    ours = _matches_transformers(model, ids, mask, seed=0, stopping_criteria=criteria, **kwargs)
+    if search.get("num_beams", 1) == 1:
+        assert ours.sequences.shape[1] == ids.shape[1] + 6
+
+
+def test_max_time_stops_after_the_first_token_like_transformers():
+    model = _model("llama-mha-d64")
+    ids, mask = _prompts([4, 6], model.config.vocab_size)
+    kwargs = dict(max_new_tokens=10, max_time=1e-9, pad_token_id=0, do_sample=False)
+    ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
+    assert ours.shape[1] == ids.shape[1] + 1
+    assert torch.equal(ours, model.generate(ids, attention_mask=mask, **kwargs))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(stop_strings=["."]), "stop_strings needs the model's tokenizer"),
+        (dict(max_time=0), "max_time must be > 0"),
+        (dict(stopping_criteria=["stop"]), "stopping_criteria must hold callables"),
+    ],
+)
+def test_bad_stopping_arguments_are_errors(kwargs, message):
+    model = _model("llama-mha-d64")
+    with pytest.raises(ValueError, match=message):
+        xpu_coopt.optimize(model).generate(
+            _prompts([4], model.config.vocab_size)[0], max_new_tokens=2, **kwargs
+        )
+
+
+def test_eos_criterion_among_the_callers_criteria_is_an_error():
+    from transformers import EosTokenCriteria, StoppingCriteriaList
+
+    model = _model("llama-mha-d64")
+    criteria = StoppingCriteriaList([EosTokenCriteria(eos_token_id=1)])
+    with pytest.raises(ValueError, match="pass generate\\(\\)'s eos_token_id argument instead"):
+        xpu_coopt.optimize(model).generate(
+            _prompts([4], 256)[0], max_new_tokens=2, stopping_criteria=criteria
+        )
+
+
 def test_a_logits_processor_that_an_argument_builds_is_an_error():
     from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 

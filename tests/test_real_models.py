@@ -71,6 +71,21 @@ def test_smollm2_beam4_matches_transformers(smollm2_chat):
     torch.testing.assert_close(ours.sequences_scores, theirs.sequences_scores, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("search", [dict(do_sample=False), dict(num_beams=3)], ids=["greedy", "beam3"])
+def test_smollm2_stop_strings_match_transformers(smollm2_chat, smollm2_fp32, search):
+    """stop_strings end each row where its text first holds one (transformers' StopStringCriteria, which
+    reads the tokenizer's vocabulary): "Paris." ends the first prompt's row, "return" the second's."""
+    model, ids, mask = smollm2_chat
+    tokenizer = smollm2_fp32[1]
+    kwargs = dict(
+        max_new_tokens=20, pad_token_id=2, stop_strings=["Paris.", "return"], tokenizer=tokenizer, **search
+    )
+    ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ours, model.generate(ids, attention_mask=mask, **kwargs))
+    texts = tokenizer.batch_decode(ours[:, ids.shape[1] :], skip_special_tokens=True)
+    assert texts[0].strip() == "Paris." and texts[1].rstrip().endswith("return"), texts
+
+
 def test_smollm2_bf16_logits_close_to_transformers_bf16(smollm2_chat):
     model, ids, mask = smollm2_chat
     bf16 = type(model)(model.config).to(torch.bfloat16).eval()

@@ -19,7 +19,8 @@ SUPPORTED_ARGUMENTS = (
     "max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
     "repetition_penalty", "no_repeat_ngram_size", "num_beams", "length_penalty", "early_stopping",
     "num_return_sequences", "eos_token_id", "pad_token_id", "bos_token_id", "streamer", "generator",
-    "return_dict_in_generate", "output_scores", "use_cache", "logits_processor",
+    "return_dict_in_generate", "output_scores", "use_cache", "logits_processor", "stopping_criteria",
+    "stop_strings", "max_time", "tokenizer",
 )  # fmt: skip
 
 # transformers' processors that generate() arguments build (the argument to pass instead of the object).
@@ -27,7 +28,8 @@ _BUILT_IN_PROCESSORS = {
     "RepetitionPenaltyLogitsProcessor": "repetition_penalty", "NoRepeatNGramLogitsProcessor": "no_repeat_ngram_size",
     "MinNewTokensLengthLogitsProcessor": "min_new_tokens", "MinLengthLogitsProcessor": "min_new_tokens",
     "TemperatureLogitsWarper": "temperature", "TopKLogitsWarper": "top_k", "TopPLogitsWarper": "top_p",
-    "MinPLogitsWarper": "min_p",
+    "MinPLogitsWarper": "min_p", "EosTokenCriteria": "eos_token_id", "MaxLengthCriteria": "max_new_tokens",
+    "MaxTimeCriteria": "max_time", "StopStringCriteria": "stop_strings",
 }  # fmt: skip
 
 # Fields of a model's generation_config that xpu_coopt neither uses nor needs to: bookkeeping only.
@@ -60,6 +62,12 @@ class GenerationSettings:
     output_scores: bool = False
     # callables (input_ids [rows, length], scores [rows, vocab]) -> scores, as transformers' LogitsProcessor
     logits_processor: list[Any] = field(default_factory=list)
+    # callables (input_ids [rows, length], scores) -> bool [rows], True where a row is done, as
+    # transformers' StoppingCriteria; stop_strings and max_time add transformers' own criteria for them
+    stopping_criteria: list[Any] = field(default_factory=list)
+    stop_strings: str | list[str] | None = None
+    max_time: float | None = None
+    tokenizer: Any = None
 
 
 @dataclass
@@ -162,17 +170,22 @@ def _validate(s: GenerationSettings) -> None:
         raise ValueError(f"early_stopping must be True, False or 'never', got {s.early_stopping!r}")
     if s.pad_token_id is None and s.eos_token_id:
         raise ValueError("pad_token_id is needed to pad finished sequences")
-    for processor in s.logits_processor:
-        if not callable(processor):
-            raise ValueError(
-                f"logits_processor must hold callables (input_ids, scores) -> scores, got {processor!r}"
-            )
-        argument = _BUILT_IN_PROCESSORS.get(type(processor).__name__)
-        if argument is not None:
-            raise ValueError(
-                f"logits_processor holds a {type(processor).__name__}: pass generate()'s {argument} argument "
-                "instead, which xpu_coopt applies where transformers does"
-            )
+    if s.stop_strings is not None and s.tokenizer is None:
+        raise ValueError(
+            "stop_strings needs the model's tokenizer: pass it as generate(..., tokenizer=tokenizer)"
+        )
+    if s.max_time is not None and not s.max_time > 0:
+        raise ValueError(f"max_time must be > 0 seconds, got {s.max_time}")
+    for name in ("logits_processor", "stopping_criteria"):
+        for item in getattr(s, name):
+            if not callable(item):
+                raise ValueError(f"{name} must hold callables (input_ids, scores) -> ..., got {item!r}")
+            argument = _BUILT_IN_PROCESSORS.get(type(item).__name__)
+            if argument is not None:
+                raise ValueError(
+                    f"{name} holds a {type(item).__name__}: pass generate()'s {argument} argument instead, "
+                    "which xpu_coopt applies where transformers does"
+                )
 
 
 # --- logits processors, in transformers' order: repetition_penalty, no_repeat_ngram_size, min_new_tokens, the
@@ -231,6 +244,33 @@ def _run_callers_processors(
     for processor in s.logits_processor:
         scores = processor(tokens, scores)
     return scores
+
+
+def _stopping_criteria(s: GenerationSettings) -> list[Any]:
+    """transformers' criteria for max_time and stop_strings (made per generation: max_time's clock starts
+    here), then the caller's, in transformers' order; EOS and the length limit are the loops' own."""
+    criteria: list[Any] = []
+    if s.max_time is not None or s.stop_strings is not None:
+        from transformers import MaxTimeCriteria, StopStringCriteria
+
+        if s.max_time is not None:
+            criteria.append(MaxTimeCriteria(max_time=s.max_time))
+        if s.stop_strings is not None:
+            criteria.append(StopStringCriteria(tokenizer=s.tokenizer, stop_strings=s.stop_strings))
+    return criteria + list(s.stopping_criteria)
+
+
+def _criteria_met(
+    criteria: list[Any], tokens: torch.Tensor, scores: list[torch.Tensor] | None
+) -> torch.Tensor:
+    """bool [rows]: rows some criterion ends (tokens: each row's whole sequence, its newest token included;
+    scores: the processed scores so far, as transformers passes them with output_scores, else None)."""
+    met = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    for criterion in criteria:
+        met |= criterion(tokens, None if scores is None else tuple(scores)).to(
+            device=met.device, dtype=torch.bool
+        )
+    return met
 
 
 def _warp(scores: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
@@ -301,6 +341,7 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
     side, as transformers does (row order: each prompt's samples together), over one prefill of the prompt
     whose K/V all its samples share (the segment cache's beams, never reordered)."""
     samples = s.num_return_sequences
+    criteria = _stopping_criteria(s)  # before the prefill: max_time counts it, as in transformers
     logits, cache = model.prefill(input_ids, attention_mask, samples, s.max_new_tokens, reuse_kept_cache=True)
     prompt_start = cache.prompt_start  # each prompt's first column after its left padding
     if samples > 1:
@@ -330,11 +371,14 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
         if s.output_scores:
             # Unprocessed float32 scores are the decode graph's output buffer, which the next step overwrites.
             all_scores.append(scores.clone() if scores is logits else scores)
-        if s.pad_token_id is not None:
+        if eos.numel():  # as transformers: finished rows are padded only where EOS can finish them
             next_tokens = torch.where(unfinished, next_tokens, s.pad_token_id)
         sequences[:, length] = next_tokens
         step_times.append(time.perf_counter())
         unfinished &= ~torch.isin(next_tokens, eos)
+        if criteria:
+            scores_so_far = all_scores if s.output_scores else None
+            unfinished &= ~_criteria_met(criteria, sequences[:, : length + 1], scores_so_far)
         any_unfinished = _HostFlags(unfinished.any().view(1))
         last = step == s.max_new_tokens - 1
         # The next step is queued before anything waits for the device (the streamer, the stop check), so
@@ -385,6 +429,7 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
     batch_offset = torch.arange(batch, device=device).view(-1, 1) * beams
     all_scores: list[torch.Tensor] = []
     step_times: list[float] = []
+    criteria = _stopping_criteria(s)  # before the prefill: max_time counts it, as in transformers
 
     logits, cache = model.prefill(input_ids, attention_mask, beams, s.max_new_tokens, reuse_kept_cache=True)
     logits = logits.repeat_interleave(beams, dim=0)  # every beam of a request starts from the same prompt
@@ -410,6 +455,10 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
 
         # Stopping criteria of each candidate: length limit, or an EOS as its last token.
         hits_stop = torch.isin(topk_sequences[:, :, cur_len], eos) | (cur_len + 1 >= max_length)
+        if criteria:
+            candidates = topk_sequences[:, :, : cur_len + 1].reshape(batch * beams_to_keep, cur_len + 1)
+            met = _criteria_met(criteria, candidates, all_scores if s.output_scores else None)
+            hits_stop |= met.view(batch, beams_to_keep)
 
         # Running beams for the next step: the best candidates that did not stop.
         running_candidates = topk_log_probs + hits_stop.float() * -1.0e9
