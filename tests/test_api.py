@@ -199,6 +199,34 @@ def test_unsupported_generation_config_field_is_an_error():
         xpu_coopt.optimize(model).generate(_prompts([4], 256)[0], max_new_tokens=2)
 
 
+@pytest.mark.parametrize(
+    "overrides", [{}, {"num_beams": 2, "max_new_tokens": 4}], ids=["config", "overridden"]
+)
+def test_a_generation_config_passed_to_generate_overrides_the_models(overrides):
+    """The passed config's fields override the model's (its max_new_tokens), the model's fill the fields it
+    leaves unset (num_beams 3), generate()'s other arguments override both, as in transformers."""
+    from transformers import GenerationConfig
+
+    model = _model("llama-mha-d64")
+    model.generation_config.num_beams = 3
+    model.generation_config.max_new_tokens = 9
+    config = GenerationConfig(max_new_tokens=6, repetition_penalty=1.3, pad_token_id=0)
+    ids, _ = _prompts([4], 256)
+    ours = xpu_coopt.optimize(model).generate(ids, generation_config=config, **overrides)
+    assert ours.shape[1] == 4 + overrides.get("max_new_tokens", 6)
+    assert torch.equal(ours, model.generate(ids, generation_config=config, **overrides))
+
+
+def test_a_generation_config_with_an_unsupported_field_is_an_error():
+    from transformers import GenerationConfig
+
+    model = _model("llama-mha-d64")
+    with pytest.raises(ValueError, match="typical_p"):
+        xpu_coopt.optimize(model).generate(
+            _prompts([4], 256)[0], generation_config=GenerationConfig(do_sample=True, typical_p=0.5)
+        )
+
+
 def test_generation_config_defaults_are_honoured():
     model = _model("llama-mha-d64")
     model.generation_config.num_beams = 3

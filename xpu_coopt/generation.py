@@ -20,7 +20,7 @@ SUPPORTED_ARGUMENTS = (
     "repetition_penalty", "no_repeat_ngram_size", "num_beams", "length_penalty", "early_stopping",
     "num_return_sequences", "eos_token_id", "pad_token_id", "bos_token_id", "streamer", "generator",
     "return_dict_in_generate", "output_scores", "use_cache", "logits_processor", "stopping_criteria",
-    "stop_strings", "max_time", "tokenizer",
+    "stop_strings", "max_time", "tokenizer", "generation_config",
 )  # fmt: skip
 
 # transformers' processors that generate() arguments build (the argument to pass instead of the object).
@@ -110,7 +110,13 @@ def resolve_settings(model: Any, prompt_len: int, kwargs: dict[str, Any]) -> Gen
         )
     if kwargs.get("use_cache", True) is not True:
         raise ValueError("use_cache=False is not supported: xpu_coopt always decodes over its KV cache")
-    values = {**_config_defaults(model.generation_config), **kwargs}
+    # As transformers: the fields a generation_config passed to generate() sets override the model's, and
+    # the other arguments override both.
+    values = {
+        **_config_defaults(model.generation_config),
+        **_config_defaults(kwargs.get("generation_config")),
+        **{key: value for key, value in kwargs.items() if key != "generation_config"},
+    }
     max_new_tokens = values.get("max_new_tokens")
     if max_new_tokens is None:
         max_new_tokens = values.get("max_length", 20) - prompt_len
