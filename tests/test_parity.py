@@ -242,6 +242,26 @@ def test_sampling_several_sequences_per_prompt_matches_transformers(seed):
     assert ours.kv_cache_bytes < 0.6 * 3 * single.kv_cache_bytes
 
 
+@pytest.mark.parametrize(
+    "search", [dict(do_sample=False), dict(num_beams=3, num_return_sequences=2)], ids=["greedy", "beam3"]
+)
+def test_output_logits_match_transformers(search):
+    """Each step's raw logits, float32, one row per sequence (beam search: per running beam)."""
+    model = _model("mistral")
+    ids, mask = _prompts([4, 7], model.config.vocab_size, seed=12)
+    kwargs = dict(
+        max_new_tokens=6, pad_token_id=0, return_dict_in_generate=True, output_logits=True, **search
+    )
+    ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
+    theirs = model.generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    assert len(ours.logits) == len(theirs.logits) == ours.sequences.shape[1] - ids.shape[1]
+    for actual, expected in zip(ours.logits, theirs.logits, strict=True):
+        assert actual.dtype == torch.float32
+        _assert_logits_close(actual, expected, torch.float32)
+    assert not torch.equal(ours.logits[0], ours.logits[1])  # a copy per step, not one buffer
+
+
 def test_min_new_tokens_and_eos_list_match_transformers():
     model = _model("llama-mha-d64")
     ids, mask = _prompts([5, 7], model.config.vocab_size, seed=4)

@@ -19,7 +19,7 @@ SUPPORTED_ARGUMENTS = (
     "max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
     "repetition_penalty", "no_repeat_ngram_size", "num_beams", "length_penalty", "early_stopping",
     "num_return_sequences", "eos_token_id", "pad_token_id", "bos_token_id", "streamer", "generator",
-    "return_dict_in_generate", "output_scores", "use_cache", "logits_processor", "stopping_criteria",
+    "return_dict_in_generate", "output_scores", "output_logits", "use_cache", "logits_processor", "stopping_criteria",
     "stop_strings", "max_time", "tokenizer", "generation_config",
 )  # fmt: skip
 
@@ -36,7 +36,7 @@ _BUILT_IN_PROCESSORS = {
 _IGNORED_CONFIG_FIELDS = {
     "transformers_version", "_from_model_config", "_commit_hash", "_original_object_hash", "use_cache",
     "cache_implementation", "cache_config", "return_legacy_cache", "output_attentions",
-    "output_hidden_states", "output_logits", "decoder_start_token_id", "generation_kwargs",
+    "output_hidden_states", "decoder_start_token_id", "generation_kwargs",
     "is_assistant", "compile_config", "disable_compile", "trust_remote_code",
 }  # fmt: skip
 
@@ -60,6 +60,7 @@ class GenerationSettings:
     pad_token_id: int | None = None
     return_dict_in_generate: bool = False
     output_scores: bool = False
+    output_logits: bool = False
     # callables (input_ids [rows, length], scores [rows, vocab]) -> scores, as transformers' LogitsProcessor
     logits_processor: list[Any] = field(default_factory=list)
     # callables (input_ids [rows, length], scores) -> bool [rows], True where a row is done, as
@@ -78,6 +79,7 @@ class GenerateOutput:
     kv_cache_bytes: int = 0  # bytes the KV cache held
     # time.perf_counter() right after each step's tokens were chosen (index 0: the first token)
     step_times: list[float] = field(default_factory=list)
+    logits: tuple[torch.Tensor, ...] | None = None  # output_logits: each step's raw logits, float32
 
 
 def _config_defaults(generation_config: Any) -> dict[str, Any]:
@@ -362,9 +364,12 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
     sequences = torch.empty((batch, prompt_len + s.max_new_tokens), dtype=torch.long, device=input_ids.device)
     sequences[:, :prompt_len] = input_ids
     all_scores: list[torch.Tensor] = []
+    all_logits: list[torch.Tensor] = []
     step_times: list[float] = []
     for step in range(s.max_new_tokens):
         length = prompt_len + step
+        if s.output_logits:  # a copy: the decode graph's output buffer is overwritten by the next step
+            all_logits.append(logits.to(torch.float32, copy=True))
         scores = _penalize_repetitions(logits.float(), sequences[:, :length], prompt_start, s)
         scores = _ban_repeated_ngrams(scores, sequences[:, :length], s)
         scores = _suppress_eos(scores, s, eos, step)
@@ -401,7 +406,8 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
     model.keep_cache(cache)
     sequences = sequences[:, : prompt_len + len(step_times)]
     scores = tuple(all_scores) if s.output_scores else None
-    return GenerateOutput(sequences, None, scores, cache.nbytes(), step_times)
+    logits = tuple(all_logits) if s.output_logits else None
+    return GenerateOutput(sequences, None, scores, cache.nbytes(), step_times, logits)
 
 
 def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -434,6 +440,7 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
     beam_indices = running_beam_indices.clone()
     batch_offset = torch.arange(batch, device=device).view(-1, 1) * beams
     all_scores: list[torch.Tensor] = []
+    all_logits: list[torch.Tensor] = []
     step_times: list[float] = []
     criteria = _stopping_criteria(s)  # before the prefill: max_time counts it, as in transformers
 
@@ -442,6 +449,8 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
     prompt_start = cache.prompt_start.repeat_interleave(beams)  # each row's first column after its padding
     cur_len = prompt_len
     while True:
+        if s.output_logits:
+            all_logits.append(logits.to(torch.float32, copy=True))
         log_probs = F.log_softmax(logits.float(), dim=-1)
         history = running_sequences[:, :, :cur_len].reshape(batch * beams, cur_len)
         log_probs = _penalize_repetitions(log_probs, history, prompt_start, s)
@@ -524,4 +533,5 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
         tuple(all_scores) if s.output_scores else None,
         cache.nbytes(),
         step_times,
+        tuple(all_logits) if s.output_logits else None,
     )
