@@ -227,6 +227,18 @@ def test_a_generation_config_with_an_unsupported_field_is_an_error():
         )
 
 
+def test_eval_is_a_no_op_and_moving_an_optimized_model_is_a_clear_error(optimized):
+    assert optimized.eval() is optimized
+    for move in (
+        lambda: optimized.to("cpu"),
+        optimized.cuda,
+        optimized.half,
+        lambda: optimized.to(torch.float16),
+    ):
+        with pytest.raises(ValueError, match="move or convert the transformers model"):
+            move()
+
+
 def test_generation_config_defaults_are_honoured():
     model = _model("llama-mha-d64")
     model.generation_config.num_beams = 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -105,6 +105,20 @@ class OptimizedModel:
             f"kv_dtype={self.kv_format!r}{', static KV scales' if self.kv_scales else ''}, backend={self.backend!r}, "
             f"cuda_graph={self.cuda_graph}, device={self.device})"
         )
+
+    def eval(self) -> OptimizedModel:
+        """Itself: the model only ever infers (transformers' model.eval() idiom keeps working)."""
+        return self
+
+    def to(self, *args: Any, **kwargs: Any) -> NoReturn:
+        """Refused: the fused and packed weights and the kernels were chosen for this device and dtype.
+        Move or convert the transformers model, then optimize() it there."""
+        raise ValueError(
+            f"an optimized model stays on {self.device} in {self.dtype}: move or convert the transformers model "
+            "(model.to(...)) and call xpu_coopt.optimize(model, dtype=...) on it there"
+        )
+
+    cpu = cuda = xpu = half = float = bfloat16 = to
 
     def weight_bytes(self) -> int:
         """Bytes of weights held for this model: the Hugging Face model's parameters (which it shares) plus
