@@ -90,6 +90,14 @@ def optimize(
                 f"kv_scales hold {kv_scales.num_layers} layers, the model has {spec.num_layers}: "
                 "they were calibrated for another model"
             )
+    devices = sorted({str(p.device) for p in model.parameters()})
+    if len(devices) != 1 or devices[0] == "meta":
+        # device_map="auto" spreads a model over devices or offloads it (meta placeholders filled by hooks).
+        raise ValueError(
+            f"optimize() needs every weight of the model in memory on one device; this model's are on "
+            f"{', '.join(devices)}: load it without a device_map that splits or offloads it, then move it with "
+            ".to(device)"
+        )
     parameter = next(model.parameters())
     dtype = parameter.dtype if dtype is None else dtype
     if dtype not in SUPPORTED_DTYPES:
