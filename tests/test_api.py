@@ -58,6 +58,13 @@ def test_a_model_offloaded_or_split_over_devices_is_an_error(offload, devices):
         xpu_coopt.optimize(model)
 
 
+def test_device_is_checked_as_ipex_llm_optimize_takes_it():
+    model = _model("llama-mha-d64")
+    assert xpu_coopt.optimize(model, device="cpu").device == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"optimize\(device='xpu'\) but the model's weights are on cpu"):
+        xpu_coopt.optimize(model, device="xpu")
+
+
 def test_unsupported_rope_type():
     model = _model("llama-mha-d64")
     model.config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}

@@ -28,10 +28,11 @@ def optimize(
     kv_scales: KVScales | str | PathLike | None = None,
     cuda_graph: bool | None = None,
     pack_shared_weights: bool = False,
+    device: str | torch.device | None = None,
 ) -> OptimizedModel:
     """Returns `model` (a Hugging Face LLaMA, Mistral or Qwen2 causal LM) running on xpu_coopt's kernels.
 
-    Mirrors `ipex.llm.optimize(model, dtype=...)`: an IPEX user changes one import.
+    Mirrors `ipex.llm.optimize(model, dtype=..., device=..., inplace=...)`: an IPEX user changes one import.
 
     Parameters
     ----------
@@ -69,6 +70,9 @@ def optimize(
         GEMMs over them ~1.6-2.5x faster; single rows keep using the shared plain weights). Weights held on
         SmolLM2-135M: 1.52x the model's own by default, 2.00x with this (OptimizedModel.weight_bytes()).
         See docs/benchmarks.md.
+    device : "cpu", "xpu", "cuda" (or a torch.device), optional
+        As in ipex.llm.optimize: the device the model runs on, which must be where its weights already
+        are (move it with model.to(device) first); None: wherever they are.
     """
     hf_config = getattr(model, "config", None)
     if hf_config is None or not isinstance(model, torch.nn.Module):
@@ -99,6 +103,11 @@ def optimize(
             ".to(device)"
         )
     parameter = next(model.parameters())
+    if device is not None and torch.device(device).type != parameter.device.type:
+        raise ValueError(
+            f"optimize(device={str(device)!r}) but the model's weights are on {parameter.device}: move the model "
+            f"with model.to({str(device)!r}) first"
+        )
     dtype = parameter.dtype if dtype is None else dtype
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported; choose one of {SUPPORTED_DTYPES}")
