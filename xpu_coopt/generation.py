@@ -281,6 +281,22 @@ def _criteria_met(
     return met
 
 
+def _process(
+    scores: torch.Tensor,
+    tokens: torch.Tensor,
+    prompt_start: torch.Tensor,
+    eos: torch.Tensor,
+    step: int,
+    s: GenerationSettings,
+) -> torch.Tensor:
+    """The processors before the sampling warpers, in transformers' order, on float32 scores; tokens: each
+    row's sequence so far, step: tokens generated so far."""
+    scores = _penalize_repetitions(scores, tokens, prompt_start, s)
+    scores = _ban_repeated_ngrams(scores, tokens, s)
+    scores = _suppress_eos(scores, s, eos, step)
+    return _run_callers_processors(scores, tokens, s)
+
+
 def _warp(scores: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
     if s.temperature != 1.0:
         scores = scores / s.temperature
@@ -370,10 +386,7 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
         length = prompt_len + step
         if s.output_logits:  # a copy: the decode graph's output buffer is overwritten by the next step
             all_logits.append(logits.to(torch.float32, copy=True))
-        scores = _penalize_repetitions(logits.float(), sequences[:, :length], prompt_start, s)
-        scores = _ban_repeated_ngrams(scores, sequences[:, :length], s)
-        scores = _suppress_eos(scores, s, eos, step)
-        scores = _run_callers_processors(scores, sequences[:, :length], s)
+        scores = _process(logits.float(), sequences[:, :length], prompt_start, eos, step, s)
         if s.do_sample:
             scores = _warp(scores, s)
             next_tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
@@ -451,12 +464,9 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
     while True:
         if s.output_logits:
             all_logits.append(logits.to(torch.float32, copy=True))
-        log_probs = F.log_softmax(logits.float(), dim=-1)
         history = running_sequences[:, :, :cur_len].reshape(batch * beams, cur_len)
-        log_probs = _penalize_repetitions(log_probs, history, prompt_start, s)
-        log_probs = _ban_repeated_ngrams(log_probs, history, s)
-        log_probs = _suppress_eos(log_probs, s, eos, cur_len - prompt_len)
-        log_probs = _run_callers_processors(log_probs, history, s)
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        log_probs = _process(log_probs, history, prompt_start, eos, cur_len - prompt_len, s)
         if s.output_scores:
             all_scores.append(log_probs)
         vocab = log_probs.shape[-1]
@@ -468,7 +478,7 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
         topk_sequences[:, :, cur_len] = topk_indices % vocab
         topk_running_beam_indices[:, :, cur_len - prompt_len] = (topk_beam + batch_offset).to(torch.int32)
 
-        # Stopping criteria of each candidate: length limit, or an EOS as its last token.
+        # Stopping criteria of each candidate: length limit, an EOS as its last token, the caller's criteria.
         hits_stop = torch.isin(topk_sequences[:, :, cur_len], eos) | (cur_len + 1 >= max_length)
         if criteria:
             candidates = topk_sequences[:, :, : cur_len + 1].reshape(batch * beams_to_keep, cur_len + 1)
