@@ -1,0 +1,176 @@
+"""generate()'s arguments: which it takes, how the model's generation_config fills them (as transformers
+fills them), and their validation, into one GenerationSettings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+SUPPORTED_ARGUMENTS = (
+    "max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
+    "repetition_penalty", "no_repeat_ngram_size", "num_beams", "length_penalty", "early_stopping",
+    "num_return_sequences", "eos_token_id", "pad_token_id", "bos_token_id", "streamer", "generator",
+    "return_dict_in_generate", "output_scores", "output_logits", "use_cache", "logits_processor", "stopping_criteria",
+    "stop_strings", "max_time", "tokenizer", "generation_config",
+)  # fmt: skip
+
+# transformers' processors that generate() arguments build (the argument to pass instead of the object).
+_BUILT_IN_PROCESSORS = {
+    "RepetitionPenaltyLogitsProcessor": "repetition_penalty", "NoRepeatNGramLogitsProcessor": "no_repeat_ngram_size",
+    "MinNewTokensLengthLogitsProcessor": "min_new_tokens", "MinLengthLogitsProcessor": "min_new_tokens",
+    "TemperatureLogitsWarper": "temperature", "TopKLogitsWarper": "top_k", "TopPLogitsWarper": "top_p",
+    "MinPLogitsWarper": "min_p", "EosTokenCriteria": "eos_token_id", "MaxLengthCriteria": "max_new_tokens",
+    "MaxTimeCriteria": "max_time", "StopStringCriteria": "stop_strings",
+}  # fmt: skip
+
+# Fields of a model's generation_config that xpu_coopt neither uses nor needs to: bookkeeping only.
+_IGNORED_CONFIG_FIELDS = {
+    "transformers_version", "_from_model_config", "_commit_hash", "_original_object_hash", "use_cache",
+    "cache_implementation", "cache_config", "return_legacy_cache", "output_attentions",
+    "output_hidden_states", "decoder_start_token_id", "generation_kwargs",
+    "is_assistant", "compile_config", "disable_compile", "trust_remote_code",
+}  # fmt: skip
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    min_p: float | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    eos_token_id: list[int] | None = None
+    pad_token_id: int | None = None
+    return_dict_in_generate: bool = False
+    output_scores: bool = False
+    output_logits: bool = False
+    # callables (input_ids [rows, length], scores [rows, vocab]) -> scores, as transformers' LogitsProcessor
+    logits_processor: list[Any] = field(default_factory=list)
+    # callables (input_ids [rows, length], scores) -> bool [rows], True where a row is done, as
+    # transformers' StoppingCriteria; stop_strings and max_time add transformers' own criteria for them
+    stopping_criteria: list[Any] = field(default_factory=list)
+    stop_strings: str | list[str] | None = None
+    max_time: float | None = None
+    tokenizer: Any = None
+
+
+def _config_defaults(generation_config: Any) -> dict[str, Any]:
+    """Supported fields of the model's generation_config; ValueError for unsupported ones set away from default."""
+    if generation_config is None:
+        return {}
+    from transformers import GenerationConfig
+
+    base = GenerationConfig().to_dict()
+    own = generation_config.to_dict()
+    supported = {f.name for f in fields(GenerationSettings)} | {"max_length", "bos_token_id"}
+    unsupported = {
+        key: value
+        for key, value in own.items()
+        if key not in supported and key not in _IGNORED_CONFIG_FIELDS and key in base and value != base[key]
+    }
+    if unsupported:
+        raise ValueError(
+            f"the model's generation_config sets {unsupported}, which xpu_coopt's generate does not support; "
+            "reset those fields on model.generation_config to their defaults to generate without them"
+        )
+    return {key: own[key] for key in supported if key in own and own[key] != base.get(key)}
+
+
+def resolve_settings(model: Any, prompt_len: int, kwargs: dict[str, Any]) -> GenerationSettings:
+    unknown = sorted(set(kwargs) - set(SUPPORTED_ARGUMENTS))
+    if unknown:
+        raise TypeError(
+            f"generate() got unsupported arguments {unknown}; xpu_coopt supports {', '.join(SUPPORTED_ARGUMENTS)}"
+        )
+    if kwargs.get("use_cache", True) is not True:
+        raise ValueError("use_cache=False is not supported: xpu_coopt always decodes over its KV cache")
+    # As transformers: the fields a generation_config passed to generate() sets override the model's, and
+    # the other arguments override both.
+    values = {
+        **_config_defaults(model.generation_config),
+        **_config_defaults(kwargs.get("generation_config")),
+        **{key: value for key, value in kwargs.items() if key != "generation_config"},
+    }
+    max_new_tokens = values.get("max_new_tokens")
+    if max_new_tokens is None:
+        max_new_tokens = values.get("max_length", 20) - prompt_len
+    eos = values.get("eos_token_id")
+    if isinstance(eos, int):
+        eos = [eos]
+    settings = GenerationSettings(
+        **{
+            f.name: values[f.name]
+            for f in fields(GenerationSettings)
+            if f.name in values
+            and values[f.name] is not None
+            and f.name not in ("eos_token_id", "max_new_tokens")
+        },
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(eos) if eos is not None else None,
+    )
+    if settings.pad_token_id is None and settings.eos_token_id:
+        settings.pad_token_id = settings.eos_token_id[0]  # as transformers does, without its warning
+    _validate(settings)
+    return settings
+
+
+def _validate(s: GenerationSettings) -> None:
+    if s.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {s.max_new_tokens}")
+    if s.min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be >= 0, got {s.min_new_tokens}")
+    if not isinstance(s.num_beams, int) or s.num_beams < 1:
+        raise ValueError(f"num_beams must be an integer >= 1, got {s.num_beams}")
+    if not isinstance(s.num_return_sequences, int) or s.num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be an integer >= 1, got {s.num_return_sequences!r}")
+    if s.num_beams == 1 and not s.do_sample and s.num_return_sequences > 1:
+        raise ValueError(
+            f"num_return_sequences ({s.num_return_sequences}) > 1 needs sampling (do_sample=True) or beam "
+            "search: greedy decoding returns one sequence per prompt (as transformers)"
+        )
+    if s.num_beams > 1 and s.num_return_sequences > s.num_beams:
+        raise ValueError(
+            f"num_return_sequences ({s.num_return_sequences}) must be between 1 and num_beams ({s.num_beams})"
+        )
+    if s.num_beams > 1 and s.do_sample:
+        raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported")
+    if s.do_sample and s.temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {s.temperature}")
+    if s.do_sample and not 0 < s.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {s.top_p}")
+    if s.do_sample and s.top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {s.top_k}")
+    if s.do_sample and s.min_p is not None and not 0 <= s.min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {s.min_p}")
+    if not isinstance(s.no_repeat_ngram_size, int) or s.no_repeat_ngram_size < 0:
+        raise ValueError(f"no_repeat_ngram_size must be an integer >= 0, got {s.no_repeat_ngram_size!r}")
+    if not s.repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {s.repetition_penalty}")
+    if s.early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {s.early_stopping!r}")
+    if s.pad_token_id is None and s.eos_token_id:
+        raise ValueError("pad_token_id is needed to pad finished sequences")
+    if s.stop_strings is not None and s.tokenizer is None:
+        raise ValueError(
+            "stop_strings needs the model's tokenizer: pass it as generate(..., tokenizer=tokenizer)"
+        )
+    if s.max_time is not None and not s.max_time > 0:
+        raise ValueError(f"max_time must be > 0 seconds, got {s.max_time}")
+    for name in ("logits_processor", "stopping_criteria"):
+        for item in getattr(s, name):
+            if not callable(item):
+                raise ValueError(f"{name} must hold callables (input_ids, scores) -> ..., got {item!r}")
+            argument = _BUILT_IN_PROCESSORS.get(type(item).__name__)
+            if argument is not None:
+                raise ValueError(
+                    f"{name} holds a {type(item).__name__}: pass generate()'s {argument} argument instead, "
+                    "which xpu_coopt applies where transformers does"
+                )

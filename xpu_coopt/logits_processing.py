@@ -1,0 +1,131 @@
+"""The logits processors and stopping criteria of generate(), as transformers 5 applies them: the same
+arithmetic in the same order, vectorised over the rows, so that tokens and scores match its own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from xpu_coopt.generation_settings import GenerationSettings
+
+# --- logits processors, in transformers' order: repetition_penalty, no_repeat_ngram_size, min_new_tokens, the
+# caller's logits_processor; when sampling, then temperature, top_k, top_p, min_p
+
+
+def _penalize_repetitions(
+    scores: torch.Tensor, tokens: torch.Tensor, prompt_start: torch.Tensor, s: GenerationSettings
+) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor. tokens [rows, length]: each row's prompt and what it
+    generated so far; prompt_start [rows]: its first prompt column after the left padding. Every token id
+    a row holds past its padding has its score divided by the penalty where positive and multiplied by
+    it where negative, once however often it occurs."""
+    if s.repetition_penalty == 1.0:
+        return scores
+    vocab = scores.shape[-1]
+    columns = torch.arange(tokens.shape[1], device=tokens.device)
+    # Padding, and ids the LM head cannot produce, all go to one extra column that is dropped after.
+    tokens = tokens.clamp(max=vocab).masked_fill(columns < prompt_start[:, None], vocab)
+    padded = F.pad(scores, (0, 1))
+    seen = padded.gather(1, tokens)
+    seen = torch.where(seen < 0, seen * s.repetition_penalty, seen / s.repetition_penalty)
+    return padded.scatter(1, tokens, seen)[:, :vocab]
+
+
+def _ban_repeated_ngrams(scores: torch.Tensor, tokens: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
+    """transformers' NoRepeatNGramLogitsProcessor, vectorised. tokens [rows, length]: each row's whole
+    history, left padding included (as transformers counts it). A token that would complete an n-gram the
+    row already holds gets -inf: every earlier n-gram whose first n - 1 tokens equal the row's last n - 1
+    bans its last token."""
+    n = s.no_repeat_ngram_size
+    if n == 0 or tokens.shape[1] < n:
+        return scores
+    vocab = scores.shape[-1]
+    ngrams = tokens.unfold(1, n, 1)  # [rows, length - n + 1, n]
+    repeats = (ngrams[:, :, : n - 1] == tokens[:, None, tokens.shape[1] - n + 1 :]).all(dim=-1)
+    # Ids that complete no repeat, and ids the LM head cannot produce, go to one extra column, dropped after.
+    banned = ngrams[:, :, n - 1].clamp(max=vocab).masked_fill(~repeats, vocab)
+    return F.pad(scores, (0, 1)).scatter(1, banned, float("-inf"))[:, :vocab]
+
+
+def _suppress_eos(
+    scores: torch.Tensor, s: GenerationSettings, eos: torch.Tensor, new_tokens: int
+) -> torch.Tensor:
+    """eos: the EOS ids on the scores' device (indexing with a Python list would copy it there, a wait)."""
+    if eos.numel() and new_tokens < s.min_new_tokens:
+        scores = scores.index_fill(-1, eos, float("-inf"))
+    return scores
+
+
+def _run_callers_processors(
+    scores: torch.Tensor, tokens: torch.Tensor, s: GenerationSettings
+) -> torch.Tensor:
+    """The caller's logits_processor, each given the rows' tokens so far (prompt and padding included) and
+    the scores as processed up to it, as transformers calls them."""
+    for processor in s.logits_processor:
+        scores = processor(tokens, scores)
+    return scores
+
+
+def stopping_criteria(s: GenerationSettings) -> list[Any]:
+    """transformers' criteria for max_time and stop_strings (made per generation: max_time's clock starts
+    here), then the caller's, in transformers' order; EOS and the length limit are the loops' own."""
+    criteria: list[Any] = []
+    if s.max_time is not None or s.stop_strings is not None:
+        from transformers import MaxTimeCriteria, StopStringCriteria
+
+        if s.max_time is not None:
+            criteria.append(MaxTimeCriteria(max_time=s.max_time))
+        if s.stop_strings is not None:
+            criteria.append(StopStringCriteria(tokenizer=s.tokenizer, stop_strings=s.stop_strings))
+    return criteria + list(s.stopping_criteria)
+
+
+def criteria_met(
+    criteria: list[Any], tokens: torch.Tensor, scores: list[torch.Tensor] | None
+) -> torch.Tensor:
+    """bool [rows]: rows some criterion ends (tokens: each row's whole sequence, its newest token included;
+    scores: the processed scores so far, as transformers passes them with output_scores, else None)."""
+    met = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    for criterion in criteria:
+        met |= criterion(tokens, None if scores is None else tuple(scores)).to(
+            device=met.device, dtype=torch.bool
+        )
+    return met
+
+
+def process(
+    scores: torch.Tensor,
+    tokens: torch.Tensor,
+    prompt_start: torch.Tensor,
+    eos: torch.Tensor,
+    step: int,
+    s: GenerationSettings,
+) -> torch.Tensor:
+    """The processors before the sampling warpers, in transformers' order, on float32 scores; tokens: each
+    row's sequence so far, step: tokens generated so far."""
+    scores = _penalize_repetitions(scores, tokens, prompt_start, s)
+    scores = _ban_repeated_ngrams(scores, tokens, s)
+    scores = _suppress_eos(scores, s, eos, step)
+    return _run_callers_processors(scores, tokens, s)
+
+
+def warp(scores: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
+    if s.temperature != 1.0:
+        scores = scores / s.temperature
+    if s.top_k:
+        k = min(s.top_k, scores.shape[-1])
+        threshold = torch.topk(scores, k)[0][..., -1, None]
+        scores = scores.masked_fill(scores < threshold, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_scores, sorted_indices = torch.sort(scores, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - s.top_p)
+        remove[..., -1:] = False  # always keep the most likely token
+        scores = scores.masked_fill(remove.scatter(1, sorted_indices, remove), float("-inf"))
+    if s.min_p is not None:
+        # Without beam sampling one token is kept at least, and the most likely one always passes.
+        probs = scores.softmax(dim=-1)
+        scores = scores.masked_fill(probs < s.min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+    return scores
