@@ -262,6 +262,18 @@ def test_output_logits_match_transformers(search):
     assert not torch.equal(ours.logits[0], ours.logits[1])  # a copy per step, not one buffer
 
 
+@pytest.mark.parametrize("search", [dict(do_sample=False), dict(num_beams=3)], ids=["greedy", "beam3"])
+def test_min_length_counts_the_padded_prompt_as_transformers(search):
+    model = _model("llama-mha-d64")
+    ids, mask = _prompts([5, 7], model.config.vocab_size, seed=4)
+    eos = _frequent_token(model, ids, mask)
+    kwargs = dict(max_new_tokens=9, min_length=ids.shape[1] + 4, eos_token_id=eos, pad_token_id=1, **search)
+    ours = _matches_transformers(model, ids, mask, **kwargs)
+    for step in ours.scores[:4]:
+        assert step[:, eos].isneginf().all()
+    assert not ours.scores[4][:, eos].isneginf().any()
+
+
 def test_min_new_tokens_and_eos_list_match_transformers():
     model = _model("llama-mha-d64")
     ids, mask = _prompts([5, 7], model.config.vocab_size, seed=4)

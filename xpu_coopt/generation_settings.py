@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 SUPPORTED_ARGUMENTS = (
-    "max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p",
+    "max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k", "top_p", "min_p",
     "repetition_penalty", "no_repeat_ngram_size", "num_beams", "length_penalty", "early_stopping",
     "num_return_sequences", "eos_token_id", "pad_token_id", "bos_token_id", "streamer", "generator",
     "return_dict_in_generate", "output_scores", "output_logits", "use_cache", "logits_processor", "stopping_criteria",
@@ -17,7 +17,7 @@ SUPPORTED_ARGUMENTS = (
 # transformers' processors that generate() arguments build (the argument to pass instead of the object).
 _BUILT_IN_PROCESSORS = {
     "RepetitionPenaltyLogitsProcessor": "repetition_penalty", "NoRepeatNGramLogitsProcessor": "no_repeat_ngram_size",
-    "MinNewTokensLengthLogitsProcessor": "min_new_tokens", "MinLengthLogitsProcessor": "min_new_tokens",
+    "MinNewTokensLengthLogitsProcessor": "min_new_tokens", "MinLengthLogitsProcessor": "min_length",
     "TemperatureLogitsWarper": "temperature", "TopKLogitsWarper": "top_k", "TopPLogitsWarper": "top_p",
     "MinPLogitsWarper": "min_p", "EosTokenCriteria": "eos_token_id", "MaxLengthCriteria": "max_new_tokens",
     "MaxTimeCriteria": "max_time", "StopStringCriteria": "stop_strings",
@@ -36,6 +36,7 @@ _IGNORED_CONFIG_FIELDS = {
 class GenerationSettings:
     max_new_tokens: int = 20
     min_new_tokens: int = 0
+    min_length: int = 0  # prompt (padding included) plus generated tokens before EOS may come
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 50
@@ -127,6 +128,8 @@ def _validate(s: GenerationSettings) -> None:
         raise ValueError(f"max_new_tokens must be at least 1, got {s.max_new_tokens}")
     if s.min_new_tokens < 0:
         raise ValueError(f"min_new_tokens must be >= 0, got {s.min_new_tokens}")
+    if not isinstance(s.min_length, int) or s.min_length < 0:
+        raise ValueError(f"min_length must be an integer >= 0, got {s.min_length!r}")
     if not isinstance(s.num_beams, int) or s.num_beams < 1:
         raise ValueError(f"num_beams must be an integer >= 1, got {s.num_beams}")
     if not isinstance(s.num_return_sequences, int) or s.num_return_sequences < 1:

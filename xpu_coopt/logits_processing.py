@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from xpu_coopt.generation_settings import GenerationSettings
 
-# --- logits processors, in transformers' order: repetition_penalty, no_repeat_ngram_size, min_new_tokens, the
-# caller's logits_processor; when sampling, then temperature, top_k, top_p, min_p
+# --- logits processors, in transformers' order: repetition_penalty, no_repeat_ngram_size, min_length and
+# min_new_tokens, the caller's logits_processor; when sampling, then temperature, top_k, top_p, min_p
 
 
 def _penalize_repetitions(
@@ -50,10 +50,12 @@ def _ban_repeated_ngrams(scores: torch.Tensor, tokens: torch.Tensor, s: Generati
 
 
 def _suppress_eos(
-    scores: torch.Tensor, s: GenerationSettings, eos: torch.Tensor, new_tokens: int
+    scores: torch.Tensor, s: GenerationSettings, eos: torch.Tensor, length: int, new_tokens: int
 ) -> torch.Tensor:
-    """eos: the EOS ids on the scores' device (indexing with a Python list would copy it there, a wait)."""
-    if eos.numel() and new_tokens < s.min_new_tokens:
+    """transformers' MinLength and MinNewTokensLength processors: no EOS while the rows are shorter than
+    min_length (length: their columns, padding included) or hold fewer than min_new_tokens generated ones.
+    eos: the EOS ids on the scores' device (indexing with a Python list would copy it there, a wait)."""
+    if eos.numel() and (length < s.min_length or new_tokens < s.min_new_tokens):
         scores = scores.index_fill(-1, eos, float("-inf"))
     return scores
 
@@ -107,7 +109,7 @@ def process(
     row's sequence so far, step: tokens generated so far."""
     scores = _penalize_repetitions(scores, tokens, prompt_start, s)
     scores = _ban_repeated_ngrams(scores, tokens, s)
-    scores = _suppress_eos(scores, s, eos, step)
+    scores = _suppress_eos(scores, s, eos, tokens.shape[1], step)
     return _run_callers_processors(scores, tokens, s)
 
 
