@@ -191,7 +191,9 @@ def test_bad_prompts(optimized, make_input, message):
     ("kwargs", "error", "message"),
     [
         (dict(num_beams=0), ValueError, "num_beams must be an integer >= 1"),
-        (dict(typical_p=0.9), TypeError, "unsupported arguments \\['typical_p'\\]"),
+        (dict(bad_words_ids=[[5]]), TypeError, "unsupported arguments \\['bad_words_ids'\\]"),
+        (dict(do_sample=True, typical_p=0.0), ValueError, "typical_p must be in \\(0, 1\\]"),
+        (dict(do_sample=True, eta_cutoff=1.0), ValueError, "eta_cutoff must be in \\[0, 1\\)"),
         (dict(no_repeat_ngram_size=-1), ValueError, "no_repeat_ngram_size must be an integer >= 0"),
         (dict(do_sample=True, min_p=1.5), ValueError, "min_p must be in \\[0, 1\\]"),
         (dict(repetition_penalty=0.0), ValueError, "repetition_penalty must be > 0"),
@@ -213,8 +215,8 @@ def test_bad_generate_arguments(optimized, kwargs, error, message):
 
 def test_unsupported_generation_config_field_is_an_error():
     model = _model("llama-mha-d64")
-    model.generation_config.typical_p = 0.9
-    with pytest.raises(ValueError, match="typical_p"):
+    model.generation_config.bad_words_ids = [[5]]
+    with pytest.raises(ValueError, match="bad_words_ids"):
         xpu_coopt.optimize(model).generate(_prompts([4], 256)[0], max_new_tokens=2)
 
 
@@ -240,9 +242,9 @@ def test_a_generation_config_with_an_unsupported_field_is_an_error():
     from transformers import GenerationConfig
 
     model = _model("llama-mha-d64")
-    with pytest.raises(ValueError, match="typical_p"):
+    with pytest.raises(ValueError, match="bad_words_ids"):
         xpu_coopt.optimize(model).generate(
-            _prompts([4], 256)[0], generation_config=GenerationConfig(do_sample=True, typical_p=0.5)
+            _prompts([4], 256)[0], generation_config=GenerationConfig(bad_words_ids=[[5]])
         )
 
 

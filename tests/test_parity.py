@@ -464,6 +464,24 @@ def test_min_p_sampling_matches_transformers(min_p):
     assert kept < sum(int(step.isfinite().sum()) for step in without.scores)  # min_p removed tokens
 
 
+@pytest.mark.parametrize(
+    "warper",
+    [dict(typical_p=0.5), dict(epsilon_cutoff=0.006), dict(eta_cutoff=0.02)],
+    ids=lambda w: next(iter(w)),
+)
+def test_typical_epsilon_and_eta_sampling_match_transformers(warper):
+    model = _model("qwen2-bias")
+    ids, mask = _prompts([4, 8], model.config.vocab_size, seed=13)
+    kwargs = dict(max_new_tokens=10, do_sample=True, temperature=0.5, top_k=0, pad_token_id=0)
+    ours = _matches_transformers(model, ids, mask, seed=0, **warper, **kwargs)
+    torch.manual_seed(0)
+    without = xpu_coopt.optimize(model).generate(
+        ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True, **kwargs
+    )
+    kept = sum(int(step.isfinite().sum()) for step in ours.scores)
+    assert kept < sum(int(step.isfinite().sum()) for step in without.scores)  # the warper removed tokens
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sampling_with_the_generation_config_of_qwen2_instruct_matches_transformers(seed):
     """Qwen2-Instruct's generation_config (repetition penalty, temperature, top-k, top-p, sampling) is

@@ -8,6 +8,7 @@ from typing import Any
 
 SUPPORTED_ARGUMENTS = (
     "max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k", "top_p", "min_p",
+    "typical_p", "epsilon_cutoff", "eta_cutoff",
     "repetition_penalty", "no_repeat_ngram_size", "num_beams", "length_penalty", "early_stopping",
     "num_return_sequences", "eos_token_id", "pad_token_id", "bos_token_id", "streamer", "generator",
     "return_dict_in_generate", "output_scores", "output_logits", "use_cache", "logits_processor", "stopping_criteria",
@@ -19,7 +20,8 @@ _BUILT_IN_PROCESSORS = {
     "RepetitionPenaltyLogitsProcessor": "repetition_penalty", "NoRepeatNGramLogitsProcessor": "no_repeat_ngram_size",
     "MinNewTokensLengthLogitsProcessor": "min_new_tokens", "MinLengthLogitsProcessor": "min_length",
     "TemperatureLogitsWarper": "temperature", "TopKLogitsWarper": "top_k", "TopPLogitsWarper": "top_p",
-    "MinPLogitsWarper": "min_p", "EosTokenCriteria": "eos_token_id", "MaxLengthCriteria": "max_new_tokens",
+    "MinPLogitsWarper": "min_p", "TypicalLogitsWarper": "typical_p", "EpsilonLogitsWarper": "epsilon_cutoff",
+    "EtaLogitsWarper": "eta_cutoff", "EosTokenCriteria": "eos_token_id", "MaxLengthCriteria": "max_new_tokens",
     "MaxTimeCriteria": "max_time", "StopStringCriteria": "stop_strings",
 }  # fmt: skip
 
@@ -42,6 +44,9 @@ class GenerationSettings:
     top_k: int = 50
     top_p: float = 1.0
     min_p: float | None = None
+    typical_p: float = 1.0  # 1: off
+    epsilon_cutoff: float = 0.0  # 0: off
+    eta_cutoff: float = 0.0  # 0: off
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
@@ -153,6 +158,11 @@ def _validate(s: GenerationSettings) -> None:
         raise ValueError(f"top_k must be >= 0, got {s.top_k}")
     if s.do_sample and s.min_p is not None and not 0 <= s.min_p <= 1:
         raise ValueError(f"min_p must be in [0, 1], got {s.min_p}")
+    if s.do_sample and not 0 < s.typical_p <= 1:
+        raise ValueError(f"typical_p must be in (0, 1], got {s.typical_p}")
+    for name in ("epsilon_cutoff", "eta_cutoff"):
+        if s.do_sample and not 0 <= getattr(s, name) < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(s, name)}")
     if not isinstance(s.no_repeat_ngram_size, int) or s.no_repeat_ngram_size < 0:
         raise ValueError(f"no_repeat_ngram_size must be an integer >= 0, got {s.no_repeat_ngram_size!r}")
     if not s.repetition_penalty > 0:

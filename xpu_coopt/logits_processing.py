@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from xpu_coopt.generation_settings import GenerationSettings
 
 # --- logits processors, in transformers' order: repetition_penalty, no_repeat_ngram_size, min_length and
-# min_new_tokens, the caller's logits_processor; when sampling, then temperature, top_k, top_p, min_p
+# min_new_tokens, the caller's logits_processor; when sampling, then temperature, top_k, top_p, min_p,
+# typical_p, epsilon_cutoff, eta_cutoff
 
 
 def _penalize_repetitions(
@@ -130,4 +131,33 @@ def warp(scores: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
         # Without beam sampling one token is kept at least, and the most likely one always passes.
         probs = scores.softmax(dim=-1)
         scores = scores.masked_fill(probs < s.min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+    if s.typical_p < 1.0:
+        scores = _typical(scores, s.typical_p)
+    if s.epsilon_cutoff > 0:
+        scores = _below_cutoff_removed(scores, s.epsilon_cutoff)
+    if s.eta_cutoff > 0:
+        # eta sampling: the cutoff falls with the distribution's entropy, to at most eta_cutoff
+        eta = torch.tensor(s.eta_cutoff)
+        entropy = torch.distributions.Categorical(logits=scores).entropy()
+        scores = _below_cutoff_removed(scores, torch.min(eta, eta.sqrt() * torch.exp(-entropy))[..., None])
     return scores
+
+
+def _typical(scores: torch.Tensor, mass: float) -> torch.Tensor:
+    """transformers' TypicalLogitsWarper: keeps the tokens whose surprisal is closest to the entropy, up to
+    `mass` of probability (and the first token past it)."""
+    log_probs = scores.log_softmax(dim=-1)
+    entropy = -(log_probs * log_probs.exp()).nansum(-1, keepdim=True)
+    distance, order = torch.sort((-log_probs - entropy).abs(), descending=False)
+    cumulative = scores.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    last = (cumulative < mass).sum(dim=1).clamp(max=distance.shape[-1] - 1)
+    remove = distance > distance.gather(1, last.view(-1, 1))
+    remove[..., :1] = False  # the most typical token always stays
+    return scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+
+
+def _below_cutoff_removed(scores: torch.Tensor, cutoff: float | torch.Tensor) -> torch.Tensor:
+    """Removes the tokens less probable than `cutoff`, the most likely one excepted (epsilon and eta
+    sampling, as transformers' warpers)."""
+    remove = (scores.softmax(dim=-1) < cutoff) & (scores < scores.amax(dim=-1, keepdim=True))
+    return scores.masked_fill(remove, float("-inf"))
