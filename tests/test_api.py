@@ -200,7 +200,6 @@ def test_bad_prompts(optimized, make_input, message):
         (dict(num_beams=2, num_return_sequences=3), ValueError, "num_return_sequences"),
         (dict(num_return_sequences=2), ValueError, "needs sampling"),
         (dict(do_sample=True, num_return_sequences=0), ValueError, "num_return_sequences must be an integer"),
-        (dict(num_beams=2, do_sample=True), ValueError, "beam sampling"),
         (dict(do_sample=True, temperature=0.0), ValueError, "temperature"),
         (dict(max_new_tokens=0), ValueError, "max_new_tokens must be at least 1"),
         (dict(use_cache=False), ValueError, "use_cache=False"),

@@ -465,6 +465,33 @@ def test_min_p_sampling_matches_transformers(min_p):
 
 
 @pytest.mark.parametrize(
+    "warpers",
+    # extreme settings, so that what each warper keeps beyond the EOS ids decides the draw
+    [dict(top_k=1), dict(top_k=0, top_p=0.05, temperature=0.7), dict(top_k=0, min_p=0.95, eta_cutoff=0.05)],
+    ids=["top-k", "top-p", "min-p-eta"],
+)
+@pytest.mark.parametrize("eos", [None, "frequent"])
+def test_beam_sampling_matches_transformers(warpers, eos):
+    """Beam search drawing its candidates: the warpers on log-probabilities, each keeping a token beyond the
+    EOS ids, the draw over all beams' accumulated scores; same seed, same beams and scores."""
+    model = _model("llama-gqa-8q2kv-d64")
+    ids, mask = _prompts([3, 8], model.config.vocab_size, seed=14)
+    eos_token_id = _frequent_token(model, ids, mask) if eos else None
+    kwargs = dict(
+        max_new_tokens=8, do_sample=True, num_beams=3, num_return_sequences=2, eos_token_id=eos_token_id,
+        pad_token_id=0, **warpers,
+    )  # fmt: skip
+    ours = _matches_transformers(model, ids, mask, seed=0, **kwargs)
+    torch.manual_seed(0)
+    theirs = model.generate(
+        ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True, **kwargs
+    )
+    torch.testing.assert_close(ours.sequences_scores, theirs.sequences_scores, atol=1e-4, rtol=1e-5)
+    searched = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **{**kwargs, "do_sample": False})
+    assert not torch.equal(ours.sequences, searched)  # drawn, not the beam search's own beams
+
+
+@pytest.mark.parametrize(
     "warper",
     [dict(typical_p=0.5), dict(epsilon_cutoff=0.006), dict(eta_cutoff=0.02)],
     ids=lambda w: next(iter(w)),

@@ -43,7 +43,7 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         raise ValueError("streamer supports one sequence: batch size 1 without beam search (as transformers)")
     with torch.inference_mode():
         if settings.num_beams > 1:
-            output = _beam_search(model, input_ids, attention_mask, settings)
+            output = _beam_search(model, input_ids, attention_mask, settings, generator)
         else:
             output = _sample(model, input_ids, attention_mask, settings, streamer, generator)
     return output if settings.return_dict_in_generate else output.sequences
@@ -143,8 +143,9 @@ def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(tensor, indices, dim=1)
 
 
-def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> GenerateOutput:
-    """transformers 5's vectorised beam search, with the prompt prefilled once per request."""
+def _beam_search(model, input_ids, attention_mask, s: GenerationSettings, generator) -> GenerateOutput:
+    """transformers 5's vectorised beam search, with the prompt prefilled once per request; with do_sample,
+    its beam sampling (warped log-probabilities, candidates drawn instead of taken best first)."""
     device = input_ids.device
     batch, prompt_len = input_ids.shape
     beams = s.num_beams
@@ -180,11 +181,18 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings) -> Gen
         history = running_sequences[:, :, :cur_len].reshape(batch * beams, cur_len)
         log_probs = F.log_softmax(logits.float(), dim=-1)
         log_probs = process(log_probs, history, prompt_start, eos, cur_len - prompt_len, s)
+        if s.do_sample:  # each warper keeps a token beyond the EOS ids, as transformers' beam sampling
+            log_probs = warp(log_probs, s, keep=max(2, eos.numel() + 1))
         if s.output_scores:
             all_scores.append(log_probs)
         vocab = log_probs.shape[-1]
         log_probs = log_probs.view(batch, beams, vocab) + running_scores[:, :, None]
-        topk_log_probs, topk_indices = torch.topk(log_probs.view(batch, -1), k=beams_to_keep)
+        if s.do_sample:
+            accumulated = log_probs.view(batch, -1)
+            topk_indices = torch.multinomial(accumulated.softmax(dim=-1), beams_to_keep, generator=generator)
+            topk_log_probs = accumulated.gather(1, topk_indices)
+        else:
+            topk_log_probs, topk_indices = torch.topk(log_probs.view(batch, -1), k=beams_to_keep)
         topk_beam = topk_indices // vocab
         topk_running_beam_indices = _gather_beams(running_beam_indices, topk_beam)
         topk_sequences = _gather_beams(running_sequences, topk_beam)

@@ -148,8 +148,6 @@ def _validate(s: GenerationSettings) -> None:
         raise ValueError(
             f"num_return_sequences ({s.num_return_sequences}) must be between 1 and num_beams ({s.num_beams})"
         )
-    if s.num_beams > 1 and s.do_sample:
-        raise ValueError("beam sampling (num_beams > 1 with do_sample=True) is not supported")
     if s.do_sample and s.temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {s.temperature}")
     if s.do_sample and not 0 < s.top_p <= 1:

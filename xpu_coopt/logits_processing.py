@@ -114,36 +114,43 @@ def process(
     return _run_callers_processors(scores, tokens, s)
 
 
-def warp(scores: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
+def warp(scores: torch.Tensor, s: GenerationSettings, keep: int = 1) -> torch.Tensor:
+    """transformers' sampling warpers, in its order. keep: the most likely tokens each warper leaves (beam
+    sampling keeps one more than the EOS ids, so that a beam can always go on without ending)."""
     if s.temperature != 1.0:
         scores = scores / s.temperature
     if s.top_k:
-        k = min(s.top_k, scores.shape[-1])
-        threshold = torch.topk(scores, k)[0][..., -1, None]
-        scores = scores.masked_fill(scores < threshold, float("-inf"))
+        k = min(max(s.top_k, keep), scores.shape[-1])
+        scores = scores.masked_fill(scores < _kth_largest(scores, k), float("-inf"))
     if s.top_p < 1.0:
         sorted_scores, sorted_indices = torch.sort(scores, descending=False)
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
         remove = cumulative <= (1 - s.top_p)
-        remove[..., -1:] = False  # always keep the most likely token
+        remove[..., -keep:] = False
         scores = scores.masked_fill(remove.scatter(1, sorted_indices, remove), float("-inf"))
     if s.min_p is not None:
-        # Without beam sampling one token is kept at least, and the most likely one always passes.
         probs = scores.softmax(dim=-1)
-        scores = scores.masked_fill(probs < s.min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+        remove = probs < s.min_p * probs.amax(dim=-1, keepdim=True)
+        scores = scores.masked_fill(remove & (scores < _kth_largest(scores, keep)), float("-inf"))
     if s.typical_p < 1.0:
-        scores = _typical(scores, s.typical_p)
+        scores = _typical(scores, s.typical_p, keep)
     if s.epsilon_cutoff > 0:
-        scores = _below_cutoff_removed(scores, s.epsilon_cutoff)
+        scores = _below_cutoff_removed(scores, s.epsilon_cutoff, keep)
     if s.eta_cutoff > 0:
         # eta sampling: the cutoff falls with the distribution's entropy, to at most eta_cutoff
         eta = torch.tensor(s.eta_cutoff)
         entropy = torch.distributions.Categorical(logits=scores).entropy()
-        scores = _below_cutoff_removed(scores, torch.min(eta, eta.sqrt() * torch.exp(-entropy))[..., None])
+        cutoff = torch.min(eta, eta.sqrt() * torch.exp(-entropy))[..., None]
+        scores = _below_cutoff_removed(scores, cutoff, keep)
     return scores
 
 
-def _typical(scores: torch.Tensor, mass: float) -> torch.Tensor:
+def _kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """[rows, 1]: each row's k-th largest score (k clipped to the vocabulary)."""
+    return torch.topk(scores, min(k, scores.shape[-1]))[0][..., -1, None]
+
+
+def _typical(scores: torch.Tensor, mass: float, keep: int) -> torch.Tensor:
     """transformers' TypicalLogitsWarper: keeps the tokens whose surprisal is closest to the entropy, up to
     `mass` of probability (and the first token past it)."""
     log_probs = scores.log_softmax(dim=-1)
@@ -152,12 +159,12 @@ def _typical(scores: torch.Tensor, mass: float) -> torch.Tensor:
     cumulative = scores.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
     last = (cumulative < mass).sum(dim=1).clamp(max=distance.shape[-1] - 1)
     remove = distance > distance.gather(1, last.view(-1, 1))
-    remove[..., :1] = False  # the most typical token always stays
+    remove[..., :keep] = False  # the most typical tokens always stay
     return scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
 
 
-def _below_cutoff_removed(scores: torch.Tensor, cutoff: float | torch.Tensor) -> torch.Tensor:
-    """Removes the tokens less probable than `cutoff`, the most likely one excepted (epsilon and eta
+def _below_cutoff_removed(scores: torch.Tensor, cutoff: float | torch.Tensor, keep: int) -> torch.Tensor:
+    """Removes the tokens less probable than `cutoff`, the `keep` most likely excepted (epsilon and eta
     sampling, as transformers' warpers)."""
-    remove = (scores.softmax(dim=-1) < cutoff) & (scores < scores.amax(dim=-1, keepdim=True))
+    remove = (scores.softmax(dim=-1) < cutoff) & (scores < _kth_largest(scores, keep))
     return scores.masked_fill(remove, float("-inf"))
