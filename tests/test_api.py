@@ -51,7 +51,8 @@ def test_bad_options(model, kwargs, message):
     [(lambda m: m.model.layers[1].to("meta"), "cpu, meta"), (lambda m: m.to("meta"), "meta")],
 )
 def test_a_model_offloaded_or_split_over_devices_is_an_error(offload, devices):
-    """As device_map="auto" can leave a model: layers offloaded (meta placeholders), weights on several devices."""
+    """As device_map="auto" can leave a model: layers offloaded (meta placeholders), weights on several
+    devices."""
     model = _model("llama-mha-d64")
     offload(model)
     with pytest.raises(ValueError, match=f"in memory on one device; this model's are on {devices}: load it"):

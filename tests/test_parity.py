@@ -37,7 +37,7 @@ CONFIGS = {
     "mistral": (MistralForCausalLM, MistralConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
                                                   sliding_window=None, **COMMON)),
     "qwen2-bias": (Qwen2ForCausalLM, Qwen2Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, **COMMON)),
-    # Qwen2.5's long-context setting (YaRN), on a pretraining context short enough that the ramp is inside head_dim
+    # Qwen2.5's long-context setting (YaRN); a pretraining context short enough for the ramp to fall inside head_dim
     "qwen2-yarn": (Qwen2ForCausalLM, Qwen2Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, rope_parameters={
         "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}, **COMMON)),
 }  # fmt: skip
@@ -332,7 +332,8 @@ def test_no_repeat_ngram_size_matches_transformers(name, search, size):
 
 
 class _BanLastToken:
-    """A caller's logits processor: no row may repeat its last token; records the shapes it was called with."""
+    """A caller's logits processor: no row may repeat its last token. Records the shapes it was called
+    with."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []

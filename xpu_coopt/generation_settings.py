@@ -7,23 +7,37 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 SUPPORTED_ARGUMENTS = (
-    "max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k", "top_p", "min_p",
-    "typical_p", "epsilon_cutoff", "eta_cutoff",
-    "repetition_penalty", "no_repeat_ngram_size", "num_beams", "length_penalty", "early_stopping",
-    "num_return_sequences", "eos_token_id", "pad_token_id", "bos_token_id", "streamer", "generator",
-    "return_dict_in_generate", "output_scores", "output_logits", "use_cache", "logits_processor", "stopping_criteria",
-    "stop_strings", "max_time", "tokenizer", "generation_config",
+    # lengths and search
+    "max_new_tokens", "max_length", "min_new_tokens", "min_length", "num_beams", "length_penalty",
+    "early_stopping", "num_return_sequences", "eos_token_id", "pad_token_id", "bos_token_id",
+    # sampling
+    "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+    "generator",
+    # processors and stopping
+    "repetition_penalty", "no_repeat_ngram_size", "logits_processor", "stopping_criteria", "stop_strings",
+    "max_time", "tokenizer",
+    # output and the rest
+    "streamer", "return_dict_in_generate", "output_scores", "output_logits", "use_cache", "generation_config",
 )  # fmt: skip
 
-# transformers' processors that generate() arguments build (the argument to pass instead of the object).
+# transformers' processors and criteria that generate() arguments build: the argument to pass instead.
 _BUILT_IN_PROCESSORS = {
-    "RepetitionPenaltyLogitsProcessor": "repetition_penalty", "NoRepeatNGramLogitsProcessor": "no_repeat_ngram_size",
-    "MinNewTokensLengthLogitsProcessor": "min_new_tokens", "MinLengthLogitsProcessor": "min_length",
-    "TemperatureLogitsWarper": "temperature", "TopKLogitsWarper": "top_k", "TopPLogitsWarper": "top_p",
-    "MinPLogitsWarper": "min_p", "TypicalLogitsWarper": "typical_p", "EpsilonLogitsWarper": "epsilon_cutoff",
-    "EtaLogitsWarper": "eta_cutoff", "EosTokenCriteria": "eos_token_id", "MaxLengthCriteria": "max_new_tokens",
-    "MaxTimeCriteria": "max_time", "StopStringCriteria": "stop_strings",
-}  # fmt: skip
+    "RepetitionPenaltyLogitsProcessor": "repetition_penalty",
+    "NoRepeatNGramLogitsProcessor": "no_repeat_ngram_size",
+    "MinNewTokensLengthLogitsProcessor": "min_new_tokens",
+    "MinLengthLogitsProcessor": "min_length",
+    "TemperatureLogitsWarper": "temperature",
+    "TopKLogitsWarper": "top_k",
+    "TopPLogitsWarper": "top_p",
+    "MinPLogitsWarper": "min_p",
+    "TypicalLogitsWarper": "typical_p",
+    "EpsilonLogitsWarper": "epsilon_cutoff",
+    "EtaLogitsWarper": "eta_cutoff",
+    "EosTokenCriteria": "eos_token_id",
+    "MaxLengthCriteria": "max_new_tokens",
+    "MaxTimeCriteria": "max_time",
+    "StopStringCriteria": "stop_strings",
+}
 
 # Fields of a model's generation_config that xpu_coopt neither uses nor needs to: bookkeeping only.
 _IGNORED_CONFIG_FIELDS = {
@@ -69,7 +83,8 @@ class GenerationSettings:
 
 
 def _config_defaults(generation_config: Any) -> dict[str, Any]:
-    """Supported fields of the model's generation_config; ValueError for unsupported ones set away from default."""
+    """The supported fields a generation_config sets away from their defaults; ValueError for unsupported
+    ones set so."""
     if generation_config is None:
         return {}
     from transformers import GenerationConfig
