@@ -22,7 +22,7 @@ def inverse_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:
     if rope.rope_type == "llama3":
         return _llama3_frequencies(inv_freq, rope)
     if rope.rope_type == "yarn":
-        return _yarn_frequencies(rope, head_dim)
+        return _yarn_frequencies(inv_freq, rope, head_dim)
     return inv_freq
 
 
@@ -39,7 +39,7 @@ def _llama3_frequencies(inv_freq: torch.Tensor, rope: RopeSpec) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def _yarn_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:
+def _yarn_frequencies(inv_freq: torch.Tensor, rope: RopeSpec, head_dim: int) -> torch.Tensor:
     # YaRN (arXiv 2309.00071): frequencies that turn fewer than beta_slow times over the pretraining
     # context are interpolated (divided by factor), those turning more than beta_fast times kept, a linear
     # ramp over the dimensions between.
@@ -53,10 +53,9 @@ def _yarn_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001  # as transformers: no division by zero
+    # weight of the interpolated frequency: 0 up to dimension `low`, 1 from `high` on
     ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    kept = 1 - ramp  # weight of the original (extrapolated) frequency
-    wavelength_base = rope.theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
-    return (1.0 / (rope.factor * wavelength_base)) * (1 - kept) + (1.0 / wavelength_base) * kept
+    return inv_freq / rope.factor * ramp + inv_freq * (1 - ramp)
 
 
 def cos_sin_cache(rope: RopeSpec, head_dim: int, max_positions: int, device: torch.device) -> torch.Tensor:
