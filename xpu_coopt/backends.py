@@ -84,27 +84,32 @@ def resolve_backend(backend: str, device: torch.device) -> Ops:
             + "; ".join(reasons)
             + ". Pass backend='torch' to run the PyTorch reference kernels explicitly."
         )
-    # GEMMs are torch's, with the reference backend's choice of kernels on CPU tensors; Triton runs the
-    # few-row GEMMs of decode steps with its own kernel, fused with their neighbours, on either device.
-    gemm = cpu_gemm_options() if device.type == "cpu" else {}
+    # Ops options. GEMMs are torch's, with the reference backend's choice of kernels on CPU tensors; Triton
+    # runs the few-row GEMMs of decode steps with its own kernel, fused with their neighbours, on either
+    # device. The device backends' decode attention serves a bounded number of rows.
+    options = cpu_gemm_options() if device.type == "cpu" else {}
     kernels = None
     if name == "sycl":
-        gemm["max_decode_rows"] = SYCL_MAX_DECODE_ROWS
+        options["max_decode_rows"] = SYCL_MAX_DECODE_ROWS
     if name == "triton":
         kernels = _triton_kernels()  # registers the CUDA kernels
         triton_linear = importlib.import_module("xpu_coopt.triton.linear")
         max_rows = importlib.import_module("xpu_coopt.triton.kernels").MAX_DECODE_ROWS
-        gemm = {"linear": triton_linear.linear, "fusions": triton_linear.FUSIONS, "max_decode_rows": max_rows}
+        options = {
+            "linear": triton_linear.linear,
+            "fusions": triton_linear.FUSIONS,
+            "max_decode_rows": max_rows,
+        }
     if backend == "auto" and device.type == "cpu":
         # The kernels registered for CPU, called directly: the dispatcher's argument handling would cost
         # 3-15 us a call, about 1.2 ms (3%) of a beam-4 decode step of SmolLM2-135M.
-        return Ops(reference_kernels(), name, **gemm)
+        return Ops(reference_kernels(), name, **options)
     if backend == "auto":
         # torch's dispatcher picks the kernel registered for the tensors' device.
-        return Ops(dispatcher_kernels(), name, **gemm)
+        return Ops(dispatcher_kernels(), name, **options)
     if name == "sycl":  # also on CPU tensors: the SYCL kernels on the OpenCL CPU device
-        return Ops(sycl_kernels(), name, **gemm)
+        return Ops(sycl_kernels(), name, **options)
     if name == "triton":  # also on CPU tensors, under Triton's interpreter
-        return Ops(kernels, name, **gemm)
+        return Ops(kernels, name, **options)
     # backend="torch" asked for explicitly: the reference kernels as plain functions, on any device.
     return Ops(reference_kernels(), name, **cpu_gemm_options())
