@@ -91,10 +91,9 @@ def criteria_met(
     """bool [rows]: rows some criterion ends (tokens: each row's whole sequence, its newest token included;
     scores: the processed scores so far, as transformers passes them with output_scores, else None)."""
     met = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    scores_so_far = None if scores is None else tuple(scores)
     for criterion in criteria:
-        met |= criterion(tokens, None if scores is None else tuple(scores)).to(
-            device=met.device, dtype=torch.bool
-        )
+        met |= criterion(tokens, scores_so_far).to(device=met.device, dtype=torch.bool)
     return met
 
 
