@@ -82,9 +82,9 @@ class GenerationSettings:
     tokenizer: Any = None
 
 
-def _config_defaults(generation_config: Any) -> dict[str, Any]:
+def _config_defaults(generation_config: Any, source: str) -> dict[str, Any]:
     """The supported fields a generation_config sets away from their defaults; ValueError for unsupported
-    ones set so."""
+    ones set so. source: where the config comes from, as the error names it."""
     if generation_config is None:
         return {}
     from transformers import GenerationConfig
@@ -99,8 +99,8 @@ def _config_defaults(generation_config: Any) -> dict[str, Any]:
     }
     if unsupported:
         raise ValueError(
-            f"the model's generation_config sets {unsupported}, which xpu_coopt's generate does not support; "
-            "reset those fields on model.generation_config to their defaults to generate without them"
+            f"{source} sets {unsupported}, which xpu_coopt's generate does not support; reset those fields to "
+            "their defaults to generate without them"
         )
     return {key: own[key] for key in supported if key in own and own[key] != base.get(key)}
 
@@ -116,8 +116,8 @@ def resolve_settings(model: Any, prompt_len: int, kwargs: dict[str, Any]) -> Gen
     # As transformers: the fields a generation_config passed to generate() sets override the model's, and
     # the other arguments override both.
     values = {
-        **_config_defaults(model.generation_config),
-        **_config_defaults(kwargs.get("generation_config")),
+        **_config_defaults(model.generation_config, "the model's generation_config"),
+        **_config_defaults(kwargs.get("generation_config"), "the generation_config passed to generate()"),
         **{key: value for key, value in kwargs.items() if key != "generation_config"},
     }
     max_new_tokens = values.get("max_new_tokens")
