@@ -6,6 +6,8 @@
 // from its first non-padding tile to the segment's end, and an equal share of the response steps, so that
 // a batch-1 step has enough work-groups to fill the GPU (one per (request, KV head) gives Llama-3-8B 8).
 // With several splits each writes its softmax partials, and combine_splits merges them into the output.
+// A paged prompt segment (block_table not null) is a pool of blocks of block_size columns, a multiple of
+// kKeyTile: each tile lies in one block, looked up once per tile.
 #include "attention.hpp"
 
 namespace xc {
@@ -22,9 +24,9 @@ inline void segment_attention_decode(
     int64_t prompt_scale_request_stride, int64_t prompt_scale_head_stride, int64_t prompt_scale_position_stride,
     int64_t response_row_stride, int64_t response_head_stride, int64_t response_position_stride,
     int64_t response_scale_row_stride, int64_t response_scale_head_stride,
-    int64_t response_scale_position_stride, int64_t beam_slots_stride, int splits,
-    int64_t rows_per_split, float* partial_acc, float* partial_stats, T* key_tile, T* value_tile,
-    float* query_rows) {
+    int64_t response_scale_position_stride, int64_t beam_slots_stride, const int* block_table,
+    int64_t block_table_stride, int block_size, int splits, int64_t rows_per_split, float* partial_acc,
+    float* partial_stats, T* key_tile, T* value_tile, float* query_rows) {
   using C = Cache<T, Format>;
   const auto it = item();
   const auto wg = it.get_group();
@@ -49,15 +51,20 @@ inline void segment_attention_decode(
   const int tiles = (end_tile - padding_tiles + splits - 1) / splits;
   const int own_first = padding_tiles + split * tiles;
   const int end = sycl::min((own_first + tiles) * kKeyTile, prompt_len);
-  const int64_t prompt_at = request * prompt_request_stride + kv * prompt_head_stride;
-  const int64_t prompt_scale_at = request * prompt_scale_request_stride + kv * prompt_scale_head_stride;
   for (int first = own_first * kKeyTile; first < end; first += kKeyTile) {
+    // The tile's cache row and first column: the request's own row, or the block that holds the tile
+    // (it holds a column after `start`, so the request's table names it).
+    const int64_t row = block_table ? block_table[request * block_table_stride + first / block_size] : request;
+    const int column = block_table ? first % block_size : first;
+    const int64_t tile_at = row * prompt_request_stride + kv * prompt_head_stride + column * prompt_position_stride;
+    const int64_t tile_scale_at =
+        row * prompt_scale_request_stride + kv * prompt_scale_head_stride + column * prompt_scale_position_stride;
     sycl::group_barrier(wg);  // the previous tile has been consumed
     for (int index = it.get_local_id(0); index < kKeyTile * head_dim; index += it.get_local_range(0)) {
       const int j = index / head_dim, d = index % head_dim, position = first + j;
       if (position < start || position >= end) continue;
-      const int64_t cell = prompt_at + position * prompt_position_stride + d;
-      const int64_t at = prompt_scale_at + position * prompt_scale_position_stride;
+      const int64_t cell = tile_at + j * prompt_position_stride + d;
+      const int64_t at = tile_scale_at + j * prompt_scale_position_stride;
       key_tile[j * kMaxHeadDim + d] = C::load(prompt_k + cell, Format ? float(prompt_k_scale[at]) : 0.0f);
       value_tile[j * kMaxHeadDim + d] = C::load(prompt_v + cell, Format ? float(prompt_v_scale[at]) : 0.0f);
     }
@@ -151,8 +158,8 @@ inline void combine_splits(T* out, const float* partial_acc, const float* partia
       int64_t prompt_scale_position_stride, int64_t response_row_stride, int64_t response_head_stride,       \
       int64_t response_position_stride, int64_t response_scale_row_stride,                                  \
       int64_t response_scale_head_stride, int64_t response_scale_position_stride,                           \
-      int64_t beam_slots_stride, int splits, int64_t rows_per_split, float* partial_acc,                      \
-      float* partial_stats) {                                                                                \
+      int64_t beam_slots_stride, const int* block_table, int64_t block_table_stride, int block_size,        \
+      int splits, int64_t rows_per_split, float* partial_acc, float* partial_stats) {                                                                                \
     static xc::syclexp::work_group_static<T[xc::kKeyTile * xc::kMaxHeadDim]> key_tile;                         \
     static xc::syclexp::work_group_static<T[xc::kKeyTile * xc::kMaxHeadDim]> value_tile;                       \
     static xc::syclexp::work_group_static<float[ROWS * xc::kMaxHeadDim]> query_rows;                           \
@@ -163,7 +170,8 @@ inline void combine_splits(T* out, const float* partial_acc, const float* partia
         prompt_position_stride, prompt_scale_request_stride, prompt_scale_head_stride,                        \
         prompt_scale_position_stride, response_row_stride, response_head_stride, response_position_stride,    \
         response_scale_row_stride, response_scale_head_stride, response_scale_position_stride,                \
-        beam_slots_stride, splits, rows_per_split, partial_acc, partial_stats, xc::local_array(key_tile),        \
+        beam_slots_stride, block_table, block_table_stride, block_size, splits, rows_per_split, partial_acc,  \
+        partial_stats, xc::local_array(key_tile),                                                            \
         xc::local_array(value_tile), xc::local_array(query_rows));                                             \
   }
 

@@ -415,6 +415,113 @@ def test_segment_attention_decode_many_beams(kernels, kv_format, beams):
     assert_close(out, expected, torch.float32)
 
 
+def _paged(segment, scale, prompt_start, block_size, generator):
+    """A prompt segment [R, Hkv, P, D] (and its scales) as a pool of blocks [N, Hkv, block_size, D] in
+    shuffled order and a block table [R, P / block_size + 1] (a spare column: room to grow). The table
+    names block 0 for blocks of padding alone and for the spare column; block 0, and every pool cell no
+    table entry maps, hold NaN (never read)."""
+    requests, heads, length = segment.shape[:3]
+    per_request = -(-length // block_size)
+    order = (torch.randperm(requests * per_request, generator=generator) + 1).tolist()
+    table = torch.zeros((requests, per_request + 1), dtype=torch.int32)
+    poison = NAN_CODE if segment.dtype == torch.uint8 else float("nan")
+    pool = torch.full(
+        (1 + requests * per_request, heads, block_size, *segment.shape[3:]), poison, dtype=segment.dtype
+    )
+    pool_scale = None if scale is None else torch.full(pool.shape[:3], float("nan"), dtype=scale.dtype)
+    for r in range(requests):
+        for b in range((int(prompt_start[r]) // block_size), per_request):
+            table[r, b] = block = order.pop()
+            columns = slice(b * block_size, min((b + 1) * block_size, length))
+            width = columns.stop - columns.start
+            pool[block, :, :width] = segment[r, :, columns]
+            if scale is not None:
+                pool_scale[block, :, :width] = scale[r, :, columns]
+    return pool, pool_scale, table
+
+
+@pytest.mark.parametrize(
+    ("dtype", "kv_format"),
+    [(torch.float32, "auto"), (torch.bfloat16, "fp8_e4m3"), (torch.float16, "fp8_e5m2")],
+)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize(
+    ("requests", "beams", "heads", "kv_heads", "prompt_len", "response_len", "starts"),
+    # one request; unequal prompts (padding over whole blocks); beams with a response segment; a long
+    # prompt that the device kernels split across programs, most of the second request's being padding
+    [(1, 1, 4, 4, 37, 0, [0]), (3, 1, 8, 2, 70, 0, [0, 40, 69]), (2, 4, 8, 2, 45, 5, [17, 0]),
+     (2, 2, 4, 2, 300, 3, [0, 260])],
+)  # fmt: skip
+@pytest.mark.parametrize("lengths", ["prompt_len", "segment_lens"])
+def test_segment_attention_decode_paged_prompt(
+    kernels, dtype, kv_format, block_size, requests, beams, heads, kv_heads, prompt_len, response_len, starts,
+    lengths,
+):  # fmt: skip
+    """The prompt segment as a pool of blocks and a block table (Opt-Pa) gives the contiguous segment's
+    attention. Its length is given by prompt_len, or, as a replayed CUDA graph passes it, in segment_lens
+    with prompt_len -1 (the table's whole capacity, a spare block beyond the length)."""
+    head_dim = 64
+    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+        dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
+        starts=starts,
+    )  # fmt: skip
+    (pk, pk_s), (pv, pv_s) = caches[:2]
+    seed = prompt_len * block_size  # K and V share their block order, as they share a table
+    pool_k, pool_k_scale, table = _paged(
+        pk, pk_s, prompt_start, block_size, torch.Generator().manual_seed(seed)
+    )
+    pool_v, pool_v_scale, _ = _paged(pv, pv_s, prompt_start, block_size, torch.Generator().manual_seed(seed))
+    (rk, rk_s), (rv, rv_s) = caches[2:]
+    out = torch.full_like(query, float("nan"))
+    scale = head_dim**-0.5
+    length_args = (None, table, prompt_len)
+    if lengths == "segment_lens":
+        length_args = (torch.tensor([prompt_len, response_len], dtype=torch.int32), table, -1)
+    kernels.segment_attention_decode(out, query, pool_k, pool_v, pool_k_scale, pool_v_scale, prompt_start, rk, rv,
+                                     rk_s, rv_s, beam_slots, response_len, scale, kv_format, *length_args)  # fmt: skip
+    expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
+                                                response_len, scale)  # fmt: skip
+    assert_close(out, expected, dtype)
+
+
+def test_paged_prompt_arguments_are_checked(kernels):
+    query, caches, _, prompt_start, beam_slots = _segment_case(
+        torch.float32, "auto", 2, 1, 4, 4, 16, 40, 0, False
+    )
+    (pk, _), (pv, _), (rk, _), (rv, _) = caches
+    pool_k, _, table = _paged(pk, None, prompt_start, 16, torch.Generator().manual_seed(1))
+    pool_v, _, _ = _paged(pv, None, prompt_start, 16, torch.Generator().manual_seed(1))
+
+    def call(block_table, prompt_len):
+        kernels.segment_attention_decode(torch.empty_like(query), query, pool_k, pool_v, None, None, prompt_start,
+                                         rk, rv, None, None, beam_slots, 0, 0.25, "auto", None, block_table,
+                                         prompt_len)  # fmt: skip
+
+    table_error = r"prompt_block_table must be an int32 tensor \[requests=2, blocks\]"
+    for wrong_table in (table.long(), table[:1]):
+        with pytest.raises(ValueError, match=table_error):
+            call(wrong_table, 40)
+    with pytest.raises(ValueError, match="prompt_len 65 is beyond the 64 columns its blocks hold"):
+        call(table, 65)
+
+
+def test_sycl_paged_blocks_hold_whole_tiles():
+    """The SYCL kernel looks a block up once per tile of 16 columns."""
+    from conftest import KERNEL_BACKENDS
+
+    query, caches, _, prompt_start, beam_slots = _segment_case(
+        torch.float32, "auto", 1, 1, 4, 4, 16, 24, 0, False
+    )
+    (pk, _), (pv, _), (rk, _), (rv, _) = caches
+    pool_k, _, table = _paged(pk, None, prompt_start, 8, torch.Generator().manual_seed(1))
+    pool_v, _, _ = _paged(pv, None, prompt_start, 8, torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="blocks must hold a multiple of 16, not 8"):
+        KERNEL_BACKENDS["sycl-cpu"]().segment_attention_decode(
+            torch.empty_like(query), query, pool_k, pool_v, None, None, prompt_start, rk, rv, None, None,
+            beam_slots, 0, 0.25, "auto", None, table, 24,
+        )  # fmt: skip
+
+
 def test_segment_lens_must_be_two_int32_lengths(kernels):
     query, caches, _, prompt_start, beam_slots = _segment_case(
         torch.float32, "auto", 1, 1, 4, 4, 16, 9, 2, False
@@ -461,6 +568,11 @@ def test_opcheck_cache_and_attention_ops(kv_format):
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
     _opcheck("segment_attention_decode", (torch.empty_like(query), query, pk, pv, pk_s, pv_s, prompt_start,
                                           rk, rv, rk_s, rv_s, beam_slots, 3, 0.25, kv_format))  # fmt: skip
+    pool_k, pool_k_scale, block_table = _paged(pk, pk_s, prompt_start, 16, torch.Generator().manual_seed(2))
+    pool_v, pool_v_scale, _ = _paged(pv, pv_s, prompt_start, 16, torch.Generator().manual_seed(2))
+    _opcheck("segment_attention_decode", (torch.empty_like(query), query, pool_k, pool_v, pool_k_scale,
+                                          pool_v_scale, prompt_start, rk, rv, rk_s, rv_s, beam_slots, 3, 0.25,
+                                          kv_format, None, block_table, 9))  # fmt: skip
     table = cos_sin_cache(RopeSpec(theta=10000.0), 16, 32, torch.device("cpu"))
     q, k, v = _random(4, 4, 16, dtype=dtype), _random(4, 2, 16, dtype=dtype), _random(4, 2, 16, dtype=dtype)
     k_cache, k_scale = _cache((2, 2, 8, 16), kv_format, dtype)

@@ -82,6 +82,14 @@ def launch_all(dtypes: list[torch.dtype]) -> None:
                 torch.zeros(2, dtype=torch.int32), response, response, response_scale, response_scale,
                 torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_format, torch.tensor([500, 3], dtype=torch.int32),
             )  # fmt: skip
+            # A paged prompt segment: the long cache's 600 columns as 75 blocks of 8, read through a table.
+            blocks, block_scales = _cache((75, 2, 8, 64), kv_format, dtype)
+            K.segment_attention_decode(
+                torch.empty_like(decode_query), decode_query, blocks, blocks, block_scales, block_scales,
+                torch.zeros(2, dtype=torch.int32), response, response, response_scale, response_scale,
+                torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_format, None,
+                torch.arange(150, dtype=torch.int32).view(2, 75) % 75, 590,
+            )  # fmt: skip
             if scale is not None:  # the tuning option that converts FP8 tiles before their dot layout
                 launch = K.DECODE_LAUNCH
                 K.DECODE_LAUNCH = dataclasses.replace(launch, fp8_upcast_in_registers=True)

@@ -104,23 +104,49 @@ def segment_lens_tensor(op: str, segment_lens: torch.Tensor | None) -> None:
         )
 
 
-def host_segment_lens(
+def prompt_capacity(
     op: str,
-    segment_lens: torch.Tensor | None,
-    prompt: tuple[torch.Tensor | None, ...],
-    response_len: int,
-) -> tuple[tuple[torch.Tensor | None, ...], int]:
-    """For backends that read segment_lens on the host (reference, SYCL): the prompt segment's
-    (k, v, k_scale, v_scale) cut to the prompt length, and the response length; unchanged without
-    segment_lens. The lengths must lie within the capacities the tensors and response_len give."""
+    prompt_k: torch.Tensor,
+    prompt_start: torch.Tensor,
+    block_table: torch.Tensor | None,
+    prompt_len: int,
+) -> int:
+    """The prompt segment's columns a decode call attends: prompt_len, or with -1 all the segment holds
+    (prompt_k's columns, or with a block table, its blocks' columns). Checks the block table too."""
+    if block_table is None:
+        held = prompt_k.shape[2]
+    else:
+        requests = prompt_start.shape[0]
+        if block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != requests:
+            raise ValueError(
+                f"{op}: prompt_block_table must be an int32 tensor [requests={requests}, blocks], not "
+                f"{block_table.dtype} {tuple(block_table.shape)}"
+            )
+        if block_table.stride(-1) != 1:
+            raise ValueError(f"{op}: prompt_block_table must be contiguous in its last dimension")
+        held = block_table.shape[1] * prompt_k.shape[2]
+    if prompt_len == -1:
+        return held
+    if not 0 <= prompt_len <= held:
+        what = "its blocks hold" if block_table is not None else "prompt_k holds"
+        raise ValueError(f"{op}: prompt_len {prompt_len} is beyond the {held} columns {what}")
+    return prompt_len
+
+
+def host_segment_lens(
+    op: str, segment_lens: torch.Tensor | None, prompt_len: int, response_len: int
+) -> tuple[int, int]:
+    """For backends that read segment_lens on the host (reference, SYCL): the (prompt columns, response
+    steps) to attend, which must lie within the capacities prompt_len and response_len; those two without
+    segment_lens."""
     if segment_lens is None:
-        return prompt, response_len
+        return prompt_len, response_len
     segment_lens_tensor(op, segment_lens)
-    prompt_capacity, response_capacity = prompt[0].shape[2], response_len
+    prompt_capacity, response_capacity = prompt_len, response_len
     prompt_len, response_len = (int(n) for n in segment_lens.tolist())
     if not (0 <= prompt_len <= prompt_capacity and 0 <= response_len <= response_capacity):
         raise ValueError(
             f"{op}: segment_lens ({prompt_len}, {response_len}) exceed the segments' capacities "
             f"({prompt_capacity}, {response_capacity})"
         )
-    return tuple(None if t is None else t[:, :, :prompt_len] for t in prompt), response_len
+    return prompt_len, response_len

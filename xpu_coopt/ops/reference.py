@@ -167,13 +167,17 @@ def segment_attention_decode(
     scale: float,
     kv_format: str,
     segment_lens: torch.Tensor | None = None,
+    prompt_block_table: torch.Tensor | None = None,
+    prompt_len: int = -1,
 ) -> None:
-    # The lengths may live on the device: read them here and keep those columns.
-    (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale), response_len = checks.host_segment_lens(
-        "segment_attention_decode",
-        segment_lens,
-        (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
-        response_len,
+    op = "segment_attention_decode"
+    capacity = checks.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len)
+    # The lengths may live on the device: read them here, then keep those columns (gathered from their
+    # blocks where the prompt segment is paged).
+    prompt_len, response_len = checks.host_segment_lens(op, segment_lens, capacity, response_len)
+    prompt_k, prompt_v, prompt_k_scale, prompt_v_scale = (
+        None if t is None else _prompt_columns(t, prompt_block_table, prompt_len)
+        for t in (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale)
     )
     num_seqs, num_heads, head_dim = query.shape
     num_requests, num_kv_heads, prompt_len, _ = prompt_k.shape
@@ -219,6 +223,16 @@ def segment_attention_decode(
         response_probs = probs[..., prompt_len:].view(num_requests, num_kv_heads, beams, group, response_len)
         result += _matmul(response_probs, rv)
     out.view(num_requests, beams, num_kv_heads, group, head_dim).copy_(result.permute(0, 2, 1, 3, 4))
+
+
+def _prompt_columns(segment: torch.Tensor, block_table: torch.Tensor | None, length: int) -> torch.Tensor:
+    """[R, Hkv, length, ...]: a prompt segment's first `length` columns (K/V, or without D their scales);
+    with a block table, gathered from the block pool [blocks, Hkv, block_size, ...] it indexes."""
+    if block_table is None:
+        return segment[:, :, :length]
+    used = -(-length // segment.shape[2])
+    blocks = segment[block_table[:, :used].long()].transpose(1, 2)  # [R, Hkv, used, block_size, ...]
+    return blocks.reshape(*blocks.shape[:2], -1, *blocks.shape[4:])[:, :, :length]
 
 
 def _response_history(

@@ -51,11 +51,15 @@ SCHEMAS: dict[str, str] = {
     # One query token per sequence (beam) over the shared prompt segment of its request and its own
     # response history, which beam_slots maps to response-segment rows. segment_lens (int32 [2], optional)
     # holds the two segments' lengths on the device, so a captured CUDA graph can replay the call.
+    # prompt_block_table (int32 [R, blocks], optional) makes the prompt segment paged: prompt_k is then a
+    # pool of fixed-size blocks and row r's column n lives in block prompt_block_table[r, n / block_size].
+    # prompt_len: the prompt segment's columns to attend (-1: all it holds).
     "segment_attention_decode": (
         "segment_attention_decode(Tensor(a!) out, Tensor query, Tensor prompt_k, Tensor prompt_v, "
         "Tensor? prompt_k_scale, Tensor? prompt_v_scale, Tensor prompt_start, Tensor response_k, "
         "Tensor response_v, Tensor? response_k_scale, Tensor? response_v_scale, Tensor beam_slots, "
-        "int response_len, float scale, str kv_format, Tensor? segment_lens=None) -> ()"
+        "int response_len, float scale, str kv_format, Tensor? segment_lens=None, "
+        "Tensor? prompt_block_table=None, int prompt_len=-1) -> ()"
     ),
 }
 

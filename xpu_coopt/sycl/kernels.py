@@ -218,15 +218,21 @@ def segment_attention_decode(
     scale: float,
     kv_format: str,
     segment_lens: torch.Tensor | None = None,
+    prompt_block_table: torch.Tensor | None = None,
+    prompt_len: int = -1,
 ) -> None:
     op = "segment_attention_decode"
     suffix = _kernel_suffix(op, kv_format, query, out)
+    capacity = checks.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len)
     # segment_lens read on the host: no graph capture on this backend.
-    (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale), response_len = checks.host_segment_lens(
-        op, segment_lens, (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale), response_len
-    )
+    prompt_len, response_len = checks.host_segment_lens(op, segment_lens, capacity, response_len)
+    if prompt_block_table is not None and prompt_k.shape[2] % DECODE_KEY_TILE:
+        raise ValueError(
+            f"{op}: the SYCL kernel reads a paged prompt segment in tiles of {DECODE_KEY_TILE} columns, so its "
+            f"blocks must hold a multiple of {DECODE_KEY_TILE}, not {prompt_k.shape[2]}"
+        )
     num_seqs, heads, head_dim = query.shape
-    requests, kv_heads, prompt_len, _ = prompt_k.shape
+    requests, kv_heads = prompt_start.shape[0], prompt_k.shape[1]
     beams, group = num_seqs // requests, heads // kv_heads
     _check_head_dim(op, head_dim)
     if beams * group > MAX_DECODE_ROWS:
@@ -257,7 +263,9 @@ def segment_attention_decode(
         c_float(scale), c_int64(query.stride(0)), c_int64(out.stride(0)),
         *_cache_layout(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
         *_cache_layout(op, response_k, response_v, response_k_scale, response_v_scale),
-        c_int64(beam_slots.stride(0)), c_int(splits), c_int64(rows), partial_acc, partial_stats,
+        c_int64(beam_slots.stride(0)), prompt_block_table,
+        c_int64(0 if prompt_block_table is None else prompt_block_table.stride(0)), c_int(prompt_k.shape[2]),
+        c_int(splits), c_int64(rows), partial_acc, partial_stats,
     )  # fmt: skip
     if splits > 1:
         _run(

@@ -113,17 +113,18 @@ def attention_prefill_kernel(
 def segment_attention_decode_kernel(
     out, query, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale, prompt_start,
     response_k, response_v, response_k_scale, response_v_scale, beam_slots, segment_lens,
-    partial_acc, partial_stats,
+    prompt_block_table, partial_acc, partial_stats,
     beams, kv_heads, group, head_dim, prompt_len, response_len, rows_per_split, scale,
     query_stride, out_stride, prompt_request_stride, prompt_head_stride, prompt_position_stride,
     prompt_scale_request_stride, prompt_scale_head_stride, prompt_scale_position_stride,
     response_row_stride, response_head_stride, response_position_stride,
     response_scale_row_stride, response_scale_head_stride, response_scale_position_stride,
-    beam_slots_stride,
+    beam_slots_stride, block_table_stride, block_size,
     BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     BEAMS: tl.constexpr, FORMAT: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr, FP8_MAX: tl.constexpr,
     MIN_NORMAL: tl.constexpr, SUB_SCALE: tl.constexpr, SUB_UNIT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     NATIVE_FP8: tl.constexpr, HAS_LENS: tl.constexpr, SPLIT: tl.constexpr, FP8_UPCAST_IN_REGISTERS: tl.constexpr,
+    PAGED: tl.constexpr,
 ):  # fmt: skip
     """Program = (request, KV head, split); its rows are every (beam, query head of the group) of the
     request, so each prompt K/V block is loaded (and dequantized) once for all of them. Split k covers
@@ -132,7 +133,9 @@ def segment_attention_decode_kernel(
     1), and an equal share of the response segment's steps. With SPLIT, each split writes its unnormalised
     accumulator and (row max, row sum) to partial_acc / partial_stats for combine_splits_kernel; without,
     the one split writes out. With HAS_LENS the segment lengths are read from segment_lens on the device
-    (prompt_len and response_len are then capacities), so a captured CUDA graph replays at any step."""
+    (prompt_len and response_len are then capacities), so a captured CUDA graph replays at any step.
+    PAGED: the prompt segment is a pool of blocks of block_size columns; request r's column n lives in
+    block prompt_block_table[r, n // block_size], looked up per column (a tile may span blocks)."""
     request = (tl.program_id(0) // kv_heads).to(tl.int64)
     kv = tl.program_id(0) % kv_heads
     split = tl.program_id(1)
@@ -157,8 +160,6 @@ def segment_attention_decode_kernel(
 
     # Prompt segment, shared by the request's beams; positions before `start` are padding, never read.
     start = tl.load(prompt_start + request)
-    prompt = request * prompt_request_stride + kv * prompt_head_stride
-    prompt_scale = request * prompt_scale_request_stride + kv * prompt_scale_head_stride
     # The shares are cut from the columns this step reads, on the device: neither the left padding nor a
     # captured graph's unused capacity leaves a split without work while another has several shares.
     padding_tiles, end_tile = start // BLOCK_N, tl.cdiv(prompt_end, BLOCK_N)
@@ -167,11 +168,24 @@ def segment_attention_decode_kernel(
     for tile in range(own_first, tl.minimum(own_first + tiles, end_tile)):
         n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = (n >= start) & (n < prompt_end)
+        if PAGED:  # (the table's entries for padding columns are not read: they may name no block)
+            row = tl.load(
+                prompt_block_table + request * block_table_stride + n // block_size, mask=n_ok, other=0
+            )
+            row = row.to(tl.int64)
+            column = n % block_size
+        else:
+            row = request
+            column = n
+        cell = row * prompt_request_stride + kv * prompt_head_stride + column * prompt_position_stride
+        scale_cell = (
+            row * prompt_scale_request_stride
+            + kv * prompt_scale_head_stride
+            + column * prompt_scale_position_stride
+        )
         row_max, row_sum, acc = _attend_block(
-            q, prompt_k + prompt + n[None, :] * prompt_position_stride + d[:, None],
-            prompt_v + prompt + n[:, None] * prompt_position_stride + d[None, :],
-            prompt_k_scale + prompt_scale + n * prompt_scale_position_stride,
-            prompt_v_scale + prompt_scale + n * prompt_scale_position_stride,
+            q, prompt_k + cell[None, :] + d[:, None], prompt_v + cell[:, None] + d[None, :],
+            prompt_k_scale + scale_cell, prompt_v_scale + scale_cell,
             n_ok, d_ok, n_ok[None, :] & row_ok[:, None], scale, row_max, row_sum, acc,
             FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, UPCAST_DOT, FP8_UPCAST_IN_REGISTERS,
         )  # fmt: skip

@@ -283,12 +283,15 @@ def segment_attention_decode(
     scale: float,
     kv_format: str,
     segment_lens: torch.Tensor | None = None,
+    prompt_block_table: torch.Tensor | None = None,
+    prompt_len: int = -1,
 ) -> None:
     op = "segment_attention_decode"
     checks.activation_dtype(op, BACKEND, query, out)
     checks.kv_format(op, kv_format)
     num_seqs, heads, head_dim = query.shape
-    requests, kv_heads, prompt_len, _ = prompt_k.shape
+    requests, kv_heads = prompt_start.shape[0], prompt_k.shape[1]
+    prompt_len = checks.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len)
     beams, group = num_seqs // requests, heads // kv_heads
     checks.head_dim(op, BACKEND, head_dim, MAX_HEAD_DIM)
     if beams * group > MAX_DECODE_ROWS:
@@ -325,17 +328,18 @@ def segment_attention_decode(
         prompt_start.to(torch.int32).contiguous(), response_k, response_v,
         unused if response_k_scale is None else response_k_scale,
         unused if response_v_scale is None else response_v_scale, beam_slots,
-        unused if segment_lens is None else segment_lens, partial_acc, partial_stats,
+        unused if segment_lens is None else segment_lens,
+        unused if prompt_block_table is None else prompt_block_table, partial_acc, partial_stats,
         beams, kv_heads, group, head_dim, prompt_len, response_len, num_seqs * heads, scale,
         query.stride(0), out.stride(0),
         *checks.cache_strides(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
         *checks.cache_strides(op, response_k, response_v, response_k_scale, response_v_scale),
-        beam_slots.stride(0),
+        beam_slots.stride(0), 0 if prompt_block_table is None else prompt_block_table.stride(0), prompt_k.shape[2],
         BLOCK_ROWS=_block(beams * group, 16), BLOCK_N=block_n, BLOCK_T=response_steps(launch, beams),
         BEAMS=_block(beams),
         BLOCK_D=_block(head_dim, 16), UPCAST_DOT=upcast_dot(query.dtype), NATIVE_FP8=_native_fp8(query.device),
         HAS_LENS=segment_lens is not None, SPLIT=splits > 1, FP8_UPCAST_IN_REGISTERS=launch.fp8_upcast_in_registers,
-        **codec_constants(kv_format),
+        PAGED=prompt_block_table is not None, **codec_constants(kv_format),
         num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.max_registers,
     )  # fmt: skip
     if splits > 1:
