@@ -37,7 +37,7 @@ def test_not_a_model():
     [
         (dict(kv_dtype="int4"), "unknown kv_dtype 'int4'"),
         (dict(backend="cudnn"), "unknown backend 'cudnn'"),
-        (dict(kv_cache="paged"), "unknown kv_cache 'paged'"),
+        (dict(kv_cache="blocks"), "unknown kv_cache 'blocks'; choose one of segment, paged"),
         (dict(dtype=torch.int8), "dtype torch.int8 is not supported"),
     ],
 )

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_parity import _hf_logits, _model, _prompts
+from test_parity import _frequent_token, _hf_logits, _model, _prompts
 
 import xpu_coopt
-from xpu_coopt.cache import RESPONSE_STEP
+from xpu_coopt.cache import BLOCK_SIZE, RESPONSE_STEP, PagedKVCache
 
 
 def test_kv_bytes_are_prompt_once_plus_response_per_beam():
@@ -125,3 +125,129 @@ def test_a_cache_fits_and_resets_for_a_generation_within_its_room(beams):
     assert cache.capacity == (16 + 4 if beams == 1 else 16)  # one beam: the prompt's unused columns too
     with pytest.raises(ValueError, match="2 prompts of 30 columns do not fit this cache's 2 of at most"):
         cache.reset(starts, 30)
+
+
+# Paged cache (kv_cache="paged", Opt-Pa): the same outputs as the segment cache, in blocks allocated as needed.
+
+SEARCHES = {
+    "greedy": dict(do_sample=False),
+    "beam3": dict(num_beams=3, do_sample=False),
+    "samples2": dict(do_sample=True, num_return_sequences=2, top_k=20),
+}
+
+
+@pytest.mark.parametrize("search", sorted(SEARCHES))
+@pytest.mark.parametrize("name", ["llama-gqa-8q2kv-d64", "qwen2-bias"])
+def test_paged_cache_generates_as_transformers(name, search):
+    """Unequal prompts (two of the three have blocks of padding alone), 37 new tokens (blocks allocated
+    at three decode steps): tokens and per-step scores equal transformers'."""
+    model = _model(name)
+    ids, mask = _prompts([40, 3, 21], model.config.vocab_size, seed=4)
+    kwargs = dict(max_new_tokens=37, pad_token_id=0, eos_token_id=None, output_scores=True,
+                  return_dict_in_generate=True, **SEARCHES[search])  # fmt: skip
+    outputs = []
+    for generate in (xpu_coopt.optimize(model, kv_cache="paged").generate, model.generate):
+        torch.manual_seed(0)
+        outputs.append(generate(ids, attention_mask=mask, **kwargs))
+    ours, theirs = outputs
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for step, (actual, expected) in enumerate(zip(ours.scores, theirs.scores, strict=True)):
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-5, msg=f"scores of step {step}")
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_paged_cache_gives_the_segment_caches_logits(dtype, kv_dtype, num_beams):
+    """Step by step, the paged cache's logits are the segment cache's, in every dtype and KV format: the
+    same K/V, read through the block table."""
+    model = _model("llama-gqa-8q2kv-d64", dtype)
+    ids, mask = _prompts([35, 2, 17], model.config.vocab_size, seed=5)
+    models = [xpu_coopt.optimize(model, kv_dtype=kv_dtype, kv_cache=kind) for kind in ("segment", "paged")]
+    (logits, cache), (paged_logits, paged_cache) = (m.prefill(ids, mask, num_beams, 20) for m in models)
+    assert isinstance(paged_cache, PagedKVCache)
+    torch.testing.assert_close(paged_logits, logits, atol=0, rtol=0)
+    tokens = logits.argmax(-1).repeat_interleave(num_beams)
+    for _ in range(20):
+        logits = models[0].decode(tokens, cache)
+        paged_logits = models[1].decode(tokens, paged_cache)
+        torch.testing.assert_close(paged_logits, logits, atol=0, rtol=0)
+        tokens = logits.argmax(-1)
+
+
+def _blocks(columns: int) -> int:
+    return -(-columns // BLOCK_SIZE)
+
+
+def test_paged_cache_stores_no_block_of_padding_alone():
+    """Prompts of 40, 3 and 21 tokens in a batch 40 wide: blocks 3, 1 and 2 (the sink besides), where the
+    segment cache holds 3 x 40 columns; beams add their response segments as in the segment cache."""
+    model = _model("llama-gqa-8q2kv-d64")
+    spec = xpu_coopt.optimize(model).spec
+    ids, mask = _prompts([40, 3, 21], spec.vocab_size)
+    paged = xpu_coopt.optimize(model, kv_cache="paged")
+    _, cache = paged.prefill(ids, mask, num_beams=1, max_new_tokens=100)
+    assert cache.pool_blocks() == 1 + 3 + 1 + 2
+    per_token = spec.kv_bytes_per_token(4)
+    table_bytes = 3 * _blocks(40 + 112) * 4  # room for 100 new tokens, rounded to RESPONSE_STEP
+    assert cache.nbytes() == per_token * BLOCK_SIZE * 7 + table_bytes
+    _, segment = xpu_coopt.optimize(model).prefill(ids, mask, num_beams=1, max_new_tokens=100)
+    assert segment.nbytes() == per_token * 3 * (40 + 112)
+    _, beams = paged.prefill(ids, mask, num_beams=2, max_new_tokens=16)
+    response_bytes = (per_token + 4) * 6 * 16  # K/V and beam_slots of 6 sequences x 16 steps
+    assert beams.nbytes() == per_token * BLOCK_SIZE * 7 + 3 * _blocks(40) * 4 + response_bytes
+
+
+def test_paged_cache_allocates_blocks_as_tokens_arrive():
+    """One beam: each request takes a new block when its next column starts one, all at the same step
+    (left padding aligns their columns). The pool grows by at least a quarter when it runs out."""
+    model = _model("llama-mha-d64")
+    optimized = xpu_coopt.optimize(model, kv_cache="paged")
+    ids, mask = _prompts([30, 12], model.config.vocab_size)
+    logits, cache = optimized.prefill(ids, mask, num_beams=1, max_new_tokens=200)
+    assert (cache.blocks_used, cache.pool_blocks()) == (1 + 2 + 1, 4)
+    tokens = logits.argmax(-1)
+    pools = []
+    for step in range(40):  # columns 30 .. 69: new blocks at columns 32, 48 and 64
+        tokens = optimized.decode(tokens, cache).argmax(-1)
+        pools.append(cache.pool_blocks())
+        # the sink, each request's blocks up to column 30 + step, less request 1's block of padding alone
+        assert cache.blocks_used == 1 + 2 * _blocks(30 + step + 1) - 1
+    assert pools[1] == 4 and pools[2] == 6  # grew by max(2 blocks, a quarter of 4)
+    assert cache.blocks_used == 10 and pools[-1] >= 10
+    assert cache.pool_blocks() < 1 + 2 * _blocks(30 + 208)  # far from what 200 tokens may need
+
+
+def test_a_paged_generation_that_stops_early_holds_less():
+    """EOS after a few tokens: the paged cache never allocates the blocks of the tokens not generated; the
+    segment cache allocated all max_new_tokens up front."""
+    model = _model("llama-gqa-8q2kv-d64")
+    ids, mask = _prompts([20], model.config.vocab_size, seed=6)
+    eos = _frequent_token(model, ids, mask)
+    kwargs = dict(max_new_tokens=200, do_sample=False, pad_token_id=0, eos_token_id=eos,
+                  return_dict_in_generate=True)  # fmt: skip
+    segment = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
+    paged = xpu_coopt.optimize(model, kv_cache="paged").generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(paged.sequences, segment.sequences)
+    assert segment.sequences.shape[1] < 20 + 20  # stopped early
+    length = segment.sequences.shape[1]
+    per_token, table_bytes = xpu_coopt.optimize(model).spec.kv_bytes_per_token(4), _blocks(20 + 208) * 4
+    assert segment.kv_cache_bytes == per_token * (20 + 208)  # 200 new tokens, rounded to RESPONSE_STEP
+    assert paged.kv_cache_bytes <= per_token * BLOCK_SIZE * (1 + _blocks(length)) + table_bytes
+
+
+def test_paged_cache_grows_past_its_capacity():
+    """forward() reserves no new tokens: decode steps past the table's columns widen it."""
+    model = _model("qwen2-bias")
+    optimized = xpu_coopt.optimize(model, kv_cache="paged")
+    ids, mask = _prompts([6, 4], model.config.vocab_size)
+    out = optimized(ids, mask)
+    cache = out.cache
+    for _ in range(RESPONSE_STEP + 3):
+        next_tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+        out = optimized(next_tokens, cache=cache)
+        ids = torch.cat((ids, next_tokens), dim=1)
+        mask = torch.cat((mask, torch.ones_like(next_tokens)), dim=1)
+    assert cache.prompt_capacity() == 2 * BLOCK_SIZE
+    expected = _hf_logits(model, ids, mask)[:, -1]
+    torch.testing.assert_close(out.logits[:, -1], expected, atol=2e-5, rtol=2e-5)

@@ -45,6 +45,26 @@ def test_bench_samples_several_sequences_per_prompt(tmp_path):
     assert result["ratios"]["kv_bytes_ratio"] < 0.6
 
 
+def test_bench_with_unequal_prompts_in_the_paged_cache(tmp_path):
+    """--min-input-tokens spreads the prompts' lengths over the batch (left-padded, on both sides); the
+    paged cache stores none of the padding's whole blocks, where transformers stores every column."""
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", str(require_data(STORIES_MODEL)), "--dtype", "float32", "--batch-size", "4",
+            "--input-tokens", "120", "--min-input-tokens", "8", "--output-tokens", "4", "--kv-cache", "paged",
+            "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["kv_cache"] == "paged" and result["settings"]["min_input_tokens"] == 8
+    # prompts of 8, 45, 82 and 120 tokens: about 263 of 4 x 120 columns, in blocks of 16
+    assert result["ratios"]["kv_bytes_ratio"] < 0.7
+
+
+def test_bench_rejects_a_shortest_prompt_beyond_the_longest(capsys):
+    model = str(require_data(STORIES_MODEL))
+    assert main(["bench", "--model", model, "--input-tokens", "8", "--min-input-tokens", "9"]) == 2
+    assert "min_input_tokens must lie in 1..input_tokens (8), got 9" in capsys.readouterr().err
+
+
 def test_bench_rejects_samples_with_beams(capsys):
     model = str(require_data(STORIES_MODEL))
     assert main(["bench", "--model", model, "--num-beams", "2", "--num-return-sequences", "2"]) == 2

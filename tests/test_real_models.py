@@ -16,6 +16,21 @@ def _stories_prompt(tokenizer):
     return torch.tensor([tokenizer.encode("Once upon a time")])
 
 
+def _unequal_stories_prompts(tokenizer):
+    """(input_ids, attention_mask): a long prompt and a short one, left-padded by more than a cache block
+    (xpu_coopt.cache.BLOCK_SIZE) of padding."""
+    long = tokenizer.encode(
+        "Once upon a time there was a little girl named Lily. She loved to play in the park"
+    )
+    short = tokenizer.encode("Once upon a time")
+    ids = torch.zeros((2, len(long)), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, tokens in enumerate((long, short)):
+        ids[row, len(long) - len(tokens) :] = torch.tensor(tokens)
+        mask[row, len(long) - len(tokens) :] = 1
+    return ids, mask
+
+
 def test_stories260k_greedy_text_matches_transformers(stories_model, stories_tokenizer):
     ids = _stories_prompt(stories_tokenizer)
     kwargs = dict(max_new_tokens=60, do_sample=False, eos_token_id=2, pad_token_id=0)

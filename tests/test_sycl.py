@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_real_models import _stories_prompt
+from test_real_models import _stories_prompt, _unequal_stories_prompts
 
 import xpu_coopt
 from xpu_coopt.sycl import kernels, runtime
@@ -27,6 +27,19 @@ def test_stories260k_sycl_tokens_match_reference(stories_model, stories_tokenize
     kwargs = dict(max_new_tokens=40, num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0)
     reference, sycl = _generate_both(stories_model, ids, **kwargs)
     assert torch.equal(sycl, reference)
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_stories260k_sycl_paged_cache_tokens_match_reference(stories_model, stories_tokenizer, num_beams):
+    """Unequal prompts in the paged cache: the SYCL decode kernel reads the prompt segment through the
+    block table, a new block every 16 generated tokens with one beam."""
+    ids, mask = _unequal_stories_prompts(stories_tokenizer)
+    kwargs = dict(max_new_tokens=40, num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0)
+    reference = xpu_coopt.optimize(stories_model, backend="torch").generate(
+        ids, attention_mask=mask, **kwargs
+    )
+    paged = xpu_coopt.optimize(stories_model, backend="sycl", kv_cache="paged")
+    assert torch.equal(paged.generate(ids, attention_mask=mask, **kwargs), reference)
 
 
 def test_stories260k_sycl_samples_match_reference(stories_model, stories_tokenizer):

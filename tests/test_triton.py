@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_real_models import _stories_prompt
+from test_real_models import _stories_prompt, _unequal_stories_prompts
 
 import xpu_coopt
 from xpu_coopt import backends
+from xpu_coopt.cache import BLOCK_SIZE, RESPONSE_STEP
 from xpu_coopt.triton import linear
 
 CPU = torch.device("cpu")
@@ -30,6 +31,18 @@ def test_stories260k_triton_tokens_match_reference(stories_model, stories_tokeni
     reference = xpu_coopt.optimize(stories_model, backend="torch", kv_dtype=kv_dtype).generate(ids, **kwargs)
     triton = xpu_coopt.optimize(stories_model, backend="triton", kv_dtype=kv_dtype).generate(ids, **kwargs)
     assert torch.equal(triton, reference)
+
+
+def test_stories260k_triton_paged_cache_tokens_match_reference(stories_model, stories_tokenizer):
+    """Unequal prompts in the paged cache, one beam: the Triton decode kernel reads the prompt segment
+    through the block table, a new block every 16 generated tokens."""
+    ids, mask = _unequal_stories_prompts(stories_tokenizer)
+    kwargs = dict(max_new_tokens=24, do_sample=False, eos_token_id=2, pad_token_id=0)
+    reference = xpu_coopt.optimize(stories_model, backend="torch").generate(
+        ids, attention_mask=mask, **kwargs
+    )
+    paged = xpu_coopt.optimize(stories_model, backend="triton", kv_cache="paged")
+    assert torch.equal(paged.generate(ids, attention_mask=mask, **kwargs), reference)
 
 
 def test_more_decode_rows_than_a_program_serves_is_an_error_before_prefill(stories_model, monkeypatch):
@@ -290,39 +303,45 @@ def _replay_decode_graphs_eagerly(monkeypatch) -> list[tuple[int, list[int]]]:
 
 
 @pytest.mark.parametrize(
-    ("backend", "kv_dtype", "num_beams"),
-    # the Triton interpreter takes minutes a case: one, whose kernels then read segments far longer than
+    ("backend", "kv_dtype", "num_beams", "kv_cache"),
+    # the Triton interpreter takes minutes a case: two, whose kernels then read segments far longer than
     # their lengths (the kernels' own tests cover every format), over the generations that reuse a graph
-    [("torch", "auto", 1), ("torch", "auto", 3), ("torch", "fp8_e4m3", 1), ("torch", "fp8_e4m3", 3),
-     ("triton", "fp8_e4m3", 3)],
+    [("torch", "auto", 1, "segment"), ("torch", "auto", 3, "segment"), ("torch", "fp8_e4m3", 1, "segment"),
+     ("torch", "fp8_e4m3", 3, "segment"), ("triton", "fp8_e4m3", 3, "segment"), ("torch", "auto", 1, "paged"),
+     ("torch", "fp8_e4m3", 3, "paged"), ("triton", "auto", 1, "paged")],
 )  # fmt: skip
 def test_generate_reuses_the_kept_decode_graph_when_it_fits(
-    stories_model, stories_tokenizer, monkeypatch, backend, kv_dtype, num_beams
+    stories_model, stories_tokenizer, monkeypatch, backend, kv_dtype, num_beams, kv_cache
 ):
     """generate() keeps its cache and decode graph for the next generate() that fits them: same batch and
     beams, a prompt and max_new_tokens within the cache's room. Each generation gives the tokens (and
     scores) of a model without graphs, whatever the last one left in the cache; one that does not fit
     gets a cache and graph of its own. The expected tokens and scores are the reference kernels' without
     graphs (Triton's eager tokens equal them: test_stories260k_triton_tokens_match_reference; their scores
-    differ by the order of the kernels' sums)."""
+    differ by the order of the kernels' sums). A paged cache's pool is allocated at its largest for the
+    graph, and each generation maps its blocks anew in the same table."""
     replays = _replay_decode_graphs_eagerly(monkeypatch)
     prompt = torch.tensor([stories_tokenizer.encode("Once upon a time there was a little girl named Lily")])
     kwargs = dict(num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0, output_scores=True,
                   return_dict_in_generate=True)  # fmt: skip
     eager = xpu_coopt.optimize(stories_model, kv_dtype=kv_dtype)
-    graphed = xpu_coopt.optimize(stories_model, backend=backend, kv_dtype=kv_dtype)
+    graphed = xpu_coopt.optimize(stories_model, backend=backend, kv_dtype=kv_dtype, kv_cache=kv_cache)
     graphed.cuda_graph = True  # what optimize() chooses for a CUDA model on the Triton backend
     long_batch = torch.cat((prompt, prompt.flip(1)))
     short_batch = long_batch[:, 3:]
     short_mask = torch.ones_like(short_batch)
     short_mask[1, :4] = 0  # a left-padded row
     # (input_ids, attention_mask, max_new_tokens, reuses the last graph); the first makes room for 16 new
-    # tokens (cache.RESPONSE_STEP)
+    # tokens (cache.RESPONSE_STEP), and a paged one-beam cache for as many as its blocks then hold
+    too_long = torch.cat((long_batch, short_batch[:, :11]), dim=1)
+    room = long_batch.shape[1] + RESPONSE_STEP
+    if kv_cache == "paged" and num_beams == 1:
+        room = -(-room // BLOCK_SIZE) * BLOCK_SIZE
     generations = [
         (long_batch, None, 6, False),
         (short_batch, short_mask, 5, True),  # a shorter prompt: fits
         (long_batch, None, 3, True),
-        (torch.cat((long_batch, short_batch[:, :11]), dim=1), None, 6, False),  # one column too many
+        (too_long, None, room + 1 - too_long.shape[1], False),  # one column too many
         (long_batch[:1], None, 4, False),  # another batch size
     ]
     if backend == "triton":  # the kernels read a kept cache in the first three; the rest is bookkeeping

@@ -40,8 +40,13 @@ def optimize(
         Its weights are shared, not copied (the fused q/k/v and gate/up matrices excepted, see inplace).
     dtype : torch.float32, torch.bfloat16 or torch.float16, optional
         Compute dtype; default the model's own.
-    kv_cache : "segment"
-        KV cache layout: prompt K/V once per request, response K/V per beam.
+    kv_cache : "segment" or "paged"
+        KV cache layout. "segment": prompt K/V once per request, response K/V per beam, each request's
+        prompt segment as long as the batch's longest prompt (left padding included) and, with one beam,
+        room for all max_new_tokens, allocated up front. "paged" (Opt-Pa): the same segments, the prompt
+        segment (with one beam, the prompt and its response) in blocks of 16 tokens allocated as they fill,
+        so left padding takes no memory and a generation that stops early never allocates the rest; its
+        pool grows by copying when it runs out (xpu_coopt/cache/paged.py). Same outputs as "segment".
     kv_dtype : "auto", "fp8_e4m3" or "fp8_e5m2"
         "auto" stores K/V in the compute dtype; FP8 stores uint8 codes with per-token-per-head scales.
     backend : "auto", "torch", "sycl" or "triton"
@@ -131,4 +136,4 @@ def optimize(
         # cuBLAS call, which a step of 129 GEMMs does not win back (docs/ops.md, "linear").
         ops = ops.with_torch_gemms()
     decoder = LlamaDecoder(model, spec, ops, dtype, inplace, pack_shared_weights)
-    return OptimizedModel(model, decoder, kv_dtype, ops.name, kv_scales, use_graph)
+    return OptimizedModel(model, decoder, kv_dtype, ops.name, kv_scales, use_graph, kv_cache)

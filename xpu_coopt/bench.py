@@ -162,6 +162,8 @@ def benchmark(
     cuda_graph: bool | None = None,
     pack_shared_weights: bool = False,
     keep_decode_graph: bool = False,
+    kv_cache: str = "segment",
+    min_input_tokens: int | None = None,
 ) -> BenchResult:
     """Times both implementations on the same random prompts; keeps the best (fastest) of `repeats` runs each.
     num_return_sequences > 1 (with num_beams 1) samples that many sequences of each prompt, with the same
@@ -170,26 +172,38 @@ def benchmark(
     (OptimizedModel.keep_cache), are freed after each of its runs, so that transformers never runs beside
     them (a batch-64 llama-2-7b cache is 37 GB) and each run captures its own graph. keep_decode_graph
     leaves them kept: with CUDA graphs the runs after the first then replay the first's graph, as a
-    later generate() of the same shape does."""
+    later generate() of the same shape does.
+    min_input_tokens: prompts of unequal lengths, spread evenly from it to input_tokens over the batch and
+    left-padded (what a paged KV cache stores without its padding); None: every prompt input_tokens long."""
     from tqdm import tqdm
 
     if num_return_sequences > 1 and num_beams > 1:
         raise ValueError("num_return_sequences > 1 samples sequences, which needs num_beams=1")
+    if min_input_tokens is not None and not 1 <= min_input_tokens <= input_tokens:
+        raise ValueError(
+            f"min_input_tokens must lie in 1..input_tokens ({input_tokens}), got {min_input_tokens}"
+        )
     device = next(hf_model.parameters()).device
     # inplace=True lets optimize() share the fused matrices with transformers where the backend keeps them
     # plain (weights held once); it converts nothing here (same dtype), so transformers' results are unchanged.
     optimized = xpu_coopt.optimize(
         hf_model, dtype=dtype, kv_dtype=kv_dtype, backend=backend, inplace=True, cuda_graph=cuda_graph,
-        pack_shared_weights=pack_shared_weights,
+        pack_shared_weights=pack_shared_weights, kv_cache=kv_cache,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(seed)
     vocab = optimized.spec.vocab_size
-    input_ids = torch.randint(3, vocab, (batch_size, input_tokens), generator=generator).to(device)
+    input_ids = torch.randint(3, vocab, (batch_size, input_tokens), generator=generator)
     mask = torch.ones_like(input_ids)
+    if min_input_tokens is not None:
+        for row in range(batch_size):
+            length = min_input_tokens + (input_tokens - min_input_tokens) * row // max(batch_size - 1, 1)
+            input_ids[row, : input_tokens - length] = 0  # left padding (the pad token)
+            mask[row, : input_tokens - length] = 0
+    input_ids, mask = input_ids.to(device), mask.to(device)
     settings = dict(
         dtype=str(dtype).removeprefix("torch."), batch_size=batch_size, input_tokens=input_tokens,
-        output_tokens=output_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
-        kv_dtype=kv_dtype, backend=optimized.backend,
+        min_input_tokens=min_input_tokens, output_tokens=output_tokens, num_beams=num_beams,
+        num_return_sequences=num_return_sequences, kv_dtype=kv_dtype, kv_cache=kv_cache, backend=optimized.backend,
         cuda_graph=optimized.cuda_graph, gemm_fusions=optimized.decoder.fusions is not None,
         pack_shared_weights=pack_shared_weights, keep_decode_graph=keep_decode_graph, device=str(device),
         threads=torch.get_num_threads(), repeats=repeats,

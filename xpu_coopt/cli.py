@@ -28,6 +28,7 @@ def _runtime_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _bench_parser(subparsers) -> None:
+    from xpu_coopt.cache import KV_CACHE_KINDS
     from xpu_coopt.models import DEFAULT_MODEL, SHAPE_PRESETS
     from xpu_coopt.ops import KV_FORMATS
 
@@ -43,11 +44,16 @@ def _bench_parser(subparsers) -> None:
     _runtime_arguments(bench)
     bench.add_argument("--batch-size", type=_positive, default=1)
     bench.add_argument("--input-tokens", type=_positive, default=1024)
+    bench.add_argument("--min-input-tokens", type=_positive, default=None,
+                       help="prompts of unequal lengths, spread evenly from this to --input-tokens over the "
+                       "batch and left-padded (default: all --input-tokens long)")  # fmt: skip
     bench.add_argument("--output-tokens", type=_positive, default=32)
     bench.add_argument("--num-beams", type=_positive, default=1)
     bench.add_argument("--num-return-sequences", type=_positive, default=1,
                        help="with one beam: sample this many sequences of each prompt (do_sample=True)")  # fmt: skip
     bench.add_argument("--kv-dtype", default="auto", choices=KV_FORMATS)
+    bench.add_argument("--kv-cache", default="segment", choices=sorted(KV_CACHE_KINDS),
+                       help="xpu_coopt's KV cache layout (see optimize(); default segment)")  # fmt: skip
     bench.add_argument("--repeats", type=_positive, default=1, help="timed runs per side; the best is kept")
     bench.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
                        help="replay decode steps as a CUDA graph (auto: on for CUDA with the Triton backend)")  # fmt: skip
@@ -73,7 +79,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     result = benchmark(
         model, dtype=DTYPES[args.dtype], batch_size=args.batch_size, input_tokens=args.input_tokens,
         output_tokens=args.output_tokens, num_beams=args.num_beams,
-        num_return_sequences=args.num_return_sequences, kv_dtype=args.kv_dtype,
+        num_return_sequences=args.num_return_sequences, kv_dtype=args.kv_dtype, kv_cache=args.kv_cache,
+        min_input_tokens=args.min_input_tokens,
         backend=args.backend, repeats=args.repeats,
         cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph],
         pack_shared_weights=args.pack_shared_weights, keep_decode_graph=args.keep_decode_graph,

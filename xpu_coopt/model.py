@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xpu_coopt.cache import SegmentKVCache
+from xpu_coopt.cache import KV_CACHE_KINDS, SegmentKVCache
 from xpu_coopt.config import ModelSpec
 from xpu_coopt.ops import Ops
 from xpu_coopt.rope import cos_sin_cache
@@ -170,8 +170,10 @@ class LlamaDecoder:
         max_new_tokens: int,
         kv_format: str,
         static_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_cache: str = "segment",
     ) -> SegmentKVCache:
-        return SegmentKVCache(
+        """A cache of layout `kv_cache` (a key of KV_CACHE_KINDS) for this generation."""
+        return KV_CACHE_KINDS[kv_cache](
             self.spec, self.ops, prompt_start, prompt_len,
             num_beams, max_new_tokens, self.dtype, kv_format, static_scales,
         )  # fmt: skip

@@ -84,6 +84,7 @@ class OptimizedModel:
         backend: str,
         kv_scales: KVScales | None = None,
         cuda_graph: bool = False,
+        kv_cache: str = "segment",
     ) -> None:
         self.hf_model = hf_model
         self.config = hf_model.config
@@ -93,6 +94,7 @@ class OptimizedModel:
         self.dtype = decoder.dtype
         self.device = decoder.embed_tokens.device
         self.kv_format = kv_format
+        self.kv_cache = kv_cache  # the cache layout, a key of xpu_coopt.cache.KV_CACHE_KINDS
         self.backend = backend
         self.kv_scales = kv_scales  # None: dynamic per-row FP8 scales (or a 16-bit cache)
         self.static_scales = None if kv_scales is None else kv_scales.tensors(kv_format, self.device)
@@ -102,7 +104,7 @@ class OptimizedModel:
     def __repr__(self) -> str:
         return (
             f"OptimizedModel({self.spec.architecture}, layers={self.spec.num_layers}, dtype={self.dtype}, "
-            f"kv_dtype={self.kv_format!r}{', static KV scales' if self.kv_scales else ''}, backend={self.backend!r}, "
+            f"kv_cache={self.kv_cache!r}, kv_dtype={self.kv_format!r}{', static KV scales' if self.kv_scales else ''}, backend={self.backend!r}, "
             f"cuda_graph={self.cuda_graph}, device={self.device})"
         )
 
@@ -197,7 +199,13 @@ class OptimizedModel:
             cache = self._reuse_kept_cache(prompt_start, prompt_len, num_beams, max_new_tokens)
         if cache is None:
             cache = self.decoder.new_cache(
-                prompt_start, prompt_len, num_beams, max_new_tokens, self.kv_format, self.static_scales
+                prompt_start,
+                prompt_len,
+                num_beams,
+                max_new_tokens,
+                self.kv_format,
+                self.static_scales,
+                self.kv_cache,
             )
         logits = self.decoder.forward(input_ids.long(), positions, cache, last_only)
         cache.end_step()

@@ -16,6 +16,8 @@ past the capacity it asked for; generate() asks for max_new_tokens up front.
 With one beam per request (greedy, sampling, batches) every K/V row is the request's own, so the prompt
 segment simply continues with the generated tokens: prompt_* is [L, R, Hkv, P + C, D], the response
 segment is empty, and decode attention runs over one segment (half the matmuls and no gather).
+
+PagedKVCache (paged.py) keeps this layout with the prompt segment in blocks allocated as they fill.
 """
 
 from __future__ import annotations
@@ -28,16 +30,27 @@ from xpu_coopt.ops import Ops, fp8
 RESPONSE_STEP = 16
 
 
-def _layer_views(
-    tensors: tuple[torch.Tensor | None, ...], layer: int, length: int | None
-) -> tuple[torch.Tensor | None, ...]:
-    """One layer of a segment's (k, v, k_scale, v_scale), in the ops' argument order; with `length`, only
-    the first `length` columns (a strided view)."""
-    return tuple(None if t is None else t[layer, :, :, :length] for t in tensors)
+def _layer_views(tensors: tuple[torch.Tensor | None, ...], layer: int) -> tuple[torch.Tensor | None, ...]:
+    """One layer of a segment's (k, v, k_scale, v_scale), in the ops' argument order."""
+    return tuple(None if t is None else t[layer] for t in tensors)
 
 
 def _round_up(n: int, step: int) -> int:
     return max(step, -(-n // step) * step)
+
+
+def extend(tensor: torch.Tensor | None, dim: int, extra: int) -> torch.Tensor | None:
+    """`tensor` with `extra` more zero entries along `dim` (a copy); a broadcast view of static scales
+    (zero stride there) grows without storage."""
+    if tensor is None:
+        return None
+    if tensor.stride(dim) == 0:
+        shape = list(tensor.shape)
+        shape[dim] += extra
+        return tensor.as_strided(shape, tensor.stride())
+    pad_shape = list(tensor.shape)
+    pad_shape[dim] = extra
+    return torch.cat((tensor, tensor.new_zeros(pad_shape)), dim=dim)
 
 
 class SegmentKVCache:
@@ -71,11 +84,8 @@ class SegmentKVCache:
         layers, heads, dim = spec.num_layers, spec.num_kv_heads, spec.head_dim
         capacity = _round_up(max_new_tokens, RESPONSE_STEP)
         self.single_beam = num_beams == 1
-        prompt_columns = prompt_len + (capacity if self.single_beam else 0)
-        prompt_shape = (layers, self.num_requests, heads, prompt_columns, dim)
-        self.prompt_k = torch.zeros(prompt_shape, dtype=storage, device=device)
-        self.prompt_v = torch.zeros(prompt_shape, dtype=storage, device=device)
-        self.prompt_k_scale, self.prompt_v_scale = self._scales(prompt_shape)
+        self.block_table: torch.Tensor | None = None  # a paged prompt segment's (PagedKVCache)
+        self._allocate_prompt_segment(prompt_len + (capacity if self.single_beam else 0), storage)
         response_columns = 0 if self.single_beam else capacity
         response_shape = (layers, self.num_seqs, heads, response_columns, dim)
         self.response_k = torch.zeros(response_shape, dtype=storage, device=device)
@@ -83,9 +93,22 @@ class SegmentKVCache:
         self.response_k_scale, self.response_v_scale = self._scales(response_shape)
         self.beam_slots = torch.zeros((self.num_seqs, response_columns), dtype=torch.int32, device=device)
         self._seq_rows = torch.arange(self.num_seqs, device=device)
+        self._decode_rows = self._seq_rows  # the rows a decode step writes K/V to, by sequence
         self.segment_lens = None  # set by use_device_lengths(): decode steps then suit CUDA graph replay
         self.decode_graph = None  # the DecodeGraph replaying this cache's decode steps, if any
         self._new_prompt(prompt_len)
+
+    def _allocate_prompt_segment(self, columns: int, storage: torch.dtype) -> None:
+        """prompt_k, prompt_v (and scales) with room for `columns` columns per request."""
+        spec = self.spec
+        shape = (spec.num_layers, self.num_requests, spec.num_kv_heads, columns, spec.head_dim)
+        self.prompt_k = torch.zeros(shape, dtype=storage, device=self.prompt_start.device)
+        self.prompt_v = torch.zeros(shape, dtype=storage, device=self.prompt_start.device)
+        self.prompt_k_scale, self.prompt_v_scale = self._scales(shape)
+
+    def prompt_capacity(self) -> int:
+        """Columns the prompt segment holds per request (with one beam, the response's included)."""
+        return self.prompt_k.shape[3]
 
     def _new_prompt(self, prompt_len: int) -> None:
         """Sets the state of a generation over prompt_start's prompts of prompt_len columns, before prefill."""
@@ -96,7 +119,7 @@ class SegmentKVCache:
         self.response_len = 0
         self.prefilled = False
         # One beam: the generated tokens follow the prompt in its segment, in whatever columns it leaves.
-        self.capacity = self.prompt_k.shape[3] - prompt_len if self.single_beam else self.response_k.shape[3]
+        self.capacity = self.prompt_capacity() - prompt_len if self.single_beam else self.response_k.shape[3]
         self._prompt_rows = torch.arange(self.num_requests, device=device).repeat_interleave(prompt_len)
         self._prompt_columns = torch.arange(prompt_len, device=device).repeat(self.num_requests)
 
@@ -106,8 +129,8 @@ class SegmentKVCache:
         if (num_requests, num_beams) != (self.num_requests, self.num_beams):
             return False
         if self.single_beam:
-            return prompt_len + max_new_tokens <= self.prompt_k.shape[3]
-        return prompt_len <= self.prompt_k.shape[3] and max_new_tokens <= self.response_k.shape[3]
+            return prompt_len + max_new_tokens <= self.prompt_capacity()
+        return prompt_len <= self.prompt_capacity() and max_new_tokens <= self.response_k.shape[3]
 
     @torch.inference_mode()
     def reset(self, prompt_start: torch.Tensor, prompt_len: int) -> None:
@@ -115,10 +138,10 @@ class SegmentKVCache:
         its storage, so a decode graph captured over the cache replays the new generation's steps: the new
         prompt starts are copied into the old tensor, and the cells of the last generation are left as
         they are (a step reads only the cells its own generation wrote: the lengths bound it)."""
-        if prompt_start.shape != self.prompt_start.shape or prompt_len > self.prompt_k.shape[3]:
+        if prompt_start.shape != self.prompt_start.shape or prompt_len > self.prompt_capacity():
             raise ValueError(
                 f"{prompt_start.shape[0]} prompts of {prompt_len} columns do not fit this cache's "
-                f"{self.num_requests} of at most {self.prompt_k.shape[3]}"
+                f"{self.num_requests} of at most {self.prompt_capacity()}"
             )
         self.prompt_start.copy_(prompt_start)
         self._new_prompt(prompt_len)
@@ -129,7 +152,7 @@ class SegmentKVCache:
         names = (
             "prompt_k", "prompt_v", "prompt_k_scale", "prompt_v_scale", "response_k", "response_v",
             "response_k_scale", "response_v_scale", "beam_slots", "prompt_start", "segment_lens",
-            "_decode_columns", "_positions", "_seq_rows",
+            "_decode_columns", "_positions", "_seq_rows", "block_table", "_decode_rows",
         )  # fmt: skip
         return {name: getattr(self, name) for name in names if getattr(self, name, None) is not None}
 
@@ -170,9 +193,9 @@ class SegmentKVCache:
                 )
             self._grow()
         step = self.response_len
-        column = self.prompt_len + step if self.single_beam else step
         if not self.single_beam:
             self.beam_slots[:, step] = self._seq_rows.to(torch.int32)
+        column = self._write_column(step)
         if self.segment_lens is None:
             self._decode_columns = torch.full_like(self._seq_rows, column)
             return
@@ -182,6 +205,10 @@ class SegmentKVCache:
         prompt_columns, response_steps = self._decode_lengths()
         self.segment_lens[0].fill_(prompt_columns)
         self.segment_lens[1].fill_(response_steps)
+
+    def _write_column(self, step: int) -> int:
+        """The column of its row (self._decode_rows) where each sequence's token of `step` is written."""
+        return self.prompt_len + step if self.single_beam else step
 
     def _decode_lengths(self) -> tuple[int, int]:
         """(prompt-segment columns, response steps) the token being decoded attends to, itself included."""
@@ -206,34 +233,19 @@ class SegmentKVCache:
         self.beam_slots[:, :done] = self.beam_slots[parents, :done]
 
     def _grow(self) -> None:
-        def widen(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            if tensor is None:
-                return None
-            pad_shape = (*tensor.shape[:3], RESPONSE_STEP, *tensor.shape[4:])
-            if tensor.stride(3) == 0:  # static scales: a broadcast view grows without storage
-                return tensor.as_strided(
-                    (*tensor.shape[:3], tensor.shape[3] + RESPONSE_STEP), tensor.stride()
-                )
-            return torch.cat((tensor, tensor.new_zeros(pad_shape)), dim=3)
-
         self.capacity += RESPONSE_STEP
         if self.single_beam:
-            self.prompt_k, self.prompt_v = widen(self.prompt_k), widen(self.prompt_v)
-            self.prompt_k_scale, self.prompt_v_scale = widen(self.prompt_k_scale), widen(self.prompt_v_scale)
-            return
-        self.response_k, self.response_v = widen(self.response_k), widen(self.response_v)
-        self.response_k_scale, self.response_v_scale = (
-            widen(self.response_k_scale),
-            widen(self.response_v_scale),
-        )
-        extra = self.beam_slots.new_zeros((self.num_seqs, RESPONSE_STEP))
-        self.beam_slots = torch.cat((self.beam_slots, extra), dim=1)
+            names = ("prompt_k", "prompt_v", "prompt_k_scale", "prompt_v_scale")
+        else:
+            names = ("response_k", "response_v", "response_k_scale", "response_v_scale", "beam_slots")
+        for name in names:
+            setattr(self, name, extend(getattr(self, name), 3 if name != "beam_slots" else 1, RESPONSE_STEP))
 
     def nbytes(self) -> int:
         tensors = (
             self.prompt_k, self.prompt_v, self.prompt_k_scale, self.prompt_v_scale,
             self.response_k, self.response_v, self.response_k_scale, self.response_v_scale,
-            self.beam_slots,
+            self.beam_slots, self.block_table,
         )  # fmt: skip
         # By storage: broadcast static scales count once, at their real size.
         storages = {
@@ -253,13 +265,12 @@ class SegmentKVCache:
             return self._attend_decode(layer, query, key, value, cos_sin)
         return self._attend_prefill(layer, query, key, value, cos_sin)
 
-    def _prompt_segment(self, layer: int, length: int | None = None) -> tuple[torch.Tensor | None, ...]:
-        tensors = (self.prompt_k, self.prompt_v, self.prompt_k_scale, self.prompt_v_scale)
-        return _layer_views(tensors, layer, length)
+    def _prompt_segment(self, layer: int) -> tuple[torch.Tensor | None, ...]:
+        return _layer_views((self.prompt_k, self.prompt_v, self.prompt_k_scale, self.prompt_v_scale), layer)
 
     def _response_segment(self, layer: int) -> tuple[torch.Tensor | None, ...]:
         tensors = (self.response_k, self.response_v, self.response_k_scale, self.response_v_scale)
-        return _layer_views(tensors, layer, None)
+        return _layer_views(tensors, layer)
 
     def _attend_prefill(self, layer, query, key, value, cos_sin) -> torch.Tensor:
         kernels = self.ops.kernels
@@ -281,20 +292,19 @@ class SegmentKVCache:
 
     def _attend_decode(self, layer, query, key, value, cos_sin) -> torch.Tensor:
         kernels = self.ops.kernels
-        response = self._response_segment(layer)
+        prompt, response = self._prompt_segment(layer), self._response_segment(layer)
         # One beam per request: one segment holds prompt and response, attended as the prompt segment.
-        written = self._prompt_segment(layer) if self.single_beam else response
+        written = prompt if self.single_beam else response
         prompt_columns, response_len = self._decode_lengths()
         if self.segment_lens is not None:  # the lengths live in segment_lens: pass the capacities
-            prompt_columns, response_len = None, self.response_k.shape[3]
-        prompt = self._prompt_segment(layer, prompt_columns)
+            prompt_columns, response_len = -1, self.response_k.shape[3]
         kernels.rotary_embedding_kv_write(
-            query, key, value, cos_sin, *written, self._seq_rows, self._decode_columns, self.kv_format,
+            query, key, value, cos_sin, *written, self._decode_rows, self._decode_columns, self.kv_format,
             self.static_scales is not None,
         )  # fmt: skip
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         kernels.segment_attention_decode(
-            out, query, *prompt, self.prompt_start, *response,
-            self.beam_slots, response_len, self.spec.attention_scale, self.kv_format, self.segment_lens,
+            out, query, *prompt, self.prompt_start, *response, self.beam_slots, response_len,
+            self.spec.attention_scale, self.kv_format, self.segment_lens, self.block_table, prompt_columns,
         )  # fmt: skip
         return out.view(query.shape[0], -1)
