@@ -29,10 +29,12 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kv-cache", default=None, help="optimize(kv_cache=...) (default: optimize()'s)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, _ = load_model(DEFAULT_MODEL, torch.bfloat16, "cpu")
-    optimized = xpu_coopt.optimize(model, dtype=torch.bfloat16)
+    options = {} if args.kv_cache is None else {"kv_cache": args.kv_cache}
+    optimized = xpu_coopt.optimize(model, dtype=torch.bfloat16, **options)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, optimized.spec.vocab_size, (1, args.input_tokens), generator=generator)
 

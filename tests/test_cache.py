@@ -48,18 +48,23 @@ def test_reorder_moves_integers_not_kv():
     assert torch.equal(cache.beam_slots[:, :3], slots_before[parents, :3])
 
 
-def test_decoding_past_the_reserved_capacity_grows_in_steps():
+@pytest.mark.parametrize("kv_cache", ["segment", "paged"])
+def test_decoding_past_the_reserved_capacity_grows_in_steps(kv_cache):
+    """forward() reserves no new tokens, so the cache's room is RESPONSE_STEP (a paged cache's blocks also
+    hold the prompt's last block's spare columns); decoding past it grows the cache by RESPONSE_STEP."""
     model = _model("qwen2-bias")
-    optimized = xpu_coopt.optimize(model)
+    optimized = xpu_coopt.optimize(model, kv_cache=kv_cache)
     ids, mask = _prompts([6, 4], model.config.vocab_size)
-    out = optimized(ids, mask)  # forward() reserves no new tokens: the first decode step grows the cache
+    out = optimized(ids, mask)
     cache = out.cache
-    for _ in range(RESPONSE_STEP + 3):
+    room = cache.capacity
+    assert room == (2 * BLOCK_SIZE - 6 if kv_cache == "paged" else RESPONSE_STEP)
+    for _ in range(room + 3):
         next_tokens = out.logits[:, -1].argmax(-1, keepdim=True)
         out = optimized(next_tokens, cache=cache)
         ids = torch.cat((ids, next_tokens), dim=1)
         mask = torch.cat((mask, torch.ones_like(next_tokens)), dim=1)
-    assert cache.capacity == 2 * RESPONSE_STEP
+    assert cache.capacity == room + RESPONSE_STEP
     expected = _hf_logits(model, ids, mask)[:, -1]
     torch.testing.assert_close(out.logits[:, -1], expected, atol=2e-5, rtol=2e-5)
 
@@ -218,6 +223,21 @@ def test_paged_cache_allocates_blocks_as_tokens_arrive():
     assert cache.pool_blocks() < 1 + 2 * _blocks(30 + 208)  # far from what 200 tokens may need
 
 
+def test_a_paged_pool_never_outgrows_what_the_generation_can_use():
+    """Growing by a quarter stops at the blocks max_new_tokens can still need: prompts of 200 and 100
+    columns (13 and 7 blocks) with room for 16 new tokens need one more block each when the columns
+    reach 208, where a quarter of the pool would be 6."""
+    model = _model("llama-mha-d64")
+    optimized = xpu_coopt.optimize(model, kv_cache="paged")
+    ids, mask = _prompts([200, 100], model.config.vocab_size)
+    logits, cache = optimized.prefill(ids, mask, num_beams=1, max_new_tokens=16)
+    assert cache.pool_blocks() == 1 + 13 + 7
+    tokens = logits.argmax(-1)
+    for _ in range(cache.capacity):
+        tokens = optimized.decode(tokens, cache).argmax(-1)
+    assert cache.blocks_used == cache.pool_blocks() == 1 + 14 + 8
+
+
 def test_a_paged_generation_that_stops_early_holds_less():
     """EOS after a few tokens: the paged cache never allocates the blocks of the tokens not generated; the
     segment cache allocated all max_new_tokens up front."""
@@ -234,20 +254,3 @@ def test_a_paged_generation_that_stops_early_holds_less():
     per_token, table_bytes = xpu_coopt.optimize(model).spec.kv_bytes_per_token(4), _blocks(20 + 208) * 4
     assert segment.kv_cache_bytes == per_token * (20 + 208)  # 200 new tokens, rounded to RESPONSE_STEP
     assert paged.kv_cache_bytes <= per_token * BLOCK_SIZE * (1 + _blocks(length)) + table_bytes
-
-
-def test_paged_cache_grows_past_its_capacity():
-    """forward() reserves no new tokens: decode steps past the table's columns widen it."""
-    model = _model("qwen2-bias")
-    optimized = xpu_coopt.optimize(model, kv_cache="paged")
-    ids, mask = _prompts([6, 4], model.config.vocab_size)
-    out = optimized(ids, mask)
-    cache = out.cache
-    for _ in range(RESPONSE_STEP + 3):
-        next_tokens = out.logits[:, -1].argmax(-1, keepdim=True)
-        out = optimized(next_tokens, cache=cache)
-        ids = torch.cat((ids, next_tokens), dim=1)
-        mask = torch.cat((mask, torch.ones_like(next_tokens)), dim=1)
-    assert cache.prompt_capacity() == 2 * BLOCK_SIZE
-    expected = _hf_logits(model, ids, mask)[:, -1]
-    torch.testing.assert_close(out.logits[:, -1], expected, atol=2e-5, rtol=2e-5)

@@ -13,7 +13,7 @@ is a pool of blocks of BLOCK_SIZE columns, shared by the batch, with a table per
   length, rounded up to a block.
 - Blocks for generated tokens are allocated as the tokens arrive: a generation that stops early (EOS,
   stop strings) never allocates the rest. The pool grows by at least a quarter (a copy of it) when it runs
-  out, never past what the table can name.
+  out, never past what the rest of the generation can use.
 - Block 0 is a sink: prefill writes every column of the left-padded batch, and the padding's columns
   that have no block of their own are written there. It is never read.
 
@@ -48,6 +48,9 @@ class PagedKVCache(SegmentKVCache):
         self.prompt_v = torch.zeros(shape, dtype=storage, device=device)
         self.prompt_k_scale, self.prompt_v_scale = self._scales(shape)
         self.blocks_used = 1  # the sink
+        self.mapped_blocks = (
+            0  # columns of the table mapped (for every request: their columns advance together)
+        )
 
     def prompt_capacity(self) -> int:
         return self.block_table.shape[1] * BLOCK_SIZE
@@ -57,18 +60,20 @@ class PagedKVCache(SegmentKVCache):
         return self.prompt_k.shape[1]
 
     def _most_blocks(self) -> int:
-        """Blocks the table can name: every column of every request, and the sink."""
-        return 1 + self.block_table.numel()
+        """Blocks this generation can come to use: those in use, and one per request for each column of
+        the table that is not mapped yet."""
+        return self.blocks_used + self.num_requests * (self.block_table.shape[1] - self.mapped_blocks)
 
-    def _reserve(self, blocks: int) -> None:
+    def _reserve(self, blocks: int, most: int | None = None) -> None:
         """Makes the pool hold at least `blocks` blocks (a copy of it), growing it by at least a quarter
-        (fewer copies) but never past what the table can name."""
+        (fewer copies) but not past `most` (default: what this generation can come to use)."""
         held = self.pool_blocks()
         if blocks <= held:
             return
         if self.segment_lens is not None:  # a decode graph holds the pool's address
             raise RuntimeError("a paged cache set to device lengths cannot grow its pool")
-        target = min(self._most_blocks(), max(blocks, held + -(-held // POOL_GROWTH)))
+        most = self._most_blocks() if most is None else most
+        target = max(blocks, min(most, held + -(-held // POOL_GROWTH)))
         for name in POOL_NAMES:
             setattr(self, name, extend(getattr(self, name), 1, target - held))
 
@@ -82,14 +87,16 @@ class PagedKVCache(SegmentKVCache):
         mapped[:, prompt_blocks:] = False
         # Blocks 1, 2, ... in row order; 0 (the sink) where unmapped.
         table = torch.cumsum(mapped.flatten(), 0).view(mapped.shape) * mapped
-        self.blocks_used = 1 + int(mapped.sum())
+        self.blocks_used, self.mapped_blocks = 1 + int(mapped.sum()), prompt_blocks
         self._reserve(self.blocks_used)
         self.block_table.copy_(table)  # in place: a decode graph reads the table
         rows = self.block_table[self._prompt_rows, self._prompt_columns // BLOCK_SIZE].long()
         self._prompt_rows, self._prompt_columns = rows, self._prompt_columns % BLOCK_SIZE
 
     def use_device_lengths(self) -> None:
-        self._reserve(self._most_blocks())  # now, while it may still grow: a decode graph holds its address
+        # Now, while it may still grow (a decode graph holds its address), for every column of every
+        # request: a later generation that reuses the graph may have less padding.
+        self._reserve(1 + self.block_table.numel(), most=1 + self.block_table.numel())
         super().use_device_lengths()
         self._decode_rows = self._seq_rows.clone()  # updated in place from now on
 
@@ -110,6 +117,7 @@ class PagedKVCache(SegmentKVCache):
             )
             self.block_table[:, block].copy_(new_blocks)
             self.blocks_used += self.num_requests
+            self.mapped_blocks = block + 1
         rows = self.block_table[:, block].long()
         if self.segment_lens is None:
             self._decode_rows = rows

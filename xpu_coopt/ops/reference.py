@@ -175,16 +175,22 @@ def segment_attention_decode(
     # The lengths may live on the device: read them here, then keep those columns (gathered from their
     # blocks where the prompt segment is paged).
     prompt_len, response_len = checks.host_segment_lens(op, segment_lens, capacity, response_len)
-    prompt_k, prompt_v, prompt_k_scale, prompt_v_scale = (
-        None if t is None else _prompt_columns(t, prompt_block_table, prompt_len)
-        for t in (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale)
+    dtype = query.dtype
+    compute = cpu_gemm.matmul_dtype(query.device, dtype)
+    # 16-bit K/V gathered from blocks come out in the matmuls' dtype: the gather's copy converts them.
+    gathered_kv = None if fp8.is_fp8(kv_format) else compute
+    prompt_k, prompt_v = (
+        _prompt_columns(t, prompt_block_table, prompt_len, gathered_kv) for t in (prompt_k, prompt_v)
+    )
+    prompt_k_scale, prompt_v_scale = (
+        None if t is None else _prompt_columns(t, prompt_block_table, prompt_len, t.dtype)
+        for t in (prompt_k_scale, prompt_v_scale)
     )
     num_seqs, num_heads, head_dim = query.shape
     num_requests, num_kv_heads, prompt_len, _ = prompt_k.shape
     beams = num_seqs // num_requests
     group = num_heads // num_kv_heads
     rows = beams * group  # query rows per (request, KV head): every beam and query head of the group
-    dtype = query.dtype
     # Work in [R, Hkv, beams, G, ...]: every beam and query head of a KV group shares one prompt matmul.
     q = query.view(num_requests, beams, num_kv_heads, group, head_dim).permute(0, 2, 1, 3, 4)
 
@@ -192,7 +198,6 @@ def segment_attention_decode(
     # One copy of K either way: a 16-bit bmm copies its transposed operand element by element, 10x slower
     # than making the slice of the cache's columns contiguous here; where the matmuls run in float32, the
     # conversion makes it contiguous, and float32 bmm reads the transpose in place.
-    compute = cpu_gemm.matmul_dtype(query.device, dtype)
     pk = _load_cache(prompt_k, prompt_k_scale, kv_format, dtype)  # [R, Hkv, P, D]
     pk = pk.contiguous() if compute == dtype else pk.to(compute)
     pv = _load_cache(prompt_v, prompt_v_scale, kv_format, dtype).to(compute)  # converted once, not per use
@@ -225,14 +230,29 @@ def segment_attention_decode(
     out.view(num_requests, beams, num_kv_heads, group, head_dim).copy_(result.permute(0, 2, 1, 3, 4))
 
 
-def _prompt_columns(segment: torch.Tensor, block_table: torch.Tensor | None, length: int) -> torch.Tensor:
+def _prompt_columns(
+    segment: torch.Tensor, block_table: torch.Tensor | None, length: int, dtype: torch.dtype | None
+) -> torch.Tensor:
     """[R, Hkv, length, ...]: a prompt segment's first `length` columns (K/V, or without D their scales);
-    with a block table, gathered from the block pool [blocks, Hkv, block_size, ...] it indexes."""
+    with a block table, gathered from the block pool [blocks, Hkv, block_size, ...] it indexes into a new
+    tensor of `dtype` (None: the pool's) in one copy after the blocks' (the table's order is not the
+    columns')."""
     if block_table is None:
         return segment[:, :, :length]
-    used = -(-length // segment.shape[2])
-    blocks = segment[block_table[:, :used].long()].transpose(1, 2)  # [R, Hkv, used, block_size, ...]
-    return blocks.reshape(*blocks.shape[:2], -1, *blocks.shape[4:])[:, :, :length]
+    requests, used = block_table.shape[0], -(-length // segment.shape[2])
+    blocks = segment.index_select(
+        0, block_table[:, :used].flatten().long()
+    )  # contiguous blocks: a memcpy each
+    blocks = blocks.view(requests, used, *segment.shape[1:]).transpose(
+        1, 2
+    )  # [R, Hkv, used, block_size, ...]
+    columns = torch.empty(
+        (*blocks.shape[:2], used * segment.shape[2], *segment.shape[3:]),
+        dtype=segment.dtype if dtype is None else dtype,
+        device=segment.device,
+    )
+    columns.view(blocks.shape).copy_(blocks)
+    return columns[:, :, :length]
 
 
 def _response_history(
