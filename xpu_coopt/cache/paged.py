@@ -48,9 +48,8 @@ class PagedKVCache(SegmentKVCache):
         self.prompt_v = torch.zeros(shape, dtype=storage, device=device)
         self.prompt_k_scale, self.prompt_v_scale = self._scales(shape)
         self.blocks_used = 1  # the sink
-        self.mapped_blocks = (
-            0  # columns of the table mapped (for every request: their columns advance together)
-        )
+        # Columns of the table mapped so far: the same for every request, whose columns advance together.
+        self.mapped_blocks = 0
 
     def prompt_capacity(self) -> int:
         return self.block_table.shape[1] * BLOCK_SIZE
