@@ -8,6 +8,7 @@ from test_parity import _frequent_token, _hf_logits, _model, _prompts
 
 import xpu_coopt
 from xpu_coopt.cache import BLOCK_SIZE, RESPONSE_STEP, PagedKVCache
+from xpu_coopt.kv_scales import KVScales
 
 
 def test_kv_bytes_are_prompt_once_plus_response_per_beam():
@@ -178,6 +179,25 @@ def test_paged_cache_gives_the_segment_caches_logits(dtype, kv_dtype, num_beams)
         paged_logits = models[1].decode(tokens, paged_cache)
         torch.testing.assert_close(paged_logits, logits, atol=0, rtol=0)
         tokens = logits.argmax(-1)
+
+
+def test_paged_cache_with_static_fp8_scales_gives_the_segment_caches_logits():
+    """Per-tensor static scales are broadcast views with zero strides: the paged pool grows them without
+    storage, and the kernels read them through the block table as through the segment."""
+    model = _model("llama-gqa-8q2kv-d64")
+    scales = KVScales(key_amax=(3.0, 5.0), value_amax=(2.0, 4.0))
+    ids, mask = _prompts([35, 2, 17], model.config.vocab_size, seed=7)
+    models = [
+        xpu_coopt.optimize(model, kv_dtype="fp8_e4m3", kv_scales=scales, kv_cache=kind)
+        for kind in ("segment", "paged")
+    ]
+    (logits, cache), (paged_logits, paged_cache) = (m.prefill(ids, mask, 1, 20) for m in models)
+    tokens = logits.argmax(-1)
+    for _ in range(20):  # the paged pool grows at two block boundaries
+        logits, paged_logits = models[0].decode(tokens, cache), models[1].decode(tokens, paged_cache)
+        torch.testing.assert_close(paged_logits, logits, atol=0, rtol=0)
+        tokens = logits.argmax(-1)
+    assert paged_cache.prompt_k_scale.stride()[:2] == (1, 0)  # still a broadcast of one scale a layer
 
 
 def _blocks(columns: int) -> int:

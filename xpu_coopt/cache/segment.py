@@ -161,7 +161,11 @@ class SegmentKVCache:
         if not fp8.is_fp8(self.kv_format):
             return None, None
         if self.static_scales is not None:  # [layers] -> [layers, rows, heads, columns], no copy
-            return tuple(scale.view(-1, 1, 1, 1).expand(shape[:-1]) for scale in self.static_scales)
+            # Zero strides in every dimension but the layer's, sizes of 1 included (expand() keeps theirs):
+            # extend() then grows the view without storage.
+            return tuple(
+                scale.as_strided(shape[:-1], (scale.stride(0), 0, 0, 0)) for scale in self.static_scales
+            )
         return tuple(
             torch.ones(shape[:-1], dtype=fp8.SCALE_DTYPE, device=self.prompt_start.device) for _ in "kv"
         )

@@ -240,12 +240,9 @@ def _prompt_columns(
     if block_table is None:
         return segment[:, :, :length]
     requests, used = block_table.shape[0], -(-length // segment.shape[2])
-    blocks = segment.index_select(
-        0, block_table[:, :used].flatten().long()
-    )  # contiguous blocks: a memcpy each
-    blocks = blocks.view(requests, used, *segment.shape[1:]).transpose(
-        1, 2
-    )  # [R, Hkv, used, block_size, ...]
+    # Each block is contiguous: index_select copies them whole, then one copy puts them in column order.
+    blocks = segment.index_select(0, block_table[:, :used].flatten().long())
+    blocks = blocks.view(requests, used, *segment.shape[1:]).transpose(1, 2)  # [R, Hkv, used, block, ...]
     columns = torch.empty(
         (*blocks.shape[:2], used * segment.shape[2], *segment.shape[3:]),
         dtype=segment.dtype if dtype is None else dtype,
