@@ -444,7 +444,8 @@ def _paged(segment, scale, prompt_start, block_size, generator):
     ("dtype", "kv_format"),
     [(torch.float32, "auto"), (torch.bfloat16, "fp8_e4m3"), (torch.float16, "fp8_e5m2")],
 )
-@pytest.mark.parametrize("block_size", [16, 32])
+# (the lengths' two ways with a block size each, to keep CI's time: each way is independent of the size)
+@pytest.mark.parametrize(("block_size", "lengths"), [(16, "prompt_len"), (32, "segment_lens")])
 @pytest.mark.parametrize(
     ("requests", "beams", "heads", "kv_heads", "prompt_len", "response_len", "starts"),
     # one request; unequal prompts (padding over whole blocks); beams with a response segment; a long
@@ -452,7 +453,6 @@ def _paged(segment, scale, prompt_start, block_size, generator):
     [(1, 1, 4, 4, 37, 0, [0]), (3, 1, 8, 2, 70, 0, [0, 40, 69]), (2, 4, 8, 2, 45, 5, [17, 0]),
      (2, 2, 4, 2, 300, 3, [0, 260])],
 )  # fmt: skip
-@pytest.mark.parametrize("lengths", ["prompt_len", "segment_lens"])
 def test_segment_attention_decode_paged_prompt(
     kernels, dtype, kv_format, block_size, requests, beams, heads, kv_heads, prompt_len, response_len, starts,
     lengths,
