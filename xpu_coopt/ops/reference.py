@@ -183,7 +183,7 @@ def segment_attention_decode(
         _prompt_columns(t, prompt_block_table, prompt_len, gathered_kv) for t in (prompt_k, prompt_v)
     )
     prompt_k_scale, prompt_v_scale = (
-        None if t is None else _prompt_columns(t, prompt_block_table, prompt_len, t.dtype)
+        None if t is None else _prompt_columns(t, prompt_block_table, prompt_len, None)
         for t in (prompt_k_scale, prompt_v_scale)
     )
     num_seqs, num_heads, head_dim = query.shape
