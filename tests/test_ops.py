@@ -8,7 +8,7 @@ import torch
 from conftest import assert_close
 
 from xpu_coopt.config import RopeSpec
-from xpu_coopt.ops import cpu_gemm, dispatcher_kernels, fp8, reference_kernels
+from xpu_coopt.ops import cpu_gemm, dispatcher_kernels, fp8, reference, reference_kernels
 from xpu_coopt.rope import cos_sin_cache, inverse_frequencies
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -61,6 +61,11 @@ def _cache(shape, kv_format, dtype):
         scales = torch.full(shape[:-1], float("nan"), dtype=fp8.SCALE_DTYPE)
         return torch.full(shape, NAN_CODE, dtype=torch.uint8), scales
     return torch.full(shape, float("nan"), dtype=dtype), None
+
+
+def _snapshot(caches):
+    """The bytes of every (cache, scale) pair, NaN included: to prove an op left its inputs as they were."""
+    return [t.contiguous().view(torch.uint8).clone() for pair in caches for t in pair if t is not None]
 
 
 def _dequantized(cache, scale, kv_format):
@@ -299,6 +304,7 @@ def test_segment_attention_decode(
         dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded
     )
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
+    before = _snapshot(caches)
     out = torch.full_like(query, float("nan"))
     scale = head_dim**-0.5
     kernels.segment_attention_decode(
@@ -321,6 +327,7 @@ def test_segment_attention_decode(
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
                                                 response_len, scale)  # fmt: skip
     assert_close(out, expected, dtype)
+    assert all(map(torch.equal, _snapshot(caches), before))  # the caches are read only
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -334,12 +341,14 @@ def test_reference_decode_attention_with_and_without_float32_matmuls(monkeypatch
     )
     out = torch.full_like(query, float("nan"))
     (pk, _), (pv, _), (rk, _), (rv, _) = caches
+    before = _snapshot(caches)
     reference_kernels().segment_attention_decode(
         out, query, pk, pv, None, None, prompt_start, rk, rv, None, None, beam_slots, 6, 0.125, "auto"
     )
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
                                                 6, 0.125)  # fmt: skip
     assert_close(out, expected, dtype)
+    assert all(map(torch.equal, _snapshot(caches), before))  # padding is zeroed in a copy, not the cache
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -482,6 +491,41 @@ def test_segment_attention_decode_paged_prompt(
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
                                                 response_len, scale)  # fmt: skip
     assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize(("requests_per_chunk", "chunk_rows"), [(1, [2, 2, 2]), (2, [4, 2])])
+def test_reference_decode_attention_in_request_chunks(
+    monkeypatch, paged, kv_format, requests_per_chunk, chunk_rows
+):
+    """The CPU reference attends to a chunk of requests at a time (reference.CPU_CHUNK_BYTES of K/V): each
+    chunk with its own padding, beams (beam_slots counted from its first row) and prompt blocks."""
+    requests, beams, heads, kv_heads, head_dim, prompt_len, response_len = 3, 2, 4, 2, 32, 37, 5
+    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+        torch.bfloat16, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
+        starts=[5, 0, 20],
+    )  # fmt: skip
+    (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
+    length_args = ()
+    if paged:
+        pk, pk_s, table = _paged(pk, pk_s, prompt_start, 16, torch.Generator().manual_seed(3))
+        pv, pv_s, _ = _paged(pv, pv_s, prompt_start, 16, torch.Generator().manual_seed(3))
+        length_args = (None, table, prompt_len)
+    per_request = reference._request_bytes(query, kv_heads, prompt_len + beams * response_len)
+    monkeypatch.setattr(reference, "CPU_CHUNK_BYTES", requests_per_chunk * per_request)
+    chunks = []
+    attend = reference._attend_requests
+    monkeypatch.setattr(
+        reference, "_attend_requests", lambda *args: chunks.append(args[0].shape[0]) or attend(*args)
+    )
+    out = torch.full_like(query, float("nan"))
+    reference_kernels().segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s,
+                                                 beam_slots, response_len, 0.2, kv_format, *length_args)  # fmt: skip
+    expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
+                                                response_len, 0.2)  # fmt: skip
+    assert_close(out, expected, torch.bfloat16)
+    assert chunks == chunk_rows  # the query rows of each chunk: all beams of its requests
 
 
 def test_paged_prompt_arguments_are_checked(kernels):
