@@ -5,8 +5,9 @@ machine, e.g. with two git worktrees:
 
     for i in 1 2; do for tree in OLD NEW; do PYTHONPATH=$tree python scripts/step_time.py --label $tree; done; done
 
-Prints one line: the label, beams, each generation's mean next-token latency (ms) and their minimum.
-SmolLM2-135M (the embedded model) in bfloat16 on the CPU, random prompt of --input-tokens, EOS suppressed.
+Prints one line: the label, batch size, beams, each generation's mean next-token latency (ms) and their minimum.
+SmolLM2-135M (the embedded model) in bfloat16 on the CPU, --batch-size random prompts of --input-tokens
+(with --min-input-tokens, of lengths spread from it to --input-tokens, left-padded), EOS suppressed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import statistics
 import torch
 
 import xpu_coopt
+from xpu_coopt.bench import random_prompts
 from xpu_coopt.models import DEFAULT_MODEL, load_model
 
 
@@ -25,7 +27,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", default="")
     parser.add_argument("--num-beams", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--input-tokens", type=int, default=1024)
+    parser.add_argument("--min-input-tokens", type=int, default=None)
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -35,12 +39,13 @@ def main() -> None:
     model, _ = load_model(DEFAULT_MODEL, torch.bfloat16, "cpu")
     options = {} if args.kv_cache is None else {"kv_cache": args.kv_cache}
     optimized = xpu_coopt.optimize(model, dtype=torch.bfloat16, **options)
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, optimized.spec.vocab_size, (1, args.input_tokens), generator=generator)
+    ids, mask = random_prompts(
+        optimized.spec.vocab_size, args.batch_size, args.input_tokens, args.min_input_tokens
+    )
 
     def generate(tokens: int) -> list[float]:
         out = optimized.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+            ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
             num_beams=args.num_beams, do_sample=False, eos_token_id=2, pad_token_id=0, return_dict_in_generate=True,
         )  # fmt: skip
         return out.step_times
@@ -50,7 +55,14 @@ def main() -> None:
     for _ in range(args.repeats):
         times = generate(args.output_tokens)
         means.append(statistics.fmean(b - a for a, b in itertools.pairwise(times)) * 1e3)
-    print(args.label, args.num_beams, " ".join(f"{m:.2f}" for m in means), "min", f"{min(means):.2f}")
+    print(
+        args.label,
+        args.batch_size,
+        args.num_beams,
+        " ".join(f"{m:.2f}" for m in means),
+        "min",
+        f"{min(means):.2f}",
+    )
 
 
 if __name__ == "__main__":

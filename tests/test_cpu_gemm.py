@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,3 +60,24 @@ def test_16_bit_matmuls_run_in_float32_only_where_the_cpu_lacks_their_kernels(mo
     assert cpu_gemm.matmul_dtype(cpu, torch.bfloat16) == torch.float32
     monkeypatch.setattr(cpu_gemm, "_cpu_has_bfloat16_gemms", lambda: True)
     assert cpu_gemm.matmul_dtype(cpu, torch.bfloat16) == torch.bfloat16
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("x_shape", [(16, 96), (2, 9, 96)])
+def test_float32_gemms_convert_large_weights_in_slices(monkeypatch, with_bias, x_shape):
+    """On a CPU without oneDNN's bfloat16 GEMMs, a weight larger than CONVERTED_SLICE_BYTES in float32 is
+    converted and multiplied a slice of output features at a time (here 40, 40, 40 and 8 of 128)."""
+    monkeypatch.setattr(cpu_gemm, "_cpu_has_bfloat16_gemms", lambda: False)
+    monkeypatch.setattr(cpu_gemm, "CONVERTED_SLICE_BYTES", 40 * 96 * 4)
+    slices = []
+    monkeypatch.setattr(
+        cpu_gemm, "F", SimpleNamespace(linear=lambda x, w, b: slices.append(w.shape[0]) or F.linear(x, w, b))
+    )
+    weight = torch.randn(128, 96, dtype=torch.bfloat16)
+    bias = torch.randn(128, dtype=torch.bfloat16) if with_bias else None
+    x = torch.randn(x_shape, dtype=torch.bfloat16)
+    got = cpu_gemm.linear(x, weight, bias)
+    expected = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    assert got.shape == (*x_shape[:-1], 128) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, atol=3e-2, rtol=1e-2)
+    assert slices == [40, 40, 40, 8]

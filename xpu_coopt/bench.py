@@ -145,6 +145,23 @@ def run_xpu_coopt(model, input_ids, mask, settings, tokens: int) -> RunResult:
     return _summarise(start, out.step_times, generated, out.kv_cache_bytes)
 
 
+def random_prompts(
+    vocab_size: int, batch_size: int, input_tokens: int, min_input_tokens: int | None = None, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) [batch_size, input_tokens] of random token ids from 3 up (below: special
+    tokens in LLaMA vocabularies); with min_input_tokens, row r holds a prompt of min_input_tokens + (input_tokens -
+    min_input_tokens) * r / (batch_size - 1) tokens, left-padded with token 0."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, vocab_size, (batch_size, input_tokens), generator=generator)
+    mask = torch.ones_like(input_ids)
+    if min_input_tokens is not None:
+        for row in range(batch_size):
+            length = min_input_tokens + (input_tokens - min_input_tokens) * row // max(batch_size - 1, 1)
+            input_ids[row, : input_tokens - length] = 0  # left padding (the pad token)
+            mask[row, : input_tokens - length] = 0
+    return input_ids, mask
+
+
 def benchmark(
     hf_model: Any,
     *,
@@ -190,15 +207,9 @@ def benchmark(
         hf_model, dtype=dtype, kv_dtype=kv_dtype, backend=backend, inplace=True, cuda_graph=cuda_graph,
         pack_shared_weights=pack_shared_weights, kv_cache=kv_cache,
     )  # fmt: skip
-    generator = torch.Generator().manual_seed(seed)
-    vocab = optimized.spec.vocab_size
-    input_ids = torch.randint(3, vocab, (batch_size, input_tokens), generator=generator)
-    mask = torch.ones_like(input_ids)
-    if min_input_tokens is not None:
-        for row in range(batch_size):
-            length = min_input_tokens + (input_tokens - min_input_tokens) * row // max(batch_size - 1, 1)
-            input_ids[row, : input_tokens - length] = 0  # left padding (the pad token)
-            mask[row, : input_tokens - length] = 0
+    input_ids, mask = random_prompts(
+        optimized.spec.vocab_size, batch_size, input_tokens, min_input_tokens, seed
+    )
     input_ids, mask = input_ids.to(device), mask.to(device)
     settings = dict(
         dtype=str(dtype).removeprefix("torch."), batch_size=batch_size, input_tokens=input_tokens,
