@@ -197,7 +197,7 @@ def segment_attention_decode(
         slots = beam_slots[seqs] - first * beams if first else beam_slots[seqs]  # rows from the chunk's
         table = prompt_block_table[requests] if paged else None
         _attend_requests(
-            out[seqs], query[seqs], *prompt, prompt_start[requests], *response, slots,
+            out[seqs], query[seqs], prompt, prompt_start[requests], response, slots,
             response_len, scale, kv_format, table, prompt_len,
         )  # fmt: skip
 
@@ -211,15 +211,9 @@ def _request_bytes(query: torch.Tensor, num_kv_heads: int, columns: int) -> int:
 def _attend_requests(
     out: torch.Tensor,
     query: torch.Tensor,
-    prompt_k: torch.Tensor,
-    prompt_v: torch.Tensor,
-    prompt_k_scale: torch.Tensor | None,
-    prompt_v_scale: torch.Tensor | None,
+    prompt: list[torch.Tensor | None],
     prompt_start: torch.Tensor,
-    response_k: torch.Tensor,
-    response_v: torch.Tensor,
-    response_k_scale: torch.Tensor | None,
-    response_v_scale: torch.Tensor | None,
+    response: list[torch.Tensor | None],
     beam_slots: torch.Tensor,
     response_len: int,
     scale: float,
@@ -227,7 +221,10 @@ def _attend_requests(
     prompt_block_table: torch.Tensor | None,
     prompt_len: int,
 ) -> None:
-    """segment_attention_decode for some requests (all their beams), the lengths read on the host."""
+    """segment_attention_decode for some requests (all their beams), the lengths read on the host.
+    prompt: (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale); response: the same of the response."""
+    prompt_k, prompt_v, prompt_k_scale, prompt_v_scale = prompt
+    response_k, response_v, response_k_scale, response_v_scale = response
     dtype = query.dtype
     compute = cpu_gemm.matmul_dtype(query.device, dtype)
     # 16-bit K/V gathered from blocks come out in the matmuls' dtype: the gather's copy converts them.
