@@ -95,7 +95,8 @@ class PagedKVCache(SegmentKVCache):
     def use_device_lengths(self) -> None:
         # Now, while it may still grow (a decode graph holds its address), for every column of every
         # request: a later generation that reuses the graph may have less padding.
-        self._reserve(1 + self.block_table.numel(), most=1 + self.block_table.numel())
+        every_column = 1 + self.block_table.numel()  # and the sink
+        self._reserve(every_column, most=every_column)
         super().use_device_lengths()
         self._decode_rows = self._seq_rows.clone()  # updated in place from now on
 

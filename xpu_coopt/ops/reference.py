@@ -188,12 +188,12 @@ def segment_attention_decode(
     per_request = _request_bytes(query, prompt_k.shape[1], prompt_len + beams * response_len)
     chunk = num_requests if query.device.type != "cpu" else max(1, CPU_CHUNK_BYTES // max(per_request, 1))
     paged = prompt_block_table is not None  # the pool of blocks is shared: its table is sliced instead
+    prompt_segment = (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale)
+    response_segment = (response_k, response_v, response_k_scale, response_v_scale)
     for first in range(0, num_requests, chunk):
         requests, seqs = slice(first, first + chunk), slice(first * beams, (first + chunk) * beams)
-        prompt = (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale)
-        prompt = [t if t is None or paged else t[requests] for t in prompt]
-        response = (response_k, response_v, response_k_scale, response_v_scale)
-        response = [None if t is None else t[seqs] for t in response]
+        prompt = [t if t is None or paged else t[requests] for t in prompt_segment]
+        response = [None if t is None else t[seqs] for t in response_segment]
         slots = beam_slots[seqs] - first * beams if first else beam_slots[seqs]  # rows from the chunk's
         table = prompt_block_table[requests] if paged else None
         _attend_requests(
