@@ -1,7 +1,10 @@
 // segment_attention_decode (docs/ops.md): one new query token per sequence over the segment KV cache.
-// Work-group = (request, KV head, split): its sub-groups are every (beam, query head of the group) row of
-// that request, so each prompt K/V row is loaded (and FP8-dequantized) into local memory once and used by
-// all of them. Then each sub-group reads its own beam's response rows, found through beam_slots.
+// Work-group = (request, KV head, row chunk, split): its sub-groups are (beam, query head of the group)
+// rows of that request, all of them where they fit in one work-group (the usual case), so each prompt K/V
+// row is loaded (and FP8-dequantized) into local memory once and used by all of them; otherwise chunk c
+// serves rows [c * rows_per_chunk, (c + 1) * rows_per_chunk) of the beams x group (decode_split.chunk_rows),
+// and the chunks each load the prompt. Then each sub-group reads its own beam's response rows, found
+// through beam_slots.
 // Split decoding (flash-decoding): split k covers the k-th of equal shares of the request's prompt tiles,
 // from its first non-padding tile to the segment's end, and an equal share of the response steps, so that
 // a batch-1 step has enough work-groups to fill the GPU (one per (request, KV head) gives Llama-3-8B 8).
@@ -18,8 +21,8 @@ inline void segment_attention_decode(
     const typename Cache<T, Format>::Cell* prompt_v, const bf16* prompt_k_scale, const bf16* prompt_v_scale,
     const int* prompt_start, const typename Cache<T, Format>::Cell* response_k,
     const typename Cache<T, Format>::Cell* response_v, const bf16* response_k_scale,
-    const bf16* response_v_scale, const int* beam_slots, int beams, int kv_heads, int group, int head_dim,
-    int prompt_len, int response_len, float scale, int64_t query_stride, int64_t out_stride,
+    const bf16* response_v_scale, const int* beam_slots, int beams, int kv_heads, int group, int row_chunks,
+    int rows_per_chunk, int head_dim, int prompt_len, int response_len, float scale, int64_t query_stride, int64_t out_stride,
     int64_t prompt_request_stride, int64_t prompt_head_stride, int64_t prompt_position_stride,
     int64_t prompt_scale_request_stride, int64_t prompt_scale_head_stride, int64_t prompt_scale_position_stride,
     int64_t response_row_stride, int64_t response_head_stride, int64_t response_position_stride,
@@ -32,15 +35,21 @@ inline void segment_attention_decode(
   const auto wg = it.get_group();
   const auto sg = it.get_sub_group();
   const int lane = sg.get_local_linear_id(), row = sg.get_group_linear_id();
-  const int64_t pair = it.get_group(0) / splits;
+  const int64_t program = it.get_group(0) / splits;  // (request, KV head, row chunk)
   const int split = it.get_group(0) % splits;
+  const int64_t pair = program / row_chunks;
   const int64_t request = pair / kv_heads;
   const int kv = pair % kv_heads;
-  const int64_t sequence = request * beams + row / group;
-  const int h = kv * group + row % group;
+  // This sub-group's row of the request's beams x group; the last chunk's spare sub-groups take part in
+  // the work-group's tile loads and barriers but read no response row and store nothing.
+  const int request_row = (program % row_chunks) * rows_per_chunk + row;
+  const bool active = request_row < beams * group;
+  const int64_t sequence = request * beams + request_row / group;
+  const int h = kv * group + request_row % group;
 
   float* q = query_rows + row * kMaxHeadDim;
-  for (int d = lane; d < head_dim; d += kSubGroup) q[d] = query[sequence * query_stride + h * head_dim + d];
+  for (int d = lane; d < head_dim; d += kSubGroup)
+    q[d] = active ? float(query[sequence * query_stride + h * head_dim + d]) : 0.0f;
   sycl::group_barrier(sg);
 
   OnlineSoftmax softmax;
@@ -88,7 +97,7 @@ inline void segment_attention_decode(
   // This split's share of the steps: [steps_begin, steps_end).
   const int per_split = (response_len + splits - 1) / splits;
   const int steps_begin = split * per_split;
-  const int steps_end = sycl::min(steps_begin + per_split, response_len);
+  const int steps_end = active ? sycl::min(steps_begin + per_split, response_len) : steps_begin;
   for (int first = steps_begin; first < steps_end; first += kKeyTile) {
     const int t = first + lane;
     const int slot = t < steps_end ? slots[t] : 0;
@@ -101,6 +110,7 @@ inline void segment_attention_decode(
       return C::load(response_v + cell(slot_j, first + j) + column, scale_of(response_v_scale, slot_j, first + j));
     });
   }
+  if (!active) return;
   if (splits == 1) {
     softmax.store(out + sequence * out_stride + h * head_dim, head_dim, lane);
   } else {  // partials of this split, rows indexed by (sequence, query head)
@@ -151,7 +161,8 @@ inline void combine_splits(T* out, const float* partial_acc, const float* partia
       const xc::Cache<T, FORMAT>::Cell* prompt_v, const xc::bf16* prompt_k_scale, const xc::bf16* prompt_v_scale, \
       const int* prompt_start, const xc::Cache<T, FORMAT>::Cell* response_k,                                  \
       const xc::Cache<T, FORMAT>::Cell* response_v, const xc::bf16* response_k_scale,                         \
-      const xc::bf16* response_v_scale, const int* beam_slots, int beams, int kv_heads, int group, int head_dim, \
+      const xc::bf16* response_v_scale, const int* beam_slots, int beams, int kv_heads, int group,            \
+      int row_chunks, int rows_per_chunk, int head_dim,                                                       \
       int prompt_len, int response_len, float scale, int64_t query_stride, int64_t out_stride,              \
       int64_t prompt_request_stride, int64_t prompt_head_stride, int64_t prompt_position_stride,             \
       int64_t prompt_scale_request_stride, int64_t prompt_scale_head_stride,                                \
@@ -165,7 +176,8 @@ inline void combine_splits(T* out, const float* partial_acc, const float* partia
     static xc::syclexp::work_group_static<float[ROWS * xc::kMaxHeadDim]> query_rows;                           \
     xc::segment_attention_decode<T, FORMAT>(                                                                   \
         out, query, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale, prompt_start, response_k, response_v, \
-        response_k_scale, response_v_scale, beam_slots, beams, kv_heads, group, head_dim, prompt_len,         \
+        response_k_scale, response_v_scale, beam_slots, beams, kv_heads, group, row_chunks, rows_per_chunk,  \
+        head_dim, prompt_len,                                                                                 \
         response_len, scale, query_stride, out_stride, prompt_request_stride, prompt_head_stride,             \
         prompt_position_stride, prompt_scale_request_stride, prompt_scale_head_stride,                        \
         prompt_scale_position_stride, response_row_stride, response_head_stride, response_position_stride,    \

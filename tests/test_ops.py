@@ -8,7 +8,7 @@ import torch
 from conftest import assert_close
 
 from xpu_coopt.config import RopeSpec
-from xpu_coopt.ops import cpu_gemm, dispatcher_kernels, fp8, reference, reference_kernels
+from xpu_coopt.ops import cpu_gemm, decode_split, dispatcher_kernels, fp8, reference, reference_kernels
 from xpu_coopt.rope import cos_sin_cache, inverse_frequencies
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -408,12 +408,19 @@ def test_segment_attention_decode_when_padding_fills_whole_splits(kernels, dtype
 
 
 @pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
-@pytest.mark.parametrize("beams", [8, 16])
-def test_segment_attention_decode_many_beams(kernels, kv_format, beams):
+@pytest.mark.parametrize(
+    ("beams", "heads", "kv_heads"),
+    [(8, 4, 4), (16, 4, 4), (9, 8, 1), (17, 4, 1), (3, 40, 1), (2, 80, 1)],
+    ids=["8x1", "16x1", "9x8", "17x4", "3x40", "2x80"],
+)
+def test_segment_attention_decode_many_beams(kernels, kv_format, beams, heads, kv_heads):
     """Wide beam searches: the Triton kernel's response blocks then cover fewer steps for each beam
-    (8 and 4 steps of every beam: at most 64 columns), and 21 steps span several blocks."""
+    (8 and 4 steps of every beam: at most 64 columns), and 21 steps span several blocks. Beams x query
+    heads per KV head beyond the rows a SYCL work-group (32) or Triton program (64) serves: several share
+    them out, in whole beams (9x8, 17x4) or, for a KV group wider than that (MQA: 3x40, 2x80), in runs of
+    rows that span two beams."""
     query, caches, dequantized, prompt_start, beam_slots = _segment_case(
-        torch.float32, kv_format, 1, beams, 4, 4, 32, 40, 21, True
+        torch.float32, kv_format, 1, beams, heads, kv_heads, 32, 40, 21, True
     )
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
     out = torch.full_like(query, float("nan"))
@@ -422,6 +429,33 @@ def test_segment_attention_decode_many_beams(kernels, kv_format, beams):
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
                                                 21, 0.2)  # fmt: skip
     assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("max_rows", [32, 64])
+def test_decode_rows_are_shared_out_in_whole_beams_where_a_group_fits(max_rows):
+    """decode_split.chunk_rows for every beams x group up to 40 x 130: each program at most max_rows rows,
+    no program without a row, one program where all fit, whole beams in as few programs as that allows
+    where a group fits, and `beams` the widest span of beams of any program."""
+    for group in range(1, 131):
+        for beams in range(1, 41):
+            total = beams * group
+            chunks = decode_split.chunk_rows(beams, group, max_rows)
+            assert (
+                chunks.rows <= max_rows
+                and (chunks.chunks - 1) * chunks.rows < total <= chunks.rows * chunks.chunks
+            )
+            if total <= max_rows:
+                assert chunks.chunks == 1
+            if group <= max_rows:
+                assert chunks.rows % group == 0
+                assert chunks.chunks == -(-beams // (max_rows // group))
+            else:
+                assert chunks.chunks == -(-total // max_rows)
+            spans = [
+                len({row // group for row in range(first, min(first + chunks.rows, total))})
+                for first in range(0, total, chunks.rows)
+            ]
+            assert chunks.beams == max(spans)
 
 
 def _paged(segment, scale, prompt_start, block_size, generator):

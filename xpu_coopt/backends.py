@@ -11,7 +11,6 @@ import torch
 
 from xpu_coopt.errors import BackendUnavailableError
 from xpu_coopt.ops import Ops, cpu_gemm_options, dispatcher_kernels, reference_kernels
-from xpu_coopt.sycl.kernels import MAX_DECODE_ROWS as SYCL_MAX_DECODE_ROWS
 from xpu_coopt.sycl.kernels import sycl_kernels
 from xpu_coopt.sycl.runtime import queue_for
 
@@ -86,20 +85,13 @@ def resolve_backend(backend: str, device: torch.device) -> Ops:
         )
     # Ops options. GEMMs are torch's, with the reference backend's choice of kernels on CPU tensors; Triton
     # runs the few-row GEMMs of decode steps with its own kernel, fused with their neighbours, on either
-    # device. The device backends' decode attention serves a bounded number of rows.
+    # device.
     options = cpu_gemm_options() if device.type == "cpu" else {}
     kernels = None
-    if name == "sycl":
-        options["max_decode_rows"] = SYCL_MAX_DECODE_ROWS
     if name == "triton":
         kernels = _triton_kernels()  # registers the CUDA kernels
         triton_linear = importlib.import_module("xpu_coopt.triton.linear")
-        max_rows = importlib.import_module("xpu_coopt.triton.kernels").MAX_DECODE_ROWS
-        options = {
-            "linear": triton_linear.linear,
-            "fusions": triton_linear.FUSIONS,
-            "max_decode_rows": max_rows,
-        }
+        options = {"linear": triton_linear.linear, "fusions": triton_linear.FUSIONS}
     if backend == "auto" and device.type == "cpu":
         # The kernels registered for CPU, called directly: the dispatcher's argument handling would cost
         # 3-15 us a call, about 1.2 ms (3%) of a beam-4 decode step of SmolLM2-135M.

@@ -141,19 +141,6 @@ class OptimizedModel:
                 "sliding-window attention is not supported"
             )
 
-    def check_decode_rows(self, sequences_per_prompt: int) -> None:
-        """ValueError, before any prefill, where the backend's decode attention cannot serve this many beams
-        or samples of a prompt: each brings a query row per query head of a KV group."""
-        ops = self.decoder.ops
-        group = self.spec.num_heads // self.spec.num_kv_heads
-        rows = sequences_per_prompt * group
-        if ops.max_decode_rows is not None and rows > ops.max_decode_rows:
-            raise ValueError(
-                f"{sequences_per_prompt} beams or samples of a prompt x {group} query heads per KV head = "
-                f"{rows} decode rows, more than the {ops.max_decode_rows} the {ops.name!r} backend's decode "
-                "attention serves: ask for fewer num_beams or num_return_sequences"
-            )
-
     def keep_cache(self, cache: SegmentKVCache) -> None:
         """generate() hands its cache back when it is done with it. One that has a captured decode graph is
         kept for the next generate() it fits (prefill(reuse_kept_cache=True)), which then replays that
@@ -192,7 +179,6 @@ class OptimizedModel:
         does; a cache returned to the caller may still be in use)."""
         _, positions, prompt_start = prompt_layout(input_ids, attention_mask, self.spec)
         self.check_length(input_ids.shape[1] + max_new_tokens)
-        self.check_decode_rows(num_beams)
         prompt_len = input_ids.shape[1]
         cache = None
         if reuse_kept_cache:

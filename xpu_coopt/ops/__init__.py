@@ -61,7 +61,6 @@ class Ops:
         linear: Callable[..., torch.Tensor] = F.linear,
         pack_weight: Callable[..., Any] | None = None,
         fusions: GemmFusions | None = None,
-        max_decode_rows: int | None = None,
     ) -> None:
         missing = [op for op in SCHEMAS if not hasattr(kernels, op)]
         if missing:
@@ -75,13 +74,10 @@ class Ops:
         self.linear = linear
         self.pack_weight = pack_weight
         self.fusions = fusions
-        # The most query rows (sequences per prompt x query heads per KV head) the backend's decode
-        # attention serves, where it has a limit (docs/ops.md, segment_attention_decode).
-        self.max_decode_rows = max_decode_rows
 
     def with_torch_gemms(self) -> Ops:
         """These kernels with torch's GEMMs, unfused."""
-        return Ops(self.kernels, self.name, max_decode_rows=self.max_decode_rows)
+        return Ops(self.kernels, self.name)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         out = torch.empty_like(x)

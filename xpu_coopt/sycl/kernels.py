@@ -20,7 +20,8 @@ DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16
 SUB_GROUP = 16  # sycl_kernels/common.hpp kSubGroup
 MAX_HEAD_DIM = 128  # common.hpp kMaxHeadDim
 # segment_attention_decode.cpp: rows (beams x query heads per KV head) a work-group serves, in its two
-# sizes (the smaller holds less local memory, so that more work-groups fit an Xe-core)
+# sizes (the smaller holds less local memory, so that more work-groups fit an Xe-core); more rows are
+# shared out among work-groups (decode_split.chunk_rows)
 DECODE_ROWS = (4, 32)
 MAX_DECODE_ROWS = DECODE_ROWS[-1]
 DECODE_KEY_TILE = 16  # attention.hpp kKeyTile: the prompt columns a split covers are a multiple of it
@@ -192,8 +193,8 @@ def attention_prefill(
 
 
 def decode_splits(pairs: int, columns: int, device: torch.device) -> int:
-    """Splits of the prompt columns for `pairs` (request, KV head) work-groups (decode_split.split_prompt);
-    the kernel shares out each request's tiles after its padding among them."""
+    """Splits of the prompt columns for `pairs` (request, KV head, row chunk) work-groups
+    (decode_split.split_prompt); the kernel shares out each request's tiles after its padding among them."""
     if device.type == "xpu":
         to_fill, min_chunk = torch.xpu.get_device_properties(device).gpu_eu_count, XPU_MIN_CHUNK
     else:
@@ -235,18 +236,14 @@ def segment_attention_decode(
     requests, kv_heads = prompt_start.shape[0], prompt_k.shape[1]
     beams, group = num_seqs // requests, heads // kv_heads
     _check_head_dim(op, head_dim)
-    if beams * group > MAX_DECODE_ROWS:
-        raise ValueError(
-            f"{op}: beams x query heads per KV head = {beams} x {group} exceeds the {MAX_DECODE_ROWS} rows "
-            "one SYCL work-group serves"
-        )
     checks.inner_contiguous(op, out=out, query=query, prompt_k=prompt_k, prompt_v=prompt_v)
     checks.inner_contiguous(op, response_k=response_k, response_v=response_v, beam_slots=beam_slots)
     checks.heads_apart(op, head_dim, 1, query=query, out=out)
     checks.index_dtype(op, torch.int32, beam_slots=beam_slots)
     if num_seqs == 0:
         return
-    splits = decode_splits(requests * kv_heads, prompt_len, query.device)
+    chunks = decode_split.chunk_rows(beams, group, MAX_DECODE_ROWS)
+    splits = decode_splits(requests * kv_heads * chunks.chunks, prompt_len, query.device)
     rows = num_seqs * heads
     # Partials of a split decode (workspace of this call, read by combine_splits); one split writes out.
     partial_acc = partial_stats = None
@@ -255,11 +252,11 @@ def segment_attention_decode(
         partial_stats = query.new_empty((splits, rows, 2), dtype=torch.float32)
     _run(
         query.device, "segment_attention_decode.cpp",
-        f"segment_attention_decode_{suffix}_r{next(r for r in DECODE_ROWS if beams * group <= r)}",
-        requests * kv_heads * splits * beams * group * SUB_GROUP, beams * group * SUB_GROUP,
+        f"segment_attention_decode_{suffix}_r{next(r for r in DECODE_ROWS if chunks.rows <= r)}",
+        requests * kv_heads * chunks.chunks * splits * chunks.rows * SUB_GROUP, chunks.rows * SUB_GROUP,
         out, query, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale, prompt_start.to(torch.int32).contiguous(),
         response_k, response_v, response_k_scale, response_v_scale, beam_slots,
-        c_int(beams), c_int(kv_heads), c_int(group), c_int(head_dim), c_int(prompt_len), c_int(response_len),
+        c_int(beams), c_int(kv_heads), c_int(group), c_int(chunks.chunks), c_int(chunks.rows), c_int(head_dim), c_int(prompt_len), c_int(response_len),
         c_float(scale), c_int64(query.stride(0)), c_int64(out.stride(0)),
         *_cache_layout(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
         *_cache_layout(op, response_k, response_v, response_k_scale, response_v_scale),

@@ -114,7 +114,7 @@ def segment_attention_decode_kernel(
     out, query, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale, prompt_start,
     response_k, response_v, response_k_scale, response_v_scale, beam_slots, segment_lens,
     prompt_block_table, partial_acc, partial_stats,
-    beams, kv_heads, group, head_dim, prompt_len, response_len, rows_per_split, scale,
+    beams, kv_heads, group, rows_per_program, head_dim, prompt_len, response_len, rows_per_split, scale,
     query_stride, out_stride, prompt_request_stride, prompt_head_stride, prompt_position_stride,
     prompt_scale_request_stride, prompt_scale_head_stride, prompt_scale_position_stride,
     response_row_stride, response_head_stride, response_position_stride,
@@ -126,8 +126,11 @@ def segment_attention_decode_kernel(
     NATIVE_FP8: tl.constexpr, HAS_LENS: tl.constexpr, SPLIT: tl.constexpr, FP8_UPCAST_IN_REGISTERS: tl.constexpr,
     PAGED: tl.constexpr,
 ):  # fmt: skip
-    """Program = (request, KV head, split); its rows are every (beam, query head of the group) of the
-    request, so each prompt K/V block is loaded (and dequantized) once for all of them. Split k covers
+    """Program = (request, KV head, split, row chunk); its rows are every (beam, query head of the group)
+    of the request where they fit in one program (the usual case), so each prompt K/V block is loaded (and
+    dequantized) once for all of them; otherwise chunk c serves rows [c * rows_per_program, (c + 1) *
+    rows_per_program) of the beams x group (decode_split.chunk_rows), spanning at most BEAMS beams, and the
+    chunks each load the prompt. Split k covers
     the k-th of equal shares, in whole BLOCK_N tiles, of the request's prompt columns from its first
     non-padding tile to the segment's length (flash-decoding: enough programs to fill the GPU at batch
     1), and an equal share of the response segment's steps. With SPLIT, each split writes its unnormalised
@@ -145,9 +148,12 @@ def segment_attention_decode_kernel(
     else:
         prompt_end = prompt_len
         response_end = response_len
-    rows = tl.arange(0, BLOCK_ROWS)
-    row_ok = rows < beams * group
-    sequence = request * beams + rows // group
+    first_row = tl.program_id(2) * rows_per_program  # of the request's beams x group
+    rows = first_row + tl.arange(0, BLOCK_ROWS)
+    end_row = tl.minimum(first_row + rows_per_program, beams * group)
+    row_ok = rows < end_row
+    beam = rows // group
+    sequence = request * beams + beam
     h = kv * group + rows % group
     d = tl.arange(0, BLOCK_D)
     d_ok = d < head_dim
@@ -191,21 +197,21 @@ def segment_attention_decode_kernel(
         )  # fmt: skip
 
     # Response segment: step t of sequence s lives in row beam_slots[s, t], and the rows differ per beam.
-    # A block's columns are (beam, step) pairs of every beam of the request: each row multiplies all of
-    # them with tl.dot, as in the prompt loop, and keeps those of its own beam. That is BEAMS times the
+    # A block's columns are (beam, step) pairs of every beam of the program's rows: each row multiplies all
+    # of them with tl.dot, as in the prompt loop, and keeps those of its own beam. That is BEAMS times the
     # products needed, on tensor cores, instead of per-row gathers reduced across the block (which set the
     # kernel's register count: docs/benchmarks.md). Its steps are shared out among the splits as the
     # prompt's columns are: in one split they would grow its share by every generated token (measured on
     # an H100: beam 4 steps from 6.5 to 9.4 ms over 128 tokens).
     c = tl.arange(0, BEAMS * BLOCK_T)
-    column_beam = c // BLOCK_T
-    own_beam = (rows // group)[:, None] == column_beam[None, :]
+    column_beam = first_row // group + c // BLOCK_T
+    own_beam = beam[:, None] == column_beam[None, :]
     column_sequence = request * beams + column_beam
     per_split = tl.cdiv(response_end, tl.num_programs(1))
     steps_end = tl.minimum((split + 1) * per_split, response_end)
     for first in range(split * per_split, steps_end, BLOCK_T):
         t = first + c % BLOCK_T
-        c_ok = (column_beam < beams) & (t < steps_end)
+        c_ok = (column_beam <= (end_row - 1) // group) & (t < steps_end)
         slot = tl.load(beam_slots + column_sequence * beam_slots_stride + t, mask=c_ok, other=0).to(tl.int64)
         cell = kv * response_head_stride + slot * response_row_stride + t * response_position_stride
         scale_cell = (

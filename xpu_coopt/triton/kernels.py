@@ -33,7 +33,8 @@ BACKEND = "Triton"
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_HEAD_DIM = 256
 MAX_HIDDEN = 65536  # rms_norm holds a whole row in one block
-MAX_DECODE_ROWS = 64  # beams x query heads per KV head in one decode program
+# beams x query heads per KV head in one decode program; more are shared out (decode_split.chunk_rows)
+MAX_DECODE_ROWS = 64
 SILU_BLOCK = 1024
 PREFILL_BLOCK_M, PREFILL_BLOCK_N = 32, 32
 
@@ -258,7 +259,7 @@ def _programs_to_fill(device: torch.device) -> int:
 
 
 def decode_splits(programs: int, columns: int, device: torch.device, block_n: int) -> int:
-    """Splits of the prompt columns for `programs` (request, KV head) pairs (decode_split.split_prompt),
+    """Splits of the prompt columns for `programs` (request, KV head, row chunk) (decode_split.split_prompt),
     filling the GPU with DECODE_LAUNCH's min_chunk. Sized by the segment's capacity, so a captured graph stays
     valid as the sequence grows; the kernel shares out the columns a step reads among them."""
     return decode_split.split_prompt(
@@ -294,11 +295,6 @@ def segment_attention_decode(
     prompt_len = checks.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len)
     beams, group = num_seqs // requests, heads // kv_heads
     checks.head_dim(op, BACKEND, head_dim, MAX_HEAD_DIM)
-    if beams * group > MAX_DECODE_ROWS:
-        raise ValueError(
-            f"{op}: beams x query heads per KV head = {beams} x {group} exceeds the {MAX_DECODE_ROWS} rows "
-            "one Triton program serves"
-        )
     checks.inner_contiguous(op, out=out, query=query, prompt_k=prompt_k, prompt_v=prompt_v)
     checks.inner_contiguous(op, response_k=response_k, response_v=response_v, beam_slots=beam_slots)
     checks.heads_apart(op, head_dim, 1, query=query, out=out)
@@ -313,7 +309,8 @@ def segment_attention_decode(
             "Triton's interpreter does not run"
         )
     block_n = launch.block_n(kv_format)
-    splits = decode_splits(requests * kv_heads, prompt_len, query.device, block_n)
+    chunks = decode_split.chunk_rows(beams, group, MAX_DECODE_ROWS)
+    splits = decode_splits(requests * kv_heads * chunks.chunks, prompt_len, query.device, block_n)
     unused = query.new_empty(0, dtype=torch.float32)
     # Partials of a split decode: workspace of this call (inside a captured graph, from the graph's pool).
     partial_acc = (
@@ -322,7 +319,7 @@ def segment_attention_decode(
     partial_stats = (
         unused if splits == 1 else query.new_empty((splits, num_seqs * heads, 2), dtype=torch.float32)
     )
-    segment_attention_decode_kernel[(requests * kv_heads, splits)](
+    segment_attention_decode_kernel[(requests * kv_heads, splits, chunks.chunks)](
         out, query, prompt_k, prompt_v,
         unused if prompt_k_scale is None else prompt_k_scale, unused if prompt_v_scale is None else prompt_v_scale,
         prompt_start.to(torch.int32).contiguous(), response_k, response_v,
@@ -330,13 +327,13 @@ def segment_attention_decode(
         unused if response_v_scale is None else response_v_scale, beam_slots,
         unused if segment_lens is None else segment_lens,
         unused if prompt_block_table is None else prompt_block_table, partial_acc, partial_stats,
-        beams, kv_heads, group, head_dim, prompt_len, response_len, num_seqs * heads, scale,
+        beams, kv_heads, group, chunks.rows, head_dim, prompt_len, response_len, num_seqs * heads, scale,
         query.stride(0), out.stride(0),
         *checks.cache_strides(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
         *checks.cache_strides(op, response_k, response_v, response_k_scale, response_v_scale),
         beam_slots.stride(0), 0 if prompt_block_table is None else prompt_block_table.stride(0), prompt_k.shape[2],
-        BLOCK_ROWS=_block(beams * group, 16), BLOCK_N=block_n, BLOCK_T=response_steps(launch, beams),
-        BEAMS=_block(beams),
+        BLOCK_ROWS=_block(chunks.rows, 16), BLOCK_N=block_n, BLOCK_T=response_steps(launch, chunks.beams),
+        BEAMS=_block(chunks.beams),
         BLOCK_D=_block(head_dim, 16), UPCAST_DOT=upcast_dot(query.dtype), NATIVE_FP8=_native_fp8(query.device),
         HAS_LENS=segment_lens is not None, SPLIT=splits > 1, FP8_UPCAST_IN_REGISTERS=launch.fp8_upcast_in_registers,
         PAGED=prompt_block_table is not None, **codec_constants(kv_format),
