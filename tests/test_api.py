@@ -192,7 +192,7 @@ def test_bad_prompts(optimized, make_input, message):
     ("kwargs", "error", "message"),
     [
         (dict(num_beams=0), ValueError, "num_beams must be an integer >= 1"),
-        (dict(bad_words_ids=[[5]]), TypeError, "unsupported arguments \\['bad_words_ids'\\]"),
+        (dict(guidance_scale=1.5), TypeError, "unsupported arguments \\['guidance_scale'\\]"),
         (dict(do_sample=True, typical_p=0.0), ValueError, "typical_p must be in \\(0, 1\\]"),
         (dict(do_sample=True, eta_cutoff=1.0), ValueError, "eta_cutoff must be in \\[0, 1\\)"),
         (dict(no_repeat_ngram_size=-1), ValueError, "no_repeat_ngram_size must be an integer >= 0"),
@@ -215,8 +215,8 @@ def test_bad_generate_arguments(optimized, kwargs, error, message):
 
 def test_unsupported_generation_config_field_is_an_error():
     model = _model("llama-mha-d64")
-    model.generation_config.bad_words_ids = [[5]]
-    with pytest.raises(ValueError, match=r"the model's generation_config sets .*bad_words_ids"):
+    model.generation_config.guidance_scale = 1.5
+    with pytest.raises(ValueError, match=r"the model's generation_config sets .*guidance_scale"):
         xpu_coopt.optimize(model).generate(_prompts([4], 256)[0], max_new_tokens=2)
 
 
@@ -243,10 +243,10 @@ def test_a_generation_config_with_an_unsupported_field_is_an_error():
 
     model = _model("llama-mha-d64")
     with pytest.raises(
-        ValueError, match=r"the generation_config passed to generate\(\) sets .*bad_words_ids"
+        ValueError, match=r"the generation_config passed to generate\(\) sets .*guidance_scale"
     ):
         xpu_coopt.optimize(model).generate(
-            _prompts([4], 256)[0], generation_config=GenerationConfig(bad_words_ids=[[5]])
+            _prompts([4], 256)[0], generation_config=GenerationConfig(guidance_scale=1.5)
         )
 
 

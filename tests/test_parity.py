@@ -525,3 +525,119 @@ def test_sampling_with_the_generation_config_of_qwen2_instruct_matches_transform
     torch.manual_seed(seed)
     theirs = model.generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0)
     assert torch.equal(ours, theirs)
+
+
+SEARCHES = [
+    dict(do_sample=False),
+    dict(num_beams=3, num_return_sequences=2),
+    dict(do_sample=True, top_k=0, temperature=0.8),
+]
+SEARCH_IDS = ["greedy", "beam3", "sampling"]
+
+
+def _plain_and_with(model, ids, mask, seed, options, **kwargs):
+    """xpu_coopt's output with `options`, checked against transformers', and its output without them (same
+    seed): for tests that the options changed something."""
+    ours = _matches_transformers(model, ids, mask, seed=seed, **options, **kwargs)
+    torch.manual_seed(seed)
+    plain = xpu_coopt.optimize(model).generate(
+        ids, attention_mask=mask, return_dict_in_generate=True, output_scores=True, **kwargs
+    )
+    return ours, plain
+
+
+@pytest.mark.parametrize("search", SEARCHES, ids=SEARCH_IDS)
+def test_sequence_bias_and_bad_words_match_transformers(search):
+    """Biases of one token and of sequences whose first tokens each row's history must end with (the
+    sequences taken from a plain generation, so that they match), and bad words of one and two tokens,
+    an EOS alone among them (never banned, as in transformers)."""
+    model = _model("llama-gqa-8q2kv-d64")
+    ids, mask = _prompts([3, 9], model.config.vocab_size, seed=21)
+    eos = _frequent_token(model, ids, mask)
+    kwargs = dict(max_new_tokens=10, eos_token_id=eos, pad_token_id=0, **search)
+    plain = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **{**kwargs, "do_sample": False})
+    first, second, third = (int(token) for token in plain[1, ids.shape[1] : ids.shape[1] + 3])
+    options = dict(
+        sequence_bias={(7,): 4.0, (11,): -2.5, (first, 13): 6.0, (first, second, 17): 5.0},
+        bad_words_ids=[[19], [second, third], [eos]],
+    )
+    ours, plain = _plain_and_with(model, ids, mask, 0, options, **kwargs)
+    assert not torch.equal(ours.scores[0], plain.scores[0])
+    assert not any(bool(step[:, 19].isfinite().any()) for step in ours.scores)
+
+
+@pytest.mark.parametrize("search", SEARCHES, ids=SEARCH_IDS)
+def test_suppressed_forced_and_decayed_tokens_match_transformers(search):
+    """suppress_tokens at every step and begin_suppress_tokens at the first, EOS forced at the last step,
+    its score raised step by step after the second (exponential_decay_length_penalty), invalid values
+    removed and the scores renormalized at the end."""
+    model = _model("qwen2-bias")
+    ids, mask = _prompts([4, 8], model.config.vocab_size, seed=22)
+    eos = _frequent_token(model, ids, mask)
+    kwargs = dict(max_new_tokens=8, eos_token_id=eos, pad_token_id=0, **search)
+    options = dict(
+        suppress_tokens=[5, 6], begin_suppress_tokens=[eos, 9], forced_eos_token_id=[eos, 3],
+        exponential_decay_length_penalty=(2, 1.6), remove_invalid_values=True, renormalize_logits=True,
+        no_repeat_ngram_size=1,  # -inf before remove_invalid_values, which makes them finite
+    )  # fmt: skip
+    ours = _matches_transformers(model, ids, mask, seed=0, **options, **kwargs)
+    assert len(ours.scores) > 3  # the decay applied (from the fourth step)
+    assert all(not step[:, [5, 6]].isfinite().any() for step in ours.scores)
+    assert not ours.scores[0][:, eos].isfinite().any()
+    if "num_beams" not in search:  # every row that ran to the last step ends with EOS or token 3
+        assert set(ours.sequences[:, -1].tolist()) <= {eos, 3, 0}
+    probabilities = ours.scores[1].exp().sum(dim=-1)  # renormalized: log-probabilities
+    torch.testing.assert_close(probabilities, torch.ones_like(probabilities))
+
+
+@pytest.mark.parametrize("search", SEARCHES, ids=SEARCH_IDS)
+def test_forced_bos_on_a_one_token_prompt_matches_transformers(search):
+    """A forced BOS is the first token of a one-token prompt, and begin_suppress_tokens then applies to the
+    second, as transformers counts it."""
+    model = _model("llama-mha-d64")
+    ids, mask = _prompts([1, 1], model.config.vocab_size, seed=23)
+    kwargs = dict(max_new_tokens=5, pad_token_id=0, **search)
+    options = dict(forced_bos_token_id=8, begin_suppress_tokens=[12, 13])
+    ours, _ = _plain_and_with(model, ids, mask, 0, options, **kwargs)
+    assert set(ours.sequences[:, 1].tolist()) == {8}
+    assert not ours.scores[1][:, [12, 13]].isfinite().any()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(bad_words_ids=[[3], []]), "bad_words_ids must be a non-empty list of non-empty lists"),
+        (
+            dict(bad_words_ids=[[3, 300]]),
+            r"bad_words_ids names token ids \[300\] outside the vocabulary of 256",
+        ),
+        (dict(sequence_bias={(3,): "high"}), "sequence_bias must map non-empty tuples of token ids"),
+        (dict(sequence_bias=[[[3, 4], 1.0], [[999], 2.0]]), r"sequence_bias names token ids \[999\]"),
+        (dict(suppress_tokens=[-1]), "suppress_tokens must be a list of token ids"),
+        (dict(begin_suppress_tokens=[256]), r"begin_suppress_tokens names token ids \[256\]"),
+        (dict(forced_bos_token_id=2.0), "forced_bos_token_id must be a token id"),
+        (dict(forced_eos_token_id=[1, 400]), r"forced_eos_token_id names token ids \[400\]"),
+        (dict(exponential_decay_length_penalty=(2,)), r"must be \(start_index, decay_factor\)"),
+        (dict(exponential_decay_length_penalty=(2, 1.5), eos_token_id=None), "it needs eos_token_id"),
+    ],
+)
+def test_bad_token_arguments_are_errors_before_the_prompt_runs(options, message, monkeypatch):
+    model = _model("llama-mha-d64")
+    optimized = xpu_coopt.optimize(model)
+    monkeypatch.setattr(optimized.decoder, "forward", None)  # a prefill would call None
+    kwargs = {"max_new_tokens": 3, "pad_token_id": 0, "eos_token_id": 1, **options}
+    with pytest.raises(ValueError, match=message):
+        optimized.generate(_prompts([4], model.config.vocab_size)[0], **kwargs)
+
+
+def test_token_arguments_are_taken_from_the_generation_config():
+    """A model's generation_config that sets them (sequence_bias in transformers' list form) is honoured,
+    as transformers honours it."""
+    model = _model("mistral")
+    config = model.generation_config
+    config.sequence_bias = [[[7], 3.0], [[9, 10], -1.0]]
+    config.suppress_tokens = [4]
+    config.renormalize_logits = True
+    ids, mask = _prompts([3, 6], model.config.vocab_size, seed=24)
+    ours = _matches_transformers(model, ids, mask, max_new_tokens=6, pad_token_id=0, num_beams=2)
+    assert not ours.scores[0][:, 4].isfinite().any()

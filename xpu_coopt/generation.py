@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from xpu_coopt.generation_settings import GenerationSettings, resolve_settings
-from xpu_coopt.logits_processing import criteria_met, process, stopping_criteria, warp
+from xpu_coopt.logits_processing import criteria_met, process, renormalize, stopping_criteria, warp
+from xpu_coopt.token_rules import TokenRules
 
 
 @dataclass
@@ -78,6 +79,7 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
     side, as transformers does (row order: each prompt's samples together), over one prefill of the prompt
     whose K/V all its samples share (the segment cache's beams, never reordered)."""
     samples = s.num_return_sequences
+    rules = TokenRules.of(s, model.spec.vocab_size, input_ids.device)  # its errors before the prefill
     criteria = stopping_criteria(s)  # before the prefill: max_time counts it, as in transformers
     logits, cache = model.prefill(input_ids, attention_mask, samples, s.max_new_tokens, reuse_kept_cache=True)
     prompt_start = cache.prompt_start  # each prompt's first column after its left padding
@@ -99,11 +101,12 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
         length = prompt_len + step
         if s.output_logits:  # a copy: the decode graph's output buffer is overwritten by the next step
             all_logits.append(logits.to(torch.float32, copy=True))
-        scores = process(logits.float(), sequences[:, :length], prompt_start, eos, step, s)
+        scores = process(logits.float(), sequences[:, :length], prompt_start, eos, step, s, rules)
         if s.do_sample:
-            scores = warp(scores, s)
+            scores = renormalize(warp(scores, s), s)
             next_tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
         else:
+            scores = renormalize(scores, s)
             next_tokens = scores.argmax(dim=-1)
         if s.output_scores:
             # Unprocessed float32 scores are the decode graph's output buffer, which the next step overwrites.
@@ -169,6 +172,7 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings, genera
     all_scores: list[torch.Tensor] = []
     all_logits: list[torch.Tensor] = []
     step_times: list[float] = []
+    rules = TokenRules.of(s, model.spec.vocab_size, device)  # its errors before the prefill
     criteria = stopping_criteria(s)  # before the prefill: max_time counts it, as in transformers
 
     logits, cache = model.prefill(input_ids, attention_mask, beams, s.max_new_tokens, reuse_kept_cache=True)
@@ -180,9 +184,10 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings, genera
             all_logits.append(logits.to(torch.float32, copy=True))
         history = running_sequences[:, :, :cur_len].reshape(batch * beams, cur_len)
         log_probs = F.log_softmax(logits.float(), dim=-1)
-        log_probs = process(log_probs, history, prompt_start, eos, cur_len - prompt_len, s)
+        log_probs = process(log_probs, history, prompt_start, eos, cur_len - prompt_len, s, rules)
         if s.do_sample:  # each warper keeps a token beyond the EOS ids, as transformers' beam sampling
             log_probs = warp(log_probs, s, keep=max(2, eos.numel() + 1))
+        log_probs = renormalize(log_probs, s)
         if s.output_scores:
             all_scores.append(log_probs)
         vocab = log_probs.shape[-1]

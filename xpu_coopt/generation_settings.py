@@ -14,8 +14,10 @@ SUPPORTED_ARGUMENTS = (
     "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
     "generator",
     # processors and stopping
-    "repetition_penalty", "no_repeat_ngram_size", "logits_processor", "stopping_criteria", "stop_strings",
-    "max_time", "tokenizer",
+    "repetition_penalty", "no_repeat_ngram_size", "sequence_bias", "bad_words_ids", "suppress_tokens",
+    "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "renormalize_logits", "logits_processor", "stopping_criteria",
+    "stop_strings", "max_time", "tokenizer",
     # output and the rest
     "streamer", "return_dict_in_generate", "output_scores", "output_logits", "use_cache", "generation_config",
 )  # fmt: skip
@@ -67,6 +69,16 @@ class GenerationSettings:
     num_return_sequences: int = 1
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
+    # token-id arguments (xpu_coopt/token_rules.py), as transformers' processors of the same names
+    sequence_bias: dict[tuple[int, ...], float] | None = None  # also given as [[ids, bias], ...]
+    bad_words_ids: list[list[int]] | None = None
+    suppress_tokens: list[int] | None = None
+    begin_suppress_tokens: list[int] | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: list[int] | None = None  # also given as one int
+    exponential_decay_length_penalty: tuple[int, float] | None = None  # (start after the prompt, factor)
+    remove_invalid_values: bool = False
+    renormalize_logits: bool = False
     eos_token_id: list[int] | None = None
     pad_token_id: int | None = None
     return_dict_in_generate: bool = False
@@ -123,24 +135,85 @@ def resolve_settings(model: Any, prompt_len: int, kwargs: dict[str, Any]) -> Gen
     max_new_tokens = values.get("max_new_tokens")
     if max_new_tokens is None:
         max_new_tokens = values.get("max_length", 20) - prompt_len
-    eos = values.get("eos_token_id")
-    if isinstance(eos, int):
-        eos = [eos]
+    for name in ("eos_token_id", "forced_eos_token_id"):  # one id or several, as transformers takes them
+        if isinstance(values.get(name), int):
+            values[name] = [values[name]]
+        elif values.get(name) is not None:
+            values[name] = list(values[name])
+    if isinstance(values.get("sequence_bias"), list):  # transformers' list form: [[ids, bias], ...]
+        values["sequence_bias"] = _sequence_bias_from_list(values["sequence_bias"])
     settings = GenerationSettings(
         **{
             f.name: values[f.name]
             for f in fields(GenerationSettings)
-            if f.name in values
-            and values[f.name] is not None
-            and f.name not in ("eos_token_id", "max_new_tokens")
+            if f.name in values and values[f.name] is not None and f.name != "max_new_tokens"
         },
         max_new_tokens=max_new_tokens,
-        eos_token_id=list(eos) if eos is not None else None,
     )
     if settings.pad_token_id is None and settings.eos_token_id:
         settings.pad_token_id = settings.eos_token_id[0]  # as transformers does, without its warning
     _validate(settings)
     return settings
+
+
+def _sequence_bias_from_list(pairs: list[Any]) -> dict[tuple[int, ...], float]:
+    if not all(
+        isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], list) for pair in pairs
+    ):
+        raise ValueError(
+            f"sequence_bias must be a dict {{(ids, ...): bias}} or a list of [ids, bias], got {pairs!r}"
+        )
+    return {tuple(ids): bias for ids, bias in pairs}
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _validate_token_arguments(s: GenerationSettings) -> None:
+    """The token-id arguments' shapes; their ids against the vocabulary are token_rules.TokenRules's."""
+    if s.sequence_bias is not None:
+        bias = s.sequence_bias
+        if not isinstance(bias, dict) or not bias or not all(
+            isinstance(ids, tuple) and ids and all(map(_is_token_id, ids))
+            and isinstance(value, (int, float)) and not isinstance(value, bool)
+            for ids, value in bias.items()
+        ):  # fmt: skip
+            raise ValueError(
+                "sequence_bias must map non-empty tuples of token ids (integers >= 0) to float biases, got "
+                f"{bias!r}"
+            )
+    if s.bad_words_ids is not None and (
+        not isinstance(s.bad_words_ids, list)
+        or not s.bad_words_ids
+        or not all(
+            isinstance(words, list) and words and all(map(_is_token_id, words)) for words in s.bad_words_ids
+        )
+    ):
+        raise ValueError(
+            f"bad_words_ids must be a non-empty list of non-empty lists of token ids (integers >= 0), got "
+            f"{s.bad_words_ids!r}"
+        )
+    for name in ("suppress_tokens", "begin_suppress_tokens", "forced_eos_token_id"):
+        value = getattr(s, name)
+        if value is not None and (not isinstance(value, (list, tuple)) or not all(map(_is_token_id, value))):
+            raise ValueError(f"{name} must be a list of token ids (integers >= 0), got {value!r}")
+    if s.forced_bos_token_id is not None and not _is_token_id(s.forced_bos_token_id):
+        raise ValueError(
+            f"forced_bos_token_id must be a token id (an integer >= 0), got {s.forced_bos_token_id!r}"
+        )
+    decay = s.exponential_decay_length_penalty
+    if decay is not None:
+        if not (
+            isinstance(decay, (list, tuple)) and len(decay) == 2 and _is_token_id(decay[0])
+            and isinstance(decay[1], (int, float)) and not isinstance(decay[1], bool)
+        ):  # fmt: skip
+            raise ValueError(
+                "exponential_decay_length_penalty must be (start_index, decay_factor): an integer >= 0 and a "
+                f"float, got {decay!r}"
+            )
+        if not s.eos_token_id:
+            raise ValueError("exponential_decay_length_penalty raises the EOS scores: it needs eos_token_id")
 
 
 def _validate(s: GenerationSettings) -> None:
@@ -188,6 +261,7 @@ def _validate(s: GenerationSettings) -> None:
         raise ValueError(
             "stop_strings needs the model's tokenizer: pass it as generate(..., tokenizer=tokenizer)"
         )
+    _validate_token_arguments(s)
     if s.max_time is not None and not s.max_time > 0:
         raise ValueError(f"max_time must be > 0 seconds, got {s.max_time}")
     for name in ("logits_processor", "stopping_criteria"):

@@ -9,10 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from xpu_coopt.generation_settings import GenerationSettings
+from xpu_coopt.token_rules import TokenRules, apply_after_min_lengths, apply_bad_words, apply_before_penalties
 
-# --- logits processors, in transformers' order: repetition_penalty, no_repeat_ngram_size, min_length and
-# min_new_tokens, the caller's logits_processor; when sampling, then temperature, top_k, top_p, min_p,
-# typical_p, epsilon_cutoff, eta_cutoff
+# --- logits processors, in transformers' order: sequence_bias, repetition_penalty, no_repeat_ngram_size,
+# bad_words_ids, min_length and min_new_tokens, forced BOS and EOS, remove_invalid_values, the exponential
+# decay length penalty, suppress_tokens and begin_suppress_tokens, the caller's logits_processor; when
+# sampling, then temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff; last,
+# renormalize_logits
 
 
 def _penalize_repetitions(
@@ -104,13 +107,23 @@ def process(
     eos: torch.Tensor,
     step: int,
     s: GenerationSettings,
+    rules: TokenRules,
 ) -> torch.Tensor:
     """The processors before the sampling warpers, in transformers' order, on float32 scores; tokens: each
-    row's sequence so far, step: tokens generated so far."""
+    row's sequence so far, step: tokens generated so far; rules: the token-id arguments' tensors."""
+    scores = apply_before_penalties(scores, tokens, rules)
     scores = _penalize_repetitions(scores, tokens, prompt_start, s)
     scores = _ban_repeated_ngrams(scores, tokens, s)
+    scores = apply_bad_words(scores, tokens, rules)
     scores = _suppress_eos(scores, s, eos, tokens.shape[1], step)
+    scores = apply_after_min_lengths(scores, rules, s, tokens.shape[1] - step, step)
     return _run_callers_processors(scores, tokens, s)
+
+
+def renormalize(scores: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
+    """renormalize_logits: log-softmax of the scores every processor and warper has been through, as
+    transformers' LogitNormalization, always the last."""
+    return scores.log_softmax(dim=-1) if s.renormalize_logits else scores
 
 
 def warp(scores: torch.Tensor, s: GenerationSettings, keep: int = 1) -> torch.Tensor:
