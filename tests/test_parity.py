@@ -641,3 +641,32 @@ def test_token_arguments_are_taken_from_the_generation_config():
     ids, mask = _prompts([3, 6], model.config.vocab_size, seed=24)
     ours = _matches_transformers(model, ids, mask, max_new_tokens=6, pad_token_id=0, num_beams=2)
     assert not ours.scores[0][:, 4].isfinite().any()
+
+
+def _allowed_after(batch_id: int, tokens: torch.Tensor) -> list[int]:
+    """A prefix_allowed_tokens_fn: a few tokens that depend on the prompt's index and the last token."""
+    last = int(tokens[-1])
+    return [(last * 7 + 3 * k + batch_id) % 256 for k in range(2 + batch_id)]
+
+
+@pytest.mark.parametrize(
+    "search", [*SEARCHES, dict(do_sample=True, num_return_sequences=2)], ids=[*SEARCH_IDS, "samples2"]
+)
+def test_prefix_allowed_tokens_fn_matches_transformers(search):
+    """Each row may take only what the function allows for its prompt (batch index: the row over
+    num_beams; each sample of num_return_sequences its own, as in transformers) and its tokens so far."""
+    model = _model("llama-gqa-8q2kv-d64")
+    ids, mask = _prompts([3, 7], model.config.vocab_size, seed=25)
+    kwargs = dict(max_new_tokens=6, pad_token_id=0, prefix_allowed_tokens_fn=_allowed_after, **search)
+    ours = _matches_transformers(model, ids, mask, seed=0, **kwargs)
+    for row in ours.sequences:
+        for column in range(ids.shape[1], row.shape[0]):
+            assert any(int(row[column]) in _allowed_after(prompt, row[:column]) for prompt in range(4))
+
+
+def test_a_prefix_constraint_that_allows_nothing_is_an_error():
+    model = _model("llama-mha-d64")
+    with pytest.raises(ValueError, match="prefix_allowed_tokens_fn allowed no token for batch index 0"):
+        xpu_coopt.optimize(model).generate(
+            _prompts([4], 256)[0], max_new_tokens=2, pad_token_id=0, prefix_allowed_tokens_fn=lambda b, t: []
+        )

@@ -16,6 +16,7 @@ SUPPORTED_ARGUMENTS = (
     # processors and stopping
     "repetition_penalty", "no_repeat_ngram_size", "sequence_bias", "bad_words_ids", "suppress_tokens",
     "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "prefix_allowed_tokens_fn",
     "exponential_decay_length_penalty", "renormalize_logits", "logits_processor", "stopping_criteria",
     "stop_strings", "max_time", "tokenizer",
     # output and the rest
@@ -79,6 +80,8 @@ class GenerationSettings:
     exponential_decay_length_penalty: tuple[int, float] | None = None  # (start after the prompt, factor)
     remove_invalid_values: bool = False
     renormalize_logits: bool = False
+    # callable (batch index, the row's tokens [length]) -> the token ids the row may take next
+    prefix_allowed_tokens_fn: Any = None
     eos_token_id: list[int] | None = None
     pad_token_id: int | None = None
     return_dict_in_generate: bool = False
@@ -198,6 +201,11 @@ def _validate_token_arguments(s: GenerationSettings) -> None:
         value = getattr(s, name)
         if value is not None and (not isinstance(value, (list, tuple)) or not all(map(_is_token_id, value))):
             raise ValueError(f"{name} must be a list of token ids (integers >= 0), got {value!r}")
+    if s.prefix_allowed_tokens_fn is not None and not callable(s.prefix_allowed_tokens_fn):
+        raise ValueError(
+            "prefix_allowed_tokens_fn must be a callable (batch_id, input_ids) -> allowed token ids, got "
+            f"{s.prefix_allowed_tokens_fn!r}"
+        )
     if s.forced_bos_token_id is not None and not _is_token_id(s.forced_bos_token_id):
         raise ValueError(
             f"forced_bos_token_id must be a token id (an integer >= 0), got {s.forced_bos_token_id!r}"

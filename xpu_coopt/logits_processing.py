@@ -12,7 +12,8 @@ from xpu_coopt.generation_settings import GenerationSettings
 from xpu_coopt.token_rules import TokenRules, apply_after_min_lengths, apply_bad_words, apply_before_penalties
 
 # --- logits processors, in transformers' order: sequence_bias, repetition_penalty, no_repeat_ngram_size,
-# bad_words_ids, min_length and min_new_tokens, forced BOS and EOS, remove_invalid_values, the exponential
+# bad_words_ids, min_length and min_new_tokens, prefix_allowed_tokens_fn, forced BOS and EOS,
+# remove_invalid_values, the exponential
 # decay length penalty, suppress_tokens and begin_suppress_tokens, the caller's logits_processor; when
 # sampling, then temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff; last,
 # renormalize_logits
@@ -116,7 +117,7 @@ def process(
     scores = _ban_repeated_ngrams(scores, tokens, s)
     scores = apply_bad_words(scores, tokens, rules)
     scores = _suppress_eos(scores, s, eos, tokens.shape[1], step)
-    scores = apply_after_min_lengths(scores, rules, s, tokens.shape[1] - step, step)
+    scores = apply_after_min_lengths(scores, tokens, rules, s, step)
     return _run_callers_processors(scores, tokens, s)
 
 

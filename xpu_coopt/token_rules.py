@@ -1,7 +1,8 @@
-"""generate()'s arguments that name token ids (sequence_bias, bad_words_ids, suppress_tokens,
-begin_suppress_tokens, forced_bos_token_id, forced_eos_token_id, exponential_decay_length_penalty): their
-ids checked against the vocabulary and made device tensors once per generation, before the prompt is run,
-and applied as transformers' processors apply them, with the same arithmetic so that scores match."""
+"""generate()'s arguments that name token ids (sequence_bias, bad_words_ids, prefix_allowed_tokens_fn,
+suppress_tokens, begin_suppress_tokens, forced_bos_token_id, forced_eos_token_id,
+exponential_decay_length_penalty): their ids checked against the vocabulary and made device tensors once
+per generation, before the prompt is run, and applied as transformers' processors apply them, with the
+same arithmetic so that scores match."""
 
 from __future__ import annotations
 
@@ -114,6 +115,23 @@ def _suppressed(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return scores.index_fill(-1, tokens, -math.inf)
 
 
+def _only_allowed(scores: torch.Tensor, tokens: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
+    """transformers' PrefixConstrainedLogitsProcessor: each row may take only the tokens that
+    prefix_allowed_tokens_fn(its prompt's index in the batch, its tokens so far) allows. Rows are prompts
+    x num_beams (each sample of num_return_sequences counts as a prompt of its own, as in transformers)."""
+    allowed = torch.full_like(scores, -math.inf)
+    for row in range(tokens.shape[0]):
+        prompt = row // s.num_beams
+        tokens_allowed = s.prefix_allowed_tokens_fn(prompt, tokens[row])
+        if len(tokens_allowed) == 0:
+            raise ValueError(
+                f"prefix_allowed_tokens_fn allowed no token for batch index {prompt}: the constraint cannot be "
+                "satisfied"
+            )
+        allowed[row, tokens_allowed] = 0
+    return scores + allowed
+
+
 def apply_before_penalties(scores: torch.Tensor, tokens: torch.Tensor, rules: TokenRules) -> torch.Tensor:
     """sequence_bias: transformers' first processor."""
     return scores if rules.sequence_bias is None else rules.sequence_bias(scores, tokens)
@@ -125,13 +143,16 @@ def apply_bad_words(scores: torch.Tensor, tokens: torch.Tensor, rules: TokenRule
 
 
 def apply_after_min_lengths(
-    scores: torch.Tensor, rules: TokenRules, s: GenerationSettings, prompt_len: int, step: int
+    scores: torch.Tensor, tokens: torch.Tensor, rules: TokenRules, s: GenerationSettings, step: int
 ) -> torch.Tensor:
     """The processors transformers runs after min_new_tokens and before the caller's, in its order:
-    forced BOS, forced EOS, remove_invalid_values, the exponential decay length penalty, suppress_tokens,
-    begin_suppress_tokens. prompt_len: the prompts' columns (padding included); step: tokens generated so
-    far, so that the rows hold prompt_len + step columns."""
-    length = prompt_len + step
+    prefix_allowed_tokens_fn, forced BOS, forced EOS, remove_invalid_values, the exponential decay length
+    penalty, suppress_tokens, begin_suppress_tokens. tokens: each row's sequence so far, prompt_len: the
+    prompts' columns (padding included); step: tokens generated so far."""
+    prompt_len = tokens.shape[1] - step
+    length = tokens.shape[1]
+    if s.prefix_allowed_tokens_fn is not None:
+        scores = _only_allowed(scores, tokens, s)
     if rules.forced_bos is not None and length == 1:  # only ever a one-token prompt's first step
         scores = _forced(scores, rules.forced_bos)
     if rules.forced_eos is not None and step == s.max_new_tokens - 1:
