@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command from a fresh clone: set up a virtual environment, then run the tests or the benchmark.
-#   bash scripts/dev.sh test [pytest args]    the whole test suite
+#   bash scripts/dev.sh test [pytest args]    the whole test suite, then (without pytest args) the parity
+#                                             and API tests again against the oldest transformers declared
 #   bash scripts/dev.sh bench [bench args]    xpu-coopt bench (default: SmolLM2-135M, embedded)
 # TORCH_SPEC picks the torch to install when the environment has none (default: torch==2.13.0, which
 # pip takes as a CPU build on the project's CI machines; on a GPU machine install your own torch first).
@@ -14,6 +15,7 @@ if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
 fi
 py="$venv/bin/python"
+OLDEST_TRANSFORMERS=4.56.0  # the floor of pyproject.toml's transformers range
 pip=("$py" -m pip install --quiet --disable-pip-version-check)
 
 # torch first and alone, so no later requirement can pull a multi-GB CUDA build instead.
@@ -30,7 +32,17 @@ case "$mode" in
     test)
         "$venv/bin/ruff" check .
         "$venv/bin/ruff" format --check .
-        exec "$py" -m pytest -q "$@"
+        "$py" -m pytest -q "$@"
+        if [ $# -eq 0 ]; then
+            # The oldest transformers pyproject.toml declares, beside (not in) the environment: outputs
+            # must match the installed release's, and releases differ (README.md, Supported).
+            oldest="$venv/transformers-$OLDEST_TRANSFORMERS"
+            if [ ! -d "$oldest" ]; then
+                "${pip[@]}" --no-deps --target "$oldest" "transformers==$OLDEST_TRANSFORMERS" \
+                    "huggingface-hub>=0.34,<1.0" "tokenizers>=0.22,<=0.23.0"
+            fi
+            PYTHONPATH="$oldest" "$py" -m pytest -q -p no:cacheprovider tests/test_parity.py tests/test_api.py
+        fi
         ;;
     bench)
         exec "$venv/bin/xpu-coopt" bench "$@"

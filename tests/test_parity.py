@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 from conftest import needs_bfloat16_packing
 from transformers import (
     LlamaConfig,
@@ -22,24 +23,41 @@ from xpu_coopt.ops import cpu_gemm
 from xpu_coopt.rope import inverse_frequencies
 
 COMMON = dict(vocab_size=256, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=256)
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}  # fmt: skip
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def _rope(parameters: dict) -> dict:
+    """Config arguments for these rope parameters, as the installed transformers takes them: 5's
+    rope_parameters, or 4's rope_theta and rope_scaling (the parity tests run against either)."""
+    if TRANSFORMERS_MAJOR >= 5:
+        return {"rope_parameters": dict(parameters)}
+    scaling = {key: value for key, value in parameters.items() if key != "rope_theta"}
+    return {
+        "rope_theta": parameters["rope_theta"],
+        "rope_scaling": None if scaling["rope_type"] == "default" else scaling,
+    }
+
+
 CONFIGS = {
     "llama-mha-d64": (LlamaForCausalLM, LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=4, **COMMON)),
     "llama-gqa-8q2kv-d64": (LlamaForCausalLM, LlamaConfig(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, **COMMON)),
     "llama-mqa-d128": (LlamaForCausalLM, LlamaConfig(hidden_size=512, num_attention_heads=4, num_key_value_heads=1, **COMMON)),
     "llama-tied-bias": (LlamaForCausalLM, LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
                                                       tie_word_embeddings=True, attention_bias=True, mlp_bias=True, **COMMON)),
-    "llama3-rope": (LlamaForCausalLM, LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}, **COMMON)),
+    "llama3-rope": (LlamaForCausalLM, LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                                  **_rope(LLAMA3_ROPE), **COMMON)),
     "llama-linear-rope": (LlamaForCausalLM, LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=4,
-                                                        rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
-                                                                         "factor": 4.0}, **COMMON)),
+                                                        **_rope({"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+                                                        **COMMON)),
     "mistral": (MistralForCausalLM, MistralConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
                                                   sliding_window=None, **COMMON)),
     "qwen2-bias": (Qwen2ForCausalLM, Qwen2Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, **COMMON)),
     # Qwen2.5's long-context setting (YaRN); a pretraining context short enough for the ramp to fall inside head_dim
-    "qwen2-yarn": (Qwen2ForCausalLM, Qwen2Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, rope_parameters={
-        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}, **COMMON)),
+    "qwen2-yarn": (Qwen2ForCausalLM, Qwen2Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+                                                 **_rope(YARN), **COMMON)),
 }  # fmt: skip
 # Relative tolerance on logits (max |diff| / max |logit|) by dtype.
 LOGIT_TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -102,15 +120,12 @@ def test_packed_shared_weights_keep_the_logits(name, lengths):
     _check_prefill_and_decode(model, optimized, lengths, torch.bfloat16)
 
 
-YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
-
-
 @pytest.mark.parametrize(
     "rope",
     [
         {"rope_type": "default", "rope_theta": 500000.0},
         {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
-        CONFIGS["llama3-rope"][1].rope_parameters,
+        LLAMA3_ROPE,
         YARN,
         {**YARN, "truncate": False, "beta_fast": 16, "beta_slow": 2},
         {**YARN, "factor": None},  # from max_position_embeddings / original_max_position_embeddings
@@ -123,9 +138,11 @@ YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max
 )  # fmt: skip
 def test_rope_frequencies_and_scale_match_transformers(rope):
     """Inverse frequencies and the cos/sin scale of each rope type, against transformers' own functions."""
+    if rope.get("factor", 1.0) is None and TRANSFORMERS_MAJOR < 5:
+        pytest.skip("transformers 4 has no YaRN factor default: its yarn rope needs the factor in the config")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    config = LlamaConfig(hidden_size=512, num_attention_heads=4, rope_parameters=dict(rope), **COMMON)
+    config = LlamaConfig(hidden_size=512, num_attention_heads=4, **_rope(rope), **COMMON)
     spec = model_spec(config, "LlamaForCausalLM")
     if rope["rope_type"] == "default":
         expected = 1.0 / (rope["rope_theta"] ** (torch.arange(0, 128, 2).float() / 128))
@@ -294,8 +311,9 @@ def test_min_new_tokens_and_eos_list_match_transformers():
     ids=["greedy", "beam3"],
 )
 def test_repetition_penalty_matches_transformers(name, search, penalty):
-    """The penalty skips each prompt's left padding and counts every token generated (pads included), as
-    transformers does; both its scores and the tokens it leads to must agree."""
+    """The penalty counts every token generated (pads included) and each prompt's, its left padding too
+    before transformers 5.23, as the installed transformers does; both its scores and the tokens it leads
+    to must agree."""
     model = _model(name)
     ids, mask = _prompts([3, 9], model.config.vocab_size, seed=5)
     kwargs = dict(

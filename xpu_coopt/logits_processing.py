@@ -1,8 +1,10 @@
-"""The logits processors and stopping criteria of generate(), as transformers 5 applies them: the same
-arithmetic in the same order, vectorised over the rows, so that tokens and scores match its own."""
+"""The logits processors and stopping criteria of generate(), as transformers applies them: the same
+arithmetic in the same order, vectorised over the rows, so that tokens and scores match its own (that of
+the release installed, where releases differ)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 from typing import Any
 
 import torch
@@ -10,6 +12,18 @@ import torch.nn.functional as F
 
 from xpu_coopt.generation_settings import GenerationSettings
 from xpu_coopt.token_rules import TokenRules, apply_after_min_lengths, apply_bad_words, apply_before_penalties
+
+
+def _penalty_skips_padding() -> bool:
+    """transformers 5.23 began to skip each prompt's left padding in the repetition penalty (generate()
+    passes the padding lengths to RepetitionPenaltyLogitsProcessor); earlier releases penalize the ids of
+    the padding too (the pad token's, usually)."""
+    from packaging.version import Version
+
+    return Version(importlib.metadata.version("transformers")) >= Version("5.23")
+
+
+PENALTY_SKIPS_PADDING = _penalty_skips_padding()
 
 # --- logits processors, in transformers' order: sequence_bias, repetition_penalty, no_repeat_ngram_size,
 # bad_words_ids, min_length and min_new_tokens, prefix_allowed_tokens_fn, forced BOS and EOS,
@@ -24,14 +38,16 @@ def _penalize_repetitions(
 ) -> torch.Tensor:
     """transformers' RepetitionPenaltyLogitsProcessor. tokens [rows, length]: each row's prompt and what it
     generated so far; prompt_start [rows]: its first prompt column after the left padding. Every token id
-    a row holds past its padding has its score divided by the penalty where positive and multiplied by
-    it where negative, once however often it occurs."""
+    a row holds (past its padding, from transformers 5.23) has its score divided by the penalty where
+    positive and multiplied by it where negative, once however often it occurs."""
     if s.repetition_penalty == 1.0:
         return scores
     vocab = scores.shape[-1]
-    columns = torch.arange(tokens.shape[1], device=tokens.device)
-    # Padding, and ids the LM head cannot produce, all go to one extra column that is dropped after.
-    tokens = tokens.clamp(max=vocab).masked_fill(columns < prompt_start[:, None], vocab)
+    # Ids the LM head cannot produce, and padding where skipped, go to one extra column dropped after.
+    tokens = tokens.clamp(max=vocab)
+    if PENALTY_SKIPS_PADDING:
+        columns = torch.arange(tokens.shape[1], device=tokens.device)
+        tokens = tokens.masked_fill(columns < prompt_start[:, None], vocab)
     padded = F.pad(scores, (0, 1))
     seen = padded.gather(1, tokens)
     seen = torch.where(seen < 0, seen * s.repetition_penalty, seen / s.repetition_penalty)
