@@ -37,9 +37,11 @@ case "$mode" in
             # The oldest transformers pyproject.toml declares, beside (not in) the environment: outputs
             # must match the installed release's, and releases differ (README.md, Supported).
             oldest="$venv/transformers-$OLDEST_TRANSFORMERS"
-            if [ ! -d "$oldest" ]; then
-                "${pip[@]}" --no-deps --target "$oldest" "transformers==$OLDEST_TRANSFORMERS" \
+            if [ ! -d "$oldest" ]; then  # installed aside first: an interrupted install is not kept
+                rm -rf "$oldest.partial"
+                "${pip[@]}" --no-deps --target "$oldest.partial" "transformers==$OLDEST_TRANSFORMERS" \
                     "huggingface-hub>=0.34,<1.0" "tokenizers>=0.22,<=0.23.0"
+                mv "$oldest.partial" "$oldest"
             fi
             PYTHONPATH="$oldest" "$py" -m pytest -q -p no:cacheprovider tests/test_parity.py tests/test_api.py
         fi
