@@ -68,8 +68,8 @@ def test_device_is_checked_as_ipex_llm_optimize_takes_it():
 
 def test_unsupported_rope_type():
     model = _model("llama-mha-d64")
-    model.config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
-    with pytest.raises(ValueError, match="rope type 'dynamic' is not supported"):
+    model.config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 2.0}
+    with pytest.raises(ValueError, match="rope type 'longrope' is not supported"):
         xpu_coopt.optimize(model)
 
 

@@ -52,6 +52,10 @@ CONFIGS = {
     "llama-linear-rope": (LlamaForCausalLM, LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=4,
                                                         **_rope({"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
                                                         **COMMON)),
+    # dynamic NTK scaling: the default frequencies up to max_position_embeddings, which generate() keeps to
+    "llama-dynamic-rope": (LlamaForCausalLM, LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                                         **_rope({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+                                                         **COMMON)),
     "mistral": (MistralForCausalLM, MistralConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
                                                   sliding_window=None, **COMMON)),
     "qwen2-bias": (Qwen2ForCausalLM, Qwen2Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, **COMMON)),
@@ -132,9 +136,10 @@ def test_packed_shared_weights_keep_the_logits(name, lengths):
         {**YARN, "mscale": 0.8, "mscale_all_dim": 0.5},
         {**YARN, "attention_factor": 1.5},
         {**YARN, "original_max_position_embeddings": 1000, "rope_theta": 1_000_000.0},  # no interpolated dims
+        {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
     ],
     ids=["default", "linear", "llama3", "yarn", "yarn-untruncated", "yarn-no-factor", "yarn-mscale",
-         "yarn-attention-factor", "yarn-long-context"],
+         "yarn-attention-factor", "yarn-long-context", "dynamic"],
 )  # fmt: skip
 def test_rope_frequencies_and_scale_match_transformers(rope):
     """Inverse frequencies and the cos/sin scale of each rope type, against transformers' own functions."""
@@ -178,6 +183,14 @@ def test_greedy_tokens_identical(name):
     ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
     theirs = model.generate(ids, attention_mask=mask, **kwargs)
     assert torch.equal(ours, theirs)
+
+
+def test_dynamic_rope_beyond_max_position_embeddings_is_an_error():
+    """Where dynamic NTK scaling would raise theta, generate() refuses, naming it, before the prompt runs."""
+    model = _model("llama-dynamic-rope")
+    ids, _ = _prompts([250], model.config.vocab_size)
+    with pytest.raises(ValueError, match="dynamic rope scaling beyond it is not supported"):
+        xpu_coopt.optimize(model).generate(ids, max_new_tokens=10, pad_token_id=0)
 
 
 def _frequent_token(model, ids, mask) -> int:

@@ -130,9 +130,11 @@ class OptimizedModel:
     def check_length(self, total_length: int) -> None:
         limit = self.spec.max_position_embeddings
         if total_length > limit:
+            dynamic = self.spec.rope.rope_type == "dynamic"
             raise ValueError(
                 f"prompt plus new tokens is {total_length} tokens, more than the model's "
                 f"max_position_embeddings ({limit})"
+                + ("; dynamic rope scaling beyond it is not supported" if dynamic else "")
             )
         window = self.spec.sliding_window
         if window is not None and total_length > window:

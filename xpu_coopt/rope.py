@@ -23,6 +23,8 @@ def inverse_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:
         return _llama3_frequencies(inv_freq, rope)
     if rope.rope_type == "yarn":
         return _yarn_frequencies(inv_freq, rope, head_dim)
+    # "dynamic" (NTK scaling) raises theta only for sequences longer than max_position_embeddings, which
+    # OptimizedModel.check_length refuses: within them its frequencies are the default ones, exactly.
     return inv_freq
 
 
