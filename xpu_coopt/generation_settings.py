@@ -14,11 +14,10 @@ SUPPORTED_ARGUMENTS = (
     "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
     "generator",
     # processors and stopping
-    "repetition_penalty", "no_repeat_ngram_size", "sequence_bias", "bad_words_ids", "suppress_tokens",
-    "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
-    "prefix_allowed_tokens_fn",
-    "exponential_decay_length_penalty", "renormalize_logits", "logits_processor", "stopping_criteria",
-    "stop_strings", "max_time", "tokenizer",
+    "repetition_penalty", "no_repeat_ngram_size", "sequence_bias", "bad_words_ids", "prefix_allowed_tokens_fn",
+    "suppress_tokens", "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "renormalize_logits", "logits_processor",
+    "stopping_criteria", "stop_strings", "max_time", "tokenizer",
     # output and the rest
     "streamer", "return_dict_in_generate", "output_scores", "output_logits", "use_cache", "generation_config",
 )  # fmt: skip
@@ -263,8 +262,6 @@ def _validate(s: GenerationSettings) -> None:
         raise ValueError(f"repetition_penalty must be > 0, got {s.repetition_penalty}")
     if s.early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {s.early_stopping!r}")
-    if s.pad_token_id is None and s.eos_token_id:
-        raise ValueError("pad_token_id is needed to pad finished sequences")
     if s.stop_strings is not None and s.tokenizer is None:
         raise ValueError(
             "stop_strings needs the model's tokenizer: pass it as generate(..., tokenizer=tokenizer)"

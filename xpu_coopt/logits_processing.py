@@ -27,10 +27,9 @@ PENALTY_SKIPS_PADDING = _penalty_skips_padding()
 
 # --- logits processors, in transformers' order: sequence_bias, repetition_penalty, no_repeat_ngram_size,
 # bad_words_ids, min_length and min_new_tokens, prefix_allowed_tokens_fn, forced BOS and EOS,
-# remove_invalid_values, the exponential
-# decay length penalty, suppress_tokens and begin_suppress_tokens, the caller's logits_processor; when
-# sampling, then temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff; last,
-# renormalize_logits
+# remove_invalid_values, the exponential decay length penalty, suppress_tokens and begin_suppress_tokens,
+# the caller's logits_processor; when sampling, then temperature, top_k, top_p, min_p, typical_p,
+# epsilon_cutoff, eta_cutoff; last, renormalize_logits
 
 
 def _penalize_repetitions(
