@@ -1,8 +1,10 @@
-"""How a split decode (flash-decoding) shares a prompt segment out, one rule for every device backend.
+"""How a decode step's attention work is shared out among programs, one rule for every device backend.
 
-At batch 1 a decode step has one program per (request, KV head): 32 for Llama-2-7B, 8 for Llama-3-8B,
-far too few to fill a GPU. Each pair's prompt tiles are therefore shared out among several programs, and
-a combine kernel merges their softmax partials (docs/ops.md, segment_attention_decode).
+Split decode (flash-decoding): at batch 1 a decode step has one program per (request, KV head): 32 for
+Llama-2-7B, 8 for Llama-3-8B, far too few to fill a GPU. Each pair's prompt tiles are therefore shared
+out among several programs, and a combine kernel merges their softmax partials (docs/ops.md,
+segment_attention_decode). Row chunks: a pair's query rows (beams x query heads per KV head) beyond what
+one program holds are shared out among several, each attending to the whole segment.
 """
 
 from __future__ import annotations
