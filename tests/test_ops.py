@@ -492,9 +492,10 @@ def _paged(segment, scale, prompt_start, block_size, generator):
 @pytest.mark.parametrize(
     ("requests", "beams", "heads", "kv_heads", "prompt_len", "response_len", "starts"),
     # one request; unequal prompts (padding over whole blocks); beams with a response segment; a long
-    # prompt that the device kernels split across programs, most of the second request's being padding
+    # prompt that the device kernels split across programs, most of the second request's being padding;
+    # more beams x query heads per KV head (72) than a SYCL work-group or Triton program serves
     [(1, 1, 4, 4, 37, 0, [0]), (3, 1, 8, 2, 70, 0, [0, 40, 69]), (2, 4, 8, 2, 45, 5, [17, 0]),
-     (2, 2, 4, 2, 300, 3, [0, 260])],
+     (2, 2, 4, 2, 300, 3, [0, 260]), (2, 9, 8, 1, 45, 5, [17, 0])],
 )  # fmt: skip
 def test_segment_attention_decode_paged_prompt(
     kernels, dtype, kv_format, block_size, requests, beams, heads, kv_heads, prompt_len, response_len, starts,
