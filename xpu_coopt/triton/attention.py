@@ -46,12 +46,17 @@ def _attend_block(
     q, k_pointers, v_pointers, k_scale_pointers, v_scale_pointers, column_ok, d_ok, visible, scale,
     row_max, row_sum, acc, FORMAT: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr,
     SUB_UNIT: tl.constexpr, NATIVE_FP8: tl.constexpr, UPCAST_DOT: tl.constexpr, UPCAST_IN_REGISTERS: tl.constexpr,
+    V_BOOST: tl.constexpr,
 ):  # fmt: skip
     """Folds one block of cache columns into a decode program's online softmax: K^T [D, columns] and
     V [columns, D] through their pointers (cells of columns not column_ok are never read), scores of q
     [rows, D] masked by visible [rows, columns]. FP8 cells stay unscaled 16-bit values: K's scale (one per
     column) multiplies the scores and V's the softmax weights, one multiply per key instead of one per
-    element. Returns the new (row_max, row_sum, acc)."""
+    element. The weights times V's scales are rounded to the activation dtype for tl.dot: in float16 they
+    would fall among its subnormals (an e5m2 scale is amax / 57344), losing up to all their bits, so they
+    are taken V_BOOST times larger (FP8_MAX / 2: no overflow, since p <= 1 and scale x FP8_MAX is about
+    the row's amax), and acc with them; the caller divides it by V_BOOST at the end. Returns the new
+    (row_max, row_sum, acc)."""
     dtype = q.dtype
     k, k_scale = load_unscaled(k_pointers, column_ok[None, :] & d_ok[:, None], k_scale_pointers, column_ok,
                                dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, UPCAST_IN_REGISTERS)  # fmt: skip
@@ -61,7 +66,7 @@ def _attend_block(
     )
     v, v_scale = load_unscaled(v_pointers, column_ok[:, None] & d_ok[None, :], v_scale_pointers, column_ok,
                                dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, UPCAST_IN_REGISTERS)  # fmt: skip
-    acc += _dot(_scaled(p, v_scale[None, :], FORMAT).to(dtype), v, UPCAST_DOT)
+    acc += _dot(_scaled(p, v_scale[None, :] * V_BOOST, FORMAT).to(dtype), v, UPCAST_DOT)
     return row_max, row_sum, acc
 
 
@@ -193,7 +198,7 @@ def segment_attention_decode_kernel(
             q, prompt_k + cell[None, :] + d[:, None], prompt_v + cell[:, None] + d[None, :],
             prompt_k_scale + scale_cell, prompt_v_scale + scale_cell,
             n_ok, d_ok, n_ok[None, :] & row_ok[:, None], scale, row_max, row_sum, acc,
-            FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, UPCAST_DOT, FP8_UPCAST_IN_REGISTERS,
+            FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, UPCAST_DOT, FP8_UPCAST_IN_REGISTERS, FP8_MAX * 0.5,
         )  # fmt: skip
 
     # Response segment: step t of sequence s lives in row beam_slots[s, t], and the rows differ per beam.
@@ -223,9 +228,11 @@ def segment_attention_decode_kernel(
             q, response_k + cell[None, :] + d[:, None], response_v + cell[:, None] + d[None, :],
             response_k_scale + scale_cell, response_v_scale + scale_cell,
             c_ok, d_ok, c_ok[None, :] & row_ok[:, None] & own_beam, scale, row_max, row_sum, acc,
-            FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, UPCAST_DOT, FP8_UPCAST_IN_REGISTERS,
+            FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, UPCAST_DOT, FP8_UPCAST_IN_REGISTERS, FP8_MAX * 0.5,
         )  # fmt: skip
 
+    if FORMAT != 0:  # V's products were taken FP8_MAX / 2 times larger (_attend_block)
+        acc = acc * (2.0 / FP8_MAX)
     if SPLIT:  # partial results of this split, rows indexed by (sequence, query head)
         row = split.to(tl.int64) * rows_per_split + sequence * (kv_heads * group) + h
         tl.store(
