@@ -147,8 +147,8 @@ def apply_after_min_lengths(
 ) -> torch.Tensor:
     """The processors transformers runs after min_new_tokens and before the caller's, in its order:
     prefix_allowed_tokens_fn, forced BOS, forced EOS, remove_invalid_values, the exponential decay length
-    penalty, suppress_tokens, begin_suppress_tokens. tokens: each row's sequence so far, prompt_len: the
-    prompts' columns (padding included); step: tokens generated so far."""
+    penalty, suppress_tokens, begin_suppress_tokens. tokens: each row's sequence so far, its prompt's
+    columns (padding included) then `step` generated tokens."""
     prompt_len = tokens.shape[1] - step
     length = tokens.shape[1]
     if s.prefix_allowed_tokens_fn is not None:

@@ -54,9 +54,8 @@ def _attend_block(
     column) multiplies the scores and V's the softmax weights, one multiply per key instead of one per
     element. The weights times V's scales are rounded to the activation dtype for tl.dot: in float16 they
     would fall among its subnormals (an e5m2 scale is amax / 57344), losing up to all their bits, so they
-    are taken V_BOOST times larger (FP8_MAX / 2: no overflow, since p <= 1 and scale x FP8_MAX is about
-    the row's amax), and acc with them; the caller divides it by V_BOOST at the end. Returns the new
-    (row_max, row_sum, acc)."""
+    are taken V_BOOST times larger (segment_attention_decode's choice: FP8_MAX / 2), and acc with them;
+    the caller divides it by V_BOOST at the end. Returns the new (row_max, row_sum, acc)."""
     dtype = q.dtype
     k, k_scale = load_unscaled(k_pointers, column_ok[None, :] & d_ok[:, None], k_scale_pointers, column_ok,
                                dtype, FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, UPCAST_IN_REGISTERS)  # fmt: skip
@@ -129,7 +128,7 @@ def segment_attention_decode_kernel(
     BEAMS: tl.constexpr, FORMAT: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr, FP8_MAX: tl.constexpr,
     MIN_NORMAL: tl.constexpr, SUB_SCALE: tl.constexpr, SUB_UNIT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     NATIVE_FP8: tl.constexpr, HAS_LENS: tl.constexpr, SPLIT: tl.constexpr, FP8_UPCAST_IN_REGISTERS: tl.constexpr,
-    PAGED: tl.constexpr,
+    PAGED: tl.constexpr, V_BOOST: tl.constexpr,
 ):  # fmt: skip
     """Program = (request, KV head, split, row chunk); its rows are every (beam, query head of the group)
     of the request where they fit in one program (the usual case), so each prompt K/V block is loaded (and
@@ -198,7 +197,7 @@ def segment_attention_decode_kernel(
             q, prompt_k + cell[None, :] + d[:, None], prompt_v + cell[:, None] + d[None, :],
             prompt_k_scale + scale_cell, prompt_v_scale + scale_cell,
             n_ok, d_ok, n_ok[None, :] & row_ok[:, None], scale, row_max, row_sum, acc,
-            FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, UPCAST_DOT, FP8_UPCAST_IN_REGISTERS, FP8_MAX * 0.5,
+            FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, UPCAST_DOT, FP8_UPCAST_IN_REGISTERS, V_BOOST,
         )  # fmt: skip
 
     # Response segment: step t of sequence s lives in row beam_slots[s, t], and the rows differ per beam.
@@ -228,11 +227,11 @@ def segment_attention_decode_kernel(
             q, response_k + cell[None, :] + d[:, None], response_v + cell[:, None] + d[None, :],
             response_k_scale + scale_cell, response_v_scale + scale_cell,
             c_ok, d_ok, c_ok[None, :] & row_ok[:, None] & own_beam, scale, row_max, row_sum, acc,
-            FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, UPCAST_DOT, FP8_UPCAST_IN_REGISTERS, FP8_MAX * 0.5,
+            FORMAT, MANTISSA, BIAS, SUB_UNIT, NATIVE_FP8, UPCAST_DOT, FP8_UPCAST_IN_REGISTERS, V_BOOST,
         )  # fmt: skip
 
-    if FORMAT != 0:  # V's products were taken FP8_MAX / 2 times larger (_attend_block)
-        acc = acc * (2.0 / FP8_MAX)
+    if FORMAT != 0:  # V's products were taken V_BOOST times larger (_attend_block)
+        acc = acc * (1.0 / V_BOOST)
     if SPLIT:  # partial results of this split, rows indexed by (sequence, query head)
         row = split.to(tl.int64) * rows_per_split + sequence * (kv_heads * group) + h
         tl.store(

@@ -309,6 +309,11 @@ def segment_attention_decode(
             "Triton's interpreter does not run"
         )
     block_n = launch.block_n(kv_format)
+    codec = codec_constants(kv_format)
+    # The softmax weights times V's FP8 scales are rounded to 16 bits V_BOOST times larger, out of
+    # float16's subnormals (attention._attend_block); FP8_MAX / 2 cannot overflow, as a weight is at most 1
+    # and a scale times FP8_MAX is about its row's amax.
+    v_boost = codec["FP8_MAX"] / 2
     chunks = decode_split.chunk_rows(beams, group, MAX_DECODE_ROWS)
     splits = decode_splits(requests * kv_heads * chunks.chunks, prompt_len, query.device, block_n)
     unused = query.new_empty(0, dtype=torch.float32)
@@ -336,7 +341,7 @@ def segment_attention_decode(
         BEAMS=_block(chunks.beams),
         BLOCK_D=_block(head_dim, 16), UPCAST_DOT=upcast_dot(query.dtype), NATIVE_FP8=_native_fp8(query.device),
         HAS_LENS=segment_lens is not None, SPLIT=splits > 1, FP8_UPCAST_IN_REGISTERS=launch.fp8_upcast_in_registers,
-        PAGED=prompt_block_table is not None, **codec_constants(kv_format),
+        PAGED=prompt_block_table is not None, V_BOOST=v_boost, **codec,
         num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.max_registers,
     )  # fmt: skip
     if splits > 1:
