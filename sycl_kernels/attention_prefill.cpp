@@ -1,4 +1,5 @@
-// attention_prefill (docs/ops.md): causal attention over a left-padded batch of prompts.
+// attention_prefill (docs/ops.md): causal attention over a left-padded batch of prompts, each query over its
+// last `window` keys (the host passes a window longer than any prompt for none).
 // Work-group = (batch row, query head, tile of kQueryRows queries); each sub-group owns one query row.
 // The work-group loads each tile of 16 keys and values into local memory once for all its query rows and
 // runs an online softmax over the tiles (flash attention), so no score matrix is ever stored.
@@ -10,7 +11,7 @@ constexpr int kQueryRows = 8;
 
 template <typename T>
 inline void attention_prefill(T* out, const T* query, const T* key, const T* value, const int* seq_start,
-                              int length, int heads, int kv_heads, int head_dim, float scale,
+                              int length, int heads, int kv_heads, int head_dim, float scale, int window,
                               int64_t query_batch_stride, int64_t query_token_stride, int64_t key_batch_stride,
                               int64_t key_token_stride, int64_t value_batch_stride, int64_t value_token_stride,
                               int64_t out_batch_stride, int64_t out_token_stride, T* key_tile, T* value_tile,
@@ -36,7 +37,9 @@ inline void attention_prefill(T* out, const T* query, const T* key, const T* val
 
   OnlineSoftmax softmax;
   const int last_query = sycl::min(length, (tile + 1) * kQueryRows) - 1;
-  for (int first = start / kKeyTile * kKeyTile; first <= last_query; first += kKeyTile) {
+  // No key before the padding's end, nor before the window of the tile's first query.
+  const int first_key = sycl::max(start, tile * kQueryRows - window + 1);
+  for (int first = first_key / kKeyTile * kKeyTile; first <= last_query; first += kKeyTile) {
     sycl::group_barrier(wg);  // the previous tile has been consumed
     for (int index = it.get_local_id(0); index < kKeyTile * head_dim; index += it.get_local_range(0)) {
       const int j = index / head_dim, d = index % head_dim, position = first + j;
@@ -47,7 +50,7 @@ inline void attention_prefill(T* out, const T* query, const T* key, const T* val
     sycl::group_barrier(wg);
     const int position = first + lane;
     float score = kMinusInfinity;
-    if (attends && position >= start && position <= i)
+    if (attends && position >= start && position <= i && position > i - window)
       score = scale * dot(q, head_dim, [&](int d) { return key_tile[lane * kMaxHeadDim + d]; });
     softmax.add_tile(sg, score, 0, head_dim, [&](int, int j, int column) { return value_tile[j * kMaxHeadDim + column]; });
   }
@@ -59,13 +62,14 @@ inline void attention_prefill(T* out, const T* query, const T* key, const T* val
 #define XC_ATTENTION_PREFILL_KERNEL(NAME, T)                                                                    \
   extern "C" XC_ND_RANGE_KERNEL XC_SUB_GROUP_16 void attention_prefill_##NAME(                                 \
       T* out, const T* query, const T* key, const T* value, const int* seq_start, int length, int heads,      \
-      int kv_heads, int head_dim, float scale, int64_t query_batch_stride, int64_t query_token_stride,        \
+      int kv_heads, int head_dim, float scale, int window, int64_t query_batch_stride,                       \
+      int64_t query_token_stride,                                                                             \
       int64_t key_batch_stride, int64_t key_token_stride, int64_t value_batch_stride,                         \
       int64_t value_token_stride, int64_t out_batch_stride, int64_t out_token_stride) {                       \
     static xc::syclexp::work_group_static<T[xc::kKeyTile * xc::kMaxHeadDim]> key_tile;                         \
     static xc::syclexp::work_group_static<T[xc::kKeyTile * xc::kMaxHeadDim]> value_tile;                       \
     static xc::syclexp::work_group_static<float[xc::kQueryRows * xc::kMaxHeadDim]> query_rows;                 \
-    xc::attention_prefill<T>(out, query, key, value, seq_start, length, heads, kv_heads, head_dim, scale,      \
+    xc::attention_prefill<T>(out, query, key, value, seq_start, length, heads, kv_heads, head_dim, scale, window, \
                              query_batch_stride, query_token_stride, key_batch_stride, key_token_stride,       \
                              value_batch_stride, value_token_stride, out_batch_stride, out_token_stride,       \
                              xc::local_array(key_tile), xc::local_array(value_tile), xc::local_array(query_rows)); \

@@ -11,6 +11,8 @@
 // With several splits each writes its softmax partials, and combine_splits merges them into the output.
 // A paged prompt segment (block_table not null) is a pool of blocks of block_size columns, a multiple of
 // kKeyTile: each tile lies in one block, looked up once per tile.
+// Sliding window: a sequence attends to its last `window` columns (prompt columns, then response steps);
+// the host passes a window longer than any sequence for none.
 #include "attention.hpp"
 
 namespace xc {
@@ -22,7 +24,8 @@ inline void segment_attention_decode(
     const int* prompt_start, const typename Cache<T, Format>::Cell* response_k,
     const typename Cache<T, Format>::Cell* response_v, const bf16* response_k_scale,
     const bf16* response_v_scale, const int* beam_slots, int beams, int kv_heads, int group, int row_chunks,
-    int rows_per_chunk, int head_dim, int prompt_len, int response_len, float scale, int64_t query_stride, int64_t out_stride,
+    int rows_per_chunk, int head_dim, int prompt_len, int response_len, int window, float scale,
+    int64_t query_stride, int64_t out_stride,
     int64_t prompt_request_stride, int64_t prompt_head_stride, int64_t prompt_position_stride,
     int64_t prompt_scale_request_stride, int64_t prompt_scale_head_stride, int64_t prompt_scale_position_stride,
     int64_t response_row_stride, int64_t response_head_stride, int64_t response_position_stride,
@@ -53,9 +56,11 @@ inline void segment_attention_decode(
   sycl::group_barrier(sg);
 
   OnlineSoftmax softmax;
-  // Prompt segment, shared by the request's beams: positions before `start` are padding, never read.
-  // This split's share of the tiles after the padding (the padding's own tiles would leave splits idle).
-  const int start = prompt_start[request];
+  // Prompt segment, shared by the request's beams: positions before `start` are padding or before the
+  // window (negative when no column is dropped), never read. This split's share of the tiles after them
+  // (the skipped tiles would leave splits idle).
+  const int window_first = prompt_len + response_len - window;
+  const int start = sycl::min(sycl::max(prompt_start[request], window_first), prompt_len);
   const int padding_tiles = start / kKeyTile, end_tile = (prompt_len + kKeyTile - 1) / kKeyTile;
   const int tiles = (end_tile - padding_tiles + splits - 1) / splits;
   const int own_first = padding_tiles + split * tiles;
@@ -94,9 +99,10 @@ inline void segment_attention_decode(
   auto scale_of = [&](const bf16* scales, int slot, int t) {
     return Format ? (float)scales[response_scale_at + slot * response_scale_row_stride + t * response_scale_position_stride] : 0.0f;
   };
-  // This split's share of the steps: [steps_begin, steps_end).
-  const int per_split = (response_len + splits - 1) / splits;
-  const int steps_begin = split * per_split;
+  // This split's share of the steps in the window: [steps_begin, steps_end).
+  const int steps_first = sycl::max(window_first - prompt_len, 0);
+  const int per_split = (response_len - steps_first + splits - 1) / splits;
+  const int steps_begin = steps_first + split * per_split;
   const int steps_end = active ? sycl::min(steps_begin + per_split, response_len) : steps_begin;
   for (int first = steps_begin; first < steps_end; first += kKeyTile) {
     const int t = first + lane;
@@ -163,7 +169,7 @@ inline void combine_splits(T* out, const float* partial_acc, const float* partia
       const xc::Cache<T, FORMAT>::Cell* response_v, const xc::bf16* response_k_scale,                         \
       const xc::bf16* response_v_scale, const int* beam_slots, int beams, int kv_heads, int group,            \
       int row_chunks, int rows_per_chunk, int head_dim,                                                       \
-      int prompt_len, int response_len, float scale, int64_t query_stride, int64_t out_stride,              \
+      int prompt_len, int response_len, int window, float scale, int64_t query_stride, int64_t out_stride,  \
       int64_t prompt_request_stride, int64_t prompt_head_stride, int64_t prompt_position_stride,             \
       int64_t prompt_scale_request_stride, int64_t prompt_scale_head_stride,                                \
       int64_t prompt_scale_position_stride, int64_t response_row_stride, int64_t response_head_stride,       \
@@ -178,7 +184,7 @@ inline void combine_splits(T* out, const float* partial_acc, const float* partia
         out, query, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale, prompt_start, response_k, response_v, \
         response_k_scale, response_v_scale, beam_slots, beams, kv_heads, group, row_chunks, rows_per_chunk,  \
         head_dim, prompt_len,                                                                                 \
-        response_len, scale, query_stride, out_stride, prompt_request_stride, prompt_head_stride,             \
+        response_len, window, scale, query_stride, out_stride, prompt_request_stride, prompt_head_stride,             \
         prompt_position_stride, prompt_scale_request_stride, prompt_scale_head_stride,                        \
         prompt_scale_position_stride, response_row_stride, response_head_stride, response_position_stride,    \
         response_scale_row_stride, response_scale_head_stride, response_scale_position_stride,                \

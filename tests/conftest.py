@@ -66,6 +66,28 @@ def stories_model():
     return load_llama2c(require_data(STORIES_MODEL))
 
 
+# The sliding window of stories_window_model: shorter than the tests' prompts plus their new tokens, and
+# not a multiple of the kernels' tiles.
+STORIES_WINDOW = 13
+
+
+@pytest.fixture(scope="session")
+def stories_window_model(stories_model):
+    """stories260K's weights in a MistralForCausalLM with a sliding window (STORIES_WINDOW): a real model
+    whose later tokens depend on the window (Mistral-7B-v0.1's architecture, at a window that generations
+    of tens of tokens pass)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    fields = {
+        key: value
+        for key, value in stories_model.config.to_dict().items()
+        if key not in ("architectures", "model_type")
+    }
+    model = MistralForCausalLM(MistralConfig(**{**fields, "sliding_window": STORIES_WINDOW}))
+    model.load_state_dict(stories_model.state_dict())
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def stories_tokenizer():
     from xpu_coopt.models import Llama2cTokenizer

@@ -52,25 +52,29 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: 
     return out
 
 
-def attention_prefill(q, k, v, seq_start, scale) -> torch.Tensor:
-    """q [B, S, H, D], k/v [B, S, Hkv, D]: causal over non-padding keys; padding query rows are zero."""
+def attention_prefill(q, k, v, seq_start, scale, window=None) -> torch.Tensor:
+    """q [B, S, H, D], k/v [B, S, Hkv, D]: causal over non-padding keys, with a window over the last
+    `window` of them up to the query; padding query rows are zero."""
     batch, length, heads, dim = q.shape
     group = heads // k.shape[2]
     out = torch.zeros((batch, length, heads, dim), dtype=torch.float64)
     for b in range(batch):
         start = int(seq_start[b])
         for i in range(start, length):
+            first = start if window is None else max(start, i + 1 - window)
             for h in range(heads):
                 out[b, i, h] = attention(
-                    q[b, i, h], k[b, start : i + 1, h // group], v[b, start : i + 1, h // group], scale
+                    q[b, i, h], k[b, first : i + 1, h // group], v[b, first : i + 1, h // group], scale
                 )
     return out
 
 
 def segment_attention_decode(
-    query, prompt_k, prompt_v, prompt_start, response_k, response_v, beam_slots, response_len, scale
-):
-    """Dequantized caches in: prompt_* [R, Hkv, P, D], response_* [S, Hkv, C, D]; query [S, H, D]."""
+    query, prompt_k, prompt_v, prompt_start, response_k, response_v, beam_slots, response_len, scale,
+    window=None,
+):  # fmt: skip
+    """Dequantized caches in: prompt_* [R, Hkv, P, D], response_* [S, Hkv, C, D]; query [S, H, D]. With a
+    window, each sequence attends to the last `window` of its keys (its padding comes before them all)."""
     num_seqs, heads, dim = query.shape
     requests, kv_heads = prompt_k.shape[:2]
     beams, group = num_seqs // requests, heads // kv_heads
@@ -89,5 +93,7 @@ def segment_attention_decode(
                 [prompt_v[r, kv, start:].double()]
                 + [response_v[row, kv, t][None].double() for t, row in enumerate(rows)]
             )
+            if window is not None:
+                keys, vals = keys[-window:], vals[-window:]
             out[s, h] = attention(query[s, h], keys, vals, scale)
     return out

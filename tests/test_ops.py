@@ -233,13 +233,46 @@ def test_attention_prefill(kernels, dtype, heads, kv_heads, head_dim, length, se
     assert_close(out, oracles.attention_prefill(q, k, v, starts, scale), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 64), (8, 2, 32)])
+@pytest.mark.parametrize(("length", "seq_start"), [(13, [0, 5, 12]), (45, [7, 0])])
+# one key (the query's own); windows shorter than a query tile, as long as a key tile, and over several
+@pytest.mark.parametrize("window", [1, 5, 16, 20])
+def test_attention_prefill_sliding_window(
+    kernels, dtype, heads, kv_heads, head_dim, length, seq_start, window
+):
+    """Sliding-window attention (Mistral, Qwen2's sliding layers): query i attends to keys i - window + 1
+    to i, those before its row's padding end excluded."""
+    batch = len(seq_start)
+    q = _random(batch, length, heads, head_dim, dtype=dtype)
+    k = _random(batch, length, kv_heads, head_dim, dtype=dtype)
+    v = _random(batch, length, kv_heads, head_dim, dtype=dtype)
+    starts = torch.tensor(seq_start, dtype=torch.int32)
+    out = torch.full_like(q, float("nan"))
+    scale = head_dim**-0.5
+    kernels.attention_prefill(out, q, k, v, starts, scale, window)
+    assert_close(out, oracles.attention_prefill(q, k, v, starts, scale, window), dtype)
+
+
+def test_attention_prefill_sliding_window_without_padding_is_not_causal_attention(kernels):
+    """Without padding, the reference kernel's plain causal path (torch's SDPA, no mask) must not serve a
+    window shorter than the prompt."""
+    q, k, v = (_random(1, 24, 2, 16, dtype=torch.float32) for _ in range(3))
+    starts = torch.zeros(1, dtype=torch.int32)
+    out = torch.empty_like(q)
+    kernels.attention_prefill(out, q, k, v, starts, 0.25, 8)
+    assert_close(out, oracles.attention_prefill(q, k, v, starts, 0.25, 8), torch.float32)
+    assert not torch.allclose(out, oracles.attention_prefill(q, k, v, starts, 0.25).float(), atol=1e-3)
+
+
 def _segment_case(
     dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded,
-    spare=5, keep_spare=False, starts=None,
+    spare=5, keep_spare=False, starts=None, window=None,
 ):  # fmt: skip
     """Random segment caches with NaN in every cell the op must not read. The prompt segment is a view of
     its first prompt_len columns, or with keep_spare all of them (the lengths then come from segment_lens).
-    Each request's prompt starts at starts[r] if given, else at (3 r) % prompt_len when padded."""
+    Each request's prompt starts at starts[r] if given, else at (3 r) % prompt_len when padded. With a
+    window, the columns and steps before each sequence's last `window` are never read either."""
     seqs = requests * beams
     capacity = response_len + 3
     if starts is None:
@@ -272,9 +305,10 @@ def _segment_case(
         beam_slots[s, :response_len] = first + torch.randint(0, beams, (response_len,), generator=generator)
     if response_len:
         beam_slots[:, response_len - 1] = torch.arange(seqs, dtype=torch.int32)  # the newest token is its own
+    window_first = prompt_len + response_len - window if window else 0  # of the prompt, then the response
     read = torch.zeros((seqs, capacity), dtype=torch.bool)
     for s in range(seqs):
-        for t in range(response_len):
+        for t in range(max(window_first - prompt_len, 0), response_len):
             read[int(beam_slots[s, t]), t] = True
     dequantized = [_dequantized(c, sc, kv_format).to(torch.float64) for c, sc in caches]
     # Poison what must never be read: prompt padding and response cells outside every history.
@@ -282,7 +316,7 @@ def _segment_case(
         poison = NAN_CODE if fp8.is_fp8(kv_format) else float("nan")
         if index < 2:
             for r in range(requests):
-                cache[r, :, : int(prompt_start[r])] = poison
+                cache[r, :, : max(int(prompt_start[r]), window_first)] = poison
         else:
             cache.permute(0, 2, 1, 3)[~read] = poison
     return query, caches, dequantized, prompt_start, beam_slots
@@ -328,6 +362,81 @@ def test_segment_attention_decode(
                                                 response_len, scale)  # fmt: skip
     assert_close(out, expected, dtype)
     assert all(map(torch.equal, _snapshot(caches), before))  # the caches are read only
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize(
+    ("requests", "beams", "heads", "kv_heads", "prompt_len", "response_len", "window"),
+    # The window's first column: inside the prompt (after request 1's padding, before request 2's); at
+    # the first response step; inside the response; the query's own key alone; a one-beam segment (the
+    # response in the prompt segment); a long prompt the device kernels split, cut to its last 40 columns
+    # (fewer than its splits' shares); longer than the sequence.
+    [(3, 2, 8, 2, 37, 6, 40), (2, 4, 4, 4, 37, 6, 6), (2, 4, 8, 2, 37, 6, 4), (1, 3, 4, 2, 20, 5, 1),
+     (2, 1, 8, 2, 23, 0, 10), (2, 1, 4, 2, 300, 0, 40), (2, 2, 4, 4, 12, 3, 100)],
+    ids=["in-prompt", "at-response", "in-response", "own-key", "one-beam", "long-prompt", "beyond"],
+)  # fmt: skip
+def test_segment_attention_decode_sliding_window(
+    kernels, dtype, kv_format, requests, beams, heads, kv_heads, prompt_len, response_len, window
+):
+    """Each sequence attends to its last `window` columns, prompt columns then response steps; the cells
+    before them hold NaN, never read."""
+    head_dim = 32
+    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+        dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
+        window=window,
+    )  # fmt: skip
+    (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
+    out = torch.full_like(query, float("nan"))
+    kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s,
+                                     beam_slots, response_len, 0.2, kv_format, None, None, -1, window)  # fmt: skip
+    expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
+                                                response_len, 0.2, window)  # fmt: skip
+    assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("lengths", ["segment_lens", "paged", "paged-segment_lens"])
+def test_segment_attention_decode_sliding_window_with_device_lengths_and_blocks(kernels, lengths):
+    """The window counted from lengths read on the device (a replayed CUDA graph's), and over a paged
+    prompt segment, whose blocks before the window are never read."""
+    requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, window = 2, 2, 4, 2, 32, 70, 4, 30
+    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+        torch.float32, "fp8_e4m3", requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
+        keep_spare=True, starts=[0, 50], window=window,
+    )  # fmt: skip
+    (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
+    length_args = [None, None, prompt_len]
+    if "paged" in lengths:
+        pk, pk_s, length_args[1] = _paged(pk, pk_s, prompt_start, 16, torch.Generator().manual_seed(4))
+        pv, pv_s, _ = _paged(pv, pv_s, prompt_start, 16, torch.Generator().manual_seed(4))
+    response_capacity = response_len
+    if "segment_lens" in lengths:
+        length_args[0], length_args[2] = torch.tensor([prompt_len, response_len], dtype=torch.int32), -1
+        response_capacity = rk.shape[2]
+    out = torch.full_like(query, float("nan"))
+    kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s, beam_slots,
+                                     response_capacity, 0.2, "fp8_e4m3", *length_args, window)  # fmt: skip
+    prompt_k, prompt_v = (t[:, :, :prompt_len] for t in dequantized[:2])
+    expected = oracles.segment_attention_decode(query, prompt_k, prompt_v, prompt_start, *dequantized[2:],
+                                                beam_slots, response_len, 0.2, window)  # fmt: skip
+    assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("window", [0, -2])
+def test_a_window_below_one_is_an_error(kernels, window):
+    query, caches, _, prompt_start, beam_slots = _segment_case(
+        torch.float32, "auto", 1, 1, 4, 4, 16, 9, 0, False
+    )
+    (pk, _), (pv, _), (rk, _), (rv, _) = caches
+    message = f"window must be -1 \\(none\\) or from 1 to {2**30 - 1}, not {window}"
+    with pytest.raises(ValueError, match="segment_attention_decode: " + message):
+        kernels.segment_attention_decode(torch.empty_like(query), query, pk, pv, None, None, prompt_start, rk, rv,
+                                         None, None, beam_slots, 0, 0.25, "auto", None, None, -1, window)  # fmt: skip
+    q = _random(1, 4, 2, 16, dtype=torch.float32)
+    with pytest.raises(ValueError, match="attention_prefill: " + message):
+        kernels.attention_prefill(
+            torch.empty_like(q), q, q, q, torch.zeros(1, dtype=torch.int32), 0.25, window
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -665,3 +774,8 @@ def test_opcheck_cache_and_attention_ops(kv_format):
     q4, k4 = _random(2, 5, 4, 16, dtype=dtype), _random(2, 5, 2, 16, dtype=dtype)
     _opcheck("attention_prefill", (torch.empty_like(q4), q4, k4, k4.clone(), torch.tensor([0, 2], dtype=torch.int32),
                                    0.25))  # fmt: skip
+    _opcheck("attention_prefill", (torch.empty_like(q4), q4, k4, k4.clone(), torch.tensor([0, 2], dtype=torch.int32),
+                                   0.25, 2))  # fmt: skip
+    _opcheck("segment_attention_decode", (torch.empty_like(query), query, pk, pv, pk_s, pv_s, prompt_start,
+                                          rk, rv, rk_s, rv_s, beam_slots, 3, 0.25, kv_format, None, None, -1,
+                                          4))  # fmt: skip

@@ -58,7 +58,14 @@ CONFIGS = {
                                                          **COMMON)),
     "mistral": (MistralForCausalLM, MistralConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
                                                   sliding_window=None, **COMMON)),
+    # sliding-window attention on every layer (Mistral-7B-v0.1's 4096, scaled down to the tests' prompts)
+    "mistral-window": (MistralForCausalLM, MistralConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+                                                         head_dim=32, sliding_window=6, **COMMON)),
     "qwen2-bias": (Qwen2ForCausalLM, Qwen2Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, **COMMON)),
+    # use_sliding_window: full attention on the first max_window_layers layers, a window on the others
+    "qwen2-window": (Qwen2ForCausalLM, Qwen2Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+                                                   use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                                                   **COMMON)),
     # Qwen2.5's long-context setting (YaRN); a pretraining context short enough for the ramp to fall inside head_dim
     "qwen2-yarn": (Qwen2ForCausalLM, Qwen2Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
                                                  **_rope(YARN), **COMMON)),
@@ -158,6 +165,42 @@ def test_rope_frequencies_and_scale_match_transformers(rope):
     assert spec.rope.attention_factor == pytest.approx(expected_scale, rel=1e-12)
 
 
+SMALL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=32, intermediate_size=32,
+             num_hidden_layers=3)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (Qwen2Config(**SMALL), (None, None, None)),  # a window size, but no use_sliding_window
+        (Qwen2Config(use_sliding_window=True, sliding_window=8, max_window_layers=1, **SMALL), (None, 8, 8)),
+        (Qwen2Config(use_sliding_window=True, sliding_window=8,
+                     layer_types=["sliding_attention", "full_attention", "sliding_attention"], **SMALL), (8, None, 8)),
+        (MistralConfig(sliding_window=8, **SMALL), (8, 8, 8)),
+        (MistralConfig(sliding_window=None, **SMALL), (None, None, None)),
+        (LlamaConfig(**SMALL), (None, None, None)),
+    ],
+    ids=["qwen2-off", "qwen2-max-window-layers", "qwen2-layer-types", "mistral", "mistral-none", "llama"],
+)  # fmt: skip
+def test_layer_windows_are_those_transformers_applies(config, expected):
+    """Each layer's sliding window as transformers' modeling applies it (Qwen2's attention modules carry
+    theirs; Mistral's reads the config's on every layer)."""
+    architecture = {Qwen2Config: "Qwen2ForCausalLM", MistralConfig: "MistralForCausalLM"}.get(
+        type(config), "LlamaForCausalLM"
+    )
+    assert model_spec(config, architecture).layer_windows == expected
+    if isinstance(config, Qwen2Config):
+        layers = Qwen2ForCausalLM(config).model.layers
+        assert tuple(layer.self_attn.sliding_window for layer in layers) == expected
+
+
+def test_a_layer_type_other_than_sliding_or_full_attention_is_an_error():
+    config = Qwen2Config(use_sliding_window=True, sliding_window=8, **SMALL)
+    config.layer_types = ["sliding_attention", "chunked_attention", "full_attention"]
+    with pytest.raises(ValueError, match="layer_types must name 'sliding_attention' or 'full_attention'"):
+        model_spec(config, "Qwen2ForCausalLM")
+
+
 def _check_prefill_and_decode(model, optimized, lengths, dtype):
     """Prefill logits, then four decode steps' logits, against transformers over the grown sequences."""
     ids, mask = _prompts(lengths, model.config.vocab_size)
@@ -207,6 +250,8 @@ def _frequent_token(model, ids, mask) -> int:
         ("qwen2-bias", 3, 3, 1.5, "never"),
         ("llama-mqa-d128", 2, 1, -1.0, False),
         ("mistral", 4, 4, 1.0, True),
+        ("mistral-window", 3, 2, 1.0, False),
+        ("qwen2-window", 4, 1, 1.0, "never"),
     ],
 )
 def test_beam_search_identical(name, num_beams, num_return_sequences, length_penalty, early_stopping):

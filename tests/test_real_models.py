@@ -50,6 +50,23 @@ def test_stories260k_beam_search_matches_transformers(stories_model, stories_tok
     torch.testing.assert_close(ours.sequences_scores, theirs.sequences_scores, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("search", [dict(do_sample=False), dict(num_beams=4, num_return_sequences=2)],
+                         ids=["greedy", "beam4"])  # fmt: skip
+def test_stories260k_with_a_sliding_window_matches_transformers(
+    stories_model, stories_window_model, stories_tokenizer, search
+):
+    """A real model with a sliding window shorter than its sequences (Mistral's attention): tokens and,
+    over unequal prompts, left padding as transformers."""
+    ids, mask = _unequal_stories_prompts(stories_tokenizer)
+    kwargs = dict(max_new_tokens=40, eos_token_id=2, pad_token_id=0, **search)
+    ours = xpu_coopt.optimize(stories_window_model).generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ours, stories_window_model.generate(ids, attention_mask=mask, **kwargs))
+    # the window matters here: the same weights without it write other tokens
+    assert not torch.equal(
+        xpu_coopt.optimize(stories_model).generate(ids, attention_mask=mask, **kwargs), ours
+    )
+
+
 def test_stories260k_loader_gives_the_published_perplexity(stories_model, stories_tokenizer):
     # The llama2.c loader permutes W_q/W_k for rotate-half RoPE; a wrong permutation ruins perplexity.
     text = require_data(TINYSTORIES_TEXT).read_text()[:4000]

@@ -43,6 +43,20 @@ def test_stories260k_sycl_paged_cache_tokens_match_reference(stories_model, stor
     assert torch.equal(paged.generate(ids, attention_mask=mask, **kwargs), reference)
 
 
+@pytest.mark.parametrize("kv_cache", ["segment", "paged"])
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_stories260k_sycl_sliding_window_tokens_match_reference(
+    stories_window_model, stories_tokenizer, num_beams, kv_cache
+):
+    """A window shorter than the sequences (test_real_models: the reference's tokens are transformers'),
+    over unequal prompts: the prefill and decode kernels skip the keys before it."""
+    ids, mask = _unequal_stories_prompts(stories_tokenizer)
+    kwargs = dict(max_new_tokens=30, num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0)
+    reference = xpu_coopt.optimize(stories_window_model, backend="torch").generate(ids, mask, **kwargs)
+    sycl = xpu_coopt.optimize(stories_window_model, backend="sycl", kv_cache=kv_cache)
+    assert torch.equal(sycl.generate(ids, mask, **kwargs), reference)
+
+
 def test_stories260k_sycl_samples_match_reference(stories_model, stories_tokenizer):
     """Three samples of a prompt share its K/V: the SYCL decode kernel reads them as beams never reordered."""
     ids = _stories_prompt(stories_tokenizer)

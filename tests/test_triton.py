@@ -290,6 +290,22 @@ def test_graph_decode_bookkeeping_gives_the_same_tokens(
     assert replays[0][1] == first and len(replays) == expected.shape[1] - prompt - 1
 
 
+@pytest.mark.parametrize(("backend", "num_beams"), [("torch", 1), ("torch", 3), ("triton", 3)])
+def test_graph_decode_with_a_sliding_window_gives_the_same_tokens(
+    stories_window_model, stories_tokenizer, monkeypatch, backend, num_beams
+):
+    """The window counted from the device-side lengths a replayed graph reads, the segments at full
+    capacity (test_real_models: the eager reference's tokens are transformers')."""
+    replays = _replay_decode_graphs_eagerly(monkeypatch)
+    ids, mask = _unequal_stories_prompts(stories_tokenizer)
+    kwargs = dict(max_new_tokens=20, num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0)
+    expected = xpu_coopt.optimize(stories_window_model).generate(ids, mask, **kwargs)
+    graphed = xpu_coopt.optimize(stories_window_model, backend=backend)
+    graphed.cuda_graph = True
+    assert torch.equal(graphed.generate(ids, mask, **kwargs), expected)
+    assert len(replays) == expected.shape[1] - ids.shape[1] - 1
+
+
 def _replay_decode_graphs_eagerly(monkeypatch) -> list[tuple[int, list[int]]]:
     """DecodeGraph without a GPU: each replay runs the step eagerly where a GPU replays the captured graph,
     returns it in one output buffer as the graph does, and first checks that the tensors a graph would

@@ -46,7 +46,8 @@ class ModelSpec:
     max_position_embeddings: int
     rope: RopeSpec
     tie_word_embeddings: bool
-    sliding_window: int | None
+    # Each layer's sliding window (its queries attend to their last `window` keys), None for full attention.
+    layer_windows: tuple[int | None, ...]
 
     @property
     def attention_scale(self) -> float:
@@ -105,12 +106,29 @@ def _yarn_attention_factor(params: dict[str, Any], factor: float) -> float:
     return mscale(factor)
 
 
-def _sliding_window(config: Any) -> int | None:
+def _layer_windows(config: Any, architecture: str, num_layers: int) -> tuple[int | None, ...]:
+    """Each layer's sliding window (None: full attention), where transformers' modeling of the
+    architecture applies one: Mistral on every layer; Qwen2 only with use_sliding_window, on the layers
+    its layer_types name (by default from max_window_layers on); Llama never."""
     window = getattr(config, "sliding_window", None)
-    # Qwen2 carries a window size but applies it only with use_sliding_window.
-    if window is None or getattr(config, "use_sliding_window", True) is False:
-        return None
-    return int(window)
+    if architecture == "LlamaForCausalLM" or window is None:
+        return (None,) * num_layers
+    if int(window) < 1:
+        raise ValueError(f"sliding_window must be at least 1 (or None), not {window}")
+    if architecture == "MistralForCausalLM":  # its modeling ignores layer_types
+        return (int(window),) * num_layers
+    if not getattr(config, "use_sliding_window", False):
+        return (None,) * num_layers
+    layer_types = getattr(config, "layer_types", None) or [
+        "sliding_attention" if layer >= config.max_window_layers else "full_attention"
+        for layer in range(num_layers)
+    ]
+    if len(layer_types) != num_layers or not set(layer_types) <= {"sliding_attention", "full_attention"}:
+        raise ValueError(
+            f"layer_types must name 'sliding_attention' or 'full_attention' for each of the {num_layers} "
+            f"layers, not {layer_types}"
+        )
+    return tuple(int(window) if kind == "sliding_attention" else None for kind in layer_types)
 
 
 def model_spec(config: Any, architecture: str) -> ModelSpec:
@@ -132,6 +150,7 @@ def model_spec(config: Any, architecture: str) -> ModelSpec:
             f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
         )
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // num_heads)
+    num_layers = int(config.num_hidden_layers)
     if head_dim % 2:
         raise ValueError(f"head_dim {head_dim} must be even for rotary embeddings")
     return ModelSpec(
@@ -139,7 +158,7 @@ def model_spec(config: Any, architecture: str) -> ModelSpec:
         vocab_size=int(config.vocab_size),
         hidden_size=int(config.hidden_size),
         intermediate_size=int(config.intermediate_size),
-        num_layers=int(config.num_hidden_layers),
+        num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
@@ -147,5 +166,5 @@ def model_spec(config: Any, architecture: str) -> ModelSpec:
         max_position_embeddings=int(config.max_position_embeddings),
         rope=_rope(config),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        sliding_window=_sliding_window(config),
+        layer_windows=_layer_windows(config, architecture, num_layers),
     )

@@ -136,12 +136,6 @@ class OptimizedModel:
                 f"max_position_embeddings ({limit})"
                 + ("; dynamic rope scaling beyond it is not supported" if dynamic else "")
             )
-        window = self.spec.sliding_window
-        if window is not None and total_length > window:
-            raise ValueError(
-                f"sequence of {total_length} tokens exceeds the model's sliding window ({window}); "
-                "sliding-window attention is not supported"
-            )
 
     def keep_cache(self, cache: SegmentKVCache) -> None:
         """generate() hands its cache back when it is done with it. One that has a captured decode graph is

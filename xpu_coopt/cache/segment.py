@@ -26,6 +26,7 @@ import torch
 
 from xpu_coopt.config import ModelSpec
 from xpu_coopt.ops import Ops, fp8
+from xpu_coopt.ops.schema import NO_WINDOW
 
 RESPONSE_STEP = 16
 
@@ -74,6 +75,8 @@ class SegmentKVCache:
         self.kv_format = kv_format
         self.static_scales = static_scales
         self.dtype = dtype
+        # Each layer's window as the attention ops take it (sliding-window layers attend to their last keys).
+        self.windows = tuple(NO_WINDOW if window is None else window for window in spec.layer_windows)
         device = prompt_start.device
         self.num_requests = prompt_start.shape[0]
         self.num_beams = num_beams
@@ -291,6 +294,7 @@ class SegmentKVCache:
             value.view(batch, length, *value.shape[1:]),
             self.prompt_start,
             self.spec.attention_scale,
+            self.windows[layer],
         )
         return out.view(batch * length, -1)
 
@@ -310,5 +314,6 @@ class SegmentKVCache:
         kernels.segment_attention_decode(
             out, query, *prompt, self.prompt_start, *response, self.beam_slots, response_len,
             self.spec.attention_scale, self.kv_format, self.segment_lens, self.block_table, prompt_columns,
+            self.windows[layer],
         )  # fmt: skip
         return out.view(query.shape[0], -1)

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from xpu_coopt.ops.schema import KV_FORMATS
+from xpu_coopt.ops.schema import KV_FORMATS, NO_WINDOW
+
+# What the kernels take for "no window": a span longer than any sequence, so that the window's first
+# column (the query's column + 1 - span) falls before column 0 and no branch is needed. Small enough that
+# int32 arithmetic on it cannot overflow.
+UNBOUNDED_SPAN = 1 << 30
 
 ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -39,6 +44,18 @@ def cache_write(op: str, name: str, key: torch.Tensor, k_cache: torch.Tensor, st
     if static_scale and name == "auto":
         raise ValueError(f"{op}: static_scale applies to FP8 caches only, not kv_format='auto'")
     return name
+
+
+def window_span(op: str, window: int) -> int:
+    """The keys a query attends to at most, itself included: `window`, or UNBOUNDED_SPAN for NO_WINDOW.
+    ValueError for anything else below 1 (a window must at least hold the query's own key)."""
+    if window == NO_WINDOW:
+        return UNBOUNDED_SPAN
+    if not 1 <= window < UNBOUNDED_SPAN:
+        raise ValueError(
+            f"{op}: window must be {NO_WINDOW} (none) or from 1 to {UNBOUNDED_SPAN - 1}, not {window}"
+        )
+    return window
 
 
 def head_dim(op: str, backend: str, size: int, limit: int) -> int:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from xpu_coopt.ops import checks, cpu_gemm, fp8
-from xpu_coopt.ops.schema import library
+from xpu_coopt.ops.schema import NO_WINDOW, library
 
 
 def rms_norm(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
@@ -122,16 +122,20 @@ def attention_prefill(
     value: torch.Tensor,
     seq_start: torch.Tensor,
     scale: float,
+    window: int = NO_WINDOW,
 ) -> None:
+    span = checks.window_span("attention_prefill", window)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, heads, P, D]
-    if not bool(seq_start.any()):
-        # No padding: plain causal attention, which torch runs with its flash kernel (no mask tensor).
+    seq_len = query.shape[1]
+    if not bool(seq_start.any()) and span >= seq_len:
+        # No padding, no window inside the prompt: plain causal attention, which torch runs with its flash
+        # kernel (no mask tensor).
         result = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         out.copy_(result.transpose(1, 2))
         return
-    seq_len = query.shape[1]
     positions = torch.arange(seq_len, device=query.device)
-    causal = positions[None, :] <= positions[:, None]  # [P_q, P_k]
+    distance = positions[:, None] - positions[None, :]  # [P_q, P_k]: query column - key column
+    causal = (distance >= 0) & (distance < span)  # the key is one of the query's last `span`
     valid = positions[None, :] >= seq_start[:, None].to(positions.dtype)  # [B, P]: keys, and queries too
     # Padding rows have no key to attend to; let them see themselves so softmax stays finite, then zero them.
     mask = (causal[None] & valid[:, None, :]) | torch.eye(seq_len, dtype=torch.bool, device=query.device)[
@@ -178,14 +182,20 @@ def segment_attention_decode(
     segment_lens: torch.Tensor | None = None,
     prompt_block_table: torch.Tensor | None = None,
     prompt_len: int = -1,
+    window: int = NO_WINDOW,
 ) -> None:
     op = "segment_attention_decode"
     capacity = checks.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len)
     # The lengths may live on the device: read them here, once for every chunk.
     prompt_len, response_len = checks.host_segment_lens(op, segment_lens, capacity, response_len)
+    # A sliding window keeps each sequence's last `span` columns (prompt columns, then response steps):
+    # the columns and steps before those are neither read nor computed on.
+    window_first = prompt_len + response_len - checks.window_span(op, window)
+    prompt_columns = range(min(max(window_first, 0), prompt_len), prompt_len)
+    steps = range(max(window_first - prompt_len, 0), response_len)
     num_requests = prompt_start.shape[0]
     beams = query.shape[0] // num_requests
-    per_request = _request_bytes(query, prompt_k.shape[1], prompt_len + beams * response_len)
+    per_request = _request_bytes(query, prompt_k.shape[1], len(prompt_columns) + beams * len(steps))
     chunk = num_requests if query.device.type != "cpu" else max(1, CPU_CHUNK_BYTES // max(per_request, 1))
     paged = prompt_block_table is not None  # the pool of blocks is shared: its table is sliced instead
     prompt_segment = (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale)
@@ -197,8 +207,8 @@ def segment_attention_decode(
         slots = beam_slots[seqs] - first * beams if first else beam_slots[seqs]  # rows from the chunk's
         table = prompt_block_table[requests] if paged else None
         _attend_requests(
-            out[seqs], query[seqs], prompt, prompt_start[requests], response, slots,
-            response_len, scale, kv_format, table, prompt_len,
+            out[seqs], query[seqs], prompt, prompt_start[requests], response, slots, steps, scale, kv_format,
+            table, prompt_columns,
         )  # fmt: skip
 
 
@@ -215,14 +225,15 @@ def _attend_requests(
     prompt_start: torch.Tensor,
     response: list[torch.Tensor | None],
     beam_slots: torch.Tensor,
-    response_len: int,
+    steps: range,
     scale: float,
     kv_format: str,
     prompt_block_table: torch.Tensor | None,
-    prompt_len: int,
+    prompt_columns: range,
 ) -> None:
     """segment_attention_decode for some requests (all their beams), the lengths read on the host.
-    prompt: (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale); response: the same of the response."""
+    prompt: (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale); response: the same of the response.
+    prompt_columns, steps: the prompt-segment columns and response steps attended (the window's)."""
     prompt_k, prompt_v, prompt_k_scale, prompt_v_scale = prompt
     response_k, response_v, response_k_scale, response_v_scale = response
     dtype = query.dtype
@@ -231,10 +242,10 @@ def _attend_requests(
     gathered_kv = None if fp8.is_fp8(kv_format) else compute
     callers_v = prompt_v  # the caller's cache, never written: padding is zeroed in a copy of it
     prompt_k, prompt_v = (
-        _prompt_columns(t, prompt_block_table, prompt_len, gathered_kv) for t in (prompt_k, prompt_v)
+        _prompt_columns(t, prompt_block_table, prompt_columns, gathered_kv) for t in (prompt_k, prompt_v)
     )
     prompt_k_scale, prompt_v_scale = (
-        None if t is None else _prompt_columns(t, prompt_block_table, prompt_len, None)
+        None if t is None else _prompt_columns(t, prompt_block_table, prompt_columns, None)
         for t in (prompt_k_scale, prompt_v_scale)
     )
     num_seqs, num_heads, head_dim = query.shape
@@ -253,8 +264,10 @@ def _attend_requests(
     pk = pk.contiguous() if compute == dtype else pk.to(compute)
     pv = _load_cache(prompt_v, prompt_v_scale, kv_format, dtype).to(compute)  # converted once, not per use
     scores = _matmul(q.reshape(num_requests, num_kv_heads, rows, head_dim), pk.transpose(-1, -2))
-    padded = [(request, start) for request, start in enumerate(prompt_start.tolist()) if start]
-    if padded:  # left padding in the batch: padding positions are never read
+    # Left padding (and with a window, at most all the columns): never read. Starts are from the first column.
+    starts = [min(max(start - prompt_columns.start, 0), prompt_len) for start in prompt_start.tolist()]
+    padded = [(request, start) for request, start in enumerate(starts) if start]
+    if padded:
         # A zero weight times garbage could still be NaN: the padding's values are zeroed too, in a copy.
         # One slice fill per padded request: a masked_fill over the whole segment with a broadcast mask
         # takes 8x the float32 conversion itself (AVX2, [4, 3, 1056, 64]: 710 against 90 us).
@@ -263,15 +276,12 @@ def _attend_requests(
             scores[request, ..., :start] = float("-inf")
             pv[request, :, :start] = 0
 
+    response_len = len(steps)
     if response_len:  # (0: everything lives in the prompt segment, as with one beam per request)
         # Response segment: each beam's own rows, found through beam_slots (integers only were reordered).
         split = (num_requests, beams, num_kv_heads, response_len, head_dim)
-        rk = _response_history(
-            response_k, response_k_scale, beam_slots, response_len, beams, kv_format, dtype
-        )
-        rv = _response_history(
-            response_v, response_v_scale, beam_slots, response_len, beams, kv_format, dtype
-        )
+        rk = _response_history(response_k, response_k_scale, beam_slots, steps, beams, kv_format, dtype)
+        rv = _response_history(response_v, response_v_scale, beam_slots, steps, beams, kv_format, dtype)
         rk = rk.view(split).permute(0, 2, 1, 4, 3)  # [R, Hkv, beams, D, T]: K^T
         rv = rv.view(split).permute(0, 2, 1, 3, 4)  # [R, Hkv, beams, T, D]
         response_scores = _matmul(q, rk).view(num_requests, num_kv_heads, rows, response_len)
@@ -292,45 +302,48 @@ def _shares_memory(tensor: torch.Tensor, cache: torch.Tensor) -> bool:
 
 
 def _prompt_columns(
-    segment: torch.Tensor, block_table: torch.Tensor | None, length: int, dtype: torch.dtype | None
+    segment: torch.Tensor, block_table: torch.Tensor | None, columns: range, dtype: torch.dtype | None
 ) -> torch.Tensor:
-    """[R, Hkv, length, ...]: a prompt segment's first `length` columns (K/V, or without D their scales);
-    with a block table, gathered from the block pool [blocks, Hkv, block_size, ...] it indexes into a new
-    tensor of `dtype` (None: the pool's) in one copy after the blocks' (the table's order is not the
-    columns')."""
+    """[R, Hkv, len(columns), ...]: a prompt segment's `columns` (K/V, or without D their scales); with a
+    block table, gathered from the block pool [blocks, Hkv, block_size, ...] it indexes into a new tensor
+    of `dtype` (None: the pool's) in one copy after the blocks' (the table's order is not the columns')."""
     if block_table is None:
-        return segment[:, :, :length]
-    requests, used = block_table.shape[0], -(-length // segment.shape[2])
+        return segment[:, :, columns.start : columns.stop]
+    block_size = segment.shape[2]
+    first, end = columns.start // block_size, -(-columns.stop // block_size)  # the blocks holding them
+    requests, used = block_table.shape[0], end - first
     # Each block is contiguous: index_select copies them whole, then one copy puts them in column order.
-    blocks = segment.index_select(0, block_table[:, :used].flatten().long())
+    blocks = segment.index_select(0, block_table[:, first:end].flatten().long())
     blocks = blocks.view(requests, used, *segment.shape[1:]).transpose(1, 2)  # [R, Hkv, used, block, ...]
-    columns = torch.empty(
-        (*blocks.shape[:2], used * segment.shape[2], *segment.shape[3:]),
+    gathered = torch.empty(
+        (*blocks.shape[:2], used * block_size, *segment.shape[3:]),
         dtype=segment.dtype if dtype is None else dtype,
         device=segment.device,
     )
-    columns.view(blocks.shape).copy_(blocks)
-    return columns[:, :, :length]
+    gathered.view(blocks.shape).copy_(blocks)
+    offset = columns.start - first * block_size
+    return gathered[:, :, offset : offset + len(columns)]
 
 
 def _response_history(
     cache: torch.Tensor,
     scale: torch.Tensor | None,
     beam_slots: torch.Tensor,
-    response_len: int,
+    steps: range,
     beams: int,
     kv_format: str,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """[S, Hkv, T, D]: the response K or V of each sequence, in dtype."""
+    """[S, Hkv, T, D]: the response K or V of each sequence over `steps` (T of them), in dtype."""
+    first, end = steps.start, steps.stop
     if beams == 1:  # one beam per request: its history can only live in its own row, no gather
-        rows = cache[:, :, :response_len]
-        row_scale = None if scale is None else scale[:, :, :response_len]
+        rows = cache[:, :, first:end]
+        row_scale = None if scale is None else scale[:, :, first:end]
     else:
-        steps = torch.arange(response_len, device=cache.device)
-        slots = beam_slots[:, :response_len]  # [S, T]
-        rows = cache[slots, :, steps].transpose(1, 2)  # [S, T, Hkv, D] -> [S, Hkv, T, D]
-        row_scale = None if scale is None else scale[slots, :, steps].transpose(1, 2)
+        step = torch.arange(first, end, device=cache.device)
+        slots = beam_slots[:, first:end]  # [S, T]
+        rows = cache[slots, :, step].transpose(1, 2)  # [S, T, Hkv, D] -> [S, Hkv, T, D]
+        row_scale = None if scale is None else scale[slots, :, step].transpose(1, 2)
     return _load_cache(rows, row_scale, kv_format, dtype)
 
 

@@ -18,6 +18,9 @@ NAMESPACE = "xpu_coopt"
 # with one bfloat16 scale per (token, KV head).
 KV_FORMATS = ("auto", "fp8_e4m3", "fp8_e5m2")
 
+# The attention ops' `window` when a query attends to every earlier key (no sliding window).
+NO_WINDOW = -1
+
 SCHEMAS: dict[str, str] = {
     # out[n, :] = input[n, :] * rsqrt(mean(input[n, :]^2) + epsilon) * weight
     "rms_norm": "rms_norm(Tensor(a!) out, Tensor input, Tensor weight, float epsilon) -> ()",
@@ -44,22 +47,25 @@ SCHEMAS: dict[str, str] = {
         "bool static_scale=False) -> ()"
     ),
     # Causal attention over a left-padded batch of prompts; rows before seq_start[b] are written as zeros.
+    # window (sliding-window attention, as Mistral's): a query attends to the last `window` keys up to
+    # itself, itself included; -1 (NO_WINDOW): to all of them.
     "attention_prefill": (
         "attention_prefill(Tensor(a!) out, Tensor query, Tensor key, Tensor value, Tensor seq_start, "
-        "float scale) -> ()"
+        "float scale, int window=-1) -> ()"
     ),
     # One query token per sequence (beam) over the shared prompt segment of its request and its own
     # response history, which beam_slots maps to response-segment rows. segment_lens (int32 [2], optional)
     # holds the two segments' lengths on the device, so a captured CUDA graph can replay the call.
     # prompt_block_table (int32 [R, blocks], optional) makes the prompt segment paged: prompt_k is then a
     # pool of fixed-size blocks and row r's column n lives in block prompt_block_table[r, n / block_size].
-    # prompt_len: the prompt segment's columns to attend (-1: all it holds).
+    # prompt_len: the prompt segment's columns to attend (-1: all it holds). window: each sequence attends
+    # to its last `window` columns only (prompt columns, then response steps), as attention_prefill's.
     "segment_attention_decode": (
         "segment_attention_decode(Tensor(a!) out, Tensor query, Tensor prompt_k, Tensor prompt_v, "
         "Tensor? prompt_k_scale, Tensor? prompt_v_scale, Tensor prompt_start, Tensor response_k, "
         "Tensor response_v, Tensor? response_k_scale, Tensor? response_v_scale, Tensor beam_slots, "
         "int response_len, float scale, str kv_format, Tensor? segment_lens=None, "
-        "Tensor? prompt_block_table=None, int prompt_len=-1) -> ()"
+        "Tensor? prompt_block_table=None, int prompt_len=-1, int window=-1) -> ()"
     ),
 }
 

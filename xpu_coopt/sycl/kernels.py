@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import torch
 
 from xpu_coopt.ops import checks, decode_split
-from xpu_coopt.ops.schema import library
+from xpu_coopt.ops.schema import NO_WINDOW, library
 from xpu_coopt.sycl.runtime import queue_for
 
 DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -172,9 +172,11 @@ def attention_prefill(
     value: torch.Tensor,
     seq_start: torch.Tensor,
     scale: float,
+    window: int = NO_WINDOW,
 ) -> None:
     op = "attention_prefill"
     name = _dtype_name(op, query, key, value, out)
+    span = checks.window_span(op, window)
     batch, length, heads, head_dim = query.shape
     kv_heads = key.shape[2]
     _check_head_dim(op, head_dim)
@@ -187,7 +189,7 @@ def attention_prefill(
     _run(
         query.device, "attention_prefill.cpp", f"attention_prefill_{name}", work_groups * local, local,
         out, query, key, value, seq_start.to(torch.int32).contiguous(), c_int(length), c_int(heads),
-        c_int(kv_heads), c_int(head_dim), c_float(scale),
+        c_int(kv_heads), c_int(head_dim), c_float(scale), c_int(span),
         *(c_int64(s) for t in (query, key, value, out) for s in t.stride()[:2]),
     )  # fmt: skip
 
@@ -221,9 +223,11 @@ def segment_attention_decode(
     segment_lens: torch.Tensor | None = None,
     prompt_block_table: torch.Tensor | None = None,
     prompt_len: int = -1,
+    window: int = NO_WINDOW,
 ) -> None:
     op = "segment_attention_decode"
     suffix = _kernel_suffix(op, kv_format, query, out)
+    span = checks.window_span(op, window)
     capacity = checks.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len)
     # segment_lens read on the host: no graph capture on this backend.
     prompt_len, response_len = checks.host_segment_lens(op, segment_lens, capacity, response_len)
@@ -243,7 +247,7 @@ def segment_attention_decode(
     if num_seqs == 0:
         return
     chunks = decode_split.chunk_rows(beams, group, MAX_DECODE_ROWS)
-    splits = decode_splits(requests * kv_heads * chunks.chunks, prompt_len, query.device)
+    splits = decode_splits(requests * kv_heads * chunks.chunks, min(prompt_len, span), query.device)
     rows = num_seqs * heads
     # Partials of a split decode (workspace of this call, read by combine_splits); one split writes out.
     partial_acc = partial_stats = None
@@ -257,7 +261,7 @@ def segment_attention_decode(
         out, query, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale, prompt_start.to(torch.int32).contiguous(),
         response_k, response_v, response_k_scale, response_v_scale, beam_slots,
         c_int(beams), c_int(kv_heads), c_int(group), c_int(chunks.chunks), c_int(chunks.rows), c_int(head_dim), c_int(prompt_len), c_int(response_len),
-        c_float(scale), c_int64(query.stride(0)), c_int64(out.stride(0)),
+        c_int(span), c_float(scale), c_int64(query.stride(0)), c_int64(out.stride(0)),
         *_cache_layout(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
         *_cache_layout(op, response_k, response_v, response_k_scale, response_v_scale),
         c_int64(beam_slots.stride(0)), prompt_block_table,

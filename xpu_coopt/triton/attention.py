@@ -71,12 +71,13 @@ def _attend_block(
 
 @triton.jit
 def attention_prefill_kernel(
-    out, query, key, value, seq_start, length, heads, kv_heads, head_dim, scale,
+    out, query, key, value, seq_start, length, heads, kv_heads, head_dim, scale, window,
     query_batch_stride, query_token_stride, key_batch_stride, key_token_stride,
     value_batch_stride, value_token_stride, out_batch_stride, out_token_stride,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
-    """Program = (block of BLOCK_M queries, batch row x query head)."""
+    """Program = (block of BLOCK_M queries, batch row x query head). Each query attends to its last
+    `window` keys (the host passes a window longer than any prompt for none)."""
     block = tl.program_id(0)
     b = (tl.program_id(1) // heads).to(tl.int64)
     h = tl.program_id(1) % heads
@@ -90,7 +91,8 @@ def attention_prefill_kernel(
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     last = tl.minimum((block + 1) * BLOCK_M, length)  # causal: no key after the block's last query
-    for first in range(start // BLOCK_N * BLOCK_N, last, BLOCK_N):
+    first_key = tl.maximum(start, block * BLOCK_M - window + 1)  # nor before its first query's window
+    for first in range(first_key // BLOCK_N * BLOCK_N, last, BLOCK_N):
         keys = first + tl.arange(0, BLOCK_N)
         in_range = (keys[None, :] < length) & (d[:, None] < head_dim)
         k = tl.load(
@@ -99,7 +101,8 @@ def attention_prefill_kernel(
             other=0.0,
         )  # fmt: skip  [D, N]
         scores = _dot(q, k, UPCAST_DOT) * scale
-        visible = (keys[None, :] >= start) & (keys[None, :] <= rows[:, None]) & (rows[:, None] >= start)
+        distance = rows[:, None] - keys[None, :]
+        visible = (keys[None, :] >= start) & (distance >= 0) & (distance < window) & (rows[:, None] >= start)
         p, row_max, row_sum, acc = _online_softmax(
             tl.where(visible, scores, float("-inf")), row_max, row_sum, acc
         )
@@ -118,7 +121,7 @@ def segment_attention_decode_kernel(
     out, query, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale, prompt_start,
     response_k, response_v, response_k_scale, response_v_scale, beam_slots, segment_lens,
     prompt_block_table, partial_acc, partial_stats,
-    beams, kv_heads, group, rows_per_program, head_dim, prompt_len, response_len, rows_per_split, scale,
+    beams, kv_heads, group, rows_per_program, head_dim, prompt_len, response_len, window, rows_per_split, scale,
     query_stride, out_stride, prompt_request_stride, prompt_head_stride, prompt_position_stride,
     prompt_scale_request_stride, prompt_scale_head_stride, prompt_scale_position_stride,
     response_row_stride, response_head_stride, response_position_stride,
@@ -142,7 +145,9 @@ def segment_attention_decode_kernel(
     the one split writes out. With HAS_LENS the segment lengths are read from segment_lens on the device
     (prompt_len and response_len are then capacities), so a captured CUDA graph replays at any step.
     PAGED: the prompt segment is a pool of blocks of block_size columns; request r's column n lives in
-    block prompt_block_table[r, n // block_size], looked up per column (a tile may span blocks)."""
+    block prompt_block_table[r, n // block_size], looked up per column (a tile may span blocks).
+    Sliding window: a sequence attends to its last `window` columns, prompt columns then response steps
+    (the host passes a window longer than any sequence for none); the shares are cut from those."""
     request = (tl.program_id(0) // kv_heads).to(tl.int64)
     kv = tl.program_id(0) % kv_heads
     split = tl.program_id(1)
@@ -168,8 +173,10 @@ def segment_attention_decode_kernel(
     row_sum = tl.zeros([BLOCK_ROWS], tl.float32)
     acc = tl.zeros([BLOCK_ROWS, BLOCK_D], tl.float32)
 
-    # Prompt segment, shared by the request's beams; positions before `start` are padding, never read.
-    start = tl.load(prompt_start + request)
+    # Prompt segment, shared by the request's beams; positions before `start` are padding or before the
+    # window (window_first is negative where no column is dropped), never read.
+    window_first = prompt_end + response_end - window
+    start = tl.minimum(tl.maximum(tl.load(prompt_start + request), window_first), prompt_end)
     # The shares are cut from the columns this step reads, on the device: neither the left padding nor a
     # captured graph's unused capacity leaves a split without work while another has several shares.
     padding_tiles, end_tile = start // BLOCK_N, tl.cdiv(prompt_end, BLOCK_N)
@@ -211,9 +218,11 @@ def segment_attention_decode_kernel(
     column_beam = first_row // group + c // BLOCK_T
     own_beam = beam[:, None] == column_beam[None, :]
     column_sequence = request * beams + column_beam
-    per_split = tl.cdiv(response_end, tl.num_programs(1))
-    steps_end = tl.minimum((split + 1) * per_split, response_end)
-    for first in range(split * per_split, steps_end, BLOCK_T):
+    steps_first = tl.maximum(window_first - prompt_end, 0)
+    per_split = tl.cdiv(response_end - steps_first, tl.num_programs(1))
+    steps_begin = steps_first + split * per_split
+    steps_end = tl.minimum(steps_begin + per_split, response_end)
+    for first in range(steps_begin, steps_end, BLOCK_T):
         t = first + c % BLOCK_T
         c_ok = (column_beam <= (end_row - 1) // group) & (t < steps_end)
         slot = tl.load(beam_slots + column_sequence * beam_slots_stride + t, mask=c_ok, other=0).to(tl.int64)

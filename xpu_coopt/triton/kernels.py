@@ -17,7 +17,7 @@ import torch
 import triton
 
 from xpu_coopt.ops import checks, decode_split, fp8
-from xpu_coopt.ops.schema import library
+from xpu_coopt.ops.schema import NO_WINDOW, library
 from xpu_coopt.triton.attention import (
     attention_prefill_kernel,
     combine_splits_kernel,
@@ -208,8 +208,10 @@ def attention_prefill(
     value: torch.Tensor,
     seq_start: torch.Tensor,
     scale: float,
+    window: int = NO_WINDOW,
 ) -> None:
     op = "attention_prefill"
+    span = checks.window_span(op, window)
     checks.activation_dtype(op, BACKEND, query, key, value, out)
     batch, length, heads, head_dim = query.shape
     checks.head_dim(op, BACKEND, head_dim, MAX_HEAD_DIM)
@@ -219,7 +221,7 @@ def attention_prefill(
         return
     attention_prefill_kernel[(triton.cdiv(length, PREFILL_BLOCK_M), batch * heads)](
         out, query, key, value, seq_start.to(torch.int32).contiguous(), length, heads, key.shape[2], head_dim,
-        scale, *(s for t in (query, key, value, out) for s in t.stride()[:2]),
+        scale, span, *(s for t in (query, key, value, out) for s in t.stride()[:2]),
         BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, BLOCK_D=_block(head_dim, 16),
         UPCAST_DOT=upcast_dot(query.dtype),
     )  # fmt: skip
@@ -286,8 +288,10 @@ def segment_attention_decode(
     segment_lens: torch.Tensor | None = None,
     prompt_block_table: torch.Tensor | None = None,
     prompt_len: int = -1,
+    window: int = NO_WINDOW,
 ) -> None:
     op = "segment_attention_decode"
+    span = checks.window_span(op, window)
     checks.activation_dtype(op, BACKEND, query, out)
     checks.kv_format(op, kv_format)
     num_seqs, heads, head_dim = query.shape
@@ -315,7 +319,7 @@ def segment_attention_decode(
     # and a scale times FP8_MAX is about its row's amax.
     v_boost = codec["FP8_MAX"] / 2
     chunks = decode_split.chunk_rows(beams, group, MAX_DECODE_ROWS)
-    splits = decode_splits(requests * kv_heads * chunks.chunks, prompt_len, query.device, block_n)
+    splits = decode_splits(requests * kv_heads * chunks.chunks, min(prompt_len, span), query.device, block_n)
     unused = query.new_empty(0, dtype=torch.float32)
     # Partials of a split decode: workspace of this call (inside a captured graph, from the graph's pool).
     partial_acc = (
@@ -332,7 +336,7 @@ def segment_attention_decode(
         unused if response_v_scale is None else response_v_scale, beam_slots,
         unused if segment_lens is None else segment_lens,
         unused if prompt_block_table is None else prompt_block_table, partial_acc, partial_stats,
-        beams, kv_heads, group, chunks.rows, head_dim, prompt_len, response_len, num_seqs * heads, scale,
+        beams, kv_heads, group, chunks.rows, head_dim, prompt_len, response_len, span, num_seqs * heads, scale,
         query.stride(0), out.stride(0),
         *checks.cache_strides(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
         *checks.cache_strides(op, response_k, response_v, response_k_scale, response_v_scale),
