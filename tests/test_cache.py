@@ -258,6 +258,56 @@ def test_a_paged_pool_never_outgrows_what_the_generation_can_use():
     assert cache.blocks_used == cache.pool_blocks() == 1 + 14 + 8
 
 
+def test_a_paged_cache_reuses_the_blocks_a_sliding_window_has_passed():
+    """A window on every layer (6 columns): a request's next block is its oldest one wholly before the
+    window. Prompts 35 wide of 35, 2 and 17 tokens (blocks 3, 1 and 2; the last two's oldest columns are
+    padding alone, which take new blocks when their turn comes): the table's 4th column (column 48 on)
+    takes request 0's first block and two new ones, the 5th request 0's and 2's second and one new, and
+    from then on every column reuses. Over 100 tokens the logits are the segment cache's, and 10 blocks
+    are in use where 25 were without reuse. A model with a layer of full attention (Qwen2's first
+    max_window_layers) reuses none."""
+    model = _model("mistral-window")
+    ids, mask = _prompts([35, 2, 17], model.config.vocab_size, seed=5)
+    models = [xpu_coopt.optimize(model, kv_cache=kind) for kind in ("segment", "paged")]
+    (logits, cache), (paged_logits, paged) = (m.prefill(ids, mask, 1, 120) for m in models)
+    assert paged.reuse_window == 6 and paged.blocks_used == 1 + 3 + 1 + 2
+    tokens = logits.argmax(-1)
+    used = []
+    for _ in range(100):
+        logits, paged_logits = models[0].decode(tokens, cache), models[1].decode(tokens, paged)
+        torch.testing.assert_close(paged_logits, logits, atol=0, rtol=0)
+        tokens = logits.argmax(-1)
+        used.append(paged.blocks_used)
+    # new blocks at columns 48 (step 13) and 64 (step 29), none after
+    assert used == [7] * 13 + [9] * 16 + [10] * 71
+    assert paged.block_table[:, 3:9].tolist() == [[1, 2, 3] * 2, [7, 9, 4] * 2, [8, 5, 6] * 2]
+    _, full_layers = xpu_coopt.optimize(_model("qwen2-window"), kv_cache="paged").prefill(ids, mask, 1, 20)
+    assert full_layers.reuse_window is None
+
+
+@pytest.mark.parametrize(
+    ("window", "table"),
+    [(17, [1, 2, 1, 2, 1]), (33, [1, 2, 3, 1, 2])],
+    ids=["block-and-one", "two-blocks-and-one"],
+)
+def test_a_paged_cache_reuses_a_block_once_the_window_has_passed_it(window, table):
+    """A block is reused at the first column whose window starts after it: with a window of 17, column 32
+    (window from 16) takes block 0's columns 0-15; with 33, column 48. One column earlier the block is
+    still read (33: column 32's window starts at 0), so the logits would differ from the segment cache's;
+    later, the table would hold one more block."""
+    model = _model("mistral-window")
+    model.config.sliding_window = window
+    ids, mask = _prompts([16], model.config.vocab_size, seed=5)
+    models = [xpu_coopt.optimize(model, kv_cache=kind) for kind in ("segment", "paged")]
+    (logits, cache), (_, paged) = (m.prefill(ids, mask, 1, 80) for m in models)
+    tokens = logits.argmax(-1)
+    for _ in range(64):  # columns 16 to 79
+        logits, paged_logits = models[0].decode(tokens, cache), models[1].decode(tokens, paged)
+        torch.testing.assert_close(paged_logits, logits, atol=0, rtol=0)
+        tokens = logits.argmax(-1)
+    assert paged.block_table[0, :5].tolist() == table
+
+
 def test_a_paged_generation_that_stops_early_holds_less():
     """EOS after a few tokens: the paged cache never allocates the blocks of the tokens not generated; the
     segment cache allocated all max_new_tokens up front."""

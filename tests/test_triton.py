@@ -290,17 +290,21 @@ def test_graph_decode_bookkeeping_gives_the_same_tokens(
     assert replays[0][1] == first and len(replays) == expected.shape[1] - prompt - 1
 
 
-@pytest.mark.parametrize(("backend", "num_beams"), [("torch", 1), ("torch", 3), ("triton", 3)])
+@pytest.mark.parametrize(
+    ("backend", "num_beams", "kv_cache"),
+    [("torch", 1, "segment"), ("torch", 3, "segment"), ("triton", 3, "segment"), ("torch", 1, "paged")],
+)
 def test_graph_decode_with_a_sliding_window_gives_the_same_tokens(
-    stories_window_model, stories_tokenizer, monkeypatch, backend, num_beams
+    stories_window_model, stories_tokenizer, monkeypatch, backend, num_beams, kv_cache
 ):
     """The window counted from the device-side lengths a replayed graph reads, the segments at full
-    capacity (test_real_models: the eager reference's tokens are transformers')."""
+    capacity (test_real_models: the eager reference's tokens are transformers'); paged, the blocks the
+    window has passed reused by the table a graph reads in place."""
     replays = _replay_decode_graphs_eagerly(monkeypatch)
     ids, mask = _unequal_stories_prompts(stories_tokenizer)
     kwargs = dict(max_new_tokens=20, num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0)
     expected = xpu_coopt.optimize(stories_window_model).generate(ids, mask, **kwargs)
-    graphed = xpu_coopt.optimize(stories_window_model, backend=backend)
+    graphed = xpu_coopt.optimize(stories_window_model, backend=backend, kv_cache=kv_cache)
     graphed.cuda_graph = True
     assert torch.equal(graphed.generate(ids, mask, **kwargs), expected)
     assert len(replays) == expected.shape[1] - ids.shape[1] - 1

@@ -16,6 +16,11 @@ is a pool of blocks of BLOCK_SIZE columns, shared by the batch, with a table per
   out, never past what the rest of the generation can use.
 - Block 0 is a sink: prefill writes every column of the left-padded batch, and the padding's columns
   that have no block of their own are written there. It is never read.
+- Sliding windows (a window on every layer, as Mistral's): a block whose columns all lie before the
+  window of the token being written is never read again (segment_attention_decode reads no column
+  before a window), so a request's next block is its oldest such block, where it has one. A one-beam
+  generation longer than its window then holds its prompt's blocks and about a window's more, however
+  long it runs.
 
 The response segment of beam search stays per beam, as in the segment cache. Decode attention reads the
 prompt segment through the table (segment_attention_decode's prompt_block_table, docs/ops.md).
@@ -50,6 +55,9 @@ class PagedKVCache(SegmentKVCache):
         self.blocks_used = 1  # the sink
         # Columns of the table mapped so far: the same for every request, whose columns advance together.
         self.mapped_blocks = 0
+        # The window beyond which blocks are reused: the widest layer's, if every layer has one.
+        windows = spec.layer_windows
+        self.reuse_window = None if None in windows else max(windows)
 
     def prompt_capacity(self) -> int:
         return self.block_table.shape[1] * BLOCK_SIZE
@@ -87,6 +95,9 @@ class PagedKVCache(SegmentKVCache):
         # Blocks 1, 2, ... in row order; 0 (the sink) where unmapped.
         table = torch.cumsum(mapped.flatten(), 0).view(mapped.shape) * mapped
         self.blocks_used, self.mapped_blocks = 1 + int(mapped.sum()), prompt_blocks
+        self._first_blocks = first  # each request's first mapped table column, on the host
+        self._first_blocks_on_device = first.to(self.block_table.device)
+        self._next_reused = 0  # the table column whose blocks are reused next
         self._reserve(self.blocks_used)
         self.block_table.copy_(table)  # in place: a decode graph reads the table
         rows = self.block_table[self._prompt_rows, self._prompt_columns // BLOCK_SIZE].long()
@@ -108,15 +119,7 @@ class PagedKVCache(SegmentKVCache):
             return column
         block, offset = divmod(column, BLOCK_SIZE)
         if offset == 0:
-            self._reserve(self.blocks_used + self.num_requests)
-            new_blocks = torch.arange(
-                self.blocks_used,
-                self.blocks_used + self.num_requests,
-                dtype=torch.int32,
-                device=self.block_table.device,
-            )
-            self.block_table[:, block].copy_(new_blocks)
-            self.blocks_used += self.num_requests
+            self.block_table[:, block].copy_(self._next_blocks(column))
             self.mapped_blocks = block + 1
         rows = self.block_table[:, block].long()
         if self.segment_lens is None:
@@ -124,6 +127,30 @@ class PagedKVCache(SegmentKVCache):
         else:
             self._decode_rows.copy_(rows)
         return offset
+
+    def _next_blocks(self, column: int) -> torch.Tensor:
+        """int32 [R]: a block for each request's table column starting at `column`. Where the window lets
+        go of one, the blocks of the oldest column outside it (every cell before the window of the token
+        at `column`, hence of every later one), and new ones for the requests whose column that was is
+        padding alone (the shared sink); else new blocks. No wait for the device: a decode graph's
+        bookkeeping is queued ahead of the step before it."""
+        device = self.block_table.device
+        expired = (column + 1 - self.reuse_window) // BLOCK_SIZE if self.reuse_window else 0
+        if self._next_reused >= expired:
+            self._reserve(self.blocks_used + self.num_requests)
+            blocks = torch.arange(
+                self.blocks_used, self.blocks_used + self.num_requests, dtype=torch.int32, device=device
+            )
+            self.blocks_used += self.num_requests
+            return blocks
+        reused = self._next_reused
+        self._next_reused += 1
+        new = int((self._first_blocks > reused).sum())
+        self._reserve(self.blocks_used + new)
+        padding_alone = self._first_blocks_on_device > reused
+        new_blocks = (self.blocks_used - 1 + torch.cumsum(padding_alone, 0)).to(torch.int32)
+        self.blocks_used += new
+        return torch.where(padding_alone, new_blocks, self.block_table[:, reused])
 
     def _grow(self) -> None:
         if not self.single_beam:
