@@ -222,6 +222,11 @@ def test_kv_write_fp8_codes_are_bit_exact_for_every_16_bit_input(kernels, kv_for
 # Lengths that are not multiples of any tile (8 query rows, 16 keys), with and without left padding.
 @pytest.mark.parametrize(("length", "seq_start"), [(1, [0]), (13, [0, 5, 12]), (32, [0, 31]), (45, [7, 0])])
 def test_attention_prefill(kernels, dtype, heads, kv_heads, head_dim, length, seq_start):
+    _check_attention_prefill(kernels, dtype, heads, kv_heads, head_dim, length, seq_start)
+
+
+def _check_attention_prefill(kernels, dtype, heads, kv_heads, head_dim, length, seq_start, window=None):
+    """attention_prefill over random q/k/v against the oracle; window None: the op's default (none)."""
     batch = len(seq_start)
     q = _random(batch, length, heads, head_dim, dtype=dtype)
     k = _random(batch, length, kv_heads, head_dim, dtype=dtype)
@@ -229,8 +234,8 @@ def test_attention_prefill(kernels, dtype, heads, kv_heads, head_dim, length, se
     starts = torch.tensor(seq_start, dtype=torch.int32)
     out = torch.full_like(q, float("nan"))
     scale = head_dim**-0.5
-    kernels.attention_prefill(out, q, k, v, starts, scale)
-    assert_close(out, oracles.attention_prefill(q, k, v, starts, scale), dtype)
+    kernels.attention_prefill(out, q, k, v, starts, scale, *(() if window is None else (window,)))
+    assert_close(out, oracles.attention_prefill(q, k, v, starts, scale, window), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -243,15 +248,7 @@ def test_attention_prefill_sliding_window(
 ):
     """Sliding-window attention (Mistral, Qwen2's sliding layers): query i attends to keys i - window + 1
     to i, those before its row's padding end excluded."""
-    batch = len(seq_start)
-    q = _random(batch, length, heads, head_dim, dtype=dtype)
-    k = _random(batch, length, kv_heads, head_dim, dtype=dtype)
-    v = _random(batch, length, kv_heads, head_dim, dtype=dtype)
-    starts = torch.tensor(seq_start, dtype=torch.int32)
-    out = torch.full_like(q, float("nan"))
-    scale = head_dim**-0.5
-    kernels.attention_prefill(out, q, k, v, starts, scale, window)
-    assert_close(out, oracles.attention_prefill(q, k, v, starts, scale, window), dtype)
+    _check_attention_prefill(kernels, dtype, heads, kv_heads, head_dim, length, seq_start, window)
 
 
 def test_attention_prefill_sliding_window_without_padding_is_not_causal_attention(kernels):
