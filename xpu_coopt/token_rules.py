@@ -72,18 +72,21 @@ class TokenRules:
     def of(cls, s: GenerationSettings, vocab: int, device: torch.device) -> TokenRules:
         """ValueError, naming the argument, for an id outside the vocabulary."""
 
-        def ids(name: str, values: list[int] | None) -> torch.Tensor | None:
-            if values is None:
-                return None
+        def check(name: str, values: list[int]) -> None:
             outside = sorted({token for token in values if token >= vocab})
             if outside:
                 raise ValueError(f"{name} names token ids {outside} outside the vocabulary of {vocab} tokens")
+
+        def ids(name: str, values: list[int] | None) -> torch.Tensor | None:
+            if values is None:
+                return None
+            check(name, values)
             return torch.tensor(values, dtype=torch.long, device=device)
 
         def bias(name: str, biases: dict[tuple[int, ...], float] | None) -> SequenceBias | None:
             if not biases:
                 return None
-            ids(name, [token for sequence in biases for token in sequence])
+            check(name, [token for sequence in biases for token in sequence])
             return SequenceBias.of(biases, vocab, device)
 
         bad_words = None
