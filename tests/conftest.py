@@ -80,6 +80,18 @@ def stories_model():
 STORIES_WINDOW = 13
 
 
+def _stories_as(stories_model, config_class, model_class, **fields):
+    """stories260K's weights in another architecture of the family, with these config fields."""
+    own = {
+        key: value
+        for key, value in stories_model.config.to_dict().items()
+        if key not in ("architectures", "model_type")
+    }
+    model = model_class(config_class(**{**own, **fields}))
+    model.load_state_dict(stories_model.state_dict())
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def stories_window_model(stories_model):
     """stories260K's weights in a MistralForCausalLM with a sliding window (STORIES_WINDOW): a real model
@@ -87,14 +99,16 @@ def stories_window_model(stories_model):
     of tens of tokens pass)."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    fields = {
-        key: value
-        for key, value in stories_model.config.to_dict().items()
-        if key not in ("architectures", "model_type")
-    }
-    model = MistralForCausalLM(MistralConfig(**{**fields, "sliding_window": STORIES_WINDOW}))
-    model.load_state_dict(stories_model.state_dict())
-    return model.eval()
+    return _stories_as(stories_model, MistralConfig, MistralForCausalLM, sliding_window=STORIES_WINDOW)
+
+
+@pytest.fixture(scope="session")
+def stories_nope_model(stories_model):
+    """stories260K's weights in a SmolLM3ForCausalLM: its fourth layer (of five) without rope, as SmolLM3-3B
+    leaves every fourth."""
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    return _stories_as(stories_model, SmolLM3Config, SmolLM3ForCausalLM, no_rope_layer_interval=4)
 
 
 @pytest.fixture(scope="session")

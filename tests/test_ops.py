@@ -123,6 +123,23 @@ def test_rotary_embedding_kv_write(kernels, dtype, kv_format, heads, kv_heads, h
         assert (untouched == NAN_CODE).all() if fp8.is_fp8(kv_format) else untouched.isnan().all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_rows_of_angle_zero_leave_query_and_key_exact(kernels, dtype):
+    """A layer without rope (SmolLM3's) passes cos 1 and sin 0: q and k bit for bit as they came in."""
+    tokens, heads, kv_heads, head_dim = 5, 4, 2, 64
+    query, key, value = (_random(tokens, n, head_dim, dtype=dtype) for n in (heads, kv_heads, kv_heads))
+    original_q, original_k = query.clone(), key.clone()
+    unrotated = torch.cat((torch.ones(tokens, head_dim // 2), torch.zeros(tokens, head_dim // 2)), -1)
+    k_cache, _ = _cache((1, kv_heads, tokens, head_dim), "auto", dtype)
+    v_cache, _ = _cache((1, kv_heads, tokens, head_dim), "auto", dtype)
+    kernels.rotary_embedding_kv_write(
+        query, key, value, unrotated.to(dtype), k_cache, v_cache, None, None,
+        torch.zeros(tokens, dtype=torch.long), torch.arange(tokens), "auto",
+    )  # fmt: skip
+    assert torch.equal(query, original_q) and torch.equal(key, original_k)
+    assert torch.equal(k_cache[0].transpose(0, 1), original_k)
+
+
 @pytest.mark.parametrize("kv_format", ["fp8_e4m3", "fp8_e5m2"])
 def test_kv_write_fp8_scales_and_saturation(kernels, kv_format):
     key = torch.tensor([[[1e6, -2.0, 0.5, 0.0]], [[0.0, 0.0, 0.0, 0.0]]])  # one huge value; one all-zero row

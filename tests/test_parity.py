@@ -15,6 +15,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 import xpu_coopt
@@ -26,6 +28,8 @@ COMMON = dict(vocab_size=256, intermediate_size=160, num_hidden_layers=2, max_po
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}  # fmt: skip
+# SmolLM3's default special tokens lie outside the tests' vocabulary.
+SMOLLM3_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
 
 
@@ -69,6 +73,13 @@ CONFIGS = {
     # Qwen2.5's long-context setting (YaRN); a pretraining context short enough for the ramp to fall inside head_dim
     "qwen2-yarn": (Qwen2ForCausalLM, Qwen2Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
                                                  **_rope(YARN), **COMMON)),
+    # NoPE: every second layer without rope (SmolLM3-3B: every fourth)
+    "smollm3-nope": (SmolLM3ForCausalLM, SmolLM3Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+                                                       no_rope_layer_interval=2, **SMOLLM3_TOKENS, **COMMON)),
+    # use_sliding_window: a window on the layers without rope, full attention with it
+    "smollm3-window": (SmolLM3ForCausalLM, SmolLM3Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+                                                         no_rope_layer_interval=2, use_sliding_window=True,
+                                                         sliding_window=5, **SMOLLM3_TOKENS, **COMMON)),
 }  # fmt: skip
 # Relative tolerance on logits (max |diff| / max |logit|) by dtype.
 LOGIT_TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -169,6 +180,13 @@ SMALL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, vocab
              num_hidden_layers=3)  # fmt: skip
 
 
+SMOLLM3_SMALL = {**SMALL, **SMOLLM3_TOKENS, "no_rope_layer_interval": 3}  # layer 2 without rope
+ARCHITECTURES = {
+    LlamaConfig: LlamaForCausalLM, MistralConfig: MistralForCausalLM, Qwen2Config: Qwen2ForCausalLM,
+    SmolLM3Config: SmolLM3ForCausalLM,
+}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("config", "expected"),
     [
@@ -179,19 +197,41 @@ SMALL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, vocab
         (MistralConfig(sliding_window=8, **SMALL), (8, 8, 8)),
         (MistralConfig(sliding_window=None, **SMALL), (None, None, None)),
         (LlamaConfig(**SMALL), (None, None, None)),
+        (SmolLM3Config(sliding_window=8, **SMOLLM3_SMALL), (None, None, None)),
+        (SmolLM3Config(use_sliding_window=True, sliding_window=8, **SMOLLM3_SMALL), (None, None, 8)),
+        (SmolLM3Config(use_sliding_window=True, sliding_window=8,
+                       layer_types=["sliding_attention", "full_attention", "full_attention"], **SMOLLM3_SMALL),
+         (8, None, None)),
     ],
-    ids=["qwen2-off", "qwen2-max-window-layers", "qwen2-layer-types", "mistral", "mistral-none", "llama"],
+    ids=["qwen2-off", "qwen2-max-window-layers", "qwen2-layer-types", "mistral", "mistral-none", "llama",
+         "smollm3-off", "smollm3-nope-layers", "smollm3-layer-types"],
 )  # fmt: skip
 def test_layer_windows_are_those_transformers_applies(config, expected):
-    """Each layer's sliding window as transformers' modeling applies it (Qwen2's attention modules carry
-    theirs; Mistral's reads the config's on every layer)."""
-    architecture = {Qwen2Config: "Qwen2ForCausalLM", MistralConfig: "MistralForCausalLM"}.get(
-        type(config), "LlamaForCausalLM"
-    )
-    assert model_spec(config, architecture).layer_windows == expected
-    if isinstance(config, Qwen2Config):
-        layers = Qwen2ForCausalLM(config).model.layers
+    """Each layer's sliding window as transformers' modeling applies it (Qwen2's and SmolLM3's attention
+    modules carry theirs; Mistral's reads the config's on every layer)."""
+    cls = ARCHITECTURES[type(config)]
+    assert model_spec(config, cls.__name__).layer_windows == expected
+    if cls in (Qwen2ForCausalLM, SmolLM3ForCausalLM):
+        layers = cls(config).model.layers
         assert tuple(layer.self_attn.sliding_window for layer in layers) == expected
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (SmolLM3Config(**SMOLLM3_SMALL), (True, True, False)),
+        (SmolLM3Config(**{**SMOLLM3_SMALL, "no_rope_layers": [0, 1, 1, 0]}), (False, True, True)),  # longer: allowed
+        (LlamaConfig(**SMALL), (True, True, True)),
+        (Qwen2Config(**SMALL), (True, True, True)),
+    ],
+    ids=["smollm3-interval", "smollm3-list", "llama", "qwen2"],
+)  # fmt: skip
+def test_layer_rope_is_that_transformers_applies(config, expected):
+    cls = ARCHITECTURES[type(config)]
+    assert model_spec(config, cls.__name__).layer_rope == expected
+    if cls is SmolLM3ForCausalLM:
+        layers = cls(config).model.layers
+        assert tuple(bool(layer.self_attn.use_rope) for layer in layers) == expected
 
 
 def test_a_layer_type_other_than_sliding_or_full_attention_is_an_error():
@@ -199,6 +239,22 @@ def test_a_layer_type_other_than_sliding_or_full_attention_is_an_error():
     config.layer_types = ["sliding_attention", "chunked_attention", "full_attention"]
     with pytest.raises(ValueError, match="layer_types must name 'sliding_attention' or 'full_attention'"):
         model_spec(config, "Qwen2ForCausalLM")
+
+
+def test_smollm3_sliding_layers_without_use_sliding_window_are_an_error():
+    """transformers' eager and SDPA masks would apply the window there, its flash attention not: ambiguous."""
+    config = SmolLM3Config(sliding_window=8, **SMOLLM3_SMALL)
+    config.layer_types = ["full_attention", "full_attention", "sliding_attention"]
+    with pytest.raises(ValueError, match="use_sliding_window is False"):
+        model_spec(config, "SmolLM3ForCausalLM")
+
+
+@pytest.mark.parametrize("flags", [[1, 0], [1, 2, 1]], ids=["too-few", "not-a-flag"])
+def test_bad_no_rope_layers_are_an_error(flags):
+    config = SmolLM3Config(**SMOLLM3_SMALL)
+    config.no_rope_layers = flags
+    with pytest.raises(ValueError, match="no_rope_layers must hold a 0 or 1 for each of the 3 layers"):
+        model_spec(config, "SmolLM3ForCausalLM")
 
 
 def _check_prefill_and_decode(model, optimized, lengths, dtype):
@@ -252,6 +308,7 @@ def _frequent_token(model, ids, mask) -> int:
         ("mistral", 4, 4, 1.0, True),
         ("mistral-window", 3, 2, 1.0, False),
         ("qwen2-window", 4, 1, 1.0, "never"),
+        ("smollm3-window", 3, 1, 1.0, False),
     ],
 )
 def test_beam_search_identical(name, num_beams, num_return_sequences, length_penalty, early_stopping):

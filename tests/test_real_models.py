@@ -10,6 +10,7 @@ from conftest import TINYSTORIES_TEXT, require_data
 from test_parity import _assert_logits_close
 
 import xpu_coopt
+from xpu_coopt.config import model_spec
 
 
 def _stories_prompt(tokenizer):
@@ -62,6 +63,29 @@ def test_stories260k_with_a_sliding_window_matches_transformers(
     ours = xpu_coopt.optimize(stories_window_model).generate(ids, attention_mask=mask, **kwargs)
     assert torch.equal(ours, stories_window_model.generate(ids, attention_mask=mask, **kwargs))
     # the window matters here: the same weights without it write other tokens
+    assert not torch.equal(
+        xpu_coopt.optimize(stories_model).generate(ids, attention_mask=mask, **kwargs), ours
+    )
+
+
+@pytest.mark.parametrize("search", [dict(do_sample=False), dict(num_beams=4, num_return_sequences=2)],
+                         ids=["greedy", "beam4"])  # fmt: skip
+def test_stories260k_with_a_layer_without_rope_matches_transformers(
+    stories_model, stories_nope_model, stories_tokenizer, search
+):
+    """A real model with a layer that does not rotate (SmolLM3's NoPE layers): tokens as transformers over
+    unequal prompts, and not those of the same weights with rope on every layer."""
+    assert model_spec(stories_nope_model.config, "SmolLM3ForCausalLM").layer_rope == (
+        True,
+        True,
+        True,
+        False,
+        True,
+    )
+    ids, mask = _unequal_stories_prompts(stories_tokenizer)
+    kwargs = dict(max_new_tokens=40, eos_token_id=2, pad_token_id=0, **search)
+    ours = xpu_coopt.optimize(stories_nope_model).generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ours, stories_nope_model.generate(ids, attention_mask=mask, **kwargs))
     assert not torch.equal(
         xpu_coopt.optimize(stories_model).generate(ids, attention_mask=mask, **kwargs), ours
     )

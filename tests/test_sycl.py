@@ -57,6 +57,17 @@ def test_stories260k_sycl_sliding_window_tokens_match_reference(
     assert torch.equal(sycl.generate(ids, mask, **kwargs), reference)
 
 
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_stories260k_sycl_layer_without_rope_tokens_match_reference(
+    stories_nope_model, stories_tokenizer, num_beams
+):
+    """SmolLM3's layers without rope (test_real_models: the reference's tokens are transformers')."""
+    ids, mask = _unequal_stories_prompts(stories_tokenizer)
+    kwargs = dict(max_new_tokens=30, num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0)
+    reference, sycl = _generate_both(stories_nope_model, ids, attention_mask=mask, **kwargs)
+    assert torch.equal(sycl, reference)
+
+
 def test_stories260k_sycl_samples_match_reference(stories_model, stories_tokenizer):
     """Three samples of a prompt share its K/V: the SYCL decode kernel reads them as beams never reordered."""
     ids = _stories_prompt(stories_tokenizer)

@@ -49,6 +49,15 @@ def test_stories260k_triton_paged_cache_tokens_match_reference(stories_model, st
     assert torch.equal(paged.generate(ids, attention_mask=mask, **kwargs), reference)
 
 
+def test_stories260k_triton_layer_without_rope_tokens_match_reference(stories_nope_model, stories_tokenizer):
+    """SmolLM3's layers without rope (test_real_models: the reference's tokens are transformers')."""
+    ids, mask = _unequal_stories_prompts(stories_tokenizer)
+    kwargs = dict(max_new_tokens=16, do_sample=False, eos_token_id=2, pad_token_id=0)
+    reference = xpu_coopt.optimize(stories_nope_model, backend="torch").generate(ids, mask, **kwargs)
+    triton = xpu_coopt.optimize(stories_nope_model, backend="triton").generate(ids, mask, **kwargs)
+    assert torch.equal(triton, reference)
+
+
 def test_stories260k_triton_shares_out_more_rows_than_a_program_serves(stories_model, stories_tokenizer):
     """One more beam than a decode program's rows hold (x 2 query heads per KV head): two programs share
     each (request, KV head)'s rows out, each with its own beams' response rows, and the tokens are the

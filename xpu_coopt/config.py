@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "SmolLM3ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
 
@@ -48,6 +48,8 @@ class ModelSpec:
     tie_word_embeddings: bool
     # Each layer's sliding window (its queries attend to their last `window` keys), None for full attention.
     layer_windows: tuple[int | None, ...]
+    # Whether each layer rotates its queries and keys (SmolLM3 leaves every fourth layer without positions).
+    layer_rope: tuple[bool, ...]
 
     @property
     def attention_scale(self) -> float:
@@ -108,8 +110,9 @@ def _yarn_attention_factor(params: dict[str, Any], factor: float) -> float:
 
 def _layer_windows(config: Any, architecture: str, num_layers: int) -> tuple[int | None, ...]:
     """Each layer's sliding window (None: full attention), where transformers' modeling of the
-    architecture applies one: Mistral on every layer; Qwen2 only with use_sliding_window, on the layers
-    its layer_types name (by default from max_window_layers on); Llama never."""
+    architecture applies one: Mistral on every layer; Qwen2 and SmolLM3 only with use_sliding_window, on
+    the layers their layer_types name (Qwen2's by default from max_window_layers on, SmolLM3's its layers
+    without rope); Llama never."""
     window = getattr(config, "sliding_window", None)
     if architecture == "LlamaForCausalLM" or window is None:
         return (None,) * num_layers
@@ -117,8 +120,6 @@ def _layer_windows(config: Any, architecture: str, num_layers: int) -> tuple[int
         raise ValueError(f"sliding_window must be at least 1 (or None), not {window}")
     if architecture == "MistralForCausalLM":  # its modeling ignores layer_types
         return (int(window),) * num_layers
-    if not getattr(config, "use_sliding_window", False):
-        return (None,) * num_layers
     layer_types = getattr(config, "layer_types", None) or [
         "sliding_attention" if layer >= config.max_window_layers else "full_attention"
         for layer in range(num_layers)
@@ -128,7 +129,28 @@ def _layer_windows(config: Any, architecture: str, num_layers: int) -> tuple[int
             f"layer_types must name 'sliding_attention' or 'full_attention' for each of the {num_layers} "
             f"layers, not {layer_types}"
         )
+    if not getattr(config, "use_sliding_window", False):
+        # Qwen2's config drops the window then; SmolLM3's keeps it, and transformers' attention functions
+        # disagree on it (the eager and SDPA masks apply it to the sliding layers, flash attention not).
+        if "sliding_attention" in layer_types and architecture == "SmolLM3ForCausalLM":
+            raise ValueError(
+                "layer_types names sliding_attention layers while use_sliding_window is False: set "
+                "use_sliding_window=True to apply the window, or sliding_window=None"
+            )
+        return (None,) * num_layers
     return tuple(int(window) if kind == "sliding_attention" else None for kind in layer_types)
+
+
+def _layer_rope(config: Any, architecture: str, num_layers: int) -> tuple[bool, ...]:
+    """SmolLM3's no_rope_layers (1: the layer rotates, 0: it does not); every layer elsewhere."""
+    flags = getattr(config, "no_rope_layers", None)
+    if architecture != "SmolLM3ForCausalLM" or flags is None:
+        return (True,) * num_layers
+    if len(flags) < num_layers or not set(flags) <= {0, 1}:
+        raise ValueError(
+            f"no_rope_layers must hold a 0 or 1 for each of the {num_layers} layers, not {flags}"
+        )
+    return tuple(bool(flag) for flag in flags[:num_layers])
 
 
 def model_spec(config: Any, architecture: str) -> ModelSpec:
@@ -167,4 +189,5 @@ def model_spec(config: Any, architecture: str) -> ModelSpec:
         rope=_rope(config),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         layer_windows=_layer_windows(config, architecture, num_layers),
+        layer_rope=_layer_rope(config, architecture, num_layers),
     )

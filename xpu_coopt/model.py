@@ -105,6 +105,12 @@ class DecoderLayer:
     down_proj: FusedLinear  # intermediate -> hidden
 
 
+def _unrotated(cos_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary rows [cos | sin] of angle zero, shaped as cos_sin."""
+    half = cos_sin.shape[-1] // 2
+    return torch.cat((torch.ones_like(cos_sin[:, :half]), torch.zeros_like(cos_sin[:, half:])), dim=-1)
+
+
 def _norm_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return module.weight.detach().to(dtype)
 
@@ -191,6 +197,8 @@ class LlamaDecoder:
         residual = F.embedding(input_ids.reshape(-1), self.embed_tokens)  # [T, hidden]
         # Each token's rotary [cos | sin] row, rounded to the compute dtype (as transformers), for all layers.
         cos_sin = self.cos_sin_cache[positions.reshape(-1)].to(self.dtype)  # [T, D]
+        # A layer without rope (SmolLM3's) takes rows of cos 1 and sin 0: q and k come out exactly as they went in.
+        unrotated = None if all(spec.layer_rope) else _unrotated(cos_sin)
         tokens = residual.shape[0]
         fused = self.fusions is not None and tokens <= self.fusions.max_rows
         pending = None  # unfused: a sublayer's output, added to the residual by the next norm
@@ -199,7 +207,8 @@ class LlamaDecoder:
             query = qkv[:, : heads * dim].view(tokens, heads, dim)
             key = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
             value = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
-            attention = cache.attend(index, query, key, value, cos_sin)  # [T, H * D]
+            rotary = cos_sin if spec.layer_rope[index] else unrotated
+            attention = cache.attend(index, query, key, value, rotary)  # [T, H * D]
             pending = self._residual_branch(layer.o_proj, attention, residual, fused)
             hidden = self._normed(layer.gate_up, pending, residual, layer.post_attention_norm, fused, True)
             pending = self._residual_branch(layer.down_proj, hidden, residual, fused)
