@@ -88,7 +88,14 @@ def _stories_as(stories_model, config_class, model_class, **fields):
         if key not in ("architectures", "model_type")
     }
     model = model_class(config_class(**{**own, **fields}))
-    model.load_state_dict(stories_model.state_dict())
+    missing, unexpected = model.load_state_dict(stories_model.state_dict(), strict=False)
+    # Weights stories260K has no counterpart of (Qwen3's query and key norms): drawn around 1, not left at 1.
+    assert not unexpected and all(name.endswith(("q_norm.weight", "k_norm.weight")) for name in missing)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in missing:
+            weight = model.get_parameter(name)
+            weight.copy_(1 + 0.3 * torch.randn(weight.shape, generator=generator))
     return model.eval()
 
 
@@ -109,6 +116,19 @@ def stories_nope_model(stories_model):
     from transformers import SmolLM3Config, SmolLM3ForCausalLM
 
     return _stories_as(stories_model, SmolLM3Config, SmolLM3ForCausalLM, no_rope_layer_interval=4)
+
+
+@pytest.fixture(scope="session")
+def stories_qwen3_model(stories_model):
+    """stories260K's weights in a Qwen3ForCausalLM: each head's query and key RMS-normalized before rope
+    (the norms' weights drawn at random)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return _stories_as(stories_model, Qwen3Config, Qwen3ForCausalLM)
+
+
+# stories260K's weights in other architectures' attention variants, by architecture: their fixtures' names
+STORIES_VARIANTS = {"smollm3": "stories_nope_model", "qwen3": "stories_qwen3_model"}
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     SmolLM3Config,
     SmolLM3ForCausalLM,
 )
@@ -73,6 +75,12 @@ CONFIGS = {
     # Qwen2.5's long-context setting (YaRN); a pretraining context short enough for the ramp to fall inside head_dim
     "qwen2-yarn": (Qwen2ForCausalLM, Qwen2Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
                                                  **_rope(YARN), **COMMON)),
+    # each head's query and key RMS-normalized before rope; head_dim * heads unequal to hidden_size, as Qwen3-0.6B's
+    "qwen3-qk-norm": (Qwen3ForCausalLM, Qwen3Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+                                                    head_dim=64, **COMMON)),
+    "qwen3-window": (Qwen3ForCausalLM, Qwen3Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
+                                                   head_dim=32, use_sliding_window=True, sliding_window=5,
+                                                   max_window_layers=1, **COMMON)),
     # NoPE: every second layer without rope (SmolLM3-3B: every fourth)
     "smollm3-nope": (SmolLM3ForCausalLM, SmolLM3Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
                                                        no_rope_layer_interval=2, **SMOLLM3_TOKENS, **COMMON)),
@@ -183,7 +191,7 @@ SMALL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, vocab
 SMOLLM3_SMALL = {**SMALL, **SMOLLM3_TOKENS, "no_rope_layer_interval": 3}  # layer 2 without rope
 ARCHITECTURES = {
     LlamaConfig: LlamaForCausalLM, MistralConfig: MistralForCausalLM, Qwen2Config: Qwen2ForCausalLM,
-    SmolLM3Config: SmolLM3ForCausalLM,
+    Qwen3Config: Qwen3ForCausalLM, SmolLM3Config: SmolLM3ForCausalLM,
 }  # fmt: skip
 
 
@@ -197,6 +205,7 @@ ARCHITECTURES = {
         (MistralConfig(sliding_window=8, **SMALL), (8, 8, 8)),
         (MistralConfig(sliding_window=None, **SMALL), (None, None, None)),
         (LlamaConfig(**SMALL), (None, None, None)),
+        (Qwen3Config(use_sliding_window=True, sliding_window=8, max_window_layers=2, **SMALL), (None, None, 8)),
         (SmolLM3Config(sliding_window=8, **SMOLLM3_SMALL), (None, None, None)),
         (SmolLM3Config(use_sliding_window=True, sliding_window=8, **SMOLLM3_SMALL), (None, None, 8)),
         (SmolLM3Config(use_sliding_window=True, sliding_window=8,
@@ -204,14 +213,14 @@ ARCHITECTURES = {
          (8, None, None)),
     ],
     ids=["qwen2-off", "qwen2-max-window-layers", "qwen2-layer-types", "mistral", "mistral-none", "llama",
-         "smollm3-off", "smollm3-nope-layers", "smollm3-layer-types"],
+         "qwen3-max-window-layers", "smollm3-off", "smollm3-nope-layers", "smollm3-layer-types"],
 )  # fmt: skip
 def test_layer_windows_are_those_transformers_applies(config, expected):
     """Each layer's sliding window as transformers' modeling applies it (Qwen2's and SmolLM3's attention
     modules carry theirs; Mistral's reads the config's on every layer)."""
     cls = ARCHITECTURES[type(config)]
     assert model_spec(config, cls.__name__).layer_windows == expected
-    if cls in (Qwen2ForCausalLM, SmolLM3ForCausalLM):
+    if cls in (Qwen2ForCausalLM, Qwen3ForCausalLM, SmolLM3ForCausalLM):
         layers = cls(config).model.layers
         assert tuple(layer.self_attn.sliding_window for layer in layers) == expected
 
@@ -309,6 +318,7 @@ def _frequent_token(model, ids, mask) -> int:
         ("mistral-window", 3, 2, 1.0, False),
         ("qwen2-window", 4, 1, 1.0, "never"),
         ("smollm3-window", 3, 1, 1.0, False),
+        ("qwen3-window", 4, 2, 1.0, True),
     ],
 )
 def test_beam_search_identical(name, num_beams, num_return_sequences, length_penalty, early_stopping):

@@ -91,6 +91,19 @@ def test_stories260k_with_a_layer_without_rope_matches_transformers(
     )
 
 
+@pytest.mark.parametrize("search", [dict(do_sample=False), dict(num_beams=4, num_return_sequences=2)],
+                         ids=["greedy", "beam4"])  # fmt: skip
+def test_stories260k_with_query_and_key_norms_matches_transformers(
+    stories_qwen3_model, stories_tokenizer, search
+):
+    """A real model whose attention RMS-normalizes each query and key head before rope (Qwen3's): tokens as
+    transformers over unequal prompts."""
+    ids, mask = _unequal_stories_prompts(stories_tokenizer)
+    kwargs = dict(max_new_tokens=40, eos_token_id=2, pad_token_id=0, **search)
+    ours = xpu_coopt.optimize(stories_qwen3_model).generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ours, stories_qwen3_model.generate(ids, attention_mask=mask, **kwargs))
+
+
 def test_stories260k_loader_gives_the_published_perplexity(stories_model, stories_tokenizer):
     # The llama2.c loader permutes W_q/W_k for rotate-half RoPE; a wrong permutation ruins perplexity.
     text = require_data(TINYSTORIES_TEXT).read_text()[:4000]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import STORIES_VARIANTS
 from test_real_models import _stories_prompt, _unequal_stories_prompts
 
 import xpu_coopt
@@ -58,13 +59,16 @@ def test_stories260k_sycl_sliding_window_tokens_match_reference(
 
 
 @pytest.mark.parametrize("num_beams", [1, 4])
-def test_stories260k_sycl_layer_without_rope_tokens_match_reference(
-    stories_nope_model, stories_tokenizer, num_beams
+@pytest.mark.parametrize("architecture", sorted(STORIES_VARIANTS))
+def test_stories260k_sycl_tokens_of_other_attention_variants_match_reference(
+    request, stories_tokenizer, architecture, num_beams
 ):
-    """SmolLM3's layers without rope (test_real_models: the reference's tokens are transformers')."""
+    """SmolLM3's layers without rope, Qwen3's query and key norms (test_real_models: the reference's
+    tokens are transformers')."""
+    model = request.getfixturevalue(STORIES_VARIANTS[architecture])
     ids, mask = _unequal_stories_prompts(stories_tokenizer)
     kwargs = dict(max_new_tokens=30, num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0)
-    reference, sycl = _generate_both(stories_nope_model, ids, attention_mask=mask, **kwargs)
+    reference, sycl = _generate_both(model, ids, attention_mask=mask, **kwargs)
     assert torch.equal(sycl, reference)
 
 

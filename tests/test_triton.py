@@ -14,7 +14,7 @@ from pathlib import Path
 import oracles
 import pytest
 import torch
-from conftest import assert_close
+from conftest import STORIES_VARIANTS, assert_close
 from test_ops import _segment_case
 from test_real_models import _stories_prompt, _unequal_stories_prompts
 
@@ -49,12 +49,17 @@ def test_stories260k_triton_paged_cache_tokens_match_reference(stories_model, st
     assert torch.equal(paged.generate(ids, attention_mask=mask, **kwargs), reference)
 
 
-def test_stories260k_triton_layer_without_rope_tokens_match_reference(stories_nope_model, stories_tokenizer):
-    """SmolLM3's layers without rope (test_real_models: the reference's tokens are transformers')."""
+@pytest.mark.parametrize("architecture", sorted(STORIES_VARIANTS))
+def test_stories260k_triton_tokens_of_other_attention_variants_match_reference(
+    request, stories_tokenizer, architecture
+):
+    """SmolLM3's layers without rope, Qwen3's query and key norms (test_real_models: the reference's
+    tokens are transformers')."""
+    model = request.getfixturevalue(STORIES_VARIANTS[architecture])
     ids, mask = _unequal_stories_prompts(stories_tokenizer)
     kwargs = dict(max_new_tokens=16, do_sample=False, eos_token_id=2, pad_token_id=0)
-    reference = xpu_coopt.optimize(stories_nope_model, backend="torch").generate(ids, mask, **kwargs)
-    triton = xpu_coopt.optimize(stories_nope_model, backend="triton").generate(ids, mask, **kwargs)
+    reference = xpu_coopt.optimize(model, backend="torch").generate(ids, mask, **kwargs)
+    triton = xpu_coopt.optimize(model, backend="triton").generate(ids, mask, **kwargs)
     assert torch.equal(triton, reference)
 
 

@@ -30,13 +30,14 @@ def optimize(
     pack_shared_weights: bool = False,
     device: str | torch.device | None = None,
 ) -> OptimizedModel:
-    """Returns `model` (a Hugging Face LLaMA, Mistral, Qwen2 or SmolLM3 causal LM) on xpu_coopt's kernels.
+    """Returns `model` (a Hugging Face LLaMA, Mistral, Qwen2, Qwen3 or SmolLM3 causal LM) on xpu_coopt's kernels.
 
     Mirrors `ipex.llm.optimize(model, dtype=..., device=..., inplace=...)`: an IPEX user changes one import.
 
     Parameters
     ----------
-    model : transformers LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or SmolLM3ForCausalLM
+    model : transformers LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM or
+            SmolLM3ForCausalLM
         Its weights are shared, not copied (the fused q/k/v and gate/up matrices excepted, see inplace).
     dtype : torch.float32, torch.bfloat16 or torch.float16, optional
         Compute dtype; default the model's own.

@@ -10,7 +10,15 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "SmolLM3ForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "SmolLM3ForCausalLM",
+)
+# Architectures whose attention RMS-normalizes each head's query and key (weights [head_dim]) before rope.
+QUERY_KEY_NORM_ARCHITECTURES = ("Qwen3ForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
 
@@ -50,6 +58,9 @@ class ModelSpec:
     layer_windows: tuple[int | None, ...]
     # Whether each layer rotates its queries and keys (SmolLM3 leaves every fourth layer without positions).
     layer_rope: tuple[bool, ...]
+    # Qwen3: each head's query and key RMS-normalized (over head_dim, with the layer's q_norm and k_norm
+    # weights) before rope.
+    query_key_norm: bool
 
     @property
     def attention_scale(self) -> float:
@@ -110,9 +121,9 @@ def _yarn_attention_factor(params: dict[str, Any], factor: float) -> float:
 
 def _layer_windows(config: Any, architecture: str, num_layers: int) -> tuple[int | None, ...]:
     """Each layer's sliding window (None: full attention), where transformers' modeling of the
-    architecture applies one: Mistral on every layer; Qwen2 and SmolLM3 only with use_sliding_window, on
-    the layers their layer_types name (Qwen2's by default from max_window_layers on, SmolLM3's its layers
-    without rope); Llama never."""
+    architecture applies one: Mistral on every layer; Qwen2, Qwen3 and SmolLM3 only with
+    use_sliding_window, on the layers their layer_types name (Qwen2's and Qwen3's by default from
+    max_window_layers on, SmolLM3's its layers without rope); Llama never."""
     window = getattr(config, "sliding_window", None)
     if architecture == "LlamaForCausalLM" or window is None:
         return (None,) * num_layers
@@ -190,4 +201,5 @@ def model_spec(config: Any, architecture: str) -> ModelSpec:
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         layer_windows=_layer_windows(config, architecture, num_layers),
         layer_rope=_layer_rope(config, architecture, num_layers),
+        query_key_norm=architecture in QUERY_KEY_NORM_ARCHITECTURES,
     )

@@ -103,6 +103,8 @@ class DecoderLayer:
     post_attention_norm: torch.Tensor  # [hidden]
     gate_up: FusedLinear  # hidden -> 2 * intermediate
     down_proj: FusedLinear  # intermediate -> hidden
+    query_norm: torch.Tensor | None = None  # [D], each query head's RMSNorm before rope (Qwen3)
+    key_norm: torch.Tensor | None = None  # [D], each key head's
 
 
 def _unrotated(cos_sin: torch.Tensor) -> torch.Tensor:
@@ -132,7 +134,10 @@ class LlamaDecoder:
         self.dtype = dtype
         backbone = hf_model.model
         self.embed_tokens = backbone.embed_tokens.weight.detach().to(dtype)  # [vocab, hidden]
-        self.layers = [self._layer(layer, dtype, ops, inplace, pack_shared) for layer in backbone.layers]
+        self.layers = [
+            self._layer(layer, dtype, ops, inplace, pack_shared, spec.query_key_norm)
+            for layer in backbone.layers
+        ]
         self.final_norm = _norm_weight(backbone.norm, dtype)
         self.lm_head = FusedLinear([hf_model.lm_head], dtype, ops, inplace, pack_shared)  # hidden -> vocab
         self.cos_sin_cache = cos_sin_cache(
@@ -145,10 +150,12 @@ class LlamaDecoder:
 
     @staticmethod
     def _layer(
-        layer: nn.Module, dtype: torch.dtype, ops: Ops, inplace: bool, pack_shared: bool
+        layer: nn.Module, dtype: torch.dtype, ops: Ops, inplace: bool, pack_shared: bool, query_key_norm: bool
     ) -> DecoderLayer:
         attn, mlp = layer.self_attn, layer.mlp
         return DecoderLayer(
+            query_norm=_norm_weight(attn.q_norm, dtype) if query_key_norm else None,
+            key_norm=_norm_weight(attn.k_norm, dtype) if query_key_norm else None,
             input_norm=_norm_weight(layer.input_layernorm, dtype),
             qkv=FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, ops, inplace),
             o_proj=FusedLinear([attn.o_proj], dtype, ops, inplace, pack_shared),
@@ -166,6 +173,7 @@ class LlamaDecoder:
         tensors = [self.embed_tokens, self.final_norm]
         for layer in self.layers:
             tensors += [layer.input_norm, layer.post_attention_norm]
+            tensors += [norm for norm in (layer.query_norm, layer.key_norm) if norm is not None]
         return tensors + [t for projection in self._projections() for t in projection.tensors()]
 
     def new_cache(
@@ -207,6 +215,8 @@ class LlamaDecoder:
             query = qkv[:, : heads * dim].view(tokens, heads, dim)
             key = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
             value = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
+            if layer.query_norm is not None:
+                query, key = self._head_norm(query, layer.query_norm), self._head_norm(key, layer.key_norm)
             rotary = cos_sin if spec.layer_rope[index] else unrotated
             attention = cache.attend(index, query, key, value, rotary)  # [T, H * D]
             pending = self._residual_branch(layer.o_proj, attention, residual, fused)
@@ -221,6 +231,11 @@ class LlamaDecoder:
         if last_only:
             hidden = hidden[:, -1]
         return self.lm_head(hidden)
+
+    def _head_norm(self, heads: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of each [D] head row of heads [T, heads, D] (a strided view of the q/k/v GEMM's output)."""
+        rows = heads.reshape(-1, heads.shape[-1])
+        return self.ops.rms_norm(rows, weight, self.spec.rms_norm_eps).view(heads.shape)
 
     def _normed(
         self,
