@@ -22,18 +22,18 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.testing
-from transformers import LlamaConfig
 from triton.runtime.errors import OutOfResources
 
 from xpu_coopt.config import model_spec
-from xpu_coopt.models import SHAPE_PRESETS
+from xpu_coopt.models import SHAPE_PRESETS, preset_config
 from xpu_coopt.triton.linear import SkinnyLaunch, launch_skinny_linear, skinny_launch
 
 
 def projection_shapes(preset: str) -> tuple[tuple[str, int, int, int], ...]:
     """(name, N, K, calls per decode step) of each projection of a shape preset (xpu_coopt.models), read
     from its config as optimize() reads it."""
-    spec = model_spec(LlamaConfig(**SHAPE_PRESETS[preset]), "LlamaForCausalLM")
+    config = preset_config(preset)
+    spec = model_spec(config, config.architectures[0])
     hidden, layers, attention = spec.hidden_size, spec.num_layers, spec.num_heads * spec.head_dim
     qkv = attention + 2 * spec.num_kv_heads * spec.head_dim
     return (("qkv", qkv, hidden, layers), ("o_proj", hidden, attention, layers),

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import STORIES_MODEL, require_data
 
 from xpu_coopt.cli import main
+from xpu_coopt.config import model_spec
+from xpu_coopt.models import SHAPE_PRESETS, random_model
 
 
 def test_bench_runs_both_sides_and_writes_json(tmp_path, capsys):
@@ -88,3 +91,16 @@ def test_bench_frees_the_kept_decode_graph_after_each_run_unless_asked(monkeypat
     assert main(args) == 0
     assert len(released) == (0 if keep else 3)  # after the warm-up and each of the 2 timed runs
     assert f"keep_decode_graph={keep}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("preset", sorted(SHAPE_PRESETS))
+def test_shape_presets_are_models_optimize_reads_as_transformers_builds_them(preset):
+    """Every preset is a model of its architecture's class whose shapes (read as optimize() reads them)
+    are those transformers builds; built on the meta device, it takes no memory."""
+    model = random_model(preset, torch.bfloat16, "meta")
+    spec = model_spec(model.config, type(model).__name__)
+    attention = model.model.layers[0].self_attn
+    assert model.dtype == torch.bfloat16 and len(model.model.layers) == spec.num_layers
+    assert attention.q_proj.out_features == spec.num_heads * spec.head_dim
+    assert attention.k_proj.out_features == spec.num_kv_heads * spec.head_dim
+    assert spec.query_key_norm == hasattr(attention, "q_norm")

@@ -35,7 +35,19 @@ SHAPE_PRESETS: dict[str, dict[str, Any]] = {
         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, rms_norm_eps=1e-5,
         rope_theta=100000.0, tie_word_embeddings=True,
     ),
+    "qwen3-0.6b": dict(
+        hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+    ),
+    "qwen3-8b": dict(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
+    ),
 }  # fmt: skip
+# The architecture of each preset that is not a LlamaForCausalLM.
+PRESET_ARCHITECTURES = {"qwen3-0.6b": "Qwen3ForCausalLM", "qwen3-8b": "Qwen3ForCausalLM"}
 
 _LLAMA2C_HEADER = struct.Struct("<7i")
 
@@ -143,20 +155,30 @@ def load_gguf(folder: Path, file_name: str, dtype: torch.dtype):
     return model, tokenizer
 
 
-def random_model(preset: str, dtype: torch.dtype, device: str | torch.device = "cpu"):
-    """A model of a published shape with random weights, created directly on `device` in `dtype`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def preset_config(preset: str):
+    """The transformers config of a shape preset, of its architecture's config class (named in its
+    `architectures`)."""
     if preset not in SHAPE_PRESETS:
         raise ValueError(f"unknown shape preset {preset!r}; presets: {', '.join(SHAPE_PRESETS)}")
-    config = LlamaConfig(
-        **SHAPE_PRESETS[preset], architectures=["LlamaForCausalLM"], bos_token_id=1, eos_token_id=2
-    )
+    architecture = PRESET_ARCHITECTURES.get(preset, "LlamaForCausalLM")
+    config_class = _transformers_class(architecture).config_class
+    return config_class(**SHAPE_PRESETS[preset], architectures=[architecture], bos_token_id=1, eos_token_id=2)
+
+
+def _transformers_class(name: str):
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def random_model(preset: str, dtype: torch.dtype, device: str | torch.device = "cpu"):
+    """A model of a published shape with random weights, created directly on `device` in `dtype`."""
+    config = preset_config(preset)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config)
+            model = _transformers_class(config.architectures[0])(config)
     finally:
         torch.set_default_dtype(previous)
     return model.eval()
