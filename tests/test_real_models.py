@@ -51,57 +51,54 @@ def test_stories260k_beam_search_matches_transformers(stories_model, stories_tok
     torch.testing.assert_close(ours.sequences_scores, theirs.sequences_scores, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("search", [dict(do_sample=False), dict(num_beams=4, num_return_sequences=2)],
-                         ids=["greedy", "beam4"])  # fmt: skip
+SEARCHES = pytest.mark.parametrize(
+    "search", [dict(do_sample=False), dict(num_beams=4, num_return_sequences=2)], ids=["greedy", "beam4"]
+)
+
+
+def _matches_transformers_over_unequal_prompts(model, tokenizer, search) -> torch.Tensor:
+    """xpu_coopt's tokens equal transformers' over unequal (left-padded) stories prompts; returns them."""
+    ids, mask = _unequal_stories_prompts(tokenizer)
+    kwargs = dict(max_new_tokens=40, eos_token_id=2, pad_token_id=0, **search)
+    ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
+    assert torch.equal(ours, model.generate(ids, attention_mask=mask, **kwargs))
+    return ours
+
+
+def _plain_stories_tokens(stories_model, tokenizer, search) -> torch.Tensor:
+    ids, mask = _unequal_stories_prompts(tokenizer)
+    kwargs = dict(max_new_tokens=40, eos_token_id=2, pad_token_id=0, **search)
+    return xpu_coopt.optimize(stories_model).generate(ids, attention_mask=mask, **kwargs)
+
+
+@SEARCHES
 def test_stories260k_with_a_sliding_window_matches_transformers(
     stories_model, stories_window_model, stories_tokenizer, search
 ):
-    """A real model with a sliding window shorter than its sequences (Mistral's attention): tokens and,
-    over unequal prompts, left padding as transformers."""
-    ids, mask = _unequal_stories_prompts(stories_tokenizer)
-    kwargs = dict(max_new_tokens=40, eos_token_id=2, pad_token_id=0, **search)
-    ours = xpu_coopt.optimize(stories_window_model).generate(ids, attention_mask=mask, **kwargs)
-    assert torch.equal(ours, stories_window_model.generate(ids, attention_mask=mask, **kwargs))
+    """A real model with a sliding window shorter than its sequences (Mistral's attention)."""
+    ours = _matches_transformers_over_unequal_prompts(stories_window_model, stories_tokenizer, search)
     # the window matters here: the same weights without it write other tokens
-    assert not torch.equal(
-        xpu_coopt.optimize(stories_model).generate(ids, attention_mask=mask, **kwargs), ours
-    )
+    assert not torch.equal(_plain_stories_tokens(stories_model, stories_tokenizer, search), ours)
 
 
-@pytest.mark.parametrize("search", [dict(do_sample=False), dict(num_beams=4, num_return_sequences=2)],
-                         ids=["greedy", "beam4"])  # fmt: skip
+@SEARCHES
 def test_stories260k_with_a_layer_without_rope_matches_transformers(
     stories_model, stories_nope_model, stories_tokenizer, search
 ):
-    """A real model with a layer that does not rotate (SmolLM3's NoPE layers): tokens as transformers over
-    unequal prompts, and not those of the same weights with rope on every layer."""
-    assert model_spec(stories_nope_model.config, "SmolLM3ForCausalLM").layer_rope == (
-        True,
-        True,
-        True,
-        False,
-        True,
-    )
-    ids, mask = _unequal_stories_prompts(stories_tokenizer)
-    kwargs = dict(max_new_tokens=40, eos_token_id=2, pad_token_id=0, **search)
-    ours = xpu_coopt.optimize(stories_nope_model).generate(ids, attention_mask=mask, **kwargs)
-    assert torch.equal(ours, stories_nope_model.generate(ids, attention_mask=mask, **kwargs))
-    assert not torch.equal(
-        xpu_coopt.optimize(stories_model).generate(ids, attention_mask=mask, **kwargs), ours
-    )
+    """A real model with a layer that does not rotate (SmolLM3's NoPE layers), whose tokens are not those
+    of the same weights with rope on every layer."""
+    spec = model_spec(stories_nope_model.config, "SmolLM3ForCausalLM")
+    assert spec.layer_rope == (True, True, True, False, True)
+    ours = _matches_transformers_over_unequal_prompts(stories_nope_model, stories_tokenizer, search)
+    assert not torch.equal(_plain_stories_tokens(stories_model, stories_tokenizer, search), ours)
 
 
-@pytest.mark.parametrize("search", [dict(do_sample=False), dict(num_beams=4, num_return_sequences=2)],
-                         ids=["greedy", "beam4"])  # fmt: skip
+@SEARCHES
 def test_stories260k_with_query_and_key_norms_matches_transformers(
     stories_qwen3_model, stories_tokenizer, search
 ):
-    """A real model whose attention RMS-normalizes each query and key head before rope (Qwen3's): tokens as
-    transformers over unequal prompts."""
-    ids, mask = _unequal_stories_prompts(stories_tokenizer)
-    kwargs = dict(max_new_tokens=40, eos_token_id=2, pad_token_id=0, **search)
-    ours = xpu_coopt.optimize(stories_qwen3_model).generate(ids, attention_mask=mask, **kwargs)
-    assert torch.equal(ours, stories_qwen3_model.generate(ids, attention_mask=mask, **kwargs))
+    """A real model whose attention RMS-normalizes each query and key head before rope (Qwen3's)."""
+    _matches_transformers_over_unequal_prompts(stories_qwen3_model, stories_tokenizer, search)
 
 
 def test_stories260k_loader_gives_the_published_perplexity(stories_model, stories_tokenizer):
