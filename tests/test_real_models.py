@@ -56,19 +56,21 @@ SEARCHES = pytest.mark.parametrize(
 )
 
 
-def _matches_transformers_over_unequal_prompts(model, tokenizer, search) -> torch.Tensor:
-    """xpu_coopt's tokens equal transformers' over unequal (left-padded) stories prompts; returns them."""
+def _over_unequal_prompts(generate, tokenizer, search) -> torch.Tensor:
+    """generate's tokens for unequal (left-padded) stories prompts, 40 new at most, under `search`."""
     ids, mask = _unequal_stories_prompts(tokenizer)
-    kwargs = dict(max_new_tokens=40, eos_token_id=2, pad_token_id=0, **search)
-    ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
-    assert torch.equal(ours, model.generate(ids, attention_mask=mask, **kwargs))
+    return generate(ids, attention_mask=mask, max_new_tokens=40, eos_token_id=2, pad_token_id=0, **search)
+
+
+def _matches_transformers_over_unequal_prompts(model, tokenizer, search) -> torch.Tensor:
+    """xpu_coopt's tokens equal transformers' over unequal stories prompts; returns them."""
+    ours = _over_unequal_prompts(xpu_coopt.optimize(model).generate, tokenizer, search)
+    assert torch.equal(ours, _over_unequal_prompts(model.generate, tokenizer, search))
     return ours
 
 
 def _plain_stories_tokens(stories_model, tokenizer, search) -> torch.Tensor:
-    ids, mask = _unequal_stories_prompts(tokenizer)
-    kwargs = dict(max_new_tokens=40, eos_token_id=2, pad_token_id=0, **search)
-    return xpu_coopt.optimize(stories_model).generate(ids, attention_mask=mask, **kwargs)
+    return _over_unequal_prompts(xpu_coopt.optimize(stories_model).generate, tokenizer, search)
 
 
 @SEARCHES
