@@ -154,14 +154,14 @@ class LlamaDecoder:
     ) -> DecoderLayer:
         attn, mlp = layer.self_attn, layer.mlp
         return DecoderLayer(
-            query_norm=_norm_weight(attn.q_norm, dtype) if query_key_norm else None,
-            key_norm=_norm_weight(attn.k_norm, dtype) if query_key_norm else None,
             input_norm=_norm_weight(layer.input_layernorm, dtype),
             qkv=FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, ops, inplace),
             o_proj=FusedLinear([attn.o_proj], dtype, ops, inplace, pack_shared),
             post_attention_norm=_norm_weight(layer.post_attention_layernorm, dtype),
             gate_up=FusedLinear([mlp.gate_proj, mlp.up_proj], dtype, ops, inplace),
             down_proj=FusedLinear([mlp.down_proj], dtype, ops, inplace, pack_shared),
+            query_norm=_norm_weight(attn.q_norm, dtype) if query_key_norm else None,
+            key_norm=_norm_weight(attn.k_norm, dtype) if query_key_norm else None,
         )
 
     def _projections(self) -> list[FusedLinear]:
