@@ -9,6 +9,7 @@ from test_parity import _frequent_token, _hf_logits, _model, _prompts
 import xpu_coopt
 from xpu_coopt.cache import BLOCK_SIZE, RESPONSE_STEP, PagedKVCache
 from xpu_coopt.kv_scales import KVScales
+from xpu_coopt.optimized_model import prompt_layout
 
 
 def test_kv_bytes_are_prompt_once_plus_response_per_beam():
@@ -131,6 +132,37 @@ def test_a_cache_fits_and_resets_for_a_generation_within_its_room(beams):
     assert cache.capacity == (16 + 4 if beams == 1 else 16)  # one beam: the prompt's unused columns too
     with pytest.raises(ValueError, match="2 prompts of 30 columns do not fit this cache's 2 of at most"):
         cache.reset(starts, 30)
+
+
+@pytest.mark.parametrize("kv_cache", ["segment", "paged"])
+@pytest.mark.parametrize("beams", [1, 3])
+def test_a_reset_cache_under_a_window_decodes_as_a_new_one(kv_cache, beams):
+    """A window of 6 on every layer: a cache made for prompts 35 wide keeps 5 of their columns, so prompts
+    60 wide fit it too (they keep 5), and after a reset the cache, set to device lengths as a decode graph
+    has it, gives a new cache's logits at every step."""
+    model = _model("mistral-window")
+    optimized = xpu_coopt.optimize(model, kv_cache=kv_cache)
+    ids, mask = _prompts([35, 2, 17], model.config.vocab_size, seed=5)
+    logits, cache = optimized.prefill(ids, mask, beams, 16)
+    cache.use_device_lengths()
+    tokens = logits.argmax(-1).repeat_interleave(beams)
+    for _ in range(3):
+        tokens = optimized.decode(tokens, cache).argmax(-1)
+    ids, mask = _prompts([60, 30, 3], model.config.vocab_size, seed=6)
+    assert cache.fits(3, 60, beams, 16) and not cache.fits(3, 60, beams, 33)
+    _, positions, starts = prompt_layout(ids, mask, optimized.spec)
+    cache.reset(starts, 60)
+    assert cache.kept_columns == 5 and cache.kept_start.tolist() == [0, 0, 2]
+    with torch.inference_mode():  # as prefill() runs it
+        reused = optimized.decoder.forward(ids, positions, cache, True)
+    cache.end_step()
+    expected, new = optimized.prefill(ids, mask, beams, 16)
+    torch.testing.assert_close(reused, expected, atol=0, rtol=0)
+    tokens = expected.argmax(-1).repeat_interleave(beams)
+    for _ in range(16):
+        expected = optimized.decode(tokens, new)
+        torch.testing.assert_close(optimized.decode(tokens, cache), expected, atol=0, rtol=0)
+        tokens = expected.argmax(-1)
 
 
 # Paged cache (kv_cache="paged", Opt-Pa): the same outputs as the segment cache, in blocks allocated as needed.
@@ -259,18 +291,19 @@ def test_a_paged_pool_never_outgrows_what_the_generation_can_use():
 
 
 def test_a_paged_cache_reuses_the_blocks_a_sliding_window_has_passed():
-    """A window on every layer (6 columns): a request's next block is its oldest one wholly before the
-    window. Prompts 35 wide of 35, 2 and 17 tokens (blocks 3, 1 and 2; the last two's oldest columns are
-    padding alone, which take new blocks when their turn comes): the table's 4th column (column 48 on)
-    takes request 0's first block and two new ones, the 5th request 0's and 2's second and one new, and
-    from then on every column reuses. Over 100 tokens the logits are the segment cache's, and 10 blocks
-    are in use where 25 were without reuse. A model with a layer of full attention (Qwen2's first
-    max_window_layers) reuses none."""
+    """A window on every layer (36 columns, wider than the prompts): a request's next block is its oldest
+    one wholly before the window. Prompts 35 wide of 35, 2 and 17 tokens (blocks 3, 1 and 2 from table
+    columns 0, 2 and 1): the table's 4th column (column 48 on) takes new blocks; the 5th (column 64, whose
+    window starts at 29) request 0's first block and new ones for the two whose first column was padding
+    alone; the 6th request 0's and 2's second block and a new one; from then on every column reuses. Over
+    100 tokens the logits are the segment cache's, and 13 blocks are in use where 25 were without reuse. A
+    model with a layer of full attention (Qwen2's first max_window_layers) reuses none."""
     model = _model("mistral-window")
+    model.config.sliding_window = 36
     ids, mask = _prompts([35, 2, 17], model.config.vocab_size, seed=5)
     models = [xpu_coopt.optimize(model, kv_cache=kind) for kind in ("segment", "paged")]
     (logits, cache), (paged_logits, paged) = (m.prefill(ids, mask, 1, 120) for m in models)
-    assert paged.reuse_window == 6 and paged.blocks_used == 1 + 3 + 1 + 2
+    assert paged.common_window == 36 and paged.blocks_used == 1 + 3 + 1 + 2
     tokens = logits.argmax(-1)
     used = []
     for _ in range(100):
@@ -278,11 +311,47 @@ def test_a_paged_cache_reuses_the_blocks_a_sliding_window_has_passed():
         torch.testing.assert_close(paged_logits, logits, atol=0, rtol=0)
         tokens = logits.argmax(-1)
         used.append(paged.blocks_used)
-    # new blocks at columns 48 (step 13) and 64 (step 29), none after
-    assert used == [7] * 13 + [9] * 16 + [10] * 71
-    assert paged.block_table[:, 3:9].tolist() == [[1, 2, 3] * 2, [7, 9, 4] * 2, [8, 5, 6] * 2]
+    # new blocks at columns 48 (step 13), 64 (step 29) and 80 (step 45), none after
+    assert used == [7] * 13 + [10] * 16 + [12] * 16 + [13] * 55
+    assert paged.block_table[:, 3:9].tolist() == [
+        [7, 1, 2, 3, 7, 1],
+        [8, 10, 12, 4, 8, 10],
+        [9, 11, 5, 6, 9, 11],
+    ]
     _, full_layers = xpu_coopt.optimize(_model("qwen2-window"), kv_cache="paged").prefill(ids, mask, 1, 20)
-    assert full_layers.reuse_window is None
+    assert full_layers.common_window is None
+
+
+@pytest.mark.parametrize("kv_cache", ["segment", "paged"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_a_window_on_every_layer_keeps_the_prompts_last_window_of_columns(kv_cache, num_beams):
+    """A window of 6 on every layer and prompts 35 wide (35, 2 and 17 tokens): the first generated token's
+    window starts at column 30, so the prompt segment keeps columns 30-34 (5, as transformers' sliding
+    cache keeps window - 1 tokens), and the prompts start at columns 0, 3 and 0 of it. Tokens and every
+    step's scores equal transformers' (its own sliding-window cache), and the cache holds 5 prompt
+    columns where a model without the window holds 35."""
+    model = _model("mistral-window")
+    ids, mask = _prompts([35, 2, 17], model.config.vocab_size, seed=5)
+    optimized = xpu_coopt.optimize(model, kv_cache=kv_cache)
+    _, cache = optimized.prefill(ids, mask, num_beams, 16)
+    assert cache.kept_columns == 5 and cache.kept_start.tolist() == [0, 3, 0]
+    per_token = optimized.spec.kv_bytes_per_token(4)
+    if (
+        kv_cache == "segment"
+    ):  # one beam: 16 columns for the new tokens; beams: one for prefill's other writes
+        columns = 5 + (16 if num_beams == 1 else 1)
+        response = 0 if num_beams == 1 else 9 * 16 * (per_token + 4)  # K/V and beam_slots, 9 sequences
+        assert cache.nbytes() == per_token * 3 * columns + response
+    else:  # a block each (the sink besides), the prompts' first columns never mapped
+        assert cache.pool_blocks() == 1 + 3
+    kwargs = dict(max_new_tokens=16, pad_token_id=0, eos_token_id=None, output_scores=True,
+                  return_dict_in_generate=True, num_beams=num_beams, do_sample=False)  # fmt: skip
+    ours, theirs = (
+        generate(ids, attention_mask=mask, **kwargs) for generate in (optimized.generate, model.generate)
+    )
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for step, (actual, expected) in enumerate(zip(ours.scores, theirs.scores, strict=True)):
+        torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-5, msg=f"scores of step {step}")
 
 
 @pytest.mark.parametrize(

@@ -16,11 +16,11 @@ is a pool of blocks of BLOCK_SIZE columns, shared by the batch, with a table per
   out, never past what the rest of the generation can use.
 - Block 0 is a sink: prefill writes every column of the left-padded batch, and the padding's columns
   that have no block of their own are written there. It is never read.
-- Sliding windows (a window on every layer, as Mistral's): a block whose columns all lie before the
-  window of the token being written is never read again (segment_attention_decode reads no column
-  before a window), so a request's next block is its oldest such block, where it has one. A one-beam
-  generation longer than its window then holds its prompt's blocks and about a window's more, however
-  long it runs.
+- Sliding windows (a window on every layer, as Mistral's): the segment cache's rule keeps only the
+  prompt's last window - 1 columns; later, a block whose columns all lie before the window of the token
+  being written is never read again (segment_attention_decode reads no column before a window), so a
+  request's next block is its oldest such block, where it has one. A one-beam generation then holds
+  about a window's blocks, however long its prompt and however long it runs.
 
 The response segment of beam search stays per beam, as in the segment cache. Decode attention reads the
 prompt segment through the table (segment_attention_decode's prompt_block_table, docs/ops.md).
@@ -55,9 +55,6 @@ class PagedKVCache(SegmentKVCache):
         self.blocks_used = 1  # the sink
         # Columns of the table mapped so far: the same for every request, whose columns advance together.
         self.mapped_blocks = 0
-        # The window beyond which blocks are reused: the widest layer's, if every layer has one.
-        windows = spec.layer_windows
-        self.reuse_window = None if None in windows else max(windows)
 
     def prompt_capacity(self) -> int:
         return self.block_table.shape[1] * BLOCK_SIZE
@@ -88,8 +85,8 @@ class PagedKVCache(SegmentKVCache):
         """Maps a block to every block-sized piece of each prompt that holds a column of it (left padding
         alone takes none), and routes the prefill's writes through the table."""
         super()._new_prompt(prompt_len)
-        prompt_blocks = -(-prompt_len // BLOCK_SIZE)
-        first = self.prompt_start.cpu().long() // BLOCK_SIZE  # one wait for the device, at prefill
+        prompt_blocks = -(-self.kept_columns // BLOCK_SIZE)
+        first = self.kept_start.cpu().long() // BLOCK_SIZE  # one wait for the device, at prefill
         mapped = torch.arange(self.block_table.shape[1])[None, :] >= first[:, None]
         mapped[:, prompt_blocks:] = False
         # Blocks 1, 2, ... in row order; 0 (the sink) where unmapped.
@@ -135,7 +132,7 @@ class PagedKVCache(SegmentKVCache):
         padding alone (the shared sink); else new blocks. No wait for the device: a decode graph's
         bookkeeping is queued ahead of the step before it."""
         device = self.block_table.device
-        expired = (column + 1 - self.reuse_window) // BLOCK_SIZE if self.reuse_window else 0
+        expired = (column + 1 - self.common_window) // BLOCK_SIZE if self.common_window else 0
         if self._next_reused >= expired:
             self._reserve(self.blocks_used + self.num_requests)
             blocks = torch.arange(

@@ -8,6 +8,8 @@ C response capacity, Hkv KV heads, D head_dim):
                             with static scales, each layer's one K or V scale broadcast with zero strides)
     beam_slots             [S, C] int32: beam_slots[s, t] = the response row that holds step t of sequence s
     prompt_start           [R] int32: first non-padding prompt position (prompts are left-padded)
+    kept_start             [R] int32: the same column in the prompt segment (prompt_start unless a window
+                           on every layer dropped the prompt's first columns, below)
 
 Beam reordering gathers rows of beam_slots (integers); no K/V moves. KV memory is proportional to
 R * P + S * C, not S * (P + C). The cache grows in steps of RESPONSE_STEP columns when a caller decodes
@@ -16,6 +18,13 @@ past the capacity it asked for; generate() asks for max_new_tokens up front.
 With one beam per request (greedy, sampling, batches) every K/V row is the request's own, so the prompt
 segment simply continues with the generated tokens: prompt_* is [L, R, Hkv, P + C, D], the response
 segment is empty, and decode attention runs over one segment (half the matmuls and no gather).
+
+With a sliding window on every layer (Mistral's), the prompt's columns before the window of the first
+generated token are never read again: the prompt segment keeps only the prompt's last `window - 1` columns
+(as transformers' sliding-window cache keeps `window - 1` tokens), so a long prompt takes about a window's
+memory. Prefill still attends over the whole prompt (its K/V come from the q/k/v GEMM, not the cache);
+the columns it drops are written to a cell no decode step reads before writing it (the first generated
+token's column, or one more column kept for them with beams).
 
 PagedKVCache (paged.py) keeps this layout with the prompt segment in blocks allocated as they fill.
 """
@@ -77,18 +86,22 @@ class SegmentKVCache:
         self.dtype = dtype
         # Each layer's window as the attention ops take it (sliding-window layers attend to their last keys).
         self.windows = tuple(NO_WINDOW if window is None else window for window in spec.layer_windows)
+        # The window of every layer (the widest), if each has one: no column before it is read again.
+        self.common_window = None if None in spec.layer_windows else max(spec.layer_windows)
         device = prompt_start.device
         self.num_requests = prompt_start.shape[0]
         self.num_beams = num_beams
         self.num_seqs = self.num_requests * num_beams
         self.prompt_start = prompt_start.to(torch.int32)
+        # Each prompt's first column in the prompt segment, which may have dropped the prompt's first columns.
+        self.kept_start = torch.zeros_like(self.prompt_start)
 
         storage = torch.uint8 if fp8.is_fp8(kv_format) else dtype
         layers, heads, dim = spec.num_layers, spec.num_kv_heads, spec.head_dim
         capacity = _round_up(max_new_tokens, RESPONSE_STEP)
         self.single_beam = num_beams == 1
         self.block_table: torch.Tensor | None = None  # a paged prompt segment's (PagedKVCache)
-        self._allocate_prompt_segment(prompt_len + (capacity if self.single_beam else 0), storage)
+        self._allocate_prompt_segment(self._prompt_room(prompt_len, capacity), storage)
         response_columns = 0 if self.single_beam else capacity
         response_shape = (layers, self.num_seqs, heads, response_columns, dim)
         self.response_k = torch.zeros(response_shape, dtype=storage, device=device)
@@ -109,6 +122,21 @@ class SegmentKVCache:
         self.prompt_v = torch.zeros(shape, dtype=storage, device=self.prompt_start.device)
         self.prompt_k_scale, self.prompt_v_scale = self._scales(shape)
 
+    def _columns_before_window(self, prompt_len: int) -> int:
+        """The prompt's first columns, which the window of the first generated token (and so of every later
+        one) has passed: 0 without a window on every layer."""
+        if self.common_window is None:
+            return 0
+        return max(0, prompt_len + 1 - self.common_window)
+
+    def _prompt_room(self, prompt_len: int, new_tokens: int) -> int:
+        """Columns of the prompt segment a prompt of prompt_len columns and new_tokens generated tokens need:
+        those kept of the prompt, with one beam the new tokens' (the first of which takes prefill's writes
+        of the columns not kept), else one for those writes where there are any."""
+        dropped = self._columns_before_window(prompt_len)
+        room = new_tokens if self.single_beam else int(dropped > 0)
+        return prompt_len - dropped + room
+
     def prompt_capacity(self) -> int:
         """Columns the prompt segment holds per request (with one beam, the response's included)."""
         return self.prompt_k.shape[3]
@@ -117,23 +145,32 @@ class SegmentKVCache:
         """Sets the state of a generation over prompt_start's prompts of prompt_len columns, before prefill."""
         device = self.prompt_start.device
         self.prompt_len = prompt_len
+        dropped = self._columns_before_window(prompt_len)
+        self.kept_columns = prompt_len - dropped  # the prompt's columns the prompt segment holds
+        torch.sub(self.prompt_start, dropped, out=self.kept_start).clamp_(min=0)  # in place: a graph reads it
         # Positions continue from each request's real (unpadded) prompt length.
         self.prompt_lengths = (prompt_len - self.prompt_start.long()).repeat_interleave(self.num_beams)
         self.response_len = 0
         self.prefilled = False
         # One beam: the generated tokens follow the prompt in its segment, in whatever columns it leaves.
-        self.capacity = self.prompt_capacity() - prompt_len if self.single_beam else self.response_k.shape[3]
+        self.capacity = (
+            self.prompt_capacity() - self.kept_columns if self.single_beam else self.response_k.shape[3]
+        )
+        # Prefill writes every column of the padded batch; those dropped go to the column after the kept
+        # ones, which no step reads before writing it (with one beam the first generated token's).
+        columns = torch.arange(prompt_len, device=device) - dropped
+        columns[:dropped] = self.kept_columns
         self._prompt_rows = torch.arange(self.num_requests, device=device).repeat_interleave(prompt_len)
-        self._prompt_columns = torch.arange(prompt_len, device=device).repeat(self.num_requests)
+        self._prompt_columns = columns.repeat(self.num_requests)
 
     def fits(self, num_requests: int, prompt_len: int, num_beams: int, max_new_tokens: int) -> bool:
         """Whether reset() can take a generation of this shape: as many requests and beams, and room for
         its prompt and its max_new_tokens."""
         if (num_requests, num_beams) != (self.num_requests, self.num_beams):
             return False
-        if self.single_beam:
-            return prompt_len + max_new_tokens <= self.prompt_capacity()
-        return prompt_len <= self.prompt_capacity() and max_new_tokens <= self.response_k.shape[3]
+        if self._prompt_room(prompt_len, max_new_tokens) > self.prompt_capacity():
+            return False
+        return self.single_beam or max_new_tokens <= self.response_k.shape[3]
 
     @torch.inference_mode()
     def reset(self, prompt_start: torch.Tensor, prompt_len: int) -> None:
@@ -141,7 +178,10 @@ class SegmentKVCache:
         its storage, so a decode graph captured over the cache replays the new generation's steps: the new
         prompt starts are copied into the old tensor, and the cells of the last generation are left as
         they are (a step reads only the cells its own generation wrote: the lengths bound it)."""
-        if prompt_start.shape != self.prompt_start.shape or prompt_len > self.prompt_capacity():
+        if (
+            prompt_start.shape != self.prompt_start.shape
+            or self._prompt_room(prompt_len, 1) > self.prompt_capacity()
+        ):
             raise ValueError(
                 f"{prompt_start.shape[0]} prompts of {prompt_len} columns do not fit this cache's "
                 f"{self.num_requests} of at most {self.prompt_capacity()}"
@@ -154,7 +194,7 @@ class SegmentKVCache:
         holds their addresses, so they must keep their storage while it replays."""
         names = (
             "prompt_k", "prompt_v", "prompt_k_scale", "prompt_v_scale", "response_k", "response_v",
-            "response_k_scale", "response_v_scale", "beam_slots", "prompt_start", "segment_lens",
+            "response_k_scale", "response_v_scale", "beam_slots", "kept_start", "segment_lens",
             "_decode_columns", "_positions", "_seq_rows", "block_table", "_decode_rows",
         )  # fmt: skip
         return {name: getattr(self, name) for name in names if getattr(self, name, None) is not None}
@@ -215,12 +255,12 @@ class SegmentKVCache:
 
     def _write_column(self, step: int) -> int:
         """The column of its row (self._decode_rows) where each sequence's token of `step` is written."""
-        return self.prompt_len + step if self.single_beam else step
+        return self.kept_columns + step if self.single_beam else step
 
     def _decode_lengths(self) -> tuple[int, int]:
         """(prompt-segment columns, response steps) the token being decoded attends to, itself included."""
         step = self.response_len
-        return (self.prompt_len + step + 1, 0) if self.single_beam else (self.prompt_len, step + 1)
+        return (self.kept_columns + step + 1, 0) if self.single_beam else (self.kept_columns, step + 1)
 
     def end_step(self) -> None:
         if self.prefilled:
@@ -312,7 +352,7 @@ class SegmentKVCache:
         )  # fmt: skip
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         kernels.segment_attention_decode(
-            out, query, *prompt, self.prompt_start, *response, self.beam_slots, response_len,
+            out, query, *prompt, self.kept_start, *response, self.beam_slots, response_len,
             self.spec.attention_scale, self.kv_format, self.segment_lens, self.block_table, prompt_columns,
             self.windows[layer],
         )  # fmt: skip
