@@ -104,3 +104,6 @@ def test_shape_presets_are_models_optimize_reads_as_transformers_builds_them(pre
     assert attention.q_proj.out_features == spec.num_heads * spec.head_dim
     assert attention.k_proj.out_features == spec.num_kv_heads * spec.head_dim
     assert spec.query_key_norm == hasattr(attention, "q_norm")
+    # Mistral-7B's window on every layer; SmolLM3-3B without rope on every fourth of 36 layers
+    assert set(spec.layer_windows) == {4096 if preset == "mistral-7b" else None}
+    assert spec.layer_rope.count(False) == (9 if preset == "smollm3-3b" else 0)

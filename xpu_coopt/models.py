@@ -45,9 +45,24 @@ SHAPE_PRESETS: dict[str, dict[str, Any]] = {
         num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
         rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False,
     ),
+    "mistral-7b": dict(  # Mistral-7B-v0.1: a 4096-token sliding window on every layer
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768, rms_norm_eps=1e-5,
+        rope_theta=10000.0, sliding_window=4096,
+    ),
+    "smollm3-3b": dict(  # every fourth layer without rope
+        hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+        num_key_value_heads=4, vocab_size=128256, max_position_embeddings=65536, rms_norm_eps=1e-6,
+        rope_theta=5000000.0, tie_word_embeddings=True, no_rope_layer_interval=4, use_sliding_window=False,
+    ),
 }  # fmt: skip
 # The architecture of each preset that is not a LlamaForCausalLM.
-PRESET_ARCHITECTURES = {"qwen3-0.6b": "Qwen3ForCausalLM", "qwen3-8b": "Qwen3ForCausalLM"}
+PRESET_ARCHITECTURES = {
+    "qwen3-0.6b": "Qwen3ForCausalLM",
+    "qwen3-8b": "Qwen3ForCausalLM",
+    "mistral-7b": "MistralForCausalLM",
+    "smollm3-3b": "SmolLM3ForCausalLM",
+}
 
 _LLAMA2C_HEADER = struct.Struct("<7i")
 
