@@ -268,6 +268,17 @@ def test_attention_prefill_sliding_window(
     _check_attention_prefill(kernels, dtype, heads, kv_heads, head_dim, length, seq_start, window)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", [1, 4, 16])
+@pytest.mark.parametrize("window", [1, 5, 20, None])
+def test_reference_prefill_attends_in_query_blocks(monkeypatch, dtype, block, window):
+    """The CPU kernel's masked path runs blocks of PREFILL_QUERY_BLOCK queries, each over the keys from its
+    first row's window to its last row: blocks of one query, blocks shorter and longer than the window, a
+    last block cut short (45 rows), rows whose padding ends inside a block, no window (causal)."""
+    monkeypatch.setattr(reference, "PREFILL_QUERY_BLOCK", block)
+    _check_attention_prefill(reference_kernels(), dtype, 8, 2, 32, 45, [7, 0, 30], window)
+
+
 def test_attention_prefill_sliding_window_without_padding_is_not_causal_attention(kernels):
     """Without padding, the reference kernel's plain causal path (torch's SDPA, no mask) must not serve a
     window shorter than the prompt."""

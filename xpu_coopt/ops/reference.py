@@ -115,6 +115,14 @@ def rotary_embedding_kv_write(
     )
 
 
+# Query rows of a block of the CPU prefill's masked path (padding or a window). Each block attends only to
+# the keys up to its last row and from its first row's window on, so the scores and the mask cover about
+# half the P x P square causally, and a band of the window's width under a window. AVX2, 2 threads, 8
+# heads of 128: P 4096 with a window of 1024, float32, 575 -> 164 ms (one block: 575); two rows of 2048
+# with 1000 columns of padding, float32, 279 -> 154 ms; blocks of 128 and 512 were slower.
+PREFILL_QUERY_BLOCK = 256
+
+
 def attention_prefill(
     out: torch.Tensor,
     query: torch.Tensor,
@@ -134,15 +142,21 @@ def attention_prefill(
         out.copy_(result.transpose(1, 2))
         return
     positions = torch.arange(seq_len, device=query.device)
-    distance = positions[:, None] - positions[None, :]  # [P_q, P_k]: query column - key column
-    causal = (distance >= 0) & (distance < span)  # the key is one of the query's last `span`
     valid = positions[None, :] >= seq_start[:, None].to(positions.dtype)  # [B, P]: keys, and queries too
-    # Padding rows have no key to attend to; let them see themselves so softmax stays finite, then zero them.
-    mask = (causal[None] & valid[:, None, :]) | torch.eye(seq_len, dtype=torch.bool, device=query.device)[
-        None
-    ]
-    result = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale, enable_gqa=True)
-    out.copy_(result.transpose(1, 2) * valid[:, :, None, None])
+    for first in range(0, seq_len, PREFILL_QUERY_BLOCK):
+        last = min(first + PREFILL_QUERY_BLOCK, seq_len)
+        first_key = max(0, first - span + 1)  # the first query's window starts there
+        distance = positions[first:last, None] - positions[None, first_key:last]  # query column - key column
+        causal = (distance >= 0) & (distance < span)  # the key is one of the query's last `span`
+        # Padding rows have no key to attend to; let them see themselves so softmax stays finite, then
+        # zero them.
+        mask = (causal[None] & valid[:, None, first_key:last]) | (distance == 0)[None]
+        keys = slice(first_key, last)
+        result = F.scaled_dot_product_attention(
+            q[:, :, first:last], k[:, :, keys], v[:, :, keys], attn_mask=mask[:, None], scale=scale,
+            enable_gqa=True,
+        )  # fmt: skip
+        out[:, first:last].copy_(result.transpose(1, 2) * valid[:, first:last, None, None])
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
