@@ -336,9 +336,7 @@ def test_a_window_on_every_layer_keeps_the_prompts_last_window_of_columns(kv_cac
     _, cache = optimized.prefill(ids, mask, num_beams, 16)
     assert cache.kept_columns == 5 and cache.kept_start.tolist() == [0, 3, 0]
     per_token = optimized.spec.kv_bytes_per_token(4)
-    if (
-        kv_cache == "segment"
-    ):  # one beam: 16 columns for the new tokens; beams: one for prefill's other writes
+    if kv_cache == "segment":  # one beam: the new tokens' columns; beams: one for prefill's other writes
         columns = 5 + (16 if num_beams == 1 else 1)
         response = 0 if num_beams == 1 else 9 * 16 * (per_token + 4)  # K/V and beam_slots, 9 sequences
         assert cache.nbytes() == per_token * 3 * columns + response

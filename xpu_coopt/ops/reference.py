@@ -118,7 +118,7 @@ def rotary_embedding_kv_write(
 # Query rows of a block of the CPU prefill's masked path (padding or a window). Each block attends only to
 # the keys up to its last row and from its first row's window on, so the scores and the mask cover about
 # half the P x P square causally, and a band of the window's width under a window. AVX2, 2 threads, 8
-# heads of 128: P 4096 with a window of 1024, float32, 575 -> 164 ms (one block: 575); two rows of 2048
+# heads of 128: P 4096 with a window of 1024, float32, 575 -> 157 ms (one block: 575); two rows of 2048
 # with 1000 columns of padding, float32, 279 -> 154 ms; blocks of 128 and 512 were slower.
 PREFILL_QUERY_BLOCK = 256
 
