@@ -10,7 +10,8 @@
 // a batch-1 step has enough work-groups to fill the GPU (one per (request, KV head) gives Llama-3-8B 8).
 // With several splits each writes its softmax partials, and combine_splits merges them into the output.
 // A paged prompt segment (block_table not null) is a pool of blocks of block_size columns, a multiple of
-// kKeyTile: each tile lies in one block, looked up once per tile.
+// kKeyTile: each tile lies in one block, looked up once per tile. Otherwise block_size is the segment's
+// columns, a ring under a window (docs/ops.md).
 // Sliding window: a sequence attends to its last `window` columns (prompt columns, then response steps);
 // the host passes a window longer than any sequence for none.
 #include "attention.hpp"
@@ -67,18 +68,20 @@ inline void segment_attention_decode(
   const int end = sycl::min((own_first + tiles) * kKeyTile, prompt_len);
   for (int first = own_first * kKeyTile; first < end; first += kKeyTile) {
     // The tile's cache row and first column: the request's own row, or the block that holds the tile
-    // (it holds a column after `start`, so the request's table names it).
+    // (it holds a column after `start`, so the request's table names it). Without a table the row is a
+    // ring of block_size columns (column n held at n % block_size), which a tile may wrap around; a
+    // block holds whole tiles.
     const int64_t row = block_table ? block_table[request * block_table_stride + first / block_size] : request;
-    const int column = block_table ? first % block_size : first;
-    const int64_t tile_at = row * prompt_request_stride + kv * prompt_head_stride + column * prompt_position_stride;
-    const int64_t tile_scale_at =
-        row * prompt_scale_request_stride + kv * prompt_scale_head_stride + column * prompt_scale_position_stride;
+    const int column = first % block_size;
+    const int64_t row_at = row * prompt_request_stride + kv * prompt_head_stride;
+    const int64_t row_scale_at = row * prompt_scale_request_stride + kv * prompt_scale_head_stride;
     sycl::group_barrier(wg);  // the previous tile has been consumed
     for (int index = it.get_local_id(0); index < kKeyTile * head_dim; index += it.get_local_range(0)) {
       const int j = index / head_dim, d = index % head_dim, position = first + j;
       if (position < start || position >= end) continue;
-      const int64_t cell = tile_at + j * prompt_position_stride + d;
-      const int64_t at = tile_scale_at + j * prompt_scale_position_stride;
+      const int held_at = column + j < block_size ? column + j : column + j - block_size;
+      const int64_t cell = row_at + held_at * prompt_position_stride + d;
+      const int64_t at = row_scale_at + held_at * prompt_scale_position_stride;
       key_tile[j * kMaxHeadDim + d] = C::load(prompt_k + cell, Format ? float(prompt_k_scale[at]) : 0.0f);
       value_tile[j * kMaxHeadDim + d] = C::load(prompt_v + cell, Format ? float(prompt_v_scale[at]) : 0.0f);
     }

@@ -139,7 +139,8 @@ def test_a_cache_fits_and_resets_for_a_generation_within_its_room(beams):
 def test_a_reset_cache_under_a_window_decodes_as_a_new_one(kv_cache, beams):
     """A window of 6 on every layer: a cache made for prompts 35 wide keeps 5 of their columns, so prompts
     60 wide fit it too (they keep 5), and after a reset the cache, set to device lengths as a decode graph
-    has it, gives a new cache's logits at every step."""
+    has it, gives a new cache's logits at every step. With one beam the segment cache is a ring of the
+    window's 6 cells, which any generation fits, its 16 steps going round it more than twice."""
     model = _model("mistral-window")
     optimized = xpu_coopt.optimize(model, kv_cache=kv_cache)
     ids, mask = _prompts([35, 2, 17], model.config.vocab_size, seed=5)
@@ -149,7 +150,9 @@ def test_a_reset_cache_under_a_window_decodes_as_a_new_one(kv_cache, beams):
     for _ in range(3):
         tokens = optimized.decode(tokens, cache).argmax(-1)
     ids, mask = _prompts([60, 30, 3], model.config.vocab_size, seed=6)
-    assert cache.fits(3, 60, beams, 16) and not cache.fits(3, 60, beams, 33)
+    ring = kv_cache == "segment" and beams == 1
+    assert cache.fits(3, 60, beams, 16) and cache.fits(3, 60, beams, 33) == ring
+    assert cache.prompt_capacity() == 6 or not ring
     _, positions, starts = prompt_layout(ids, mask, optimized.spec)
     cache.reset(starts, 60)
     assert cache.kept_columns == 5 and cache.kept_start.tolist() == [0, 0, 2]
@@ -329,15 +332,16 @@ def test_a_window_on_every_layer_keeps_the_prompts_last_window_of_columns(kv_cac
     window starts at column 30, so the prompt segment keeps columns 30-34 (5, as transformers' sliding
     cache keeps window - 1 tokens), and the prompts start at columns 0, 3 and 0 of it. Tokens and every
     step's scores equal transformers' (its own sliding-window cache), and the cache holds 5 prompt
-    columns where a model without the window holds 35."""
+    columns where a model without the window holds 35; with one beam the segment cache holds the window's
+    6 columns in all, a ring the 16 generated tokens go round more than twice."""
     model = _model("mistral-window")
     ids, mask = _prompts([35, 2, 17], model.config.vocab_size, seed=5)
     optimized = xpu_coopt.optimize(model, kv_cache=kv_cache)
     _, cache = optimized.prefill(ids, mask, num_beams, 16)
     assert cache.kept_columns == 5 and cache.kept_start.tolist() == [0, 3, 0]
     per_token = optimized.spec.kv_bytes_per_token(4)
-    if kv_cache == "segment":  # one beam: the new tokens' columns; beams: one for prefill's other writes
-        columns = 5 + (16 if num_beams == 1 else 1)
+    if kv_cache == "segment":  # one beam: a ring of the window's cells; beams: one for prefill's other writes
+        columns = 6 if num_beams == 1 else 5 + 1
         response = 0 if num_beams == 1 else 9 * 16 * (per_token + 4)  # K/V and beam_slots, 9 sequences
         assert cache.nbytes() == per_token * 3 * columns + response
     else:  # a block each (the sink besides), the prompts' first columns never mapped

@@ -447,6 +447,64 @@ def test_segment_attention_decode_sliding_window_with_device_lengths_and_blocks(
     assert_close(out, expected, torch.float32)
 
 
+def _ring(tensor: torch.Tensor | None, held: int) -> torch.Tensor | None:
+    """A prompt segment [R, Hkv, P, ...] as a ring of `held` columns: column n at n % held, for its last
+    `held` columns (the earlier ones overwritten)."""
+    if tensor is None:
+        return None
+    length = tensor.shape[2]
+    cells = torch.arange(held)
+    return tensor[:, :, length - held + (cells - (length - held)) % held].contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize(
+    ("beams", "held", "window", "device_lengths"),
+    # A ring as long as the window (one beam's: the response in the prompt segment), longer and no multiple
+    # of the device kernels' tiles (a tile wraps around it), with beams (their response segment apart); the
+    # lengths passed or read on the device.
+    [(1, 30, 30, False), (1, 37, 30, True), (2, 48, 40, False), (3, 40, 40, True)],
+)
+def test_segment_attention_decode_reads_a_ring_under_a_window(
+    kernels, dtype, kv_format, beams, held, window, device_lengths
+):
+    """A prompt segment without a block table holds column n at n % its columns: under a window no longer
+    than them, a decode attends more columns than it holds, as over the columns laid out in full."""
+    requests, heads, kv_heads, head_dim, prompt_len = 2, 4, 2, 32, 100
+    response_len = 0 if beams == 1 else 3
+    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+        dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
+        starts=[0, 75], window=window,
+    )  # fmt: skip
+    (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
+    pk, pk_s, pv, pv_s = (_ring(t, held) for t in (pk, pk_s, pv, pv_s))
+    length_args = [None, None, prompt_len]
+    response_capacity = response_len
+    if device_lengths:
+        length_args[0], length_args[2] = torch.tensor([prompt_len, response_len], dtype=torch.int32), -1
+        response_capacity = rk.shape[2]
+    out = torch.full_like(query, float("nan"))
+    kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s, beam_slots,
+                                     response_capacity, 0.2, kv_format, *length_args, window)  # fmt: skip
+    expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
+                                                response_len, 0.2, window)  # fmt: skip
+    assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("window", [None, 31])
+def test_more_columns_than_a_segment_holds_need_a_window_within_it(kernels, window):
+    """Without a window, or with one longer than the segment, its columns are not a ring."""
+    query, caches, _, prompt_start, beam_slots = _segment_case(
+        torch.float32, "auto", 1, 1, 4, 4, 16, 30, 0, False
+    )
+    (pk, _), (pv, _), (rk, _), (rv, _) = caches
+    window_args = () if window is None else (window,)
+    with pytest.raises(ValueError, match="prompt_len 40 is beyond the 30 columns prompt_k holds"):
+        kernels.segment_attention_decode(torch.empty_like(query), query, pk, pv, None, None, prompt_start, rk, rv,
+                                         None, None, beam_slots, 0, 0.25, "auto", None, None, 40, *window_args)  # fmt: skip
+
+
 @pytest.mark.parametrize("window", [0, -2])
 def test_a_window_below_one_is_an_error(kernels, window):
     query, caches, _, prompt_start, beam_slots = _segment_case(

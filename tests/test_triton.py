@@ -130,8 +130,10 @@ def _compile_without_the_interpreter(script: Path, *arguments: str) -> subproces
 def test_kernels_compile_for_ampere_and_hopper():
     """The interpreter is lenient; the real compiler must accept every launch the wrappers make."""
     result = _compile_without_the_interpreter(Path(__file__).with_name("triton_compile.py"))
-    # 43: every op's kernels in each dtype and KV format, the paged decode (and its combine) among them
-    assert "compiled 43 launches for [80, 90]" in result.stdout, result.stdout
+    # 49: every op's kernels in each dtype and KV format, the paged and the ring decode (and their
+    # combines) among them
+    assert "compiled 49 launches for [80, 90]" in result.stdout, result.stdout
+    assert "'PAGED': False, 'RING': True" in result.stdout
 
 
 def test_linear_kernel_resources_compile_plain_and_fused_launches():
@@ -306,14 +308,16 @@ def test_graph_decode_bookkeeping_gives_the_same_tokens(
 
 @pytest.mark.parametrize(
     ("backend", "num_beams", "kv_cache"),
-    [("torch", 1, "segment"), ("torch", 3, "segment"), ("triton", 3, "segment"), ("torch", 1, "paged")],
-)
+    [("torch", 1, "segment"), ("triton", 1, "segment"), ("torch", 3, "segment"), ("triton", 3, "segment"),
+     ("torch", 1, "paged")],
+)  # fmt: skip
 def test_graph_decode_with_a_sliding_window_gives_the_same_tokens(
     stories_window_model, stories_tokenizer, monkeypatch, backend, num_beams, kv_cache
 ):
     """The window counted from the device-side lengths a replayed graph reads, the segments at full
-    capacity (test_real_models: the eager reference's tokens are transformers'); paged, the blocks the
-    window has passed reused by the table a graph reads in place."""
+    capacity (test_real_models: the eager reference's tokens are transformers'); with one beam the segment
+    cache a ring of the window's columns, which the 20 new tokens go round; paged, the blocks the window
+    has passed reused by the table a graph reads in place."""
     replays = _replay_decode_graphs_eagerly(monkeypatch)
     ids, mask = _unequal_stories_prompts(stories_tokenizer)
     kwargs = dict(max_new_tokens=20, num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0)

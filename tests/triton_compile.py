@@ -82,6 +82,13 @@ def launch_all(dtypes: list[torch.dtype]) -> None:
                 torch.zeros(2, dtype=torch.int32), response, response, response_scale, response_scale,
                 torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_format, torch.tensor([500, 3], dtype=torch.int32),
             )  # fmt: skip
+            # A ring under a window (a one-beam segment cache past its columns): 2000 columns in its 600 cells.
+            K.segment_attention_decode(
+                torch.empty_like(decode_query), decode_query, long_cache, long_cache, long_scale, long_scale,
+                torch.zeros(2, dtype=torch.int32), response, response, response_scale, response_scale,
+                torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_format, torch.tensor([2000, 0], dtype=torch.int32),
+                None, -1, 512,
+            )  # fmt: skip
             # A paged prompt segment: the long cache's 600 columns as 75 blocks of 8, read through a table.
             blocks, block_scales = _cache((75, 2, 8, 64), kv_format, dtype)
             K.segment_attention_decode(

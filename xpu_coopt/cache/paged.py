@@ -56,6 +56,10 @@ class PagedKVCache(SegmentKVCache):
         # Columns of the table mapped so far: the same for every request, whose columns advance together.
         self.mapped_blocks = 0
 
+    def _held_columns(self, columns: int) -> int:
+        """Every column has its entry in the table (no ring): the window lets go of blocks instead."""
+        return columns
+
     def prompt_capacity(self) -> int:
         return self.block_table.shape[1] * BLOCK_SIZE
 
@@ -155,4 +159,4 @@ class PagedKVCache(SegmentKVCache):
             return
         extra = -(-RESPONSE_STEP // BLOCK_SIZE)  # table columns for RESPONSE_STEP more tokens
         self.block_table = extend(self.block_table, 1, extra)
-        self.capacity += extra * BLOCK_SIZE
+        self.capacity = self._generated_room()

@@ -2,7 +2,8 @@
 
 Layout (L layers, R requests, nb beams per request, S = R * nb sequences, P padded prompt length,
 C response capacity, Hkv KV heads, D head_dim):
-    prompt_k, prompt_v     [L, R, Hkv, P, D]  written once at prefill, shared by the request's beams
+    prompt_k, prompt_v     [L, R, Hkv, P, D]  written once at prefill, shared by the request's beams (under
+                           a window on every layer a ring, below)
     response_k, response_v [L, S, Hkv, C, D]  row s, column t: the token that sequence slot s generated at step t
     *_scale                 same without D, bfloat16 (FP8 caches only: one scale per token and KV head;
                             with static scales, each layer's one K or V scale broadcast with zero strides)
@@ -24,12 +25,17 @@ generated token are never read again: the prompt segment keeps only the prompt's
 (as transformers' sliding-window cache keeps `window - 1` tokens), so a long prompt takes about a window's
 memory. Prefill still attends over the whole prompt (its K/V come from the q/k/v GEMM, not the cache);
 the columns it drops are written to a cell no decode step reads before writing it (the first generated
-token's column, or one more column kept for them with beams).
+token's column, or one more column kept for them with beams). The prompt segment then holds at most
+`window` columns, as a ring (segment_attention_decode, docs/ops.md: column n in cell n % its columns):
+with one beam, each generated token takes the cell of the column the window has just let go of, so a
+generation of any length holds a window of K/V, as transformers' does.
 
 PagedKVCache (paged.py) keeps this layout with the prompt segment in blocks allocated as they fill.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -135,7 +141,18 @@ class SegmentKVCache:
         of the columns not kept), else one for those writes where there are any."""
         dropped = self._columns_before_window(prompt_len)
         room = new_tokens if self.single_beam else int(dropped > 0)
-        return prompt_len - dropped + room
+        return self._held_columns(prompt_len - dropped + room)
+
+    def _held_columns(self, columns: int) -> int:
+        """The cells a prompt segment of `columns` columns takes: at most a window's, a ring, where every
+        layer has one (a decode step reads no column before its window)."""
+        return columns if self.common_window is None else min(columns, self.common_window)
+
+    def _wraps(self) -> bool:
+        """Whether the prompt segment is a ring that every layer's window reads whole: its columns then
+        go on past its cells (column n in cell n % cells), and it never needs to grow."""
+        window = self.common_window
+        return self.block_table is None and window is not None and self.prompt_capacity() >= window
 
     def prompt_capacity(self) -> int:
         """Columns the prompt segment holds per request (with one beam, the response's included)."""
@@ -152,16 +169,21 @@ class SegmentKVCache:
         self.prompt_lengths = (prompt_len - self.prompt_start.long()).repeat_interleave(self.num_beams)
         self.response_len = 0
         self.prefilled = False
-        # One beam: the generated tokens follow the prompt in its segment, in whatever columns it leaves.
-        self.capacity = (
-            self.prompt_capacity() - self.kept_columns if self.single_beam else self.response_k.shape[3]
-        )
+        self.capacity = self._generated_room()
         # Prefill writes every column of the padded batch; those dropped go to the column after the kept
         # ones, which no step reads before writing it (with one beam the first generated token's).
         columns = torch.arange(prompt_len, device=device) - dropped
         columns[:dropped] = self.kept_columns
         self._prompt_rows = torch.arange(self.num_requests, device=device).repeat_interleave(prompt_len)
         self._prompt_columns = columns.repeat(self.num_requests)
+
+    def _generated_room(self) -> float:
+        """Tokens a generation can decode before the cache must grow: with one beam the prompt segment's
+        columns after the prompt's (the generated tokens follow it there; no end to a ring), else the
+        response segment's."""
+        if not self.single_beam:
+            return self.response_k.shape[3]
+        return math.inf if self._wraps() else self.prompt_capacity() - self.kept_columns
 
     def fits(self, num_requests: int, prompt_len: int, num_beams: int, max_new_tokens: int) -> bool:
         """Whether reset() can take a generation of this shape: as many requests and beams, and room for
@@ -255,7 +277,10 @@ class SegmentKVCache:
 
     def _write_column(self, step: int) -> int:
         """The column of its row (self._decode_rows) where each sequence's token of `step` is written."""
-        return self.kept_columns + step if self.single_beam else step
+        if not self.single_beam:
+            return step
+        column = self.kept_columns + step
+        return column % self.prompt_capacity() if self._wraps() else column
 
     def _decode_lengths(self) -> tuple[int, int]:
         """(prompt-segment columns, response steps) the token being decoded attends to, itself included."""
@@ -280,13 +305,15 @@ class SegmentKVCache:
         self.beam_slots[:, :done] = self.beam_slots[parents, :done]
 
     def _grow(self) -> None:
-        self.capacity += RESPONSE_STEP
+        """RESPONSE_STEP more columns for generated tokens (one beam: a prompt segment this makes a ring
+        as wide as the window wraps from then on, and keeps the columns it holds in their cells)."""
         if self.single_beam:
             names = ("prompt_k", "prompt_v", "prompt_k_scale", "prompt_v_scale")
         else:
             names = ("response_k", "response_v", "response_k_scale", "response_v_scale", "beam_slots")
         for name in names:
             setattr(self, name, extend(getattr(self, name), 3 if name != "beam_slots" else 1, RESPONSE_STEP))
+        self.capacity = self._generated_room()
 
     def nbytes(self) -> int:
         tensors = (

@@ -121,15 +121,23 @@ def segment_lens_tensor(op: str, segment_lens: torch.Tensor | None) -> None:
         )
 
 
+def is_ring(prompt_k: torch.Tensor, block_table: torch.Tensor | None, span: int) -> bool:
+    """Whether a decode call may attend more prompt-segment columns than the segment holds: one without a
+    block table is a ring (column n held at n % its columns), which a window no longer than it reads whole."""
+    return block_table is None and span <= prompt_k.shape[2]
+
+
 def prompt_capacity(
     op: str,
     prompt_k: torch.Tensor,
     prompt_start: torch.Tensor,
     block_table: torch.Tensor | None,
     prompt_len: int,
+    span: int = UNBOUNDED_SPAN,
 ) -> int:
     """The prompt segment's columns a decode call attends: prompt_len, or with -1 all the segment holds
-    (prompt_k's columns, or with a block table, its blocks' columns). Checks the block table too."""
+    (prompt_k's columns, or with a block table, its blocks' columns). Checks the block table too. More
+    than it holds only as a ring (is_ring: no table, a window of `span` columns within it)."""
     if block_table is None:
         held = prompt_k.shape[2]
     else:
@@ -144,24 +152,30 @@ def prompt_capacity(
         held = block_table.shape[1] * prompt_k.shape[2]
     if prompt_len == -1:
         return held
-    if not 0 <= prompt_len <= held:
-        what = "its blocks hold" if block_table is not None else "prompt_k holds"
-        raise ValueError(f"{op}: prompt_len {prompt_len} is beyond the {held} columns {what}")
+    if prompt_len < 0 or (prompt_len > held and not is_ring(prompt_k, block_table, span)):
+        raise ValueError(f"{op}: prompt_len {prompt_len} is beyond {_held_columns(held, block_table)}")
     return prompt_len
 
 
+def _held_columns(held: int, block_table: torch.Tensor | None) -> str:
+    if block_table is not None:
+        return f"the {held} columns its blocks hold"
+    return f"the {held} columns prompt_k holds (more only under a window of at most {held}: a ring)"
+
+
 def host_segment_lens(
-    op: str, segment_lens: torch.Tensor | None, prompt_len: int, response_len: int
+    op: str, segment_lens: torch.Tensor | None, prompt_len: int, response_len: int, ring: bool = False
 ) -> tuple[int, int]:
     """For backends that read segment_lens on the host (reference, SYCL): the (prompt columns, response
-    steps) to attend, which must lie within the capacities prompt_len and response_len; those two without
-    segment_lens."""
+    steps) to attend, which must lie within the capacities prompt_len (unless the prompt segment is a
+    ring, is_ring) and response_len; those two without segment_lens."""
     if segment_lens is None:
         return prompt_len, response_len
     segment_lens_tensor(op, segment_lens)
     prompt_capacity, response_capacity = prompt_len, response_len
     prompt_len, response_len = (int(n) for n in segment_lens.tolist())
-    if not (0 <= prompt_len <= prompt_capacity and 0 <= response_len <= response_capacity):
+    prompt_ok = prompt_len >= 0 and (ring or prompt_len <= prompt_capacity)
+    if not (prompt_ok and 0 <= response_len <= response_capacity):
         raise ValueError(
             f"{op}: segment_lens ({prompt_len}, {response_len}) exceed the segments' capacities "
             f"({prompt_capacity}, {response_capacity})"

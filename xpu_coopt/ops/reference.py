@@ -199,12 +199,14 @@ def segment_attention_decode(
     window: int = NO_WINDOW,
 ) -> None:
     op = "segment_attention_decode"
-    capacity = checks.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len)
+    span = checks.window_span(op, window)
+    capacity = checks.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len, span)
     # The lengths may live on the device: read them here, once for every chunk.
-    prompt_len, response_len = checks.host_segment_lens(op, segment_lens, capacity, response_len)
+    ring = checks.is_ring(prompt_k, prompt_block_table, span)
+    prompt_len, response_len = checks.host_segment_lens(op, segment_lens, capacity, response_len, ring)
     # A sliding window keeps each sequence's last `span` columns (prompt columns, then response steps):
     # the columns and steps before those are neither read nor computed on.
-    window_first = prompt_len + response_len - checks.window_span(op, window)
+    window_first = prompt_len + response_len - span
     prompt_columns = range(min(max(window_first, 0), prompt_len), prompt_len)
     steps = range(max(window_first - prompt_len, 0), response_len)
     num_requests = prompt_start.shape[0]
@@ -318,11 +320,15 @@ def _shares_memory(tensor: torch.Tensor, cache: torch.Tensor) -> bool:
 def _prompt_columns(
     segment: torch.Tensor, block_table: torch.Tensor | None, columns: range, dtype: torch.dtype | None
 ) -> torch.Tensor:
-    """[R, Hkv, len(columns), ...]: a prompt segment's `columns` (K/V, or without D their scales); with a
-    block table, gathered from the block pool [blocks, Hkv, block_size, ...] it indexes into a new tensor
+    """[R, Hkv, len(columns), ...]: a prompt segment's `columns` (K/V, or without D their scales): from a
+    ring of the segment's columns (docs/ops.md; at most that many columns) or with a block table, gathered from the block pool [blocks, Hkv, block_size, ...] it indexes into a new tensor
     of `dtype` (None: the pool's) in one copy after the blocks' (the table's order is not the columns')."""
-    if block_table is None:
-        return segment[:, :, columns.start : columns.stop]
+    if block_table is None:  # a ring: column n is held at n % held, the columns in at most two pieces
+        held = segment.shape[2]
+        first, count = columns.start % held, len(columns)
+        if first + count <= held:
+            return segment[:, :, first : first + count]
+        return torch.cat((segment[:, :, first:], segment[:, :, : first + count - held]), dim=2)
     block_size = segment.shape[2]
     first, end = columns.start // block_size, -(-columns.stop // block_size)  # the blocks holding them
     requests, used = block_table.shape[0], end - first

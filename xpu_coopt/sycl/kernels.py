@@ -228,9 +228,10 @@ def segment_attention_decode(
     op = "segment_attention_decode"
     suffix = _kernel_suffix(op, kv_format, query, out)
     span = checks.window_span(op, window)
-    capacity = checks.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len)
+    capacity = checks.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len, span)
     # segment_lens read on the host: no graph capture on this backend.
-    prompt_len, response_len = checks.host_segment_lens(op, segment_lens, capacity, response_len)
+    ring = checks.is_ring(prompt_k, prompt_block_table, span)
+    prompt_len, response_len = checks.host_segment_lens(op, segment_lens, capacity, response_len, ring)
     if prompt_block_table is not None and prompt_k.shape[2] % DECODE_KEY_TILE:
         raise ValueError(
             f"{op}: the SYCL kernel reads a paged prompt segment in tiles of {DECODE_KEY_TILE} columns, so its "

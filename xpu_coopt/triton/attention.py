@@ -131,7 +131,7 @@ def segment_attention_decode_kernel(
     BEAMS: tl.constexpr, FORMAT: tl.constexpr, MANTISSA: tl.constexpr, BIAS: tl.constexpr, FP8_MAX: tl.constexpr,
     MIN_NORMAL: tl.constexpr, SUB_SCALE: tl.constexpr, SUB_UNIT: tl.constexpr, UPCAST_DOT: tl.constexpr,
     NATIVE_FP8: tl.constexpr, HAS_LENS: tl.constexpr, SPLIT: tl.constexpr, FP8_UPCAST_IN_REGISTERS: tl.constexpr,
-    PAGED: tl.constexpr, V_BOOST: tl.constexpr,
+    PAGED: tl.constexpr, RING: tl.constexpr, V_BOOST: tl.constexpr,
 ):  # fmt: skip
     """Program = (request, KV head, split, row chunk); its rows are every (beam, query head of the group)
     of the request where they fit in one program (the usual case), so each prompt K/V block is loaded (and
@@ -145,7 +145,9 @@ def segment_attention_decode_kernel(
     the one split writes out. With HAS_LENS the segment lengths are read from segment_lens on the device
     (prompt_len and response_len are then capacities), so a captured CUDA graph replays at any step.
     PAGED: the prompt segment is a pool of blocks of block_size columns; request r's column n lives in
-    block prompt_block_table[r, n // block_size], looked up per column (a tile may span blocks).
+    block prompt_block_table[r, n // block_size], looked up per column (a tile may span blocks). RING: the
+    segment is a ring of block_size columns (column n held at n % block_size), which a window no longer
+    than it reads whole (compiled in only then: otherwise column n is at n).
     Sliding window: a sequence attends to its last `window` columns, prompt columns then response steps
     (the host passes a window longer than any sequence for none); the shares are cut from those."""
     request = (tl.program_id(0) // kv_heads).to(tl.int64)
@@ -190,6 +192,9 @@ def segment_attention_decode_kernel(
                 prompt_block_table + request * block_table_stride + n // block_size, mask=n_ok, other=0
             )
             row = row.to(tl.int64)
+            column = n % block_size
+        elif RING:
+            row = request
             column = n % block_size
         else:
             row = request

@@ -296,7 +296,7 @@ def segment_attention_decode(
     checks.kv_format(op, kv_format)
     num_seqs, heads, head_dim = query.shape
     requests, kv_heads = prompt_start.shape[0], prompt_k.shape[1]
-    prompt_len = checks.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len)
+    prompt_len = checks.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len, span)
     beams, group = num_seqs // requests, heads // kv_heads
     checks.head_dim(op, BACKEND, head_dim, MAX_HEAD_DIM)
     checks.inner_contiguous(op, out=out, query=query, prompt_k=prompt_k, prompt_v=prompt_v)
@@ -345,7 +345,8 @@ def segment_attention_decode(
         BEAMS=_block(chunks.beams),
         BLOCK_D=_block(head_dim, 16), UPCAST_DOT=upcast_dot(query.dtype), NATIVE_FP8=_native_fp8(query.device),
         HAS_LENS=segment_lens is not None, SPLIT=splits > 1, FP8_UPCAST_IN_REGISTERS=launch.fp8_upcast_in_registers,
-        PAGED=prompt_block_table is not None, V_BOOST=v_boost, **codec,
+        PAGED=prompt_block_table is not None, RING=checks.is_ring(prompt_k, prompt_block_table, span),
+        V_BOOST=v_boost, **codec,
         num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.max_registers,
     )  # fmt: skip
     if splits > 1:
