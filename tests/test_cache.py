@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
-from test_parity import _frequent_token, _hf_logits, _model, _prompts
+from test_parity import CONFIGS, _frequent_token, _hf_logits, _model, _prompts
 
 import xpu_coopt
 from xpu_coopt.cache import BLOCK_SIZE, RESPONSE_STEP, PagedKVCache
@@ -67,6 +70,30 @@ def test_decoding_past_the_reserved_capacity_grows_in_steps(kv_cache):
         ids = torch.cat((ids, next_tokens), dim=1)
         mask = torch.cat((mask, torch.ones_like(next_tokens)), dim=1)
     assert cache.capacity == room + RESPONSE_STEP
+    expected = _hf_logits(model, ids, mask)[:, -1]
+    torch.testing.assert_close(out.logits[:, -1], expected, atol=2e-5, rtol=2e-5)
+
+
+def test_a_one_beam_cache_grown_to_the_window_becomes_a_ring():
+    """A window of 24 on every layer, prompts 5 wide and no new tokens reserved: the segment holds 5 + 16
+    columns, fewer than the window; decoding past them grows it to 37, a ring from then on (it never grows
+    again), which the next 40 tokens go round. The last logits are transformers' over the whole sequence."""
+    cls, config = CONFIGS["mistral-window"]
+    config = copy.deepcopy(config)
+    config.sliding_window = 24
+    torch.manual_seed(24)
+    model = cls(config).eval()
+    optimized = xpu_coopt.optimize(model)
+    ids, mask = _prompts([5, 3], config.vocab_size)
+    out = optimized(ids, mask)
+    cache = out.cache
+    assert (cache.prompt_capacity(), cache.capacity) == (5 + RESPONSE_STEP, RESPONSE_STEP)
+    for _ in range(RESPONSE_STEP + 40):
+        next_tokens = out.logits[:, -1].argmax(-1, keepdim=True)
+        out = optimized(next_tokens, cache=cache)
+        ids = torch.cat((ids, next_tokens), dim=1)
+        mask = torch.cat((mask, torch.ones_like(next_tokens)), dim=1)
+    assert (cache.prompt_capacity(), cache.capacity) == (5 + 2 * RESPONSE_STEP, math.inf)
     expected = _hf_logits(model, ids, mask)[:, -1]
     torch.testing.assert_close(out.logits[:, -1], expected, atol=2e-5, rtol=2e-5)
 
