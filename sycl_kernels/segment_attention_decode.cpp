@@ -25,7 +25,7 @@ inline void segment_attention_decode(
     const int* prompt_start, const typename Cache<T, Format>::Cell* response_k,
     const typename Cache<T, Format>::Cell* response_v, const bf16* response_k_scale,
     const bf16* response_v_scale, const int* beam_slots, int beams, int kv_heads, int group, int row_chunks,
-    int rows_per_chunk, int head_dim, int prompt_len, int response_len, int window, float scale,
+    int rows_per_chunk, int head_dim, int prompt_len, int response_len, int response_cells, int window, float scale,
     int64_t query_stride, int64_t out_stride,
     int64_t prompt_request_stride, int64_t prompt_head_stride, int64_t prompt_position_stride,
     int64_t prompt_scale_request_stride, int64_t prompt_scale_head_stride, int64_t prompt_scale_position_stride,
@@ -94,7 +94,8 @@ inline void segment_attention_decode(
   }
 
   // Response segment: step t of this sequence lives in row beam_slots[sequence, t]; read straight from the
-  // cache (these rows are this beam's alone, so there is nothing to share through local memory).
+  // cache (these rows are this beam's alone, so there is nothing to share through local memory). Under a
+  // window it may be a ring of response_cells columns: step t, and its slot, in column t % response_cells.
   const int* slots = beam_slots + sequence * beam_slots_stride;
   const int64_t response_at = kv * response_head_stride;
   const int64_t response_scale_at = kv * response_scale_head_stride;
@@ -108,15 +109,16 @@ inline void segment_attention_decode(
   const int steps_begin = steps_first + split * per_split;
   const int steps_end = active ? sycl::min(steps_begin + per_split, response_len) : steps_begin;
   for (int first = steps_begin; first < steps_end; first += kKeyTile) {
-    const int t = first + lane;
-    const int slot = t < steps_end ? slots[t] : 0;
+    const int t = (first + lane) % response_cells;  // (the lane's step past steps_end reads nothing)
+    const int slot = first + lane < steps_end ? slots[t] : 0;
     float score = kMinusInfinity;
-    if (t < steps_end) {
+    if (first + lane < steps_end) {
       const float k_scale = scale_of(response_k_scale, slot, t);
       score = scale * dot(q, head_dim, [&](int d) { return C::load(response_k + cell(slot, t) + d, k_scale); });
     }
     softmax.add_tile(sg, score, slot, head_dim, [&](int slot_j, int j, int column) {
-      return C::load(response_v + cell(slot_j, first + j) + column, scale_of(response_v_scale, slot_j, first + j));
+      const int t_j = (first + j) % response_cells;
+      return C::load(response_v + cell(slot_j, t_j) + column, scale_of(response_v_scale, slot_j, t_j));
     });
   }
   if (!active) return;
@@ -172,7 +174,8 @@ inline void combine_splits(T* out, const float* partial_acc, const float* partia
       const xc::Cache<T, FORMAT>::Cell* response_v, const xc::bf16* response_k_scale,                         \
       const xc::bf16* response_v_scale, const int* beam_slots, int beams, int kv_heads, int group,            \
       int row_chunks, int rows_per_chunk, int head_dim,                                                       \
-      int prompt_len, int response_len, int window, float scale, int64_t query_stride, int64_t out_stride,  \
+      int prompt_len, int response_len, int response_cells, int window, float scale, int64_t query_stride,  \
+      int64_t out_stride,                                                                                     \
       int64_t prompt_request_stride, int64_t prompt_head_stride, int64_t prompt_position_stride,             \
       int64_t prompt_scale_request_stride, int64_t prompt_scale_head_stride,                                \
       int64_t prompt_scale_position_stride, int64_t response_row_stride, int64_t response_head_stride,       \
@@ -187,7 +190,8 @@ inline void combine_splits(T* out, const float* partial_acc, const float* partia
         out, query, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale, prompt_start, response_k, response_v, \
         response_k_scale, response_v_scale, beam_slots, beams, kv_heads, group, row_chunks, rows_per_chunk,  \
         head_dim, prompt_len,                                                                                 \
-        response_len, window, scale, query_stride, out_stride, prompt_request_stride, prompt_head_stride,             \
+        response_len, response_cells, window, scale, query_stride, out_stride, prompt_request_stride,          \
+        prompt_head_stride,                                                                                   \
         prompt_position_stride, prompt_scale_request_stride, prompt_scale_head_stride,                        \
         prompt_scale_position_stride, response_row_stride, response_head_stride, response_position_stride,    \
         response_scale_row_stride, response_scale_head_stride, response_scale_position_stride,                \

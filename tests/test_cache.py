@@ -74,10 +74,12 @@ def test_decoding_past_the_reserved_capacity_grows_in_steps(kv_cache):
     torch.testing.assert_close(out.logits[:, -1], expected, atol=2e-5, rtol=2e-5)
 
 
-def test_a_one_beam_cache_grown_to_the_window_becomes_a_ring():
-    """A window of 24 on every layer, prompts 5 wide and no new tokens reserved: the segment holds 5 + 16
-    columns, fewer than the window; decoding past them grows it to 37, a ring from then on (it never grows
-    again), which the next 40 tokens go round. The last logits are transformers' over the whole sequence."""
+@pytest.mark.parametrize("beams", [1, 2])
+def test_a_cache_grown_to_the_window_becomes_a_ring(beams):
+    """A window of 24 on every layer, prompts 5 wide and no new tokens reserved: the segment the generated
+    tokens go to (one beam: the prompt's, 5 + 16 columns; beams: the response's, 16) is narrower than the
+    window; decoding past it grows it by 16, a ring from then on (it never grows again), which the next 40
+    tokens go round. The last logits are transformers' over the whole sequence."""
     cls, config = CONFIGS["mistral-window"]
     config = copy.deepcopy(config)
     config.sliding_window = 24
@@ -85,17 +87,23 @@ def test_a_one_beam_cache_grown_to_the_window_becomes_a_ring():
     model = cls(config).eval()
     optimized = xpu_coopt.optimize(model)
     ids, mask = _prompts([5, 3], config.vocab_size)
-    out = optimized(ids, mask)
-    cache = out.cache
-    assert (cache.prompt_capacity(), cache.capacity) == (5 + RESPONSE_STEP, RESPONSE_STEP)
-    for _ in range(RESPONSE_STEP + 40):
-        next_tokens = out.logits[:, -1].argmax(-1, keepdim=True)
-        out = optimized(next_tokens, cache=cache)
-        ids = torch.cat((ids, next_tokens), dim=1)
-        mask = torch.cat((mask, torch.ones_like(next_tokens)), dim=1)
-    assert (cache.prompt_capacity(), cache.capacity) == (5 + 2 * RESPONSE_STEP, math.inf)
-    expected = _hf_logits(model, ids, mask)[:, -1]
-    torch.testing.assert_close(out.logits[:, -1], expected, atol=2e-5, rtol=2e-5)
+    logits, cache = optimized.prefill(ids, mask, num_beams=beams, max_new_tokens=0)
+    logits = logits.repeat_interleave(beams, dim=0)
+
+    def cells() -> int:
+        return cache.prompt_capacity() - 5 if beams == 1 else cache.response_k.shape[3]
+
+    assert (cells(), cache.capacity) == (RESPONSE_STEP, RESPONSE_STEP)
+    for _ in range(RESPONSE_STEP + 40):  # both beams of a request follow its greedy path
+        next_tokens = logits.argmax(-1)
+        logits = optimized.decode(next_tokens, cache)
+        if beams > 1:  # swapping beams of one history changes nothing but the ring's slots
+            cache.reorder(torch.tensor([1, 0, 3, 2]))
+        ids = torch.cat((ids, next_tokens[::beams, None]), dim=1)
+        mask = torch.cat((mask, torch.ones_like(next_tokens[::beams, None])), dim=1)
+    assert (cells(), cache.capacity) == (2 * RESPONSE_STEP, math.inf)
+    expected = _hf_logits(model, ids, mask)[:, -1].repeat_interleave(beams, dim=0)
+    torch.testing.assert_close(logits, expected, atol=2e-5, rtol=2e-5)
 
 
 def test_one_beam_cache_continues_the_prompt_segment():
@@ -166,8 +174,9 @@ def test_a_cache_fits_and_resets_for_a_generation_within_its_room(beams):
 def test_a_reset_cache_under_a_window_decodes_as_a_new_one(kv_cache, beams):
     """A window of 6 on every layer: a cache made for prompts 35 wide keeps 5 of their columns, so prompts
     60 wide fit it too (they keep 5), and after a reset the cache, set to device lengths as a decode graph
-    has it, gives a new cache's logits at every step. With one beam the segment cache is a ring of the
-    window's 6 cells, which any generation fits, its 16 steps going round it more than twice."""
+    has it, gives a new cache's logits at every step. With one beam the segment cache's prompt segment is
+    a ring of the window's 6 cells, with beams either cache's response segment: any generation fits them,
+    its 16 steps going round more than twice."""
     model = _model("mistral-window")
     optimized = xpu_coopt.optimize(model, kv_cache=kv_cache)
     ids, mask = _prompts([35, 2, 17], model.config.vocab_size, seed=5)
@@ -177,9 +186,11 @@ def test_a_reset_cache_under_a_window_decodes_as_a_new_one(kv_cache, beams):
     for _ in range(3):
         tokens = optimized.decode(tokens, cache).argmax(-1)
     ids, mask = _prompts([60, 30, 3], model.config.vocab_size, seed=6)
-    ring = kv_cache == "segment" and beams == 1
+    # Rings of the window's 6 cells (a one-beam segment cache's prompt segment, with beams the response
+    # segment) fit any generation; a one-beam paged cache's table 16 more tokens.
+    ring = kv_cache == "segment" or beams > 1
     assert cache.fits(3, 60, beams, 16) and cache.fits(3, 60, beams, 33) == ring
-    assert cache.prompt_capacity() == 6 or not ring
+    assert (cache.prompt_capacity() if beams == 1 else cache.response_k.shape[3]) == 6 or not ring
     _, positions, starts = prompt_layout(ids, mask, optimized.spec)
     cache.reset(starts, 60)
     assert cache.kept_columns == 5 and cache.kept_start.tolist() == [0, 0, 2]
@@ -360,7 +371,8 @@ def test_a_window_on_every_layer_keeps_the_prompts_last_window_of_columns(kv_cac
     cache keeps window - 1 tokens), and the prompts start at columns 0, 3 and 0 of it. Tokens and every
     step's scores equal transformers' (its own sliding-window cache), and the cache holds 5 prompt
     columns where a model without the window holds 35; with one beam the segment cache holds the window's
-    6 columns in all, a ring the 16 generated tokens go round more than twice."""
+    6 columns in all, a ring the 16 generated tokens go round more than twice, with beams each sequence's
+    response segment such a ring."""
     model = _model("mistral-window")
     ids, mask = _prompts([35, 2, 17], model.config.vocab_size, seed=5)
     optimized = xpu_coopt.optimize(model, kv_cache=kv_cache)
@@ -369,7 +381,8 @@ def test_a_window_on_every_layer_keeps_the_prompts_last_window_of_columns(kv_cac
     per_token = optimized.spec.kv_bytes_per_token(4)
     if kv_cache == "segment":  # one beam: a ring of the window's cells; beams: one for prefill's other writes
         columns = 6 if num_beams == 1 else 5 + 1
-        response = 0 if num_beams == 1 else 9 * 16 * (per_token + 4)  # K/V and beam_slots, 9 sequences
+        # Beams: a ring of the window's cells for the K/V and beam_slots of each of 9 sequences.
+        response = 0 if num_beams == 1 else 9 * 6 * (per_token + 4)
         assert cache.nbytes() == per_token * 3 * columns + response
     else:  # a block each (the sink besides), the prompts' first columns never mapped
         assert cache.pool_blocks() == 1 + 3

@@ -447,45 +447,48 @@ def test_segment_attention_decode_sliding_window_with_device_lengths_and_blocks(
     assert_close(out, expected, torch.float32)
 
 
-def _ring(tensor: torch.Tensor | None, held: int) -> torch.Tensor | None:
-    """A prompt segment [R, Hkv, P, ...] as a ring of `held` columns: column n at n % held, for its last
-    `held` columns (the earlier ones overwritten)."""
-    if tensor is None:
-        return None
-    length = tensor.shape[2]
-    cells = torch.arange(held)
-    return tensor[:, :, length - held + (cells - (length - held)) % held].contiguous()
+def _ring(tensor: torch.Tensor | None, cells: int, length: int, dim: int = 2) -> torch.Tensor | None:
+    """The first `length` columns (along `dim`) of a segment or of beam_slots as a ring of `cells`: column
+    n in cell n % cells, for its last `cells` columns (the earlier ones overwritten)."""
+    if tensor is None or length <= cells:
+        return tensor
+    columns = length - cells + (torch.arange(cells) - (length - cells)) % cells
+    return tensor.index_select(dim, columns)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize(
-    ("beams", "held", "window", "device_lengths"),
-    # A ring as long as the window (one beam's: the response in the prompt segment), longer and no multiple
-    # of the device kernels' tiles (a tile wraps around it), with beams (their response segment apart); the
-    # lengths passed or read on the device.
-    [(1, 30, 30, False), (1, 37, 30, True), (2, 48, 40, False), (3, 40, 40, True)],
-)
-def test_segment_attention_decode_reads_a_ring_under_a_window(
-    kernels, dtype, kv_format, beams, held, window, device_lengths
+    ("beams", "prompt_cells", "response_len", "response_cells", "window", "device_lengths"),
+    # The prompt a ring as long as the window (one beam's: the response in the prompt segment), longer and
+    # no multiple of the device kernels' tiles (a tile wraps around it), with beams (their response
+    # segment apart); the response a ring too, past the window, as long as it or longer; the lengths
+    # passed or read on the device.
+    [(1, 30, 0, 0, 30, False), (1, 37, 0, 0, 30, True), (2, 48, 3, 6, 40, False), (3, 40, 3, 6, 40, True),
+     (2, 100, 20, 8, 8, False), (3, 16, 25, 12, 10, True)],
+)  # fmt: skip
+def test_segment_attention_decode_reads_rings_under_a_window(
+    kernels, dtype, kv_format, beams, prompt_cells, response_len, response_cells, window, device_lengths
 ):
-    """A prompt segment without a block table holds column n at n % its columns: under a window no longer
-    than them, a decode attends more columns than it holds, as over the columns laid out in full."""
+    """A prompt segment without a block table holds column n in cell n % its columns, a response segment
+    step t (and beam_slots its slot) in column t % its columns: under a window no longer than them, a
+    decode attends more columns and steps than they hold, as over them laid out in full."""
     requests, heads, kv_heads, head_dim, prompt_len = 2, 4, 2, 32, 100
-    response_len = 0 if beams == 1 else 3
     query, caches, dequantized, prompt_start, beam_slots = _segment_case(
         dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
         starts=[0, 75], window=window,
     )  # fmt: skip
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
-    pk, pk_s, pv, pv_s = (_ring(t, held) for t in (pk, pk_s, pv, pv_s))
+    pk, pk_s, pv, pv_s = (_ring(t, prompt_cells, prompt_len) for t in (pk, pk_s, pv, pv_s))
+    rk, rk_s, rv, rv_s = (_ring(t, response_cells, response_len) for t in (rk, rk_s, rv, rv_s))
+    slots = _ring(beam_slots, response_cells, response_len, dim=1)
     length_args = [None, None, prompt_len]
     response_capacity = response_len
     if device_lengths:
         length_args[0], length_args[2] = torch.tensor([prompt_len, response_len], dtype=torch.int32), -1
         response_capacity = rk.shape[2]
     out = torch.full_like(query, float("nan"))
-    kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s, beam_slots,
+    kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s, slots,
                                      response_capacity, 0.2, kv_format, *length_args, window)  # fmt: skip
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
                                                 response_len, 0.2, window)  # fmt: skip

@@ -8,6 +8,7 @@ C response capacity, Hkv KV heads, D head_dim):
     *_scale                 same without D, bfloat16 (FP8 caches only: one scale per token and KV head;
                             with static scales, each layer's one K or V scale broadcast with zero strides)
     beam_slots             [S, C] int32: beam_slots[s, t] = the response row that holds step t of sequence s
+                           (under a window, a ring: step t in column t % C, below)
     prompt_start           [R] int32: first non-padding prompt position (prompts are left-padded)
     kept_start             [R] int32: the same column in the prompt segment (prompt_start unless a window
                            on every layer dropped the prompt's first columns, below)
@@ -28,7 +29,9 @@ the columns it drops are written to a cell no decode step reads before writing i
 token's column, or one more column kept for them with beams). The prompt segment then holds at most
 `window` columns, as a ring (segment_attention_decode, docs/ops.md: column n in cell n % its columns):
 with one beam, each generated token takes the cell of the column the window has just let go of, so a
-generation of any length holds a window of K/V, as transformers' does.
+generation of any length holds a window of K/V, as transformers' does. With beams the response segment
+is a ring of at most `window` columns too (step t of a row, and its slot in beam_slots, in column
+t % columns): every beam then holds a window of K/V, and its request one more for the prompt.
 
 PagedKVCache (paged.py) keeps this layout with the prompt segment in blocks allocated as they fill.
 """
@@ -108,7 +111,7 @@ class SegmentKVCache:
         self.single_beam = num_beams == 1
         self.block_table: torch.Tensor | None = None  # a paged prompt segment's (PagedKVCache)
         self._allocate_prompt_segment(self._prompt_room(prompt_len, capacity), storage)
-        response_columns = 0 if self.single_beam else capacity
+        response_columns = 0 if self.single_beam else self._window_cells(capacity)
         response_shape = (layers, self.num_seqs, heads, response_columns, dim)
         self.response_k = torch.zeros(response_shape, dtype=storage, device=device)
         self.response_v = torch.zeros(response_shape, dtype=storage, device=device)
@@ -143,16 +146,26 @@ class SegmentKVCache:
         room = new_tokens if self.single_beam else int(dropped > 0)
         return self._held_columns(prompt_len - dropped + room)
 
-    def _held_columns(self, columns: int) -> int:
-        """The cells a prompt segment of `columns` columns takes: at most a window's, a ring, where every
-        layer has one (a decode step reads no column before its window)."""
+    def _window_cells(self, columns: int) -> int:
+        """The cells a segment of `columns` columns takes: at most a window's, a ring, where every layer
+        has one (a decode step reads no column before its window)."""
         return columns if self.common_window is None else min(columns, self.common_window)
 
+    def _held_columns(self, columns: int) -> int:
+        """The cells a prompt segment of `columns` columns takes (_window_cells)."""
+        return self._window_cells(columns)
+
+    def _is_ring(self, cells: int) -> bool:
+        """Whether a segment of `cells` cells is a ring that every layer's window reads whole: its columns
+        then go on past its cells (column n in cell n % cells), and it never needs to grow."""
+        return self.common_window is not None and cells >= self.common_window
+
     def _wraps(self) -> bool:
-        """Whether the prompt segment is a ring that every layer's window reads whole: its columns then
-        go on past its cells (column n in cell n % cells), and it never needs to grow."""
-        window = self.common_window
-        return self.block_table is None and window is not None and self.prompt_capacity() >= window
+        """Whether the one-beam generation's segment, the prompt's (unless paged) or with beams the
+        response's, is a ring (_is_ring)."""
+        if self.single_beam:
+            return self.block_table is None and self._is_ring(self.prompt_capacity())
+        return self._is_ring(self.response_k.shape[3])
 
     def prompt_capacity(self) -> int:
         """Columns the prompt segment holds per request (with one beam, the response's included)."""
@@ -179,11 +192,11 @@ class SegmentKVCache:
 
     def _generated_room(self) -> float:
         """Tokens a generation can decode before the cache must grow: with one beam the prompt segment's
-        columns after the prompt's (the generated tokens follow it there; no end to a ring), else the
-        response segment's."""
-        if not self.single_beam:
-            return self.response_k.shape[3]
-        return math.inf if self._wraps() else self.prompt_capacity() - self.kept_columns
+        columns after the prompt's (the generated tokens follow it there), else the response segment's;
+        no end to a ring."""
+        if self._wraps():
+            return math.inf
+        return self.prompt_capacity() - self.kept_columns if self.single_beam else self.response_k.shape[3]
 
     def fits(self, num_requests: int, prompt_len: int, num_beams: int, max_new_tokens: int) -> bool:
         """Whether reset() can take a generation of this shape: as many requests and beams, and room for
@@ -192,7 +205,7 @@ class SegmentKVCache:
             return False
         if self._prompt_room(prompt_len, max_new_tokens) > self.prompt_capacity():
             return False
-        return self.single_beam or max_new_tokens <= self.response_k.shape[3]
+        return self.single_beam or self._window_cells(max_new_tokens) <= self.response_k.shape[3]
 
     @torch.inference_mode()
     def reset(self, prompt_start: torch.Tensor, prompt_len: int) -> None:
@@ -262,9 +275,9 @@ class SegmentKVCache:
                 )
             self._grow()
         step = self.response_len
-        if not self.single_beam:
-            self.beam_slots[:, step] = self._seq_rows.to(torch.int32)
         column = self._write_column(step)
+        if not self.single_beam:
+            self.beam_slots[:, column] = self._seq_rows.to(torch.int32)
         if self.segment_lens is None:
             self._decode_columns = torch.full_like(self._seq_rows, column)
             return
@@ -276,11 +289,12 @@ class SegmentKVCache:
         self.segment_lens[1].fill_(response_steps)
 
     def _write_column(self, step: int) -> int:
-        """The column of its row (self._decode_rows) where each sequence's token of `step` is written."""
-        if not self.single_beam:
-            return step
-        column = self.kept_columns + step
-        return column % self.prompt_capacity() if self._wraps() else column
+        """The column of its row (self._decode_rows) where each sequence's token of `step` is written (with
+        beams, also its slot's in beam_slots)."""
+        column = self.kept_columns + step if self.single_beam else step
+        if not self._wraps():
+            return column
+        return column % (self.prompt_capacity() if self.single_beam else self.response_k.shape[3])
 
     def _decode_lengths(self) -> tuple[int, int]:
         """(prompt-segment columns, response steps) the token being decoded attends to, itself included."""
@@ -301,12 +315,12 @@ class SegmentKVCache:
             raise ValueError(f"parents must hold {self.num_seqs} slots, one per sequence")
         if check and not torch.equal(parents // self.num_beams, self._seq_rows // self.num_beams):
             raise ValueError(f"parents must hold {self.num_seqs} slots, each within its own request's beams")
-        done = self.response_len
+        done = min(self.response_len, self.beam_slots.shape[1])  # (every column of a ring gone round)
         self.beam_slots[:, :done] = self.beam_slots[parents, :done]
 
     def _grow(self) -> None:
-        """RESPONSE_STEP more columns for generated tokens (one beam: a prompt segment this makes a ring
-        as wide as the window wraps from then on, and keeps the columns it holds in their cells)."""
+        """RESPONSE_STEP more columns for generated tokens (a segment this makes a ring as wide as the window
+        wraps from then on, and keeps the columns it holds in their cells)."""
         if self.single_beam:
             names = ("prompt_k", "prompt_v", "prompt_k_scale", "prompt_v_scale")
         else:

@@ -127,6 +127,14 @@ def is_ring(prompt_k: torch.Tensor, block_table: torch.Tensor | None, span: int)
     return block_table is None and span <= prompt_k.shape[2]
 
 
+def rings(
+    prompt_k: torch.Tensor, block_table: torch.Tensor | None, response_k: torch.Tensor, span: int
+) -> tuple[bool, bool]:
+    """Whether the prompt and the response segment may each be attended past its columns, as rings
+    (docs/ops.md): the prompt's is_ring, the response's where the window is no longer than its columns."""
+    return is_ring(prompt_k, block_table, span), span <= response_k.shape[2]
+
+
 def prompt_capacity(
     op: str,
     prompt_k: torch.Tensor,
@@ -164,20 +172,26 @@ def _held_columns(held: int, block_table: torch.Tensor | None) -> str:
 
 
 def host_segment_lens(
-    op: str, segment_lens: torch.Tensor | None, prompt_len: int, response_len: int, ring: bool = False
+    op: str,
+    segment_lens: torch.Tensor | None,
+    prompt_len: int,
+    response_len: int,
+    segment_rings: tuple[bool, bool] = (False, False),
 ) -> tuple[int, int]:
     """For backends that read segment_lens on the host (reference, SYCL): the (prompt columns, response
-    steps) to attend, which must lie within the capacities prompt_len (unless the prompt segment is a
-    ring, is_ring) and response_len; those two without segment_lens."""
+    steps) to attend, which must lie within the capacities prompt_len and response_len, each unless its
+    segment is a ring (rings()); those two without segment_lens."""
     if segment_lens is None:
         return prompt_len, response_len
     segment_lens_tensor(op, segment_lens)
-    prompt_capacity, response_capacity = prompt_len, response_len
-    prompt_len, response_len = (int(n) for n in segment_lens.tolist())
-    prompt_ok = prompt_len >= 0 and (ring or prompt_len <= prompt_capacity)
-    if not (prompt_ok and 0 <= response_len <= response_capacity):
+    capacities = (prompt_len, response_len)
+    lengths = tuple(int(n) for n in segment_lens.tolist())
+    if not all(
+        length >= 0 and (ring or length <= capacity)
+        for length, capacity, ring in zip(lengths, capacities, segment_rings, strict=True)
+    ):
         raise ValueError(
-            f"{op}: segment_lens ({prompt_len}, {response_len}) exceed the segments' capacities "
-            f"({prompt_capacity}, {response_capacity})"
+            f"{op}: segment_lens {lengths} exceed the segments' capacities {capacities} (more only as rings, "
+            "under a window of at most their columns)"
         )
-    return prompt_len, response_len
+    return lengths

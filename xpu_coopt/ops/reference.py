@@ -202,8 +202,8 @@ def segment_attention_decode(
     span = checks.window_span(op, window)
     capacity = checks.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len, span)
     # The lengths may live on the device: read them here, once for every chunk.
-    ring = checks.is_ring(prompt_k, prompt_block_table, span)
-    prompt_len, response_len = checks.host_segment_lens(op, segment_lens, capacity, response_len, ring)
+    rings = checks.rings(prompt_k, prompt_block_table, response_k, span)
+    prompt_len, response_len = checks.host_segment_lens(op, segment_lens, capacity, response_len, rings)
     # A sliding window keeps each sequence's last `span` columns (prompt columns, then response steps):
     # the columns and steps before those are neither read nor computed on.
     window_first = prompt_len + response_len - span
@@ -354,14 +354,19 @@ def _response_history(
     kv_format: str,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """[S, Hkv, T, D]: the response K or V of each sequence over `steps` (T of them), in dtype."""
+    """[S, Hkv, T, D]: the response K or V of each sequence over `steps` (T of them), in dtype. Past the
+    segment's columns it is a ring (docs/ops.md): step t in column t % columns, its slot likewise."""
     first, end = steps.start, steps.stop
-    if beams == 1:  # one beam per request: its history can only live in its own row, no gather
+    if beams == 1 and end <= cache.shape[2]:  # one beam per request: its own row, no gather
         rows = cache[:, :, first:end]
         row_scale = None if scale is None else scale[:, :, first:end]
+    elif beams == 1:
+        step = torch.arange(first, end, device=cache.device) % cache.shape[2]
+        rows = cache[:, :, step]
+        row_scale = None if scale is None else scale[:, :, step]
     else:
-        step = torch.arange(first, end, device=cache.device)
-        slots = beam_slots[:, first:end]  # [S, T]
+        step = torch.arange(first, end, device=cache.device) % cache.shape[2]
+        slots = beam_slots[:, step]  # [S, T]
         rows = cache[slots, :, step].transpose(1, 2)  # [S, T, Hkv, D] -> [S, Hkv, T, D]
         row_scale = None if scale is None else scale[slots, :, step].transpose(1, 2)
     return _load_cache(rows, row_scale, kv_format, dtype)

@@ -230,8 +230,8 @@ def segment_attention_decode(
     span = checks.window_span(op, window)
     capacity = checks.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len, span)
     # segment_lens read on the host: no graph capture on this backend.
-    ring = checks.is_ring(prompt_k, prompt_block_table, span)
-    prompt_len, response_len = checks.host_segment_lens(op, segment_lens, capacity, response_len, ring)
+    rings = checks.rings(prompt_k, prompt_block_table, response_k, span)
+    prompt_len, response_len = checks.host_segment_lens(op, segment_lens, capacity, response_len, rings)
     if prompt_block_table is not None and prompt_k.shape[2] % DECODE_KEY_TILE:
         raise ValueError(
             f"{op}: the SYCL kernel reads a paged prompt segment in tiles of {DECODE_KEY_TILE} columns, so its "
@@ -262,7 +262,7 @@ def segment_attention_decode(
         out, query, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale, prompt_start.to(torch.int32).contiguous(),
         response_k, response_v, response_k_scale, response_v_scale, beam_slots,
         c_int(beams), c_int(kv_heads), c_int(group), c_int(chunks.chunks), c_int(chunks.rows), c_int(head_dim), c_int(prompt_len), c_int(response_len),
-        c_int(span), c_float(scale), c_int64(query.stride(0)), c_int64(out.stride(0)),
+        c_int(max(1, response_k.shape[2])), c_int(span), c_float(scale), c_int64(query.stride(0)), c_int64(out.stride(0)),
         *_cache_layout(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
         *_cache_layout(op, response_k, response_v, response_k_scale, response_v_scale),
         c_int64(beam_slots.stride(0)), prompt_block_table,

@@ -121,7 +121,8 @@ def segment_attention_decode_kernel(
     out, query, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale, prompt_start,
     response_k, response_v, response_k_scale, response_v_scale, beam_slots, segment_lens,
     prompt_block_table, partial_acc, partial_stats,
-    beams, kv_heads, group, rows_per_program, head_dim, prompt_len, response_len, window, rows_per_split, scale,
+    beams, kv_heads, group, rows_per_program, head_dim, prompt_len, response_len, response_cells, window,
+    rows_per_split, scale,
     query_stride, out_stride, prompt_request_stride, prompt_head_stride, prompt_position_stride,
     prompt_scale_request_stride, prompt_scale_head_stride, prompt_scale_position_stride,
     response_row_stride, response_head_stride, response_position_stride,
@@ -145,9 +146,10 @@ def segment_attention_decode_kernel(
     the one split writes out. With HAS_LENS the segment lengths are read from segment_lens on the device
     (prompt_len and response_len are then capacities), so a captured CUDA graph replays at any step.
     PAGED: the prompt segment is a pool of blocks of block_size columns; request r's column n lives in
-    block prompt_block_table[r, n // block_size], looked up per column (a tile may span blocks). RING: the
-    segment is a ring of block_size columns (column n held at n % block_size), which a window no longer
-    than it reads whole (compiled in only then: otherwise column n is at n).
+    block prompt_block_table[r, n // block_size], looked up per column (a tile may span blocks). RING
+    (compiled in under a window alone, else column n is at n): each segment may be a ring, the prompt's
+    of block_size columns (column n held at n % block_size), the response's of response_cells (step t and
+    its slot in column t % response_cells), which a window no longer than it reads whole.
     Sliding window: a sequence attends to its last `window` columns, prompt columns then response steps
     (the host passes a window longer than any sequence for none); the shares are cut from those."""
     request = (tl.program_id(0) // kv_heads).to(tl.int64)
@@ -230,6 +232,8 @@ def segment_attention_decode_kernel(
     for first in range(steps_begin, steps_end, BLOCK_T):
         t = first + c % BLOCK_T
         c_ok = (column_beam <= (end_row - 1) // group) & (t < steps_end)
+        if RING:
+            t = t % response_cells
         slot = tl.load(beam_slots + column_sequence * beam_slots_stride + t, mask=c_ok, other=0).to(tl.int64)
         cell = kv * response_head_stride + slot * response_row_stride + t * response_position_stride
         scale_cell = (

@@ -336,7 +336,8 @@ def segment_attention_decode(
         unused if response_v_scale is None else response_v_scale, beam_slots,
         unused if segment_lens is None else segment_lens,
         unused if prompt_block_table is None else prompt_block_table, partial_acc, partial_stats,
-        beams, kv_heads, group, chunks.rows, head_dim, prompt_len, response_len, span, num_seqs * heads, scale,
+        beams, kv_heads, group, chunks.rows, head_dim, prompt_len, response_len, max(1, response_k.shape[2]), span,
+        num_seqs * heads, scale,
         query.stride(0), out.stride(0),
         *checks.cache_strides(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
         *checks.cache_strides(op, response_k, response_v, response_k_scale, response_v_scale),
@@ -345,7 +346,7 @@ def segment_attention_decode(
         BEAMS=_block(chunks.beams),
         BLOCK_D=_block(head_dim, 16), UPCAST_DOT=upcast_dot(query.dtype), NATIVE_FP8=_native_fp8(query.device),
         HAS_LENS=segment_lens is not None, SPLIT=splits > 1, FP8_UPCAST_IN_REGISTERS=launch.fp8_upcast_in_registers,
-        PAGED=prompt_block_table is not None, RING=checks.is_ring(prompt_k, prompt_block_table, span),
+        PAGED=prompt_block_table is not None, RING=span != checks.UNBOUNDED_SPAN,
         V_BOOST=v_boost, **codec,
         num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.max_registers,
     )  # fmt: skip
