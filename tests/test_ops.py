@@ -495,19 +495,6 @@ def test_segment_attention_decode_reads_rings_under_a_window(
     assert_close(out, expected, dtype)
 
 
-def test_reference_decode_refuses_a_history_in_another_requests_rows():
-    """The reference kernel scores the rows of a request's own beams: a slot of another request's is an
-    error, not a step silently left out."""
-    query, caches, _, prompt_start, beam_slots = _segment_case(
-        torch.float32, "auto", 2, 2, 4, 4, 16, 9, 3, False
-    )
-    (pk, _), (pv, _), (rk, _), (rv, _) = caches
-    beam_slots[0, 1] = 3  # the second beam of request 1
-    with pytest.raises(ValueError, match="beam_slots must name rows of each sequence's own request"):
-        reference_kernels().segment_attention_decode(torch.empty_like(query), query, pk, pv, None, None, prompt_start,
-                                                     rk, rv, None, None, beam_slots, 3, 0.25, "auto")  # fmt: skip
-
-
 @pytest.mark.parametrize("window", [None, 31])
 def test_more_columns_than_a_segment_holds_need_a_window_within_it(kernels, window):
     """Without a window, or with one longer than the segment, its columns are not a ring."""

@@ -251,6 +251,7 @@ def _attend_requests(
     prompt: (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale); response: the same of the response.
     prompt_columns, steps: the prompt-segment columns and response steps attended (the window's)."""
     prompt_k, prompt_v, prompt_k_scale, prompt_v_scale = prompt
+    response_k, response_v, response_k_scale, response_v_scale = response
     dtype = query.dtype
     compute = cpu_gemm.matmul_dtype(query.device, dtype)
     # 16-bit K/V gathered from blocks come out in the matmuls' dtype: the gather's copy converts them.
@@ -291,29 +292,23 @@ def _attend_requests(
             scores[request, ..., :start] = float("-inf")
             pv[request, :, :start] = 0
 
-    if steps:  # (none: everything lives in the prompt segment, as with one beam per request)
-        # Response segment: every row (beam) of the request is scored by all its beams' query rows, each
-        # keeping the steps beam_slots names from that row (integers only were reordered). Beams times the
-        # products of gathering each beam's history, but no gather: AVX2, 2 threads, 4 beams x 8 KV heads
-        # of 128 over 1024 steps, 19 ms gathered against 2.5 ms (5.3 with V's unread cells zeroed).
-        rk, rv, sources = _response_rows(response, beam_slots, steps, beams, kv_format, dtype, compute)
-        columns = rk.shape[3]
-        response_scores = _matmul(  # [R, source row, Hkv, rows, columns]
-            q.reshape(num_requests, 1, num_kv_heads, rows, head_dim), rk.transpose(-1, -2)
-        )
-        source_rows = torch.arange(beams, device=query.device).view(1, beams, 1, 1, 1, 1)
-        own = sources.view(num_requests, 1, 1, beams, 1, columns) == source_rows
-        own = own.expand(-1, -1, -1, -1, group, -1).reshape(num_requests, beams, 1, rows, columns)
-        response_scores = response_scores.masked_fill_(~own, float("-inf")).permute(0, 2, 3, 1, 4)
-        scores = torch.cat((scores, response_scores.flatten(-2)), dim=-1)  # exact: both are in dtype
+    response_len = len(steps)
+    if response_len:  # (0: everything lives in the prompt segment, as with one beam per request)
+        # Response segment: each beam's own rows, found through beam_slots (integers only were reordered).
+        split = (num_requests, beams, num_kv_heads, response_len, head_dim)
+        rk = _response_history(response_k, response_k_scale, beam_slots, steps, beams, kv_format, dtype)
+        rv = _response_history(response_v, response_v_scale, beam_slots, steps, beams, kv_format, dtype)
+        rk = rk.view(split).permute(0, 2, 1, 4, 3)  # [R, Hkv, beams, D, T]: K^T
+        rv = rv.view(split).permute(0, 2, 1, 3, 4)  # [R, Hkv, beams, T, D]
+        response_scores = _matmul(q, rk).view(num_requests, num_kv_heads, rows, response_len)
+        scores = torch.cat((scores, response_scores), dim=-1)  # exact: both are in dtype
     # Softmax in float32 (a fresh tensor unless dtype is float32, where scores is ours to scale in place).
-    probs = torch.softmax(scores.float().mul_(scale), dim=-1).to(dtype)  # [R, Hkv, rows, P + beams * n]
+    probs = torch.softmax(scores.float().mul_(scale), dim=-1).to(dtype)  # [R, Hkv, rows, P + T]
     result = _matmul(probs[..., :prompt_len], pv)  # [R, Hkv, rows, D]
-    if steps:  # each source row's weighted V, summed in the matmuls' dtype before rounding
-        response_probs = probs[..., prompt_len:].unflatten(-1, (beams, columns)).permute(0, 3, 1, 2, 4)
-        response_result = torch.matmul(response_probs.to(rv.dtype), rv).sum(1)
-        result = (result.to(rv.dtype) + response_result).to(dtype)
     result = result.view(num_requests, num_kv_heads, beams, group, head_dim)
+    if response_len:
+        response_probs = probs[..., prompt_len:].view(num_requests, num_kv_heads, beams, group, response_len)
+        result += _matmul(response_probs, rv)
     out.view(num_requests, beams, num_kv_heads, group, head_dim).copy_(result.permute(0, 2, 1, 3, 4))
 
 
@@ -350,49 +345,31 @@ def _prompt_columns(
     return gathered[:, :, offset : offset + len(columns)]
 
 
-def _response_rows(
-    response: list[torch.Tensor | None],
+def _response_history(
+    cache: torch.Tensor,
+    scale: torch.Tensor | None,
     beam_slots: torch.Tensor,
     steps: range,
     beams: int,
     kv_format: str,
     dtype: torch.dtype,
-    compute: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The response segment's cells that hold `steps`, every row of each request's, for its beams to pick
-    from: K and V [R, beams (source row), Hkv, n, D] in the matmuls' dtype (V zeroed in the cells no
-    sequence reads: a zero weight times garbage could still be NaN), and sources [R, beams, n] int64: the
-    row (0..beams-1) of its request each beam's step in column j is read from, -1 where none (a ring's
-    cells that hold steps before `steps`). Past the segment's columns it is a ring (docs/ops.md): step t
-    and its slot in column t % columns."""
-    response_k, response_v, k_scale, v_scale = response
-    seqs, _, cells, _ = response_k.shape
-    device = response_k.device
-    wrapped = steps.stop > cells
-    columns = slice(0, cells) if wrapped else slice(steps.start, steps.stop)
-    slots = beam_slots[:, columns].long()  # [S, n]
-    sources = slots - (torch.arange(seqs, device=device) // beams * beams)[:, None]
-    read = torch.ones_like(slots, dtype=torch.bool)
-    if wrapped:  # the step each cell holds: the last one up to steps.stop - 1 that is congruent to it
-        last = steps.stop - 1
-        held = last - (last - torch.arange(cells, device=device)) % cells
-        read = read & (held >= steps.start)[None, :]
-    if bool(((sources < 0) | (sources >= beams))[read].any()):
-        raise ValueError("segment_attention_decode: beam_slots must name rows of each sequence's own request")
-    sources = sources.masked_fill(~read, -1)
-    # Rows any sequence reads, column by column.
-    row_read = torch.zeros(slots.shape, dtype=torch.int32, device=device)
-    row_read.scatter_add_(0, slots.clamp(0, seqs - 1), read.to(torch.int32))
-    k = _load_cache(
-        response_k[:, :, columns], None if k_scale is None else k_scale[:, :, columns], kv_format, dtype
-    )
-    v = _load_cache(
-        response_v[:, :, columns], None if v_scale is None else v_scale[:, :, columns], kv_format, dtype
-    )
-    k = k.contiguous() if compute == dtype else k.to(compute)
-    v = v.to(compute).masked_fill((row_read == 0)[:, None, :, None], 0)
-    split = (seqs // beams, beams, *k.shape[1:])
-    return k.view(split), v.view(split), sources.view(seqs // beams, beams, -1)
+) -> torch.Tensor:
+    """[S, Hkv, T, D]: the response K or V of each sequence over `steps` (T of them), in dtype. Past the
+    segment's columns it is a ring (docs/ops.md): step t in column t % columns, its slot likewise."""
+    first, end = steps.start, steps.stop
+    if beams == 1 and end <= cache.shape[2]:  # one beam per request: its own row, no gather
+        rows = cache[:, :, first:end]
+        row_scale = None if scale is None else scale[:, :, first:end]
+    elif beams == 1:
+        step = torch.arange(first, end, device=cache.device) % cache.shape[2]
+        rows = cache[:, :, step]
+        row_scale = None if scale is None else scale[:, :, step]
+    else:
+        step = torch.arange(first, end, device=cache.device) % cache.shape[2]
+        slots = beam_slots[:, step]  # [S, T]
+        rows = cache[slots, :, step].transpose(1, 2)  # [S, T, Hkv, D] -> [S, Hkv, T, D]
+        row_scale = None if scale is None else scale[slots, :, step].transpose(1, 2)
+    return _load_cache(rows, row_scale, kv_format, dtype)
 
 
 KERNELS = {
