@@ -161,11 +161,11 @@ def prompt_capacity(
     if prompt_len == -1:
         return held
     if prompt_len < 0 or (prompt_len > held and not is_ring(prompt_k, block_table, span)):
-        raise ValueError(f"{op}: prompt_len {prompt_len} is beyond {_held_columns(held, block_table)}")
+        raise ValueError(f"{op}: prompt_len {prompt_len} is beyond {_capacity_text(held, block_table)}")
     return prompt_len
 
 
-def _held_columns(held: int, block_table: torch.Tensor | None) -> str:
+def _capacity_text(held: int, block_table: torch.Tensor | None) -> str:
     if block_table is not None:
         return f"the {held} columns its blocks hold"
     return f"the {held} columns prompt_k holds (more only under a window of at most {held}: a ring)"

@@ -321,8 +321,9 @@ def _prompt_columns(
     segment: torch.Tensor, block_table: torch.Tensor | None, columns: range, dtype: torch.dtype | None
 ) -> torch.Tensor:
     """[R, Hkv, len(columns), ...]: a prompt segment's `columns` (K/V, or without D their scales): from a
-    ring of the segment's columns (docs/ops.md; at most that many columns) or with a block table, gathered from the block pool [blocks, Hkv, block_size, ...] it indexes into a new tensor
-    of `dtype` (None: the pool's) in one copy after the blocks' (the table's order is not the columns')."""
+    ring of the segment's columns (docs/ops.md; at most that many columns), or with a block table,
+    gathered from the block pool [blocks, Hkv, block_size, ...] it indexes into a new tensor of `dtype`
+    (None: the pool's) in one copy after the blocks' (the table's order is not the columns')."""
     if block_table is None:  # a ring: column n is held at n % held, the columns in at most two pieces
         held = segment.shape[2]
         first, count = columns.start % held, len(columns)
@@ -360,10 +361,6 @@ def _response_history(
     if beams == 1 and end <= cache.shape[2]:  # one beam per request: its own row, no gather
         rows = cache[:, :, first:end]
         row_scale = None if scale is None else scale[:, :, first:end]
-    elif beams == 1:
-        step = torch.arange(first, end, device=cache.device) % cache.shape[2]
-        rows = cache[:, :, step]
-        row_scale = None if scale is None else scale[:, :, step]
     else:
         step = torch.arange(first, end, device=cache.device) % cache.shape[2]
         slots = beam_slots[:, step]  # [S, T]
