@@ -389,6 +389,39 @@ def test_segment_attention_decode(
     assert all(map(torch.equal, _snapshot(caches), before))  # the caches are read only
 
 
+def _token_major_view(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """tensor's values ([S, Hkv, C, ...]) in a view of a token-major buffer with one spare KV head first:
+    its heads are not adjacent to each other's columns, and it starts past its storage's first element."""
+    if tensor is None:
+        return None
+    seqs, kv_heads, capacity = tensor.shape[:3]
+    buffer = torch.zeros((seqs, capacity, kv_heads + 1, *tensor.shape[3:]), dtype=tensor.dtype)
+    view = buffer.transpose(1, 2)[:, 1:]
+    view.copy_(tensor)
+    return view
+
+
+@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize(("requests", "beams", "response_len", "window"), [(2, 4, 6, None), (1, 3, 9, 5)])
+def test_segment_attention_decode_reads_strided_response_segments(
+    kernels, kv_format, requests, beams, response_len, window
+):
+    """The contract asks only the last dimension to be contiguous: response K/V and scales given as views
+    of a token-major buffer are read through their strides."""
+    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+        torch.float32, kv_format, requests, beams, 8, 2, 32, 20, response_len, True, window=window
+    )
+    (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
+    rk, rk_s, rv, rv_s = map(_token_major_view, (rk, rk_s, rv, rv_s))
+    assert not rk.is_contiguous() and rk.storage_offset() > 0
+    out = torch.full_like(query, float("nan"))
+    kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s,
+                                     beam_slots, response_len, 0.2, kv_format, None, None, -1, window or -1)  # fmt: skip
+    expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
+                                                response_len, 0.2, window)  # fmt: skip
+    assert_close(out, expected, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize(

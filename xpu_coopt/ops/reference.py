@@ -295,12 +295,12 @@ def _attend_requests(
     response_len = len(steps)
     if response_len:  # (0: everything lives in the prompt segment, as with one beam per request)
         # Response segment: each beam's own rows, found through beam_slots (integers only were reordered).
-        split = (num_requests, beams, num_kv_heads, response_len, head_dim)
-        rk = _response_history(response_k, response_k_scale, beam_slots, steps, beams, kv_format, dtype)
-        rv = _response_history(response_v, response_v_scale, beam_slots, steps, beams, kv_format, dtype)
-        rk = rk.view(split).permute(0, 2, 1, 4, 3)  # [R, Hkv, beams, D, T]: K^T
-        rv = rv.view(split).permute(0, 2, 1, 3, 4)  # [R, Hkv, beams, T, D]
-        response_scores = _matmul(q, rk).view(num_requests, num_kv_heads, rows, response_len)
+        history = _ResponseHistory(beam_slots, steps, num_requests, num_kv_heads, response_k.shape[2])
+        rk = history.read(response_k, response_k_scale, kv_format, dtype)  # [R, Hkv, beams, T, D]
+        rv = history.read(response_v, response_v_scale, kv_format, dtype)
+        response_scores = _matmul(q, rk.transpose(-1, -2)).view(
+            num_requests, num_kv_heads, rows, response_len
+        )
         scores = torch.cat((scores, response_scores), dim=-1)  # exact: both are in dtype
     # Softmax in float32 (a fresh tensor unless dtype is float32, where scores is ours to scale in place).
     probs = torch.softmax(scores.float().mul_(scale), dim=-1).to(dtype)  # [R, Hkv, rows, P + T]
@@ -346,27 +346,47 @@ def _prompt_columns(
     return gathered[:, :, offset : offset + len(columns)]
 
 
-def _response_history(
-    cache: torch.Tensor,
-    scale: torch.Tensor | None,
-    beam_slots: torch.Tensor,
-    steps: range,
-    beams: int,
-    kv_format: str,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """[S, Hkv, T, D]: the response K or V of each sequence over `steps` (T of them), in dtype. Past the
-    segment's columns it is a ring (docs/ops.md): step t in column t % columns, its slot likewise."""
-    first, end = steps.start, steps.stop
-    if beams == 1 and end <= cache.shape[2]:  # one beam per request: its own row, no gather
-        rows = cache[:, :, first:end]
-        row_scale = None if scale is None else scale[:, :, first:end]
-    else:
-        step = torch.arange(first, end, device=cache.device) % cache.shape[2]
-        slots = beam_slots[:, step]  # [S, T]
-        rows = cache[slots, :, step].transpose(1, 2)  # [S, T, Hkv, D] -> [S, Hkv, T, D]
-        row_scale = None if scale is None else scale[slots, :, step].transpose(1, 2)
-    return _load_cache(rows, row_scale, kv_format, dtype)
+class _ResponseHistory:
+    """Where each sequence's response K/V over `steps` lies: past the segment's `cells` columns a ring
+    (docs/ops.md), step t in column t % cells, its slot likewise. One beam per request reads its own row,
+    a slice; beams gather their rows with one index_select of whole head_dim rows, at element offsets
+    from the cache's strides: twice as fast as advanced indexing over (slot, step), which copies element
+    by element (AVX2, 2 threads, 4 beams x 8 KV heads of 128 over 1500 float32 steps: 15-24 -> 6-10 ms)."""
+
+    def __init__(self, beam_slots: torch.Tensor, steps: range, requests: int, kv_heads: int, cells: int):
+        self.steps = steps
+        self.beams = beam_slots.shape[0] // requests
+        self.sliced = self.beams == 1 and steps.stop <= cells
+        if not self.sliced:
+            device = beam_slots.device
+            step = torch.arange(steps.start, steps.stop, device=device) % cells
+            # [R, 1, beams, T] slots and [T] columns; heads broadcast in between: [R, Hkv, beams, T]
+            self.slots = beam_slots[:, step].view(requests, 1, self.beams, len(steps)).long()
+            self.columns = step
+            self.heads = torch.arange(kv_heads, device=device).view(kv_heads, 1, 1)
+
+    def read(
+        self, cache: torch.Tensor, scale: torch.Tensor | None, kv_format: str, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """[R, Hkv, beams, T, D]: cache's rows (response K or V [S, Hkv, C, D]) in dtype."""
+        if self.sliced:
+            rows = cache[:, :, self.steps.start : self.steps.stop].unsqueeze(2)
+            row_scale = (
+                None if scale is None else scale[:, :, self.steps.start : self.steps.stop].unsqueeze(2)
+            )
+        else:
+            rows = self._gather(cache, cache.shape[-1])
+            row_scale = None if scale is None else self._gather(scale, 1).squeeze(-1)
+        return _load_cache(rows, row_scale, kv_format, dtype)
+
+    def _gather(self, tensor: torch.Tensor, width: int) -> torch.Tensor:
+        """[R, Hkv, beams, T, width]: the `width` elements from each (slot, KV head, column) of tensor."""
+        stride = tensor.stride()
+        offsets = self.slots * stride[0] + self.heads * stride[1] + self.columns * stride[2]
+        # Row i of this view is the `width` elements from element i on (rows overlap: it is only read).
+        last_row = sum((size - 1) * step for size, step in zip(tensor.shape[:3], stride, strict=False))
+        rows = tensor.as_strided((last_row + 1, width), (1, 1))
+        return rows.index_select(0, offsets.flatten()).view(*offsets.shape, width)
 
 
 KERNELS = {
