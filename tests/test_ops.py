@@ -79,11 +79,12 @@ FP8_TOLERANCE = {"fp8_e4m3": 2**-3, "fp8_e5m2": 2**-2}  # relative step of each 
 @pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 64), (8, 2, 128), (6, 1, 16)])
 @pytest.mark.parametrize("fused_qkv", [True, False])
-def test_rotary_embedding_kv_write(kernels, dtype, kv_format, heads, kv_heads, head_dim, fused_qkv):
-    tokens, rows, length = 5, 3, 9
+@pytest.mark.parametrize("tokens", [5, 1])
+def test_rotary_embedding_kv_write(kernels, dtype, kv_format, heads, kv_heads, head_dim, fused_qkv, tokens):
+    rows, length = 3, 9
     rope = RopeSpec(theta=10000.0)
     table = cos_sin_cache(rope, head_dim, 64, torch.device("cpu"))
-    positions = torch.tensor([0, 3, 17, 63, 5])
+    positions = torch.tensor([0, 3, 17, 63, 5])[:tokens]
     qkv = _random(
         tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype
     )  # strided views, as the model passes
@@ -95,7 +96,10 @@ def test_rotary_embedding_kv_write(kernels, dtype, kv_format, heads, kv_heads, h
     original_q, original_k, original_v = query.clone(), key.clone(), value.clone()
     k_cache, k_scale = _cache((rows, kv_heads, length, head_dim), kv_format, dtype)
     v_cache, v_scale = _cache((rows, kv_heads, length, head_dim), kv_format, dtype)
-    cache_rows, cache_positions = torch.tensor([0, 2, 1, 2, 0]), torch.tensor([0, 8, 4, 3, 7])
+    cache_rows, cache_positions = (
+        torch.tensor([0, 2, 1, 2, 0])[:tokens],
+        torch.tensor([0, 8, 4, 3, 7])[:tokens],
+    )
 
     kernels.rotary_embedding_kv_write(
         query, key, value, table[positions].to(dtype), k_cache, v_cache, k_scale, v_scale,
@@ -121,6 +125,21 @@ def test_rotary_embedding_kv_write(kernels, dtype, kv_format, heads, kv_heads, h
             assert_close(stored, expected, dtype, scale=4)
         untouched = cache.permute(0, 2, 1, 3)[~written]
         assert (untouched == NAN_CODE).all() if fp8.is_fp8(kv_format) else untouched.isnan().all()
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("kv_heads", [3, 1])
+def test_reference_rotary_rotates_views_of_one_fused_row_at_once(tokens, kv_heads):
+    """The CPU kernel rotates q and k in one pass when they are views of one q/k/v row, decode's single
+    token included (whose views torch gives unequal, meaningless token strides); separate tensors apart."""
+    heads, head_dim = 9, 64
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=torch.bfloat16)
+    query = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    key = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    value = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
+    assert reference._key_follows_query(query, key)
+    assert not reference._key_follows_query(query, value)  # not adjacent
+    assert not reference._key_follows_query(query.clone(), key.clone())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -45,12 +45,16 @@ def _rotate_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> N
 
 
 def _key_follows_query(query: torch.Tensor, key: torch.Tensor) -> bool:
-    """True when key's heads continue query's in memory, with the same strides."""
-    head_bytes = query.stride(1) * query.element_size()
+    """True when key's heads continue query's in memory, heads D apart in both: views of one fused q/k/v
+    row. A one-token view's token stride means nothing (torch gives [1, 9, 64] and [1, 3, 64] views of one
+    row strides 576 and 192), so it is compared only where there are several tokens."""
+    tokens, heads, head_dim = query.shape
+    heads_packed = all(t.shape[1] == 1 or t.stride(1) == head_dim for t in (query, key))
     return (
-        query.stride() == key.stride()
+        heads_packed
         and query.dtype == key.dtype
-        and key.data_ptr() == query.data_ptr() + query.shape[1] * head_bytes
+        and (tokens == 1 or query.stride(0) == key.stride(0))
+        and key.data_ptr() == query.data_ptr() + heads * head_dim * query.element_size()
     )
 
 
@@ -104,8 +108,8 @@ def rotary_embedding_kv_write(
     half = cos_sin.shape[-1] // 2
     cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]  # [T, 1, D/2]
     if _key_follows_query(query, key):  # views of one fused q/k/v row: rotate all heads at once
-        heads = query.shape[1] + key.shape[1]
-        query_and_key = query.as_strided((query.shape[0], heads, query.shape[2]), query.stride())
+        tokens, heads, head_dim = query.shape[0], query.shape[1] + key.shape[1], query.shape[2]
+        query_and_key = query.as_strided((tokens, heads, head_dim), (query.stride(0), head_dim, 1))
         _rotate_in_place(query_and_key, cos, sin)
     else:
         _rotate_in_place(query, cos, sin)
