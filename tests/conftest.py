@@ -14,7 +14,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
-from xpu_coopt.ops import cpu_gemm, dispatcher_kernels, reference_kernels
+from xpu_coopt.ops import cpu_gemm, dispatcher_kernels, reference, reference_kernels
 from xpu_coopt.sycl.kernels import sycl_kernels
 from xpu_coopt.triton.kernels import triton_kernels
 
@@ -26,7 +26,9 @@ TINYSTORIES_TEXT = DATA / "tinystories-valid.txt"
 # Every kernel table that implements docs/ops.md; each must match the oracles. Device backends add theirs.
 KERNEL_BACKENDS = {
     "dispatcher-cpu": dispatcher_kernels,  # torch.ops.xpu_coopt on CPU tensors: the registered CPU kernels
-    "reference": reference_kernels,  # the same kernels called as plain functions (backend="torch")
+    # the same kernels called as plain functions (backend="torch"), the decode attention on the batched
+    # matmuls it runs on devices other than the CPU (the "reference" fixture switches the CPU's flash path off)
+    "reference": reference_kernels,
     "sycl-cpu": sycl_kernels,  # sycl_kernels/ compiled by SYCL-RTC, run on the OpenCL CPU device
     "triton-interpreter": triton_kernels,  # xpu_coopt/triton/, under TRITON_INTERPRET=1 on CPU tensors
 }
@@ -51,7 +53,9 @@ def _random_data_of_its_own(request):
 
 
 @pytest.fixture(params=sorted(KERNEL_BACKENDS))
-def kernels(request):
+def kernels(request, monkeypatch):
+    if request.param == "reference":
+        monkeypatch.setattr(reference, "CPU_FLASH_ATTENTION", False)
     return KERNEL_BACKENDS[request.param]()
 
 

@@ -408,6 +408,24 @@ def test_segment_attention_decode(
     assert all(map(torch.equal, _snapshot(caches), before))  # the caches are read only
 
 
+@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segment_attention_decode_with_a_prompt_all_padding(kernels, dtype, kv_format):
+    """A request whose prompt-segment columns are all padding attends to its response steps alone (the CPU
+    kernel's prompt partial then has no key: it must weigh nothing when merged with the response's)."""
+    prompt_len, response_len = 12, 5
+    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+        dtype, kv_format, 2, 2, 4, 2, 32, prompt_len, response_len, True, starts=[3, prompt_len]
+    )
+    (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
+    out = torch.full_like(query, float("nan"))
+    kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s,
+                                     beam_slots, response_len, 0.2, kv_format)  # fmt: skip
+    expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
+                                                response_len, 0.2)  # fmt: skip
+    assert_close(out, expected, dtype)
+
+
 def _token_major_view(tensor: torch.Tensor | None) -> torch.Tensor | None:
     """tensor's values ([S, Hkv, C, ...]) in a view of a token-major buffer with one spare KV head first:
     its heads are not adjacent to each other's columns, and it starts past its storage's first element."""
@@ -778,11 +796,14 @@ def test_segment_attention_decode_paged_prompt(
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize(("requests_per_chunk", "chunk_rows"), [(1, [2, 2, 2]), (2, [4, 2])])
+@pytest.mark.parametrize("attend", ["_attend_requests_flash", "_attend_requests"])
 def test_reference_decode_attention_in_request_chunks(
-    monkeypatch, paged, kv_format, requests_per_chunk, chunk_rows
+    monkeypatch, paged, kv_format, requests_per_chunk, chunk_rows, attend
 ):
     """The CPU reference attends to a chunk of requests at a time (reference.CPU_CHUNK_BYTES of K/V): each
-    chunk with its own padding, beams (beam_slots counted from its first row) and prompt blocks."""
+    chunk with its own padding, beams (beam_slots counted from its first row) and prompt blocks; with
+    torch's flash kernel for CPU and with the batched matmuls of other devices."""
+    monkeypatch.setattr(reference, "CPU_FLASH_ATTENTION", attend == "_attend_requests_flash")
     requests, beams, heads, kv_heads, head_dim, prompt_len, response_len = 3, 2, 4, 2, 32, 37, 5
     query, caches, dequantized, prompt_start, beam_slots = _segment_case(
         torch.bfloat16, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
@@ -797,9 +818,9 @@ def test_reference_decode_attention_in_request_chunks(
     per_request = reference._request_bytes(query, kv_heads, prompt_len + beams * response_len)
     monkeypatch.setattr(reference, "CPU_CHUNK_BYTES", requests_per_chunk * per_request)
     chunks = []
-    attend = reference._attend_requests
+    attend_chunk = getattr(reference, attend)
     monkeypatch.setattr(
-        reference, "_attend_requests", lambda *args: chunks.append(args[0].shape[0]) or attend(*args)
+        reference, attend, lambda *args: chunks.append(args[0].shape[0]) or attend_chunk(*args)
     )
     out = torch.full_like(query, float("nan"))
     reference_kernels().segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s,

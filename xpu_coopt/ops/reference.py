@@ -2,8 +2,9 @@
 
 They follow Hugging Face's LLaMA arithmetic step for step (where each cast to float32 happens and back),
 so that the optimized model matches transformers within rounding. They are the fast path on CPU too, so
-they avoid copies where torch allows: decode attention reads the shared prompt K/V once per request with
-one batched matmul for all beams and query heads of a KV group.
+they avoid copies where torch allows: decode attention reads the shared prompt K/V once per request for
+all beams and query heads of a KV group, with torch's flash attention kernel for CPU on the CPU and one
+batched matmul elsewhere.
 """
 
 from __future__ import annotations
@@ -172,13 +173,18 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a.to(compute), b.to(compute)).to(a.dtype)
 
 
-# The CPU decode attends to at most this many bytes of K/V (in the matmuls' dtype) at once, a chunk of
-# requests at a time: their converted copies then stay in cache, and glibc reuses their memory instead of
-# mapping fresh pages for each step's copies (zeroed by the kernel, page by page). AVX2, 2 threads,
-# SmolLM2-135M's decode attention (bfloat16 computed in float32, 3 KV heads, 1056 columns, 1.6 MB a
-# request): 16 requests 15.0 -> 7.3 ms in chunks of 4 (6.5 MB), 64 requests 72 -> 17 ms; chunks of 8
-# requests (13 MB) were slower.
+# Where the CPU decode copies K/V (prompt padding zeroed in copies, FP8 codes dequantized, blocks
+# gathered), it attends to at most this many bytes of K/V at once, a chunk of requests at a time: the
+# copies then stay in cache, and glibc reuses their memory instead of mapping fresh pages for each step's
+# copies (zeroed by the kernel, page by page). AVX2, 2 threads, SmolLM2-135M's decode attention (then
+# bfloat16 converted to float32 for the matmuls, 3 KV heads, 1056 columns, 1.6 MB a request): 16 requests
+# 15.0 -> 7.3 ms in chunks of 4 (6.5 MB), 64 requests 72 -> 17 ms; chunks of 8 requests (13 MB) were
+# slower. Without copies the requests go in one chunk (flash kernel, 16 requests unpadded: 2.3 -> 1.8 ms).
 CPU_CHUNK_BYTES = 8 << 20
+
+# On CPU tensors the decode attention runs torch's flash attention kernel for CPU (_attend_requests_flash);
+# False: the batched matmuls it runs on other devices (_attend_requests), which the tests also run on CPU.
+CPU_FLASH_ATTENTION = True
 
 
 def segment_attention_decode(
@@ -215,9 +221,11 @@ def segment_attention_decode(
     steps = range(max(window_first - prompt_len, 0), response_len)
     num_requests = prompt_start.shape[0]
     beams = query.shape[0] // num_requests
-    per_request = _request_bytes(query, prompt_k.shape[1], len(prompt_columns) + beams * len(steps))
-    chunk = num_requests if query.device.type != "cpu" else max(1, CPU_CHUNK_BYTES // max(per_request, 1))
     paged = prompt_block_table is not None  # the pool of blocks is shared: its table is sliced instead
+    chunk = num_requests
+    if query.device.type == "cpu" and _copies_kv(kv_format, paged, prompt_start, prompt_columns):
+        per_request = _request_bytes(query, prompt_k.shape[1], len(prompt_columns) + beams * len(steps))
+        chunk = max(1, CPU_CHUNK_BYTES // max(per_request, 1))
     prompt_segment = (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale)
     response_segment = (response_k, response_v, response_k_scale, response_v_scale)
     for first in range(0, num_requests, chunk):
@@ -226,15 +234,25 @@ def segment_attention_decode(
         response = [None if t is None else t[seqs] for t in response_segment]
         slots = beam_slots[seqs] - first * beams if first else beam_slots[seqs]  # rows from the chunk's
         table = prompt_block_table[requests] if paged else None
-        _attend_requests(
+        attend = (
+            _attend_requests_flash if query.device.type == "cpu" and CPU_FLASH_ATTENTION else _attend_requests
+        )
+        attend(
             out[seqs], query[seqs], prompt, prompt_start[requests], response, slots, steps, scale, kv_format,
             table, prompt_columns,
         )  # fmt: skip
 
 
+def _copies_kv(kv_format: str, paged: bool, prompt_start: torch.Tensor, prompt_columns: range) -> bool:
+    """Whether the CPU decode copies K/V: FP8 codes are dequantized, blocks gathered, and padding zeroed
+    in copies (the batched matmuls of CPU_FLASH_ATTENTION=False convert K/V on most CPUs anyway)."""
+    padded = bool((prompt_start > prompt_columns.start).any()) if len(prompt_columns) else False
+    return fp8.is_fp8(kv_format) or paged or padded or not CPU_FLASH_ATTENTION
+
+
 def _request_bytes(query: torch.Tensor, num_kv_heads: int, columns: int) -> int:
-    """The bytes of one request's K and V over `columns`, in the dtype the decode's matmuls run in."""
-    compute = cpu_gemm.matmul_dtype(query.device, query.dtype)
+    """The bytes of one request's K and V over `columns`, in the dtype the decode's copies hold them in."""
+    compute = query.dtype if CPU_FLASH_ATTENTION else cpu_gemm.matmul_dtype(query.device, query.dtype)
     return 2 * num_kv_heads * columns * query.shape[-1] * compute.itemsize
 
 
@@ -251,7 +269,8 @@ def _attend_requests(
     prompt_block_table: torch.Tensor | None,
     prompt_columns: range,
 ) -> None:
-    """segment_attention_decode for some requests (all their beams), the lengths read on the host.
+    """segment_attention_decode for some requests (all their beams), the lengths read on the host, with
+    batched matmuls: on devices other than the CPU (and on the CPU with CPU_FLASH_ATTENTION off).
     prompt: (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale); response: the same of the response.
     prompt_columns, steps: the prompt-segment columns and response steps attended (the window's)."""
     prompt_k, prompt_v, prompt_k_scale, prompt_v_scale = prompt
@@ -284,9 +303,7 @@ def _attend_requests(
     pk = pk.contiguous() if compute == dtype else pk.to(compute)
     pv = _load_cache(prompt_v, prompt_v_scale, kv_format, dtype).to(compute)  # converted once, not per use
     scores = _matmul(q.reshape(num_requests, num_kv_heads, rows, head_dim), pk.transpose(-1, -2))
-    # Left padding (and with a window, at most all the columns): never read. Starts are from the first column.
-    starts = [min(max(start - prompt_columns.start, 0), prompt_len) for start in prompt_start.tolist()]
-    padded = [(request, start) for request, start in enumerate(starts) if start]
+    padded = _padded_requests(prompt_start, prompt_columns, prompt_len)
     if padded:
         # A zero weight times garbage could still be NaN: the padding's values are zeroed too, in a copy.
         # One slice fill per padded request: a masked_fill over the whole segment with a broadcast mask
@@ -314,6 +331,111 @@ def _attend_requests(
         response_probs = probs[..., prompt_len:].view(num_requests, num_kv_heads, beams, group, response_len)
         result += _matmul(response_probs, rv)
     out.view(num_requests, beams, num_kv_heads, group, head_dim).copy_(result.permute(0, 2, 1, 3, 4))
+
+
+def _attend_requests_flash(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    prompt: list[torch.Tensor | None],
+    prompt_start: torch.Tensor,
+    response: list[torch.Tensor | None],
+    beam_slots: torch.Tensor,
+    steps: range,
+    scale: float,
+    kv_format: str,
+    prompt_block_table: torch.Tensor | None,
+    prompt_columns: range,
+) -> None:
+    """_attend_requests on the CPU with torch's flash attention kernel for CPU, which reads 16-bit K/V
+    where they lie (no float32 copy) and returns each row's log-sum-exp: the prompt segment's partial
+    (every beam and query head of a KV group as rows of one matrix, the prompt read once) and the response
+    segment's (each beam's own rows) are merged by it, as the device kernels merge their splits."""
+    num_seqs, num_heads, head_dim = query.shape
+    num_requests, num_kv_heads = prompt_start.shape[0], prompt[0].shape[1]
+    beams, group = num_seqs // num_requests, num_heads // num_kv_heads
+    # [R, Hkv, beams, G, D]: viewed as [R, Hkv, beams * G, D] for the prompt, [R, Hkv * beams, G, D] for
+    # the response.
+    q = query.view(num_requests, beams, num_kv_heads, group, head_dim).transpose(1, 2).contiguous()
+    rows = (num_requests, num_kv_heads, beams * group)
+    partials = []
+    if len(prompt_columns):
+        partials.append(_attend_prompt_flash(q.view(*rows, head_dim), prompt, prompt_start, scale, kv_format,
+                                             prompt_block_table, prompt_columns))  # fmt: skip
+    if len(steps):
+        response_k, response_v, response_k_scale, response_v_scale = response
+        history = _ResponseHistory(beam_slots, steps, num_requests, num_kv_heads, response_k.shape[2])
+        each_beam = (num_requests, num_kv_heads * beams, len(steps), head_dim)
+        rk = history.read(response_k, response_k_scale, kv_format, query.dtype).view(each_beam)
+        rv = history.read(response_v, response_v_scale, kv_format, query.dtype).view(each_beam)
+        result, lse = _flash_for_cpu(
+            q.view(num_requests, num_kv_heads * beams, group, head_dim), rk, rv, scale=scale
+        )
+        partials.append((result.reshape(*rows, head_dim), lse.reshape(rows)))
+    result = partials[0][0] if len(partials) == 1 else _merge_partials(*partials)
+    out.view(num_requests, beams, num_kv_heads, group, head_dim).copy_(
+        result.reshape(num_requests, num_kv_heads, beams, group, head_dim).transpose(1, 2)
+    )
+
+
+_flash_for_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _attend_prompt_flash(
+    q: torch.Tensor,
+    prompt: list[torch.Tensor | None],
+    prompt_start: torch.Tensor,
+    scale: float,
+    kv_format: str,
+    prompt_block_table: torch.Tensor | None,
+    prompt_columns: range,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt segment's attention of q [R, Hkv, rows, D] and each row's log-sum-exp [R, Hkv, rows]."""
+    prompt_k, prompt_v, prompt_k_scale, prompt_v_scale = prompt
+    columns = [_prompt_columns(t, prompt_block_table, prompt_columns, None) for t in (prompt_k, prompt_v)]
+    scales = [
+        None if t is None else _prompt_columns(t, prompt_block_table, prompt_columns, None)
+        for t in (prompt_k_scale, prompt_v_scale)
+    ]
+    pk, pv = (_load_cache(t, t_scale, kv_format, q.dtype) for t, t_scale in zip(columns, scales, strict=True))
+    length = pk.shape[2]
+    padded = _padded_requests(prompt_start, prompt_columns, length)
+    mask = None
+    if padded:
+        # The mask adds -inf to the padding's scores, but NaN K or V would still make NaN: both are zeroed,
+        # in copies (never in the caller's cache).
+        pk, pv = (
+            t.clone() if _shares_memory(t, cache) else t for t, cache in ((pk, prompt_k), (pv, prompt_v))
+        )
+        mask = torch.zeros((q.shape[0], 1, 1, length), dtype=q.dtype, device=q.device)
+        for request, start in padded:
+            pk[request, :, :start] = 0
+            pv[request, :, :start] = 0
+            mask[request, ..., :start] = float("-inf")
+    result, lse = _flash_for_cpu(q, pk, pv, attn_mask=mask, scale=scale)
+    for request, start in padded:
+        if start == length:  # nothing to attend here: the kernel gives zeros and a log-sum-exp of 0
+            lse[request] = float("-inf")
+    return result, lse
+
+
+def _merge_partials(
+    prompt: tuple[torch.Tensor, torch.Tensor], response: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """Two softmax partials (output [..., D] normalized over its own keys, in the activation dtype, and
+    log-sum-exp [...]) merged into the attention over both sets of keys: weighed in float32, rounded to
+    the activation dtype once more."""
+    (prompt_out, prompt_lse), (response_out, response_lse) = prompt, response
+    lse = torch.logaddexp(prompt_lse, response_lse)
+    merged = prompt_out.float() * (prompt_lse - lse).exp_().unsqueeze(-1)
+    merged += response_out.float() * (response_lse - lse).exp_().unsqueeze(-1)
+    return merged.to(prompt_out.dtype)
+
+
+def _padded_requests(prompt_start: torch.Tensor, prompt_columns: range, length: int) -> list[tuple[int, int]]:
+    """(request, columns of padding) for each request whose attended prompt columns begin with padding
+    (with a window, at most all `length` of them): never read. Columns count from the first attended."""
+    starts = [min(max(start - prompt_columns.start, 0), length) for start in prompt_start.tolist()]
+    return [(request, start) for request, start in enumerate(starts) if start]
 
 
 def _shares_memory(tensor: torch.Tensor, cache: torch.Tensor) -> bool:
