@@ -610,8 +610,10 @@ def test_min_p_sampling_matches_transformers(min_p):
 
 @pytest.mark.parametrize(
     "warpers",
-    # extreme settings, so that what each warper keeps beyond the EOS ids decides the draw
-    [dict(top_k=1), dict(top_k=0, top_p=0.05, temperature=0.7), dict(top_k=0, min_p=0.95, eta_cutoff=0.05)],
+    # top-p and min-p extreme, so that what each warper keeps beyond the EOS ids decides the draw; top-k
+    # keeps 3 of each beam's tokens, not the 2 the rule would: with 2 a beam, the draw (2 a beam) would take
+    # every candidate, which transformers 5.24 orders by score as beam search does
+    [dict(top_k=3), dict(top_k=0, top_p=0.05, temperature=0.7), dict(top_k=0, min_p=0.95, eta_cutoff=0.05)],
     ids=["top-k", "top-p", "min-p-eta"],
 )
 @pytest.mark.parametrize("eos", [None, "frequent"])
@@ -797,7 +799,8 @@ def _allowed_after(batch_id: int, tokens: torch.Tensor) -> list[int]:
 )
 def test_prefix_allowed_tokens_fn_matches_transformers(search):
     """Each row may take only what the function allows for its prompt (batch index: the row over
-    num_beams; each sample of num_return_sequences its own, as in transformers) and its tokens so far."""
+    num_beams, or from transformers 5.24 over max(num_beams, num_return_sequences), as the installed
+    release counts it) and its tokens so far."""
     model = _model("llama-gqa-8q2kv-d64")
     ids, mask = _prompts([3, 7], model.config.vocab_size, seed=25)
     kwargs = dict(max_new_tokens=6, pad_token_id=0, prefix_allowed_tokens_fn=_allowed_after, **search)

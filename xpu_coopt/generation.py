@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from xpu_coopt.generation_settings import GenerationSettings, resolve_settings
 from xpu_coopt.logits_processing import criteria_met, process, renormalize, stopping_criteria, warp
 from xpu_coopt.token_rules import TokenRules
+from xpu_coopt.transformers_release import BEAM_SAMPLES_SORTED
 
 
 @dataclass
@@ -196,6 +197,9 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings, genera
             accumulated = log_probs.view(batch, -1)
             topk_indices = torch.multinomial(accumulated.softmax(dim=-1), beams_to_keep, generator=generator)
             topk_log_probs = accumulated.gather(1, topk_indices)
+            if BEAM_SAMPLES_SORTED:
+                topk_log_probs, order = topk_log_probs.sort(dim=-1, descending=True)
+                topk_indices = topk_indices.gather(1, order)
         else:
             topk_log_probs, topk_indices = torch.topk(log_probs.view(batch, -1), k=beams_to_keep)
         topk_beam = topk_indices // vocab

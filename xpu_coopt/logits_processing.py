@@ -4,7 +4,6 @@ the release installed, where releases differ)."""
 
 from __future__ import annotations
 
-import importlib.metadata
 from typing import Any
 
 import torch
@@ -12,18 +11,7 @@ import torch.nn.functional as F
 
 from xpu_coopt.generation_settings import GenerationSettings
 from xpu_coopt.token_rules import TokenRules, apply_after_min_lengths, apply_bad_words, apply_before_penalties
-
-
-def _penalty_skips_padding() -> bool:
-    """transformers 5.23 began to skip each prompt's left padding in the repetition penalty (generate()
-    passes the padding lengths to RepetitionPenaltyLogitsProcessor); earlier releases penalize the ids of
-    the padding too (the pad token's, usually)."""
-    from packaging.version import Version
-
-    return Version(importlib.metadata.version("transformers")) >= Version("5.23")
-
-
-PENALTY_SKIPS_PADDING = _penalty_skips_padding()
+from xpu_coopt.transformers_release import PENALTY_SKIPS_PADDING
 
 # --- logits processors, in transformers' order: sequence_bias, repetition_penalty, no_repeat_ngram_size,
 # bad_words_ids, min_length and min_new_tokens, prefix_allowed_tokens_fn, forced BOS and EOS,

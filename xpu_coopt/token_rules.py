@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from xpu_coopt.generation_settings import GenerationSettings
+from xpu_coopt.transformers_release import PREFIX_BATCH_SPANS_RETURN_SEQUENCES
 
 
 @dataclass(frozen=True)
@@ -120,11 +121,15 @@ def _suppressed(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def _only_allowed(scores: torch.Tensor, tokens: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
     """transformers' PrefixConstrainedLogitsProcessor: each row may take only the tokens that
-    prefix_allowed_tokens_fn(its prompt's index in the batch, its tokens so far) allows. Rows are prompts
-    x num_beams (each sample of num_return_sequences counts as a prompt of its own, as in transformers)."""
+    prefix_allowed_tokens_fn(its prompt's index in the batch, its tokens so far) allows. The index is the
+    row over num_beams, or from transformers 5.24 over max(num_beams, num_return_sequences) (before it, each
+    sample of num_return_sequences counts as a prompt of its own)."""
+    rows_per_index = s.num_beams
+    if PREFIX_BATCH_SPANS_RETURN_SEQUENCES:
+        rows_per_index = max(s.num_beams, s.num_return_sequences)
     allowed = torch.full_like(scores, -math.inf)
     for row in range(tokens.shape[0]):
-        prompt = row // s.num_beams
+        prompt = row // rows_per_index
         tokens_allowed = s.prefix_allowed_tokens_fn(prompt, tokens[row])
         if len(tokens_allowed) == 0:
             raise ValueError(
