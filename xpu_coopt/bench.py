@@ -120,6 +120,12 @@ def _hf_kv_bytes(cache: Any) -> int:
     return total
 
 
+def _hf_cache(out: Any) -> Any:
+    # transformers 5.24 renamed generate()'s past_key_values output to cache (the old name warns).
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def run_transformers(model, input_ids, mask, settings, tokens: int) -> RunResult:
     from transformers import LogitsProcessorList
 
@@ -132,7 +138,7 @@ def run_transformers(model, input_ids, mask, settings, tokens: int) -> RunResult
             return_dict_in_generate=True, **_generate_kwargs(settings, tokens),
         )  # fmt: skip
     generated = _generated_tokens(input_ids, settings, tokens)
-    return _summarise(start, clock.times, generated, _hf_kv_bytes(out.past_key_values))
+    return _summarise(start, clock.times, generated, _hf_kv_bytes(_hf_cache(out)))
 
 
 def run_xpu_coopt(model, input_ids, mask, settings, tokens: int) -> RunResult:
