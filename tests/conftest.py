@@ -18,6 +18,11 @@ from xpu_coopt.ops import cpu_gemm, dispatcher_kernels, reference, reference_ker
 from xpu_coopt.sycl.kernels import sycl_kernels
 from xpu_coopt.triton.kernels import triton_kernels
 
+if os.environ["TRITON_INTERPRET"] == "1":
+    from triton_interpreter import list_builtins_once
+
+    list_builtins_once()
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STORIES_MODEL = DATA / "stories260K.bin"
 STORIES_TOKENIZER = DATA / "tok512.bin"
