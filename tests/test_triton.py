@@ -328,25 +328,60 @@ def test_graph_decode_with_a_sliding_window_gives_the_same_tokens(
     assert len(replays) == expected.shape[1] - ids.shape[1] - 1
 
 
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_a_paged_pool_grows_under_a_decode_graph_as_without_one(
+    stories_model, stories_tokenizer, monkeypatch, num_beams
+):
+    """A decode graph over a paged cache: the pool holds what it holds without a graph at every step (no
+    block of left padding alone, with one beam none for tokens not generated yet, growing as blocks fill),
+    and the graph is captured again at each step that grew it, so it never replays over a pool that moved.
+    Tokens and scores are those of the cache without a graph."""
+    replays = _replay_decode_graphs_eagerly(monkeypatch)
+    ids, mask = _unequal_stories_prompts(stories_tokenizer)
+    new_tokens = 60
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=num_beams, do_sample=False,
+                  eos_token_id=2, pad_token_id=0, output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    eager = xpu_coopt.optimize(stories_model, kv_cache="paged")
+    graphed = xpu_coopt.optimize(stories_model, kv_cache="paged")
+    graphed.cuda_graph = True
+    expected, out = (model.generate(ids, mask, **kwargs) for model in (eager, graphed))
+    assert torch.equal(out.sequences, expected.sequences)
+    torch.testing.assert_close(out.scores, expected.scores, atol=0, rtol=0)
+    # The pool without a graph at each decode step (which tokens are decoded does not change it).
+    _, cache = eager.prefill(ids, mask, num_beams, new_tokens)
+    pools = []
+    for _ in range(new_tokens - 1):
+        eager.decode(torch.zeros(cache.num_seqs, dtype=torch.long), cache)
+        pools.append(cache.pool_blocks())
+    kept = graphed._kept_cache
+    assert kept.pool_blocks() == pools[-1] and kept.blocks_used == cache.blocks_used
+    assert kept.decode_graph.captures == len(set(pools)) and len(replays) == new_tokens - 1
+    if num_beams == 1:
+        assert kept.decode_graph.captures > 2  # the pool grew during the generation
+    # Less than the table can map: the short prompt's first block is padding alone, never allocated.
+    assert kept.pool_blocks() < 1 + kept.block_table.numel()
+
+
 def _replay_decode_graphs_eagerly(monkeypatch) -> list[tuple[int, list[int]]]:
-    """DecodeGraph without a GPU: each replay runs the step eagerly where a GPU replays the captured graph,
-    returns it in one output buffer as the graph does, and first checks that the tensors a graph would
-    read have not moved. Returns the replays: (the graph's id, the segment lengths it read)."""
+    """DecodeGraph without a GPU: its capture runs the step once eagerly, as the capture's warm-up runs do,
+    for the shape of the output buffer, and each replay runs the step eagerly where a GPU replays the
+    captured graph, returning it in that one buffer as the graph does. DecodeGraph's own __call__ decides
+    when to capture. Returns the replays: (the graph's id, the segment lengths it read)."""
     from xpu_coopt.decode_graph import DecodeGraph
 
     replays = []
 
-    def eager_replay(self, cache, next_tokens):
-        self.check_inputs(cache)
-        self.tokens.copy_(next_tokens.view(-1, 1))
-        logits = self._forward(cache)
-        if self.logits is None:  # the capture allocates the output buffer
-            self.logits = torch.empty_like(logits)
-        self.logits.copy_(logits)
-        replays.append((id(self), cache.segment_lens.tolist()))
-        return self.logits
+    def eager_capture(self, cache):
+        self.graph = lambda: self._forward(cache)  # what a replay runs
+        self.logits = torch.empty_like(self._forward(cache))
+        self.captured_segment_lens = cache.segment_lens
 
-    monkeypatch.setattr(DecodeGraph, "__call__", eager_replay)
+    def eager_replay(self):
+        self.logits.copy_(self.graph())
+        replays.append((id(self), self.captured_segment_lens.tolist()))
+
+    monkeypatch.setattr(DecodeGraph, "_capture", eager_capture)
+    monkeypatch.setattr(DecodeGraph, "_replay", eager_replay)
     return replays
 
 
@@ -367,8 +402,8 @@ def test_generate_reuses_the_kept_decode_graph_when_it_fits(
     scores) of a model without graphs, whatever the last one left in the cache; one that does not fit
     gets a cache and graph of its own. The expected tokens and scores are the reference kernels' without
     graphs (Triton's eager tokens equal them: test_stories260k_triton_tokens_match_reference; their scores
-    differ by the order of the kernels' sums). A paged cache's pool is allocated at its largest for the
-    graph, and each generation maps its blocks anew in the same table."""
+    differ by the order of the kernels' sums). A paged cache's pool grows as its generations need (the
+    graph then captured again), and each generation maps its blocks anew in the same table."""
     replays = _replay_decode_graphs_eagerly(monkeypatch)
     prompt = torch.tensor([stories_tokenizer.encode("Once upon a time there was a little girl named Lily")])
     kwargs = dict(num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0, output_scores=True,
@@ -415,16 +450,26 @@ def test_generate_reuses_the_kept_decode_graph_when_it_fits(
     assert graphed._kept_cache is None
 
 
-def test_a_decode_graph_refuses_inputs_that_moved(stories_model, stories_tokenizer, monkeypatch):
+def test_a_decode_graph_is_captured_again_when_its_inputs_moved(
+    stories_model, stories_tokenizer, monkeypatch
+):
+    """A replay reads every tensor at the address it was captured with: a kept cache whose tensor moved
+    (a paged pool's growth does; here a clone stands in) gets its graph captured again before the next
+    replay, which then reads the new storage (the tokens are those of a model without graphs)."""
     _replay_decode_graphs_eagerly(monkeypatch)
     model = xpu_coopt.optimize(stories_model)
     model.cuda_graph = True
     prompt = _stories_prompt(stories_tokenizer)
-    model.generate(prompt, max_new_tokens=4)
+    expected = xpu_coopt.optimize(stories_model).generate(prompt, max_new_tokens=4)
+    assert torch.equal(model.generate(prompt, max_new_tokens=4), expected)
     cache = model._kept_cache
-    cache.prompt_k = cache.prompt_k.clone()  # what a cache that reallocates a tensor would do
-    with pytest.raises(RuntimeError, match=r"the decode graph's inputs \['prompt_k'\] moved"):
-        model.generate(prompt, max_new_tokens=4)
+    graph = cache.decode_graph
+    assert graph.captures == 1
+    old_address = cache.prompt_k.data_ptr()
+    cache.prompt_k = cache.prompt_k.clone()
+    assert torch.equal(model.generate(prompt, max_new_tokens=4), expected)
+    assert model._kept_cache.decode_graph is graph and graph.captures == 2
+    assert graph.input_addresses["prompt_k"] == cache.prompt_k.data_ptr() != old_address
 
 
 def test_cuda_graph_needs_cuda_and_triton(stories_model):

@@ -4,13 +4,16 @@ At batch 1 a 7B model's decode step launches a few hundred small kernels; in eag
 Python between them. The graph records them once and replays them with one launch. What changes between
 steps lives in device tensors updated in place before each replay: the input tokens (copied into the
 graph's input buffer) and the cache's write column, positions and segment lengths
-(SegmentKVCache.use_device_lengths). The cache is preallocated for max_new_tokens, so every tensor the
-graph touches keeps its address. Prefill stays eager: its shapes change with every prompt.
+(SegmentKVCache.use_device_lengths). The segment cache is preallocated for max_new_tokens, so every tensor
+the graph touches keeps its address. A paged cache's pool grows as blocks fill (a copy, at least a quarter
+at a time): the graph reads every tensor at the address it was captured with, so a step that finds one
+moved captures the graph again (DecodeGraph.captures counts them). Prefill stays eager: its shapes change
+with every prompt.
 
 generate() keeps its cache, and with it the graph, for the next generate() whose batch, beams, prompt and
 max_new_tokens fit it (OptimizedModel.keep_cache): the cache is reset in place and the graph replays the
 new generation's steps without another capture (two eager steps and the capture's launches, some tens
-of milliseconds for a 7B model).
+of milliseconds for a 7B model), unless the new generation needs a larger paged pool.
 """
 
 from __future__ import annotations
@@ -41,16 +44,8 @@ class DecodeGraph:
         self.tokens = torch.zeros((cache.num_seqs, 1), dtype=torch.long, device=cache.beam_slots.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
-        self.input_addresses = _addresses(cache)  # what the graph will read: checked before every reuse
-
-    def check_inputs(self, cache: SegmentKVCache) -> None:
-        """RuntimeError unless every tensor the graph reads is where it was captured: a replay would read
-        freed or stale memory without an error of its own."""
-        moved = sorted(
-            name for name, address in _addresses(cache).items() if self.input_addresses.get(name) != address
-        )
-        if moved:
-            raise RuntimeError(f"the decode graph's inputs {moved} moved since it was captured")
+        self.input_addresses: dict[str, int] = {}  # what the graph reads, where it was captured
+        self.captures = 0
 
     def _forward(self, cache: SegmentKVCache) -> torch.Tensor:
         return self.decoder.forward(self.tokens, cache.positions().view(-1, 1), cache, True)
@@ -66,10 +61,19 @@ class DecodeGraph:
         with torch.cuda.graph(self.graph):
             self.logits = self._forward(cache)
 
-    def __call__(self, cache: SegmentKVCache, next_tokens: torch.Tensor) -> torch.Tensor:
-        """next_tokens [S] -> logits [S, vocab]: the graph's output buffer, overwritten by the next call."""
-        self.tokens.copy_(next_tokens.view(-1, 1))
-        if self.graph is None:
-            self._capture(cache)
+    def _replay(self) -> None:
         self.graph.replay()
+
+    def __call__(self, cache: SegmentKVCache, next_tokens: torch.Tensor) -> torch.Tensor:
+        """next_tokens [S] -> logits [S, vocab]: the graph's output buffer, overwritten by the next call.
+        Captures the graph at the first call and again whenever a tensor it reads has moved (a paged
+        pool's growth): a replay would otherwise read freed or stale memory without an error of its own."""
+        self.tokens.copy_(next_tokens.view(-1, 1))
+        addresses = _addresses(cache)
+        if addresses != self.input_addresses:
+            self.graph = self.logits = None  # the old graph's memory goes back before the new capture
+            self._capture(cache)
+            self.input_addresses = addresses
+            self.captures += 1
+        self._replay()
         return self.logits

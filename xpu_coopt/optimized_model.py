@@ -156,8 +156,7 @@ class OptimizedModel:
         cache, self._kept_cache = self._kept_cache, None
         if cache is None or not cache.fits(prompt_start.shape[0], prompt_len, num_beams, max_new_tokens):
             return None
-        cache.reset(prompt_start, prompt_len)
-        cache.decode_graph.check_inputs(cache)
+        cache.reset(prompt_start, prompt_len)  # the graph is captured again if this moved its inputs
         return cache
 
     @torch.inference_mode()

@@ -24,8 +24,8 @@ is a pool of blocks of BLOCK_SIZE columns, shared by the batch, with a table per
 
 The response segment of beam search stays per beam, as in the segment cache. Decode attention reads the
 prompt segment through the table (segment_attention_decode's prompt_block_table, docs/ops.md).
-With device lengths (a CUDA graph replaying the decode step), the pool is allocated at its largest first:
-the graph holds its address, so it never grows after.
+With device lengths (a CUDA graph replaying the decode step) the pool grows the same way: each growth
+moves it, and the decode graph is captured again at that step (xpu_coopt.decode_graph).
 """
 
 from __future__ import annotations
@@ -72,16 +72,13 @@ class PagedKVCache(SegmentKVCache):
         the table that is not mapped yet."""
         return self.blocks_used + self.num_requests * (self.block_table.shape[1] - self.mapped_blocks)
 
-    def _reserve(self, blocks: int, most: int | None = None) -> None:
+    def _reserve(self, blocks: int) -> None:
         """Makes the pool hold at least `blocks` blocks (a copy of it), growing it by at least a quarter
-        (fewer copies) but not past `most` (default: what this generation can come to use)."""
+        (fewer copies) but not past what this generation can come to use."""
         held = self.pool_blocks()
         if blocks <= held:
             return
-        if self.segment_lens is not None:  # a decode graph holds the pool's address
-            raise RuntimeError("a paged cache set to device lengths cannot grow its pool")
-        most = self._most_blocks() if most is None else most
-        target = max(blocks, min(most, held + -(-held // POOL_GROWTH)))
+        target = max(blocks, min(self._most_blocks(), held + -(-held // POOL_GROWTH)))
         for name in POOL_NAMES:
             setattr(self, name, extend(getattr(self, name), 1, target - held))
 
@@ -105,10 +102,6 @@ class PagedKVCache(SegmentKVCache):
         self._prompt_rows, self._prompt_columns = rows, self._prompt_columns % BLOCK_SIZE
 
     def use_device_lengths(self) -> None:
-        # Now, while it may still grow (a decode graph holds its address), for every column of every
-        # request: a later generation that reuses the graph may have less padding.
-        every_column = 1 + self.block_table.numel()  # and the sink
-        self._reserve(every_column, most=every_column)
         super().use_device_lengths()
         self._decode_rows = self._seq_rows.clone()  # updated in place from now on
 
