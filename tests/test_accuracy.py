@@ -76,6 +76,22 @@ def test_fp8_perplexity_is_the_same_on_every_backend(
     assert cached_perplexity(device, windows, progress=False).perplexity == pytest.approx(expected, rel=1e-4)
 
 
+def test_calibration_sees_every_column_of_windows_longer_than_the_sliding_window(
+    stories_window_model, stories_ids
+):
+    """Under a sliding window the cache keeps only a prompt's last window - 1 columns, but calibration
+    measures every column of its windows. A column's K/V depend only on the tokens up to it, and a prefix
+    of window - 1 tokens fits the cache whole, so the prefixes ending every window - 1 columns cover each
+    column of the text between them: the maxima over those prefixes are the whole text's."""
+    model = xpu_coopt.optimize(stories_window_model)
+    kept = stories_window_model.config.sliding_window - 1
+    windows = token_windows(stories_ids, 5 * kept)[:2]
+    whole = calibrate_kv_scales(model, windows)
+    prefixes = [calibrate_kv_scales(model, windows[:, :length]) for length in range(kept, 5 * kept + 1, kept)]
+    assert whole.key_amax == tuple(map(max, zip(*(scales.key_amax for scales in prefixes), strict=True)))
+    assert whole.value_amax == tuple(map(max, zip(*(scales.value_amax for scales in prefixes), strict=True)))
+
+
 def test_kv_scales_round_trip_through_the_model_folder(tmp_path, stories_scales, stories_model):
     path = stories_scales.save(tmp_path)
     assert path == tmp_path / SCALES_FILE

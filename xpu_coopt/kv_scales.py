@@ -93,7 +93,8 @@ def calibrate_kv_scales(
     """Measures each layer's largest |K| (after RoPE) and |V| over `windows` [N, P] of token ids.
 
     Runs the prefill into a 16-bit cache, whatever the model's kv_dtype, and reads the K/V rows exactly
-    as they would be written to an FP8 cache.
+    as they would be written to an FP8 cache: every column of the windows, also those a sliding window on
+    every layer would not keep.
     """
     if windows.dim() != 2 or windows.numel() == 0:
         raise ValueError(f"calibration takes token windows [N, P] with N, P >= 1, got {tuple(windows.shape)}")
@@ -101,9 +102,8 @@ def calibrate_kv_scales(
     key_amax = torch.zeros(layers, dtype=torch.float32)
     value_amax = torch.zeros(layers, dtype=torch.float32)
     for batch in windows.to(model.device).split(batch_size):
-        cache = model.decoder.new_cache(
-            torch.zeros(batch.shape[0], dtype=torch.int32, device=model.device), batch.shape[1], 1, 0, "auto"
-        )
+        starts = torch.zeros(batch.shape[0], dtype=torch.int32, device=model.device)
+        cache = model.decoder.new_cache(starts, batch.shape[1], 1, 0, "auto", keep_whole_prompt=True)
         positions = torch.arange(batch.shape[1], device=model.device).expand_as(batch)
         model.decoder.forward(batch.long(), positions, cache, last_only=True)
         # Unwritten capacity columns hold zeros, which never raise an amax.

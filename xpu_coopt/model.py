@@ -185,11 +185,13 @@ class LlamaDecoder:
         kv_format: str,
         static_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv_cache: str = "segment",
+        keep_whole_prompt: bool = False,
     ) -> SegmentKVCache:
-        """A cache of layout `kv_cache` (a key of KV_CACHE_KINDS) for this generation."""
+        """A cache of layout `kv_cache` (a key of KV_CACHE_KINDS) for this generation (keep_whole_prompt:
+        SegmentKVCache's)."""
         return KV_CACHE_KINDS[kv_cache](
             self.spec, self.ops, prompt_start, prompt_len,
-            num_beams, max_new_tokens, self.dtype, kv_format, static_scales,
+            num_beams, max_new_tokens, self.dtype, kv_format, static_scales, keep_whole_prompt,
         )  # fmt: skip
 
     def forward(

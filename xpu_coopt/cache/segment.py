@@ -84,8 +84,11 @@ class SegmentKVCache:
         dtype: torch.dtype,
         kv_format: str,
         static_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+        keep_whole_prompt: bool = False,
     ) -> None:
-        """static_scales: [layers] K and V scales in fp8.SCALE_DTYPE (FP8 only); None: dynamic per-row scales."""
+        """static_scales: [layers] K and V scales in fp8.SCALE_DTYPE (FP8 only); None: dynamic per-row scales.
+        keep_whole_prompt: every prompt column kept, even those a window on every layer has passed (what
+        calibration reads)."""
         if static_scales is not None and not fp8.is_fp8(kv_format):
             raise ValueError(f"static KV scales apply to FP8 caches, not kv_format={kv_format!r}")
         self.spec = spec
@@ -96,7 +99,8 @@ class SegmentKVCache:
         # Each layer's window as the attention ops take it (sliding-window layers attend to their last keys).
         self.windows = tuple(NO_WINDOW if window is None else window for window in spec.layer_windows)
         # The window of every layer (the widest), if each has one: no column before it is read again.
-        self.common_window = None if None in spec.layer_windows else max(spec.layer_windows)
+        common = keep_whole_prompt or None in spec.layer_windows
+        self.common_window = None if common else max(spec.layer_windows)
         device = prompt_start.device
         self.num_requests = prompt_start.shape[0]
         self.num_beams = num_beams
