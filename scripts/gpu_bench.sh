@@ -26,6 +26,11 @@ bench h100-llama2-7b-greedy-b1-triton-eager --cuda-graph off
 bench h100-llama2-7b-beam4-b1-triton --num-beams 4
 bench h100-llama2-7b-greedy-b64-triton --batch-size 64
 bench h100-llama2-7b-greedy-b1-triton-fp8 --kv-dtype fp8_e4m3
+# paged cache under the decode graph: unequal prompts store no padding blocks, and the pool grows with the
+# generation, the graph captured again at each growth (next-token mean and p90 against the segment cache)
+bench h100-llama2-7b-greedy-b16-unequal-segment --batch-size 16 --min-input-tokens 128
+bench h100-llama2-7b-greedy-b16-unequal-paged --batch-size 16 --min-input-tokens 128 --kv-cache paged
+bench h100-llama2-7b-greedy-b1-1024-out-paged --output-tokens 1024 --repeats 1 --kv-cache paged
 # short generations: each repeat captures its own decode graph, or with --keep-decode-graph the later
 # ones replay the first's (the JSON's "runs" hold every repeat)
 bench h100-llama2-7b-greedy-b1-triton-16-tokens --output-tokens 16 --repeats 3
