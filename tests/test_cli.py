@@ -24,6 +24,7 @@ def test_bench_runs_both_sides_and_writes_json(tmp_path, capsys):
     for side in ("transformers", "xpu_coopt"):
         assert result[side]["first_token_ms"] > 0 and result[side]["next_token_ms_mean"] > 0
         assert result[side]["kv_cache_bytes"] > 0
+        assert result[side]["decode_graph_captures"] == 0  # no CUDA graph on the CPU
         # every repeat is recorded; the best of them (by mean next token) is the side's result
         runs = result["runs"][side]
         assert len(runs) == 2 and min(runs, key=lambda run: run["next_token_ms_mean"]) == result[side]

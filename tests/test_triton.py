@@ -355,7 +355,8 @@ def test_a_paged_pool_grows_under_a_decode_graph_as_without_one(
         pools.append(cache.pool_blocks())
     kept = graphed._kept_cache
     assert kept.pool_blocks() == pools[-1] and kept.blocks_used == cache.blocks_used
-    assert kept.decode_graph.captures == len(set(pools)) and len(replays) == new_tokens - 1
+    assert kept.decode_graph.captures == out.decode_graph_captures == len(set(pools))
+    assert len(replays) == new_tokens - 1
     if num_beams == 1:
         assert kept.decode_graph.captures > 2  # the pool grew during the generation
     # Less than the table can map: the short prompt's first block is padding alone, never allocated.
@@ -431,7 +432,7 @@ def test_generate_reuses_the_kept_decode_graph_when_it_fits(
     if backend == "triton":  # the kernels read a kept cache in the first three; the rest is bookkeeping
         generations = generations[:3]
     tolerance = dict(atol=1e-4, rtol=1e-5) if backend == "triton" else {}
-    graphs = []
+    graphs, pools = [], [None]  # pools: the cache's prompt_k blocks (paged) or requests after each generation
     for ids, mask, new_tokens, reuses in generations:
         expected = eager.generate(ids, mask, max_new_tokens=new_tokens, **kwargs)
         out = graphed.generate(ids, mask, max_new_tokens=new_tokens, **kwargs)
@@ -442,6 +443,13 @@ def test_generate_reuses_the_kept_decode_graph_when_it_fits(
             )
         graph = graphed._kept_cache.decode_graph
         assert (graphs[-1] is graph if graphs else False) == reuses
+        assert expected.decode_graph_captures == 0  # no graph
+        # A new graph captures once, a reused one not at all, each with one more where a paged pool grew
+        # (the test above counts those).
+        pools.append(graphed._kept_cache.prompt_k.shape[1])
+        if kv_cache == "segment" or (reuses and pools[-1] == pools[-2]):
+            assert out.decode_graph_captures == (0 if reuses else 1)
+        assert out.decode_graph_captures >= (0 if reuses else 1)
         graphs.append(graph)
     # Every replay went through the graph of its generation's cache; without graphs nothing is kept.
     assert {graph_id for graph_id, _ in replays} == {id(graph) for graph in graphs}

@@ -28,6 +28,7 @@ class RunResult:
     throughput_tokens_per_s: float
     kv_cache_bytes: int
     weight_bytes: int = 0  # weights held by the model that ran (xpu_coopt: the shared ones included)
+    decode_graph_captures: int = 0  # xpu_coopt's CUDA graph captures in this run (GenerateOutput's)
 
 
 @dataclass
@@ -148,7 +149,9 @@ def run_xpu_coopt(model, input_ids, mask, settings, tokens: int) -> RunResult:
         input_ids, attention_mask=mask, return_dict_in_generate=True, **_generate_kwargs(settings, tokens)
     )
     generated = _generated_tokens(input_ids, settings, tokens)
-    return _summarise(start, out.step_times, generated, out.kv_cache_bytes)
+    result = _summarise(start, out.step_times, generated, out.kv_cache_bytes)
+    result.decode_graph_captures = out.decode_graph_captures
+    return result
 
 
 def random_prompts(

@@ -30,6 +30,14 @@ class GenerateOutput:
     # time.perf_counter() right after each step's tokens were chosen (index 0: the first token)
     step_times: list[float] = field(default_factory=list)
     logits: tuple[torch.Tensor, ...] | None = None  # output_logits: each step's raw logits, float32
+    # CUDA graph captures of the decode step this generation made: 1 with cuda_graph, 0 where it replayed a
+    # kept graph, one more at each step that grew a paged pool (xpu_coopt.decode_graph)
+    decode_graph_captures: int = 0
+
+
+def _graph_captures(cache: Any) -> int:
+    """Captures so far of the decode graph over the cache (0 without one)."""
+    return 0 if cache.decode_graph is None else cache.decode_graph.captures
 
 
 def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs: Any):
@@ -83,6 +91,7 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
     rules = TokenRules.of(s, model.spec.vocab_size, input_ids.device)  # its errors before the prefill
     criteria = stopping_criteria(s)  # before the prefill: max_time counts it, as in transformers
     logits, cache = model.prefill(input_ids, attention_mask, samples, s.max_new_tokens, reuse_kept_cache=True)
+    captures_before = _graph_captures(cache)  # a kept cache's graph has captured before
     prompt_start = cache.prompt_start  # each prompt's first column after its left padding
     if samples > 1:
         logits = logits.repeat_interleave(samples, dim=0)
@@ -137,7 +146,8 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
     sequences = sequences[:, : prompt_len + len(step_times)]
     scores = tuple(all_scores) if s.output_scores else None
     logits = tuple(all_logits) if s.output_logits else None
-    return GenerateOutput(sequences, None, scores, cache.nbytes(), step_times, logits)
+    captures = _graph_captures(cache) - captures_before
+    return GenerateOutput(sequences, None, scores, cache.nbytes(), step_times, logits, captures)
 
 
 def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -177,6 +187,7 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings, genera
     criteria = stopping_criteria(s)  # before the prefill: max_time counts it, as in transformers
 
     logits, cache = model.prefill(input_ids, attention_mask, beams, s.max_new_tokens, reuse_kept_cache=True)
+    captures_before = _graph_captures(cache)  # a kept cache's graph has captured before
     logits = logits.repeat_interleave(beams, dim=0)  # every beam of a request starts from the same prompt
     prompt_start = cache.prompt_start.repeat_interleave(beams)  # each row's first column after its padding
     cur_len = prompt_len
@@ -274,4 +285,5 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings, genera
         cache.nbytes(),
         step_times,
         tuple(all_logits) if s.output_logits else None,
+        _graph_captures(cache) - captures_before,
     )
