@@ -99,8 +99,8 @@ class SegmentKVCache:
         # Each layer's window as the attention ops take it (sliding-window layers attend to their last keys).
         self.windows = tuple(NO_WINDOW if window is None else window for window in spec.layer_windows)
         # The window of every layer (the widest), if each has one: no column before it is read again.
-        common = keep_whole_prompt or None in spec.layer_windows
-        self.common_window = None if common else max(spec.layer_windows)
+        keeps_every_column = keep_whole_prompt or None in spec.layer_windows
+        self.common_window = None if keeps_every_column else max(spec.layer_windows)
         device = prompt_start.device
         self.num_requests = prompt_start.shape[0]
         self.num_beams = num_beams
