@@ -221,6 +221,46 @@ def test_unsupported_generation_config_field_is_an_error():
 
 
 @pytest.mark.parametrize(
+    ("prompt_len", "lengths", "config_max_length"),
+    [
+        (4, {}, None),  # nothing set: 20 new tokens
+        (30, {}, None),  # a prompt longer than 20: still 20 new tokens
+        (245, {}, None),  # the default's total capped at max_position_embeddings (256): 11 new tokens
+        (4, {"max_length": 12}, None),  # max_length counts the prompt
+        (4, {}, 15),  # so does the model's generation_config's
+        (4, {}, 20),  # transformers 4's default value: 20 new tokens there, 20 in all from transformers 5 on
+        (4, {"max_length": 20}, None),  # passed: 20 in all
+        (4, {"generation_config": "max_length=9"}, None),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default")  # transformers', on its side
+def test_the_generated_length_follows_transformers(prompt_len, lengths, config_max_length):
+    """Without max_new_tokens, generate() stops where transformers' does: at max_length (passed, in a
+    passed generation_config or in the model's) or, with none set, after 20 new tokens."""
+    from transformers import GenerationConfig
+
+    model = _model("llama-mha-d64")
+    if config_max_length is not None:
+        model.generation_config.max_length = config_max_length
+    if "generation_config" in lengths:
+        lengths = {"generation_config": GenerationConfig(max_length=9, pad_token_id=0)}
+    ids, _ = _prompts([prompt_len], 256)
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None, **lengths)
+    ours = xpu_coopt.optimize(model).generate(ids, **kwargs)
+    theirs = model.generate(ids, **kwargs)
+    assert ours.shape[1] > prompt_len
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize(("prompt_len", "lengths"), [(8, {"max_length": 8}), (256, {})])
+def test_a_max_length_that_leaves_no_new_token_is_an_error(optimized, prompt_len, lengths):
+    """max_length at most the prompt's length, passed or the default's cap at max_position_embeddings."""
+    ids, _ = _prompts([prompt_len], 256)
+    with pytest.raises(ValueError, match=r"input_ids hold \d+ tokens .* no room for a new token"):
+        optimized.generate(ids, **lengths)
+
+
+@pytest.mark.parametrize(
     "overrides", [{}, {"num_beams": 2, "max_new_tokens": 4}], ids=["config", "overridden"]
 )
 def test_a_generation_config_passed_to_generate_overrides_the_models(overrides):

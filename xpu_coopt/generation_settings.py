@@ -50,9 +50,13 @@ _IGNORED_CONFIG_FIELDS = {
 }  # fmt: skip
 
 
+# transformers' generate() without max_new_tokens or max_length: 20 new tokens.
+DEFAULT_NEW_TOKENS = 20
+
+
 @dataclass
 class GenerationSettings:
-    max_new_tokens: int = 20
+    max_new_tokens: int = DEFAULT_NEW_TOKENS
     min_new_tokens: int = 0
     min_length: int = 0  # prompt (padding included) plus generated tokens before EOS may come
     do_sample: bool = False
@@ -136,7 +140,9 @@ def resolve_settings(model: Any, prompt_len: int, kwargs: dict[str, Any]) -> Gen
     }
     max_new_tokens = values.get("max_new_tokens")
     if max_new_tokens is None:
-        max_new_tokens = values.get("max_length", 20) - prompt_len
+        max_new_tokens = _new_tokens_within_max_length(
+            values.get("max_length"), prompt_len, model.spec.max_position_embeddings
+        )
     for name in ("eos_token_id", "forced_eos_token_id"):  # one id or several, as transformers takes them
         if isinstance(values.get(name), int):
             values[name] = [values[name]]
@@ -156,6 +162,23 @@ def resolve_settings(model: Any, prompt_len: int, kwargs: dict[str, Any]) -> Gen
         settings.pad_token_id = settings.eos_token_id[0]  # as transformers does, without its warning
     _validate(settings)
     return settings
+
+
+def _new_tokens_within_max_length(max_length: int | None, prompt_len: int, position_limit: int) -> int:
+    """max_new_tokens where none is set: max_length counts the prompt (left padding included); where no
+    max_length is set either, 20 new tokens with the total capped at max_position_embeddings, as
+    transformers' default."""
+    if max_length is None:
+        max_length = min(prompt_len + DEFAULT_NEW_TOKENS, position_limit)
+        source = f"the default ({DEFAULT_NEW_TOKENS} new tokens, at most max_position_embeddings in all)"
+    else:
+        source = "max_length"
+    if max_length <= prompt_len:
+        raise ValueError(
+            f"input_ids hold {prompt_len} tokens (left padding included), and {source} allows {max_length} in "
+            "all: no room for a new token; set max_new_tokens instead"
+        )
+    return max_length - prompt_len
 
 
 def _sequence_bias_from_list(pairs: list[Any]) -> dict[tuple[int, ...], float]:
