@@ -205,12 +205,28 @@ def test_bad_prompts(optimized, make_input, message):
         (dict(max_new_tokens=0), ValueError, "max_new_tokens must be at least 1"),
         (dict(use_cache=False), ValueError, "use_cache=False"),
         (dict(max_new_tokens=250), ValueError, "max_position_embeddings"),
+        (
+            dict(inputs_embeds=torch.zeros((1, 8, 64))),
+            TypeError,
+            "token ids \\(input_ids\\), not inputs_embeds",
+        ),
+        (dict(inputs=torch.ones((1, 8), dtype=torch.long)), TypeError, "the prompt twice"),
     ],
 )
 def test_bad_generate_arguments(optimized, kwargs, error, message):
     ids, _ = _prompts([8], 256)
     with pytest.raises(error, match=message):
         optimized.generate(ids, **{"max_new_tokens": 2, **kwargs})
+
+
+def test_the_prompt_goes_by_either_of_transformers_names(optimized):
+    """input_ids, or inputs as transformers' generate() names its first argument; neither is an error."""
+    ids, mask = _prompts([3, 8], 256)
+    expected = optimized.generate(ids, attention_mask=mask, max_new_tokens=3)
+    assert torch.equal(optimized.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3), expected)
+    assert torch.equal(optimized.generate(inputs=ids, attention_mask=mask, max_new_tokens=3), expected)
+    with pytest.raises(TypeError, match="needs the prompt's token ids"):
+        optimized.generate(attention_mask=mask, max_new_tokens=3)
 
 
 def test_unsupported_generation_config_field_is_an_error():

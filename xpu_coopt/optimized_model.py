@@ -236,8 +236,19 @@ class OptimizedModel:
 
     __call__ = forward
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
-        """Greedy, sampling or beam search, with transformers' argument names. See xpu_coopt.generation."""
+    def generate(
+        self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ):
+        """Greedy, sampling or beam search, with transformers' argument names (the prompt also as `inputs`,
+        transformers' name). See xpu_coopt.generation."""
         from xpu_coopt.generation import generate
 
+        if "inputs_embeds" in kwargs:
+            raise TypeError("generate() takes token ids (input_ids), not inputs_embeds")
+        if "inputs" in kwargs:
+            if input_ids is not None:
+                raise TypeError("generate() got the prompt twice: as input_ids and as inputs")
+            input_ids = kwargs.pop("inputs")
+        if input_ids is None:
+            raise TypeError("generate() needs the prompt's token ids: input_ids (or inputs)")
         return generate(self, input_ids, attention_mask, **kwargs)
