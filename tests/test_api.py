@@ -179,7 +179,6 @@ def test_non_plain_linear_modules_are_called_not_fused(backend):
         (lambda: (torch.ones((1, 3), dtype=torch.long), torch.tensor([[0, 0, 0]])), "empty prompt"),
         (lambda: (torch.ones(3, dtype=torch.long), None), "2-D tensor"),
         (lambda: (torch.full((1, 3), 10_000), None), "outside the vocabulary"),
-        (lambda: (torch.ones((1, 300), dtype=torch.long), None), "max_position_embeddings"),
     ],
 )
 def test_bad_prompts(optimized, make_input, message):
@@ -204,7 +203,6 @@ def test_bad_prompts(optimized, make_input, message):
         (dict(do_sample=True, temperature=0.0), ValueError, "temperature"),
         (dict(max_new_tokens=0), ValueError, "max_new_tokens must be at least 1"),
         (dict(use_cache=False), ValueError, "use_cache=False"),
-        (dict(max_new_tokens=250), ValueError, "max_position_embeddings"),
         (
             dict(inputs_embeds=torch.zeros((1, 8, 64))),
             TypeError,

@@ -293,6 +293,34 @@ def test_greedy_tokens_identical(name):
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize(
+    ("name", "num_beams"),
+    [("llama-mha-d64", 1), ("llama-mha-d64", 2), ("llama3-rope", 1), ("llama-linear-rope", 1),
+     ("qwen2-yarn", 1), ("mistral-window", 2)],
+)  # fmt: skip
+def test_generation_past_max_position_embeddings_matches_transformers(name, num_beams):
+    """Rope types whose frequencies do not depend on the length rotate positions past
+    max_position_embeddings (256) as transformers does, which generates there too; both warn."""
+    model = _model(name)
+    ids, mask = _prompts([250, 243], model.config.vocab_size, seed=3)
+    kwargs = dict(max_new_tokens=20, num_beams=num_beams, do_sample=False, pad_token_id=0, eos_token_id=None)
+    optimized = xpu_coopt.optimize(model)
+    with pytest.warns(UserWarning, match=r"past the model's max_position_embeddings \(256\)"):
+        ours = optimized.generate(ids, attention_mask=mask, **kwargs)
+    assert optimized.decoder.cos_sin_cache.shape[0] >= 270
+    assert torch.equal(ours, model.generate(ids, attention_mask=mask, **kwargs))
+
+
+def test_decode_steps_past_max_position_embeddings_match_transformers():
+    """forward() with a cache decodes step by step, past what its prefill planned for: each step past
+    max_position_embeddings (256) extends the rotary table."""
+    model = _model("llama3-rope")
+    optimized = xpu_coopt.optimize(model)
+    with pytest.warns(UserWarning, match="past the model's max_position_embeddings"):
+        _check_prefill_and_decode(model, optimized, [254, 250], torch.float32)
+    assert optimized.decoder.cos_sin_cache.shape[0] >= 258
+
+
 def test_dynamic_rope_beyond_max_position_embeddings_is_an_error():
     """Where dynamic NTK scaling would raise theta, generate() refuses, naming it, before the prompt runs."""
     model = _model("llama-dynamic-rope")

@@ -462,8 +462,9 @@ def test_a_decode_graph_is_captured_again_when_its_inputs_moved(
     stories_model, stories_tokenizer, monkeypatch
 ):
     """A replay reads every tensor at the address it was captured with: a kept cache whose tensor moved
-    (a paged pool's growth does; here a clone stands in) gets its graph captured again before the next
-    replay, which then reads the new storage (the tokens are those of a model without graphs)."""
+    (a paged pool's growth does; here a clone stands in), or a rotary table extended since, gets its graph
+    captured again before the next replay, which then reads the new storage (the tokens are those of a
+    model without graphs)."""
     _replay_decode_graphs_eagerly(monkeypatch)
     model = xpu_coopt.optimize(stories_model)
     model.cuda_graph = True
@@ -478,6 +479,11 @@ def test_a_decode_graph_is_captured_again_when_its_inputs_moved(
     assert torch.equal(model.generate(prompt, max_new_tokens=4), expected)
     assert model._kept_cache.decode_graph is graph and graph.captures == 2
     assert graph.input_addresses["prompt_k"] == cache.prompt_k.data_ptr() != old_address
+    # The rotary table moves too where a generation runs past it (past max_position_embeddings).
+    model.decoder.cover_positions(model.decoder.cos_sin_cache.shape[0] + 1)
+    assert torch.equal(model.generate(prompt, max_new_tokens=4), expected)
+    assert model._kept_cache.decode_graph is graph and graph.captures == 3
+    assert graph.input_addresses["cos_sin_cache"] == model.decoder.cos_sin_cache.data_ptr()
 
 
 def test_cuda_graph_needs_cuda_and_triton(stories_model):

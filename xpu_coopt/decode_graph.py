@@ -7,8 +7,9 @@ graph's input buffer) and the cache's write column, positions and segment length
 (SegmentKVCache.use_device_lengths). The segment cache is preallocated for max_new_tokens, so every tensor
 the graph touches keeps its address. A paged cache's pool grows as blocks fill (a copy, at least a quarter
 at a time): the graph reads every tensor at the address it was captured with, so a step that finds one
-moved captures the graph again (DecodeGraph.captures counts them). Prefill stays eager: its shapes change
-with every prompt.
+moved (or a rotary table extended past max_position_embeddings, LlamaDecoder.cover_positions) captures
+the graph again (DecodeGraph.captures counts them). Prefill stays eager: its shapes change with every
+prompt.
 
 generate() keeps its cache, and with it the graph, for the next generate() whose batch, beams, prompt and
 max_new_tokens fit it (OptimizedModel.keep_cache): the cache is reset in place and the graph replays the
@@ -28,8 +29,11 @@ from xpu_coopt.cache import SegmentKVCache
 WARMUP_RUNS = 2
 
 
-def _addresses(cache: SegmentKVCache) -> dict[str, int]:
-    return {name: tensor.data_ptr() for name, tensor in cache.graph_inputs().items()}
+def _addresses(decoder, cache: SegmentKVCache) -> dict[str, int]:
+    """Where the tensors a decode step reads and writes lie, but for the weights (which never move): the
+    cache's, and the rotary table (which moves when a generation runs past it)."""
+    tensors = {**cache.graph_inputs(), "cos_sin_cache": decoder.cos_sin_cache}
+    return {name: tensor.data_ptr() for name, tensor in tensors.items()}
 
 
 class DecodeGraph:
@@ -69,7 +73,7 @@ class DecodeGraph:
         Captures the graph at the first call and again whenever a tensor it reads has moved (a paged
         pool's growth): a replay would otherwise read freed or stale memory without an error of its own."""
         self.tokens.copy_(next_tokens.view(-1, 1))
-        addresses = _addresses(cache)
+        addresses = _addresses(self.decoder, cache)
         if addresses != self.input_addresses:
             self.graph = self.logits = None  # the old graph's memory goes back before the new capture
             self._capture(cache)

@@ -176,6 +176,17 @@ class LlamaDecoder:
             tensors += [norm for norm in (layer.query_norm, layer.key_norm) if norm is not None]
         return tensors + [t for projection in self._projections() for t in projection.tensors()]
 
+    def cover_positions(self, positions: int) -> None:
+        """Extends the rotary table to hold at least `positions` positions (past max_position_embeddings,
+        which transformers also allows for rope types whose frequencies do not depend on the length): it
+        at least doubles, so a generation running past the table rebuilds it a few times only. The table
+        moves, so a decode graph that reads it is captured again (xpu_coopt.decode_graph)."""
+        held = self.cos_sin_cache.shape[0]
+        if positions > held:
+            spec = self.spec
+            rows = max(positions, 2 * held)
+            self.cos_sin_cache = cos_sin_cache(spec.rope, spec.head_dim, rows, self.cos_sin_cache.device)
+
     def new_cache(
         self,
         prompt_start: torch.Tensor,

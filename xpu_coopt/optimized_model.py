@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -127,15 +128,23 @@ class OptimizedModel:
         xpu_coopt's own fused or packed copies."""
         return held_bytes([*self.hf_model.parameters(), *self.decoder.weight_tensors()])
 
-    def check_length(self, total_length: int) -> None:
+    def cover_length(self, total_length: int) -> None:
+        """Makes the rotary table hold positions up to total_length. Past max_position_embeddings, as
+        transformers: a warning (the model was not trained there), and dynamic rope scaling, whose
+        frequencies would change with the length, is refused."""
         limit = self.spec.max_position_embeddings
         if total_length > limit:
-            dynamic = self.spec.rope.rope_type == "dynamic"
-            raise ValueError(
-                f"prompt plus new tokens is {total_length} tokens, more than the model's "
-                f"max_position_embeddings ({limit})"
-                + ("; dynamic rope scaling beyond it is not supported" if dynamic else "")
+            if self.spec.rope.rope_type == "dynamic":
+                raise ValueError(
+                    f"prompt plus new tokens is {total_length} tokens, more than the model's "
+                    f"max_position_embeddings ({limit}); dynamic rope scaling beyond it is not supported"
+                )
+            warnings.warn(
+                f"the generation runs past the model's max_position_embeddings ({limit}), beyond the positions "
+                "it was trained on: outputs may degrade (as in transformers, which also generates there)",
+                stacklevel=2,  # prefill's line (or decode's): shown once under default filters, as transformers
             )
+            self.decoder.cover_positions(total_length)
 
     def keep_cache(self, cache: SegmentKVCache) -> None:
         """generate() hands its cache back when it is done with it. One that has a captured decode graph is
@@ -173,7 +182,7 @@ class OptimizedModel:
         reuse_kept_cache: prefill into the cache keep_cache() kept, if this generation fits it (generate()
         does; a cache returned to the caller may still be in use)."""
         _, positions, prompt_start = prompt_layout(input_ids, attention_mask, self.spec)
-        self.check_length(input_ids.shape[1] + max_new_tokens)
+        self.cover_length(input_ids.shape[1] + max_new_tokens)
         prompt_len = input_ids.shape[1]
         cache = None
         if reuse_kept_cache:
@@ -195,7 +204,9 @@ class OptimizedModel:
     @torch.inference_mode()
     def decode(self, next_tokens: torch.Tensor, cache: SegmentKVCache) -> torch.Tensor:
         """next_tokens: [S] (one per sequence) -> logits [S, vocab] in the model dtype."""
-        self.check_length(cache.prompt_len + cache.response_len + 1)
+        length = cache.prompt_len + cache.response_len + 1
+        if length > self.decoder.cos_sin_cache.shape[0]:  # decoding past the max_new_tokens prefill covered
+            self.cover_length(length)
         if self.cuda_graph and cache.decode_graph is None:
             cache.use_device_lengths()
             cache.decode_graph = DecodeGraph(self.decoder, cache)

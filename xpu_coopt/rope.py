@@ -24,7 +24,7 @@ def inverse_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:
     if rope.rope_type == "yarn":
         return _yarn_frequencies(inv_freq, rope, head_dim)
     # "dynamic" (NTK scaling) raises theta only for sequences longer than max_position_embeddings, which
-    # OptimizedModel.check_length refuses: within them its frequencies are the default ones, exactly.
+    # OptimizedModel.cover_length refuses: within them its frequencies are the default ones, exactly.
     return inv_freq
 
 
