@@ -46,6 +46,11 @@ def test_bad_options(model, kwargs, message):
         xpu_coopt.optimize(model, **kwargs)
 
 
+def test_a_dtype_given_by_name_is_an_error_naming_the_torch_dtype(model):
+    with pytest.raises(TypeError, match=r"dtype takes a torch.dtype \(torch.bfloat16, for example\)"):
+        xpu_coopt.optimize(model, dtype="bfloat16")
+
+
 @pytest.mark.parametrize(
     ("offload", "devices"),
     [(lambda m: m.model.layers[1].to("meta"), "cpu, meta"), (lambda m: m.to("meta"), "meta")],

@@ -115,6 +115,8 @@ def optimize(
             f"with model.to({str(device)!r}) first"
         )
     dtype = parameter.dtype if dtype is None else dtype
+    if isinstance(dtype, str):
+        raise TypeError(f"dtype takes a torch.dtype (torch.{dtype}, for example), not the string {dtype!r}")
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported; choose one of {SUPPORTED_DTYPES}")
     ops = resolve_backend(backend, parameter.device)
