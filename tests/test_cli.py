@@ -80,6 +80,31 @@ def test_bench_with_an_unknown_model_is_a_clear_error(capsys):
     assert "neither 'smollm2-135m', a shape preset" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bench", "--device", "xpu"], "argument --device: xpu is not available: this torch"),
+        (["bench", "--device", "no-such-device"], "argument --device: 'no-such-device' is not a device"),
+        (["eval-ppl", "--text", "no-such-file.txt"], "argument --text: no such file: no-such-file.txt"),
+        (["calibrate-kv", "--text", "no-such-file.txt"], "argument --text: no such file"),
+        (["convert-gqa", "m", "out", "--kv-heads", "1", "--calibration-text", "no-such-file.txt"],
+         "argument --calibration-text: no such file"),
+        (["eval-ppl", "--text", __file__, "--tokenizer", "no-such-tokenizer.bin"],
+         "argument --tokenizer: no such file"),
+    ],
+)  # fmt: skip
+def test_a_device_or_file_that_cannot_be_used_is_an_error_before_loading(monkeypatch, capsys, args, message):
+    import xpu_coopt.models
+
+    if "xpu" in args and hasattr(torch, "xpu") and torch.xpu.is_available():
+        pytest.skip("this machine has an XPU: --device xpu is available")  # never on CI's CPU machines
+    monkeypatch.setattr(xpu_coopt.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("keep", [False, True])
 def test_bench_frees_the_kept_decode_graph_after_each_run_unless_asked(monkeypatch, keep, capsys):
     """transformers must not run beside xpu_coopt's kept cache (a batch-64 llama-2-7b cache is 37 GB)."""

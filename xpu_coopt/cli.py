@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -19,10 +20,34 @@ def _positive(text: str) -> int:
     return value
 
 
+def _available_device(text: str) -> torch.device:
+    """A device this torch build can use, checked before any model is loaded."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: {error}") from None
+    if device.type in ("cuda", "xpu"):
+        backend = getattr(torch, device.type, None)
+        if backend is None or not backend.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{device.type} is not available: this torch ({torch.__version__}) was built without "
+                f"{device.type.upper()} support or sees no such device"
+            )
+    return device
+
+
+def _existing_file(text: str) -> str:
+    """A file to read, checked before any model is loaded."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return text
+
+
 def _runtime_arguments(parser: argparse.ArgumentParser) -> None:
     """Where and how the model runs: shared by every command that runs one."""
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or xpu (default cpu)")
+    parser.add_argument("--device", default=torch.device("cpu"), type=_available_device,
+                        help="cpu, cuda or xpu (default cpu)")  # fmt: skip
     parser.add_argument("--backend", default="auto", help="auto, torch, sycl or triton")
     parser.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: torch's)")
 
@@ -73,7 +98,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = args.device
     print(f"loading {args.model} ({args.dtype}) on {device} ...", file=sys.stderr)
     model, _ = load_model(args.model, DTYPES[args.dtype], device)
     result = benchmark(
@@ -98,8 +123,10 @@ def _model_arguments(parser: argparse.ArgumentParser, text_help: str) -> None:
 
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"'{DEFAULT_MODEL}' (embedded, default), a local HF folder, a .gguf or a llama2.c .bin file")  # fmt: skip
-    parser.add_argument("--tokenizer", help="a llama2.c tokenizer .bin, for a llama2.c model")
-    parser.add_argument("--text", required=True, help=text_help)
+    parser.add_argument(
+        "--tokenizer", type=_existing_file, help="a llama2.c tokenizer .bin, for a llama2.c model"
+    )
+    parser.add_argument("--text", required=True, type=_existing_file, help=text_help)
     parser.add_argument("--context", type=_positive, default=1024, help="tokens per window (default 1024)")
     _runtime_arguments(parser)
     parser.add_argument("--batch-size", type=_positive, default=8, help="windows run together (default 8)")
@@ -158,16 +185,16 @@ def _convert_gqa_parser(subparsers) -> None:
     parser.add_argument("out", help="the folder to write (must not exist or be empty)")
     parser.add_argument("--kv-heads", type=_positive, required=True, help="K/V heads after conversion")
     parser.add_argument("--grouping", default="mean", choices=GROUPINGS)
-    parser.add_argument("--calibration-text", help="text for --grouping similarity")
+    parser.add_argument("--calibration-text", type=_existing_file, help="text for --grouping similarity")
     parser.add_argument("--calibration-tokens", type=_positive, default=4096)
     parser.add_argument("--context", type=_positive, default=256, help="tokens per calibration window")
-    parser.add_argument("--tokenizer", help="a llama2.c tokenizer .bin, for a llama2.c model")
+    parser.add_argument(
+        "--tokenizer", type=_existing_file, help="a llama2.c tokenizer .bin, for a llama2.c model"
+    )
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
 
 
 def _run_convert_gqa(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from xpu_coopt.gqa import convert_to_gqa
     from xpu_coopt.models import Llama2cTokenizer, load_model
     from xpu_coopt.perplexity import token_windows, tokenize
@@ -201,7 +228,7 @@ def _load_with_tokenizer(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"loading {args.model} ({args.dtype}) on {args.device} ...", file=sys.stderr)
-    model, tokenizer = load_model(args.model, DTYPES[args.dtype], torch.device(args.device))
+    model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device)
     if args.tokenizer:
         tokenizer = Llama2cTokenizer(args.tokenizer)
     if tokenizer is None:
@@ -258,6 +285,7 @@ def _run_eval_ppl(args: argparse.Namespace) -> int:
     print(format_table(results))
     if args.json:
         settings = {key: value for key, value in vars(args).items() if key != "json"}
+        settings["device"] = str(args.device)
         settings["scored_tokens"] = results[0].tokens
         payload = {"settings": settings, "results": [r.to_dict() for r in results]}
         if scales is not None:
@@ -269,8 +297,6 @@ def _run_eval_ppl(args: argparse.Namespace) -> int:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import xpu_coopt
     from xpu_coopt.kv_scales import calibrate_kv_scales
     from xpu_coopt.perplexity import token_windows, tokenize
