@@ -92,6 +92,15 @@ def test_calibration_sees_every_column_of_windows_longer_than_the_sliding_window
     assert whole.value_amax == tuple(map(max, zip(*(scales.value_amax for scales in prefixes), strict=True)))
 
 
+@pytest.mark.parametrize("progress", [True, False])
+def test_calibration_shows_its_progress_unless_asked_not_to(stories_model, stories_ids, capsys, progress):
+    windows = token_windows(stories_ids, 64)[:3]
+    shown = calibrate_kv_scales(xpu_coopt.optimize(stories_model), windows, 2, progress=progress)
+    assert ("calibrating KV scales" in capsys.readouterr().err) == progress
+    quiet = calibrate_kv_scales(xpu_coopt.optimize(stories_model), windows, 3, progress=False)
+    assert shown.key_amax == quiet.key_amax and shown.value_amax == quiet.value_amax
+
+
 def test_kv_scales_round_trip_through_the_model_folder(tmp_path, stories_scales, stories_model):
     path = stories_scales.save(tmp_path)
     assert path == tmp_path / SCALES_FILE

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm import tqdm
 
 from xpu_coopt.ops import fp8
 
@@ -88,9 +89,14 @@ class KVScales:
 
 @torch.inference_mode()
 def calibrate_kv_scales(
-    model: OptimizedModel, windows: torch.Tensor, batch_size: int = 8, description: str = ""
+    model: OptimizedModel,
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    description: str = "",
+    progress: bool = True,
 ) -> KVScales:
-    """Measures each layer's largest |K| (after RoPE) and |V| over `windows` [N, P] of token ids.
+    """Measures each layer's largest |K| (after RoPE) and |V| over `windows` [N, P] of token ids, with a
+    progress bar over the windows (progress=False: none).
 
     Runs the prefill into a 16-bit cache, whatever the model's kv_dtype, and reads the K/V rows exactly
     as they would be written to an FP8 cache: every column of the windows, also those a sliding window on
@@ -101,7 +107,8 @@ def calibrate_kv_scales(
     layers = model.spec.num_layers
     key_amax = torch.zeros(layers, dtype=torch.float32)
     value_amax = torch.zeros(layers, dtype=torch.float32)
-    for batch in windows.to(model.device).split(batch_size):
+    batches = windows.to(model.device).split(batch_size)
+    for batch in tqdm(batches, desc="calibrating KV scales", unit="batch", disable=not progress, leave=False):
         starts = torch.zeros(batch.shape[0], dtype=torch.int32, device=model.device)
         cache = model.decoder.new_cache(starts, batch.shape[1], 1, 0, "auto", keep_whole_prompt=True)
         positions = torch.arange(batch.shape[1], device=model.device).expand_as(batch)
