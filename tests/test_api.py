@@ -222,6 +222,17 @@ def test_bad_generate_arguments(optimized, kwargs, error, message):
         optimized.generate(ids, **{"max_new_tokens": 2, **kwargs})
 
 
+def test_labels_of_another_shape_or_with_a_cache_are_an_error(optimized):
+    ids, _ = _prompts([6], 256)
+    with pytest.raises(ValueError, match=r"labels must have input_ids' shape \(1, 6\), got \(1, 5\)"):
+        optimized(ids, labels=ids[:, 1:])
+    with pytest.raises(ValueError, match="labels are scored over the whole prompt"):
+        optimized(ids, labels=ids, logits_to_keep=1)
+    cache = optimized(ids).cache
+    with pytest.raises(ValueError, match="labels are scored over the whole prompt"):
+        optimized(ids[:, :1], cache=cache, labels=ids[:, :1])
+
+
 def test_the_prompt_goes_by_either_of_transformers_names(optimized):
     """input_ids, or inputs as transformers' generate() names its first argument; neither is an error."""
     ids, mask = _prompts([3, 8], 256)

@@ -91,6 +91,8 @@ CONFIGS = {
 }  # fmt: skip
 # Relative tolerance on logits (max |diff| / max |logit|) by dtype.
 LOGIT_TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+# Relative tolerance on a mean loss, whose logits' rounding errors partly cancel.
+LOSS_TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-3}
 
 
 def _model(name: str, dtype: torch.dtype = torch.float32):
@@ -134,6 +136,27 @@ def _assert_logits_close(actual, expected, dtype):
 def test_prefill_and_decode_logits(name, dtype, lengths):
     model = _model(name, dtype)
     _check_prefill_and_decode(model, xpu_coopt.optimize(model), lengths, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["llama-gqa-8q2kv-d64", "mistral-window", "qwen3-qk-norm"])
+@pytest.mark.parametrize("lengths", [[7, 3, 11], [9]], ids=["padded-batch", "one-row"])
+def test_the_loss_of_labels_is_transformers(name, dtype, lengths):
+    """forward(labels=...): transformers' causal-LM loss, left padding and a column labelled -100
+    (skipped). The labels are the tokens each position's logits favour, one position on (the loss's
+    shift): random weights give every other token about the same loss."""
+    model = _model(name, dtype)
+    ids, mask = _prompts(lengths, model.config.vocab_size)
+    labels = torch.full_like(ids, -100)
+    labels[:, 1:] = _hf_logits(model, ids, mask)[:, :-1].argmax(-1)
+    labels = labels.masked_fill(mask == 0, -100)
+    labels[:, -3] = -100
+    ours = xpu_coopt.optimize(model)(ids, mask, labels=labels).loss
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        theirs = model(ids, attention_mask=mask, position_ids=positions, labels=labels).loss
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs.float(), rtol=LOSS_TOLERANCE[dtype], atol=0)
 
 
 @needs_bfloat16_packing

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
+import torch.nn.functional as F
 
 from xpu_coopt.cache import SegmentKVCache
 from xpu_coopt.config import ModelSpec
@@ -20,6 +21,24 @@ from xpu_coopt.model import LlamaDecoder
 class ModelOutput:
     logits: torch.Tensor  # [N, L, vocab] (or [N, 1, vocab] with logits_to_keep=1), model dtype
     cache: SegmentKVCache
+    loss: torch.Tensor | None = None  # with labels: the mean next-token cross-entropy, float32
+
+
+# transformers' label for a position the loss skips (padding, prompt tokens not to be scored).
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy of each position's logits against the next position's label, skipping
+    IGNORE_INDEX labels, in float32: transformers' loss for causal LMs given `labels`."""
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"labels must have input_ids' shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}"
+        )
+    targets = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten().long(), ignore_index=IGNORE_INDEX, reduction="mean"
+    )
 
 
 def prompt_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, spec: ModelSpec):
@@ -225,16 +244,24 @@ class OptimizedModel:
         attention_mask: torch.Tensor | None = None,
         cache: SegmentKVCache | None = None,
         logits_to_keep: int = 0,
+        labels: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Without a cache: prefill left-padded prompts [N, P]. With one: decode one token per sequence [S, 1].
 
         logits_to_keep=1 returns only the last position's logits (as transformers' argument of that name).
+        labels [N, P] (with the prompts): also the loss, as transformers computes it (causal_lm_loss; label
+        the left padding IGNORE_INDEX, -100, to leave it out).
         """
         if logits_to_keep not in (0, 1):
             raise ValueError(f"logits_to_keep must be 0 (all positions) or 1 (last), got {logits_to_keep}")
+        if labels is not None and (cache is not None or logits_to_keep != 0):
+            raise ValueError(
+                "labels are scored over the whole prompt: pass them without a cache and logits_to_keep"
+            )
         if cache is None:
             logits, cache = self.prefill(input_ids, attention_mask, last_only=logits_to_keep == 1)
-            return ModelOutput(logits if logits_to_keep == 0 else logits[:, None], cache)
+            loss = None if labels is None else causal_lm_loss(logits, labels)
+            return ModelOutput(logits if logits_to_keep == 0 else logits[:, None], cache, loss)
         if attention_mask is not None:
             raise ValueError(
                 "attention_mask is only taken with the prompt; the cache keeps it for decode steps"
