@@ -96,7 +96,7 @@ def calibrate_kv_scales(
     progress: bool = True,
 ) -> KVScales:
     """Measures each layer's largest |K| (after RoPE) and |V| over `windows` [N, P] of token ids, with a
-    progress bar over the windows (progress=False: none).
+    progress bar over its batches of windows (progress=False: none).
 
     Runs the prefill into a 16-bit cache, whatever the model's kv_dtype, and reads the K/V rows exactly
     as they would be written to an FP8 cache: every column of the windows, also those a sliding window on
