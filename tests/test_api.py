@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_parity import _model, _prompts
-from transformers import GPT2Config, GPT2LMHeadModel, TextStreamer
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, TextStreamer
 
 import xpu_coopt
 from xpu_coopt.ops import cpu_gemm
@@ -260,20 +260,16 @@ def test_unsupported_generation_config_field_is_an_error():
         (4, {}, 15),  # so does the model's generation_config's
         (4, {}, 20),  # transformers 4's default value: 20 new tokens there, 20 in all from transformers 5 on
         (4, {"max_length": 20}, None),  # passed: 20 in all
-        (4, {"generation_config": "max_length=9"}, None),
+        (4, {"generation_config": GenerationConfig(max_length=9, pad_token_id=0)}, None),
     ],
 )
 @pytest.mark.filterwarnings("ignore:Using the model-agnostic default")  # transformers', on its side
 def test_the_generated_length_follows_transformers(prompt_len, lengths, config_max_length):
     """Without max_new_tokens, generate() stops where transformers' does: at max_length (passed, in a
     passed generation_config or in the model's) or, with none set, after 20 new tokens."""
-    from transformers import GenerationConfig
-
     model = _model("llama-mha-d64")
     if config_max_length is not None:
         model.generation_config.max_length = config_max_length
-    if "generation_config" in lengths:
-        lengths = {"generation_config": GenerationConfig(max_length=9, pad_token_id=0)}
     ids, _ = _prompts([prompt_len], 256)
     kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None, **lengths)
     ours = xpu_coopt.optimize(model).generate(ids, **kwargs)
@@ -296,8 +292,6 @@ def test_a_max_length_that_leaves_no_new_token_is_an_error(optimized, prompt_len
 def test_a_generation_config_passed_to_generate_overrides_the_models(overrides):
     """The passed config's fields override the model's (its max_new_tokens), the model's fill the fields it
     leaves unset (num_beams 3), generate()'s other arguments override both, as in transformers."""
-    from transformers import GenerationConfig
-
     model = _model("llama-mha-d64")
     model.generation_config.num_beams = 3
     model.generation_config.max_new_tokens = 9
@@ -309,8 +303,6 @@ def test_a_generation_config_passed_to_generate_overrides_the_models(overrides):
 
 
 def test_a_generation_config_with_an_unsupported_field_is_an_error():
-    from transformers import GenerationConfig
-
     model = _model("llama-mha-d64")
     with pytest.raises(
         ValueError, match=r"the generation_config passed to generate\(\) sets .*guidance_scale"
