@@ -19,9 +19,9 @@ from xpu_coopt.sycl.kernels import sycl_kernels
 from xpu_coopt.triton.kernels import triton_kernels
 
 if os.environ["TRITON_INTERPRET"] == "1":
-    from triton_interpreter import list_builtins_once
+    from triton_interpreter import speed_up_the_interpreter
 
-    list_builtins_once()
+    speed_up_the_interpreter()
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STORIES_MODEL = DATA / "stories260K.bin"
