@@ -141,6 +141,42 @@ def test_compile_error_carries_the_compiler_log():
         queue.build("broken.cpp", '#include "common.hpp"\nextern "C" void f() { undeclared_thing(); }\n')
 
 
+def _sources(folder) -> set[str]:
+    return {path.name for path in folder.glob("*.cpp")}
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_optimize_compiles_every_source_with_a_bar_while_it_takes_long(
+    monkeypatch, capsys, stories_model, slow
+):
+    """optimize() builds every kernel source (here loaded again from the persistent cache, about a
+    second), not the first kernel calls; the bar shows once building has taken PROGRESS_DELAY_S (here
+    zero for the slow case, as a first compile's 20 s pass it)."""
+    queue = runtime.queue_for(CPU)
+    monkeypatch.setattr(queue, "_bundles", {})
+    monkeypatch.setattr(queue, "_kernels", {})
+    if slow:
+        monkeypatch.setattr(runtime, "PROGRESS_DELAY_S", 0.0)
+    xpu_coopt.optimize(stories_model, backend="sycl")
+    assert set(queue._bundles) == _sources(runtime.kernel_source_dir()) and len(queue._bundles) >= 4
+    assert not queue._kernels  # no kernel called yet
+    shown = capsys.readouterr().err
+    assert ("compiling SYCL kernels for" in shown) == slow, shown
+
+
+def test_a_source_that_does_not_compile_fails_optimize(monkeypatch, tmp_path, stories_model):
+    for path in runtime.kernel_source_dir().glob("*.hpp"):
+        (tmp_path / path.name).write_text(path.read_text())
+    (tmp_path / "broken.cpp").write_text(
+        '#include "common.hpp"\nextern "C" void f() { undeclared_thing(); }\n'
+    )
+    queue = runtime.queue_for(CPU)
+    monkeypatch.setattr(queue, "_bundles", {})
+    monkeypatch.setattr(runtime, "kernel_source_dir", lambda: tmp_path)
+    with pytest.raises(xpu_coopt.KernelCompileError, match=r"broken\.cpp(.|\n)*undeclared_thing"):
+        xpu_coopt.optimize(stories_model, backend="sycl")
+
+
 def test_missing_runtime_is_a_clear_error_not_a_fallback(monkeypatch, stories_model):
     # As in a fresh process without the wheels: nothing loaded yet, and the runtime not installed.
     monkeypatch.setattr(runtime, "_launcher", None)

@@ -83,6 +83,10 @@ def resolve_backend(backend: str, device: torch.device) -> Ops:
             + "; ".join(reasons)
             + ". Pass backend='torch' to run the PyTorch reference kernels explicitly."
         )
+    if name == "sycl":
+        # Compiled now, not at the first kernel call: the first use on a device takes seconds a source (with
+        # a progress bar), and a source that does not compile fails here, naming the compiler's error.
+        queue_for(device).build_all()
     # Ops options. GEMMs are torch's, with the reference backend's choice of kernels on CPU tensors; Triton
     # runs the few-row GEMMs of decode steps with its own kernel, fused with their neighbours, on either
     # device.
