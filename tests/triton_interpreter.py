@@ -2,15 +2,15 @@
 
 The interpreter runs a kernel as Python over numpy, and much of its time goes to setup it repeats
 without need; three repeats are cut here. Measured on stories260K, a Triton greedy generation of 9 tokens
-after a warm-up: 7.1 -> 5.5 s with a 16-bit cache, 9.1 -> 7.2 s with FP8, the first two cuts against the
-second alone (the listing, older: 26.5 s -> 17.3 s for 24 tokens).
+after a warm-up: 7.1 -> 5.5 s with a 16-bit cache, 9.1 -> 7.2 s with FP8 for the first and third cuts,
+against the second alone (an older cut: 26.5 s -> 17.3 s for 24 tokens).
 - Each call of a @triton.jit helper function from within a kernel patches triton.language for the
   interpreter anew, though the kernel's launch patched the same modules with the same values (the patches
   set fixed members; none wraps what it finds) and restores them only when the kernel ends. A helper
   call inside a running kernel whose modules the launch already patched now skips it.
 - Each patch lists every member of five modules and classes with inspect.getmembers to find the builtins.
-  Their names do not change, so they are listed once; a member an earlier patch already replaced is left as the interpreter leaves it (it
-  patches only what is still a builtin).
+  Their names do not change, so they are listed once; a member an earlier patch already replaced is left
+  as the interpreter leaves it (it patches only what is still a builtin).
 - Each numpy dtype lookup builds a dictionary of every Triton dtype; the lookups are now remembered.
 Nothing the kernels compute changes. Each cut checks that the interpreter still has what it replaces and
 says so on stderr where it does not (the tests then run on the interpreter's own, slower, setup)."""

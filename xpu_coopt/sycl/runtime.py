@@ -4,7 +4,7 @@ The SYCL runtime and its runtime compiler come from the pip wheel intel-sycl-rt;
 from intel-opencl-rt. sycl_kernels/host/launcher.cpp, a C ABI over the runtime, is built once with g++
 against the wheel's headers and loaded with ctypes. Kernel sources (sycl_kernels/*.cpp) are compiled at
 run time for the queue's device (SYCL-RTC) when optimize() picks the SYCL backend (SyclQueue.build_all,
-with a progress bar: about 20 s the first time on the CI machine's CPU device); the runtime keeps the
+with a progress bar: about 30 s the first time on the CI machine's CPU device); the runtime keeps the
 result in a persistent on-disk cache, so later processes load them in about a second.
 """
 
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'xpu_coopt[sycl]' (the wheels intel-sycl-rt and intel-opencl-rt)"
 ERROR_CAPACITY = 1 << 20  # compiler logs can be long
 # build_all's bar shows only after this long: loading all the sources from the persistent cache takes
-# about 1.1 s on the CPU device (0.2-0.4 s each), compiling them about 20 s
+# about 1.1 s on the CPU device (0.2-0.4 s each), compiling them about 30 s
 PROGRESS_DELAY_S = 2.0
 
 
