@@ -135,14 +135,16 @@ def test_runtime_runs_on_the_opencl_cpu_device():
     assert runtime.queue_for(CPU) is queue  # one queue, its compiled kernels reused
 
 
+# A kernel source that does not compile, and what its KernelCompileError names: the source and the
+# compiler's log.
+BROKEN_SOURCE = '#include "common.hpp"\nextern "C" void f() { undeclared_thing(); }\n'
+BROKEN_SOURCE_ERROR = r"broken\.cpp(.|\n)*undeclared_thing"
+
+
 def test_compile_error_carries_the_compiler_log():
     queue = runtime.queue_for(CPU)
-    with pytest.raises(xpu_coopt.KernelCompileError, match=r"broken\.cpp(.|\n)*undeclared_thing"):
-        queue.build("broken.cpp", '#include "common.hpp"\nextern "C" void f() { undeclared_thing(); }\n')
-
-
-def _sources(folder) -> set[str]:
-    return {path.name for path in folder.glob("*.cpp")}
+    with pytest.raises(xpu_coopt.KernelCompileError, match=BROKEN_SOURCE_ERROR):
+        queue.build("broken.cpp", BROKEN_SOURCE)
 
 
 @pytest.mark.parametrize("slow", [False, True])
@@ -160,7 +162,7 @@ def test_optimize_builds_every_source_with_a_bar_while_it_takes_long(
     if slow:
         monkeypatch.setattr(runtime, "PROGRESS_DELAY_S", 0.0)
     xpu_coopt.optimize(stories_model, backend="sycl")
-    sources = _sources(runtime.kernel_source_dir())
+    sources = {path.name for path in runtime.kernel_source_dir().glob("*.cpp")}
     assert sorted(built) == sorted(f"sycl_kernels/{name}" for name in sources) and len(sources) >= 4
     assert set(queue._bundles) == sources
     shown = capsys.readouterr().err
@@ -170,13 +172,11 @@ def test_optimize_builds_every_source_with_a_bar_while_it_takes_long(
 def test_a_source_that_does_not_compile_fails_optimize(monkeypatch, tmp_path, stories_model):
     for path in runtime.kernel_source_dir().glob("*.hpp"):
         (tmp_path / path.name).write_text(path.read_text())
-    (tmp_path / "broken.cpp").write_text(
-        '#include "common.hpp"\nextern "C" void f() { undeclared_thing(); }\n'
-    )
+    (tmp_path / "broken.cpp").write_text(BROKEN_SOURCE)
     queue = runtime.queue_for(CPU)
     monkeypatch.setattr(queue, "_bundles", {})
     monkeypatch.setattr(runtime, "kernel_source_dir", lambda: tmp_path)
-    with pytest.raises(xpu_coopt.KernelCompileError, match=r"broken\.cpp(.|\n)*undeclared_thing"):
+    with pytest.raises(xpu_coopt.KernelCompileError, match=BROKEN_SOURCE_ERROR):
         xpu_coopt.optimize(stories_model, backend="sycl")
 
 

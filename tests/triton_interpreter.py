@@ -71,7 +71,9 @@ def _patch_helpers_inside_a_kernel_once(interpreter) -> None:
     # The modules a patch covers: those of triton.language among a function's globals (as _patch_lang
     # finds them), by the globals' dictionary (one per module, and a module's imports do not change).
     modules_of: dict[int, frozenset[int]] = {}
-    running: dict[str, frozenset[int] | bool | None] = {"launching": False, "patched": None}
+    # The modules patched since the running kernel's launch began (the launch's own patch first, which it
+    # restores at its end); None outside a kernel.
+    patched: frozenset[int] | None = None
 
     def languages(fn) -> frozenset[int]:
         key = id(fn.__globals__)
@@ -81,26 +83,24 @@ def _patch_helpers_inside_a_kernel_once(interpreter) -> None:
         return modules_of[key]
 
     def patch_lang_once(fn):
-        if running["launching"]:  # the kernel's own patch, which its launch restores at the end
-            running["launching"] = False
-            running["patched"] = languages(fn)
-            return patch_lang(fn)
-        patched = running["patched"]
-        if patched is None:  # outside a kernel
-            return patch_lang(fn)
-        if languages(fn) <= patched:
+        nonlocal patched
+        needed = languages(fn)
+        if patched is not None and needed and needed <= patched:
             return interpreter._LangPatchScope()  # an earlier patch of this launch holds
-        # A helper of another module (tl.max, of triton.language.standard, sees tl.core): patched once for
-        # the rest of the launch (a helper's patch is never restored, by the interpreter too).
-        running["patched"] = patched | languages(fn)
+        # The launch's own patch, or a helper of another module (tl.max, of triton.language.standard, sees
+        # tl.core): patched once for the rest of the launch (a helper's patch is never restored, by the
+        # interpreter too).
+        if patched is not None:
+            patched |= needed
         return patch_lang(fn)
 
     def run_grid_patching_once(self, *args, **kwargs):
-        running["launching"], running["patched"] = True, None
+        nonlocal patched
+        patched = frozenset()
         try:
             return run_grid(self, *args, **kwargs)
         finally:
-            running["launching"], running["patched"] = False, None
+            patched = None
 
     interpreter._patch_lang = patch_lang_once
     interpreter.GridExecutor.__call__ = run_grid_patching_once
