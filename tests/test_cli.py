@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import STORIES_MODEL, require_data
+from conftest import STORIES_MODEL, STORIES_TOKENIZER, require_data
 
 from xpu_coopt.cli import main
 from xpu_coopt.config import model_spec
@@ -91,6 +91,7 @@ def test_bench_with_an_unknown_model_is_a_clear_error(capsys):
          "argument --calibration-text: no such file"),
         (["eval-ppl", "--text", __file__, "--tokenizer", "no-such-tokenizer.bin"],
          "argument --tokenizer: no such file"),
+        (["generate", "--prompt-file", "no-such-prompt.txt"], "argument --prompt-file: no such file"),
     ],
 )  # fmt: skip
 def test_a_device_or_file_that_cannot_be_used_is_an_error_before_loading(monkeypatch, capsys, args, message):
@@ -133,3 +134,116 @@ def test_shape_presets_are_models_optimize_reads_as_transformers_builds_them(pre
     # Mistral-7B's window on every layer; SmolLM3-3B without rope on every fourth of 36 layers
     assert set(spec.layer_windows) == {4096 if preset == "mistral-7b" else None}
     assert spec.layer_rope.count(False) == (9 if preset == "smollm3-3b" else 0)
+
+
+STORIES_ARGS = ["--model", str(STORIES_MODEL), "--tokenizer", str(STORIES_TOKENIZER), "--dtype", "float32"]
+
+
+def _transformers_text(stories_model, stories_tokenizer, prompt: str, **settings) -> str:
+    """The oracle: transformers' generate on the prompt alone (no padding), decoded whole."""
+    ids = torch.tensor([stories_tokenizer.encode(prompt, bos=True)])
+    return stories_tokenizer.decode(stories_model.generate(ids, **settings)[0].tolist())
+
+
+def test_generate_streams_transformers_text(stories_model, stories_tokenizer, capsys):
+    require_data(STORIES_MODEL)
+    prompt = "Once upon a time"
+    # 24 new tokens: past the stream's flush of its decoded tokens (16)
+    assert main(["generate", *STORIES_ARGS, "--prompt", prompt, "--max-new-tokens", "24"]) == 0
+    captured = capsys.readouterr()
+    expected = _transformers_text(
+        stories_model, stories_tokenizer, prompt, max_new_tokens=24, do_sample=False
+    )
+    assert captured.out == expected + "\n" and len(expected) > len(prompt) + 24
+    assert "1 sequence, 24 steps in" in captured.err and "next token" in captured.err
+
+
+def test_generate_batches_unequal_prompts_with_beams(stories_model, stories_tokenizer, capsys):
+    """Two prompts of unequal lengths run as one left-padded batch; each sequence is transformers' beam
+    search on its prompt alone."""
+    prompts = ["Once upon a time", "Tom had a big red ball. He liked to"]
+    args = ["generate", *STORIES_ARGS, "--prompt", prompts[0], "--prompt", prompts[1], "--num-beams", "3",
+            "--num-return-sequences", "2", "--max-new-tokens", "10"]  # fmt: skip
+    assert main(args) == 0
+    expected = []
+    for number, prompt in enumerate(prompts, 1):
+        ids = torch.tensor([stories_tokenizer.encode(prompt, bos=True)])
+        sequences = stories_model.generate(ids, max_new_tokens=10, num_beams=3, num_return_sequences=2)
+        for row, sequence in enumerate(sequences.tolist(), 1):
+            expected += [f"[prompt {number}, sequence {row}]", stories_tokenizer.decode(sequence)]
+    assert capsys.readouterr().out.splitlines() == expected
+
+
+def test_generate_samples_from_its_seed_as_transformers(capsys):
+    args = ["generate", *STORIES_ARGS, "--prompt", "The cat", "--do-sample", "--top-k", "30", "--seed", "7",
+            "--max-new-tokens", "16", "--compare"]  # fmt: skip
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert "transformers generated the same tokens" in first.err
+    assert main(args[:-1]) == 0  # the same seed draws the same text
+    assert capsys.readouterr().out == first.out
+    assert main([*args[:-2], "8", "--compare"]) == 0  # another seed, still transformers' draws
+    assert capsys.readouterr().out != first.out
+
+
+def test_generate_compare_reports_where_transformers_parts(monkeypatch, capsys):
+    from transformers import LlamaForCausalLM
+
+    transformers_generate = LlamaForCausalLM.generate
+
+    def altered(self, *args, **kwargs):  # transformers choosing another 5th new token
+        sequences = transformers_generate(self, *args, **kwargs)
+        sequences[0, -4] = (sequences[0, -4] + 1) % self.config.vocab_size
+        return sequences
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", altered)
+    args = ["generate", *STORIES_ARGS, "--prompt", "Once", "--max-new-tokens", "8", "--compare"]
+    assert main(args) == 1
+    assert "transformers' sequence 1 parts from xpu_coopt's at new token 5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "difference"),
+    [
+        ([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]], None),
+        ([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 7, 6]], (1, 1)),
+        ([[1, 2, 3], [4, 5, 6]], [[1, 2], [4, 5]], (0, 2)),  # transformers stopped a step earlier
+        ([[1, 2], [4, 5]], [[1, 2, 3], [4, 5, 6]], (0, 2)),
+    ],
+)
+def test_first_difference_of_two_generations(ours, theirs, difference):
+    from xpu_coopt.cli import _first_difference
+
+    assert _first_difference(torch.tensor(ours), torch.tensor(theirs)) == difference
+
+
+def test_generate_chat_prints_the_reply_of_transformers(smollm2_fp32, monkeypatch, capsys):
+    import xpu_coopt.models
+
+    model, tokenizer = smollm2_fp32
+    monkeypatch.setattr(xpu_coopt.models, "load_model", lambda *args, **kwargs: (model, tokenizer))
+    question = "What is the capital of France?"
+    args = ["generate", "--prompt", question, "--chat", "--dtype", "float32", "--max-new-tokens", "8"]
+    assert main(args) == 0
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    new_ids = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
+    reply = tokenizer.decode(new_ids, skip_special_tokens=True)
+    assert capsys.readouterr().out == reply + "\n" and "Paris" in reply
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([*STORIES_ARGS], "no prompt: pass --prompt TEXT or --prompt-file FILE"),
+        ([*STORIES_ARGS[:2], *STORIES_ARGS[4:], "--prompt", "Hi"], "comes without a tokenizer: pass --tokenizer"),
+        ([*STORIES_ARGS, "--prompt", "Hi", "--chat"], "--chat needs a tokenizer with a chat template"),
+        ([*STORIES_ARGS, "--prompt", "Hi", "--num-beams", "2", "--do-sample", "--top-p", "1.5"], "top_p"),
+    ],
+)  # fmt: skip
+def test_generate_with_bad_input_is_a_clear_error(args, message, capsys):
+    require_data(STORIES_MODEL)
+    assert main(["generate", *args]) == 2
+    assert message in capsys.readouterr().err

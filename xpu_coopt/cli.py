@@ -1,10 +1,11 @@
-"""The `xpu-coopt` command: `xpu-coopt bench | eval-ppl | calibrate-kv | convert-gqa ...`."""
+"""The `xpu-coopt` command: `xpu-coopt generate | bench | eval-ppl | calibrate-kv | convert-gqa ...`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -52,10 +53,24 @@ def _runtime_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: torch's)")
 
 
-def _bench_parser(subparsers) -> None:
+# --cuda-graph's choices as optimize()'s cuda_graph
+CUDA_GRAPH_CHOICES = {"auto": None, "on": True, "off": False}
+
+
+def _cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """optimize()'s KV cache and decode-graph arguments: shared by bench and generate."""
     from xpu_coopt.cache import KV_CACHE_KINDS
-    from xpu_coopt.models import DEFAULT_MODEL, SHAPE_PRESETS
     from xpu_coopt.ops import KV_FORMATS
+
+    parser.add_argument("--kv-dtype", default="auto", choices=KV_FORMATS)
+    parser.add_argument("--kv-cache", default="segment", choices=sorted(KV_CACHE_KINDS),
+                        help="xpu_coopt's KV cache layout (see optimize(); default segment)")  # fmt: skip
+    parser.add_argument("--cuda-graph", choices=sorted(CUDA_GRAPH_CHOICES), default="auto",
+                        help="replay decode steps as a CUDA graph (auto: on for CUDA with the Triton backend)")  # fmt: skip
+
+
+def _bench_parser(subparsers) -> None:
+    from xpu_coopt.models import DEFAULT_MODEL, SHAPE_PRESETS
 
     bench = subparsers.add_parser(
         "bench",
@@ -76,12 +91,8 @@ def _bench_parser(subparsers) -> None:
     bench.add_argument("--num-beams", type=_positive, default=1)
     bench.add_argument("--num-return-sequences", type=_positive, default=1,
                        help="with one beam: sample this many sequences of each prompt (do_sample=True)")  # fmt: skip
-    bench.add_argument("--kv-dtype", default="auto", choices=KV_FORMATS)
-    bench.add_argument("--kv-cache", default="segment", choices=sorted(KV_CACHE_KINDS),
-                       help="xpu_coopt's KV cache layout (see optimize(); default segment)")  # fmt: skip
+    _cache_arguments(bench)
     bench.add_argument("--repeats", type=_positive, default=1, help="timed runs per side; the best is kept")
-    bench.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
-                       help="replay decode steps as a CUDA graph (auto: on for CUDA with the Triton backend)")  # fmt: skip
     bench.add_argument("--keep-decode-graph", action="store_true",
                        help="let each xpu_coopt run keep its KV cache and decode graph for the next, as "
                        "generate() does (transformers then runs beside that memory); by default they are "
@@ -107,7 +118,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         num_return_sequences=args.num_return_sequences, kv_dtype=args.kv_dtype, kv_cache=args.kv_cache,
         min_input_tokens=args.min_input_tokens,
         backend=args.backend, repeats=args.repeats,
-        cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph],
+        cuda_graph=CUDA_GRAPH_CHOICES[args.cuda_graph],
         pack_shared_weights=args.pack_shared_weights, keep_decode_graph=args.keep_decode_graph,
     )  # fmt: skip
     result.settings["model"] = args.model
@@ -118,7 +129,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_arguments(parser: argparse.ArgumentParser, text_help: str) -> None:
+def _model_with_tokenizer_arguments(parser: argparse.ArgumentParser) -> None:
+    """A model that comes with its tokenizer, or a llama2.c one with --tokenizer."""
     from xpu_coopt.models import DEFAULT_MODEL
 
     parser.add_argument("--model", default=DEFAULT_MODEL,
@@ -126,10 +138,135 @@ def _model_arguments(parser: argparse.ArgumentParser, text_help: str) -> None:
     parser.add_argument(
         "--tokenizer", type=_existing_file, help="a llama2.c tokenizer .bin, for a llama2.c model"
     )
+
+
+def _model_arguments(parser: argparse.ArgumentParser, text_help: str) -> None:
+    _model_with_tokenizer_arguments(parser)
     parser.add_argument("--text", required=True, type=_existing_file, help=text_help)
     parser.add_argument("--context", type=_positive, default=1024, help="tokens per window (default 1024)")
     _runtime_arguments(parser)
     parser.add_argument("--batch-size", type=_positive, default=8, help="windows run together (default 8)")
+
+
+def _generate_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate text from prompts with an optimized model",
+        description="Optimizes the model and runs its generate() on the prompts (several: one left-padded "
+        "batch). One prompt with one sequence is streamed as it is generated; timings go to stderr. "
+        "Generation settings not given come from the model's generation_config, as in transformers.",
+    )
+    _model_with_tokenizer_arguments(parser)
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    parser.add_argument("--prompt-file", action="append", default=[], type=_existing_file,
+                        help="a file whose whole text is one prompt (repeatable)")  # fmt: skip
+    parser.add_argument("--chat", action="store_true",
+                        help="each prompt as a user turn of the tokenizer's chat template; prints the reply only")  # fmt: skip
+    _runtime_arguments(parser)
+    parser.add_argument("--max-new-tokens", type=_positive, default=64)
+    parser.add_argument("--num-beams", type=_positive)
+    parser.add_argument("--num-return-sequences", type=_positive)
+    parser.add_argument("--do-sample", action=argparse.BooleanOptionalAction)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--seed", type=int, help="seed torch's random draws before generating (sampling)")
+    _cache_arguments(parser)
+    parser.add_argument(
+        "--kv-scales", help="a scales file or model folder from calibrate-kv (FP8 --kv-dtype)"
+    )
+    parser.add_argument("--compare", action="store_true",
+                        help="also run transformers' generate on the same prompts and settings (and seed) and "
+                        "report whether its tokens are the same; exit status 1 where they are not")  # fmt: skip
+
+
+GENERATION_ARGUMENTS = ("max_new_tokens", "num_beams", "num_return_sequences", "do_sample", "temperature",
+                        "top_k", "top_p", "repetition_penalty")  # fmt: skip
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import xpu_coopt
+    from xpu_coopt.generation_settings import resolve_settings
+    from xpu_coopt.prompts import TextStream, completion_text, encode_prompts
+
+    prompts = args.prompt + [_read_text(path) for path in args.prompt_file]
+    if not prompts:
+        raise ValueError("no prompt: pass --prompt TEXT or --prompt-file FILE")
+    hf_model, tokenizer = _load_with_tokenizer(args)
+    input_ids, attention_mask = encode_prompts(tokenizer, prompts, args.chat)
+    input_ids, attention_mask = input_ids.to(args.device), attention_mask.to(args.device)
+    model = xpu_coopt.optimize(
+        hf_model, dtype=DTYPES[args.dtype], kv_cache=args.kv_cache, kv_dtype=args.kv_dtype,
+        backend=args.backend, kv_scales=args.kv_scales,
+        cuda_graph=CUDA_GRAPH_CHOICES[args.cuda_graph],
+    )  # fmt: skip
+    settings = {name: getattr(args, name) for name in GENERATION_ARGUMENTS if getattr(args, name) is not None}
+    # With --compare both sides draw from one seed, so that sampled tokens can be compared too.
+    seed = args.seed if args.seed is not None or not args.compare else torch.seed()
+    resolved = resolve_settings(model, input_ids.shape[1], settings)  # with the model's generation_config
+    streamer = None
+    if len(prompts) == 1 and resolved.num_beams == 1 and resolved.num_return_sequences == 1:
+        streamer = TextStream(tokenizer, sys.stdout)
+        if not args.chat:
+            print(prompts[0], end="", flush=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    start = time.perf_counter()
+    out = model.generate(input_ids, attention_mask=attention_mask, streamer=streamer,
+                         return_dict_in_generate=True, **settings)  # fmt: skip
+    seconds = time.perf_counter() - start
+    prompt_len = input_ids.shape[1]
+    per_prompt = out.sequences.shape[0] // len(prompts)
+    if streamer is None:
+        for row, sequence in enumerate(out.sequences.tolist()):
+            prompt = row // per_prompt
+            context = input_ids[prompt][attention_mask[prompt].bool()].tolist()
+            print(f"[prompt {prompt + 1}, sequence {row % per_prompt + 1}]")
+            print(
+                ("" if args.chat else prompts[prompt])
+                + completion_text(tokenizer, context, sequence[prompt_len:])
+            )
+    print(_generation_timing(start, out, seconds), file=sys.stderr)
+    if not args.compare:
+        return 0
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    theirs = hf_model.generate(input_ids, attention_mask=attention_mask, **settings)
+    print(f"transformers: {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    difference = _first_difference(out.sequences[:, prompt_len:], theirs[:, prompt_len:])
+    if difference is None:
+        print("transformers generated the same tokens", file=sys.stderr)
+        return 0
+    row, position = difference
+    print(f"transformers' sequence {row + 1} parts from xpu_coopt's at new token {position + 1} (in bfloat16 "
+          "and float16 the two round at different points, so nearly tied tokens can differ)", file=sys.stderr)  # fmt: skip
+    return 1
+
+
+def _generation_timing(start: float, out, seconds: float) -> str:
+    """One line: new tokens, first-token latency, mean next-token latency, tokens per second, KV bytes."""
+    times = out.step_times
+    rows = out.sequences.shape[0]
+    line = (
+        f"{rows} sequence{'s' if rows > 1 else ''}, {len(times)} steps in {seconds:.2f} s: "
+        f"first token {(times[0] - start) * 1e3:.1f} ms"
+    )
+    if len(times) > 1:
+        next_ms = (times[-1] - times[0]) / (len(times) - 1) * 1e3
+        line += f", next token {next_ms:.1f} ms ({rows * 1e3 / next_ms:.1f} tokens/s)"
+    return line + f", KV cache {out.kv_cache_bytes / 2**20:.2f} MiB"
+
+
+def _first_difference(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[int, int] | None:
+    """(row, position) of the first new token where two generations differ, None where they are equal.
+    A generation that stopped earlier differs where the other one goes on."""
+    length = max(ours.shape[1], theirs.shape[1])
+    padded = [torch.nn.functional.pad(x.cpu(), (0, length - x.shape[1]), value=-1) for x in (ours, theirs)]
+    if padded[0].shape != padded[1].shape:
+        return (min(ours.shape[0], theirs.shape[0]), 0)
+    unequal = (padded[0] != padded[1]).nonzero()
+    return None if unequal.numel() == 0 else (int(unequal[0, 0]), int(unequal[0, 1]))
 
 
 def _eval_ppl_parser(subparsers) -> None:
@@ -319,12 +456,14 @@ def main(argv: list[str] | None = None) -> int:
     _eval_ppl_parser(subparsers)
     _calibrate_parser(subparsers)
     _convert_gqa_parser(subparsers)
+    _generate_parser(subparsers)
     args = parser.parse_args(argv)
     commands = {
         "bench": _run_bench,
         "eval-ppl": _run_eval_ppl,
         "calibrate-kv": _run_calibrate,
         "convert-gqa": _run_convert_gqa,
+        "generate": _run_generate,
     }
     try:
         return commands[args.command](args)

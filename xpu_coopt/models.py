@@ -272,15 +272,19 @@ class Llama2cTokenizer:
             symbols[i : i + 2] = [merged]
 
     def decode(self, ids: list[int]) -> str:
-        text = []
+        """The text of ids, BOS and EOS left out. Byte pieces (<0xE2>) are raw UTF-8 bytes of a character
+        outside the vocabulary, so the text is gathered as bytes; a character whose bytes are cut short
+        decodes to U+FFFD."""
+        text = bytearray()
         previous = None
         for token in ids:
             piece = self.pieces[token]
             if previous == self.bos_token_id and piece.startswith(" "):
                 piece = piece[1:]
-            if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
-                piece = chr(int(piece[3:5], 16))
             if token not in (self.bos_token_id, self.eos_token_id):
-                text.append(piece)
+                if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+                    text.append(int(piece[3:5], 16))
+                else:
+                    text += piece.encode("utf-8")
             previous = token
-        return "".join(text)
+        return text.decode("utf-8", errors="replace")
