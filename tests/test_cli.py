@@ -199,7 +199,27 @@ def test_generate_compare_reports_where_transformers_parts(monkeypatch, capsys):
     monkeypatch.setattr(LlamaForCausalLM, "generate", altered)
     args = ["generate", *STORIES_ARGS, "--prompt", "Once", "--max-new-tokens", "8", "--compare"]
     assert main(args) == 1
-    assert "transformers' sequence 1 parts from xpu_coopt's at new token 5" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "transformers' sequence 1 parts from xpu_coopt's at new token 5: in float32 with a float32" in err
+
+
+@pytest.mark.parametrize(
+    ("dtype", "kv_dtype", "reasons"),
+    [
+        ("float32", "auto", ["should not part: please report it as a bug"]),
+        ("bfloat16", "auto", ["in bfloat16 the fused kernels round"]),
+        ("float32", "fp8_e5m2", ["the fp8_e5m2 KV cache holds K/V rounded to 8 bits"]),
+        ("fp16", "fp8_e4m3", ["in fp16 the fused kernels", "fp8_e4m3 KV cache"]),
+    ],
+)
+def test_compare_names_why_tokens_can_part(dtype, kv_dtype, reasons):
+    import argparse
+
+    from xpu_coopt.cli import _why_tokens_can_part
+
+    why = _why_tokens_can_part(argparse.Namespace(dtype=dtype, kv_dtype=kv_dtype))
+    assert all(reason in why for reason in reasons)
+    assert ("bug" in why) == (reasons == ["should not part: please report it as a bug"])
 
 
 @pytest.mark.parametrize(

@@ -239,9 +239,22 @@ def _run_generate(args: argparse.Namespace) -> int:
         print("transformers generated the same tokens", file=sys.stderr)
         return 0
     row, position = difference
-    print(f"transformers' sequence {row + 1} parts from xpu_coopt's at new token {position + 1} (in bfloat16 "
-          "and float16 the two round at different points, so nearly tied tokens can differ)", file=sys.stderr)  # fmt: skip
+    print(f"transformers' sequence {row + 1} parts from xpu_coopt's at new token {position + 1}: "
+          f"{_why_tokens_can_part(args)}", file=sys.stderr)  # fmt: skip
     return 1
+
+
+def _why_tokens_can_part(args: argparse.Namespace) -> str:
+    """What makes xpu_coopt's logits differ from transformers' under these settings, so that a nearly tied
+    token can go the other way; in float32 with a float32 cache nothing does."""
+    reasons = []
+    if DTYPES[args.dtype] != torch.float32:
+        reasons.append(f"in {args.dtype} the fused kernels round at other points than transformers' modules")
+    if args.kv_dtype != "auto":
+        reasons.append(f"the {args.kv_dtype} KV cache holds K/V rounded to 8 bits")
+    if not reasons:
+        return "in float32 with a float32 KV cache they should not part: please report it as a bug"
+    return "; ".join(reasons) + ", so nearly tied tokens can go either way"
 
 
 def _generation_timing(start: float, out, seconds: float) -> str:
