@@ -66,7 +66,18 @@ def test_encode_prompts_with_a_chat_template(smollm2_fp32):
     assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_an_empty_prompt_is_an_error_where_the_tokenizer_adds_no_bos(smollm2_fp32):
-    tokenizer = smollm2_fp32[1]
+class WordTokenizer:
+    """transformers' tokenizer call for a tokenizer that adds no BOS: one id per word."""
+
+    pad_token_id = None
+    eos_token_id = 0
+
+    def __call__(self, text: str) -> dict[str, list[int]]:
+        return {"input_ids": [len(word) for word in text.split()]}
+
+
+def test_an_empty_prompt_is_an_error_where_the_tokenizer_adds_no_bos():
+    input_ids, _ = encode_prompts(WordTokenizer(), ["a bb", "ccc"])
+    assert input_ids.tolist() == [[1, 2], [0, 3]]  # padded with EOS where there is no pad id
     with pytest.raises(ValueError, match="prompt 2 is empty: it has no tokens"):
-        encode_prompts(tokenizer, ["Hi", ""])
+        encode_prompts(WordTokenizer(), ["Hi", ""])
