@@ -209,15 +209,14 @@ def test_generate_compare_reports_where_transformers_parts(monkeypatch, capsys):
         ("float32", "auto", ["should not part: please report it as a bug"]),
         ("bfloat16", "auto", ["in bfloat16 the fused kernels round"]),
         ("float32", "fp8_e5m2", ["the fp8_e5m2 KV cache holds K/V rounded to 8 bits"]),
-        ("fp16", "fp8_e4m3", ["in fp16 the fused kernels", "fp8_e4m3 KV cache"]),
+        ("float16", "fp8_e4m3", ["in float16 the fused kernels", "fp8_e4m3 KV cache"]),
     ],
 )
 def test_compare_names_why_tokens_can_part(dtype, kv_dtype, reasons):
-    import argparse
+    from xpu_coopt.cli import DTYPES
+    from xpu_coopt.text_generation import why_tokens_can_part
 
-    from xpu_coopt.cli import _why_tokens_can_part
-
-    why = _why_tokens_can_part(argparse.Namespace(dtype=dtype, kv_dtype=kv_dtype))
+    why = why_tokens_can_part(DTYPES[dtype], kv_dtype)
     assert all(reason in why for reason in reasons)
     assert ("bug" in why) == (reasons == ["should not part: please report it as a bug"])
 
@@ -232,9 +231,9 @@ def test_compare_names_why_tokens_can_part(dtype, kv_dtype, reasons):
     ],
 )
 def test_first_difference_of_two_generations(ours, theirs, difference):
-    from xpu_coopt.cli import _first_difference
+    from xpu_coopt.text_generation import first_difference
 
-    assert _first_difference(torch.tensor(ours), torch.tensor(theirs)) == difference
+    assert first_difference(torch.tensor(ours), torch.tensor(theirs)) == difference
 
 
 def test_generate_chat_prints_the_reply_of_transformers(smollm2_fp32, monkeypatch, capsys):
@@ -245,21 +244,50 @@ def test_generate_chat_prints_the_reply_of_transformers(smollm2_fp32, monkeypatc
     question = "What is the capital of France?"
     args = ["generate", "--prompt", question, "--chat", "--dtype", "float32", "--max-new-tokens", "8"]
     assert main(args) == 0
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    new_ids = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
-    reply = tokenizer.decode(new_ids, skip_special_tokens=True)
+    reply = _reply(model, tokenizer, [{"role": "user", "content": question}], 8)
     assert capsys.readouterr().out == reply + "\n" and "Paris" in reply
+
+
+def _reply(model, tokenizer, messages: list[dict[str, str]], new_tokens: int) -> str:
+    """The oracle: transformers' greedy reply to a conversation through the tokenizer's chat template."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    new_ids = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)[0, ids.shape[1] :]
+    return tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
+def test_generate_interactive_chats_over_the_whole_conversation(smollm2_fp32, monkeypatch, capsys):
+    """Each stdin line is a turn, answered after every earlier turn and reply (a blank line is none)."""
+    import io
+
+    import xpu_coopt.models
+
+    model, tokenizer = smollm2_fp32
+    monkeypatch.setattr(xpu_coopt.models, "load_model", lambda *args, **kwargs: (model, tokenizer))
+    turns = ["What is the capital of France?", "And the capital of Italy?"]
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{turns[0]}\n\n{turns[1]}\n"))
+    args = ["generate", "--interactive", "--dtype", "float32", "--max-new-tokens", "8"]
+    assert main(args) == 0
+    messages: list[dict[str, str]] = []
+    replies = []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn})
+        replies.append(_reply(model, tokenizer, messages, 8))
+        messages.append({"role": "assistant", "content": replies[-1]})
+    captured = capsys.readouterr()
+    assert captured.out == "".join(reply + "\n" for reply in replies)
+    assert captured.err.count("1 sequence, ") == 2 and "Rome" in replies[1]
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ([*STORIES_ARGS], "no prompt: pass --prompt TEXT or --prompt-file FILE"),
+        ([*STORIES_ARGS], "no prompt: pass --prompt TEXT or --prompt-file FILE, or --interactive"),
         ([*STORIES_ARGS[:2], *STORIES_ARGS[4:], "--prompt", "Hi"], "comes without a tokenizer: pass --tokenizer"),
-        ([*STORIES_ARGS, "--prompt", "Hi", "--chat"], "--chat needs a tokenizer with a chat template"),
+        ([*STORIES_ARGS, "--prompt", "Hi", "--chat"], "a chat needs a tokenizer with a chat template"),
+        ([*STORIES_ARGS, "--interactive"], "a chat needs a tokenizer with a chat template"),
+        ([*STORIES_ARGS, "--interactive", "--prompt", "Hi"], "--interactive reads its turns from stdin"),
+        ([*STORIES_ARGS, "--interactive", "--compare"], "it takes no --prompt, --prompt-file or --compare"),
         ([*STORIES_ARGS, "--prompt", "Hi", "--num-beams", "2", "--do-sample", "--top-p", "1.5"], "top_p"),
     ],
 )  # fmt: skip

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -153,7 +154,7 @@ def _generate_parser(subparsers) -> None:
         "generate",
         help="generate text from prompts with an optimized model",
         description="Optimizes the model and runs its generate() on the prompts (several: one left-padded "
-        "batch). One prompt with one sequence is streamed as it is generated; timings go to stderr. "
+        "batch) or on a chat read from stdin. One sequence is streamed as it is generated; timings go to stderr. "
         "Generation settings not given come from the model's generation_config, as in transformers.",
     )
     _model_with_tokenizer_arguments(parser)
@@ -162,6 +163,8 @@ def _generate_parser(subparsers) -> None:
                         help="a file whose whole text is one prompt (repeatable)")  # fmt: skip
     parser.add_argument("--chat", action="store_true",
                         help="each prompt as a user turn of the tokenizer's chat template; prints the reply only")  # fmt: skip
+    parser.add_argument("--interactive", action="store_true",
+                        help="a chat read from stdin, one line a turn (the chat template over the whole conversation)")  # fmt: skip
     _runtime_arguments(parser)
     parser.add_argument("--max-new-tokens", type=_positive, default=64)
     parser.add_argument("--num-beams", type=_positive)
@@ -187,99 +190,63 @@ GENERATION_ARGUMENTS = ("max_new_tokens", "num_beams", "num_return_sequences", "
 
 def _run_generate(args: argparse.Namespace) -> int:
     import xpu_coopt
-    from xpu_coopt.generation_settings import resolve_settings
-    from xpu_coopt.prompts import TextStream, completion_text, encode_prompts
+    from xpu_coopt.prompts import encode_prompts, require_chat_template
+    from xpu_coopt.text_generation import chat, first_difference, generate_and_print, why_tokens_can_part
 
     prompts = args.prompt + [_read_text(path) for path in args.prompt_file]
-    if not prompts:
-        raise ValueError("no prompt: pass --prompt TEXT or --prompt-file FILE")
+    if args.interactive and (prompts or args.compare):
+        raise ValueError(
+            "--interactive reads its turns from stdin: it takes no --prompt, --prompt-file or --compare"
+        )
+    if not prompts and not args.interactive:
+        raise ValueError("no prompt: pass --prompt TEXT or --prompt-file FILE, or --interactive")
     hf_model, tokenizer = _load_with_tokenizer(args)
-    input_ids, attention_mask = encode_prompts(tokenizer, prompts, args.chat)
-    input_ids, attention_mask = input_ids.to(args.device), attention_mask.to(args.device)
+    if args.interactive:  # before the model is optimized and stdin is read
+        require_chat_template(tokenizer)
+    if prompts:  # the prompts' errors before the model is optimized
+        input_ids, attention_mask = encode_prompts(tokenizer, prompts, args.chat)
+        input_ids, attention_mask = input_ids.to(args.device), attention_mask.to(args.device)
     model = xpu_coopt.optimize(
         hf_model, dtype=DTYPES[args.dtype], kv_cache=args.kv_cache, kv_dtype=args.kv_dtype,
-        backend=args.backend, kv_scales=args.kv_scales,
-        cuda_graph=CUDA_GRAPH_CHOICES[args.cuda_graph],
+        backend=args.backend, kv_scales=args.kv_scales, cuda_graph=CUDA_GRAPH_CHOICES[args.cuda_graph],
     )  # fmt: skip
     settings = {name: getattr(args, name) for name in GENERATION_ARGUMENTS if getattr(args, name) is not None}
     # With --compare both sides draw from one seed, so that sampled tokens can be compared too.
     seed = args.seed if args.seed is not None or not args.compare else torch.seed()
-    resolved = resolve_settings(model, input_ids.shape[1], settings)  # with the model's generation_config
-    streamer = None
-    if len(prompts) == 1 and resolved.num_beams == 1 and resolved.num_return_sequences == 1:
-        streamer = TextStream(tokenizer, sys.stdout)
-        if not args.chat:
-            print(prompts[0], end="", flush=True)
     if seed is not None:
         torch.manual_seed(seed)
-    start = time.perf_counter()
-    out = model.generate(input_ids, attention_mask=attention_mask, streamer=streamer,
-                         return_dict_in_generate=True, **settings)  # fmt: skip
-    seconds = time.perf_counter() - start
-    prompt_len = input_ids.shape[1]
-    per_prompt = out.sequences.shape[0] // len(prompts)
-    if streamer is None:
-        for row, sequence in enumerate(out.sequences.tolist()):
-            prompt = row // per_prompt
-            context = input_ids[prompt][attention_mask[prompt].bool()].tolist()
-            print(f"[prompt {prompt + 1}, sequence {row % per_prompt + 1}]")
-            print(
-                ("" if args.chat else prompts[prompt])
-                + completion_text(tokenizer, context, sequence[prompt_len:])
-            )
-    print(_generation_timing(start, out, seconds), file=sys.stderr)
+    if args.interactive:
+        chat(model, tokenizer, settings, _stdin_turns(), sys.stdout, args.device)
+        return 0
+    ours = generate_and_print(model, tokenizer, prompts, input_ids, attention_mask, settings,
+                              echo_prompts=not args.chat, out=sys.stdout)  # fmt: skip
     if not args.compare:
         return 0
     torch.manual_seed(seed)
     start = time.perf_counter()
     theirs = hf_model.generate(input_ids, attention_mask=attention_mask, **settings)
     print(f"transformers: {time.perf_counter() - start:.2f} s", file=sys.stderr)
-    difference = _first_difference(out.sequences[:, prompt_len:], theirs[:, prompt_len:])
+    prompt_len = input_ids.shape[1]
+    difference = first_difference(ours.sequences[:, prompt_len:], theirs[:, prompt_len:])
     if difference is None:
         print("transformers generated the same tokens", file=sys.stderr)
         return 0
     row, position = difference
     print(f"transformers' sequence {row + 1} parts from xpu_coopt's at new token {position + 1}: "
-          f"{_why_tokens_can_part(args)}", file=sys.stderr)  # fmt: skip
+          f"{why_tokens_can_part(DTYPES[args.dtype], args.kv_dtype)}", file=sys.stderr)  # fmt: skip
     return 1
 
 
-def _why_tokens_can_part(args: argparse.Namespace) -> str:
-    """What makes xpu_coopt's logits differ from transformers' under these settings, so that a nearly tied
-    token can go the other way; in float32 with a float32 cache nothing does."""
-    reasons = []
-    if DTYPES[args.dtype] != torch.float32:
-        reasons.append(f"in {args.dtype} the fused kernels round at other points than transformers' modules")
-    if args.kv_dtype != "auto":
-        reasons.append(f"the {args.kv_dtype} KV cache holds K/V rounded to 8 bits")
-    if not reasons:
-        return "in float32 with a float32 KV cache they should not part: please report it as a bug"
-    return "; ".join(reasons) + ", so nearly tied tokens can go either way"
-
-
-def _generation_timing(start: float, out, seconds: float) -> str:
-    """One line: new tokens, first-token latency, mean next-token latency, tokens per second, KV bytes."""
-    times = out.step_times
-    rows = out.sequences.shape[0]
-    line = (
-        f"{rows} sequence{'s' if rows > 1 else ''}, {len(times)} steps in {seconds:.2f} s: "
-        f"first token {(times[0] - start) * 1e3:.1f} ms"
-    )
-    if len(times) > 1:
-        next_ms = (times[-1] - times[0]) / (len(times) - 1) * 1e3
-        line += f", next token {next_ms:.1f} ms ({rows * 1e3 / next_ms:.1f} tokens/s)"
-    return line + f", KV cache {out.kv_cache_bytes / 2**20:.2f} MiB"
-
-
-def _first_difference(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[int, int] | None:
-    """(row, position) of the first new token where two generations differ, None where they are equal.
-    A generation that stopped earlier differs where the other one goes on."""
-    length = max(ours.shape[1], theirs.shape[1])
-    padded = [torch.nn.functional.pad(x.cpu(), (0, length - x.shape[1]), value=-1) for x in (ours, theirs)]
-    if padded[0].shape != padded[1].shape:
-        return (min(ours.shape[0], theirs.shape[0]), 0)
-    unequal = (padded[0] != padded[1]).nonzero()
-    return None if unequal.numel() == 0 else (int(unequal[0, 0]), int(unequal[0, 1]))
+def _stdin_turns() -> Iterator[str]:
+    """The lines of stdin, each asked for with a "> " prompt on a terminal, up to its end (Ctrl-D) or Ctrl-C."""
+    terminal = sys.stdin.isatty()
+    if terminal:
+        print("a chat: one line a turn; Ctrl-D ends it", file=sys.stderr)
+    while True:
+        try:
+            yield input("> " if terminal else "")
+        except (EOFError, KeyboardInterrupt):
+            return
 
 
 def _eval_ppl_parser(subparsers) -> None:

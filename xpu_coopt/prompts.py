@@ -17,16 +17,24 @@ STREAM_CONTEXT_TOKENS = 8
 STREAM_FLUSH_TOKENS = 16
 
 
+def require_chat_template(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("a chat needs a tokenizer with a chat template; this model's has none")
+
+
+def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The conversation's ids through the tokenizer's chat template (its messages: role and content),
+    followed by the opening of the assistant's turn."""
+    require_chat_template(tokenizer)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own
+
+
 def prompt_ids(tokenizer: Any, prompt: str, chat: bool = False) -> list[int]:
     """The prompt's ids as the model reads it, its tokenizer's special tokens (BOS) included; with chat, as
     a user turn of the tokenizer's chat template followed by the opening of the assistant's turn."""
     if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("--chat needs a tokenizer with a chat template; this model's has none")
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own
+        return chat_ids(tokenizer, [{"role": "user", "content": prompt}])
     if isinstance(tokenizer, Llama2cTokenizer):
         return tokenizer.encode(prompt, bos=True)
     return tokenizer(prompt)["input_ids"]
