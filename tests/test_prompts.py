@@ -70,14 +70,20 @@ class WordTokenizer:
     """transformers' tokenizer call for a tokenizer that adds no BOS: one id per word."""
 
     pad_token_id = None
-    eos_token_id = 0
+    eos_token_id = 7
 
     def __call__(self, text: str) -> dict[str, list[int]]:
         return {"input_ids": [len(word) for word in text.split()]}
 
 
-def test_an_empty_prompt_is_an_error_where_the_tokenizer_adds_no_bos():
+def test_padding_takes_the_pad_id_else_eos_else_zero():
     input_ids, _ = encode_prompts(WordTokenizer(), ["a bb", "ccc"])
-    assert input_ids.tolist() == [[1, 2], [0, 3]]  # padded with EOS where there is no pad id
+    assert input_ids.tolist() == [[1, 2], [7, 3]]  # EOS where there is no pad id
+    without_special_ids = WordTokenizer()
+    without_special_ids.eos_token_id = None
+    assert encode_prompts(without_special_ids, ["a bb", "ccc"])[0].tolist() == [[1, 2], [0, 3]]
+
+
+def test_an_empty_prompt_is_an_error_where_the_tokenizer_adds_no_bos():
     with pytest.raises(ValueError, match="prompt 2 is empty: it has no tokens"):
         encode_prompts(WordTokenizer(), ["Hi", ""])

@@ -48,9 +48,10 @@ def encode_prompts(
     for number, ids in enumerate(rows, 1):
         if not ids:
             raise ValueError(f"prompt {number} is empty: it has no tokens")
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id
+    # The padding's id is never read (the mask hides it): the tokenizer's pad id, else EOS, else 0.
+    pad_id = next(
+        (i for i in (getattr(tokenizer, "pad_token_id", None), tokenizer.eos_token_id) if i is not None), 0
+    )
     longest = max(len(ids) for ids in rows)
     input_ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
