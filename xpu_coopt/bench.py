@@ -59,7 +59,9 @@ class BenchResult:
         }
 
 
-def _summarise(start: float, step_times: list[float], tokens: int, kv_bytes: int) -> RunResult:
+def summarise_steps(start: float, step_times: list[float], tokens: int, kv_bytes: int) -> RunResult:
+    """A generation's latencies from its start and the time each step's tokens were chosen (index 0: the
+    first token); tokens: all it generated, for the throughput."""
     gaps = [(b - a) * 1e3 for a, b in itertools.pairwise(step_times)]
     total = step_times[-1] - start
     return RunResult(
@@ -139,7 +141,7 @@ def run_transformers(model, input_ids, mask, settings, tokens: int) -> RunResult
             return_dict_in_generate=True, **_generate_kwargs(settings, tokens),
         )  # fmt: skip
     generated = _generated_tokens(input_ids, settings, tokens)
-    return _summarise(start, clock.times, generated, _hf_kv_bytes(_hf_cache(out)))
+    return summarise_steps(start, clock.times, generated, _hf_kv_bytes(_hf_cache(out)))
 
 
 def run_xpu_coopt(model, input_ids, mask, settings, tokens: int) -> RunResult:
@@ -149,7 +151,7 @@ def run_xpu_coopt(model, input_ids, mask, settings, tokens: int) -> RunResult:
         input_ids, attention_mask=mask, return_dict_in_generate=True, **_generate_kwargs(settings, tokens)
     )
     generated = _generated_tokens(input_ids, settings, tokens)
-    result = _summarise(start, out.step_times, generated, out.kv_cache_bytes)
+    result = summarise_steps(start, out.step_times, generated, out.kv_cache_bytes)
     result.decode_graph_captures = out.decode_graph_captures
     return result
 

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 import torch
 
+from xpu_coopt.bench import summarise_steps
 from xpu_coopt.generation import GenerateOutput
 from xpu_coopt.generation_settings import resolve_settings
 from xpu_coopt.prompts import TextStream, chat_ids, completion_text
@@ -66,10 +67,9 @@ def chat(
     lines: Iterable[str],
     out: TextIO,
     device: torch.device,
-) -> int:
+) -> None:
     """A conversation: each non-empty line is the user's next turn, answered after the whole conversation so
-    far (the chat template over every earlier turn, the replies as printed); ends with the lines. Returns
-    the number of replies."""
+    far (the chat template over every earlier turn, the replies as printed); ends with the lines."""
     messages: list[dict[str, str]] = []
     for line in lines:
         if not line.strip():
@@ -80,21 +80,20 @@ def chat(
         output = generate_and_print(model, tokenizer, [line], input_ids, attention_mask, settings, False, out)
         reply = new_text(tokenizer, input_ids[0], attention_mask[0], output.sequences[0].tolist())
         messages.append({"role": "assistant", "content": reply})
-    return len(messages) // 2
 
 
 def generation_timing(start: float, output: GenerateOutput, seconds: float) -> str:
     """One line: sequences, steps, first-token latency, mean next-token latency, tokens per second, KV bytes."""
-    times = output.step_times
-    rows = output.sequences.shape[0]
+    steps, rows = len(output.step_times), output.sequences.shape[0]
+    run = summarise_steps(start, output.step_times, steps * rows, output.kv_cache_bytes)
     line = (
-        f"{rows} sequence{'s' if rows > 1 else ''}, {len(times)} steps in {seconds:.2f} s: "
-        f"first token {(times[0] - start) * 1e3:.1f} ms"
+        f"{rows} sequence{'s' if rows > 1 else ''}, {steps} steps in {seconds:.2f} s: "
+        f"first token {run.first_token_ms:.1f} ms"
     )
-    if len(times) > 1:
-        next_ms = (times[-1] - times[0]) / (len(times) - 1) * 1e3
+    if steps > 1:  # a decode step's rate, the prefill left out
+        next_ms = run.next_token_ms_mean
         line += f", next token {next_ms:.1f} ms ({rows * 1e3 / next_ms:.1f} tokens/s)"
-    return line + f", KV cache {output.kv_cache_bytes / 2**20:.2f} MiB"
+    return line + f", KV cache {run.kv_cache_bytes / 2**20:.2f} MiB"
 
 
 def first_difference(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[int, int] | None:
