@@ -53,18 +53,23 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: 
 
 
 def attention_prefill(q, k, v, seq_start, scale, window=None) -> torch.Tensor:
-    """q [B, S, H, D], k/v [B, S, Hkv, D]: causal over non-padding keys, with a window over the last
-    `window` of them up to the query; padding query rows are zero."""
-    batch, length, heads, dim = q.shape
+    """q [B, Q, H, D], k/v [B, P, Hkv, D] (P >= Q: query i is column P - Q + i): causal over non-padding
+    keys, with a window over the last `window` of them up to the query; padding query rows are zero."""
+    batch, queries, heads, dim = q.shape
+    offset = k.shape[1] - queries
     group = heads // k.shape[2]
-    out = torch.zeros((batch, length, heads, dim), dtype=torch.float64)
+    out = torch.zeros((batch, queries, heads, dim), dtype=torch.float64)
     for b in range(batch):
         start = int(seq_start[b])
-        for i in range(start, length):
-            first = start if window is None else max(start, i + 1 - window)
+        for i in range(max(0, start - offset), queries):
+            column = offset + i
+            first = start if window is None else max(start, column + 1 - window)
             for h in range(heads):
                 out[b, i, h] = attention(
-                    q[b, i, h], k[b, first : i + 1, h // group], v[b, first : i + 1, h // group], scale
+                    q[b, i, h],
+                    k[b, first : column + 1, h // group],
+                    v[b, first : column + 1, h // group],
+                    scale,
                 )
     return out
 

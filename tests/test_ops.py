@@ -261,10 +261,13 @@ def test_attention_prefill(kernels, dtype, heads, kv_heads, head_dim, length, se
     _check_attention_prefill(kernels, dtype, heads, kv_heads, head_dim, length, seq_start)
 
 
-def _check_attention_prefill(kernels, dtype, heads, kv_heads, head_dim, length, seq_start, window=None):
-    """attention_prefill over random q/k/v against the oracle; window None: the op's default (none)."""
+def _check_attention_prefill(
+    kernels, dtype, heads, kv_heads, head_dim, length, seq_start, window=None, queries=None
+):
+    """attention_prefill over random q/k/v against the oracle; window None: the op's default (none);
+    queries: that many queries, the last of the `length` key columns (None: one at every column)."""
     batch = len(seq_start)
-    q = _random(batch, length, heads, head_dim, dtype=dtype)
+    q = _random(batch, length if queries is None else queries, heads, head_dim, dtype=dtype)
     k = _random(batch, length, kv_heads, head_dim, dtype=dtype)
     v = _random(batch, length, kv_heads, head_dim, dtype=dtype)
     starts = torch.tensor(seq_start, dtype=torch.int32)
@@ -288,14 +291,50 @@ def test_attention_prefill_sliding_window(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 64), (6, 1, 128)])
+# Fewer queries than key columns (a prompt continued over K/V from an earlier forward): one query, more
+# than a query tile, key columns past a key tile; padding that ends before, at and among the queries.
+@pytest.mark.parametrize(
+    ("length", "queries", "seq_start"), [(13, 1, [0, 5, 12]), (45, 20, [7, 0, 30]), (33, 17, [16])]
+)
+@pytest.mark.parametrize("window", [None, 5, 20])
+def test_attention_prefill_continues_earlier_columns(
+    kernels, dtype, heads, kv_heads, head_dim, length, queries, seq_start, window
+):
+    """Queries at the last columns of the keys attend causally from their own columns (query i is column
+    length - queries + i): the keys before them come from the prompt's earlier forward."""
+    _check_attention_prefill(kernels, dtype, heads, kv_heads, head_dim, length, seq_start, window, queries)
+
+
+@pytest.mark.parametrize(
+    ("query_shape", "key_shape", "starts", "message"),
+    [
+        ((1, 5, 2, 16), (1, 4, 2, 16), 1, "5 queries but only 4 key columns"),
+        ((1, 4, 3, 16), (1, 4, 2, 16), 1, "3 query heads are not a multiple of 2 KV heads"),
+        ((2, 4, 2, 16), (1, 4, 2, 16), 2, "key and value must be \\[2, columns, kv_heads, 16\\]"),
+        ((1, 4, 2, 16), (1, 4, 2, 8), 1, "key and value must be \\[1, columns, kv_heads, 16\\]"),
+        ((1, 4, 2, 16), (1, 4, 2, 16), 2, "seq_start must hold 1 starts"),
+    ],
+)
+def test_attention_prefill_names_mismatched_shapes(kernels, query_shape, key_shape, starts, message):
+    q, k = _random(*query_shape, dtype=torch.float32), _random(*key_shape, dtype=torch.float32)
+    with pytest.raises(ValueError, match="attention_prefill: " + message):
+        kernels.attention_prefill(
+            torch.empty_like(q), q, k, k.clone(), torch.zeros(starts, dtype=torch.int32), 0.25
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block", [1, 4, 16])
 @pytest.mark.parametrize("window", [1, 5, 20, None])
-def test_reference_prefill_attends_in_query_blocks(monkeypatch, dtype, block, window):
+@pytest.mark.parametrize("queries", [None, 21])
+def test_reference_prefill_attends_in_query_blocks(monkeypatch, dtype, block, window, queries):
     """The CPU kernel's masked path runs blocks of PREFILL_QUERY_BLOCK queries, each over the keys from its
     first row's window to its last row: blocks of one query, blocks shorter and longer than the window, a
-    last block cut short (45 rows), rows whose padding ends inside a block, no window (causal)."""
+    last block cut short (45 rows, or 21 at the last columns), rows whose padding ends inside a block, no
+    window (causal)."""
     monkeypatch.setattr(reference, "PREFILL_QUERY_BLOCK", block)
-    _check_attention_prefill(reference_kernels(), dtype, 8, 2, 32, 45, [7, 0, 30], window)
+    _check_attention_prefill(reference_kernels(), dtype, 8, 2, 32, 45, [7, 0, 30], window, queries)
 
 
 def test_attention_prefill_sliding_window_without_padding_is_not_causal_attention(kernels):

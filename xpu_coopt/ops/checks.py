@@ -77,6 +77,33 @@ def heads_apart(op: str, size: int, dim: int, **tensors: torch.Tensor | None) ->
             raise ValueError(f"{op}: the heads of {name} must be head_dim apart")
 
 
+def prefill_shapes(
+    op: str,
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    seq_start: torch.Tensor,
+) -> tuple[int, int]:
+    """attention_prefill's shapes: query and out [B, Q, H, D], key and value [B, P, Hkv, D] with P >= Q
+    (the queries are the last Q of the P columns), H a multiple of Hkv, seq_start [B]. Returns (Q, P)."""
+    if query.dim() != 4 or out.shape != query.shape:
+        raise ValueError(f"{op}: query and out must be [batch, queries, heads, head_dim] alike, got "
+                         f"{tuple(query.shape)} and {tuple(out.shape)}")  # fmt: skip
+    batch, queries, heads, dim = query.shape
+    if key.dim() != 4 or value.shape != key.shape or key.shape[0] != batch or key.shape[3] != dim:
+        raise ValueError(f"{op}: key and value must be [{batch}, columns, kv_heads, {dim}] alike, got "
+                         f"{tuple(key.shape)} and {tuple(value.shape)}")  # fmt: skip
+    if key.shape[1] < queries:
+        raise ValueError(f"{op}: {queries} queries but only {key.shape[1]} key columns: the queries are the "
+                         "last columns of the keys")  # fmt: skip
+    if key.shape[2] == 0 or heads % key.shape[2]:
+        raise ValueError(f"{op}: {heads} query heads are not a multiple of {key.shape[2]} KV heads")
+    if seq_start.shape != (batch,):
+        raise ValueError(f"{op}: seq_start must hold {batch} starts, got shape {tuple(seq_start.shape)}")
+    return queries, key.shape[1]
+
+
 def rows(op: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
     """A [..., width] tensor as a [rows, width] view (any row stride)."""
     try:

@@ -137,31 +137,34 @@ def attention_prefill(
     scale: float,
     window: int = NO_WINDOW,
 ) -> None:
-    span = checks.window_span("attention_prefill", window)
-    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, heads, P, D]
-    seq_len = query.shape[1]
-    if not bool(seq_start.any()) and span >= seq_len:
-        # No padding, no window inside the prompt: plain causal attention, which torch runs with its flash
-        # kernel (no mask tensor).
+    op = "attention_prefill"
+    span = checks.window_span(op, window)
+    queries, columns = checks.prefill_shapes(op, out, query, key, value, seq_start)
+    offset = columns - queries  # query i sits at column offset + i
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, heads, columns, D]
+    if offset == 0 and not bool(seq_start.any()) and span >= columns:
+        # No padding, no window inside the prompt, a query at every column: plain causal attention, which
+        # torch runs with its flash kernel (no mask tensor; its is_causal aligns the first query with the
+        # first key, hence offset 0 only).
         result = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         out.copy_(result.transpose(1, 2))
         return
-    positions = torch.arange(seq_len, device=query.device)
-    valid = positions[None, :] >= seq_start[:, None].to(positions.dtype)  # [B, P]: keys, and queries too
-    for first in range(0, seq_len, PREFILL_QUERY_BLOCK):
-        last = min(first + PREFILL_QUERY_BLOCK, seq_len)
-        first_key = max(0, first - span + 1)  # the first query's window starts there
-        distance = positions[first:last, None] - positions[None, first_key:last]  # query column - key column
+    column = torch.arange(columns, device=query.device)
+    valid = column[None, :] >= seq_start[:, None].to(column.dtype)  # [B, columns]: keys, and queries too
+    for first in range(0, queries, PREFILL_QUERY_BLOCK):
+        last = min(first + PREFILL_QUERY_BLOCK, queries)
+        query_columns = slice(offset + first, offset + last)
+        keys = slice(max(0, offset + first - span + 1), offset + last)  # from the first query's window
+        distance = column[query_columns, None] - column[None, keys]  # query column - key column
         causal = (distance >= 0) & (distance < span)  # the key is one of the query's last `span`
         # Padding rows have no key to attend to; let them see themselves so softmax stays finite, then
         # zero them.
-        mask = (causal[None] & valid[:, None, first_key:last]) | (distance == 0)[None]
-        keys = slice(first_key, last)
+        mask = (causal[None] & valid[:, None, keys]) | (distance == 0)[None]
         result = F.scaled_dot_product_attention(
             q[:, :, first:last], k[:, :, keys], v[:, :, keys], attn_mask=mask[:, None], scale=scale,
             enable_gqa=True,
         )  # fmt: skip
-        out[:, first:last].copy_(result.transpose(1, 2) * valid[:, first:last, None, None])
+        out[:, first:last].copy_(result.transpose(1, 2) * valid[:, query_columns, None, None])
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

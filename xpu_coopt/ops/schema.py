@@ -47,6 +47,8 @@ SCHEMAS: dict[str, str] = {
         "bool static_scale=False) -> ()"
     ),
     # Causal attention over a left-padded batch of prompts; rows before seq_start[b] are written as zeros.
+    # key/value may hold more columns than query has rows: the queries are the last columns (a prompt
+    # continued over the K/V of an earlier forward).
     # window (sliding-window attention, as Mistral's): a query attends to the last `window` keys up to
     # itself, itself included; -1 (NO_WINDOW): to all of them.
     "attention_prefill": (

@@ -177,19 +177,20 @@ def attention_prefill(
     op = "attention_prefill"
     name = _dtype_name(op, query, key, value, out)
     span = checks.window_span(op, window)
-    batch, length, heads, head_dim = query.shape
+    queries, columns = checks.prefill_shapes(op, out, query, key, value, seq_start)
+    batch, _, heads, head_dim = query.shape
     kv_heads = key.shape[2]
     _check_head_dim(op, head_dim)
     checks.inner_contiguous(op, out=out, query=query, key=key, value=value)
     checks.heads_apart(op, head_dim, 2, out=out, query=query, key=key, value=value)
-    if batch * length == 0:
+    if batch * queries == 0:
         return
-    work_groups = batch * heads * -(-length // PREFILL_QUERY_ROWS)
+    work_groups = batch * heads * -(-queries // PREFILL_QUERY_ROWS)
     local = PREFILL_QUERY_ROWS * SUB_GROUP
     _run(
         query.device, "attention_prefill.cpp", f"attention_prefill_{name}", work_groups * local, local,
-        out, query, key, value, seq_start.to(torch.int32).contiguous(), c_int(length), c_int(heads),
-        c_int(kv_heads), c_int(head_dim), c_float(scale), c_int(span),
+        out, query, key, value, seq_start.to(torch.int32).contiguous(), c_int(queries), c_int(columns),
+        c_int(heads), c_int(kv_heads), c_int(head_dim), c_float(scale), c_int(span),
         *(c_int64(s) for t in (query, key, value, out) for s in t.stride()[:2]),
     )  # fmt: skip
 

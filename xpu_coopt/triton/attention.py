@@ -71,49 +71,55 @@ def _attend_block(
 
 @triton.jit
 def attention_prefill_kernel(
-    out, query, key, value, seq_start, length, heads, kv_heads, head_dim, scale, window,
+    out, query, key, value, seq_start, queries, columns, heads, kv_heads, head_dim, scale, window,
     query_batch_stride, query_token_stride, key_batch_stride, key_token_stride,
     value_batch_stride, value_token_stride, out_batch_stride, out_token_stride,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
-    """Program = (block of BLOCK_M queries, batch row x query head). Each query attends to its last
-    `window` keys (the host passes a window longer than any prompt for none)."""
+    """Program = (block of BLOCK_M queries, batch row x query head). Query i is key column
+    columns - queries + i and attends to its last `window` keys up to it (the host passes a window longer
+    than any prompt for none)."""
     block = tl.program_id(0)
     b = (tl.program_id(1) // heads).to(tl.int64)
     h = tl.program_id(1) % heads
     kv = h // (heads // kv_heads)
     start = tl.load(seq_start + b)
+    offset = columns - queries
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_columns = offset + rows
     d = tl.arange(0, BLOCK_D)
     q = tl.load(query + b * query_batch_stride + rows[:, None] * query_token_stride + h * head_dim + d[None, :],
-                mask=(rows[:, None] < length) & (d[None, :] < head_dim), other=0.0)  # fmt: skip
+                mask=(rows[:, None] < queries) & (d[None, :] < head_dim), other=0.0)  # fmt: skip
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    last = tl.minimum((block + 1) * BLOCK_M, length)  # causal: no key after the block's last query
-    first_key = tl.maximum(start, block * BLOCK_M - window + 1)  # nor before its first query's window
+    # Causal: no key after the block's last query's column, nor before its first query's window.
+    last = tl.minimum(offset + (block + 1) * BLOCK_M, columns)
+    first_key = tl.maximum(start, offset + block * BLOCK_M - window + 1)
     for first in range(first_key // BLOCK_N * BLOCK_N, last, BLOCK_N):
         keys = first + tl.arange(0, BLOCK_N)
-        in_range = (keys[None, :] < length) & (d[:, None] < head_dim)
+        in_range = (keys[None, :] < columns) & (d[:, None] < head_dim)
         k = tl.load(
             key + b * key_batch_stride + keys[None, :] * key_token_stride + kv * head_dim + d[:, None],
             mask=in_range,
             other=0.0,
         )  # fmt: skip  [D, N]
         scores = _dot(q, k, UPCAST_DOT) * scale
-        distance = rows[:, None] - keys[None, :]
-        visible = (keys[None, :] >= start) & (distance >= 0) & (distance < window) & (rows[:, None] >= start)
+        distance = row_columns[:, None] - keys[None, :]
+        visible = (
+            (keys[None, :] >= start) & (distance >= 0) & (distance < window) & (row_columns[:, None] >= start)
+        )
         p, row_max, row_sum, acc = _online_softmax(
             tl.where(visible, scores, float("-inf")), row_max, row_sum, acc
         )
         v = tl.load(value + b * value_batch_stride + keys[:, None] * value_token_stride + kv * head_dim + d[None, :],
-                    mask=(keys[:, None] < length) & (d[None, :] < head_dim), other=0.0)  # fmt: skip
+                    mask=(keys[:, None] < columns) & (d[None, :] < head_dim), other=0.0)  # fmt: skip
         acc += _dot(p.to(v.dtype), v, UPCAST_DOT)
     result = tl.where(
         row_sum[:, None] > 0, acc / tl.maximum(row_sum, 1e-30)[:, None], 0.0
     )  # padding rows: zeros
     tl.store(out + b * out_batch_stride + rows[:, None] * out_token_stride + h * head_dim + d[None, :],
-             result.to(out.dtype.element_ty), mask=(rows[:, None] < length) & (d[None, :] < head_dim))  # fmt: skip
+             result.to(out.dtype.element_ty), mask=(rows[:, None] < queries) & (d[None, :] < head_dim))  # fmt: skip
 
 
 @triton.jit

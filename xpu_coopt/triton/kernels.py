@@ -213,15 +213,16 @@ def attention_prefill(
     op = "attention_prefill"
     span = checks.window_span(op, window)
     checks.activation_dtype(op, BACKEND, query, key, value, out)
-    batch, length, heads, head_dim = query.shape
+    queries, columns = checks.prefill_shapes(op, out, query, key, value, seq_start)
+    batch, _, heads, head_dim = query.shape
     checks.head_dim(op, BACKEND, head_dim, MAX_HEAD_DIM)
     checks.inner_contiguous(op, out=out, query=query, key=key, value=value)
     checks.heads_apart(op, head_dim, 2, out=out, query=query, key=key, value=value)
-    if batch * length == 0:
+    if batch * queries == 0:
         return
-    attention_prefill_kernel[(triton.cdiv(length, PREFILL_BLOCK_M), batch * heads)](
-        out, query, key, value, seq_start.to(torch.int32).contiguous(), length, heads, key.shape[2], head_dim,
-        scale, span, *(s for t in (query, key, value, out) for s in t.stride()[:2]),
+    attention_prefill_kernel[(triton.cdiv(queries, PREFILL_BLOCK_M), batch * heads)](
+        out, query, key, value, seq_start.to(torch.int32).contiguous(), queries, columns, heads, key.shape[2],
+        head_dim, scale, span, *(s for t in (query, key, value, out) for s in t.stride()[:2]),
         BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, BLOCK_D=_block(head_dim, 16),
         UPCAST_DOT=upcast_dot(query.dtype),
     )  # fmt: skip
