@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from conftest import STORIES_MODEL, STORIES_TOKENIZER, require_data
 from xpu_coopt.cli import main
 from xpu_coopt.config import model_spec
 from xpu_coopt.models import SHAPE_PRESETS, random_model
+from xpu_coopt.prompts import chat_ids
 
 
 def test_bench_runs_both_sides_and_writes_json(tmp_path, capsys):
@@ -277,6 +279,11 @@ def test_generate_interactive_chats_over_the_whole_conversation(smollm2_fp32, mo
     captured = capsys.readouterr()
     assert captured.out == "".join(reply + "\n" for reply in replies)
     assert captured.err.count("1 sequence, ") == 2 and "Rome" in replies[1]
+    # The second turn prefilled only what follows the first turn's prompt and reply (as the template
+    # writes it again), from the conversation's K/V kept between the turns.
+    reused = [int(n) for n in re.findall(r"(\d+) of \d+ prompt tokens reused", captured.err)]
+    first_prompt = len(chat_ids(tokenizer, messages[:1]))
+    assert reused[0] == 0 and reused[1] > first_prompt
 
 
 @pytest.mark.parametrize(

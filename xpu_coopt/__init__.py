@@ -5,12 +5,14 @@ from xpu_coopt.errors import BackendUnavailableError, KernelCompileError
 from xpu_coopt.gqa import convert_to_gqa
 from xpu_coopt.kv_scales import KVScales, calibrate_kv_scales
 from xpu_coopt.optimized_model import OptimizedModel
+from xpu_coopt.prefix_cache import PrefixCache
 
 __all__ = [
     "BackendUnavailableError",
     "KVScales",
     "KernelCompileError",
     "OptimizedModel",
+    "PrefixCache",
     "calibrate_kv_scales",
     "convert_to_gqa",
     "optimize",

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from xpu_coopt.generation_settings import GenerationSettings, resolve_settings
 from xpu_coopt.logits_processing import criteria_met, process, renormalize, stopping_criteria, warp
+from xpu_coopt.prefix_cache import PrefixCache
 from xpu_coopt.token_rules import TokenRules
 from xpu_coopt.transformers_release import BEAM_SAMPLES_SORTED
 
@@ -44,6 +45,7 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a 2-D tensor [batch, prompt_length]")
     input_ids = input_ids.to(model.device)
+    prefix_cache = _prefix_cache(kwargs.pop("past_key_values", None))
     settings = resolve_settings(model, input_ids.shape[1], kwargs)
     streamer = kwargs.get("streamer")
     generator = kwargs.get("generator")
@@ -53,10 +55,21 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         raise ValueError("streamer supports one sequence: batch size 1 without beam search (as transformers)")
     with torch.inference_mode():
         if settings.num_beams > 1:
-            output = _beam_search(model, input_ids, attention_mask, settings, generator)
+            output = _beam_search(model, input_ids, attention_mask, settings, generator, prefix_cache)
         else:
-            output = _sample(model, input_ids, attention_mask, settings, streamer, generator)
+            output = _sample(model, input_ids, attention_mask, settings, streamer, generator, prefix_cache)
     return output if settings.return_dict_in_generate else output.sequences
+
+
+def _prefix_cache(past_key_values: Any) -> PrefixCache | None:
+    """generate()'s past_key_values: None, or a PrefixCache (transformers' cache classes hold K/V in their
+    own layout, which xpu_coopt's kernels do not read)."""
+    if past_key_values is None or isinstance(past_key_values, PrefixCache):
+        return past_key_values
+    raise TypeError(
+        f"past_key_values must be an xpu_coopt.PrefixCache, not {type(past_key_values).__name__}: "
+        "pass xpu_coopt.PrefixCache() where transformers takes a DynamicCache"
+    )
 
 
 def _eos_ids(s: GenerationSettings, device: torch.device) -> torch.Tensor:
@@ -83,14 +96,18 @@ class _HostFlags:
         return self.values.tolist()
 
 
-def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, generator) -> GenerateOutput:
+def _sample(
+    model, input_ids, attention_mask, s: GenerationSettings, streamer, generator, prefix_cache
+) -> GenerateOutput:
     """Greedy or sampling; sampling num_return_sequences > 1 sequences of each prompt draws them side by
     side, as transformers does (row order: each prompt's samples together), over one prefill of the prompt
     whose K/V all its samples share (the segment cache's beams, never reordered)."""
     samples = s.num_return_sequences
     rules = TokenRules.of(s, model.spec.vocab_size, input_ids.device)  # its errors before the prefill
     criteria = stopping_criteria(s)  # before the prefill: max_time counts it, as in transformers
-    logits, cache = model.prefill(input_ids, attention_mask, samples, s.max_new_tokens, reuse_kept_cache=True)
+    logits, cache = model.prefill(
+        input_ids, attention_mask, samples, s.max_new_tokens, reuse_kept_cache=True, prefix_cache=prefix_cache
+    )
     captures_before = _graph_captures(cache)  # a kept cache's graph has captured before
     prompt_start = cache.prompt_start  # each prompt's first column after its left padding
     if samples > 1:
@@ -142,6 +159,8 @@ def _sample(model, input_ids, attention_mask, s: GenerationSettings, streamer, g
         logits = next_logits
     if streamer is not None:
         streamer.end()
+    if prefix_cache is not None:
+        prefix_cache.hold(cache, sequences[0])
     model.keep_cache(cache)
     sequences = sequences[:, : prompt_len + len(step_times)]
     scores = tuple(all_scores) if s.output_scores else None
@@ -157,7 +176,9 @@ def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(tensor, indices, dim=1)
 
 
-def _beam_search(model, input_ids, attention_mask, s: GenerationSettings, generator) -> GenerateOutput:
+def _beam_search(
+    model, input_ids, attention_mask, s: GenerationSettings, generator, prefix_cache
+) -> GenerateOutput:
     """transformers 5's vectorised beam search, with the prompt prefilled once per request; with do_sample,
     its beam sampling (warped log-probabilities, candidates drawn instead of taken best first)."""
     device = input_ids.device
@@ -186,7 +207,9 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings, genera
     rules = TokenRules.of(s, model.spec.vocab_size, device)  # its errors before the prefill
     criteria = stopping_criteria(s)  # before the prefill: max_time counts it, as in transformers
 
-    logits, cache = model.prefill(input_ids, attention_mask, beams, s.max_new_tokens, reuse_kept_cache=True)
+    logits, cache = model.prefill(
+        input_ids, attention_mask, beams, s.max_new_tokens, reuse_kept_cache=True, prefix_cache=prefix_cache
+    )
     captures_before = _graph_captures(cache)  # a kept cache's graph has captured before
     logits = logits.repeat_interleave(beams, dim=0)  # every beam of a request starts from the same prompt
     prompt_start = cache.prompt_start.repeat_interleave(beams)  # each row's first column after its padding
@@ -272,6 +295,8 @@ def _beam_search(model, input_ids, attention_mask, s: GenerationSettings, genera
             break
         logits = next_logits
 
+    if prefix_cache is not None:
+        prefix_cache.hold(cache, input_ids[0])  # the prompt's K/V: beams share them
     model.keep_cache(cache)
     keep = s.num_return_sequences
     sequences = sequences[:, :keep].reshape(batch * keep, -1)

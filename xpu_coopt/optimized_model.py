@@ -15,6 +15,7 @@ from xpu_coopt.config import ModelSpec
 from xpu_coopt.decode_graph import DecodeGraph
 from xpu_coopt.kv_scales import KVScales
 from xpu_coopt.model import LlamaDecoder
+from xpu_coopt.prefix_cache import PrefixCache
 
 
 @dataclass
@@ -196,11 +197,15 @@ class OptimizedModel:
         max_new_tokens: int = 0,
         last_only: bool = True,
         reuse_kept_cache: bool = False,
+        prefix_cache: PrefixCache | None = None,
     ) -> tuple[torch.Tensor, SegmentKVCache]:
         """Runs each prompt once (not once per beam) and returns (logits, cache with room for the beams).
         reuse_kept_cache: prefill into the cache keep_cache() kept, if this generation fits it (generate()
-        does; a cache returned to the caller may still be in use)."""
+        does; a cache returned to the caller may still be in use). prefix_cache: the prompt's first tokens
+        that it holds are not run again (PrefixCache.reusable); the logits are then those of the tokens
+        after them."""
         _, positions, prompt_start = prompt_layout(input_ids, attention_mask, self.spec)
+        reused = 0 if prefix_cache is None else prefix_cache.reusable(self, input_ids, attention_mask)
         self.cover_length(input_ids.shape[1] + max_new_tokens)
         prompt_len = input_ids.shape[1]
         cache = None
@@ -216,7 +221,11 @@ class OptimizedModel:
                 self.static_scales,
                 self.kv_cache,
             )
-        logits = self.decoder.forward(input_ids.long(), positions, cache, last_only)
+        if reused:
+            cache.continue_from(prefix_cache.keys[:, :reused], prefix_cache.values[:, :reused])
+        if prefix_cache is not None:
+            prefix_cache.reused_tokens = reused
+        logits = self.decoder.forward(input_ids[:, reused:].long(), positions[:, reused:], cache, last_only)
         cache.end_step()
         return logits, cache
 

@@ -14,6 +14,7 @@ import torch
 from xpu_coopt.bench import summarise_steps
 from xpu_coopt.generation import GenerateOutput
 from xpu_coopt.generation_settings import resolve_settings
+from xpu_coopt.prefix_cache import PrefixCache
 from xpu_coopt.prompts import TextStream, chat_ids, completion_text
 
 
@@ -26,10 +27,12 @@ def generate_and_print(
     settings: dict[str, Any],
     echo_prompts: bool,
     out: TextIO,
+    prefix_cache: PrefixCache | None = None,
 ) -> GenerateOutput:
     """Runs model.generate() on the batch (the prompts' ids, left-padded) and prints its text: a single
     sequence streamed as its tokens come, several each under `[prompt i, sequence j]`; echo_prompts: each
-    prompt's text before its sequence. Its timing goes to stderr."""
+    prompt's text before its sequence. Its timing goes to stderr. prefix_cache: generate()'s
+    past_key_values (one prompt)."""
     resolved = resolve_settings(model, input_ids.shape[1], settings)  # with the model's generation_config
     streamer = None
     if len(prompts) == 1 and resolved.num_beams == 1 and resolved.num_return_sequences == 1:
@@ -38,8 +41,9 @@ def generate_and_print(
             out.write(prompts[0])
             out.flush()
     start = time.perf_counter()
+    reuse = {} if prefix_cache is None else {"past_key_values": prefix_cache}
     output = model.generate(input_ids, attention_mask=attention_mask, streamer=streamer,
-                            return_dict_in_generate=True, **settings)  # fmt: skip
+                            return_dict_in_generate=True, **reuse, **settings)  # fmt: skip
     seconds = time.perf_counter() - start
     if streamer is None:
         per_prompt = output.sequences.shape[0] // len(prompts)
@@ -48,7 +52,10 @@ def generate_and_print(
             print(f"[prompt {prompt + 1}, sequence {row % per_prompt + 1}]", file=out)
             text = new_text(tokenizer, input_ids[prompt], attention_mask[prompt], sequence)
             print((prompts[prompt] if echo_prompts else "") + text, file=out)
-    print(generation_timing(start, output, seconds), file=sys.stderr)
+    timing = generation_timing(start, output, seconds)
+    if prefix_cache is not None:
+        timing += f", {prefix_cache.reused_tokens} of {input_ids.shape[1]} prompt tokens reused"
+    print(timing, file=sys.stderr)
     return output
 
 
@@ -69,15 +76,20 @@ def chat(
     device: torch.device,
 ) -> None:
     """A conversation: each non-empty line is the user's next turn, answered after the whole conversation so
-    far (the chat template over every earlier turn, the replies as printed); ends with the lines."""
+    far (the chat template over every earlier turn, the replies as printed); ends with the lines. The
+    conversation's K/V are kept from turn to turn (a PrefixCache): each turn prefills only what the last
+    generation did not run, from where the templated conversation departs from its tokens."""
     messages: list[dict[str, str]] = []
+    prefix_cache = PrefixCache()
     for line in lines:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
         input_ids = torch.tensor([chat_ids(tokenizer, messages)], device=device)
         attention_mask = torch.ones_like(input_ids)
-        output = generate_and_print(model, tokenizer, [line], input_ids, attention_mask, settings, False, out)
+        output = generate_and_print(
+            model, tokenizer, [line], input_ids, attention_mask, settings, False, out, prefix_cache
+        )
         reply = new_text(tokenizer, input_ids[0], attention_mask[0], output.sequences[0].tolist())
         messages.append({"role": "assistant", "content": reply})
 

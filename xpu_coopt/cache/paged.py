@@ -101,6 +101,13 @@ class PagedKVCache(SegmentKVCache):
         rows = self.block_table[self._prompt_rows, self._prompt_columns // BLOCK_SIZE].long()
         self._prompt_rows, self._prompt_columns = rows, self._prompt_columns % BLOCK_SIZE
 
+    def _request_cells(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Through the table; None once a window has handed a block of the request's on (_next_blocks)."""
+        if self._next_reused:
+            return None
+        columns = torch.arange(first, first + count, device=self.block_table.device)
+        return self.block_table[0, columns // BLOCK_SIZE].long(), columns % BLOCK_SIZE
+
     def use_device_lengths(self) -> None:
         super().use_device_lengths()
         self._decode_rows = self._seq_rows.clone()  # updated in place from now on

@@ -193,6 +193,7 @@ class SegmentKVCache:
         columns[:dropped] = self.kept_columns
         self._prompt_rows = torch.arange(self.num_requests, device=device).repeat_interleave(prompt_len)
         self._prompt_columns = columns.repeat(self.num_requests)
+        self._prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # continue_from()'s K/V, until prefill
 
     def _generated_room(self) -> float:
         """Tokens a generation can decode before the cache must grow: with one beam the prompt segment's
@@ -309,6 +310,51 @@ class SegmentKVCache:
         if self.prefilled:
             self.response_len += 1
         self.prefilled = True
+        self._prefix = None
+
+    def continue_from(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Before prefill: the prompt's first keys.shape[1] tokens were run by an earlier forward, whose
+        rotated K/V ([layers, tokens, Hkv, D], the activation dtype) these are; prefill then runs the rest
+        alone, over them. One unpadded prompt."""
+        if self.prefilled or self.num_requests != 1 or bool(self.prompt_start.any()):
+            raise ValueError("continue_from() takes one unpadded prompt, before its prefill")
+        if not 0 < keys.shape[1] < self.prompt_len or values.shape != keys.shape:
+            raise ValueError(
+                f"continue_from() takes K/V of 1 to {self.prompt_len - 1} of the prompt's {self.prompt_len} "
+                f"tokens, got {tuple(keys.shape)} and {tuple(values.shape)}"
+            )
+        self._prefix = (keys, values)
+
+    def prefix_len(self) -> int:
+        """The prompt's first tokens whose K/V continue_from() gave (0 without)."""
+        return 0 if self._prefix is None else self._prefix[0].shape[1]
+
+    @torch.inference_mode()
+    def request_kv(self, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The first `count` K/V the prompt segment holds of request 0 from its prompt's start (with one
+        beam, its generated tokens' follow), FP8 codes decoded: (keys, values) [layers, count, Hkv, D] in the
+        activation dtype. None where the cache no longer holds them all: a window on every layer let go
+        of the first, or a ring wrapped over them."""
+        start = int(self.kept_start[0])  # the prompt's first token's column
+        dropped_tokens = self._columns_before_window(self.prompt_len) > int(self.prompt_start[0])
+        if dropped_tokens or (self._wraps() and start + count > self.prompt_capacity()):
+            return None
+        cells = self._request_cells(start, count)
+        if cells is None:
+            return None
+        rows, columns = cells
+        held = []
+        for codes, scales in ((self.prompt_k, self.prompt_k_scale), (self.prompt_v, self.prompt_v_scale)):
+            values = codes[:, rows, :, columns]  # [count, layers, Hkv, D]
+            if scales is not None:
+                values = fp8.decode(values, scales[:, rows, :, columns], self.kv_format, self.dtype)
+            held.append(values.transpose(0, 1).contiguous())
+        return held[0], held[1]
+
+    def _request_cells(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, columns) of the prompt segment holding request 0's columns first .. first + count - 1."""
+        columns = torch.arange(first, first + count, device=self.prompt_k.device)
+        return torch.zeros_like(columns), columns
 
     @torch.inference_mode()
     def reorder(self, parents: torch.Tensor, check: bool = True) -> None:
@@ -365,23 +411,34 @@ class SegmentKVCache:
         return _layer_views(tensors, layer)
 
     def _attend_prefill(self, layer, query, key, value, cos_sin) -> torch.Tensor:
+        """The prompt's tokens (those after continue_from()'s, if any) attend to the whole prompt."""
         kernels = self.ops.kernels
+        segment, static = self._prompt_segment(layer), self.static_scales is not None
+        reused = self.prefix_len()
+        rows, columns = self._prompt_rows, self._prompt_columns
+        if reused:  # one prompt: its first `reused` columns come from continue_from()
+            prefix_k, prefix_v = self._prefix[0][layer], self._prefix[1][layer]
+            kernels.kv_write(
+                prefix_k, prefix_v, *segment, rows[:reused], columns[:reused], self.kv_format, static
+            )
+            rows, columns = rows[reused:], columns[reused:]
         kernels.rotary_embedding_kv_write(
-            query, key, value, cos_sin, *self._prompt_segment(layer),
-            self._prompt_rows, self._prompt_columns, self.kv_format, self.static_scales is not None,
+            query, key, value, cos_sin, *segment, rows, columns, self.kv_format, static
         )  # fmt: skip
-        batch, length = self.num_requests, self.prompt_len
-        out = query.new_empty((batch, length, query.shape[1], query.shape[2]))
+        if reused:
+            key, value = torch.cat((prefix_k, key)), torch.cat((prefix_v, value))
+        batch, queries, length = self.num_requests, self.prompt_len - reused, self.prompt_len
+        out = query.new_empty((batch, queries, query.shape[1], query.shape[2]))
         kernels.attention_prefill(
             out,
-            query.view(batch, length, *query.shape[1:]),
+            query.view(batch, queries, *query.shape[1:]),
             key.view(batch, length, *key.shape[1:]),
             value.view(batch, length, *value.shape[1:]),
             self.prompt_start,
             self.spec.attention_scale,
             self.windows[layer],
         )
-        return out.view(batch * length, -1)
+        return out.view(batch * queries, -1)
 
     def _attend_decode(self, layer, query, key, value, cos_sin) -> torch.Tensor:
         kernels = self.ops.kernels

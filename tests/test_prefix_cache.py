@@ -1,0 +1,144 @@
+"""generate(past_key_values=PrefixCache()): a conversation's K/V kept between calls, each call prefilling
+only its prompt's new tokens. The oracle: transformers' generate on the whole prompt, and the optimized
+model's own prefill of the whole prompt."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close
+from test_real_models import _stories_prompt
+
+import xpu_coopt
+from xpu_coopt import PrefixCache
+
+GREEDY = dict(max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=0)
+
+
+def _next_turn(tokenizer, previous: torch.Tensor, text: str) -> torch.Tensor:
+    """The previous generation's tokens followed by `text`'s (no BOS): the next prompt of a conversation."""
+    return torch.cat((previous, torch.tensor([tokenizer.encode(text, bos=False)], dtype=torch.long)), dim=1)
+
+
+# Triton's interpreter (30 s a conversation) with the paged cache alone: its prompt writes go through the
+# block table.
+@pytest.mark.parametrize(
+    ("backend", "kv_cache"),
+    [("torch", "segment"), ("torch", "paged"), ("sycl", "segment"), ("sycl", "paged"), ("triton", "paged")],
+)
+def test_a_conversation_prefills_only_its_new_tokens_and_matches_transformers(
+    stories_model, stories_tokenizer, backend, kv_cache
+):
+    """Three turns, greedy: each prompt is the last generation and a few more tokens. Each call reuses every
+    token the last one ran (its prompt and its reply but the last token, which no forward ran) and
+    generates what transformers generates from the whole prompt."""
+    model = xpu_coopt.optimize(stories_model, backend=backend, kv_cache=kv_cache)
+    prefix_cache = PrefixCache()
+    prompt, expected_reuse = _stories_prompt(stories_tokenizer), 0
+    for next_text in [" The sun was hot.", " Then Lily saw a cat.", ""]:
+        output = model.generate(prompt, past_key_values=prefix_cache, **GREEDY)
+        assert prefix_cache.reused_tokens == expected_reuse
+        assert torch.equal(output, stories_model.generate(prompt, **GREEDY))
+        expected_reuse = output.shape[1] - 1
+        prompt = _next_turn(stories_tokenizer, output, next_text)
+        assert torch.equal(prefix_cache.tokens, output[0, :-1])
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("backend", ["torch", "sycl"])
+def test_a_prefill_over_reused_tokens(stories_model, stories_tokenizer, backend, kv_dtype):
+    """The new tokens attend to the reused K/V as the last generation's cache held them (FP8 codes
+    decoded): their logits are those of a 16-bit-cache model's prefill over the same K/V, and, in a
+    16-bit cache, of a prefill of the whole prompt, up to rounding. The reused K/V are written into the
+    new cache as they were held: encoding decoded FP8 codes again gives the same codes and scales."""
+    model = xpu_coopt.optimize(stories_model, backend=backend, kv_dtype=kv_dtype)
+    prefix_cache = PrefixCache()
+    first = model.generate(_stories_prompt(stories_tokenizer), past_key_values=prefix_cache, **GREEDY)
+    prompt = _next_turn(stories_tokenizer, first, " They played all day.")
+    reused = first.shape[1] - 1
+    logits, cache = model.prefill(prompt, max_new_tokens=1, prefix_cache=prefix_cache)
+    assert prefix_cache.reused_tokens == reused
+    for held, written in zip((prefix_cache.keys, prefix_cache.values), cache.request_kv(reused), strict=True):
+        assert torch.equal(written, held)
+    if kv_dtype == "auto":
+        expected, _ = model.prefill(prompt, max_new_tokens=1)
+    else:  # the same K/V held for a model with a 16-bit cache
+        same_kv = PrefixCache()
+        same_kv.tokens, same_kv.keys, same_kv.values = (
+            prefix_cache.tokens,
+            prefix_cache.keys,
+            prefix_cache.values,
+        )
+        model_16_bit = xpu_coopt.optimize(stories_model, backend=backend)
+        expected, _ = model_16_bit.prefill(prompt, max_new_tokens=1, prefix_cache=same_kv)
+        assert same_kv.reused_tokens == reused
+    assert_close(logits, expected, torch.float32)
+
+
+def test_beams_reuse_the_prompt_and_a_departing_prompt_reuses_what_matches(stories_model, stories_tokenizer):
+    """Beam search keeps the prompt's K/V (its beams share them) and not a reply's. A prompt that departs
+    from the held tokens reuses those before the first that differs."""
+    model = xpu_coopt.optimize(stories_model, backend="torch")
+    prefix_cache = PrefixCache()
+    prompt = _stories_prompt(stories_tokenizer)
+    beams = dict(GREEDY, num_beams=3)
+    output = model.generate(prompt, past_key_values=prefix_cache, **beams)
+    assert torch.equal(prefix_cache.tokens, prompt[0])
+    longer = _next_turn(stories_tokenizer, output, " The end.")
+    assert torch.equal(model.generate(longer, past_key_values=prefix_cache, **beams),
+                       stories_model.generate(longer, **beams))  # fmt: skip
+    assert prefix_cache.reused_tokens == prompt.shape[1]
+    # Another ending of the same prompt: the held tokens part from it where its ending starts.
+    other = _next_turn(stories_tokenizer, prompt, " there was a big dog.")
+    assert torch.equal(model.generate(other, past_key_values=prefix_cache, **GREEDY),
+                       stories_model.generate(other, **GREEDY))  # fmt: skip
+    differs = int((other[0, : longer.shape[1]] != longer[0, : other.shape[1]]).nonzero()[0, 0])
+    assert prefix_cache.reused_tokens == differs
+    # The same prompt again: every token but the last is reused (its logits choose the first new token).
+    again = model.generate(other, past_key_values=prefix_cache, **GREEDY)
+    assert prefix_cache.reused_tokens == other.shape[1] - 1 and torch.equal(
+        again, stories_model.generate(other, **GREEDY)
+    )
+
+
+def test_a_conversation_past_the_sliding_window_warns_and_starts_over(
+    stories_window_model, stories_tokenizer
+):
+    """A window on every layer lets go of the first tokens' K/V: the cache is emptied with a warning, and
+    the next call prefills its whole prompt (and still matches transformers)."""
+    model = xpu_coopt.optimize(stories_window_model, backend="torch")
+    prefix_cache = PrefixCache()
+    prompt = _stories_prompt(stories_tokenizer)  # shorter than the window; with the reply, longer
+    with pytest.warns(UserWarning, match="outgrown the model's sliding window"):
+        output = model.generate(prompt, past_key_values=prefix_cache, **GREEDY)
+    assert len(prefix_cache) == 0
+    prompt = _next_turn(stories_tokenizer, output, " Yes.")
+    with pytest.warns(UserWarning, match="outgrown"):
+        output = model.generate(prompt, past_key_values=prefix_cache, **GREEDY)
+    assert prefix_cache.reused_tokens == 0
+    assert torch.equal(output, stories_window_model.generate(prompt, **GREEDY))
+
+
+def test_bad_past_key_values(stories_model, stories_tokenizer):
+    from transformers import DynamicCache
+
+    model = xpu_coopt.optimize(stories_model, backend="torch")
+    prompt = _stories_prompt(stories_tokenizer)
+    with pytest.raises(
+        TypeError, match=r"past_key_values must be an xpu_coopt\.PrefixCache, not DynamicCache"
+    ):
+        model.generate(prompt, past_key_values=DynamicCache(), **GREEDY)
+    prefix_cache = PrefixCache()
+    with pytest.raises(ValueError, match="one prompt per generate\\(\\) call, got a batch of 2"):
+        model.generate(prompt.repeat(2, 1), past_key_values=prefix_cache, **GREEDY)
+    mask = torch.ones_like(prompt)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="a prompt without padding"):
+        model.generate(prompt, attention_mask=mask, past_key_values=prefix_cache, **GREEDY)
+    model.generate(prompt, past_key_values=prefix_cache, **GREEDY)
+    other = xpu_coopt.optimize(stories_model, backend="torch")
+    with pytest.raises(ValueError, match="holds another model's K/V"):
+        other.generate(prompt, past_key_values=prefix_cache, **GREEDY)
+    assert prefix_cache.nbytes() > 0
+    prefix_cache.clear()
+    assert len(prefix_cache) == 0 and prefix_cache.nbytes() == 0
