@@ -82,7 +82,7 @@ def test_beams_reuse_the_prompt_and_a_departing_prompt_reuses_what_matches(stori
     prefix_cache = PrefixCache()
     prompt = _stories_prompt(stories_tokenizer)
     beams = dict(GREEDY, num_beams=3)
-    output = model.generate(prompt, past_key_values=prefix_cache, **beams)
+    output = model.generate(prompt, cache=prefix_cache, **beams)  # transformers 5.24's name
     assert torch.equal(prefix_cache.tokens, prompt[0])
     longer = _next_turn(stories_tokenizer, output, " The end.")
     assert torch.equal(model.generate(longer, past_key_values=prefix_cache, **beams),
@@ -128,7 +128,11 @@ def test_bad_past_key_values(stories_model, stories_tokenizer):
         TypeError, match=r"past_key_values must be an xpu_coopt\.PrefixCache, not DynamicCache"
     ):
         model.generate(prompt, past_key_values=DynamicCache(), **GREEDY)
+    with pytest.raises(TypeError, match=r"cache must be an xpu_coopt\.PrefixCache, not dict"):
+        model.generate(prompt, cache={}, **GREEDY)
     prefix_cache = PrefixCache()
+    with pytest.raises(TypeError, match="both cache and past_key_values"):
+        model.generate(prompt, cache=prefix_cache, past_key_values=prefix_cache, **GREEDY)
     with pytest.raises(ValueError, match="one prompt per generate\\(\\) call, got a batch of 2"):
         model.generate(prompt.repeat(2, 1), past_key_values=prefix_cache, **GREEDY)
     mask = torch.ones_like(prompt)

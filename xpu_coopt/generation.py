@@ -45,7 +45,7 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a 2-D tensor [batch, prompt_length]")
     input_ids = input_ids.to(model.device)
-    prefix_cache = _prefix_cache(kwargs.pop("past_key_values", None))
+    prefix_cache = _prefix_cache(kwargs.pop("cache", None), kwargs.pop("past_key_values", None))
     settings = resolve_settings(model, input_ids.shape[1], kwargs)
     streamer = kwargs.get("streamer")
     generator = kwargs.get("generator")
@@ -61,13 +61,17 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     return output if settings.return_dict_in_generate else output.sequences
 
 
-def _prefix_cache(past_key_values: Any) -> PrefixCache | None:
-    """generate()'s past_key_values: None, or a PrefixCache (transformers' cache classes hold K/V in their
-    own layout, which xpu_coopt's kernels do not read)."""
-    if past_key_values is None or isinstance(past_key_values, PrefixCache):
-        return past_key_values
+def _prefix_cache(cache: Any, past_key_values: Any) -> PrefixCache | None:
+    """generate()'s `cache` (transformers 5.24's name) or `past_key_values` (its older one): None, or a
+    PrefixCache (transformers' cache classes hold K/V in their own layout, which xpu_coopt's kernels do
+    not read)."""
+    if cache is not None and past_key_values is not None:
+        raise TypeError("generate() got both cache and past_key_values: they name the same argument")
+    name, given = ("cache", cache) if cache is not None else ("past_key_values", past_key_values)
+    if given is None or isinstance(given, PrefixCache):
+        return given
     raise TypeError(
-        f"past_key_values must be an xpu_coopt.PrefixCache, not {type(past_key_values).__name__}: "
+        f"{name} must be an xpu_coopt.PrefixCache, not {type(given).__name__}: "
         "pass xpu_coopt.PrefixCache() where transformers takes a DynamicCache"
     )
 
