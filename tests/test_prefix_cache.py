@@ -4,6 +4,8 @@ model's own prefill of the whole prompt."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import assert_close
@@ -101,22 +103,30 @@ def test_beams_reuse_the_prompt_and_a_departing_prompt_reuses_what_matches(stori
     )
 
 
+# The turn whose end finds the first tokens' K/V gone: the segment cache's ring (the window's 13 columns)
+# wraps over them in the first reply; the paged cache hands no block on before its second block has
+# passed the window, but the second turn's prompt is longer than the window, whose first columns no cache
+# keeps.
+@pytest.mark.parametrize(("kv_cache", "first_emptied"), [("segment", 0), ("paged", 1)])
 def test_a_conversation_past_the_sliding_window_warns_and_starts_over(
-    stories_window_model, stories_tokenizer
+    stories_window_model, stories_tokenizer, kv_cache, first_emptied
 ):
-    """A window on every layer lets go of the first tokens' K/V: the cache is emptied with a warning, and
-    the next call prefills its whole prompt (and still matches transformers)."""
-    model = xpu_coopt.optimize(stories_window_model, backend="torch")
+    """A window on every layer lets go of the first tokens' K/V: the PrefixCache is then emptied with a
+    warning, and the next call prefills its whole prompt; every turn matches transformers."""
+    model = xpu_coopt.optimize(stories_window_model, backend="torch", kv_cache=kv_cache)
     prefix_cache = PrefixCache()
-    prompt = _stories_prompt(stories_tokenizer)  # shorter than the window; with the reply, longer
-    with pytest.warns(UserWarning, match="outgrown the model's sliding window"):
-        output = model.generate(prompt, past_key_values=prefix_cache, **GREEDY)
-    assert len(prefix_cache) == 0
-    prompt = _next_turn(stories_tokenizer, output, " Yes.")
-    with pytest.warns(UserWarning, match="outgrown"):
-        output = model.generate(prompt, past_key_values=prefix_cache, **GREEDY)
-    assert prefix_cache.reused_tokens == 0
-    assert torch.equal(output, stories_window_model.generate(prompt, **GREEDY))
+    prompt, expected_reuse = _stories_prompt(stories_tokenizer), 0
+    for turn in range(3):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            output = model.generate(prompt, past_key_values=prefix_cache, **GREEDY)
+        assert prefix_cache.reused_tokens == expected_reuse
+        assert torch.equal(output, stories_window_model.generate(prompt, **GREEDY))
+        emptied = any("outgrown the model's sliding window" in str(w.message) for w in caught)
+        assert emptied == (turn >= first_emptied)
+        assert len(prefix_cache) == (0 if emptied else output.shape[1] - 1)
+        expected_reuse = len(prefix_cache)
+        prompt = _next_turn(stories_tokenizer, output, " Yes.")
 
 
 def test_bad_past_key_values(stories_model, stories_tokenizer):
