@@ -19,24 +19,12 @@ import time
 import warnings
 
 import torch
-from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, LogitsProcessorList
 
 import xpu_coopt
-from xpu_coopt.bench import random_prompts
+from xpu_coopt.bench import StepClock, random_prompts, synchronize
 from xpu_coopt.cli import DTYPES
 from xpu_coopt.models import DEFAULT_MODEL, load_model
-
-
-class _FirstStep(LogitsProcessor):
-    """Records when transformers' first step's logits arrive (the prefill's end)."""
-
-    def __init__(self) -> None:
-        self.time: float | None = None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.time is None:
-            self.time = time.perf_counter()
-        return scores
 
 
 def _conversation(generate, first_prompt, turn_prompts, device) -> tuple[list[tuple[float, float]], list]:
@@ -45,18 +33,13 @@ def _conversation(generate, first_prompt, turn_prompts, device) -> tuple[list[tu
     timings, outputs, output = [], [], None
     for turn, new_tokens in enumerate([None, *turn_prompts]):
         prompt = first_prompt if turn == 0 else torch.cat((output, new_tokens), dim=1)
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         output, first_token = generate(prompt)
-        _synchronize(device)
+        synchronize(device)
         timings.append(((first_token - start) * 1e3, (time.perf_counter() - start) * 1e3))
         outputs.append(output)
     return timings, outputs
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type in ("cuda", "xpu"):
-        getattr(torch, device.type).synchronize(device)
 
 
 def main() -> None:
@@ -97,10 +80,10 @@ def main() -> None:
 
     def theirs(dynamic_cache):
         def generate(prompt):
-            first = _FirstStep()
+            clock = StepClock(device)
             output = hf_model.generate(prompt, past_key_values=dynamic_cache,
-                                       logits_processor=LogitsProcessorList([first]), **settings)  # fmt: skip
-            return output, first.time
+                                       logits_processor=LogitsProcessorList([clock]), **settings)  # fmt: skip
+            return output, clock.times[0]
 
         return generate
 

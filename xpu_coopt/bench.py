@@ -73,14 +73,15 @@ def summarise_steps(start: float, step_times: list[float], tokens: int, kv_bytes
     )
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work (CUDA, XPU); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "xpu":
         torch.xpu.synchronize(device)
 
 
-class _StepClock:
+class StepClock:
     """A transformers logits processor that only records when each step's logits arrive."""
 
     def __init__(self, device: torch.device) -> None:
@@ -88,7 +89,7 @@ class _StepClock:
         self.times: list[float] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        _synchronize(self.device)
+        synchronize(self.device)
         self.times.append(time.perf_counter())
         return scores
 
@@ -132,8 +133,8 @@ def _hf_cache(out: Any) -> Any:
 def run_transformers(model, input_ids, mask, settings, tokens: int) -> RunResult:
     from transformers import LogitsProcessorList
 
-    clock = _StepClock(input_ids.device)
-    _synchronize(input_ids.device)
+    clock = StepClock(input_ids.device)
+    synchronize(input_ids.device)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
@@ -145,7 +146,7 @@ def run_transformers(model, input_ids, mask, settings, tokens: int) -> RunResult
 
 
 def run_xpu_coopt(model, input_ids, mask, settings, tokens: int) -> RunResult:
-    _synchronize(input_ids.device)
+    synchronize(input_ids.device)
     start = time.perf_counter()
     out = model.generate(
         input_ids, attention_mask=mask, return_dict_in_generate=True, **_generate_kwargs(settings, tokens)

@@ -71,11 +71,12 @@ class PrefixCache:
         self._model = weakref.ref(model)
 
     def hold(self, cache: Any, sequence: torch.Tensor) -> None:
-        """After a generation: keep the K/V the generation's cache holds of `sequence` (its prompt, then
-        the tokens generated; one row of generate()'s output), those of the prompt alone where the cache
-        served several sequences. Where a sliding window has let go of the first tokens' K/V, nothing is
-        kept (a warning says so) and the next generate() prefills its whole prompt."""
-        count = cache.prompt_len - int(cache.prompt_start[0])
+        """After a generation whose prompt reusable() took (one, unpadded): keep the K/V the generation's
+        cache holds of `sequence` (its prompt, then the tokens generated; one row of generate()'s output),
+        those of the prompt alone where the cache served several sequences. Where a sliding window has let
+        go of the first tokens' K/V, nothing is kept (a warning says so) and the next generate() prefills
+        its whole prompt."""
+        count = cache.prompt_len
         if cache.num_seqs == 1:
             count += cache.response_len  # every token but the last generated one went through the model
         held = cache.request_kv(count)
@@ -88,4 +89,4 @@ class PrefixCache:
             )
             return
         self.keys, self.values = held
-        self.tokens = sequence[int(cache.prompt_start[0]) :][:count].to(torch.long).clone()
+        self.tokens = sequence[:count].to(torch.long).clone()

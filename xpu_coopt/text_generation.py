@@ -41,9 +41,8 @@ def generate_and_print(
             out.write(prompts[0])
             out.flush()
     start = time.perf_counter()
-    reuse = {} if prefix_cache is None else {"past_key_values": prefix_cache}
     output = model.generate(input_ids, attention_mask=attention_mask, streamer=streamer,
-                            return_dict_in_generate=True, **reuse, **settings)  # fmt: skip
+                            past_key_values=prefix_cache, return_dict_in_generate=True, **settings)  # fmt: skip
     seconds = time.perf_counter() - start
     if streamer is None:
         per_prompt = output.sequences.shape[0] // len(prompts)
