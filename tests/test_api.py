@@ -313,15 +313,32 @@ def test_a_generation_config_with_an_unsupported_field_is_an_error():
 
 
 def test_eval_is_a_no_op_and_moving_an_optimized_model_is_a_clear_error(optimized):
-    assert optimized.eval() is optimized
+    assert optimized.eval() is optimized and not optimized.training
     for move in (
         lambda: optimized.to("cpu"),
         optimized.cuda,
         optimized.half,
+        optimized.double,
+        lambda: optimized.type(torch.float16),
         lambda: optimized.to(torch.float16),
     ):
         with pytest.raises(ValueError, match="move or convert the transformers model"):
             move()
+    with pytest.raises(ValueError, match="an optimized model only infers"):
+        optimized.train()
+
+
+def test_an_optimized_model_is_a_module_over_the_model_it_leaves_alone():
+    """An nn.Module (code written for a transformers model's object takes it), whose submodule is the
+    model it was made of; its eval() does not reach into that model, whose mode stays the caller's."""
+    model = _model("llama-mha-d64").train()
+    optimized = xpu_coopt.optimize(model)
+    assert isinstance(optimized, torch.nn.Module) and optimized.hf_model is model
+    assert list(optimized.parameters()) == list(model.parameters())
+    assert optimized.eval() is optimized and model.training
+    assert optimized.can_generate()
+    with pytest.raises(TypeError, match=r"optimized already: optimize\(\) takes the transformers model"):
+        xpu_coopt.optimize(optimized)
 
 
 def test_generation_config_defaults_are_honoured():

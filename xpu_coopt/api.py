@@ -80,6 +80,8 @@ def optimize(
         As in ipex.llm.optimize: the device the model runs on, which must be where its weights already
         are (move it with model.to(device) first); None: wherever they are.
     """
+    if isinstance(model, OptimizedModel):
+        raise TypeError("this model is optimized already: optimize() takes the transformers model")
     hf_config = getattr(model, "config", None)
     if hf_config is None or not isinstance(model, torch.nn.Module):
         raise TypeError(

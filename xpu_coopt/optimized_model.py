@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from xpu_coopt.cache import SegmentKVCache
 from xpu_coopt.config import ModelSpec
@@ -90,11 +91,14 @@ def held_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return total
 
 
-class OptimizedModel:
+class OptimizedModel(nn.Module):
     """A Hugging Face LLaMA-family causal LM running on xpu_coopt's kernels.
 
     It shares the original model's weights (only the fused q/k/v and gate/up matrices are new tensors
-    unless optimize(..., inplace=True)), and serves `forward` and `generate`.
+    unless optimize(..., inplace=True)), and serves `forward` and `generate`. An nn.Module (holding the
+    original model as its submodule `hf_model`), so code written for a transformers model's object, its
+    text-generation pipeline included, takes it; it only infers, on the device and in the dtype it was
+    optimized for (train(), to() and the other conversions are errors).
     """
 
     def __init__(
@@ -107,6 +111,8 @@ class OptimizedModel:
         cuda_graph: bool = False,
         kv_cache: str = "segment",
     ) -> None:
+        super().__init__()
+        self.training = False
         self.hf_model = hf_model
         self.config = hf_model.config
         self.generation_config = getattr(hf_model, "generation_config", None)
@@ -129,8 +135,17 @@ class OptimizedModel:
             f"cuda_graph={self.cuda_graph}, device={self.device})"
         )
 
-    def eval(self) -> OptimizedModel:
-        """Itself: the model only ever infers (transformers' model.eval() idiom keeps working)."""
+    def can_generate(self) -> bool:
+        """True, as transformers' models that generate (its pipelines ask)."""
+        return True
+
+    def train(self, mode: bool = True) -> OptimizedModel:
+        """Itself, for mode=False (eval()): the model only ever infers, so transformers' model.eval() idiom
+        keeps working and the original model's own mode is left as it is. mode=True is an error."""
+        if mode:
+            raise ValueError(
+                "an optimized model only infers: train the transformers model, then optimize() it again"
+            )
         return self
 
     def to(self, *args: Any, **kwargs: Any) -> NoReturn:
@@ -141,7 +156,8 @@ class OptimizedModel:
             "(model.to(...)) and call xpu_coopt.optimize(model, dtype=...) on it there"
         )
 
-    cpu = cuda = xpu = half = float = bfloat16 = to
+    # nn.Module's conversions (cuda(), half(), double(), type(), ...) all go through _apply.
+    _apply = to_empty = to
 
     def weight_bytes(self) -> int:
         """Bytes of weights held for this model: the Hugging Face model's parameters (which it shares) plus
@@ -280,8 +296,6 @@ class OptimizedModel:
                 f"decode takes input_ids of shape ({cache.num_seqs}, 1) for this cache, got {tuple(input_ids.shape)}"
             )
         return ModelOutput(self.decode(input_ids[:, 0], cache)[:, None], cache)
-
-    __call__ = forward
 
     def generate(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any
