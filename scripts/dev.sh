@@ -32,8 +32,12 @@ case "$mode" in
     test)
         "$venv/bin/ruff" check .
         "$venv/bin/ruff" format --check .
-        "$py" -m pytest -q "$@"
-        if [ $# -eq 0 ]; then
+        if [ $# -gt 0 ]; then
+            "$py" -m pytest -q "$@"
+        else
+            # The whole suite: a pytest-xdist worker per core (the Triton interpreter's tests run on one
+            # core each; tests/conftest.py gives each worker its share of torch's threads).
+            "$py" -m pytest -q -n auto --dist worksteal
             # The oldest transformers pyproject.toml declares, beside (not in) the environment: outputs
             # must match the installed release's, and releases differ (README.md, Supported).
             oldest="$venv/transformers-$OLDEST_TRANSFORMERS"
@@ -43,7 +47,8 @@ case "$mode" in
                     "huggingface-hub>=0.34,<1.0" "tokenizers>=0.22,<=0.23.0"
                 mv "$oldest.partial" "$oldest"
             fi
-            PYTHONPATH="$oldest" "$py" -m pytest -q -p no:cacheprovider tests/test_parity.py tests/test_api.py
+            PYTHONPATH="$oldest" "$py" -m pytest -q -n auto -p no:cacheprovider \
+                tests/test_parity.py tests/test_api.py tests/test_pipeline.py
         fi
         ;;
     bench)

@@ -23,6 +23,12 @@ if os.environ["TRITON_INTERPRET"] == "1":
 
     speed_up_the_interpreter()
 
+# Under pytest-xdist (scripts/dev.sh runs a worker per core) each worker's torch takes its share of the
+# cores: every worker at every core's threads would contend for them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STORIES_MODEL = DATA / "stories260K.bin"
 STORIES_TOKENIZER = DATA / "tok512.bin"
