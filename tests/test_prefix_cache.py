@@ -12,7 +12,9 @@ from conftest import assert_close
 from test_real_models import _stories_prompt
 
 import xpu_coopt
-from xpu_coopt import PrefixCache
+from xpu_coopt import KVScales, PrefixCache
+from xpu_coopt.cache import HeldKV
+from xpu_coopt.ops import fp8
 
 GREEDY = dict(max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=0)
 
@@ -47,32 +49,58 @@ def test_a_conversation_prefills_only_its_new_tokens_and_matches_transformers(
         assert torch.equal(prefix_cache.tokens, output[0, :-1])
 
 
-@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3", "fp8_e5m2"])
-@pytest.mark.parametrize("backend", ["torch", "sycl"])
-def test_a_prefill_over_reused_tokens(stories_model, stories_tokenizer, backend, kv_dtype):
-    """The new tokens attend to the reused K/V as the last generation's cache held them (FP8 codes
-    decoded): their logits are those of a 16-bit-cache model's prefill over the same K/V, and, in a
-    16-bit cache, of a prefill of the whole prompt, up to rounding. The reused K/V are written into the
-    new cache as they were held: encoding decoded FP8 codes again gives the same codes and scales."""
-    model = xpu_coopt.optimize(stories_model, backend=backend, kv_dtype=kv_dtype)
+def _decoded(model, held: HeldKV) -> HeldKV:
+    """Held K/V in the model's dtype: FP8 codes decoded with their rows' scales or the model's static ones."""
+    if held.keys.dtype != torch.uint8:
+        return held
+    static = model.static_scales or (None, None)
+    decoded = []
+    for codes, scales, layer_scales in zip(
+        (held.keys, held.values), (held.key_scales, held.value_scales), static, strict=True
+    ):
+        if scales is None:  # one scale per layer
+            scales = layer_scales.view(-1, 1, 1).expand(codes.shape[:-1])
+        decoded.append(fp8.decode(codes, scales, model.kv_format, model.dtype))
+    return HeldKV(*decoded)
+
+
+@pytest.mark.parametrize(
+    ("backend", "kv_cache", "kv_dtype"),
+    [("torch", "segment", "auto"), ("torch", "segment", "fp8_e4m3"), ("torch", "segment", "fp8_e5m2"),
+     ("torch", "paged", "fp8_e4m3"), ("torch", "segment", "fp8_e4m3-static"), ("torch", "paged", "fp8_e5m2-static"),
+     ("sycl", "segment", "auto"), ("sycl", "segment", "fp8_e4m3"), ("sycl", "paged", "fp8_e5m2"),
+     ("sycl", "segment", "fp8_e4m3-static")],
+)  # fmt: skip
+def test_a_prefill_over_reused_tokens(stories_model, stories_tokenizer, backend, kv_cache, kv_dtype):
+    """The K/V are held as the last generation's cache stored them (FP8: its codes and per-row scales, half
+    the bytes of the model's dtype or less) and written into the new cache as held. The new tokens attend
+    to them decoded: their logits are those of a 16-bit-cache model's prefill over the same K/V and, in a
+    16-bit cache, of a prefill of the whole prompt, up to rounding."""
+    kv_format, _, static = kv_dtype.partition("-")
+    layers = stories_model.config.num_hidden_layers
+    kv_scales = KVScales(key_amax=(6.0,) * layers, value_amax=(3.0,) * layers) if static else None
+    model = xpu_coopt.optimize(
+        stories_model, backend=backend, kv_cache=kv_cache, kv_dtype=kv_format, kv_scales=kv_scales
+    )
     prefix_cache = PrefixCache()
     first = model.generate(_stories_prompt(stories_tokenizer), past_key_values=prefix_cache, **GREEDY)
     prompt = _next_turn(stories_tokenizer, first, " They played all day.")
     reused = first.shape[1] - 1
+    spec, held = model.spec, prefix_cache.kv
+    element = model.dtype.itemsize if kv_format == "auto" else 1
+    scale = 2 if kv_format != "auto" and not static else 0  # a bfloat16 scale a row
+    row_bytes = spec.head_dim * element + scale
+    assert prefix_cache.nbytes() == 2 * layers * reused * spec.num_kv_heads * row_bytes
     logits, cache = model.prefill(prompt, max_new_tokens=1, prefix_cache=prefix_cache)
     assert prefix_cache.reused_tokens == reused
-    for held, written in zip((prefix_cache.keys, prefix_cache.values), cache.request_kv(reused), strict=True):
-        assert torch.equal(written, held)
-    if kv_dtype == "auto":
+    for written, kept in zip(cache.request_kv(reused)._fields(), held._fields(), strict=True):
+        assert (written is None and kept is None) or torch.equal(written, kept)
+    if kv_format == "auto":
         expected, _ = model.prefill(prompt, max_new_tokens=1)
     else:  # the same K/V held for a model with a 16-bit cache
         same_kv = PrefixCache()
-        same_kv.tokens, same_kv.keys, same_kv.values = (
-            prefix_cache.tokens,
-            prefix_cache.keys,
-            prefix_cache.values,
-        )
-        model_16_bit = xpu_coopt.optimize(stories_model, backend=backend)
+        same_kv.tokens, same_kv.kv = prefix_cache.tokens, _decoded(model, held)
+        model_16_bit = xpu_coopt.optimize(stories_model, backend=backend, kv_cache=kv_cache)
         expected, _ = model_16_bit.prefill(prompt, max_new_tokens=1, prefix_cache=same_kv)
         assert same_kv.reused_tokens == reused
     assert_close(logits, expected, torch.float32)
@@ -157,3 +185,21 @@ def test_bad_past_key_values(stories_model, stories_tokenizer):
     assert prefix_cache.nbytes() > 0
     prefix_cache.clear()
     assert len(prefix_cache) == 0 and prefix_cache.nbytes() == 0
+
+
+def test_a_cache_continues_only_from_kv_stored_as_it_stores_them(stories_model, stories_tokenizer):
+    """SegmentKVCache.continue_from(), which PrefixCache feeds: K/V of another format (16-bit for an FP8
+    cache), or of as many tokens as the prompt or more, are errors."""
+    prefix_cache = PrefixCache()
+    first = xpu_coopt.optimize(stories_model).generate(
+        _stories_prompt(stories_tokenizer), past_key_values=prefix_cache, **GREEDY
+    )
+    prompt_len, start = first.shape[1] + 4, torch.zeros(1, dtype=torch.int32)
+    fp8_model = xpu_coopt.optimize(stories_model, kv_dtype="fp8_e4m3")
+    fp8_cache = fp8_model.decoder.new_cache(start, prompt_len, 1, 1, "fp8_e4m3")
+    with pytest.raises(ValueError, match=r"K/V stored as this cache stores them \(fp8_e4m3\)"):
+        fp8_cache.continue_from(prefix_cache.kv)
+    model = xpu_coopt.optimize(stories_model)
+    short_cache = model.decoder.new_cache(start, len(prefix_cache), 1, 1, "auto")
+    with pytest.raises(ValueError, match=rf"K/V of 1 to {len(prefix_cache) - 1} of the prompt's"):
+        short_cache.continue_from(prefix_cache.kv)

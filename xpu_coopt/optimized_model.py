@@ -238,7 +238,7 @@ class OptimizedModel(nn.Module):
                 self.kv_cache,
             )
         if reused:
-            cache.continue_from(prefix_cache.keys[:, :reused], prefix_cache.values[:, :reused])
+            cache.continue_from(prefix_cache.kv.first(reused))
         if prefix_cache is not None:
             prefix_cache.reused_tokens = reused
         logits = self.decoder.forward(input_ids[:, reused:].long(), positions[:, reused:], cache, last_only)

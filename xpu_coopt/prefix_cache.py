@@ -2,8 +2,8 @@
 turn of a chat, another question over the same document) prefills only what is new.
 
 transformers' idiom passes one cache object to successive generate() calls (`past_key_values=`); this is
-xpu_coopt's object for it. It holds the tokens of one sequence and their K/V in the model's dtype; the
-next generate() reuses the longest run of its prompt's first tokens that match, and prefills the rest over
+xpu_coopt's object for it. It holds the tokens of one sequence and their K/V as the model's cache
+stored them (an FP8 cache's codes and scales: half the bytes of the model's dtype); the next generate() reuses the longest run of its prompt's first tokens that match, and prefills the rest over
 them (attention_prefill with more key columns than queries). Unlike transformers' it checks the tokens: a
 prompt that departs from them (a chat template that rewrites earlier turns, another document) reuses only
 what matches, never K/V of other tokens.
@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from xpu_coopt.cache import HeldKV
+
 
 class PrefixCache:
     """Pass one to generate(..., past_key_values=cache) for each request of a conversation (one prompt per
@@ -26,8 +28,7 @@ class PrefixCache:
 
     def __init__(self) -> None:
         self.tokens: torch.Tensor | None = None  # int64 [N], the sequence whose K/V are held
-        self.keys: torch.Tensor | None = None  # [layers, N, kv_heads, head_dim], rotated, the model's dtype
-        self.values: torch.Tensor | None = None
+        self.kv: HeldKV | None = None  # their K/V, [layers, N, kv_heads, head_dim], as the cache stored them
         self.reused_tokens = 0  # prompt tokens the last generate() took from here rather than prefilled
         self._model: weakref.ref | None = None
 
@@ -39,12 +40,12 @@ class PrefixCache:
         return 0 if self.tokens is None else self.tokens.numel()
 
     def nbytes(self) -> int:
-        """Bytes of K/V held."""
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+        """Bytes of K/V (and FP8 scales) held."""
+        return 0 if self.kv is None else sum(t.numel() * t.element_size() for t in self.kv.tensors())
 
     def clear(self) -> None:
         """Forgets the tokens and frees their K/V."""
-        self.tokens = self.keys = self.values = None
+        self.tokens = self.kv = None
 
     def reusable(self, model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> int:
         """The prompt's first tokens whose K/V this holds: its longest common prefix with the held tokens,
@@ -88,5 +89,5 @@ class PrefixCache:
                 stacklevel=3,
             )
             return
-        self.keys, self.values = held
+        self.kv = held
         self.tokens = sequence[:count].to(torch.long).clone()

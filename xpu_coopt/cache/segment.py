@@ -39,6 +39,7 @@ PagedKVCache (paged.py) keeps this layout with the prompt segment in blocks allo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -47,6 +48,29 @@ from xpu_coopt.ops import Ops, fp8
 from xpu_coopt.ops.schema import NO_WINDOW
 
 RESPONSE_STEP = 16
+
+
+@dataclass
+class HeldKV:
+    """K/V of a run of tokens, taken out of a cache as it stored them (request_kv) to be put back in a
+    cache of the same format (continue_from): rotated keys and values [layers, tokens, Hkv, D] in the
+    activation dtype or as uint8 FP8 codes, with [layers, tokens, Hkv] bfloat16 scales where each row had
+    its own (dynamic FP8; None for 16-bit caches and static scales)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    key_scales: torch.Tensor | None = None
+    value_scales: torch.Tensor | None = None
+
+    def _fields(self) -> list[torch.Tensor | None]:
+        return [getattr(self, field.name) for field in fields(self)]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [tensor for tensor in self._fields() if tensor is not None]
+
+    def first(self, count: int) -> HeldKV:
+        """The first `count` tokens' K/V (views)."""
+        return HeldKV(*(None if tensor is None else tensor[:, :count] for tensor in self._fields()))
 
 
 def _layer_views(tensors: tuple[torch.Tensor | None, ...], layer: int) -> tuple[torch.Tensor | None, ...]:
@@ -312,29 +336,36 @@ class SegmentKVCache:
         self.prefilled = True
         self._prefix = None
 
-    def continue_from(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Before prefill: the prompt's first keys.shape[1] tokens were run by an earlier forward, whose
-        rotated K/V ([layers, tokens, Hkv, D], the activation dtype) these are; prefill then runs the rest
-        alone, over them. One unpadded prompt."""
+    def continue_from(self, held: HeldKV) -> None:
+        """Before prefill: the prompt's first held.keys.shape[1] tokens were run by an earlier forward, whose
+        K/V these are, as a cache of this one's format stored them (request_kv); prefill then runs the
+        rest alone, over them. One unpadded prompt."""
         if self.prefilled or self.num_requests != 1 or bool(self.prompt_start.any()):
             raise ValueError("continue_from() takes one unpadded prompt, before its prefill")
+        keys, values = held.keys, held.values
         if not 0 < keys.shape[1] < self.prompt_len or values.shape != keys.shape:
             raise ValueError(
                 f"continue_from() takes K/V of 1 to {self.prompt_len - 1} of the prompt's {self.prompt_len} "
                 f"tokens, got {tuple(keys.shape)} and {tuple(values.shape)}"
             )
-        self._prefix = (keys, values)
+        if keys.dtype != self.prompt_k.dtype or (held.key_scales is not None) != self._dynamic_fp8():
+            raise ValueError(f"continue_from() takes K/V stored as this cache stores them ({self.kv_format})")
+        self._prefix = held
 
     def prefix_len(self) -> int:
         """The prompt's first tokens whose K/V continue_from() gave (0 without)."""
-        return 0 if self._prefix is None else self._prefix[0].shape[1]
+        return 0 if self._prefix is None else self._prefix.keys.shape[1]
+
+    def _dynamic_fp8(self) -> bool:
+        """Whether each (token, KV head) row is stored with a scale of its own."""
+        return fp8.is_fp8(self.kv_format) and self.static_scales is None
 
     @torch.inference_mode()
-    def request_kv(self, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def request_kv(self, count: int) -> HeldKV | None:
         """The first `count` K/V the prompt segment holds of request 0 from its prompt's start (with one
-        beam, its generated tokens' follow), FP8 codes decoded: (keys, values) [layers, count, Hkv, D] in the
-        activation dtype. None where the cache no longer holds them all: a window on every layer let go
-        of the first, or a ring wrapped over them."""
+        beam, its generated tokens' follow), as stored: the activation dtype, or FP8 codes with their
+        dynamic scales (none with static scales, which are the model's). None where the cache no longer
+        holds them all: a window on every layer let go of the first, or a ring wrapped over them."""
         start = int(self.kept_start[0])  # the prompt's first token's column
         dropped_tokens = self._columns_before_window(self.prompt_len) > int(self.prompt_start[0])
         if dropped_tokens or (self._wraps() and start + count > self.prompt_capacity()):
@@ -343,13 +374,13 @@ class SegmentKVCache:
         if cells is None:
             return None
         rows, columns = cells
-        held = []
-        for codes, scales in ((self.prompt_k, self.prompt_k_scale), (self.prompt_v, self.prompt_v_scale)):
-            values = codes[:, rows, :, columns]  # [count, layers, Hkv, D]
-            if scales is not None:
-                values = fp8.decode(values, scales[:, rows, :, columns], self.kv_format, self.dtype)
-            held.append(values.transpose(0, 1).contiguous())
-        return held[0], held[1]
+        scales = (self.prompt_k_scale, self.prompt_v_scale) if self._dynamic_fp8() else (None, None)
+        # tensor[:, rows, :, columns]: [count, layers, Hkv(, D)], the indexed dimension first
+        held = [
+            None if tensor is None else tensor[:, rows, :, columns].transpose(0, 1).contiguous()
+            for tensor in (self.prompt_k, self.prompt_v, *scales)
+        ]
+        return HeldKV(*held)
 
     def _request_cells(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows, columns) of the prompt segment holding request 0's columns first .. first + count - 1."""
@@ -417,10 +448,7 @@ class SegmentKVCache:
         reused = self.prefix_len()
         rows, columns = self._prompt_rows, self._prompt_columns
         if reused:  # one prompt: its first `reused` columns come from continue_from()
-            prefix_k, prefix_v = self._prefix[0][layer], self._prefix[1][layer]
-            kernels.kv_write(
-                prefix_k, prefix_v, *segment, rows[:reused], columns[:reused], self.kv_format, static
-            )
+            prefix_k, prefix_v = self._write_prefix(layer, segment, rows[:reused], columns[:reused])
             rows, columns = rows[reused:], columns[reused:]
         kernels.rotary_embedding_kv_write(
             query, key, value, cos_sin, *segment, rows, columns, self.kv_format, static
@@ -439,6 +467,30 @@ class SegmentKVCache:
             self.windows[layer],
         )
         return out.view(batch * queries, -1)
+
+    def _write_prefix(
+        self, layer: int, segment: tuple[torch.Tensor | None, ...], rows: torch.Tensor, columns: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies continue_from()'s K/V of this layer into the prompt segment's cells as they were held (FP8
+        codes and scales alike: no encoding again), and returns them in the activation dtype, [T, Hkv, D],
+        for the new tokens to attend to."""
+        held = self._prefix
+        decoded = []
+        for cache, scale, values, scales in zip(
+            segment[:2],
+            segment[2:],
+            (held.keys, held.values),
+            (held.key_scales, held.value_scales),
+            strict=True,
+        ):
+            cache[rows, :, columns] = values[layer]
+            if scales is not None:
+                scale[rows, :, columns] = scales[layer]
+            if scale is None:  # a 16-bit cache
+                decoded.append(values[layer])
+            else:  # static scales are read where the cache broadcasts them
+                decoded.append(fp8.decode(values[layer], scale[rows, :, columns], self.kv_format, self.dtype))
+        return decoded[0], decoded[1]
 
     def _attend_decode(self, layer, query, key, value, cos_sin) -> torch.Tensor:
         kernels = self.ops.kernels
