@@ -87,9 +87,15 @@ def main() -> None:
 
         return generate
 
+    prefix_caches = []  # each xpu_coopt PrefixCache conversation's
+
+    def with_prefix_cache():
+        prefix_caches.append(xpu_coopt.PrefixCache())
+        return ours(prefix_caches[-1])
+
     sides = {
         "xpu_coopt, whole prompts": lambda: ours(None),
-        "xpu_coopt, PrefixCache": lambda: ours(xpu_coopt.PrefixCache()),
+        "xpu_coopt, PrefixCache": with_prefix_cache,
         "transformers, whole prompts": lambda: theirs(None),
         "transformers, DynamicCache": lambda: theirs(DynamicCache(config=hf_model.config)),
     }
@@ -109,6 +115,8 @@ def main() -> None:
             firsts = " ".join(f"{first:.1f}" for first, _ in best)
             turns = " ".join(f"{whole:.1f}" for _, whole in best)
             print(f"{name} | {firsts} | {turns}")
+    held = prefix_caches[-1]
+    print(f"PrefixCache after the last turn: {len(held)} tokens, {held.nbytes() / 2**20:.2f} MiB of K/V")
     reference = outputs["transformers, whole prompts"]
     for name, side in outputs.items():
         same = all(torch.equal(a, b) for a, b in zip(side, reference, strict=True))

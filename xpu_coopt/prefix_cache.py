@@ -2,11 +2,12 @@
 turn of a chat, another question over the same document) prefills only what is new.
 
 transformers' idiom passes one cache object to successive generate() calls (`past_key_values=`); this is
-xpu_coopt's object for it. It holds the tokens of one sequence and their K/V as the model's cache
-stored them (an FP8 cache's codes and scales: half the bytes of the model's dtype); the next generate() reuses the longest run of its prompt's first tokens that match, and prefills the rest over
-them (attention_prefill with more key columns than queries). Unlike transformers' it checks the tokens: a
-prompt that departs from them (a chat template that rewrites earlier turns, another document) reuses only
-what matches, never K/V of other tokens.
+xpu_coopt's object for it. It holds the tokens of one sequence and their K/V as the model's cache stored
+them (an FP8 cache's codes and scales: half the bytes of 16-bit K/V); the next generate() reuses the
+longest run of its prompt's first tokens that match, and prefills the rest over them (attention_prefill
+with more key columns than queries). Unlike transformers' it checks the tokens: a prompt that departs
+from them (a chat template that rewrites earlier turns, another document) reuses only what matches, never
+K/V of other tokens.
 """
 
 from __future__ import annotations
