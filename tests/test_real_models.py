@@ -10,6 +10,7 @@ from conftest import TINYSTORIES_TEXT, require_data
 from test_parity import _assert_logits_close
 
 import xpu_coopt
+from xpu_coopt import models
 from xpu_coopt.config import model_spec
 
 
@@ -110,6 +111,50 @@ def test_stories260k_loader_gives_the_published_perplexity(stories_model, storie
     logits = xpu_coopt.optimize(stories_model)(ids).logits[0].float()
     perplexity = math.exp(torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:]).item())
     assert 3.5 < perplexity < 6.0, perplexity  # data README: about 4.5; a random model: about 518
+
+
+def test_smollm2_loads_from_its_kept_copy_as_from_its_gguf(tmp_path, monkeypatch, capsys):
+    """The first load converts the GGUF and keeps a float32 copy in the disk cache; later ones read the
+    copy alone: the same weights in float32 and cast to bfloat16, the same spec, generation config and
+    tokenizer."""
+    monkeypatch.setenv("XPU_COOPT_CACHE", str(tmp_path))
+    converted, gguf_tokenizer = models.load_smollm2(torch.float32)
+    assert "keeping a float32 copy" in capsys.readouterr().err
+    assert [path.parent.name for path in tmp_path.glob("*/*")] == ["models"]  # no scratch folder left
+
+    def no_gguf(*args):
+        raise AssertionError("a later load read the GGUF")
+
+    monkeypatch.setattr(models, "load_gguf", no_gguf)
+    texts = ["Hello world", " café\n\n😀 <|im_end|>  spaces"]
+    chat = [{"role": "user", "content": "What is 2+2?"}]
+    for dtype in (torch.float32, torch.bfloat16):
+        model, tokenizer = models.load_smollm2(dtype)
+        assert "keeping a float32 copy" not in capsys.readouterr().err
+        expected = converted.state_dict()
+        assert model.state_dict().keys() == expected.keys()
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, expected[name].to(dtype)), name
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+        assert type(model) is type(converted)
+        assert model_spec(model.config, "LlamaForCausalLM") == model_spec(
+            converted.config, "LlamaForCausalLM"
+        )
+        assert model.generation_config.to_diff_dict() == converted.generation_config.to_diff_dict()
+        for text in texts:
+            assert tokenizer(text)["input_ids"] == gguf_tokenizer(text)["input_ids"]
+        assert tokenizer.apply_chat_template(chat, add_generation_prompt=True) == (
+            gguf_tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+        )
+        for special in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            assert getattr(tokenizer, special) == getattr(gguf_tokenizer, special)
+
+
+def test_a_cache_that_cannot_keep_the_smollm2_copy_is_a_warning(smollm2_fp32, tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.warns(UserWarning, match="could not keep a copy of the model in .*the next load converts"):
+        models.keep_copy(*smollm2_fp32, not_a_folder / "models" / "copy")
 
 
 @pytest.fixture(scope="module")

