@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from test_parity import _model, _prompts
@@ -154,22 +156,55 @@ def test_inplace_makes_projection_weights_views_of_the_fused_matrices():
     torch.testing.assert_close(model(ids).logits, reference, atol=0, rtol=0)  # transformers still works
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton"])
-def test_non_plain_linear_modules_are_called_not_fused(backend):
-    class ScaledLinear(torch.nn.Linear):  # stands in for a quantized Linear: a subclass with its own math
-        def forward(self, x):
-            return super().forward(x) * 0.5
+class ScaledLinear(torch.nn.Linear):  # stands in for a quantized Linear: a subclass with its own math
+    def forward(self, x):
+        return super().forward(x) * 0.5
 
-    model = _model("llama-mha-d64")
+
+def _with_scaled_q_proj(model):
     attention = model.model.layers[0].self_attn
     replacement = ScaledLinear(attention.q_proj.in_features, attention.q_proj.out_features, bias=False)
     replacement.weight = attention.q_proj.weight
     attention.q_proj = replacement
+    return model
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_non_plain_linear_modules_are_called_not_fused(backend):
+    model = _with_scaled_q_proj(_model("llama-mha-d64"))
     ids, _ = _prompts([6], model.config.vocab_size)
-    optimized = xpu_coopt.optimize(model, backend=backend)
+    with pytest.warns(
+        UserWarning,
+        match=r"1 of the model's \d+ projections are not plain torch.nn.Linear \(ScaledLinear; "
+        r"e.g. model.layers.0.self_attn.q_proj\): .*run unfused",
+    ):
+        optimized = xpu_coopt.optimize(model, backend=backend)
     assert optimized.decoder.layers[0].qkv.modules is not None
     assert optimized.decoder.fusions is None  # Triton's fused GEMMs take plain weights: every layer unfused
     torch.testing.assert_close(optimized(ids).logits, model(ids).logits, atol=2e-5, rtol=2e-5)
+
+
+def test_plain_linear_modules_give_no_warning():
+    model = _model("llama-mha-d64")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xpu_coopt.optimize(model)
+
+
+def test_non_plain_modules_in_another_dtype_than_the_compute_dtype_are_an_error_unless_inplace():
+    """xpu_coopt converts the weights it reads, not those of modules it calls as they are: such a module
+    in float32 under optimize(dtype=bfloat16) would fail at the first generate()."""
+    model = _with_scaled_q_proj(_model("llama-mha-d64"))
+    message = r"q_proj \(ScaledLinear, torch.float32\).*model.to\(torch.bfloat16\)\) or pass inplace=True"
+    with pytest.raises(ValueError, match=message):
+        xpu_coopt.optimize(model, dtype=torch.bfloat16)
+    ids, _ = _prompts([6], model.config.vocab_size)
+    with pytest.warns(UserWarning, match="not plain torch.nn.Linear"):
+        optimized = xpu_coopt.optimize(model, dtype=torch.bfloat16, inplace=True)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(optimized(ids).logits, model(ids).logits, atol=2e-2, rtol=2e-2)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert optimized.generate(ids, **kwargs).shape == (1, ids.shape[1] + 4)
 
 
 @pytest.mark.parametrize(

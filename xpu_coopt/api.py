@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from os import PathLike
 from typing import Any
 
@@ -11,7 +12,7 @@ from xpu_coopt.backends import resolve_backend
 from xpu_coopt.cache import KV_CACHE_KINDS
 from xpu_coopt.config import model_spec
 from xpu_coopt.kv_scales import KVScales
-from xpu_coopt.model import LlamaDecoder
+from xpu_coopt.model import LlamaDecoder, is_plain_linear, projection_modules
 from xpu_coopt.ops import KV_FORMATS, cpu_gemm
 from xpu_coopt.optimized_model import OptimizedModel
 
@@ -140,5 +141,38 @@ def optimize(
         # Eager decode steps on a GPU: a Triton launch costs tens of microseconds of Python more than a
         # cuBLAS call, which a step of 129 GEMMs does not win back (docs/ops.md, "linear").
         ops = ops.with_torch_gemms()
+    _check_foreign_projections(model, dtype)
     decoder = LlamaDecoder(model, spec, ops, dtype, inplace, pack_shared_weights)
     return OptimizedModel(model, decoder, kv_dtype, ops.name, kv_scales, use_graph, kv_cache)
+
+
+def _check_foreign_projections(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Projections that are not plain nn.Linear (quantized layers, adapters) are called as they are, in
+    their own dtype and at their own speed: a warning says so, as their layers then run unfused; and as
+    xpu_coopt converts only what it reads, one with weights in another dtype than the compute dtype is an
+    error (it would fail at the first generate())."""
+    foreign = [(name, module) for name, module in projection_modules(model) if not is_plain_linear(module)]
+    if not foreign:
+        return
+    mismatched = sorted(
+        {
+            f"{name} ({type(module).__name__}, {parameter.dtype})"
+            for name, module in foreign
+            for parameter in module.parameters()
+            if parameter.is_floating_point() and parameter.dtype != dtype
+        }
+    )
+    if mismatched:
+        raise ValueError(
+            f"optimize(dtype={dtype}): {len(mismatched)} projection(s) are not plain torch.nn.Linear and hold "
+            f"weights in another dtype, e.g. {mismatched[0]}; xpu_coopt calls such modules as they are and "
+            f"cannot convert them: convert the model first (model.to({dtype})) or pass inplace=True"
+        )
+    kinds = sorted({type(module).__name__ for _, module in foreign})
+    warnings.warn(
+        f"{len(foreign)} of the model's {len(projection_modules(model))} projections are not plain "
+        f"torch.nn.Linear ({', '.join(kinds)}; e.g. {foreign[0][0]}): xpu_coopt calls them as they are, so "
+        "their layers run unfused (no fused q/k/v, gate/up or norm GEMMs) at those modules' own speed; "
+        "merge adapters or dequantize the weights for xpu_coopt's fused path",
+        stacklevel=3,
+    )

@@ -28,9 +28,21 @@ from xpu_coopt.ops import Ops
 from xpu_coopt.rope import cos_sin_cache
 
 
-def _is_plain_linear(module: nn.Module) -> bool:
+def is_plain_linear(module: nn.Module) -> bool:
     # Exact type: a subclass (quantized, LoRA, ...) may compute something other than x @ W.T + b.
     return type(module) is nn.Linear
+
+
+def projection_modules(hf_model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(parameter-path name, module) of every projection the decoder runs: each layer's q/k/v/o and
+    gate/up/down, and the LM head."""
+    named = []
+    for index, layer in enumerate(hf_model.model.layers):
+        for block, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                             ("mlp", ("gate_proj", "up_proj", "down_proj"))):  # fmt: skip
+            for name in names:
+                named.append((f"model.layers.{index}.{block}.{name}", getattr(getattr(layer, block), name)))
+    return [*named, ("lm_head", hf_model.lm_head)]
 
 
 class FusedLinear:
@@ -49,7 +61,7 @@ class FusedLinear:
         self.modules = None
         self.weight = self.bias = None
         self.linear = ops.linear
-        if not all(_is_plain_linear(m) for m in modules):
+        if not all(is_plain_linear(m) for m in modules):
             self.modules = modules
             return
         weight = _concat([m.weight for m in modules], dtype)
