@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from xpu_coopt.generation_settings import GenerationSettings, resolve_settings
 from xpu_coopt.logits_processing import criteria_met, process, renormalize, stopping_criteria, warp
 from xpu_coopt.prefix_cache import PrefixCache
+from xpu_coopt.prompt_lookup import find_drafts
 from xpu_coopt.token_rules import TokenRules
 from xpu_coopt.transformers_release import BEAM_SAMPLES_SORTED
 
@@ -34,6 +35,9 @@ class GenerateOutput:
     # CUDA graph captures of the decode step this generation made: 1 with cuda_graph, 0 where it replayed a
     # kept graph, one more at each step that grew a paged pool (xpu_coopt.decode_graph)
     decode_graph_captures: int = 0
+    # prompt_lookup_num_tokens: the decode steps run, and the draft tokens they kept
+    decode_steps: int = 0
+    accepted_drafts: int = 0
 
 
 def _graph_captures(cache: Any) -> int:
@@ -56,6 +60,9 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     with torch.inference_mode():
         if settings.num_beams > 1:
             output = _beam_search(model, input_ids, attention_mask, settings, generator, prefix_cache)
+        elif settings.prompt_lookup_num_tokens is not None:
+            _check_prompt_lookup(model, input_ids)
+            output = _prompt_lookup(model, input_ids, attention_mask, settings, streamer, prefix_cache)
         else:
             output = _sample(model, input_ids, attention_mask, settings, streamer, generator, prefix_cache)
     return output if settings.return_dict_in_generate else output.sequences
@@ -171,6 +178,100 @@ def _sample(
     logits = tuple(all_logits) if s.output_logits else None
     captures = _graph_captures(cache) - captures_before
     return GenerateOutput(sequences, None, scores, cache.nbytes(), step_times, logits, captures)
+
+
+def _check_prompt_lookup(model, input_ids: torch.Tensor) -> None:
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"prompt_lookup_num_tokens takes one prompt per generate() call (as transformers), got a batch of "
+            f"{input_ids.shape[0]}"
+        )
+    if None not in model.spec.layer_windows:
+        raise ValueError(
+            "prompt_lookup_num_tokens is not supported under a sliding window on every layer (the cache "
+            "drops the columns before the window, and a step of several tokens reads them)"
+        )
+
+
+def _prompt_lookup(model, input_ids, attention_mask, s: GenerationSettings, streamer, prefix_cache):
+    """Greedy decoding whose steps each run the last token with up to prompt_lookup_num_tokens drafts
+    (find_drafts) and keep the drafts greedy decoding chooses, plus the token after them: the tokens
+    plain greedy decoding gives, in as many steps as it takes drafts to miss. A step without drafts is a
+    plain decode step; with a CUDA graph every step is a run, eager (a graph replays steps of one token)."""
+    device = input_ids.device
+    rules = TokenRules.of(s, model.spec.vocab_size, device)
+    criteria = stopping_criteria(s)
+    logits, cache = model.prefill(input_ids, attention_mask, 1, s.max_new_tokens, prefix_cache=prefix_cache)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    prompt_len = input_ids.shape[1]
+    eos = _eos_ids(s, device)
+    host_eos = eos.cpu()
+    sequences = torch.empty((1, prompt_len + s.max_new_tokens), dtype=torch.long, device=device)
+    sequences[:, :prompt_len] = input_ids
+    history = input_ids[0].to("cpu", torch.long)  # the drafts are looked up on the host
+    all_scores: list[torch.Tensor] = []
+    all_logits: list[torch.Tensor] = []
+    step_times: list[float] = []
+    drafts = history[:0]  # those whose logits the rows of `logits` after the first follow
+    generated = steps = accepted = 0
+    while True:
+        # logits row i: the token after the sequence and drafts[:i]
+        for row in range(logits.shape[0]):
+            length = prompt_len + generated
+            row_logits = logits[row : row + 1].float()
+            if s.output_logits:  # a copy: processors may write into their scores
+                all_logits.append(row_logits.clone())
+            scores = process(row_logits, sequences[:, :length], cache.prompt_start, eos, generated, s, rules)
+            scores = renormalize(scores, s)
+            token = scores.argmax(dim=-1)
+            if s.output_scores:
+                all_scores.append(scores)
+            sequences[:, length] = token
+            generated += 1
+            step_times.append(time.perf_counter())
+            token_id = int(token)
+            history = torch.cat((history, token.cpu()))
+            if streamer is not None:
+                streamer.put(token.cpu())
+            finished = token_id in host_eos.tolist() or generated == s.max_new_tokens
+            if criteria and not finished:
+                scores_so_far = all_scores if s.output_scores else None
+                finished = bool(criteria_met(criteria, sequences[:, : length + 1], scores_so_far)[0])
+            hit = row < drafts.numel() and token_id == int(drafts[row])
+            accepted += hit
+            if finished or not hit:
+                break
+        if cache.run_length:  # the run's tokens that stand: the one it ran after, and the drafts kept
+            cache.end_token_run(row + 1)
+        if finished:
+            break
+        left = s.max_new_tokens - generated  # a step gives its drafts kept and one more token
+        drafts = find_drafts(
+            history, min(s.prompt_lookup_num_tokens, left - 1), s.max_matching_ngram_size, host_eos
+        )
+        if drafts.numel() or model.cuda_graph:  # (a graph's device lengths take no run: every step one)
+            logits = model.decode_run(torch.cat((token, drafts.to(device))), cache)
+        else:  # no draft: a plain decode step, whose attention reads the cache as it lies
+            logits = model.decode(token, cache)
+        steps += 1
+    if streamer is not None:
+        streamer.end()
+    if prefix_cache is not None:
+        prefix_cache.hold(cache, sequences[0])
+    sequences = sequences[:, : prompt_len + generated]
+    scores = tuple(all_scores) if s.output_scores else None
+    logits = tuple(all_logits) if s.output_logits else None
+    return GenerateOutput(
+        sequences,
+        None,
+        scores,
+        cache.nbytes(),
+        step_times,
+        logits,
+        decode_steps=steps,
+        accepted_drafts=accepted,
+    )
 
 
 def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

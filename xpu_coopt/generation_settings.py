@@ -10,6 +10,7 @@ SUPPORTED_ARGUMENTS = (
     # lengths and search
     "max_new_tokens", "max_length", "min_new_tokens", "min_length", "num_beams", "length_penalty",
     "early_stopping", "num_return_sequences", "eos_token_id", "pad_token_id", "bos_token_id",
+    "prompt_lookup_num_tokens", "max_matching_ngram_size",
     # sampling
     "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
     "generator",
@@ -71,6 +72,9 @@ class GenerationSettings:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     num_return_sequences: int = 1
+    # prompt lookup decoding (xpu_coopt/prompt_lookup.py): drafts per step, and the longest n-gram matched
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int = 2
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     # token-id arguments (xpu_coopt/token_rules.py), as transformers' processors of the same names
@@ -290,6 +294,7 @@ def _validate(s: GenerationSettings) -> None:
             "stop_strings needs the model's tokenizer: pass it as generate(..., tokenizer=tokenizer)"
         )
     _validate_token_arguments(s)
+    _validate_prompt_lookup(s)
     if s.max_time is not None and not s.max_time > 0:
         raise ValueError(f"max_time must be > 0 seconds, got {s.max_time}")
     for name in ("logits_processor", "stopping_criteria"):
@@ -302,3 +307,17 @@ def _validate(s: GenerationSettings) -> None:
                     f"{name} holds a {type(item).__name__}: pass generate()'s {argument} argument instead, "
                     "which xpu_coopt applies where transformers does"
                 )
+
+
+def _validate_prompt_lookup(s: GenerationSettings) -> None:
+    """prompt_lookup_num_tokens checks its drafts against greedy decoding's choice (as transformers, without
+    sampling's acceptance rule): one greedy sequence."""
+    for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size"):
+        value = getattr(s, name)
+        if value is not None and (not _is_token_id(value) or value < 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if s.prompt_lookup_num_tokens is not None and (s.do_sample or s.num_beams > 1):
+        raise ValueError(
+            "prompt_lookup_num_tokens keeps the drafts greedy decoding would choose: it takes do_sample=False "
+            f"and num_beams=1, got do_sample={s.do_sample}, num_beams={s.num_beams}"
+        )

@@ -263,6 +263,19 @@ class OptimizedModel(nn.Module):
         cache.end_step()
         return logits
 
+    @torch.inference_mode()
+    def decode_run(self, tokens: torch.Tensor, cache: SegmentKVCache) -> torch.Tensor:
+        """tokens: [T], the next T tokens of a cache's one sequence, decoded in one step (each attends to
+        those before it) -> logits [T, vocab], row i for the token after tokens[i]. The caller then keeps
+        the first of them with cache.end_token_run(kept) (prompt lookup decoding's check of its drafts)."""
+        count = tokens.shape[0]
+        length = cache.prompt_len + cache.response_len + count
+        if length > self.decoder.cos_sin_cache.shape[0]:
+            self.cover_length(length)
+        cache.begin_token_run(count)
+        positions = cache.positions() + torch.arange(count, device=tokens.device)
+        return self.decoder.forward(tokens.long().view(1, count), positions.view(1, count), cache, False)[0]
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -119,7 +119,7 @@ class PagedKVCache(SegmentKVCache):
         if not self.single_beam:
             return column
         block, offset = divmod(column, BLOCK_SIZE)
-        if offset == 0:
+        if offset == 0 and block >= self.mapped_blocks:  # (a run of tokens may have mapped it already)
             self.block_table[:, block].copy_(self._next_blocks(column))
             self.mapped_blocks = block + 1
         rows = self.block_table[:, block].long()

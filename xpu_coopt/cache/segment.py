@@ -148,6 +148,7 @@ class SegmentKVCache:
         self._seq_rows = torch.arange(self.num_seqs, device=device)
         self._decode_rows = self._seq_rows  # the rows a decode step writes K/V to, by sequence
         self.segment_lens = None  # set by use_device_lengths(): decode steps then suit CUDA graph replay
+        self.run_length = 0  # tokens of the decode step under way, where it runs several (begin_token_run)
         self.decode_graph = None  # the DecodeGraph replaying this cache's decode steps, if any
         self._new_prompt(prompt_len)
 
@@ -317,6 +318,38 @@ class SegmentKVCache:
         self.segment_lens[0].fill_(prompt_columns)
         self.segment_lens[1].fill_(response_steps)
 
+    def begin_token_run(self, count: int) -> None:
+        """Claims the columns of `count` consecutive tokens of the one sequence of a generation with one
+        request and one beam, decoded in one step (prompt lookup decoding's check of its drafts: each token
+        attends to those before it); end_token_run() then says how many of them stand. Not with device
+        lengths, nor under a window on every layer (whose segment drops columns and wraps)."""
+        if not self.prefilled:
+            raise RuntimeError("decode before prefill: the cache holds no prompt")
+        if self.num_seqs != 1 or self.segment_lens is not None or self.common_window is not None:
+            raise ValueError(
+                "a run of several tokens in one decode step takes a cache of one sequence, with host lengths "
+                "and no window on every layer"
+            )
+        while self.response_len + count > self.capacity:
+            self._grow()
+        rows, columns = [], []
+        for step in range(self.response_len, self.response_len + count):
+            columns.append(self._write_column(step))
+            rows.append(self._decode_rows)
+        self._run_rows = torch.cat(rows)
+        self._run_columns = torch.tensor(columns, device=self._run_rows.device)
+        self.run_length = count
+
+    def end_token_run(self, kept: int) -> None:
+        """After a begin_token_run() step: its first `kept` tokens stand (their K/V are the sequence's next);
+        the columns of the rest are written again by later steps."""
+        if not 1 <= kept <= self.run_length:
+            raise ValueError(
+                f"a run of {self.run_length} tokens keeps 1 to {self.run_length} of them, not {kept}"
+            )
+        self.response_len += kept
+        self.run_length = 0
+
     def _write_column(self, step: int) -> int:
         """The column of its row (self._decode_rows) where each sequence's token of `step` is written (with
         beams, also its slot's in beam_slots)."""
@@ -430,6 +463,8 @@ class SegmentKVCache:
 
         Rotates query and key, writes K/V into this layer's segment, returns attention output [T, H * D].
         """
+        if self.run_length:
+            return self._attend_token_run(layer, query, key, value, cos_sin)
         if self.prefilled:
             return self._attend_decode(layer, query, key, value, cos_sin)
         return self._attend_prefill(layer, query, key, value, cos_sin)
@@ -475,7 +510,6 @@ class SegmentKVCache:
         codes and scales alike: no encoding again), and returns them in the activation dtype, [T, Hkv, D],
         for the new tokens to attend to."""
         held = self._prefix
-        decoded = []
         for cache, scale, values, scales in zip(
             segment[:2],
             segment[2:],
@@ -486,10 +520,42 @@ class SegmentKVCache:
             cache[rows, :, columns] = values[layer]
             if scales is not None:
                 scale[rows, :, columns] = scales[layer]
-            if scale is None:  # a 16-bit cache
-                decoded.append(values[layer])
-            else:  # static scales are read where the cache broadcasts them
-                decoded.append(fp8.decode(values[layer], scale[rows, :, columns], self.kv_format, self.dtype))
+        return self._read_cells(segment, rows, columns)  # static scales: read where the cache broadcasts them
+
+    def _attend_token_run(self, layer, query, key, value, cos_sin) -> torch.Tensor:
+        """begin_token_run()'s tokens: written into their columns, then attending to every column up to
+        their own, as a prefill's last queries (attention_prefill with more key columns than queries)."""
+        kernels = self.ops.kernels
+        segment = self._prompt_segment(layer)
+        kernels.rotary_embedding_kv_write(
+            query, key, value, cos_sin, *segment, self._run_rows, self._run_columns, self.kv_format,
+            self.static_scales is not None,
+        )  # fmt: skip
+        count, length = self.run_length, self.kept_columns + self.response_len + self.run_length
+        keys, values = self._read_cells(segment, *self._request_cells(0, length))
+        out = query.new_empty((1, count, query.shape[1], query.shape[2]))
+        kernels.attention_prefill(
+            out,
+            query.view(1, count, *query.shape[1:]),
+            keys.view(1, length, *keys.shape[1:]),
+            values.view(1, length, *values.shape[1:]),
+            self.prompt_start,
+            self.spec.attention_scale,
+            self.windows[layer],
+        )
+        return out.view(count, -1)
+
+    def _read_cells(
+        self, segment: tuple[torch.Tensor | None, ...], rows: torch.Tensor, columns: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of a layer's cells (rows, columns) in the activation dtype, [cells, Hkv, D]: FP8 codes
+        decoded with their scales."""
+        decoded = []
+        for cache, scale in zip(segment[:2], segment[2:], strict=True):
+            cells = cache[rows, :, columns]
+            if scale is not None:
+                cells = fp8.decode(cells, scale[rows, :, columns], self.kv_format, self.dtype)
+            decoded.append(cells)
         return decoded[0], decoded[1]
 
     def _attend_decode(self, layer, query, key, value, cos_sin) -> torch.Tensor:

@@ -1,0 +1,182 @@
+"""generate(prompt_lookup_num_tokens=N): greedy decoding whose steps check drafts looked up in the sequence.
+The oracles: transformers' greedy generate (the same tokens, in fewer steps), transformers' own prompt
+lookup candidates (the same drafts), and the optimized model's plain greedy decoding (scores, FP8 caches)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINYSTORIES_TEXT, require_data
+from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+import xpu_coopt
+from xpu_coopt import PrefixCache
+from xpu_coopt.cache.paged import BLOCK_SIZE, PagedKVCache
+from xpu_coopt.perplexity import tokenize
+from xpu_coopt.prompt_lookup import find_drafts
+
+GREEDY = dict(do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def quoting_prompt(stories_tokenizer):
+    """A story's first 60 tokens, then its first 20 again: the model goes on quoting, so drafts hit."""
+    ids = tokenize(stories_tokenizer, require_data(TINYSTORIES_TEXT).read_text(), 200)
+    return torch.cat((ids[:60], ids[:20])).view(1, -1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(("num_tokens", "ngram_size"), [(1, 1), (3, 2), (10, 2), (4, 3)])
+def test_drafts_are_transformers_prompt_lookup_candidates(seed, num_tokens, ngram_size):
+    generator = torch.Generator().manual_seed(seed)
+    eos = torch.tensor([3])
+    lookup = PromptLookupCandidateGenerator(eos, num_tokens, ngram_size, max_length=10_000)
+    hits = 0
+    for length in range(1, 40):
+        sequence = torch.randint(0, 6, (length,), generator=generator)  # few ids: many repeated n-grams
+        candidates, _ = lookup.get_candidates(sequence[None])
+        drafts = find_drafts(sequence, num_tokens, ngram_size, eos)
+        assert torch.equal(drafts, candidates[0, length:]), (sequence, drafts, candidates)
+        hits += drafts.numel() > 0
+    assert hits > 10
+
+
+@pytest.mark.parametrize(
+    ("backend", "kv_cache"),
+    [("torch", "segment"), ("torch", "paged"), ("sycl", "paged"), ("triton", "segment")],
+)
+def test_prompt_lookup_gives_transformers_greedy_tokens_in_fewer_steps(
+    stories_model, quoting_prompt, backend, kv_cache
+):
+    model = xpu_coopt.optimize(stories_model, backend=backend, kv_cache=kv_cache)
+    new_tokens = 12 if backend == "triton" else 24  # Triton's interpreter runs each step slowly
+    expected = stories_model.generate(quoting_prompt, max_new_tokens=new_tokens, **GREEDY)
+    output = model.generate(
+        quoting_prompt,
+        max_new_tokens=new_tokens,
+        prompt_lookup_num_tokens=6,
+        return_dict_in_generate=True,
+        **GREEDY,
+    )
+    assert torch.equal(output.sequences, expected)
+    assert output.accepted_drafts > 0
+    assert output.decode_steps <= new_tokens - 1 - output.accepted_drafts < new_tokens - 1
+
+
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("kv_cache", ["segment", "paged"])
+def test_prompt_lookup_over_an_fp8_cache_gives_its_greedy_tokens(
+    stories_model, quoting_prompt, kv_cache, kv_dtype
+):
+    """A step of several tokens reads the FP8 codes decoded, as a one-token step's kernel does: the same
+    tokens as greedy decoding over the same cache, and scores equal up to rounding."""
+    model = xpu_coopt.optimize(stories_model, kv_cache=kv_cache, kv_dtype=kv_dtype)
+    kwargs = dict(max_new_tokens=24, return_dict_in_generate=True, output_scores=True, **GREEDY)
+    expected = model.generate(quoting_prompt, **kwargs)
+    output = model.generate(quoting_prompt, prompt_lookup_num_tokens=5, **kwargs)
+    assert torch.equal(output.sequences, expected.sequences)
+    assert output.accepted_drafts > 0
+    assert len(output.scores) == len(expected.scores) == 24
+    for step, (scores, expected_scores) in enumerate(zip(output.scores, expected.scores, strict=True)):
+        torch.testing.assert_close(scores, expected_scores, atol=2e-4, rtol=2e-4, msg=f"step {step}")
+
+
+def test_processors_eos_and_outputs_follow_transformers(stories_model, quoting_prompt):
+    """Logits processors see each draft's history as it would stand, EOS ends the generation where greedy
+    decoding's does (the drafts after it are dropped), and the scores and raw logits are one per token."""
+    model = xpu_coopt.optimize(stories_model)
+    settings = dict(
+        GREEDY, max_new_tokens=30, repetition_penalty=1.2, no_repeat_ngram_size=4, min_new_tokens=3
+    )
+    free = stories_model.generate(quoting_prompt, **settings)
+    eos = int(free[0, quoting_prompt.shape[1] + 9])  # the 10th new token ends the generation
+    settings["eos_token_id"] = eos
+    expected = stories_model.generate(
+        quoting_prompt, return_dict_in_generate=True, output_scores=True, output_logits=True, **settings
+    )
+    output = model.generate(
+        quoting_prompt,
+        prompt_lookup_num_tokens=8,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+        **settings,
+    )
+    assert torch.equal(output.sequences, expected.sequences)
+    assert output.sequences[0, -1] == eos
+    for ours, theirs in [(output.scores, expected.scores), (output.logits, expected.logits)]:
+        assert len(ours) == len(theirs) == output.sequences.shape[1] - quoting_prompt.shape[1]
+        for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=f"step {step}")
+
+
+def test_prompt_lookup_streams_its_tokens_and_keeps_a_conversation(stories_model, quoting_prompt):
+    class Collect:
+        def __init__(self):
+            self.tokens = []
+
+        def put(self, value):
+            self.tokens += value.flatten().tolist()
+
+        def end(self):
+            self.tokens.append("end")
+
+    model = xpu_coopt.optimize(stories_model)
+    prefix_cache, streamer = PrefixCache(), Collect()
+    first = model.generate(
+        quoting_prompt, max_new_tokens=16, prompt_lookup_num_tokens=4, past_key_values=prefix_cache,
+        streamer=streamer, **GREEDY,
+    )  # fmt: skip
+    assert streamer.tokens == [*first[0].tolist(), "end"]
+    assert torch.equal(prefix_cache.tokens, first[0, :-1])  # every token but the last went through the model
+    second_prompt = torch.cat((first, quoting_prompt[:, 5:15]), dim=1)
+    second = model.generate(
+        second_prompt, max_new_tokens=16, prompt_lookup_num_tokens=4, past_key_values=prefix_cache, **GREEDY
+    )
+    assert prefix_cache.reused_tokens == first.shape[1] - 1
+    assert torch.equal(second, stories_model.generate(second_prompt, max_new_tokens=16, **GREEDY))
+
+
+def test_a_paged_run_maps_each_block_once(stories_model):
+    """A run of tokens maps the blocks its columns start; rejected, its columns are written again by the
+    next steps, through the same blocks (none leaks)."""
+    model = xpu_coopt.optimize(stories_model, kv_cache="paged")
+    prompt = torch.arange(1, BLOCK_SIZE - 1).view(1, -1)  # 14 columns: a run of 4 crosses into block 1
+    _, cache = model.prefill(prompt, max_new_tokens=8)
+    assert isinstance(cache, PagedKVCache) and cache.blocks_used == 2  # the sink and the prompt's block
+    model.decode_run(torch.tensor([5, 6, 7, 8]), cache)
+    cache.end_token_run(1)
+    mapped = cache.block_table.clone()
+    assert cache.blocks_used == 3
+    for token in (9, 10, 11):
+        model.decode(torch.tensor([token]), cache)
+    assert cache.blocks_used == 3 and torch.equal(cache.block_table, mapped)
+    with pytest.raises(ValueError, match="keeps 1 to 2 of them, not 3"):
+        model.decode_run(torch.tensor([1, 2]), cache)
+        cache.end_token_run(3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(prompt_lookup_num_tokens=0), "prompt_lookup_num_tokens must be an integer >= 1, got 0"),
+        (dict(prompt_lookup_num_tokens=2.5), "prompt_lookup_num_tokens must be an integer >= 1"),
+        (dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=0), "max_matching_ngram_size must be"),
+        (dict(prompt_lookup_num_tokens=3, do_sample=True), "takes do_sample=False and num_beams=1"),
+        (dict(prompt_lookup_num_tokens=3, num_beams=2), "takes do_sample=False and num_beams=1"),
+    ],
+)
+def test_bad_prompt_lookup_settings(stories_model, quoting_prompt, kwargs, message):
+    model = xpu_coopt.optimize(stories_model)
+    with pytest.raises(ValueError, match=message):
+        model.generate(quoting_prompt, max_new_tokens=4, **kwargs)
+
+
+def test_prompt_lookup_takes_one_prompt_and_no_window_on_every_layer(stories_model, stories_window_model):
+    prompts = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])
+    with pytest.raises(ValueError, match=r"one prompt per generate\(\) call .* a batch of 2"):
+        xpu_coopt.optimize(stories_model).generate(prompts, max_new_tokens=4, prompt_lookup_num_tokens=3)
+    with pytest.raises(ValueError, match="not supported under a sliding window on every layer"):
+        xpu_coopt.optimize(stories_window_model).generate(
+            prompts[:1], max_new_tokens=4, prompt_lookup_num_tokens=3
+        )
