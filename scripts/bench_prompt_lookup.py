@@ -11,6 +11,7 @@ part where tokens are nearly tied, as a step of several tokens rounds differentl
 
     python scripts/bench_prompt_lookup.py                          # SmolLM2-135M (embedded), CPU, bfloat16
     python scripts/bench_prompt_lookup.py --dtype float32
+    python scripts/bench_prompt_lookup.py --pack-shared-weights    # o_proj, down_proj, LM head packed too
 """
 
 from __future__ import annotations
@@ -40,12 +41,15 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=256)
     parser.add_argument("--drafts", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--pack-shared-weights", action="store_true", help="optimize(pack_shared_weights=True)"
+    )
     args = parser.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     hf_model, tokenizer = load_model(args.model, dtype, device)
     if tokenizer is None or tokenizer.chat_template is None:
         raise SystemExit(f"{args.model} has no tokenizer with a chat template: the task is a chat request")
-    optimized = xpu_coopt.optimize(hf_model)
+    optimized = xpu_coopt.optimize(hf_model, pack_shared_weights=args.pack_shared_weights)
     passage = args.text.read_text()[args.skip_chars : args.skip_chars + args.passage_chars]
     request = f"Repeat the following text, correcting any spelling mistakes:\n\n{passage}"
     prompt = tokenizer.apply_chat_template(
