@@ -160,6 +160,20 @@ def test_generate_streams_transformers_text(stories_model, stories_tokenizer, ca
     assert "1 sequence, 24 steps in" in captured.err and "next token" in captured.err
 
 
+def test_generate_with_prompt_lookup_streams_transformers_text(stories_model, stories_tokenizer, capsys):
+    prompt = "Tom had a big red ball. He liked to play with the ball. Tom had a big"
+    args = ["generate", *STORIES_ARGS, "--prompt", prompt, "--max-new-tokens", "24",
+            "--prompt-lookup-num-tokens", "5", "--compare"]  # fmt: skip
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    expected = _transformers_text(
+        stories_model, stories_tokenizer, prompt, max_new_tokens=24, do_sample=False
+    )
+    assert captured.out == expected + "\n"
+    assert re.search(r"prompt lookup: [1-9]\d* drafts kept in \d+ decode steps", captured.err)
+    assert "transformers generated the same tokens" in captured.err
+
+
 def test_generate_batches_unequal_prompts_with_beams(stories_model, stories_tokenizer, capsys):
     """Two prompts of unequal lengths run as one left-padded batch; each sequence is transformers' beam
     search on its prompt alone."""

@@ -175,6 +175,8 @@ def _generate_parser(subparsers) -> None:
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--repetition-penalty", type=float)
     parser.add_argument("--seed", type=int, help="seed torch's random draws before generating (sampling)")
+    parser.add_argument("--prompt-lookup-num-tokens", type=_positive, metavar="N",
+                        help="prompt lookup decoding: up to N drafts a step, looked up in the prompt (greedy)")  # fmt: skip
     _cache_arguments(parser)
     parser.add_argument(
         "--kv-scales", help="a scales file or model folder from calibrate-kv (FP8 --kv-dtype)"
@@ -185,7 +187,7 @@ def _generate_parser(subparsers) -> None:
 
 
 GENERATION_ARGUMENTS = ("max_new_tokens", "num_beams", "num_return_sequences", "do_sample", "temperature",
-                        "top_k", "top_p", "repetition_penalty")  # fmt: skip
+                        "top_k", "top_p", "repetition_penalty", "prompt_lookup_num_tokens")  # fmt: skip
 
 
 def _run_generate(args: argparse.Namespace) -> int:

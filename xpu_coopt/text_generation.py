@@ -104,6 +104,8 @@ def generation_timing(start: float, output: GenerateOutput, seconds: float) -> s
     if steps > 1:  # a decode step's rate, the prefill left out
         next_ms = run.next_token_ms_mean
         line += f", next token {next_ms:.1f} ms ({rows * 1e3 / next_ms:.1f} tokens/s)"
+    if output.decode_steps:  # prompt lookup: several tokens a step
+        line += f", prompt lookup: {output.accepted_drafts} drafts kept in {output.decode_steps} decode steps"
     return line + f", KV cache {run.kv_cache_bytes / 2**20:.2f} MiB"
 
 
