@@ -184,6 +184,24 @@ def test_smollm2_beam4_matches_transformers(smollm2_chat):
     torch.testing.assert_close(ours.sequences_scores, theirs.sequences_scores, atol=1e-4, rtol=1e-5)
 
 
+def test_smollm2_prompt_lookup_matches_transformers_greedy(smollm2_fp32):
+    """A chat request to repeat a passage: the reply quotes it, drafts hit, and the tokens are greedy
+    decoding's (SmolLM2: 9 query heads on 3 KV heads)."""
+    model, tokenizer = smollm2_fp32
+    passage = "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun all day long."
+    request = [{"role": "user", "content": f"Repeat this text exactly: {passage}"}]
+    ids = tokenizer.apply_chat_template(
+        request, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    kwargs = dict(max_new_tokens=24, do_sample=False)
+    output = xpu_coopt.optimize(model).generate(
+        ids["input_ids"], prompt_lookup_num_tokens=8, return_dict_in_generate=True, **kwargs
+    )
+    assert torch.equal(output.sequences, model.generate(ids["input_ids"], **kwargs))
+    new_tokens = output.sequences.shape[1] - ids["input_ids"].shape[1]
+    assert output.accepted_drafts > 0 and output.decode_steps + output.accepted_drafts == new_tokens - 1
+
+
 @pytest.mark.parametrize("search", [dict(do_sample=False), dict(num_beams=3)], ids=["greedy", "beam3"])
 def test_smollm2_stop_strings_match_transformers(smollm2_chat, smollm2_fp32, search):
     """stop_strings end each row where its text first holds one (transformers' StopStringCriteria, which
