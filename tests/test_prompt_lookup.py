@@ -137,6 +137,31 @@ def test_prompt_lookup_streams_its_tokens_and_keeps_a_conversation(stories_model
     assert torch.equal(second, stories_model.generate(second_prompt, max_new_tokens=16, **GREEDY))
 
 
+@pytest.mark.parametrize("kv_cache", ["segment", "paged"])
+def test_runs_between_the_steps_of_a_cache_set_to_device_lengths(stories_model, quoting_prompt, kv_cache):
+    """As a decode graph has its cache: one-token steps read their lengths from device tensors, and runs of
+    several tokens between them (eager, host lengths) drop their rejected tokens' K/V. Every kept token's
+    logits are those of one-token steps over a cache with host lengths."""
+    model = xpu_coopt.optimize(stories_model, kv_cache=kv_cache)
+    tokens = quoting_prompt[0, 1:30]
+    _, plain = model.prefill(quoting_prompt, max_new_tokens=32)
+    expected = [model.decode(token.view(1), plain)[0] for token in tokens]
+    _, cache = model.prefill(quoting_prompt, max_new_tokens=32)
+    cache.use_device_lengths()
+    done = 0
+    for count, kept in [(1, 1), (4, 2), (1, 1), (6, 6), (5, 1), (1, 1), (7, 3), (3, 3), (1, 1)]:
+        if count == 1:
+            logits = model.decode(tokens[done : done + 1], cache)
+        else:  # drafts after the kept ones wrong: their K/V must not be read again
+            fed = torch.cat((tokens[done : done + kept], torch.full((count - kept,), 7)))
+            logits = model.decode_run(fed, cache)
+            cache.end_token_run(kept)
+        for row in range(kept):
+            torch.testing.assert_close(logits[row], expected[done + row], atol=1e-4, rtol=1e-4)
+        done += kept
+    assert done == 19
+
+
 def test_a_paged_run_maps_each_block_once(stories_model):
     """A run of tokens maps the blocks its columns start; rejected, its columns are written again by the
     next steps, through the same blocks (none leaks)."""

@@ -197,11 +197,14 @@ def _prompt_lookup(model, input_ids, attention_mask, s: GenerationSettings, stre
     """Greedy decoding whose steps each run the last token with up to prompt_lookup_num_tokens drafts
     (find_drafts) and keep the drafts greedy decoding chooses, plus the token after them: the tokens
     plain greedy decoding gives, in as many steps as it takes drafts to miss. A step without drafts is a
-    plain decode step; with a CUDA graph every step is a run, eager (a graph replays steps of one token)."""
+    plain decode step (with cuda_graph, a replay of the decode graph); a step with drafts runs eagerly."""
     device = input_ids.device
     rules = TokenRules.of(s, model.spec.vocab_size, device)
     criteria = stopping_criteria(s)
-    logits, cache = model.prefill(input_ids, attention_mask, 1, s.max_new_tokens, prefix_cache=prefix_cache)
+    logits, cache = model.prefill(
+        input_ids, attention_mask, 1, s.max_new_tokens, reuse_kept_cache=True, prefix_cache=prefix_cache
+    )
+    captures_before = _graph_captures(cache)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     prompt_len = input_ids.shape[1]
@@ -250,15 +253,16 @@ def _prompt_lookup(model, input_ids, attention_mask, s: GenerationSettings, stre
         drafts = find_drafts(
             history, min(s.prompt_lookup_num_tokens, left - 1), s.max_matching_ngram_size, host_eos
         )
-        if drafts.numel() or model.cuda_graph:  # (a graph's device lengths take no run: every step one)
+        if drafts.numel():
             logits = model.decode_run(torch.cat((token, drafts.to(device))), cache)
-        else:  # no draft: a plain decode step, whose attention reads the cache as it lies
+        else:  # no draft: a plain decode step (its kernel reads the cache as it lies; a CUDA graph replays it)
             logits = model.decode(token, cache)
         steps += 1
     if streamer is not None:
         streamer.end()
     if prefix_cache is not None:
         prefix_cache.hold(cache, sequences[0])
+    model.keep_cache(cache)
     sequences = sequences[:, : prompt_len + generated]
     scores = tuple(all_scores) if s.output_scores else None
     logits = tuple(all_logits) if s.output_logits else None
@@ -269,6 +273,7 @@ def _prompt_lookup(model, input_ids, attention_mask, s: GenerationSettings, stre
         cache.nbytes(),
         step_times,
         logits,
+        _graph_captures(cache) - captures_before,
         decode_steps=steps,
         accepted_drafts=accepted,
     )

@@ -273,8 +273,8 @@ class OptimizedModel(nn.Module):
         if length > self.decoder.cos_sin_cache.shape[0]:
             self.cover_length(length)
         cache.begin_token_run(count)
-        positions = cache.positions() + torch.arange(count, device=tokens.device)
-        return self.decoder.forward(tokens.long().view(1, count), positions.view(1, count), cache, False)[0]
+        positions = cache.run_positions().view(1, count)
+        return self.decoder.forward(tokens.long().view(1, count), positions, cache, False)[0]
 
     def forward(
         self,

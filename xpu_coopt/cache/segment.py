@@ -321,24 +321,41 @@ class SegmentKVCache:
     def begin_token_run(self, count: int) -> None:
         """Claims the columns of `count` consecutive tokens of the one sequence of a generation with one
         request and one beam, decoded in one step (prompt lookup decoding's check of its drafts: each token
-        attends to those before it); end_token_run() then says how many of them stand. Not with device
-        lengths, nor under a window on every layer (whose segment drops columns and wraps)."""
+        attends to those before it); end_token_run() then says how many of them stand. The step runs
+        eagerly, its lengths on the host: a cache set to device lengths (a decode graph's) takes runs
+        between its graph's steps, each of which sets the device lengths anew. Not under a window on every
+        layer (whose segment drops columns and wraps)."""
         if not self.prefilled:
             raise RuntimeError("decode before prefill: the cache holds no prompt")
-        if self.num_seqs != 1 or self.segment_lens is not None or self.common_window is not None:
+        if self.num_seqs != 1 or self.common_window is not None:
             raise ValueError(
-                "a run of several tokens in one decode step takes a cache of one sequence, with host lengths "
-                "and no window on every layer"
+                "a run of several tokens in one decode step takes a cache of one sequence and no window on "
+                "every layer"
             )
         while self.response_len + count > self.capacity:
+            if self.segment_lens is not None:
+                raise RuntimeError(
+                    f"the cache holds {self.capacity} generated tokens and was set to device lengths (a "
+                    "captured decode graph): ask for max_new_tokens up front"
+                )
             self._grow()
         rows, columns = [], []
         for step in range(self.response_len, self.response_len + count):
             columns.append(self._write_column(step))
-            rows.append(self._decode_rows)
+            rows.append(
+                self._decode_rows.clone()
+            )  # (with device lengths, a paged cache's is updated in place)
         self._run_rows = torch.cat(rows)
         self._run_columns = torch.tensor(columns, device=self._run_rows.device)
         self.run_length = count
+
+    def run_positions(self) -> torch.Tensor:
+        """int64 [run_length]: the rotary positions of begin_token_run()'s tokens (from the host's lengths:
+        device lengths are set by decode steps only)."""
+        steps = torch.arange(
+            self.response_len, self.response_len + self.run_length, device=self._seq_rows.device
+        )
+        return self.prompt_lengths + steps
 
     def end_token_run(self, kept: int) -> None:
         """After a begin_token_run() step: its first `kept` tokens stand (their K/V are the sequence's next);
