@@ -209,10 +209,10 @@ def _prompt_lookup(model, input_ids, attention_mask, s: GenerationSettings, stre
         streamer.put(input_ids.cpu())
     prompt_len = input_ids.shape[1]
     eos = _eos_ids(s, device)
-    host_eos = eos.cpu()
+    host_eos, eos_set = eos.cpu(), set(s.eos_token_id or [])
     sequences = torch.empty((1, prompt_len + s.max_new_tokens), dtype=torch.long, device=device)
     sequences[:, :prompt_len] = input_ids
-    history = input_ids[0].to("cpu", torch.long)  # the drafts are looked up on the host
+    history = sequences[0].cpu()  # the sequence on the host, where the drafts are looked up
     all_scores: list[torch.Tensor] = []
     all_logits: list[torch.Tensor] = []
     step_times: list[float] = []
@@ -233,11 +233,10 @@ def _prompt_lookup(model, input_ids, attention_mask, s: GenerationSettings, stre
             sequences[:, length] = token
             generated += 1
             step_times.append(time.perf_counter())
-            token_id = int(token)
-            history = torch.cat((history, token.cpu()))
+            token_id = history[length] = int(token)
             if streamer is not None:
                 streamer.put(token.cpu())
-            finished = token_id in host_eos.tolist() or generated == s.max_new_tokens
+            finished = token_id in eos_set or generated == s.max_new_tokens
             if criteria and not finished:
                 scores_so_far = all_scores if s.output_scores else None
                 finished = bool(criteria_met(criteria, sequences[:, : length + 1], scores_so_far)[0])
@@ -251,8 +250,9 @@ def _prompt_lookup(model, input_ids, attention_mask, s: GenerationSettings, stre
             break
         left = s.max_new_tokens - generated  # a step gives its drafts kept and one more token
         drafts = find_drafts(
-            history, min(s.prompt_lookup_num_tokens, left - 1), s.max_matching_ngram_size, host_eos
-        )
+            history[: prompt_len + generated], min(s.prompt_lookup_num_tokens, left - 1),
+            s.max_matching_ngram_size, host_eos,
+        )  # fmt: skip
         if drafts.numel():
             logits = model.decode_run(torch.cat((token, drafts.to(device))), cache)
         else:  # no draft: a plain decode step (its kernel reads the cache as it lies; a CUDA graph replays it)

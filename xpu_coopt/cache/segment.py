@@ -342,9 +342,8 @@ class SegmentKVCache:
         rows, columns = [], []
         for step in range(self.response_len, self.response_len + count):
             columns.append(self._write_column(step))
-            rows.append(
-                self._decode_rows.clone()
-            )  # (with device lengths, a paged cache's is updated in place)
+            # A copy: with device lengths a paged cache updates its decode rows in place.
+            rows.append(self._decode_rows.clone())
         self._run_rows = torch.cat(rows)
         self._run_columns = torch.tensor(columns, device=self._run_rows.device)
         self.run_length = count
