@@ -199,7 +199,10 @@ def test_smollm2_prompt_lookup_matches_transformers_greedy(smollm2_fp32):
     )
     assert torch.equal(output.sequences, model.generate(ids["input_ids"], **kwargs))
     new_tokens = output.sequences.shape[1] - ids["input_ids"].shape[1]
-    assert output.accepted_drafts > 0 and output.decode_steps + output.accepted_drafts == new_tokens - 1
+    assert output.accepted_drafts > 0 and output.decode_steps + output.accepted_drafts in (
+        new_tokens - 1,
+        new_tokens,
+    )
 
 
 @pytest.mark.parametrize("search", [dict(do_sample=False), dict(num_beams=3)], ids=["greedy", "beam3"])

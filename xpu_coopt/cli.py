@@ -176,7 +176,7 @@ def _generate_parser(subparsers) -> None:
     parser.add_argument("--repetition-penalty", type=float)
     parser.add_argument("--seed", type=int, help="seed torch's random draws before generating (sampling)")
     parser.add_argument("--prompt-lookup-num-tokens", type=_positive, metavar="N",
-                        help="prompt lookup decoding: up to N drafts a step, looked up in the prompt (greedy)")  # fmt: skip
+                        help="prompt lookup decoding: up to N drafts a step, looked up in the sequence")  # fmt: skip
     _cache_arguments(parser)
     parser.add_argument(
         "--kv-scales", help="a scales file or model folder from calibrate-kv (FP8 --kv-dtype)"

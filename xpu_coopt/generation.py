@@ -62,7 +62,9 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
             output = _beam_search(model, input_ids, attention_mask, settings, generator, prefix_cache)
         elif settings.prompt_lookup_num_tokens is not None:
             _check_prompt_lookup(model, input_ids)
-            output = _prompt_lookup(model, input_ids, attention_mask, settings, streamer, prefix_cache)
+            output = _prompt_lookup(
+                model, input_ids, attention_mask, settings, streamer, generator, prefix_cache
+            )
         else:
             output = _sample(model, input_ids, attention_mask, settings, streamer, generator, prefix_cache)
     return output if settings.return_dict_in_generate else output.sequences
@@ -193,13 +195,18 @@ def _check_prompt_lookup(model, input_ids: torch.Tensor) -> None:
         )
 
 
-def _prompt_lookup(model, input_ids, attention_mask, s: GenerationSettings, streamer, prefix_cache):
-    """Greedy decoding whose steps each run the last token with up to prompt_lookup_num_tokens drafts
-    (find_drafts) and keep the drafts greedy decoding chooses, plus the token after them: the tokens
-    plain greedy decoding gives, in as many steps as it takes drafts to miss. A step without drafts is a
-    plain decode step (with cuda_graph, a replay of the decode graph); a step with drafts runs eagerly."""
-    device = input_ids.device
-    rules = TokenRules.of(s, model.spec.vocab_size, device)
+def _prompt_lookup(
+    model, input_ids, attention_mask, s: GenerationSettings, streamer, generator, prefix_cache
+):
+    """transformers' prompt lookup decoding: each step runs the last token and up to
+    prompt_lookup_num_tokens drafts (find_drafts) through the model, chooses a token after each (greedy:
+    the best; sampling: all of them drawn at once, as transformers draws them) and keeps the drafts chosen
+    and the token after them. Greedy, that is greedy decoding's tokens, in as many steps as it takes
+    drafts to miss. A step without drafts is a plain decode step (with cuda_graph, a replay of the decode
+    graph); a step with drafts runs eagerly. Stopping criteria are checked after each token, as without
+    drafts."""
+    device, vocab = input_ids.device, model.spec.vocab_size
+    rules = TokenRules.of(s, vocab, device)
     criteria = stopping_criteria(s)
     logits, cache = model.prefill(
         input_ids, attention_mask, 1, s.max_new_tokens, reuse_kept_cache=True, prefix_cache=prefix_cache
@@ -210,51 +217,83 @@ def _prompt_lookup(model, input_ids, attention_mask, s: GenerationSettings, stre
     prompt_len = input_ids.shape[1]
     eos = _eos_ids(s, device)
     host_eos, eos_set = eos.cpu(), set(s.eos_token_id or [])
-    sequences = torch.empty((1, prompt_len + s.max_new_tokens), dtype=torch.long, device=device)
+    # Room for the drafts of a step that runs past max_new_tokens (below).
+    room = prompt_len + s.max_new_tokens + s.prompt_lookup_num_tokens
+    sequences = torch.empty((1, room), dtype=torch.long, device=device)
     sequences[:, :prompt_len] = input_ids
     history = sequences[0].cpu()  # the sequence on the host, where the drafts are looked up
+
+    def chosen_scores(row_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The scores a token is chosen from after `tokens` [1, length]: processed (and warped when
+        sampling) as without drafts."""
+        scores = process(row_logits, tokens, cache.prompt_start, eos, tokens.shape[1] - prompt_len, s, rules)
+        return renormalize(warp(scores, s) if s.do_sample else scores, s)
+
+    def forbidden(tokens: torch.Tensor, token: int) -> bool:
+        """transformers' check of a draft: the processors leave it no chance on uniform logits."""
+        uniform = torch.ones((1, vocab), dtype=torch.float32, device=device)
+        score = float(chosen_scores(uniform, tokens.to(device).view(1, -1))[0, token])
+        return score in (float("-inf"), torch.finfo(torch.float32).min)
+
+    def lookup(generated: int) -> torch.Tensor:
+        """The drafts after the sequence so far. As transformers: drafts past max_new_tokens run too (their
+        tokens are dropped), so that a sampled step draws as many rows as its; none for the last token;
+        and a decode graph's cache cannot grow."""
+        most = s.prompt_lookup_num_tokens if s.max_new_tokens - generated > 1 else 0
+        if cache.segment_lens is not None:
+            most = min(most, cache.capacity - cache.response_len - 1)
+        sequence = history[: prompt_len + generated]
+        return find_drafts(sequence, most, s.max_matching_ngram_size, host_eos, forbidden)
+
     all_scores: list[torch.Tensor] = []
     all_logits: list[torch.Tensor] = []
     step_times: list[float] = []
-    drafts = history[:0]  # those whose logits the rows of `logits` after the first follow
     generated = steps = accepted = 0
+    # As transformers' first step, the prompt's own drafts: their rows follow the prefill's.
+    drafts = lookup(0)  # those after which the rows of `logits` past the first choose
+    if drafts.numel():
+        logits = torch.cat((logits, model.decode_run(drafts.to(device), cache)))
+        steps += 1
+    ran_last = (
+        0  # 1 where the step's run began with the token before the drafts (the prefill ran the prompt's)
+    )
     while True:
-        # logits row i: the token after the sequence and drafts[:i]
-        for row in range(logits.shape[0]):
-            length = prompt_len + generated
-            row_logits = logits[row : row + 1].float()
-            if s.output_logits:  # a copy: processors may write into their scores
-                all_logits.append(row_logits.clone())
-            scores = process(row_logits, sequences[:, :length], cache.prompt_start, eos, generated, s, rules)
-            scores = renormalize(scores, s)
-            token = scores.argmax(dim=-1)
-            if s.output_scores:
-                all_scores.append(scores)
-            sequences[:, length] = token
+        length = prompt_len + generated
+        rows = logits.shape[0]  # row i: the token after the sequence and drafts[:i]
+        sequences[0, length : length + rows - 1] = drafts.to(device)  # what each row's processors see
+        raw = logits.float()
+        scores = torch.cat([chosen_scores(raw[i : i + 1], sequences[:, : length + i]) for i in range(rows)])
+        if s.do_sample:
+            chosen = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+        else:
+            chosen = scores.argmax(dim=-1)
+        for row, token_id in enumerate(chosen.tolist()):
+            sequences[0, length + row] = history[length + row] = token_id
             generated += 1
             step_times.append(time.perf_counter())
-            token_id = history[length] = int(token)
+            if s.output_logits:  # a copy: processors may write into their scores
+                all_logits.append(raw[row : row + 1].clone())
+            if s.output_scores:
+                all_scores.append(scores[row : row + 1])
             if streamer is not None:
-                streamer.put(token.cpu())
+                streamer.put(chosen[row : row + 1].cpu())
             finished = token_id in eos_set or generated == s.max_new_tokens
             if criteria and not finished:
                 scores_so_far = all_scores if s.output_scores else None
-                finished = bool(criteria_met(criteria, sequences[:, : length + 1], scores_so_far)[0])
+                finished = bool(criteria_met(criteria, sequences[:, : length + row + 1], scores_so_far)[0])
             hit = row < drafts.numel() and token_id == int(drafts[row])
             accepted += hit
             if finished or not hit:
                 break
         if cache.run_length:  # the run's tokens that stand: the one it ran after, and the drafts kept
-            cache.end_token_run(row + 1)
+            cache.end_token_run(ran_last + row)
         if finished:
             break
-        left = s.max_new_tokens - generated  # a step gives its drafts kept and one more token
-        drafts = find_drafts(
-            history[: prompt_len + generated], min(s.prompt_lookup_num_tokens, left - 1),
-            s.max_matching_ngram_size, host_eos,
-        )  # fmt: skip
+        drafts = lookup(generated)
+        token = sequences[0, prompt_len + generated - 1 : prompt_len + generated]
         if drafts.numel():
             logits = model.decode_run(torch.cat((token, drafts.to(device))), cache)
+            ran_last = 1
         else:  # no draft: a plain decode step (its kernel reads the cache as it lies; a CUDA graph replays it)
             logits = model.decode(token, cache)
         steps += 1

@@ -310,14 +310,14 @@ def _validate(s: GenerationSettings) -> None:
 
 
 def _validate_prompt_lookup(s: GenerationSettings) -> None:
-    """prompt_lookup_num_tokens checks its drafts against greedy decoding's choice (as transformers, without
-    sampling's acceptance rule): one greedy sequence."""
+    """prompt_lookup_num_tokens runs one sequence (as transformers' assisted decoding): no beams, no
+    several return sequences."""
     for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size"):
         value = getattr(s, name)
         if value is not None and (not _is_token_id(value) or value < 1):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if s.prompt_lookup_num_tokens is not None and (s.do_sample or s.num_beams > 1):
+    if s.prompt_lookup_num_tokens is not None and (s.num_beams > 1 or s.num_return_sequences > 1):
         raise ValueError(
-            "prompt_lookup_num_tokens keeps the drafts greedy decoding would choose: it takes do_sample=False "
-            f"and num_beams=1, got do_sample={s.do_sample}, num_beams={s.num_beams}"
+            "prompt_lookup_num_tokens generates one sequence: it takes num_beams=1 and num_return_sequences=1, "
+            f"got num_beams={s.num_beams}, num_return_sequences={s.num_return_sequences}"
         )

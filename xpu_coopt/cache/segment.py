@@ -357,11 +357,11 @@ class SegmentKVCache:
         return self.prompt_lengths + steps
 
     def end_token_run(self, kept: int) -> None:
-        """After a begin_token_run() step: its first `kept` tokens stand (their K/V are the sequence's next);
-        the columns of the rest are written again by later steps."""
-        if not 1 <= kept <= self.run_length:
+        """After a begin_token_run() step: its first `kept` tokens stand (their K/V are the sequence's next;
+        none where the first was not chosen); the columns of the rest are written again by later steps."""
+        if not 0 <= kept <= self.run_length:
             raise ValueError(
-                f"a run of {self.run_length} tokens keeps 1 to {self.run_length} of them, not {kept}"
+                f"a run of {self.run_length} tokens keeps 0 to {self.run_length} of them, not {kept}"
             )
         self.response_len += kept
         self.run_length = 0
