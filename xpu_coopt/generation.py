@@ -254,9 +254,8 @@ def _prompt_lookup(
     if drafts.numel():
         logits = torch.cat((logits, model.decode_run(drafts.to(device), cache)))
         steps += 1
-    ran_last = (
-        0  # 1 where the step's run began with the token before the drafts (the prefill ran the prompt's)
-    )
+    # 1 where the step's run began with the token before its drafts (the prefill ran the prompt's last)
+    ran_last = 0
     while True:
         length = prompt_len + generated
         rows = logits.shape[0]  # row i: the token after the sequence and drafts[:i]
