@@ -244,11 +244,32 @@ def test_bad_prompt_lookup_settings(stories_model, quoting_prompt, kwargs, messa
         model.generate(quoting_prompt, max_new_tokens=4, **kwargs)
 
 
-def test_prompt_lookup_takes_one_prompt_and_no_window_on_every_layer(stories_model, stories_window_model):
+def test_prompt_lookup_takes_one_prompt_and_a_sequence_within_a_window_on_every_layer(
+    stories_model, stories_window_model
+):
     prompts = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])
     with pytest.raises(ValueError, match=r"one prompt per generate\(\) call .* a batch of 2"):
         xpu_coopt.optimize(stories_model).generate(prompts, max_new_tokens=4, prompt_lookup_num_tokens=3)
-    with pytest.raises(ValueError, match="not supported under a sliding window on every layer"):
+    window = stories_window_model.config.sliding_window
+    with pytest.raises(ValueError, match=rf"within the window \({window} tokens\): .* come to 14"):
         xpu_coopt.optimize(stories_window_model).generate(
-            prompts[:1], max_new_tokens=4, prompt_lookup_num_tokens=3
+            prompts[:1], max_new_tokens=7, prompt_lookup_num_tokens=3
         )
+
+
+@pytest.mark.parametrize("kv_cache", ["segment", "paged"])
+def test_prompt_lookup_within_a_window_on_every_layer_gives_transformers_greedy_tokens(
+    stories_model, quoting_prompt, kv_cache
+):
+    """Mistral's architecture (a window on every layer): a sequence within the window, where the cache holds
+    every column."""
+    from conftest import _stories_as
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model = _stories_as(stories_model, MistralConfig, MistralForCausalLM, sliding_window=128)
+    kwargs = dict(max_new_tokens=24, **GREEDY)
+    output = xpu_coopt.optimize(model, kv_cache=kv_cache).generate(
+        quoting_prompt, prompt_lookup_num_tokens=6, return_dict_in_generate=True, **kwargs
+    )
+    assert torch.equal(output.sequences, model.generate(quoting_prompt, **kwargs))
+    assert output.accepted_drafts > 0

@@ -61,7 +61,7 @@ def generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor |
         if settings.num_beams > 1:
             output = _beam_search(model, input_ids, attention_mask, settings, generator, prefix_cache)
         elif settings.prompt_lookup_num_tokens is not None:
-            _check_prompt_lookup(model, input_ids)
+            _check_prompt_lookup(model, input_ids, settings)
             output = _prompt_lookup(
                 model, input_ids, attention_mask, settings, streamer, generator, prefix_cache
             )
@@ -182,16 +182,20 @@ def _sample(
     return GenerateOutput(sequences, None, scores, cache.nbytes(), step_times, logits, captures)
 
 
-def _check_prompt_lookup(model, input_ids: torch.Tensor) -> None:
+def _check_prompt_lookup(model, input_ids: torch.Tensor, s: GenerationSettings) -> None:
     if input_ids.shape[0] != 1:
         raise ValueError(
             f"prompt_lookup_num_tokens takes one prompt per generate() call (as transformers), got a batch of "
             f"{input_ids.shape[0]}"
         )
-    if None not in model.spec.layer_windows:
+    windows = model.spec.layer_windows
+    # The longest sequence a step can run: the prompt, the new tokens, a last step's drafts past them.
+    longest = input_ids.shape[1] + s.max_new_tokens + s.prompt_lookup_num_tokens
+    if None not in windows and longest > max(windows):
         raise ValueError(
-            "prompt_lookup_num_tokens is not supported under a sliding window on every layer (the cache "
-            "drops the columns before the window, and a step of several tokens reads them)"
+            f"prompt_lookup_num_tokens under a sliding window on every layer takes sequences within the window "
+            f"({max(windows)} tokens): this prompt, max_new_tokens and the drafts come to {longest} (the cache "
+            "lets go of the columns before the window, and a step of several tokens reads them)"
         )
 
 

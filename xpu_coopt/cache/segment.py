@@ -323,14 +323,15 @@ class SegmentKVCache:
         request and one beam, decoded in one step (prompt lookup decoding's check of its drafts: each token
         attends to those before it); end_token_run() then says how many of them stand. The step runs
         eagerly, its lengths on the host: a cache set to device lengths (a decode graph's) takes runs
-        between its graph's steps, each of which sets the device lengths anew. Not under a window on every
-        layer (whose segment drops columns and wraps)."""
+        between its graph's steps, each of which sets the device lengths anew. Under a window on every layer,
+        only while the sequence is within the window (the cache then holds every column, in order)."""
         if not self.prefilled:
             raise RuntimeError("decode before prefill: the cache holds no prompt")
-        if self.num_seqs != 1 or self.common_window is not None:
+        length = self.prompt_len + self.response_len + count
+        if self.num_seqs != 1 or (self.common_window is not None and length > self.common_window):
             raise ValueError(
-                "a run of several tokens in one decode step takes a cache of one sequence and no window on "
-                "every layer"
+                "a run of several tokens in one decode step takes a cache of one sequence, within the window "
+                f"where every layer has one (here {length} columns, window {self.common_window})"
             )
         while self.response_len + count > self.capacity:
             if self.segment_lens is not None:
