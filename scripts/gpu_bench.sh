@@ -45,3 +45,7 @@ profile profile-decode-beam4 --num-beams 4
 profile profile-decode-beam4-unfused --num-beams 4 --unfused
 profile profile-decode-b1-fp8 --kv-dtype fp8_e4m3
 profile profile-decode-b1-fp8-upcast --kv-dtype fp8_e4m3 --fp8-upcast-in-registers
+# a conversation's K/V kept between turns, and prompt lookup decoding (the embedded SmolLM2-135M, with its
+# tokenizer: the task needs real text), neither yet timed on a GPU
+python3 scripts/bench_prefix_cache.py --model llama-2-7b --device cuda --dtype float16 2>&1 | tee "$out/prefix-cache.txt"
+python3 scripts/bench_prompt_lookup.py --device cuda --dtype float16 2>&1 | grep -v "it/s\]" | tee "$out/prompt-lookup.txt"
