@@ -135,6 +135,17 @@ def test_runtime_runs_on_the_opencl_cpu_device():
     assert runtime.queue_for(CPU) is queue  # one queue, its compiled kernels reused
 
 
+def test_the_launcher_build_says_so_once_and_lands_whole(monkeypatch, tmp_path, capsys):
+    """The first use on a machine builds the launcher (g++, a few seconds): stderr says so, and the library
+    lands in the cache whole; a second call finds it there, silently."""
+    monkeypatch.setenv("XPU_COOPT_CACHE", str(tmp_path))
+    built = runtime._build_launcher(runtime.sycl_prefix())
+    assert "building xpu_coopt's SYCL launcher (once" in capsys.readouterr().err
+    assert built.parent == tmp_path and [path.name for path in tmp_path.iterdir()] == [built.name]
+    assert runtime._build_launcher(runtime.sycl_prefix()) == built
+    assert capsys.readouterr().err == ""
+
+
 # A kernel source that does not compile, and what its KernelCompileError names: the source and the
 # compiler's log.
 BROKEN_SOURCE = '#include "common.hpp"\nextern "C" void f() { undeclared_thing(); }\n'

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -95,7 +96,9 @@ def _build_launcher(prefix: Path) -> Path:
     def build(built: Path) -> None:
         command = [compiler, *flags, str(source), "-o", str(built)]
         command += [f"-L{prefix / 'lib'}", "-lsycl", f"-Wl,-rpath,{prefix / 'lib'}"]
-        logger.info("building the SYCL launcher (once): %s", " ".join(command))
+        # Said on stderr: a few seconds of g++, once per machine, before any kernel runs.
+        print(f"building xpu_coopt's SYCL launcher (once, a few seconds): {target}", file=sys.stderr)
+        logger.info("the launcher's build command: %s", " ".join(command))
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise KernelCompileError(f"building {source.name} failed:\n{result.stderr}")
