@@ -205,6 +205,25 @@ def test_smollm2_prompt_lookup_matches_transformers_greedy(smollm2_fp32):
     )
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_smollm2_prompt_lookup_sampling_draws_transformers_tokens(smollm2_fp32, seed):
+    """Sampling with top-p over SmolLM2's 49k-token vocabulary (whose check of each draft on uniform logits
+    cuts some): one seed, transformers' prompt-lookup tokens."""
+    model, tokenizer = smollm2_fp32
+    passage = "The quick brown fox jumps over the lazy dog. The dog sleeps in the sun all day long."
+    request = [{"role": "user", "content": f"Repeat this text exactly: {passage}"}]
+    ids = tokenizer.apply_chat_template(
+        request, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    kwargs = dict(max_new_tokens=24, do_sample=True, top_p=0.9, temperature=0.8, prompt_lookup_num_tokens=8)
+    torch.manual_seed(seed)
+    expected = model.generate(ids["input_ids"], **kwargs)
+    torch.manual_seed(seed)
+    output = xpu_coopt.optimize(model).generate(ids["input_ids"], return_dict_in_generate=True, **kwargs)
+    assert torch.equal(output.sequences, expected)
+    assert output.accepted_drafts > 0
+
+
 @pytest.mark.parametrize("search", [dict(do_sample=False), dict(num_beams=3)], ids=["greedy", "beam3"])
 def test_smollm2_stop_strings_match_transformers(smollm2_chat, smollm2_fp32, search):
     """stop_strings end each row where its text first holds one (transformers' StopStringCriteria, which
