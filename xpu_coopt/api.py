@@ -151,7 +151,8 @@ def _check_foreign_projections(model: torch.nn.Module, dtype: torch.dtype) -> No
     their own dtype and at their own speed: a warning says so, as their layers then run unfused; and as
     xpu_coopt converts only what it reads, one with weights in another dtype than the compute dtype is an
     error (it would fail at the first generate())."""
-    foreign = [(name, module) for name, module in projection_modules(model) if not is_plain_linear(module)]
+    projections = projection_modules(model)
+    foreign = [(name, module) for name, module in projections if not is_plain_linear(module)]
     if not foreign:
         return
     mismatched = sorted(
@@ -170,7 +171,7 @@ def _check_foreign_projections(model: torch.nn.Module, dtype: torch.dtype) -> No
         )
     kinds = sorted({type(module).__name__ for _, module in foreign})
     warnings.warn(
-        f"{len(foreign)} of the model's {len(projection_modules(model))} projections are not plain "
+        f"{len(foreign)} of the model's {len(projections)} projections are not plain "
         f"torch.nn.Linear ({', '.join(kinds)}; e.g. {foreign[0][0]}): xpu_coopt calls them as they are, so "
         "their layers run unfused (no fused q/k/v, gate/up or norm GEMMs) at those modules' own speed; "
         "merge adapters or dequantize the weights for xpu_coopt's fused path",

@@ -527,6 +527,7 @@ class SegmentKVCache:
         codes and scales alike: no encoding again), and returns them in the activation dtype, [T, Hkv, D],
         for the new tokens to attend to."""
         held = self._prefix
+        decoded = []
         for cache, scale, values, scales in zip(
             segment[:2],
             segment[2:],
@@ -537,7 +538,9 @@ class SegmentKVCache:
             cache[rows, :, columns] = values[layer]
             if scales is not None:
                 scale[rows, :, columns] = scales[layer]
-        return self._read_cells(segment, rows, columns)  # static scales: read where the cache broadcasts them
+            # static scales are read where the cache broadcasts them
+            decoded.append(self._in_activation_dtype(values[layer], scale, rows, columns))
+        return decoded[0], decoded[1]
 
     def _attend_token_run(self, layer, query, key, value, cos_sin) -> torch.Tensor:
         """begin_token_run()'s tokens: written into their columns, then attending to every column up to
@@ -567,13 +570,21 @@ class SegmentKVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of a layer's cells (rows, columns) in the activation dtype, [cells, Hkv, D]: FP8 codes
         decoded with their scales."""
-        decoded = []
-        for cache, scale in zip(segment[:2], segment[2:], strict=True):
-            cells = cache[rows, :, columns]
-            if scale is not None:
-                cells = fp8.decode(cells, scale[rows, :, columns], self.kv_format, self.dtype)
-            decoded.append(cells)
-        return decoded[0], decoded[1]
+        keys, values = (
+            self._in_activation_dtype(cache[rows, :, columns], scale, rows, columns)
+            for cache, scale in zip(segment[:2], segment[2:], strict=True)
+        )
+        return keys, values
+
+    def _in_activation_dtype(
+        self, cells: torch.Tensor, scale: torch.Tensor | None, rows: torch.Tensor, columns: torch.Tensor
+    ) -> torch.Tensor:
+        """K or V as the cells (rows, columns) of a segment store them, in the activation dtype: FP8 codes
+        decoded with the cells' scales (`scale`, the segment's; None for a 16-bit cache, whose are returned
+        as they are)."""
+        if scale is None:
+            return cells
+        return fp8.decode(cells, scale[rows, :, columns], self.kv_format, self.dtype)
 
     def _attend_decode(self, layer, query, key, value, cos_sin) -> torch.Tensor:
         kernels = self.ops.kernels
