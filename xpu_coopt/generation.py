@@ -170,16 +170,29 @@ def _sample(
         if last or not any_unfinished.read()[0]:
             break
         logits = next_logits
+    return _one_beam_output(
+        model, cache, s, streamer, prefix_cache, sequences[:, : prompt_len + len(step_times)], step_times,
+        all_scores, all_logits, captures_before,
+    )  # fmt: skip
+
+
+def _one_beam_output(
+    model, cache, s: GenerationSettings, streamer, prefix_cache, sequences: torch.Tensor,
+    step_times: list[float], all_scores: list[torch.Tensor], all_logits: list[torch.Tensor],
+    captures_before: int, **counts: int,
+) -> GenerateOutput:  # fmt: skip
+    """The end of a generation of one beam per prompt (_sample, _prompt_lookup), its `sequences` cut after
+    their last token: the streamer ended, the PrefixCache given the K/V it keeps, the cache kept for the next
+    generate() (with its decode graph), and the output. counts: GenerateOutput's counters of the run."""
     if streamer is not None:
         streamer.end()
     if prefix_cache is not None:
         prefix_cache.hold(cache, sequences[0])
     model.keep_cache(cache)
-    sequences = sequences[:, : prompt_len + len(step_times)]
     scores = tuple(all_scores) if s.output_scores else None
     logits = tuple(all_logits) if s.output_logits else None
     captures = _graph_captures(cache) - captures_before
-    return GenerateOutput(sequences, None, scores, cache.nbytes(), step_times, logits, captures)
+    return GenerateOutput(sequences, None, scores, cache.nbytes(), step_times, logits, captures, **counts)
 
 
 def _check_prompt_lookup(model, input_ids: torch.Tensor, s: GenerationSettings) -> None:
@@ -300,25 +313,10 @@ def _prompt_lookup(
         else:  # no draft: a plain decode step (its kernel reads the cache as it lies; a CUDA graph replays it)
             logits = model.decode(token, cache)
         steps += 1
-    if streamer is not None:
-        streamer.end()
-    if prefix_cache is not None:
-        prefix_cache.hold(cache, sequences[0])
-    model.keep_cache(cache)
-    sequences = sequences[:, : prompt_len + generated]
-    scores = tuple(all_scores) if s.output_scores else None
-    logits = tuple(all_logits) if s.output_logits else None
-    return GenerateOutput(
-        sequences,
-        None,
-        scores,
-        cache.nbytes(),
-        step_times,
-        logits,
-        _graph_captures(cache) - captures_before,
-        decode_steps=steps,
-        accepted_drafts=accepted,
-    )
+    return _one_beam_output(
+        model, cache, s, streamer, prefix_cache, sequences[:, : prompt_len + generated], step_times,
+        all_scores, all_logits, captures_before, decode_steps=steps, accepted_drafts=accepted,
+    )  # fmt: skip
 
 
 def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
