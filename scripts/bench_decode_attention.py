@@ -26,12 +26,12 @@ import torch
 import triton.testing
 
 from xpu_coopt.backends import resolve_backend
-from xpu_coopt.ops import fp8
-from xpu_coopt.triton.tuning import (
+from xpu_coopt.backends.triton.tuning import (
     add_decode_launch_arguments,
     add_device_lengths_argument,
     apply_decode_launch,
 )
+from xpu_coopt.ops import fp8
 
 SCALE_BYTES = 2  # bfloat16
 

@@ -1,5 +1,5 @@
 """Decode-step GEMM microbenchmark on a GPU: torch's F.linear (cuBLAS) against xpu_coopt's Triton
-skinny GEMM (xpu_coopt/triton/linear.py) on a shape preset's projections (llama-2-7b by default), a
+skinny GEMM (xpu_coopt/backends/triton/linear.py) on a shape preset's projections (llama-2-7b by default), a
 few activation rows.
 
 Bytes counted: the weight once (activations are noise beside it). Several copies of each weight are
@@ -24,13 +24,13 @@ import triton
 import triton.testing
 from triton.runtime.errors import OutOfResources
 
-from xpu_coopt.config import model_spec
-from xpu_coopt.models import SHAPE_PRESETS, preset_config
-from xpu_coopt.triton.linear import SkinnyLaunch, launch_skinny_linear, skinny_launch
+from xpu_coopt.backends.triton.linear import SkinnyLaunch, launch_skinny_linear, skinny_launch
+from xpu_coopt.checkpoints import SHAPE_PRESETS, preset_config
+from xpu_coopt.model.spec import model_spec
 
 
 def projection_shapes(preset: str) -> tuple[tuple[str, int, int, int], ...]:
-    """(name, N, K, calls per decode step) of each projection of a shape preset (xpu_coopt.models), read
+    """(name, N, K, calls per decode step) of each projection of a shape preset (xpu_coopt.checkpoints), read
     from its config as optimize() reads it."""
     config = preset_config(preset)
     spec = model_spec(config, config.architectures[0])

@@ -22,9 +22,9 @@ import torch
 from transformers import DynamicCache, LogitsProcessorList
 
 import xpu_coopt
-from xpu_coopt.bench import StepClock, random_prompts, synchronize
+from xpu_coopt.checkpoints import DEFAULT_MODEL, load_model
 from xpu_coopt.cli import DTYPES
-from xpu_coopt.models import DEFAULT_MODEL, load_model
+from xpu_coopt.cli.bench import StepClock, random_prompts, synchronize
 
 
 def _conversation(generate, first_prompt, turn_prompts, device) -> tuple[list[tuple[float, float]], list]:

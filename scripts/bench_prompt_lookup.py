@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 import xpu_coopt
-from xpu_coopt.bench import synchronize
+from xpu_coopt.checkpoints import DEFAULT_MODEL, load_model
 from xpu_coopt.cli import DTYPES
-from xpu_coopt.models import DEFAULT_MODEL, load_model
+from xpu_coopt.cli.bench import synchronize
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

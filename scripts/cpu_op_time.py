@@ -20,7 +20,8 @@ from collections.abc import Callable
 
 import torch
 
-from xpu_coopt.ops import cpu_gemm, reference
+from xpu_coopt.backends.cpu import gemm as cpu_gemm
+from xpu_coopt.backends.cpu import kernels as reference
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN = 9, 3, 64, 576
 PROJECTIONS = {

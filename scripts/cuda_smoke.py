@@ -15,14 +15,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import xpu_coopt
-from xpu_coopt.ops import fp8, reference_kernels
-from xpu_coopt.triton.tuning import add_decode_launch_arguments, apply_decode_launch
+from xpu_coopt.backends.cpu import cpu_kernels
+from xpu_coopt.backends.triton.tuning import add_decode_launch_arguments, apply_decode_launch
+from xpu_coopt.ops import fp8
 
 
 def fp8_decode_error(device: str, kv_format: str, beams: int) -> float:
     """Largest relative difference between the Triton kernel's FP8 decode attention and the reference
     kernel's, same inputs: llama-2-7b heads, a 4096-token prompt (split across programs), 9 response steps."""
-    from xpu_coopt.triton.kernels import triton_kernels
+    from xpu_coopt.backends.triton.kernels import triton_kernels
 
     generator = torch.Generator(device=device).manual_seed(beams)
 
@@ -38,7 +39,7 @@ def fp8_decode_error(device: str, kv_format: str, beams: int) -> float:
     slots = torch.arange(beams, device=device, dtype=torch.int32)[:, None].repeat(1, steps)
     start = torch.tensor([5], device=device, dtype=torch.int32)
     outputs = []
-    for kernels in (triton_kernels(), reference_kernels()):
+    for kernels in (triton_kernels(), cpu_kernels()):
         out = torch.empty_like(query)
         kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, start, rk, rv, rk_s, rv_s, slots, steps,
                                          head_dim**-0.5, kv_format)  # fmt: skip

@@ -1,6 +1,6 @@
 """Registers, spills and shared memory of the Triton decode-attention kernel on an NVIDIA GPU, without one.
 
-Compiles segment_attention_decode as the op wrapper launches it (xpu_coopt.triton.offline: Triton's own
+Compiles segment_attention_decode as the op wrapper launches it (xpu_coopt.backends.triton.offline: Triton's own
 launch path, so the same specialisation and code as on the GPU) for sm_<capability>, and reads the
 cubin. Registers and shared memory bound how many blocks an SM holds ("blocks/SM": by registers r, by
 shared memory s), the grid how many it is given ("waves": programs over the SMs' room for them); the
@@ -19,18 +19,18 @@ import dataclasses
 import json
 import os
 
-os.environ["TRITON_INTERPRET"] = "0"  # before xpu_coopt.triton reads it: compile, do not interpret
+os.environ["TRITON_INTERPRET"] = "0"  # before xpu_coopt.backends.triton reads it: compile, do not interpret
 
 import torch
 import triton
 
-from xpu_coopt.ops import fp8
-from xpu_coopt.triton import kernels, offline
-from xpu_coopt.triton.tuning import (
+from xpu_coopt.backends.triton import kernels, offline
+from xpu_coopt.backends.triton.tuning import (
     add_decode_launch_arguments,
     add_device_lengths_argument,
     apply_decode_launch,
 )
+from xpu_coopt.ops import fp8
 
 
 def compile_decode(args: argparse.Namespace, kv_format: str) -> offline.Launch:

@@ -17,8 +17,8 @@ import warnings
 import torch
 
 import xpu_coopt
-from xpu_coopt.bench import _generate_kwargs
-from xpu_coopt.models import load_model
+from xpu_coopt.checkpoints import load_model
+from xpu_coopt.cli.bench import _generate_kwargs
 
 
 def main() -> None:

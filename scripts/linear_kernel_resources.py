@@ -3,7 +3,7 @@ GPU, without one.
 
 Compiles each projection of a shape preset (as scripts/bench_linear.py lists them) the way a decode step
 launches it: the plain GEMM, and the fused one the model runs (q/k/v, gate/up and the LM head after the
-RMSNorm, gate/up with SiLU * up, o_proj and down_proj adding into the residual); xpu_coopt.triton.offline
+RMSNorm, gate/up with SiLU * up, o_proj and down_proj adding into the residual); xpu_coopt.backends.triton.offline
 compiles for sm_<capability> and reads the cubins. Registers and shared memory bound how many blocks an SM
 holds (by registers r, by shared memory s), and so the loads in flight of these memory-bound kernels.
 "loop ins": the instructions of each loop's body in the machine code (SASS), one K block each; the
@@ -18,15 +18,15 @@ from __future__ import annotations
 import argparse
 import os
 
-os.environ["TRITON_INTERPRET"] = "0"  # before xpu_coopt.triton reads it: compile, do not interpret
+os.environ["TRITON_INTERPRET"] = "0"  # before xpu_coopt.backends.triton reads it: compile, do not interpret
 
 import torch
 import triton
 from bench_linear import projection_shapes
 
-from xpu_coopt.triton import linear, offline
+from xpu_coopt.backends.triton import linear, offline
 
-# How the model fuses each projection (xpu_coopt/model.py): after the norm, gated, or adding into the residual.
+# How the model fuses each projection (xpu_coopt/model/decoder.py): after the norm, gated, or adding into the residual.
 FUSION = {
     "qkv": "norm",
     "gate_up": "norm+silu",

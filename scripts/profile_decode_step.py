@@ -17,8 +17,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import xpu_coopt
-from xpu_coopt.models import load_model
-from xpu_coopt.triton.tuning import add_decode_launch_arguments, apply_decode_launch
+from xpu_coopt.backends.triton.tuning import add_decode_launch_arguments, apply_decode_launch
+from xpu_coopt.checkpoints import load_model
 
 STEPS = 8
 KINDS = {  # substring of a kernel's name -> what it is

@@ -19,8 +19,8 @@ import statistics
 import torch
 
 import xpu_coopt
-from xpu_coopt.bench import random_prompts
-from xpu_coopt.models import DEFAULT_MODEL, load_model
+from xpu_coopt.checkpoints import DEFAULT_MODEL, load_model
+from xpu_coopt.cli.bench import random_prompts
 
 
 def main() -> None:

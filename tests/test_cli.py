@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import STORIES_MODEL, STORIES_TOKENIZER, require_data
 
+from xpu_coopt.checkpoints import SHAPE_PRESETS, random_model
 from xpu_coopt.cli import main
-from xpu_coopt.config import model_spec
-from xpu_coopt.models import SHAPE_PRESETS, random_model
-from xpu_coopt.prompts import chat_ids
+from xpu_coopt.cli.prompts import chat_ids
+from xpu_coopt.model.spec import model_spec
 
 
 def test_bench_runs_both_sides_and_writes_json(tmp_path, capsys):
@@ -97,11 +97,13 @@ def test_bench_with_an_unknown_model_is_a_clear_error(capsys):
     ],
 )  # fmt: skip
 def test_a_device_or_file_that_cannot_be_used_is_an_error_before_loading(monkeypatch, capsys, args, message):
-    import xpu_coopt.models
+    import xpu_coopt.checkpoints
 
     if "xpu" in args and hasattr(torch, "xpu") and torch.xpu.is_available():
         pytest.skip("this machine has an XPU: --device xpu is available")  # never on CI's CPU machines
-    monkeypatch.setattr(xpu_coopt.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(
+        xpu_coopt.checkpoints, "load_model", lambda *a, **k: pytest.fail("the model was loaded")
+    )
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2
@@ -111,7 +113,7 @@ def test_a_device_or_file_that_cannot_be_used_is_an_error_before_loading(monkeyp
 @pytest.mark.parametrize("keep", [False, True])
 def test_bench_frees_the_kept_decode_graph_after_each_run_unless_asked(monkeypatch, keep, capsys):
     """transformers must not run beside xpu_coopt's kept cache (a batch-64 llama-2-7b cache is 37 GB)."""
-    from xpu_coopt.optimized_model import OptimizedModel
+    from xpu_coopt.model.optimized import OptimizedModel
 
     released = []
     monkeypatch.setattr(OptimizedModel, "release_cache", lambda self: released.append(self))
@@ -230,7 +232,7 @@ def test_generate_compare_reports_where_transformers_parts(monkeypatch, capsys):
 )
 def test_compare_names_why_tokens_can_part(dtype, kv_dtype, reasons):
     from xpu_coopt.cli import DTYPES
-    from xpu_coopt.text_generation import why_tokens_can_part
+    from xpu_coopt.cli.text_generation import why_tokens_can_part
 
     why = why_tokens_can_part(DTYPES[dtype], kv_dtype)
     assert all(reason in why for reason in reasons)
@@ -247,16 +249,16 @@ def test_compare_names_why_tokens_can_part(dtype, kv_dtype, reasons):
     ],
 )
 def test_first_difference_of_two_generations(ours, theirs, difference):
-    from xpu_coopt.text_generation import first_difference
+    from xpu_coopt.cli.text_generation import first_difference
 
     assert first_difference(torch.tensor(ours), torch.tensor(theirs)) == difference
 
 
 def test_generate_chat_prints_the_reply_of_transformers(smollm2_fp32, monkeypatch, capsys):
-    import xpu_coopt.models
+    import xpu_coopt.checkpoints
 
     model, tokenizer = smollm2_fp32
-    monkeypatch.setattr(xpu_coopt.models, "load_model", lambda *args, **kwargs: (model, tokenizer))
+    monkeypatch.setattr(xpu_coopt.checkpoints, "load_model", lambda *args, **kwargs: (model, tokenizer))
     question = "What is the capital of France?"
     args = ["generate", "--prompt", question, "--chat", "--dtype", "float32", "--max-new-tokens", "8"]
     assert main(args) == 0
@@ -276,10 +278,10 @@ def test_generate_interactive_chats_over_the_whole_conversation(smollm2_fp32, mo
     """Each stdin line is a turn, answered after every earlier turn and reply (a blank line is none)."""
     import io
 
-    import xpu_coopt.models
+    import xpu_coopt.checkpoints
 
     model, tokenizer = smollm2_fp32
-    monkeypatch.setattr(xpu_coopt.models, "load_model", lambda *args, **kwargs: (model, tokenizer))
+    monkeypatch.setattr(xpu_coopt.checkpoints, "load_model", lambda *args, **kwargs: (model, tokenizer))
     turns = ["What is the capital of France?", "And the capital of Italy?"]
     monkeypatch.setattr("sys.stdin", io.StringIO(f"{turns[0]}\n\n{turns[1]}\n"))
     args = ["generate", "--interactive", "--dtype", "float32", "--max-new-tokens", "8"]

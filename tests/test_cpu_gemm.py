@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from xpu_coopt.ops import cpu_gemm
+from xpu_coopt.backends.cpu import gemm as cpu_gemm
 
 
 @pytest.mark.parametrize("cpu_has_bfloat16_gemms", [True, False], ids=["onednn-bf16", "no-onednn-bf16"])

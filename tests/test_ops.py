@@ -7,9 +7,12 @@ import pytest
 import torch
 from conftest import assert_close
 
-from xpu_coopt.config import RopeSpec
-from xpu_coopt.ops import cpu_gemm, decode_split, dispatcher_kernels, fp8, reference, reference_kernels
-from xpu_coopt.rope import cos_sin_cache, inverse_frequencies
+from xpu_coopt.backends.cpu import cpu_kernels
+from xpu_coopt.backends.cpu import gemm as cpu_gemm
+from xpu_coopt.backends.cpu import kernels as reference
+from xpu_coopt.model.rope import cos_sin_cache, inverse_frequencies
+from xpu_coopt.model.spec import RopeSpec
+from xpu_coopt.ops import decode_split, dispatcher_kernels, fp8
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HIDDEN_SIZES = [8, 64, 111, 576]
@@ -333,7 +336,7 @@ def test_reference_prefill_attends_in_query_blocks(monkeypatch, dtype, block, wi
     last block cut short (45 rows, or 21 at the last columns), rows whose padding ends inside a block, no
     window (causal)."""
     monkeypatch.setattr(reference, "PREFILL_QUERY_BLOCK", block)
-    _check_attention_prefill(reference_kernels(), dtype, 8, 2, 32, 45, [7, 0, 30], window, queries)
+    _check_attention_prefill(cpu_kernels(), dtype, 8, 2, 32, 45, [7, 0, 30], window, queries)
 
 
 def test_attention_prefill_sliding_window_without_padding_is_not_causal_attention(kernels):
@@ -645,7 +648,7 @@ def test_reference_decode_attention_with_and_without_float32_matmuls(monkeypatch
     out = torch.full_like(query, float("nan"))
     (pk, _), (pv, _), (rk, _), (rv, _) = caches
     before = _snapshot(caches)
-    reference_kernels().segment_attention_decode(
+    cpu_kernels().segment_attention_decode(
         out, query, pk, pv, None, None, prompt_start, rk, rv, None, None, beam_slots, 6, 0.125, "auto"
     )
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
@@ -861,7 +864,7 @@ def test_reference_decode_attention_in_request_chunks(
         reference, attend, lambda *args: chunks.append(args[0].shape[0]) or attend_chunk(*args)
     )
     out = torch.full_like(query, float("nan"))
-    reference_kernels().segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s,
+    cpu_kernels().segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s,
                                                  beam_slots, response_len, 0.2, kv_format, *length_args)  # fmt: skip
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
                                                 response_len, 0.2)  # fmt: skip

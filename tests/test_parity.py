@@ -22,9 +22,9 @@ from transformers import (
 )
 
 import xpu_coopt
-from xpu_coopt.config import model_spec
-from xpu_coopt.ops import cpu_gemm
-from xpu_coopt.rope import inverse_frequencies
+from xpu_coopt.backends.cpu import gemm as cpu_gemm
+from xpu_coopt.model.rope import inverse_frequencies
+from xpu_coopt.model.spec import model_spec
 
 COMMON = dict(vocab_size=256, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=256)
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])

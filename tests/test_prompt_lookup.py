@@ -12,8 +12,8 @@ from transformers.generation.candidate_generator import PromptLookupCandidateGen
 import xpu_coopt
 from xpu_coopt import PrefixCache
 from xpu_coopt.cache.paged import BLOCK_SIZE, PagedKVCache
-from xpu_coopt.perplexity import tokenize
-from xpu_coopt.prompt_lookup import find_drafts
+from xpu_coopt.cli.perplexity import tokenize
+from xpu_coopt.generation.prompt_lookup import find_drafts
 
 GREEDY = dict(do_sample=False, pad_token_id=0)
 

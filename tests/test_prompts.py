@@ -1,11 +1,11 @@
-"""Prompts to token batches and generated ids back to text (xpu_coopt.prompts), for `xpu-coopt generate`."""
+"""Prompts to token batches and generated ids back to text (xpu_coopt.cli.prompts), for `xpu-coopt generate`."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from xpu_coopt.prompts import STREAM_FLUSH_TOKENS, TextStream, completion_text, encode_prompts
+from xpu_coopt.cli.prompts import STREAM_FLUSH_TOKENS, TextStream, completion_text, encode_prompts
 
 TEXT_OUTSIDE_THE_VOCABULARY = "Ein Bär sah 🐻 — und lief."  # byte-fallback pieces, 2 to 4 bytes a character
 

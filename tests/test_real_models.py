@@ -10,8 +10,8 @@ from conftest import TINYSTORIES_TEXT, require_data
 from test_parity import _assert_logits_close
 
 import xpu_coopt
-from xpu_coopt import models
-from xpu_coopt.config import model_spec
+from xpu_coopt import checkpoints
+from xpu_coopt.model.spec import model_spec
 
 
 def _stories_prompt(tokenizer):
@@ -118,18 +118,18 @@ def test_smollm2_loads_from_its_kept_copy_as_from_its_gguf(tmp_path, monkeypatch
     copy alone: the same weights in float32 and cast to bfloat16, the same spec, generation config and
     tokenizer."""
     monkeypatch.setenv("XPU_COOPT_CACHE", str(tmp_path))
-    converted, gguf_tokenizer = models.load_smollm2(torch.float32)
+    converted, gguf_tokenizer = checkpoints.load_smollm2(torch.float32)
     assert "keeping a float32 copy" in capsys.readouterr().err
     assert [path.parent.name for path in tmp_path.glob("*/*")] == ["models"]  # no scratch folder left
 
     def no_gguf(*args):
         raise AssertionError("a later load read the GGUF")
 
-    monkeypatch.setattr(models, "load_gguf", no_gguf)
+    monkeypatch.setattr(checkpoints, "load_gguf", no_gguf)
     texts = ["Hello world", " café\n\n😀 <|im_end|>  spaces"]
     chat = [{"role": "user", "content": "What is 2+2?"}]
     for dtype in (torch.float32, torch.bfloat16):
-        model, tokenizer = models.load_smollm2(dtype)
+        model, tokenizer = checkpoints.load_smollm2(dtype)
         assert "keeping a float32 copy" not in capsys.readouterr().err
         expected = converted.state_dict()
         assert model.state_dict().keys() == expected.keys()
@@ -154,7 +154,7 @@ def test_a_cache_that_cannot_keep_the_smollm2_copy_is_a_warning(smollm2_fp32, tm
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
     with pytest.warns(UserWarning, match="could not keep a copy of the model in .*the next load converts"):
-        models.keep_copy(*smollm2_fp32, not_a_folder / "models" / "copy")
+        checkpoints.keep_copy(*smollm2_fp32, not_a_folder / "models" / "copy")
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from conftest import STORIES_VARIANTS
 from test_real_models import _stories_prompt, _unequal_stories_prompts
 
 import xpu_coopt
+from xpu_coopt.backends.sycl import kernels, runtime
 from xpu_coopt.ops import decode_split
-from xpu_coopt.sycl import kernels, runtime
 
 CPU = torch.device("cpu")
 

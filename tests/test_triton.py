@@ -20,9 +20,9 @@ from test_real_models import _stories_prompt, _unequal_stories_prompts
 
 import xpu_coopt
 from xpu_coopt import backends
+from xpu_coopt.backends.triton import linear
+from xpu_coopt.backends.triton.kernels import triton_kernels
 from xpu_coopt.cache import BLOCK_SIZE, RESPONSE_STEP
-from xpu_coopt.triton import linear
-from xpu_coopt.triton.kernels import triton_kernels
 
 CPU = torch.device("cpu")
 
@@ -67,8 +67,8 @@ def test_stories260k_triton_shares_out_more_rows_than_a_program_serves(stories_m
     """One more beam than a decode program's rows hold (x 2 query heads per KV head): two programs share
     each (request, KV head)'s rows out, each with its own beams' response rows, and the tokens are the
     reference's."""
+    from xpu_coopt.backends.triton.kernels import MAX_DECODE_ROWS
     from xpu_coopt.ops import decode_split
-    from xpu_coopt.triton.kernels import MAX_DECODE_ROWS
 
     config = stories_model.config
     group = config.num_attention_heads // config.num_key_value_heads
@@ -118,7 +118,7 @@ def test_decode_steps_run_the_fused_gemms_and_long_prompts_prefill_unfused(
 
 
 def _compile_without_the_interpreter(script: Path, *arguments: str) -> subprocess.CompletedProcess:
-    """Runs a script that compiles for NVIDIA targets (xpu_coopt.triton.offline), in a process without
+    """Runs a script that compiles for NVIDIA targets (xpu_coopt.backends.triton.offline), in a process without
     TRITON_INTERPRET; asserts that it succeeded."""
     environment = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     command = [sys.executable, str(script), *arguments]
@@ -193,7 +193,7 @@ def test_fp8_upcast_in_registers_keeps_byte_loads_out_of_the_prompt_loop(tmp_pat
     [(156, 71680, {"registers": 3, "shared": 3}), (255, 73728, {"registers": 2, "shared": 3})],
 )
 def test_blocks_per_sm_match_nsight_compute(registers, shared, blocks):
-    from xpu_coopt.triton import offline
+    from xpu_coopt.backends.triton import offline
 
     usage = offline.Resources(registers=registers, stack_bytes=0, shared_bytes=shared, num_warps=4)
     assert usage.blocks_per_sm(90) == blocks
@@ -202,7 +202,7 @@ def test_blocks_per_sm_match_nsight_compute(registers, shared, blocks):
 
 
 def test_compile_for_refuses_the_interpreter():
-    from xpu_coopt.triton import offline
+    from xpu_coopt.backends.triton import offline
 
     with pytest.raises(RuntimeError, match="without TRITON_INTERPRET=1"), offline.compile_for(90):
         pass
@@ -212,7 +212,7 @@ def test_decode_launch_overrides(monkeypatch):
     import argparse
     import dataclasses
 
-    from xpu_coopt.triton import kernels, tuning
+    from xpu_coopt.backends.triton import kernels, tuning
 
     monkeypatch.setattr(kernels, "DECODE_LAUNCH", kernels.DecodeLaunch())
     parser = argparse.ArgumentParser()
@@ -231,7 +231,7 @@ def test_decode_launch_overrides(monkeypatch):
 
 
 def test_response_blocks_hold_16_to_64_columns():
-    from xpu_coopt.triton import kernels
+    from xpu_coopt.backends.triton import kernels
 
     steps = {beams: kernels.response_steps(kernels.DECODE_LAUNCH, beams) for beams in (1, 2, 3, 4, 8, 16, 64)}
     assert steps == {1: 16, 2: 16, 3: 16, 4: 16, 8: 8, 16: 4, 64: 1}  # 3 beams: blocks of 4 (a power of 2)
@@ -240,7 +240,7 @@ def test_response_blocks_hold_16_to_64_columns():
 def test_fp8_upcast_in_registers_is_refused_by_the_interpreter(monkeypatch):
     import dataclasses
 
-    from xpu_coopt.triton import kernels
+    from xpu_coopt.backends.triton import kernels
 
     monkeypatch.setattr(
         kernels, "DECODE_LAUNCH", dataclasses.replace(kernels.DECODE_LAUNCH, fp8_upcast_in_registers=True)
@@ -275,7 +275,7 @@ def test_triton_backend_refuses_other_devices():
 
 
 def test_unsupported_head_dim_is_a_clear_error():
-    from xpu_coopt.triton import kernels
+    from xpu_coopt.backends.triton import kernels
 
     q = torch.randn(1, 3, 2, 512)
     with pytest.raises(ValueError, match="head_dim up to 256, not 512"):
@@ -368,7 +368,7 @@ def _replay_decode_graphs_eagerly(monkeypatch) -> list[tuple[int, list[int]]]:
     for the shape of the output buffer, and each replay runs the step eagerly where a GPU replays the
     captured graph, returning it in that one buffer as the graph does. DecodeGraph's own __call__ decides
     when to capture. Returns the replays: (the graph's id, the segment lengths it read)."""
-    from xpu_coopt.decode_graph import DecodeGraph
+    from xpu_coopt.cache.decode_graph import DecodeGraph
 
     replays = []
 
@@ -516,8 +516,8 @@ def test_decode_microbenchmark_cases_are_valid_calls(kv_format, device_lengths, 
     monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "scripts"))
     import bench_decode_attention
 
-    from xpu_coopt.ops import reference_kernels
-    from xpu_coopt.triton.kernels import triton_kernels
+    from xpu_coopt.backends.cpu import cpu_kernels
+    from xpu_coopt.backends.triton.kernels import triton_kernels
 
     args = argparse.Namespace(device="cpu", batch=2, beams=4, heads=4, kv_heads=2, head_dim=64, response=9,
                               min_cycle_bytes=1, device_lengths=device_lengths)  # fmt: skip
@@ -533,7 +533,7 @@ def test_decode_microbenchmark_cases_are_valid_calls(kv_format, device_lengths, 
     assert moved == 2 * 2 * row_bytes * (2 * 64 + distinct) + 2 * 8 * 4 * 64 * 2
     triton_out, reference_out = torch.empty_like(calls[0][0]), torch.empty_like(calls[0][0])
     triton_kernels().segment_attention_decode(triton_out, *calls[0][1:])
-    reference_kernels().segment_attention_decode(reference_out, *calls[0][1:])
+    cpu_kernels().segment_attention_decode(reference_out, *calls[0][1:])
     torch.testing.assert_close(triton_out, reference_out, atol=2e-3, rtol=2e-3)
 
 

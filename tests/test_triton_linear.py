@@ -1,4 +1,4 @@
-"""The Triton backend's few-row GEMM (xpu_coopt/triton/linear.py) under the interpreter, against F.linear
+"""The Triton backend's few-row GEMM (xpu_coopt/backends/triton/linear.py) under the interpreter, against F.linear
 in float64, for both of its launch families and the hand-off to torch's GEMM beyond MAX_ROWS; and its
 fusions (RMSNorm before, SiLU * up or a residual add after) against the same ops composed in float64."""
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import assert_close
 
 from xpu_coopt import backends
-from xpu_coopt.triton import linear
+from xpu_coopt.backends.triton import linear
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

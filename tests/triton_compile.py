@@ -1,8 +1,8 @@
 """Compiles every Triton kernel, as the op wrappers launch it, for NVIDIA GPU targets, without a GPU.
 
 The interpreter (which runs the kernels in the other tests) is lenient: it accepts block shapes, dtypes
-and constructs that the real compiler rejects. This script runs each wrapper of xpu_coopt.triton.kernels
-and .linear on CPU tensors within xpu_coopt.triton.offline.compile_for(sm_XX), which compiles every launch
+and constructs that the real compiler rejects. This script runs each wrapper of xpu_coopt.backends.triton.kernels
+and .linear on CPU tensors within xpu_coopt.backends.triton.offline.compile_for(sm_XX), which compiles every launch
 down to a cubin through Triton's own launch path instead of running it, so CI proves that the exact
 launches the wrappers make compile. Run by tests/test_triton.py in a process without TRITON_INTERPRET; prints one line
 per compiled launch, then "compiled N launches for [targets]".
@@ -18,9 +18,9 @@ import torch
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without the interpreter"
 
-import xpu_coopt.triton.kernels as K  # noqa: E402
+import xpu_coopt.backends.triton.kernels as K  # noqa: E402
+from xpu_coopt.backends.triton import linear, offline  # noqa: E402
 from xpu_coopt.ops import fp8  # noqa: E402
-from xpu_coopt.triton import linear, offline  # noqa: E402
 
 CAPABILITIES = (80, 90)
 
@@ -45,7 +45,7 @@ def launch_all(dtypes: list[torch.dtype]) -> None:
         even, even_weight = torch.randn(3, 1024, dtype=dtype), torch.randn(100, 1024, dtype=dtype)
         linear.linear(even[:1], even_weight)
         linear.linear(even, even_weight)
-        # The fused GEMMs of a decode step (xpu_coopt/model.py): the norm before, SiLU * up or a residual add
+        # The fused GEMMs of a decode step (xpu_coopt/model/decoder.py): the norm before, SiLU * up or a residual add
         # after; with K a multiple of the K block too for the fullest of them.
         norm, even_norm = torch.ones(576, dtype=dtype), torch.ones(1024, dtype=dtype)
         for rows in (x[:1], x):

@@ -1,11 +1,11 @@
 """xpu_coopt: fast, lean LLaMA-family inference from PyTorch on Intel GPUs, with NVIDIA GPU and CPU fallbacks."""
 
 from xpu_coopt.api import optimize
+from xpu_coopt.cache.prefix_cache import PrefixCache
 from xpu_coopt.errors import BackendUnavailableError, KernelCompileError
 from xpu_coopt.gqa import convert_to_gqa
 from xpu_coopt.kv_scales import KVScales, calibrate_kv_scales
-from xpu_coopt.optimized_model import OptimizedModel
-from xpu_coopt.prefix_cache import PrefixCache
+from xpu_coopt.model.optimized import OptimizedModel
 
 __all__ = [
     "BackendUnavailableError",

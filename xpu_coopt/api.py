@@ -9,12 +9,14 @@ from typing import Any
 import torch
 
 from xpu_coopt.backends import resolve_backend
+from xpu_coopt.backends.cpu import gemm as cpu_gemm
 from xpu_coopt.cache import KV_CACHE_KINDS
-from xpu_coopt.config import model_spec
 from xpu_coopt.kv_scales import KVScales
-from xpu_coopt.model import LlamaDecoder, is_plain_linear, projection_modules
-from xpu_coopt.ops import KV_FORMATS, cpu_gemm
-from xpu_coopt.optimized_model import OptimizedModel
+from xpu_coopt.model.decoder import LlamaDecoder
+from xpu_coopt.model.linear import is_plain_linear, projection_modules
+from xpu_coopt.model.optimized import OptimizedModel
+from xpu_coopt.model.spec import model_spec
+from xpu_coopt.ops import KV_FORMATS
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

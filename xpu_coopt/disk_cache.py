@@ -1,5 +1,5 @@
 """Where xpu_coopt keeps what it builds once and reuses across processes: the SYCL launcher and compiled
-kernels (sycl/runtime.py) and the embedded SmolLM2's converted copy (models.py).
+kernels (backends/sycl/runtime.py) and the embedded SmolLM2's converted copy (checkpoints.py).
 
 One folder, $XPU_COOPT_CACHE or ~/.cache/xpu_coopt. Each entry's name carries a key of what it was made
 from, so a changed input makes a new entry instead of reusing a stale one, and each entry appears whole or

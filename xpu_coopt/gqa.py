@@ -21,7 +21,7 @@ import itertools
 import torch
 from torch import nn
 
-from xpu_coopt.config import model_spec
+from xpu_coopt.model.spec import model_spec
 
 GROUPINGS = ("mean", "similarity")
 # Exhaustive search over equal-size partitions up to this many; beyond it, a greedy grouping.

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from xpu_coopt.ops import fp8
 
 if TYPE_CHECKING:
-    from xpu_coopt.optimized_model import OptimizedModel
+    from xpu_coopt.model.optimized import OptimizedModel
 
 SCALES_FILE = "xpu_coopt_kv_scales.json"
 

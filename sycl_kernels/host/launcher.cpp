@@ -3,7 +3,7 @@
 // It does four things: make (or adopt) a queue, compile SYCL source at run time into a kernel bundle
 // (SYCL-RTC, sycl_ext_oneapi_kernel_compiler), look kernels up by name, and launch them with raw
 // argument bytes. Everything device-specific lives in the kernel sources; this file never changes per op.
-// Built with plain g++ against the headers of the installed intel-sycl-rt wheel (xpu_coopt/sycl/runtime.py).
+// Built with plain g++ against the headers of the installed intel-sycl-rt wheel (xpu_coopt/backends/sycl/runtime.py).
 //
 // Errors never cross the C ABI as exceptions: each call returns null/nonzero and writes the message,
 // compiler log included, into the caller's buffer.

@@ -25,7 +25,7 @@ is a pool of blocks of BLOCK_SIZE columns, shared by the batch, with a table per
 The response segment of beam search stays per beam, as in the segment cache. Decode attention reads the
 prompt segment through the table (segment_attention_decode's prompt_block_table, docs/ops.md).
 With device lengths (a CUDA graph replaying the decode step) the pool grows the same way: each growth
-moves it, and the decode graph is captured again at that step (xpu_coopt.decode_graph).
+moves it, and the decode graph is captured again at that step (xpu_coopt.cache.decode_graph).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from xpu_coopt.config import ModelSpec
+from xpu_coopt.model.spec import ModelSpec
 from xpu_coopt.ops import Ops, fp8
 from xpu_coopt.ops.schema import NO_WINDOW
 

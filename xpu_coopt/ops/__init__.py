@@ -8,16 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from xpu_coopt.ops import (
-    cpu_gemm,
-    reference,  # importing it registers the CPU kernels
-)
 from xpu_coopt.ops.schema import KV_FORMATS, NAMESPACE, SCHEMAS
 
 __all__ = [
@@ -25,9 +20,7 @@ __all__ = [
     "SCHEMAS",
     "GemmFusions",
     "Ops",
-    "cpu_gemm_options",
     "dispatcher_kernels",
-    "reference_kernels",
 ]
 
 
@@ -95,13 +88,3 @@ class Ops:
         out = gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
         self.kernels.silu_and_mul(out, gate_up)
         return out
-
-
-def reference_kernels() -> SimpleNamespace:
-    """The reference kernels as plain functions, whatever the device: the oracle of backend tests."""
-    return SimpleNamespace(**reference.KERNELS)
-
-
-def cpu_gemm_options() -> dict[str, Any]:
-    """The reference backend's GEMM choices, as Ops keyword arguments."""
-    return {"linear": cpu_gemm.linear, "pack_weight": cpu_gemm.pack_weight}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from xpu_coopt.triton import kernels
+from xpu_coopt.backends.triton import kernels
 
 # DecodeLaunch fields each set by the option of the same name (block_n sets both cache storages' sizes).
 _FIELDS = ("block_t", "num_warps", "num_stages", "max_registers", "programs_per_sm", "min_chunk",
@@ -16,7 +16,7 @@ _FIELDS = ("block_t", "num_warps", "num_stages", "max_registers", "programs_per_
 
 def add_decode_launch_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
-        "decode kernel launch (defaults: xpu_coopt.triton.kernels.DecodeLaunch)"
+        "decode kernel launch (defaults: xpu_coopt.backends.triton.kernels.DecodeLaunch)"
     )
     group.add_argument("--block-n", type=int, help="keys per block, for every cache storage")
     group.add_argument("--block-t", type=int, help="response steps per block")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from xpu_coopt.ops import checks, cpu_gemm, fp8
+from xpu_coopt.backends.cpu import gemm
+from xpu_coopt.ops import fp8, validate
 from xpu_coopt.ops.schema import NO_WINDOW, library
 
 
@@ -138,8 +139,8 @@ def attention_prefill(
     window: int = NO_WINDOW,
 ) -> None:
     op = "attention_prefill"
-    span = checks.window_span(op, window)
-    queries, columns = checks.prefill_shapes(op, out, query, key, value, seq_start)
+    span = validate.window_span(op, window)
+    queries, columns = validate.prefill_shapes(op, out, query, key, value, seq_start)
     offset = columns - queries  # query i sits at column offset + i
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, heads, columns, D]
     if offset == 0 and not bool(seq_start.any()) and span >= columns:
@@ -169,8 +170,8 @@ def attention_prefill(
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """torch.matmul in the operands' dtype (float32 sums, rounded once), run in float32 where this CPU has
-    no fast kernel for that dtype (cpu_gemm.matmul_dtype)."""
-    compute = cpu_gemm.matmul_dtype(a.device, a.dtype)
+    no fast kernel for that dtype (gemm.matmul_dtype)."""
+    compute = gemm.matmul_dtype(a.device, a.dtype)
     if compute == a.dtype:
         return torch.matmul(a, b)
     return torch.matmul(a.to(compute), b.to(compute)).to(a.dtype)
@@ -212,11 +213,11 @@ def segment_attention_decode(
     window: int = NO_WINDOW,
 ) -> None:
     op = "segment_attention_decode"
-    span = checks.window_span(op, window)
-    capacity = checks.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len, span)
+    span = validate.window_span(op, window)
+    capacity = validate.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len, span)
     # The lengths may live on the device: read them here, once for every chunk.
-    rings = checks.rings(prompt_k, prompt_block_table, response_k, span)
-    prompt_len, response_len = checks.host_segment_lens(op, segment_lens, capacity, response_len, rings)
+    rings = validate.rings(prompt_k, prompt_block_table, response_k, span)
+    prompt_len, response_len = validate.host_segment_lens(op, segment_lens, capacity, response_len, rings)
     # A sliding window keeps each sequence's last `span` columns (prompt columns, then response steps):
     # the columns and steps before those are neither read nor computed on.
     window_first = prompt_len + response_len - span
@@ -255,7 +256,7 @@ def _copies_kv(kv_format: str, paged: bool, prompt_start: torch.Tensor, prompt_c
 
 def _request_bytes(query: torch.Tensor, num_kv_heads: int, columns: int) -> int:
     """The bytes of one request's K and V over `columns`, in the dtype the decode's copies hold them in."""
-    compute = query.dtype if CPU_FLASH_ATTENTION else cpu_gemm.matmul_dtype(query.device, query.dtype)
+    compute = query.dtype if CPU_FLASH_ATTENTION else gemm.matmul_dtype(query.device, query.dtype)
     return 2 * num_kv_heads * columns * query.shape[-1] * compute.itemsize
 
 
@@ -279,7 +280,7 @@ def _attend_requests(
     prompt_k, prompt_v, prompt_k_scale, prompt_v_scale = prompt
     response_k, response_v, response_k_scale, response_v_scale = response
     dtype = query.dtype
-    compute = cpu_gemm.matmul_dtype(query.device, dtype)
+    compute = gemm.matmul_dtype(query.device, dtype)
     # 16-bit K/V gathered from blocks come out in the matmuls' dtype: the gather's copy converts them.
     gathered_kv = None if fp8.is_fp8(kv_format) else compute
     callers_v = prompt_v  # the caller's cache, never written: padding is zeroed in a copy of it

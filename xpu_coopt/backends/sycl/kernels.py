@@ -12,9 +12,9 @@ from types import SimpleNamespace
 
 import torch
 
-from xpu_coopt.ops import checks, decode_split
+from xpu_coopt.backends.sycl.runtime import queue_for
+from xpu_coopt.ops import decode_split, validate
 from xpu_coopt.ops.schema import NO_WINDOW, library
-from xpu_coopt.sycl.runtime import queue_for
 
 DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 SUB_GROUP = 16  # sycl_kernels/common.hpp kSubGroup
@@ -39,19 +39,19 @@ KV_WRITE_WORK_GROUP = 4 * SUB_GROUP
 
 
 def _dtype_name(op: str, *tensors: torch.Tensor) -> str:
-    return DTYPE_NAMES[checks.activation_dtype(op, "SYCL", *tensors)]
+    return DTYPE_NAMES[validate.activation_dtype(op, "SYCL", *tensors)]
 
 
 def _kernel_suffix(op: str, kv_format: str, *tensors: torch.Tensor) -> str:
-    return f"{_dtype_name(op, *tensors)}_{checks.kv_format(op, kv_format)}"
+    return f"{_dtype_name(op, *tensors)}_{validate.kv_format(op, kv_format)}"
 
 
 def _check_head_dim(op: str, head_dim: int) -> None:
-    checks.head_dim(op, "SYCL", head_dim, MAX_HEAD_DIM)
+    validate.head_dim(op, "SYCL", head_dim, MAX_HEAD_DIM)
 
 
 def _cache_layout(op: str, *cache_and_scales: torch.Tensor | None) -> list[c_int64]:
-    return [c_int64(s) for s in checks.cache_strides(op, *cache_and_scales)]
+    return [c_int64(s) for s in validate.cache_strides(op, *cache_and_scales)]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -68,8 +68,8 @@ def _run(device: torch.device, source: str, name: str, global_size: int, local_s
 
 def rms_norm(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
     name = _dtype_name("rms_norm", input, out, weight)
-    checks.inner_contiguous("rms_norm", out=out, input=input, weight=weight)
-    out2, input2 = checks.rows("rms_norm", "out", out), checks.rows("rms_norm", "input", input)
+    validate.inner_contiguous("rms_norm", out=out, input=input, weight=weight)
+    out2, input2 = validate.rows("rms_norm", "out", out), validate.rows("rms_norm", "input", input)
     if input2.shape[0] == 0:
         return
     _run(
@@ -82,9 +82,9 @@ def fused_add_rms_norm(
     input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float
 ) -> None:
     name = _dtype_name("fused_add_rms_norm", input, residual, weight)
-    checks.inner_contiguous("fused_add_rms_norm", input=input, residual=residual, weight=weight)
-    input2 = checks.rows("fused_add_rms_norm", "input", input)
-    residual2 = checks.rows("fused_add_rms_norm", "residual", residual)
+    validate.inner_contiguous("fused_add_rms_norm", input=input, residual=residual, weight=weight)
+    input2 = validate.rows("fused_add_rms_norm", "input", input)
+    residual2 = validate.rows("fused_add_rms_norm", "residual", residual)
     if input2.shape[0] == 0:
         return
     _run(
@@ -96,8 +96,8 @@ def fused_add_rms_norm(
 
 def silu_and_mul(out: torch.Tensor, input: torch.Tensor) -> None:
     name = _dtype_name("silu_and_mul", input, out)
-    checks.inner_contiguous("silu_and_mul", out=out, input=input)
-    out2, input2 = checks.rows("silu_and_mul", "out", out), checks.rows("silu_and_mul", "input", input)
+    validate.inner_contiguous("silu_and_mul", out=out, input=input)
+    out2, input2 = validate.rows("silu_and_mul", "out", out), validate.rows("silu_and_mul", "input", input)
     rows, width = out2.shape
     if rows * width == 0:
         return
@@ -128,12 +128,12 @@ def rotary_embedding_kv_write(
     rotate = query is not None
     activations = (key, value) + ((query, cos_sin) if rotate else ())
     suffix = _kernel_suffix(op, kv_format, *activations)
-    checks.cache_write(op, kv_format, key, k_cache, static_scale)
+    validate.cache_write(op, kv_format, key, k_cache, static_scale)
     tokens, kv_heads, head_dim = key.shape
     _check_head_dim(op, head_dim)
-    checks.inner_contiguous(op, key=key, value=value, k_cache=k_cache, v_cache=v_cache, cos_sin=cos_sin)
-    checks.heads_apart(op, head_dim, 1, query=query, key=key, value=value)
-    checks.index_dtype(op, torch.int64, cache_rows=cache_rows, cache_positions=cache_positions)
+    validate.inner_contiguous(op, key=key, value=value, k_cache=k_cache, v_cache=v_cache, cos_sin=cos_sin)
+    validate.heads_apart(op, head_dim, 1, query=query, key=key, value=value)
+    validate.index_dtype(op, torch.int64, cache_rows=cache_rows, cache_positions=cache_positions)
     if tokens == 0:
         return
     _run(
@@ -176,13 +176,13 @@ def attention_prefill(
 ) -> None:
     op = "attention_prefill"
     name = _dtype_name(op, query, key, value, out)
-    span = checks.window_span(op, window)
-    queries, columns = checks.prefill_shapes(op, out, query, key, value, seq_start)
+    span = validate.window_span(op, window)
+    queries, columns = validate.prefill_shapes(op, out, query, key, value, seq_start)
     batch, _, heads, head_dim = query.shape
     kv_heads = key.shape[2]
     _check_head_dim(op, head_dim)
-    checks.inner_contiguous(op, out=out, query=query, key=key, value=value)
-    checks.heads_apart(op, head_dim, 2, out=out, query=query, key=key, value=value)
+    validate.inner_contiguous(op, out=out, query=query, key=key, value=value)
+    validate.heads_apart(op, head_dim, 2, out=out, query=query, key=key, value=value)
     if batch * queries == 0:
         return
     work_groups = batch * heads * -(-queries // PREFILL_QUERY_ROWS)
@@ -228,11 +228,11 @@ def segment_attention_decode(
 ) -> None:
     op = "segment_attention_decode"
     suffix = _kernel_suffix(op, kv_format, query, out)
-    span = checks.window_span(op, window)
-    capacity = checks.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len, span)
+    span = validate.window_span(op, window)
+    capacity = validate.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len, span)
     # segment_lens read on the host: no graph capture on this backend.
-    rings = checks.rings(prompt_k, prompt_block_table, response_k, span)
-    prompt_len, response_len = checks.host_segment_lens(op, segment_lens, capacity, response_len, rings)
+    rings = validate.rings(prompt_k, prompt_block_table, response_k, span)
+    prompt_len, response_len = validate.host_segment_lens(op, segment_lens, capacity, response_len, rings)
     if prompt_block_table is not None and prompt_k.shape[2] % DECODE_KEY_TILE:
         raise ValueError(
             f"{op}: the SYCL kernel reads a paged prompt segment in tiles of {DECODE_KEY_TILE} columns, so its "
@@ -242,10 +242,10 @@ def segment_attention_decode(
     requests, kv_heads = prompt_start.shape[0], prompt_k.shape[1]
     beams, group = num_seqs // requests, heads // kv_heads
     _check_head_dim(op, head_dim)
-    checks.inner_contiguous(op, out=out, query=query, prompt_k=prompt_k, prompt_v=prompt_v)
-    checks.inner_contiguous(op, response_k=response_k, response_v=response_v, beam_slots=beam_slots)
-    checks.heads_apart(op, head_dim, 1, query=query, out=out)
-    checks.index_dtype(op, torch.int32, beam_slots=beam_slots)
+    validate.inner_contiguous(op, out=out, query=query, prompt_k=prompt_k, prompt_v=prompt_v)
+    validate.inner_contiguous(op, response_k=response_k, response_v=response_v, beam_slots=beam_slots)
+    validate.heads_apart(op, head_dim, 1, query=query, out=out)
+    validate.index_dtype(op, torch.int32, beam_slots=beam_slots)
     if num_seqs == 0:
         return
     chunks = decode_split.chunk_rows(beams, group, MAX_DECODE_ROWS)

@@ -1,6 +1,6 @@
 """Compiles the Triton kernels for an NVIDIA GPU on a machine without one, as the op wrappers launch them.
 
-Within compile_for(capability), every wrapper of xpu_coopt.triton.kernels and .linear runs on CPU tensors
+Within compile_for(capability), every wrapper of xpu_coopt.backends.triton.kernels and .linear runs on CPU tensors
 and each launch it makes compiles down to a cubin for sm_<capability> instead of running: through Triton's
 own launch path (JITFunction.warmup), so it gets the argument specialisation a real launch gets (pointer
 alignment, integers divisible by 16) and the same code. CI uses it to prove the launches compile;
@@ -25,8 +25,8 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 
-import xpu_coopt.triton.kernels as kernels
-import xpu_coopt.triton.linear as linear
+import xpu_coopt.backends.triton.kernels as kernels
+import xpu_coopt.backends.triton.linear as linear
 
 # The module each wrapper looks its kernels up in, and their names.
 KERNEL_NAMES = (
@@ -88,7 +88,7 @@ class _CompileOnly:
 
 @contextlib.contextmanager
 def compile_for(capability: int, multiprocessors: int = H100_MULTIPROCESSORS) -> Iterator[list[Launch]]:
-    """Within it, the wrappers in xpu_coopt.triton.kernels and .linear compile their launches for
+    """Within it, the wrappers in xpu_coopt.backends.triton.kernels and .linear compile their launches for
     sm_<capability> (on CPU tensors, without TRITON_INTERPRET) instead of running them; yields the list of
     launches, filled as they are made. multiprocessors: the GPU's size, which split decoding depends on."""
     if kernels.INTERPRETED:

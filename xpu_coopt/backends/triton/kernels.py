@@ -16,16 +16,16 @@ from typing import NamedTuple
 import torch
 import triton
 
-from xpu_coopt.ops import checks, decode_split, fp8
-from xpu_coopt.ops.schema import NO_WINDOW, library
-from xpu_coopt.triton.attention import (
+from xpu_coopt.backends.triton.attention import (
     attention_prefill_kernel,
     combine_splits_kernel,
     segment_attention_decode_kernel,
 )
-from xpu_coopt.triton.codecs import codec_constants
-from xpu_coopt.triton.kv_write import rotary_kv_write_kernel
-from xpu_coopt.triton.norms import fused_add_rms_norm_kernel, rms_norm_kernel, silu_and_mul_kernel
+from xpu_coopt.backends.triton.codecs import codec_constants
+from xpu_coopt.backends.triton.kv_write import rotary_kv_write_kernel
+from xpu_coopt.backends.triton.norms import fused_add_rms_norm_kernel, rms_norm_kernel, silu_and_mul_kernel
+from xpu_coopt.ops import decode_split, fp8, validate
+from xpu_coopt.ops.schema import NO_WINDOW, library
 
 BACKEND = "Triton"
 # Chosen by triton when it is imported; its bfloat16 tl.dot is wrong, so the attention kernels multiply
@@ -41,7 +41,7 @@ PREFILL_BLOCK_M, PREFILL_BLOCK_N = 32, 32
 
 @dataclasses.dataclass(frozen=True)
 class DecodeLaunch:
-    """The decode kernel's launch constants (tuning scripts replace DECODE_LAUNCH: xpu_coopt/triton/tuning.py)."""
+    """The decode kernel's launch constants (tuning scripts replace DECODE_LAUNCH: xpu_coopt/backends/triton/tuning.py)."""
 
     # Keys per block, by cache storage (measured on an H100, docs/benchmarks.md: 64 keeps a 16-bit cache
     # at 77-89% of the copy rate from 4k; 128 runs an FP8 cache 20% faster than 64).
@@ -104,9 +104,9 @@ def _hidden(op: str, size: int) -> int:
 
 def rms_norm(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
     op = "rms_norm"
-    checks.activation_dtype(op, BACKEND, input, out, weight)
-    checks.inner_contiguous(op, out=out, input=input, weight=weight)
-    out2, input2 = checks.rows(op, "out", out), checks.rows(op, "input", input)
+    validate.activation_dtype(op, BACKEND, input, out, weight)
+    validate.inner_contiguous(op, out=out, input=input, weight=weight)
+    out2, input2 = validate.rows(op, "out", out), validate.rows(op, "input", input)
     hidden = _hidden(op, input2.shape[1])
     if input2.shape[0]:
         rms_norm_kernel[(input2.shape[0],)](
@@ -118,9 +118,9 @@ def fused_add_rms_norm(
     input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float
 ) -> None:
     op = "fused_add_rms_norm"
-    checks.activation_dtype(op, BACKEND, input, residual, weight)
-    checks.inner_contiguous(op, input=input, residual=residual, weight=weight)
-    input2, residual2 = checks.rows(op, "input", input), checks.rows(op, "residual", residual)
+    validate.activation_dtype(op, BACKEND, input, residual, weight)
+    validate.inner_contiguous(op, input=input, residual=residual, weight=weight)
+    input2, residual2 = validate.rows(op, "input", input), validate.rows(op, "residual", residual)
     hidden = _hidden(op, input2.shape[1])
     if input2.shape[0]:
         fused_add_rms_norm_kernel[(input2.shape[0],)](
@@ -131,9 +131,9 @@ def fused_add_rms_norm(
 
 def silu_and_mul(out: torch.Tensor, input: torch.Tensor) -> None:
     op = "silu_and_mul"
-    checks.activation_dtype(op, BACKEND, input, out)
-    checks.inner_contiguous(op, out=out, input=input)
-    out2, input2 = checks.rows(op, "out", out), checks.rows(op, "input", input)
+    validate.activation_dtype(op, BACKEND, input, out)
+    validate.inner_contiguous(op, out=out, input=input)
+    out2, input2 = validate.rows(op, "out", out), validate.rows(op, "input", input)
     rows, width = out2.shape
     block = min(SILU_BLOCK, _block(width))
     if rows * width:
@@ -160,15 +160,15 @@ def rotary_embedding_kv_write(
 ) -> None:
     """One kernel serves both ops: without query and cos_sin it only writes the cache (kv_write)."""
     rotate = query is not None
-    checks.activation_dtype(op, BACKEND, key, value, *((query, cos_sin) if rotate else ()))
-    checks.kv_format(op, kv_format)
-    checks.cache_write(op, kv_format, key, k_cache, static_scale)
+    validate.activation_dtype(op, BACKEND, key, value, *((query, cos_sin) if rotate else ()))
+    validate.kv_format(op, kv_format)
+    validate.cache_write(op, kv_format, key, k_cache, static_scale)
     tokens, kv_heads, head_dim = key.shape
-    checks.head_dim(op, BACKEND, head_dim, MAX_HEAD_DIM)
-    checks.inner_contiguous(op, key=key, value=value, k_cache=k_cache, v_cache=v_cache, cos_sin=cos_sin)
-    checks.heads_apart(op, head_dim, 1, query=query, key=key, value=value)
-    checks.index_dtype(op, torch.int64, cache_rows=cache_rows, cache_positions=cache_positions)
-    strides = checks.cache_strides(op, k_cache, v_cache, k_scale, v_scale)
+    validate.head_dim(op, BACKEND, head_dim, MAX_HEAD_DIM)
+    validate.inner_contiguous(op, key=key, value=value, k_cache=k_cache, v_cache=v_cache, cos_sin=cos_sin)
+    validate.heads_apart(op, head_dim, 1, query=query, key=key, value=value)
+    validate.index_dtype(op, torch.int64, cache_rows=cache_rows, cache_positions=cache_positions)
+    strides = validate.cache_strides(op, k_cache, v_cache, k_scale, v_scale)
     if tokens == 0:
         return
     unused = key.new_empty(0, dtype=torch.float32)  # stands for absent pointers, never dereferenced
@@ -211,13 +211,13 @@ def attention_prefill(
     window: int = NO_WINDOW,
 ) -> None:
     op = "attention_prefill"
-    span = checks.window_span(op, window)
-    checks.activation_dtype(op, BACKEND, query, key, value, out)
-    queries, columns = checks.prefill_shapes(op, out, query, key, value, seq_start)
+    span = validate.window_span(op, window)
+    validate.activation_dtype(op, BACKEND, query, key, value, out)
+    queries, columns = validate.prefill_shapes(op, out, query, key, value, seq_start)
     batch, _, heads, head_dim = query.shape
-    checks.head_dim(op, BACKEND, head_dim, MAX_HEAD_DIM)
-    checks.inner_contiguous(op, out=out, query=query, key=key, value=value)
-    checks.heads_apart(op, head_dim, 2, out=out, query=query, key=key, value=value)
+    validate.head_dim(op, BACKEND, head_dim, MAX_HEAD_DIM)
+    validate.inner_contiguous(op, out=out, query=query, key=key, value=value)
+    validate.heads_apart(op, head_dim, 2, out=out, query=query, key=key, value=value)
     if batch * queries == 0:
         return
     attention_prefill_kernel[(triton.cdiv(queries, PREFILL_BLOCK_M), batch * heads)](
@@ -237,7 +237,7 @@ class GpuFacts(NamedTuple):
 
 @functools.cache
 def _gpu(device: torch.device) -> GpuFacts | None:
-    """The tensors' GPU; None under the interpreter (CPU tensors). xpu_coopt.triton.offline stands a
+    """The tensors' GPU; None under the interpreter (CPU tensors). xpu_coopt.backends.triton.offline stands a
     target GPU in for it."""
     if device.type != "cuda" or INTERPRETED:
         return None
@@ -292,19 +292,19 @@ def segment_attention_decode(
     window: int = NO_WINDOW,
 ) -> None:
     op = "segment_attention_decode"
-    span = checks.window_span(op, window)
-    checks.activation_dtype(op, BACKEND, query, out)
-    checks.kv_format(op, kv_format)
+    span = validate.window_span(op, window)
+    validate.activation_dtype(op, BACKEND, query, out)
+    validate.kv_format(op, kv_format)
     num_seqs, heads, head_dim = query.shape
     requests, kv_heads = prompt_start.shape[0], prompt_k.shape[1]
-    prompt_len = checks.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len, span)
+    prompt_len = validate.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len, span)
     beams, group = num_seqs // requests, heads // kv_heads
-    checks.head_dim(op, BACKEND, head_dim, MAX_HEAD_DIM)
-    checks.inner_contiguous(op, out=out, query=query, prompt_k=prompt_k, prompt_v=prompt_v)
-    checks.inner_contiguous(op, response_k=response_k, response_v=response_v, beam_slots=beam_slots)
-    checks.heads_apart(op, head_dim, 1, query=query, out=out)
-    checks.index_dtype(op, torch.int32, beam_slots=beam_slots)
-    checks.segment_lens_tensor(op, segment_lens)
+    validate.head_dim(op, BACKEND, head_dim, MAX_HEAD_DIM)
+    validate.inner_contiguous(op, out=out, query=query, prompt_k=prompt_k, prompt_v=prompt_v)
+    validate.inner_contiguous(op, response_k=response_k, response_v=response_v, beam_slots=beam_slots)
+    validate.heads_apart(op, head_dim, 1, query=query, out=out)
+    validate.index_dtype(op, torch.int32, beam_slots=beam_slots)
+    validate.segment_lens_tensor(op, segment_lens)
     if num_seqs == 0:
         return
     launch = DECODE_LAUNCH
@@ -340,14 +340,14 @@ def segment_attention_decode(
         beams, kv_heads, group, chunks.rows, head_dim, prompt_len, response_len, max(1, response_k.shape[2]), span,
         num_seqs * heads, scale,
         query.stride(0), out.stride(0),
-        *checks.cache_strides(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
-        *checks.cache_strides(op, response_k, response_v, response_k_scale, response_v_scale),
+        *validate.cache_strides(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
+        *validate.cache_strides(op, response_k, response_v, response_k_scale, response_v_scale),
         beam_slots.stride(0), 0 if prompt_block_table is None else prompt_block_table.stride(0), prompt_k.shape[2],
         BLOCK_ROWS=_block(chunks.rows, 16), BLOCK_N=block_n, BLOCK_T=response_steps(launch, chunks.beams),
         BEAMS=_block(chunks.beams),
         BLOCK_D=_block(head_dim, 16), UPCAST_DOT=upcast_dot(query.dtype), NATIVE_FP8=_native_fp8(query.device),
         HAS_LENS=segment_lens is not None, SPLIT=splits > 1, FP8_UPCAST_IN_REGISTERS=launch.fp8_upcast_in_registers,
-        PAGED=prompt_block_table is not None, RING=span != checks.UNBOUNDED_SPAN,
+        PAGED=prompt_block_table is not None, RING=span != validate.UNBOUNDED_SPAN,
         V_BOOST=v_boost, **codec,
         num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.max_registers,
     )  # fmt: skip

@@ -8,7 +8,7 @@ from typing import Any, TextIO
 
 import torch
 
-from xpu_coopt.models import Llama2cTokenizer
+from xpu_coopt.checkpoints import Llama2cTokenizer
 
 # Tokens before the new ones that a streamed piece is decoded after: enough for a sentencepiece tokenizer
 # to keep a word's leading space (which it drops at the start of a decode); more only costs time.

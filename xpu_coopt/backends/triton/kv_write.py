@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from xpu_coopt.triton.codecs import store_rows
+from xpu_coopt.backends.triton.codecs import store_rows
 
 
 @triton.jit

@@ -23,88 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from xpu_coopt.cache import KV_CACHE_KINDS, SegmentKVCache
-from xpu_coopt.config import ModelSpec
+from xpu_coopt.model.linear import FusedLinear
+from xpu_coopt.model.rope import cos_sin_cache
+from xpu_coopt.model.spec import ModelSpec
 from xpu_coopt.ops import Ops
-from xpu_coopt.rope import cos_sin_cache
-
-
-def is_plain_linear(module: nn.Module) -> bool:
-    # Exact type: a subclass (quantized, LoRA, ...) may compute something other than x @ W.T + b.
-    return type(module) is nn.Linear
-
-
-def projection_modules(hf_model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(parameter-path name, module) of every projection the decoder runs: each layer's q/k/v/o and
-    gate/up/down, and the LM head."""
-    named = []
-    for index, layer in enumerate(hf_model.model.layers):
-        for block, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                             ("mlp", ("gate_proj", "up_proj", "down_proj"))):  # fmt: skip
-            for name in names:
-                named.append((f"model.layers.{index}.{block}.{name}", getattr(getattr(layer, block), name)))
-    return [*named, ("lm_head", hf_model.lm_head)]
-
-
-class FusedLinear:
-    """Projections sharing one input, run as one GEMM when they are plain nn.Linear layers.
-
-    Other module types (quantized Linear layers, adapters) are called as they are and their outputs
-    concatenated, so they keep working. A single plain Linear shares its weight with the HF model, unless
-    pack_shared asks for a packed copy of it too. A fused matrix is xpu_coopt's own: the backend may pack it
-    into its preferred layout (ops.pack_weight); if it keeps it plain and inplace is set, the HF modules
-    become views of it so no weight is held twice.
-    """
-
-    def __init__(
-        self, modules: list[nn.Module], dtype: torch.dtype, ops: Ops, inplace: bool, pack_shared: bool = False
-    ) -> None:
-        self.modules = None
-        self.weight = self.bias = None
-        self.linear = ops.linear
-        if not all(is_plain_linear(m) for m in modules):
-            self.modules = modules
-            return
-        weight = _concat([m.weight for m in modules], dtype)
-        if any(m.bias is not None for m in modules):
-            biases = [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules]
-            self.bias = _concat(biases, dtype)
-        owned = len(modules) > 1 or modules[0].weight.dtype != dtype
-        if (owned or pack_shared) and ops.pack_weight is not None:
-            weight = ops.pack_weight(weight, tuple(m.weight.detach() for m in modules))
-        self.weight = weight
-        # A packed weight is opaque to transformers: its modules then keep their own weights.
-        if owned and inplace and len(modules) > 1 and isinstance(weight, torch.Tensor):
-            _rebind_as_views(modules, weight, self.bias)
-
-    def tensors(self) -> list[torch.Tensor]:
-        """The tensors this projection holds or reads (a packed weight's plain parts included)."""
-        if self.modules is not None:
-            return [p for m in self.modules for p in m.parameters()]
-        weight = self.weight
-        held = list(weight.tensors()) if hasattr(weight, "tensors") else [weight]
-        return held + ([self.bias] if self.bias is not None else [])
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.modules is None:
-            return self.linear(x, self.weight, self.bias)
-        return torch.cat([m(x) for m in self.modules], dim=-1)
-
-
-def _concat(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    if len(tensors) == 1:
-        return tensors[0].detach().to(dtype)  # no copy when the dtype already matches
-    return torch.cat([t.detach() for t in tensors], dim=0).to(dtype)
-
-
-def _rebind_as_views(modules: list[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """inplace=True: point the HF modules at slices of the fused tensors, so no weight is held twice."""
-    start = 0
-    for module in modules:
-        rows = module.out_features
-        module.weight = nn.Parameter(weight[start : start + rows], requires_grad=False)
-        if module.bias is not None:
-            module.bias = nn.Parameter(bias[start : start + rows], requires_grad=False)
-        start += rows
 
 
 @dataclass
@@ -192,7 +114,7 @@ class LlamaDecoder:
         """Extends the rotary table to hold at least `positions` positions (past max_position_embeddings,
         which transformers also allows for rope types whose frequencies do not depend on the length): it
         at least doubles, so a generation running past the table rebuilds it a few times only. The table
-        moves, so a decode graph that reads it is captured again (xpu_coopt.decode_graph)."""
+        moves, so a decode graph that reads it is captured again (xpu_coopt.cache.decode_graph)."""
         held = self.cos_sin_cache.shape[0]
         if positions > held:
             spec = self.spec

@@ -9,9 +9,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xpu_coopt.generation_settings import GenerationSettings
-from xpu_coopt.token_rules import TokenRules, apply_after_min_lengths, apply_bad_words, apply_before_penalties
-from xpu_coopt.transformers_release import PENALTY_SKIPS_PADDING
+from xpu_coopt.generation.settings import GenerationSettings
+from xpu_coopt.generation.token_rules import (
+    TokenRules,
+    apply_after_min_lengths,
+    apply_bad_words,
+    apply_before_penalties,
+)
+from xpu_coopt.generation.transformers_release import PENALTY_SKIPS_PADDING
 
 # --- logits processors, in transformers' order: sequence_bias, repetition_penalty, no_repeat_ngram_size,
 # bad_words_ids, min_length and min_new_tokens, prefix_allowed_tokens_fn, forced BOS and EOS,

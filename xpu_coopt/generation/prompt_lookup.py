@@ -6,7 +6,7 @@ runs of the prompt. With `prompt_lookup_num_tokens`, generate() guesses the next
 followed the last tokens' earlier occurrence, runs them through the model in one step, chooses a token
 after each as it would without them, and keeps the guesses it chose, plus its own next token: greedy, the
 same tokens as plain greedy decoding, in fewer steps, each of which reads the weights once for several
-tokens (xpu_coopt/generation.py runs the steps).
+tokens (xpu_coopt/generation/ runs the steps).
 """
 
 from __future__ import annotations

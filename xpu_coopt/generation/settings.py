@@ -72,12 +72,12 @@ class GenerationSettings:
     length_penalty: float = 1.0
     early_stopping: bool | str = False
     num_return_sequences: int = 1
-    # prompt lookup decoding (xpu_coopt/prompt_lookup.py): drafts per step, and the longest n-gram matched
+    # prompt lookup decoding (xpu_coopt/generation/prompt_lookup.py): drafts per step, and the longest n-gram matched
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int = 2
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
-    # token-id arguments (xpu_coopt/token_rules.py), as transformers' processors of the same names
+    # token-id arguments (xpu_coopt/generation/token_rules.py), as transformers' processors of the same names
     sequence_bias: dict[tuple[int, ...], float] | None = None  # also given as [[ids, bias], ...]
     bad_words_ids: list[list[int]] | None = None
     suppress_tokens: list[int] | None = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from xpu_coopt.triton.codecs import load_unscaled
+from xpu_coopt.backends.triton.codecs import load_unscaled
 
 
 @triton.jit

@@ -71,7 +71,7 @@ def _cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _bench_parser(subparsers) -> None:
-    from xpu_coopt.models import DEFAULT_MODEL, SHAPE_PRESETS
+    from xpu_coopt.checkpoints import DEFAULT_MODEL, SHAPE_PRESETS
 
     bench = subparsers.add_parser(
         "bench",
@@ -105,8 +105,8 @@ def _bench_parser(subparsers) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from xpu_coopt.bench import benchmark, format_result
-    from xpu_coopt.models import load_model
+    from xpu_coopt.checkpoints import load_model
+    from xpu_coopt.cli.bench import benchmark, format_result
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,7 +132,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 def _model_with_tokenizer_arguments(parser: argparse.ArgumentParser) -> None:
     """A model that comes with its tokenizer, or a llama2.c one with --tokenizer."""
-    from xpu_coopt.models import DEFAULT_MODEL
+    from xpu_coopt.checkpoints import DEFAULT_MODEL
 
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"'{DEFAULT_MODEL}' (embedded, default), a local HF folder, a .gguf or a llama2.c .bin file")  # fmt: skip
@@ -192,8 +192,8 @@ GENERATION_ARGUMENTS = ("max_new_tokens", "num_beams", "num_return_sequences", "
 
 def _run_generate(args: argparse.Namespace) -> int:
     import xpu_coopt
-    from xpu_coopt.prompts import encode_prompts, require_chat_template
-    from xpu_coopt.text_generation import chat, first_difference, generate_and_print, why_tokens_can_part
+    from xpu_coopt.cli.prompts import encode_prompts, require_chat_template
+    from xpu_coopt.cli.text_generation import chat, first_difference, generate_and_print, why_tokens_can_part
 
     prompts = args.prompt + [_read_text(path) for path in args.prompt_file]
     if args.interactive and (prompts or args.compare):
@@ -289,8 +289,8 @@ def _calibrate_parser(subparsers) -> None:
 
 
 def _convert_gqa_parser(subparsers) -> None:
+    from xpu_coopt.checkpoints import DEFAULT_MODEL
     from xpu_coopt.gqa import GROUPINGS
-    from xpu_coopt.models import DEFAULT_MODEL
 
     parser = subparsers.add_parser(
         "convert-gqa",
@@ -314,9 +314,9 @@ def _convert_gqa_parser(subparsers) -> None:
 
 
 def _run_convert_gqa(args: argparse.Namespace) -> int:
+    from xpu_coopt.checkpoints import Llama2cTokenizer, load_model
+    from xpu_coopt.cli.perplexity import token_windows, tokenize
     from xpu_coopt.gqa import convert_to_gqa
-    from xpu_coopt.models import Llama2cTokenizer, load_model
-    from xpu_coopt.perplexity import token_windows, tokenize
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -342,7 +342,7 @@ def _run_convert_gqa(args: argparse.Namespace) -> int:
 
 
 def _load_with_tokenizer(args: argparse.Namespace):
-    from xpu_coopt.models import Llama2cTokenizer, load_model
+    from xpu_coopt.checkpoints import Llama2cTokenizer, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -364,8 +364,8 @@ def _read_text(path: str) -> str:
 
 def _run_eval_ppl(args: argparse.Namespace) -> int:
     import xpu_coopt
+    from xpu_coopt.cli.perplexity import evaluate, format_table, token_windows, tokenize
     from xpu_coopt.kv_scales import KVScales, calibrate_kv_scales
-    from xpu_coopt.perplexity import evaluate, format_table, token_windows, tokenize
 
     kv_dtypes = [name.strip() for name in args.kv_dtypes.split(",") if name.strip()]
     hf_model, tokenizer = _load_with_tokenizer(args)
@@ -417,8 +417,8 @@ def _run_eval_ppl(args: argparse.Namespace) -> int:
 
 def _run_calibrate(args: argparse.Namespace) -> int:
     import xpu_coopt
+    from xpu_coopt.cli.perplexity import token_windows, tokenize
     from xpu_coopt.kv_scales import calibrate_kv_scales
-    from xpu_coopt.perplexity import token_windows, tokenize
 
     out = args.out or (args.model if Path(args.model).is_dir() else None)
     if out is None:

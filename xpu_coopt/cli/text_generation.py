@@ -11,11 +11,11 @@ from typing import Any, TextIO
 
 import torch
 
-from xpu_coopt.bench import summarise_steps
+from xpu_coopt.cache.prefix_cache import PrefixCache
+from xpu_coopt.cli.bench import summarise_steps
+from xpu_coopt.cli.prompts import TextStream, chat_ids, completion_text
 from xpu_coopt.generation import GenerateOutput
-from xpu_coopt.generation_settings import resolve_settings
-from xpu_coopt.prefix_cache import PrefixCache
-from xpu_coopt.prompts import TextStream, chat_ids, completion_text
+from xpu_coopt.generation.settings import resolve_settings
 
 
 def generate_and_print(

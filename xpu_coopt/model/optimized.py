@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from xpu_coopt.cache import SegmentKVCache
-from xpu_coopt.config import ModelSpec
-from xpu_coopt.decode_graph import DecodeGraph
+from xpu_coopt.cache.decode_graph import DecodeGraph
+from xpu_coopt.cache.prefix_cache import PrefixCache
 from xpu_coopt.kv_scales import KVScales
-from xpu_coopt.model import LlamaDecoder
-from xpu_coopt.prefix_cache import PrefixCache
+from xpu_coopt.model.decoder import LlamaDecoder
+from xpu_coopt.model.spec import ModelSpec
 
 
 @dataclass
@@ -125,7 +125,9 @@ class OptimizedModel(nn.Module):
         self.backend = backend
         self.kv_scales = kv_scales  # None: dynamic per-row FP8 scales (or a 16-bit cache)
         self.static_scales = None if kv_scales is None else kv_scales.tensors(kv_format, self.device)
-        self.cuda_graph = cuda_graph  # decode steps replay a captured CUDA graph (xpu_coopt.decode_graph)
+        self.cuda_graph = (
+            cuda_graph  # decode steps replay a captured CUDA graph (xpu_coopt.cache.decode_graph)
+        )
         self._kept_cache: SegmentKVCache | None = None  # the last generate()'s cache and decode graph
 
     def __repr__(self) -> str:

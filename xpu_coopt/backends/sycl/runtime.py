@@ -38,7 +38,7 @@ PROGRESS_DELAY_S = 2.0
 def kernel_source_dir() -> Path:
     """sycl_kernels/: inside the package when installed from a wheel (pyproject.toml maps it to
     xpu_coopt/sycl_kernels), beside it in a source checkout or an editable install."""
-    package = Path(__file__).resolve().parent.parent
+    package = Path(__file__).resolve().parents[2]
     for candidate in (package / "sycl_kernels", package.parent / "sycl_kernels"):
         if (candidate / "common.hpp").exists():
             return candidate

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from xpu_coopt.config import RopeSpec
+from xpu_coopt.model.spec import RopeSpec
 
 
 def inverse_frequencies(rope: RopeSpec, head_dim: int) -> torch.Tensor:

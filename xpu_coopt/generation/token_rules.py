@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from xpu_coopt.generation_settings import GenerationSettings
-from xpu_coopt.transformers_release import PREFIX_BATCH_SPANS_RETURN_SEQUENCES
+from xpu_coopt.generation.settings import GenerationSettings
+from xpu_coopt.generation.transformers_release import PREFIX_BATCH_SPANS_RETURN_SEQUENCES
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import xpu_coopt
-from xpu_coopt.optimized_model import held_bytes
+from xpu_coopt.model.optimized import held_bytes
 
 
 @dataclass

@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 
+from xpu_coopt.backends.cpu import cpu_gemm_options, cpu_kernels
+from xpu_coopt.backends.sycl.kernels import sycl_kernels
+from xpu_coopt.backends.sycl.runtime import queue_for
 from xpu_coopt.errors import BackendUnavailableError
-from xpu_coopt.ops import Ops, cpu_gemm_options, dispatcher_kernels, reference_kernels
-from xpu_coopt.sycl.kernels import sycl_kernels
-from xpu_coopt.sycl.runtime import queue_for
+from xpu_coopt.ops import Ops, dispatcher_kernels
 
 BACKENDS = ("auto", "torch", "sycl", "triton")
 # The backend "auto" picks for each device type: the kernels registered for it in torch's dispatcher.
@@ -46,7 +47,7 @@ def _triton_reasons(device: torch.device) -> list[str]:
 
 def _triton_kernels() -> Any:
     """Imports the Triton backend (registering the ops' CUDA kernels) only when it is asked for."""
-    return importlib.import_module("xpu_coopt.triton.kernels").triton_kernels()
+    return importlib.import_module("xpu_coopt.backends.triton.kernels").triton_kernels()
 
 
 def _unavailable_reasons(backend: str, device: torch.device) -> list[str]:
@@ -94,12 +95,12 @@ def resolve_backend(backend: str, device: torch.device) -> Ops:
     kernels = None
     if name == "triton":
         kernels = _triton_kernels()  # registers the CUDA kernels
-        triton_linear = importlib.import_module("xpu_coopt.triton.linear")
+        triton_linear = importlib.import_module("xpu_coopt.backends.triton.linear")
         options = {"linear": triton_linear.linear, "fusions": triton_linear.FUSIONS}
     if backend == "auto" and device.type == "cpu":
         # The kernels registered for CPU, called directly: the dispatcher's argument handling would cost
         # 3-15 us a call, about 1.2 ms (3%) of a beam-4 decode step of SmolLM2-135M.
-        return Ops(reference_kernels(), name, **options)
+        return Ops(cpu_kernels(), name, **options)
     if backend == "auto":
         # torch's dispatcher picks the kernel registered for the tensors' device.
         return Ops(dispatcher_kernels(), name, **options)
@@ -108,4 +109,4 @@ def resolve_backend(backend: str, device: torch.device) -> Ops:
     if name == "triton":  # also on CPU tensors, under Triton's interpreter
         return Ops(kernels, name, **options)
     # backend="torch" asked for explicitly: the reference kernels as plain functions, on any device.
-    return Ops(reference_kernels(), name, **cpu_gemm_options())
+    return Ops(cpu_kernels(), name, **cpu_gemm_options())

@@ -42,7 +42,7 @@ def tokenize(tokenizer: Any, text: str, max_tokens: int | None = None) -> torch.
     Tokenizers that encode whole texts slowly (the llama2.c one is quadratic) get it line by line, which
     for these files (one paragraph per line) gives the same tokens up to line boundaries.
     """
-    if hasattr(tokenizer, "pieces"):  # xpu_coopt.models.Llama2cTokenizer
+    if hasattr(tokenizer, "pieces"):  # xpu_coopt.checkpoints.Llama2cTokenizer
         ids: list[int] = []
         for line in text.splitlines():
             if line.strip():

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xpu_coopt.generation_settings import GenerationSettings, resolve_settings
-from xpu_coopt.logits_processing import criteria_met, process, renormalize, stopping_criteria, warp
-from xpu_coopt.prefix_cache import PrefixCache
-from xpu_coopt.prompt_lookup import find_drafts
-from xpu_coopt.token_rules import TokenRules
-from xpu_coopt.transformers_release import BEAM_SAMPLES_SORTED
+from xpu_coopt.cache.prefix_cache import PrefixCache
+from xpu_coopt.generation.logits_processing import criteria_met, process, renormalize, stopping_criteria, warp
+from xpu_coopt.generation.prompt_lookup import find_drafts
+from xpu_coopt.generation.settings import GenerationSettings, resolve_settings
+from xpu_coopt.generation.token_rules import TokenRules
+from xpu_coopt.generation.transformers_release import BEAM_SAMPLES_SORTED
 
 
 @dataclass
@@ -33,7 +33,7 @@ class GenerateOutput:
     step_times: list[float] = field(default_factory=list)
     logits: tuple[torch.Tensor, ...] | None = None  # output_logits: each step's raw logits, float32
     # CUDA graph captures of the decode step this generation made: 1 with cuda_graph, 0 where it replayed a
-    # kept graph, one more at each step that grew a paged pool (xpu_coopt.decode_graph)
+    # kept graph, one more at each step that grew a paged pool (xpu_coopt.cache.decode_graph)
     decode_graph_captures: int = 0
     # prompt_lookup_num_tokens: the decode steps run, and the draft tokens they kept
     decode_steps: int = 0
