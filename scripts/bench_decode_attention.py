@@ -44,10 +44,10 @@ def measured_copy_gbs(device: str) -> float:
     return 2 * source.numel() * source.element_size() / ms / 1e6
 
 
-def _cells(shape, kv_format: str, dtype, device) -> tuple[torch.Tensor, torch.Tensor, object, object]:
+def _cells(shape, kv_dtype: str, dtype, device) -> tuple[torch.Tensor, torch.Tensor, object, object]:
     """(k, v, k_scale, v_scale) caches of `shape`: random 16-bit values, or random finite FP8 codes of both
     signs (0x7f / 0xff are NaN in e4m3) with small bfloat16 scales."""
-    if not fp8.is_fp8(kv_format):
+    if not fp8.is_fp8(kv_dtype):
         return (
             torch.randn(shape, dtype=dtype, device=device),
             torch.randn(shape, dtype=dtype, device=device),
@@ -62,7 +62,7 @@ def _cells(shape, kv_format: str, dtype, device) -> tuple[torch.Tensor, torch.Te
     return k, k.roll(1, dims=-1), k_scale, v_scale
 
 
-def make_case(args, context: int, kv_format: str) -> tuple[list, int, int]:
+def make_case(args, context: int, kv_dtype: str) -> tuple[list, int, int]:
     """(calls, layers, bytes): the arguments of one decode call for each of `layers` caches (enough that L2
     serves none of them), and the fewest bytes a call must move. args.beams sequences a request; with
     args.response steps, each beam's history is a random path through the request's beams' rows, as beam
@@ -70,7 +70,7 @@ def make_case(args, context: int, kv_format: str) -> tuple[list, int, int]:
     device, dtype = args.device, torch.float16
     requests, beams, heads, kv_heads, dim = args.batch, args.beams, args.heads, args.kv_heads, args.head_dim
     steps, seqs = args.response, args.batch * args.beams
-    row_bytes = dim + SCALE_BYTES if fp8.is_fp8(kv_format) else dim * 2
+    row_bytes = dim + SCALE_BYTES if fp8.is_fp8(kv_dtype) else dim * 2
     generator = torch.Generator().manual_seed(context)
     slots = torch.arange(seqs, dtype=torch.int32)[:, None].repeat(1, steps)
     if steps:  # step t of sequence s: a row of its own request; the newest step is its own row
@@ -83,8 +83,8 @@ def make_case(args, context: int, kv_format: str) -> tuple[list, int, int]:
     )
     kv_bytes = 2 * kv_heads * row_bytes * (requests * context + distinct_cells)
     layers = max(2, -(-args.min_cycle_bytes // kv_bytes))
-    k, v, k_scale, v_scale = _cells((layers, requests, kv_heads, context, dim), kv_format, dtype, device)
-    rk, rv, rk_scale, rv_scale = _cells((layers, seqs, kv_heads, steps, dim), kv_format, dtype, device)
+    k, v, k_scale, v_scale = _cells((layers, requests, kv_heads, context, dim), kv_dtype, dtype, device)
+    rk, rv, rk_scale, rv_scale = _cells((layers, seqs, kv_heads, steps, dim), kv_dtype, dtype, device)
     query = torch.randn(seqs, heads, dim, dtype=dtype, device=device)
     out = torch.empty_like(query)
     start = torch.zeros(requests, dtype=torch.int32, device=device)
@@ -100,14 +100,14 @@ def make_case(args, context: int, kv_format: str) -> tuple[list, int, int]:
     )
     calls = [
         (out, query, k[i], v[i], pick(k_scale, i), pick(v_scale, i), start, rk[i], rv[i], pick(rk_scale, i),
-         pick(rv_scale, i), slots, steps, dim**-0.5, kv_format, *lengths)
+         pick(rv_scale, i), slots, steps, dim**-0.5, kv_dtype, *lengths)
         for i in range(layers)
     ]  # fmt: skip
     return calls, layers, kv_bytes + 2 * query.numel() * query.element_size()
 
 
-def bench_case(ops, args, context: int, kv_format: str) -> dict:
-    calls, layers, moved = make_case(args, context, kv_format)
+def bench_case(ops, args, context: int, kv_dtype: str) -> dict:
+    calls, layers, moved = make_case(args, context, kv_dtype)
     layer = [0]
 
     def run() -> None:
@@ -126,7 +126,7 @@ def bench_case(ops, args, context: int, kv_format: str) -> dict:
         profile = cProfile.Profile()
         profile.runcall(lambda: [run() for _ in range(200)])
         pstats.Stats(profile).sort_stats("tottime").print_stats(12)
-    return {"context": context, "kv_dtype": kv_format, "batch": args.batch, "beams": args.beams,
+    return {"context": context, "kv_dtype": kv_dtype, "batch": args.batch, "beams": args.beams,
             "response": args.response, "device_lengths": args.device_lengths, "ms": ms, "eager_ms": eager_ms, "bytes": moved, "gbs": moved / ms / 1e6}  # fmt: skip
 
 

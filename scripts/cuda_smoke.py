@@ -20,7 +20,7 @@ from xpu_coopt.backends.triton.tuning import add_decode_launch_arguments, apply_
 from xpu_coopt.ops import fp8
 
 
-def fp8_decode_error(device: str, kv_format: str, beams: int) -> float:
+def fp8_decode_error(device: str, kv_dtype: str, beams: int) -> float:
     """Largest relative difference between the Triton kernel's FP8 decode attention and the reference
     kernel's, same inputs: llama-2-7b heads, a 4096-token prompt (split across programs), 9 response steps."""
     from xpu_coopt.backends.triton.kernels import triton_kernels
@@ -29,8 +29,8 @@ def fp8_decode_error(device: str, kv_format: str, beams: int) -> float:
 
     def cache(*shape):
         values = torch.randn(*shape, device=device, generator=generator, dtype=torch.float16)
-        scale = fp8.dynamic_scale(values, kv_format).to(fp8.SCALE_DTYPE)
-        return fp8.encode(values, scale, kv_format), scale
+        scale = fp8.dynamic_scale(values, kv_dtype).to(fp8.SCALE_DTYPE)
+        return fp8.encode(values, scale, kv_dtype), scale
 
     heads, head_dim, prompt, steps = 32, 128, 4096, 9
     query = torch.randn(beams, heads, head_dim, device=device, generator=generator, dtype=torch.float16)
@@ -42,7 +42,7 @@ def fp8_decode_error(device: str, kv_format: str, beams: int) -> float:
     for kernels in (triton_kernels(), cpu_kernels()):
         out = torch.empty_like(query)
         kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, start, rk, rv, rk_s, rv_s, slots, steps,
-                                         head_dim**-0.5, kv_format)  # fmt: skip
+                                         head_dim**-0.5, kv_dtype)  # fmt: skip
         outputs.append(out.float())
     return ((outputs[0] - outputs[1]).abs().max() / outputs[1].abs().max()).item()
 
@@ -95,11 +95,11 @@ def main() -> None:
     print(f"float16 prefill logits: relative max error {relative:.2e}")
     failures += [] if relative < 5e-3 else ["fp16 logits"]
     if args.backend == "triton":
-        for kv_format in ("fp8_e4m3", "fp8_e5m2"):
+        for kv_dtype in ("fp8_e4m3", "fp8_e5m2"):
             for beams in (1, 4):
-                error = fp8_decode_error(args.device, kv_format, beams)
-                print(f"{kv_format} decode attention, {beams} beam(s): relative max error {error:.2e}")
-                failures += [] if error < 2e-2 else [f"{kv_format} decode, {beams} beams"]
+                error = fp8_decode_error(args.device, kv_dtype, beams)
+                print(f"{kv_dtype} decode attention, {beams} beam(s): relative max error {error:.2e}")
+                failures += [] if error < 2e-2 else [f"{kv_dtype} decode, {beams} beams"]
     print("PASS" if not failures else f"FAIL: {failures}")
 
 

@@ -33,15 +33,15 @@ from xpu_coopt.backends.triton.tuning import (
 from xpu_coopt.ops import fp8
 
 
-def compile_decode(args: argparse.Namespace, kv_format: str) -> offline.Launch:
+def compile_decode(args: argparse.Namespace, kv_dtype: str) -> offline.Launch:
     """One decode call of a request of args.beams sequences over a prompt segment of args.context tokens
     (an empty response segment: its code is compiled all the same), compiled for args.capability."""
-    storage = torch.uint8 if fp8.is_fp8(kv_format) else torch.float16
+    storage = torch.uint8 if fp8.is_fp8(kv_dtype) else torch.float16
     sequences, dim = args.beams, args.head_dim
     prompt = torch.zeros((1, args.kv_heads, args.context, dim), dtype=storage)
     response = torch.zeros((sequences, args.kv_heads, 0, dim), dtype=storage)
     prompt_scale = response_scale = None
-    if fp8.is_fp8(kv_format):
+    if fp8.is_fp8(kv_dtype):
         prompt_scale = torch.zeros(prompt.shape[:-1], dtype=fp8.SCALE_DTYPE)
         response_scale = torch.zeros(response.shape[:-1], dtype=fp8.SCALE_DTYPE)
     query = torch.zeros((sequences, args.heads, dim), dtype=torch.float16)
@@ -49,7 +49,7 @@ def compile_decode(args: argparse.Namespace, kv_format: str) -> offline.Launch:
         kernels.segment_attention_decode(
             torch.empty_like(query), query, prompt, prompt, prompt_scale, prompt_scale,
             torch.zeros(1, dtype=torch.int32), response, response, response_scale, response_scale,
-            torch.zeros((sequences, 0), dtype=torch.int32), 0, dim**-0.5, kv_format,
+            torch.zeros((sequences, 0), dtype=torch.int32), 0, dim**-0.5, kv_dtype,
             torch.tensor([args.context, 0], dtype=torch.int32) if args.device_lengths else None,
         )  # fmt: skip
     return next(launch for launch in launches if launch.name == "segment_attention_decode_kernel")
@@ -91,16 +91,16 @@ def main() -> None:
               "programs", "waves", "loop ins", "ins/key", "LDS.U8")  # fmt: skip
     print(" ".join(f"{h:>9}" for h in header))
     rows = []
-    for kv_format in args.kv_dtype:
-        compiled = compile_decode(args, kv_format)
+    for kv_dtype in args.kv_dtype:
+        compiled = compile_decode(args, kv_dtype)
         usage = offline.resources(compiled.compiled)
         limits = usage.blocks_per_sm(args.capability)
         programs = compiled.grid[0] * compiled.grid[1]
-        row = {"kv_dtype": kv_format, **{k: compiled.constexprs[k] for k in ("BLOCK_ROWS", "BLOCK_N", "BLOCK_T")},
+        row = {"kv_dtype": kv_dtype, **{k: compiled.constexprs[k] for k in ("BLOCK_ROWS", "BLOCK_N", "BLOCK_T")},
                **dataclasses.asdict(usage), "blocks_per_sm": limits, "programs": programs,
                "waves": programs / (args.multiprocessors * min(limits.values())), **prompt_loop(compiled)}  # fmt: skip
         rows.append(row)
-        cells = (kv_format, row["BLOCK_ROWS"], row["BLOCK_N"], row["BLOCK_T"], usage.registers, usage.stack_bytes,
+        cells = (kv_dtype, row["BLOCK_ROWS"], row["BLOCK_N"], row["BLOCK_T"], usage.registers, usage.stack_bytes,
                  usage.shared_bytes, f"{limits['registers']}r/{limits['shared']}s", programs, f"{row['waves']:.2f}",
                  row["prompt_loop_instructions"], f"{row['instructions_per_key']:.1f}", row["shared_byte_loads"])  # fmt: skip
         print(" ".join(f"{c:>9}" for c in cells))

@@ -2,7 +2,7 @@
 //
 // Kernels are free functions (sycl_ext_oneapi_free_function_kernels) compiled at run time by SYCL-RTC;
 // each source file instantiates its templates once per activation dtype / KV format under extern "C"
-// names ("<op>_<dtype>[_<kv_format>]") that xpu_coopt/backends/sycl/kernels.py looks up.
+// names ("<op>_<dtype>[_<kv_dtype>]") that xpu_coopt/backends/sycl/kernels.py looks up.
 #pragma once
 
 #include <sycl/sycl.hpp>

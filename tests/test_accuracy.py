@@ -46,18 +46,16 @@ def test_the_cached_harness_matches_transformers_with_a_16_bit_cache(stories_mod
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-@pytest.mark.parametrize("kv_format", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "fp8_e5m2"])
 def test_fp8_cache_perplexity_stays_within_tolerance(
-    stories_model, stories_ids, stories_scales, kv_format, static
+    stories_model, stories_ids, stories_scales, kv_dtype, static
 ):
     windows = token_windows(stories_ids, 256, 2048)
     base = cached_perplexity(xpu_coopt.optimize(stories_model), windows, progress=False)
-    model = xpu_coopt.optimize(
-        stories_model, kv_dtype=kv_format, kv_scales=stories_scales if static else None
-    )
+    model = xpu_coopt.optimize(stories_model, kv_dtype=kv_dtype, kv_scales=stories_scales if static else None)
     result = cached_perplexity(model, windows, progress=False)
     increase = result.perplexity / base.perplexity - 1
-    assert 0 <= increase <= PPL_TOLERANCE[(kv_format, static)], increase
+    assert 0 <= increase <= PPL_TOLERANCE[(kv_dtype, static)], increase
     spec = model.spec  # float32 16-bit cache: 4 bytes per element; FP8: 1, plus a bfloat16 scale per row
     per_row = spec.head_dim + (0 if static else 2)
     assert result.kv_bytes / base.kv_bytes == pytest.approx(per_row / (4 * spec.head_dim), rel=0.01)
@@ -127,34 +125,34 @@ def test_kv_scales_bad_input(tmp_path, stories_model, stories_scales):
 @settings(max_examples=200, deadline=None)
 @given(
     values=st.lists(st.floats(-1e4, 1e4, allow_nan=False, width=32), min_size=1, max_size=64),
-    kv_format=st.sampled_from(["fp8_e4m3", "fp8_e5m2"]),
+    kv_dtype=st.sampled_from(["fp8_e4m3", "fp8_e5m2"]),
 )
-def test_fp8_round_trip_error_is_within_half_a_step_of_the_row_amax(values, kv_format):
+def test_fp8_round_trip_error_is_within_half_a_step_of_the_row_amax(values, kv_dtype):
     x = torch.tensor(values)[None]
-    scale = fp8.dynamic_scale(x, kv_format)
-    decoded = fp8.decode(fp8.encode(x, scale, kv_format), scale, kv_format, torch.float32)
+    scale = fp8.dynamic_scale(x, kv_dtype)
+    decoded = fp8.decode(fp8.encode(x, scale, kv_dtype), scale, kv_dtype, torch.float32)
     assert torch.isfinite(decoded).all()
-    step = {"fp8_e4m3": 2**-4, "fp8_e5m2": 2**-3}[kv_format]  # half the relative spacing of each format
-    subnormal = {"fp8_e4m3": 2**-9, "fp8_e5m2": 2**-16}[kv_format] * float(scale)  # the smallest step
+    step = {"fp8_e4m3": 2**-4, "fp8_e5m2": 2**-3}[kv_dtype]  # half the relative spacing of each format
+    subnormal = {"fp8_e4m3": 2**-9, "fp8_e5m2": 2**-16}[kv_dtype] * float(scale)  # the smallest step
     assert ((decoded - x).abs() <= x.abs() * step + subnormal * 1.0001 + 1e-30).all()
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     codes=st.lists(st.integers(0, 255), min_size=1, max_size=32),
-    kv_format=st.sampled_from(["fp8_e4m3", "fp8_e5m2"]),
+    kv_dtype=st.sampled_from(["fp8_e4m3", "fp8_e5m2"]),
     out_of_range=st.floats(1.01, 1e6),
 )
-def test_fp8_codes_survive_a_round_trip_and_overflow_saturates(codes, kv_format, out_of_range):
+def test_fp8_codes_survive_a_round_trip_and_overflow_saturates(codes, kv_dtype, out_of_range):
     codes = torch.tensor(codes, dtype=torch.uint8)
-    finite = torch.isfinite(codes.view(fp8.FP8_DTYPES[kv_format]).float())
+    finite = torch.isfinite(codes.view(fp8.FP8_DTYPES[kv_dtype]).float())
     codes = codes[finite]
     one = torch.ones(1)
-    values = fp8.decode(codes[None], one, kv_format, torch.float32)
-    assert torch.equal(fp8.encode(values, one, kv_format)[0], codes)
-    limit = fp8.FP8_MAX[kv_format]
+    values = fp8.decode(codes[None], one, kv_dtype, torch.float32)
+    assert torch.equal(fp8.encode(values, one, kv_dtype)[0], codes)
+    limit = fp8.FP8_MAX[kv_dtype]
     beyond = torch.tensor([[limit * out_of_range, -limit * out_of_range]])
-    saturated = fp8.decode(fp8.encode(beyond, one, kv_format), one, kv_format, torch.float32)
+    saturated = fp8.decode(fp8.encode(beyond, one, kv_dtype), one, kv_dtype, torch.float32)
     assert torch.equal(saturated, torch.tensor([[limit, -limit]]))
 
 

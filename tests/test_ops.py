@@ -58,9 +58,9 @@ def test_silu_and_mul(kernels, dtype, width):
     assert_close(out, oracles.silu_and_mul(x), dtype)
 
 
-def _cache(shape, kv_format, dtype):
+def _cache(shape, kv_dtype, dtype):
     """A cache whose every cell is NaN, so cells a kernel must not touch or read stay recognisable."""
-    if fp8.is_fp8(kv_format):
+    if fp8.is_fp8(kv_dtype):
         scales = torch.full(shape[:-1], float("nan"), dtype=fp8.SCALE_DTYPE)
         return torch.full(shape, NAN_CODE, dtype=torch.uint8), scales
     return torch.full(shape, float("nan"), dtype=dtype), None
@@ -71,19 +71,19 @@ def _snapshot(caches):
     return [t.contiguous().view(torch.uint8).clone() for pair in caches for t in pair if t is not None]
 
 
-def _dequantized(cache, scale, kv_format):
-    return cache if scale is None else fp8.decode(cache, scale, kv_format, torch.float64)
+def _dequantized(cache, scale, kv_dtype):
+    return cache if scale is None else fp8.decode(cache, scale, kv_dtype, torch.float64)
 
 
 FP8_TOLERANCE = {"fp8_e4m3": 2**-3, "fp8_e5m2": 2**-2}  # relative step of each format, times amax
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize(("heads", "kv_heads", "head_dim"), [(4, 4, 64), (8, 2, 128), (6, 1, 16)])
 @pytest.mark.parametrize("fused_qkv", [True, False])
 @pytest.mark.parametrize("tokens", [5, 1])
-def test_rotary_embedding_kv_write(kernels, dtype, kv_format, heads, kv_heads, head_dim, fused_qkv, tokens):
+def test_rotary_embedding_kv_write(kernels, dtype, kv_dtype, heads, kv_heads, head_dim, fused_qkv, tokens):
     rows, length = 3, 9
     rope = RopeSpec(theta=10000.0)
     table = cos_sin_cache(rope, head_dim, 64, torch.device("cpu"))
@@ -97,8 +97,8 @@ def test_rotary_embedding_kv_write(kernels, dtype, kv_format, heads, kv_heads, h
     if not fused_qkv:  # separate tensors
         query, key, value = query.clone(), key.clone(), value.clone()
     original_q, original_k, original_v = query.clone(), key.clone(), value.clone()
-    k_cache, k_scale = _cache((rows, kv_heads, length, head_dim), kv_format, dtype)
-    v_cache, v_scale = _cache((rows, kv_heads, length, head_dim), kv_format, dtype)
+    k_cache, k_scale = _cache((rows, kv_heads, length, head_dim), kv_dtype, dtype)
+    v_cache, v_scale = _cache((rows, kv_heads, length, head_dim), kv_dtype, dtype)
     cache_rows, cache_positions = (
         torch.tensor([0, 2, 1, 2, 0])[:tokens],
         torch.tensor([0, 8, 4, 3, 7])[:tokens],
@@ -106,7 +106,7 @@ def test_rotary_embedding_kv_write(kernels, dtype, kv_format, heads, kv_heads, h
 
     kernels.rotary_embedding_kv_write(
         query, key, value, table[positions].to(dtype), k_cache, v_cache, k_scale, v_scale,
-        cache_rows, cache_positions, kv_format,
+        cache_rows, cache_positions, kv_dtype,
     )  # fmt: skip
 
     inv_freq = inverse_frequencies(rope, head_dim)
@@ -120,14 +120,14 @@ def test_rotary_embedding_kv_write(kernels, dtype, kv_format, heads, kv_heads, h
         (k_cache, k_scale, expected_k),
         (v_cache, v_scale, original_v.double()),
     ):
-        stored = _dequantized(cache, cache_scale, kv_format)[cache_rows, :, cache_positions]
-        if fp8.is_fp8(kv_format):
+        stored = _dequantized(cache, cache_scale, kv_dtype)[cache_rows, :, cache_positions]
+        if fp8.is_fp8(kv_dtype):
             amax = expected.abs().amax(dim=-1, keepdim=True)
-            assert ((stored - expected).abs() <= amax * FP8_TOLERANCE[kv_format] + 1e-2).all()
+            assert ((stored - expected).abs() <= amax * FP8_TOLERANCE[kv_dtype] + 1e-2).all()
         else:
             assert_close(stored, expected, dtype, scale=4)
         untouched = cache.permute(0, 2, 1, 3)[~written]
-        assert (untouched == NAN_CODE).all() if fp8.is_fp8(kv_format) else untouched.isnan().all()
+        assert (untouched == NAN_CODE).all() if fp8.is_fp8(kv_dtype) else untouched.isnan().all()
 
 
 @pytest.mark.parametrize("tokens", [1, 5])
@@ -162,22 +162,22 @@ def test_rotary_rows_of_angle_zero_leave_query_and_key_exact(kernels, dtype):
     assert torch.equal(k_cache[0].transpose(0, 1), original_k)
 
 
-@pytest.mark.parametrize("kv_format", ["fp8_e4m3", "fp8_e5m2"])
-def test_kv_write_fp8_scales_and_saturation(kernels, kv_format):
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "fp8_e5m2"])
+def test_kv_write_fp8_scales_and_saturation(kernels, kv_dtype):
     key = torch.tensor([[[1e6, -2.0, 0.5, 0.0]], [[0.0, 0.0, 0.0, 0.0]]])  # one huge value; one all-zero row
     value = torch.tensor([[[3.0, -3.0, 1.0, 2.0]], [[-1e30, 1.0, 0.0, 4.0]]])
-    k_cache, k_scale = _cache((2, 1, 3, 4), kv_format, torch.float32)
-    v_cache, v_scale = _cache((2, 1, 3, 4), kv_format, torch.float32)
+    k_cache, k_scale = _cache((2, 1, 3, 4), kv_dtype, torch.float32)
+    v_cache, v_scale = _cache((2, 1, 3, 4), kv_dtype, torch.float32)
     rows, cols = torch.tensor([1, 0]), torch.tensor([2, 0])
-    kernels.kv_write(key, value, k_cache, v_cache, k_scale, v_scale, rows, cols, kv_format)
-    limit = fp8.FP8_MAX[kv_format]
+    kernels.kv_write(key, value, k_cache, v_cache, k_scale, v_scale, rows, cols, kv_dtype)
+    limit = fp8.FP8_MAX[kv_dtype]
     # amax / FP8_MAX rounded up to a bfloat16 value: stored exactly, and never below amax / FP8_MAX.
     for scale, amax in ((k_scale[1, 0, 2], 1e6), (v_scale[1, 0, 2], 3.0)):
         assert scale.dtype == torch.bfloat16
         assert float(scale) == float(fp8.round_up_to_bfloat16(torch.tensor(amax / limit)))
         assert amax / limit <= float(scale) < amax / limit * (1 + 2**-7)
-    decoded_k = fp8.decode(k_cache, k_scale, kv_format, torch.float32)
-    decoded_v = fp8.decode(v_cache, v_scale, kv_format, torch.float32)
+    decoded_k = fp8.decode(k_cache, k_scale, kv_dtype, torch.float32)
+    decoded_v = fp8.decode(v_cache, v_scale, kv_dtype, torch.float32)
     assert decoded_k[1, 0, 2, 0] == pytest.approx(1e6, rel=2**-4)  # the largest element: within half a step
     assert (decoded_k[0, 0, 0] == 0).all()  # an all-zero row decodes to zeros, not NaN
     assert decoded_v[0, 0, 0, 0] == pytest.approx(-1e30, rel=2**-4)
@@ -187,9 +187,9 @@ def test_kv_write_fp8_scales_and_saturation(kernels, kv_format):
     )
 
 
-@pytest.mark.parametrize("kv_format", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_static_scales_are_read_by_the_write_and_the_decode(kernels, kv_format, dtype):
+def test_static_scales_are_read_by_the_write_and_the_decode(kernels, kv_dtype, dtype):
     # Per-tensor scales broadcast with zero strides: kv_write encodes with them (saturating what exceeds
     # the range, here the rows scaled up 4x) and leaves them alone; decode attention reads them back.
     tokens, kv_heads, head_dim, heads = 8, 2, 64, 4
@@ -199,21 +199,19 @@ def test_static_scales_are_read_by_the_write_and_the_decode(kernels, kv_format, 
     )
     key[::3] *= 4
     amax = torch.tensor([key.float().abs().amax() / 2, value.float().abs().amax()])
-    base = (amax / fp8.FP8_MAX[kv_format]).to(fp8.SCALE_DTYPE)
+    base = (amax / fp8.FP8_MAX[kv_dtype]).to(fp8.SCALE_DTYPE)
     k_scale, v_scale = (base[i : i + 1].expand(1, kv_heads, tokens) for i in (0, 1))
-    k_cache, _ = _cache((1, kv_heads, tokens, head_dim), kv_format, dtype)
-    v_cache, _ = _cache((1, kv_heads, tokens, head_dim), kv_format, dtype)
+    k_cache, _ = _cache((1, kv_heads, tokens, head_dim), kv_dtype, dtype)
+    v_cache, _ = _cache((1, kv_heads, tokens, head_dim), kv_dtype, dtype)
     positions = torch.arange(tokens)
-    kernels.kv_write(
-        key, value, k_cache, v_cache, k_scale, v_scale, positions * 0, positions, kv_format, True
-    )
+    kernels.kv_write(key, value, k_cache, v_cache, k_scale, v_scale, positions * 0, positions, kv_dtype, True)
     assert torch.equal(base, torch.stack([k_scale[0, 0, 0], v_scale[0, 0, 0]]))
     for cache, source, scale in ((k_cache, key, base[0]), (v_cache, value, base[1])):
-        expected = fp8.encode(source, scale.expand(tokens, kv_heads), kv_format)
+        expected = fp8.encode(source, scale.expand(tokens, kv_heads), kv_dtype)
         assert torch.equal(cache[0].permute(1, 0, 2), expected)
-    saturated = fp8.decode(k_cache, k_scale, kv_format, torch.float32).abs().amax()
+    saturated = fp8.decode(k_cache, k_scale, kv_dtype, torch.float32).abs().amax()
     assert saturated == pytest.approx(
-        float(base[0]) * fp8.FP8_MAX[kv_format], rel=1e-6
+        float(base[0]) * fp8.FP8_MAX[kv_dtype], rel=1e-6
     )  # finite, at the limit
 
     query = _random(1, heads, head_dim, dtype=dtype)
@@ -221,34 +219,32 @@ def test_static_scales_are_read_by_the_write_and_the_decode(kernels, kv_format, 
     empty, empty_scale = k_cache[:, :, :0], k_scale[:, :, :0]
     start, slots = torch.zeros(1, dtype=torch.int32), torch.zeros((1, 0), dtype=torch.int32)
     kernels.segment_attention_decode(out, query, k_cache, v_cache, k_scale, v_scale, start, empty, empty,
-                                     empty_scale, empty_scale, slots, 0, head_dim**-0.5, kv_format)  # fmt: skip
-    stored_k, stored_v = (
-        _dequantized(c, sc, kv_format) for c, sc in ((k_cache, k_scale), (v_cache, v_scale))
-    )
+                                     empty_scale, empty_scale, slots, 0, head_dim**-0.5, kv_dtype)  # fmt: skip
+    stored_k, stored_v = (_dequantized(c, sc, kv_dtype) for c, sc in ((k_cache, k_scale), (v_cache, v_scale)))
     expected = oracles.segment_attention_decode(query, stored_k, stored_v, start, stored_k[:, :, :0],
                                                 stored_v[:, :, :0], slots, 0, head_dim**-0.5)  # fmt: skip
     assert_close(out, expected, dtype)
 
 
-@pytest.mark.parametrize("kv_format", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_kv_write_fp8_codes_are_bit_exact_for_every_16_bit_input(kernels, kv_format, dtype):
+def test_kv_write_fp8_codes_are_bit_exact_for_every_16_bit_input(kernels, kv_dtype, dtype):
     # Rows of 127 inputs and FP8_MAX: each row's dynamic scale is exactly 1, so every code must be
     # torch's own cast of its input. 8 KV heads of 128 per token keep the token count small.
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
-    limit = fp8.FP8_MAX[kv_format]
+    limit = fp8.FP8_MAX[kv_dtype]
     x = every[torch.isfinite(every) & (every.float().abs() <= limit)]
     per_token = 8 * 127
     tokens = -(-x.numel() // per_token)
     inputs = torch.cat((x, x.new_zeros(tokens * per_token - x.numel()))).view(tokens, 8, 127)
     rows = torch.cat((inputs, torch.full((tokens, 8, 1), limit, dtype=dtype)), dim=-1)  # [T, 8, D=128]
-    cache, scale = _cache((1, 8, tokens, 128), kv_format, dtype)
+    cache, scale = _cache((1, 8, tokens, 128), kv_dtype, dtype)
     positions = torch.arange(tokens)
     kernels.kv_write(
-        rows, rows, cache, cache.clone(), scale, scale.clone(), positions * 0, positions, kv_format
+        rows, rows, cache, cache.clone(), scale, scale.clone(), positions * 0, positions, kv_dtype
     )
     assert (scale == 1).all()
-    expected = inputs.float().to(fp8.FP8_DTYPES[kv_format]).view(torch.uint8)
+    expected = inputs.float().to(fp8.FP8_DTYPES[kv_dtype]).view(torch.uint8)
     codes = cache[0].permute(1, 0, 2)[..., :127]  # [T, 8, 127]
     mismatches = (codes != expected).sum().item()
     assert mismatches == 0, f"{mismatches} of {x.numel()} codes differ from torch's cast"
@@ -351,7 +347,7 @@ def test_attention_prefill_sliding_window_without_padding_is_not_causal_attentio
 
 
 def _segment_case(
-    dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded,
+    dtype, kv_dtype, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded,
     spare=5, keep_spare=False, starts=None, window=None,
 ):  # fmt: skip
     """Random segment caches with NaN in every cell the op must not read. The prompt segment is a view of
@@ -371,13 +367,13 @@ def _segment_case(
     ] * 2
     for index, shape in enumerate(shapes):
         values = _random(*shape, dtype=dtype)
-        if fp8.is_fp8(kv_format):
-            scale = fp8.dynamic_scale(values, kv_format).to(fp8.SCALE_DTYPE)
-            cache = fp8.encode(values, scale, kv_format)
+        if fp8.is_fp8(kv_dtype):
+            scale = fp8.dynamic_scale(values, kv_dtype).to(fp8.SCALE_DTYPE)
+            cache = fp8.encode(values, scale, kv_dtype)
         else:
             cache, scale = values, None
         if index < 2:
-            cache[:, :, prompt_len:] = NAN_CODE if fp8.is_fp8(kv_format) else float("nan")  # never read
+            cache[:, :, prompt_len:] = NAN_CODE if fp8.is_fp8(kv_dtype) else float("nan")  # never read
             if not keep_spare:
                 cache = cache[:, :, :prompt_len]
                 scale = None if scale is None else scale[:, :, :prompt_len]
@@ -395,10 +391,10 @@ def _segment_case(
     for s in range(seqs):
         for t in range(max(window_first - prompt_len, 0), response_len):
             read[int(beam_slots[s, t]), t] = True
-    dequantized = [_dequantized(c, sc, kv_format).to(torch.float64) for c, sc in caches]
+    dequantized = [_dequantized(c, sc, kv_dtype).to(torch.float64) for c, sc in caches]
     # Poison what must never be read: prompt padding and response cells outside every history.
     for index, (cache, _) in enumerate(caches):
-        poison = NAN_CODE if fp8.is_fp8(kv_format) else float("nan")
+        poison = NAN_CODE if fp8.is_fp8(kv_dtype) else float("nan")
         if index < 2:
             for r in range(requests):
                 cache[r, :, : max(int(prompt_start[r]), window_first)] = poison
@@ -408,7 +404,7 @@ def _segment_case(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize(
     ("requests", "beams", "heads", "kv_heads", "head_dim"),
     [(1, 1, 4, 4, 64), (2, 4, 8, 2, 128), (1, 4, 9, 3, 64), (3, 1, 8, 1, 16), (2, 4, 4, 4, 64)],
@@ -417,10 +413,10 @@ def _segment_case(
     ("prompt_len", "response_len", "padded"), [(1, 1, False), (37, 6, True), (64, 17, False), (23, 0, True)]
 )
 def test_segment_attention_decode(
-    kernels, dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded
+    kernels, dtype, kv_dtype, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded
 ):
     query, caches, dequantized, prompt_start, beam_slots = _segment_case(
-        dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded
+        dtype, kv_dtype, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded
     )
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
     before = _snapshot(caches)
@@ -441,7 +437,7 @@ def test_segment_attention_decode(
         beam_slots,
         response_len,
         scale,
-        kv_format,
+        kv_dtype,
     )
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
                                                 response_len, scale)  # fmt: skip
@@ -449,19 +445,19 @@ def test_segment_attention_decode(
     assert all(map(torch.equal, _snapshot(caches), before))  # the caches are read only
 
 
-@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_segment_attention_decode_with_a_prompt_all_padding(kernels, dtype, kv_format):
+def test_segment_attention_decode_with_a_prompt_all_padding(kernels, dtype, kv_dtype):
     """A request whose prompt-segment columns are all padding attends to its response steps alone (the CPU
     kernel's prompt partial then has no key: it must weigh nothing when merged with the response's)."""
     prompt_len, response_len = 12, 5
     query, caches, dequantized, prompt_start, beam_slots = _segment_case(
-        dtype, kv_format, 2, 2, 4, 2, 32, prompt_len, response_len, True, starts=[3, prompt_len]
+        dtype, kv_dtype, 2, 2, 4, 2, 32, prompt_len, response_len, True, starts=[3, prompt_len]
     )
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
     out = torch.full_like(query, float("nan"))
     kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s,
-                                     beam_slots, response_len, 0.2, kv_format)  # fmt: skip
+                                     beam_slots, response_len, 0.2, kv_dtype)  # fmt: skip
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
                                                 response_len, 0.2)  # fmt: skip
     assert_close(out, expected, dtype)
@@ -479,29 +475,29 @@ def _token_major_view(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return view
 
 
-@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize(("requests", "beams", "response_len", "window"), [(2, 4, 6, None), (1, 3, 9, 5)])
 def test_segment_attention_decode_reads_strided_response_segments(
-    kernels, kv_format, requests, beams, response_len, window
+    kernels, kv_dtype, requests, beams, response_len, window
 ):
     """The contract asks only the last dimension to be contiguous: response K/V and scales given as views
     of a token-major buffer are read through their strides."""
     query, caches, dequantized, prompt_start, beam_slots = _segment_case(
-        torch.float32, kv_format, requests, beams, 8, 2, 32, 20, response_len, True, window=window
+        torch.float32, kv_dtype, requests, beams, 8, 2, 32, 20, response_len, True, window=window
     )
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
     rk, rk_s, rv, rv_s = map(_token_major_view, (rk, rk_s, rv, rv_s))
     assert not rk.is_contiguous() and rk.storage_offset() > 0
     out = torch.full_like(query, float("nan"))
     kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s,
-                                     beam_slots, response_len, 0.2, kv_format, None, None, -1, window or -1)  # fmt: skip
+                                     beam_slots, response_len, 0.2, kv_dtype, None, None, -1, window or -1)  # fmt: skip
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
                                                 response_len, 0.2, window)  # fmt: skip
     assert_close(out, expected, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize(
     ("requests", "beams", "heads", "kv_heads", "prompt_len", "response_len", "window"),
     # The window's first column: inside the prompt (after request 1's padding, before request 2's); at
@@ -513,19 +509,19 @@ def test_segment_attention_decode_reads_strided_response_segments(
     ids=["in-prompt", "at-response", "in-response", "own-key", "one-beam", "long-prompt", "beyond"],
 )  # fmt: skip
 def test_segment_attention_decode_sliding_window(
-    kernels, dtype, kv_format, requests, beams, heads, kv_heads, prompt_len, response_len, window
+    kernels, dtype, kv_dtype, requests, beams, heads, kv_heads, prompt_len, response_len, window
 ):
     """Each sequence attends to its last `window` columns, prompt columns then response steps; the cells
     before them hold NaN, never read."""
     head_dim = 32
     query, caches, dequantized, prompt_start, beam_slots = _segment_case(
-        dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
+        dtype, kv_dtype, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
         window=window,
     )  # fmt: skip
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
     out = torch.full_like(query, float("nan"))
     kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s,
-                                     beam_slots, response_len, 0.2, kv_format, None, None, -1, window)  # fmt: skip
+                                     beam_slots, response_len, 0.2, kv_dtype, None, None, -1, window)  # fmt: skip
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
                                                 response_len, 0.2, window)  # fmt: skip
     assert_close(out, expected, dtype)
@@ -568,7 +564,7 @@ def _ring(tensor: torch.Tensor | None, cells: int, length: int, dim: int = 2) ->
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize(
     ("beams", "prompt_cells", "response_len", "response_cells", "window", "device_lengths"),
     # The prompt a ring as long as the window (one beam's: the response in the prompt segment), longer and
@@ -579,14 +575,14 @@ def _ring(tensor: torch.Tensor | None, cells: int, length: int, dim: int = 2) ->
      (2, 100, 20, 8, 8, False), (3, 16, 25, 12, 10, True)],
 )  # fmt: skip
 def test_segment_attention_decode_reads_rings_under_a_window(
-    kernels, dtype, kv_format, beams, prompt_cells, response_len, response_cells, window, device_lengths
+    kernels, dtype, kv_dtype, beams, prompt_cells, response_len, response_cells, window, device_lengths
 ):
     """A prompt segment without a block table holds column n in cell n % its columns, a response segment
     step t (and beam_slots its slot) in column t % its columns: under a window no longer than them, a
     decode attends more columns and steps than they hold, as over them laid out in full."""
     requests, heads, kv_heads, head_dim, prompt_len = 2, 4, 2, 32, 100
     query, caches, dequantized, prompt_start, beam_slots = _segment_case(
-        dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
+        dtype, kv_dtype, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
         starts=[0, 75], window=window,
     )  # fmt: skip
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
@@ -600,7 +596,7 @@ def test_segment_attention_decode_reads_rings_under_a_window(
         response_capacity = rk.shape[2]
     out = torch.full_like(query, float("nan"))
     kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s, slots,
-                                     response_capacity, 0.2, kv_format, *length_args, window)  # fmt: skip
+                                     response_capacity, 0.2, kv_dtype, *length_args, window)  # fmt: skip
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
                                                 response_len, 0.2, window)  # fmt: skip
     assert_close(out, expected, dtype)
@@ -658,14 +654,14 @@ def test_reference_decode_attention_with_and_without_float32_matmuls(monkeypatch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize(
     ("requests", "beams", "heads", "kv_heads", "prompt_len", "response_len", "spare"),
     # the last: a segment far longer than its length, as a decode graph kept for later generations reads
     [(1, 1, 4, 4, 300, 0, 70), (2, 4, 8, 2, 200, 5, 70), (2, 1, 4, 2, 40, 0, 400)],
 )
 def test_segment_attention_decode_reads_lengths_from_the_device(
-    kernels, dtype, kv_format, requests, beams, heads, kv_heads, prompt_len, response_len, spare
+    kernels, dtype, kv_dtype, requests, beams, heads, kv_heads, prompt_len, response_len, spare
 ):
     """segment_lens holds the segments' lengths in a tensor (what a replayed CUDA graph reads); the
     segments are passed at their capacity, with NaN past the lengths. These long prompts are also
@@ -673,7 +669,7 @@ def test_segment_attention_decode_reads_lengths_from_the_device(
     follows the capacity, so with a long spare most splits have nothing to read."""
     head_dim = 64
     query, caches, dequantized, prompt_start, beam_slots = _segment_case(
-        dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
+        dtype, kv_dtype, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
         spare=spare, keep_spare=True,
     )  # fmt: skip
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
@@ -683,7 +679,7 @@ def test_segment_attention_decode_reads_lengths_from_the_device(
     scale = head_dim**-0.5
     capacity = rk.shape[2]
     kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s,
-                                     beam_slots, capacity, scale, kv_format, lengths)  # fmt: skip
+                                     beam_slots, capacity, scale, kv_dtype, lengths)  # fmt: skip
     prompt_k, prompt_v = (t[:, :, :prompt_len] for t in dequantized[:2])
     expected = oracles.segment_attention_decode(query, prompt_k, prompt_v, prompt_start, *dequantized[2:],
                                                 beam_slots, response_len, scale)  # fmt: skip
@@ -691,47 +687,47 @@ def test_segment_attention_decode_reads_lengths_from_the_device(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize("response_len", [0, 3])
-def test_segment_attention_decode_when_padding_fills_whole_splits(kernels, dtype, kv_format, response_len):
+def test_segment_attention_decode_when_padding_fills_whole_splits(kernels, dtype, kv_dtype, response_len):
     """The device backends split a long prompt across programs (flash-decoding), sharing out each
     request's tiles after its padding: the second request's 40 columns after 260 of padding are fewer
     tiles than it has splits, and with 3 response steps most splits get none, so several splits attend
     to no key at all. Their partials must carry no weight in the combine."""
     requests, beams, heads, kv_heads, head_dim, prompt_len = 2, 2, 4, 2, 64, 300
     query, caches, dequantized, prompt_start, beam_slots = _segment_case(
-        dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
+        dtype, kv_dtype, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
         starts=[0, 260],
     )  # fmt: skip
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
     out = torch.full_like(query, float("nan"))
     scale = head_dim**-0.5
     kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s,
-                                     beam_slots, response_len, scale, kv_format)  # fmt: skip
+                                     beam_slots, response_len, scale, kv_dtype)  # fmt: skip
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
                                                 response_len, scale)  # fmt: skip
     assert_close(out, expected, dtype)
 
 
-@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize(
     ("beams", "heads", "kv_heads"),
     [(8, 4, 4), (16, 4, 4), (9, 8, 1), (17, 4, 1), (3, 40, 1), (2, 80, 1)],
     ids=["8x1", "16x1", "9x8", "17x4", "3x40", "2x80"],
 )
-def test_segment_attention_decode_many_beams(kernels, kv_format, beams, heads, kv_heads):
+def test_segment_attention_decode_many_beams(kernels, kv_dtype, beams, heads, kv_heads):
     """Wide beam searches: the Triton kernel's response blocks then cover fewer steps for each beam
     (8 and 4 steps of every beam: at most 64 columns), and 21 steps span several blocks. Beams x query
     heads per KV head beyond the rows a SYCL work-group (32) or Triton program (64) serves: several share
     them out, in whole beams (9x8, 17x4) or, for a KV group wider than that (MQA: 3x40, 2x80), in runs of
     rows that span two beams."""
     query, caches, dequantized, prompt_start, beam_slots = _segment_case(
-        torch.float32, kv_format, 1, beams, heads, kv_heads, 32, 40, 21, True
+        torch.float32, kv_dtype, 1, beams, heads, kv_heads, 32, 40, 21, True
     )
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
     out = torch.full_like(query, float("nan"))
     kernels.segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s,
-                                     beam_slots, 21, 0.2, kv_format)  # fmt: skip
+                                     beam_slots, 21, 0.2, kv_dtype)  # fmt: skip
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
                                                 21, 0.2)  # fmt: skip
     assert_close(out, expected, torch.float32)
@@ -790,7 +786,7 @@ def _paged(segment, scale, prompt_start, block_size, generator):
 
 
 @pytest.mark.parametrize(
-    ("dtype", "kv_format"),
+    ("dtype", "kv_dtype"),
     [(torch.float32, "auto"), (torch.bfloat16, "fp8_e4m3"), (torch.float16, "fp8_e5m2")],
 )
 # (the lengths' two ways with a block size each, to keep CI's time: each way is independent of the size)
@@ -804,7 +800,7 @@ def _paged(segment, scale, prompt_start, block_size, generator):
      (2, 2, 4, 2, 300, 3, [0, 260]), (2, 9, 8, 1, 45, 5, [17, 0])],
 )  # fmt: skip
 def test_segment_attention_decode_paged_prompt(
-    kernels, dtype, kv_format, block_size, requests, beams, heads, kv_heads, prompt_len, response_len, starts,
+    kernels, dtype, kv_dtype, block_size, requests, beams, heads, kv_heads, prompt_len, response_len, starts,
     lengths,
 ):  # fmt: skip
     """The prompt segment as a pool of blocks and a block table (Opt-Pa) gives the contiguous segment's
@@ -812,7 +808,7 @@ def test_segment_attention_decode_paged_prompt(
     with prompt_len -1 (the table's whole capacity, a spare block beyond the length)."""
     head_dim = 64
     query, caches, dequantized, prompt_start, beam_slots = _segment_case(
-        dtype, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
+        dtype, kv_dtype, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
         starts=starts,
     )  # fmt: skip
     (pk, pk_s), (pv, pv_s) = caches[:2]
@@ -828,18 +824,18 @@ def test_segment_attention_decode_paged_prompt(
     if lengths == "segment_lens":
         length_args = (torch.tensor([prompt_len, response_len], dtype=torch.int32), table, -1)
     kernels.segment_attention_decode(out, query, pool_k, pool_v, pool_k_scale, pool_v_scale, prompt_start, rk, rv,
-                                     rk_s, rv_s, beam_slots, response_len, scale, kv_format, *length_args)  # fmt: skip
+                                     rk_s, rv_s, beam_slots, response_len, scale, kv_dtype, *length_args)  # fmt: skip
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
                                                 response_len, scale)  # fmt: skip
     assert_close(out, expected, dtype)
 
 
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize(("requests_per_chunk", "chunk_rows"), [(1, [2, 2, 2]), (2, [4, 2])])
 @pytest.mark.parametrize("attend", ["_attend_requests_flash", "_attend_requests"])
 def test_reference_decode_attention_in_request_chunks(
-    monkeypatch, paged, kv_format, requests_per_chunk, chunk_rows, attend
+    monkeypatch, paged, kv_dtype, requests_per_chunk, chunk_rows, attend
 ):
     """The CPU reference attends to a chunk of requests at a time (reference.CPU_CHUNK_BYTES of K/V): each
     chunk with its own padding, beams (beam_slots counted from its first row) and prompt blocks; with
@@ -847,7 +843,7 @@ def test_reference_decode_attention_in_request_chunks(
     monkeypatch.setattr(reference, "CPU_FLASH_ATTENTION", attend == "_attend_requests_flash")
     requests, beams, heads, kv_heads, head_dim, prompt_len, response_len = 3, 2, 4, 2, 32, 37, 5
     query, caches, dequantized, prompt_start, beam_slots = _segment_case(
-        torch.bfloat16, kv_format, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
+        torch.bfloat16, kv_dtype, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
         starts=[5, 0, 20],
     )  # fmt: skip
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
@@ -865,7 +861,7 @@ def test_reference_decode_attention_in_request_chunks(
     )
     out = torch.full_like(query, float("nan"))
     cpu_kernels().segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s,
-                                                 beam_slots, response_len, 0.2, kv_format, *length_args)  # fmt: skip
+                                                 beam_slots, response_len, 0.2, kv_dtype, *length_args)  # fmt: skip
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
                                                 response_len, 0.2)  # fmt: skip
     assert_close(out, expected, torch.bfloat16)
@@ -949,33 +945,33 @@ def test_opcheck_elementwise_ops(dtype):
     _opcheck("silu_and_mul", (x.new_empty(3, 32), x))
 
 
-@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
-def test_opcheck_cache_and_attention_ops(kv_format):
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
+def test_opcheck_cache_and_attention_ops(kv_dtype):
     dtype = torch.bfloat16
-    query, caches, _, prompt_start, beam_slots = _segment_case(dtype, kv_format, 2, 2, 4, 2, 16, 9, 3, True)
+    query, caches, _, prompt_start, beam_slots = _segment_case(dtype, kv_dtype, 2, 2, 4, 2, 16, 9, 3, True)
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
     _opcheck("segment_attention_decode", (torch.empty_like(query), query, pk, pv, pk_s, pv_s, prompt_start,
-                                          rk, rv, rk_s, rv_s, beam_slots, 3, 0.25, kv_format))  # fmt: skip
+                                          rk, rv, rk_s, rv_s, beam_slots, 3, 0.25, kv_dtype))  # fmt: skip
     pool_k, pool_k_scale, block_table = _paged(pk, pk_s, prompt_start, 16, torch.Generator().manual_seed(2))
     pool_v, pool_v_scale, _ = _paged(pv, pv_s, prompt_start, 16, torch.Generator().manual_seed(2))
     _opcheck("segment_attention_decode", (torch.empty_like(query), query, pool_k, pool_v, pool_k_scale,
                                           pool_v_scale, prompt_start, rk, rv, rk_s, rv_s, beam_slots, 3, 0.25,
-                                          kv_format, None, block_table, 9))  # fmt: skip
+                                          kv_dtype, None, block_table, 9))  # fmt: skip
     table = cos_sin_cache(RopeSpec(theta=10000.0), 16, 32, torch.device("cpu"))
     q, k, v = _random(4, 4, 16, dtype=dtype), _random(4, 2, 16, dtype=dtype), _random(4, 2, 16, dtype=dtype)
-    k_cache, k_scale = _cache((2, 2, 8, 16), kv_format, dtype)
-    v_cache, v_scale = _cache((2, 2, 8, 16), kv_format, dtype)
+    k_cache, k_scale = _cache((2, 2, 8, 16), kv_dtype, dtype)
+    v_cache, v_scale = _cache((2, 2, 8, 16), kv_dtype, dtype)
     rows, cols = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 2, 3])
     _opcheck("rotary_embedding_kv_write", (q, k, v, table[:4].to(dtype), k_cache, v_cache, k_scale, v_scale,
-                                           rows, cols, kv_format))  # fmt: skip
-    _opcheck("kv_write", (k, v, k_cache, v_cache, k_scale, v_scale, rows, cols, kv_format))
+                                           rows, cols, kv_dtype))  # fmt: skip
+    _opcheck("kv_write", (k, v, k_cache, v_cache, k_scale, v_scale, rows, cols, kv_dtype))
     if k_scale is not None:
-        _opcheck("kv_write", (k, v, k_cache, v_cache, k_scale, v_scale, rows, cols, kv_format, True))
+        _opcheck("kv_write", (k, v, k_cache, v_cache, k_scale, v_scale, rows, cols, kv_dtype, True))
     q4, k4 = _random(2, 5, 4, 16, dtype=dtype), _random(2, 5, 2, 16, dtype=dtype)
     _opcheck("attention_prefill", (torch.empty_like(q4), q4, k4, k4.clone(), torch.tensor([0, 2], dtype=torch.int32),
                                    0.25))  # fmt: skip
     _opcheck("attention_prefill", (torch.empty_like(q4), q4, k4, k4.clone(), torch.tensor([0, 2], dtype=torch.int32),
                                    0.25, 2))  # fmt: skip
     _opcheck("segment_attention_decode", (torch.empty_like(query), query, pk, pv, pk_s, pv_s, prompt_start,
-                                          rk, rv, rk_s, rv_s, beam_slots, 3, 0.25, kv_format, None, None, -1,
+                                          rk, rv, rk_s, rv_s, beam_slots, 3, 0.25, kv_dtype, None, None, -1,
                                           4))  # fmt: skip

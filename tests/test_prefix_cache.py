@@ -60,7 +60,7 @@ def _decoded(model, held: HeldKV) -> HeldKV:
     ):
         if scales is None:  # one scale per layer
             scales = layer_scales.view(-1, 1, 1).expand(codes.shape[:-1])
-        decoded.append(fp8.decode(codes, scales, model.kv_format, model.dtype))
+        decoded.append(fp8.decode(codes, scales, model.kv_dtype, model.dtype))
     return HeldKV(*decoded)
 
 
@@ -76,26 +76,26 @@ def test_a_prefill_over_reused_tokens(stories_model, stories_tokenizer, backend,
     the bytes of the model's dtype or less) and written into the new cache as held. The new tokens attend
     to them decoded: their logits are those of a 16-bit-cache model's prefill over the same K/V and, in a
     16-bit cache, of a prefill of the whole prompt, up to rounding."""
-    kv_format, _, static = kv_dtype.partition("-")
+    kv_dtype, _, static = kv_dtype.partition("-")
     layers = stories_model.config.num_hidden_layers
     kv_scales = KVScales(key_amax=(6.0,) * layers, value_amax=(3.0,) * layers) if static else None
     model = xpu_coopt.optimize(
-        stories_model, backend=backend, kv_cache=kv_cache, kv_dtype=kv_format, kv_scales=kv_scales
+        stories_model, backend=backend, kv_cache=kv_cache, kv_dtype=kv_dtype, kv_scales=kv_scales
     )
     prefix_cache = PrefixCache()
     first = model.generate(_stories_prompt(stories_tokenizer), past_key_values=prefix_cache, **GREEDY)
     prompt = _next_turn(stories_tokenizer, first, " They played all day.")
     reused = first.shape[1] - 1
     spec, held = model.spec, prefix_cache.kv
-    element = model.dtype.itemsize if kv_format == "auto" else 1
-    scale = 2 if kv_format != "auto" and not static else 0  # a bfloat16 scale a row
+    element = model.dtype.itemsize if kv_dtype == "auto" else 1
+    scale = 2 if kv_dtype != "auto" and not static else 0  # a bfloat16 scale a row
     row_bytes = spec.head_dim * element + scale
     assert prefix_cache.nbytes() == 2 * layers * reused * spec.num_kv_heads * row_bytes
     logits, cache = model.prefill(prompt, max_new_tokens=1, prefix_cache=prefix_cache)
     assert prefix_cache.reused_tokens == reused
     for written, kept in zip(cache.request_kv(reused)._fields(), held._fields(), strict=True):
         assert (written is None and kept is None) or torch.equal(written, kept)
-    if kv_format == "auto":
+    if kv_dtype == "auto":
         expected, _ = model.prefill(prompt, max_new_tokens=1)
     else:  # the same K/V held for a model with a 16-bit cache
         same_kv = PrefixCache()

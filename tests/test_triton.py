@@ -506,8 +506,8 @@ def test_device_lengths_do_not_grow(stories_model, stories_tokenizer):
 
 
 @pytest.mark.parametrize("device_lengths", [False, True])
-@pytest.mark.parametrize("kv_format", ["auto", "fp8_e4m3"])
-def test_decode_microbenchmark_cases_are_valid_calls(kv_format, device_lengths, monkeypatch):
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
+def test_decode_microbenchmark_cases_are_valid_calls(kv_dtype, device_lengths, monkeypatch):
     """scripts/bench_decode_attention.py's inputs (run on a GPU only): with --beams and --response, one
     call per cached layer of a valid op call, on which the Triton kernel and the reference agree, and the
     bytes count each distinct response row once."""
@@ -521,13 +521,13 @@ def test_decode_microbenchmark_cases_are_valid_calls(kv_format, device_lengths, 
 
     args = argparse.Namespace(device="cpu", batch=2, beams=4, heads=4, kv_heads=2, head_dim=64, response=9,
                               min_cycle_bytes=1, device_lengths=device_lengths)  # fmt: skip
-    calls, layers, moved = bench_decode_attention.make_case(args, 64, kv_format)
+    calls, layers, moved = bench_decode_attention.make_case(args, 64, kv_dtype)
     assert layers == 2 and len(calls) == 2
     assert (calls[0][15].tolist() == [64, 9]) if device_lengths else len(calls[0]) == 15
     slots = calls[0][11]
     assert slots.shape == (8, 9) and torch.equal(slots[:, -1], torch.arange(8, dtype=torch.int32))
     assert bool(((slots // 4) == (torch.arange(8) // 4)[:, None]).all())  # histories stay in their request
-    row_bytes = 64 + 2 if kv_format != "auto" else 128
+    row_bytes = 64 + 2 if kv_dtype != "auto" else 128
     distinct = sum(len(torch.unique(slots.view(2, 4, 9)[r, :, t])) for r in range(2) for t in range(9))
     assert 2 * 9 <= distinct <= 8 * 9
     assert moved == 2 * 2 * row_bytes * (2 * 64 + distinct) + 2 * 8 * 4 * 64 * 2
@@ -537,8 +537,8 @@ def test_decode_microbenchmark_cases_are_valid_calls(kv_format, device_lengths, 
     torch.testing.assert_close(triton_out, reference_out, atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("kv_format", ["fp8_e4m3", "fp8_e5m2"])
-def test_fp8_decode_in_float16_keeps_small_softmax_weights(kv_format):
+@pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_decode_in_float16_keeps_small_softmax_weights(kv_dtype):
     """float16 activations, an FP8 cache and 600 keys whose softmax weights span orders of magnitude: the
     weights times V's scales (weight x amax / FP8_MAX) are then often float16 subnormals, where the Triton
     kernel once lost their bits (errors of 2.8e-3 beyond the relative tolerance at e5m2, 1.3e-5 now that
@@ -546,13 +546,13 @@ def test_fp8_decode_in_float16_keeps_small_softmax_weights(kv_format):
     reference, which rounds q.k to float16 before its float32 softmax, errs more at such scores.)"""
     torch.manual_seed(0)  # the data this tolerance was set on
     query, caches, dequantized, prompt_start, beam_slots = _segment_case(
-        torch.float16, kv_format, 1, 2, 4, 2, 64, 600, 4, False
+        torch.float16, kv_dtype, 1, 2, 4, 2, 64, 600, 4, False
     )
     query = query * 4  # scores spread over several units
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
     out = torch.full_like(query, float("nan"))
     triton_kernels().segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s,
-                                              rv_s, beam_slots, 4, 0.125, kv_format)  # fmt: skip
+                                              rv_s, beam_slots, 4, 0.125, kv_dtype)  # fmt: skip
     expected = oracles.segment_attention_decode(query, *dequantized[:2], prompt_start, *dequantized[2:], beam_slots,
                                                 4, 0.125)  # fmt: skip
     assert_close(out, expected, torch.float16, scale=0.25)

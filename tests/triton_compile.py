@@ -25,8 +25,8 @@ from xpu_coopt.ops import fp8  # noqa: E402
 CAPABILITIES = (80, 90)
 
 
-def _cache(shape, kv_format, dtype):
-    if fp8.is_fp8(kv_format):
+def _cache(shape, kv_dtype, dtype):
+    if fp8.is_fp8(kv_dtype):
         return torch.zeros(shape, dtype=torch.uint8), torch.ones(shape[:-1], dtype=fp8.SCALE_DTYPE)
     return torch.zeros(shape, dtype=dtype), None
 
@@ -56,45 +56,45 @@ def launch_all(dtypes: list[torch.dtype]) -> None:
             linear.norm_linear(rows, even_norm, 1e-5, even_weight, gated=True)
         q, k = torch.randn(4, 2, 7, 64, dtype=dtype), torch.randn(4, 2, 1, 64, dtype=dtype)
         K.attention_prefill(torch.empty_like(q), q, k, k.clone(), torch.zeros(4, dtype=torch.int32), 0.125)
-        for kv_format in ("auto", "fp8_e4m3", "fp8_e5m2"):
+        for kv_dtype in ("auto", "fp8_e4m3", "fp8_e5m2"):
             query, key = torch.randn(5, 8, 64, dtype=dtype), torch.randn(5, 2, 64, dtype=dtype)
-            cache, scale = _cache((3, 2, 9, 64), kv_format, dtype)
+            cache, scale = _cache((3, 2, 9, 64), kv_dtype, dtype)
             rows, columns = torch.zeros(5, dtype=torch.int64), torch.arange(5)
             K.rotary_embedding_kv_write(query, key, key.clone(), torch.randn(5, 64, dtype=dtype), cache,
-                                        cache.clone(), scale, scale, rows, columns, kv_format)  # fmt: skip
-            K.kv_write(key, key.clone(), cache, cache.clone(), scale, scale, rows, columns, kv_format)
+                                        cache.clone(), scale, scale, rows, columns, kv_dtype)  # fmt: skip
+            K.kv_write(key, key.clone(), cache, cache.clone(), scale, scale, rows, columns, kv_dtype)
             if scale is not None:  # per-tensor static scales, broadcast with zero strides
                 static = torch.ones(1, dtype=fp8.SCALE_DTYPE).expand(scale.shape)
                 K.kv_write(
-                    key, key.clone(), cache, cache.clone(), static, static, rows, columns, kv_format, True
+                    key, key.clone(), cache, cache.clone(), static, static, rows, columns, kv_dtype, True
                 )
-            response, response_scale = _cache((8, 2, 5, 64), kv_format, dtype)
+            response, response_scale = _cache((8, 2, 5, 64), kv_dtype, dtype)
             decode_query = torch.randn(8, 8, 64, dtype=dtype)
             K.segment_attention_decode(
                 torch.empty_like(decode_query), decode_query, cache[:2], cache[:2], scale if scale is None else scale[:2],
                 scale if scale is None else scale[:2], torch.zeros(2, dtype=torch.int32), response, response,
-                response_scale, response_scale, torch.zeros(8, 5, dtype=torch.int32), 3, 0.125, kv_format,
+                response_scale, response_scale, torch.zeros(8, 5, dtype=torch.int32), 3, 0.125, kv_dtype,
             )  # fmt: skip
             # A long prompt segment (split decode and the combine) with device-side lengths (graph replay).
-            long_cache, long_scale = _cache((2, 2, 600, 64), kv_format, dtype)
+            long_cache, long_scale = _cache((2, 2, 600, 64), kv_dtype, dtype)
             K.segment_attention_decode(
                 torch.empty_like(decode_query), decode_query, long_cache, long_cache, long_scale, long_scale,
                 torch.zeros(2, dtype=torch.int32), response, response, response_scale, response_scale,
-                torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_format, torch.tensor([500, 3], dtype=torch.int32),
+                torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_dtype, torch.tensor([500, 3], dtype=torch.int32),
             )  # fmt: skip
             # A ring under a window (a one-beam segment cache past its columns): 2000 columns in its 600 cells.
             K.segment_attention_decode(
                 torch.empty_like(decode_query), decode_query, long_cache, long_cache, long_scale, long_scale,
                 torch.zeros(2, dtype=torch.int32), response, response, response_scale, response_scale,
-                torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_format, torch.tensor([2000, 0], dtype=torch.int32),
+                torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_dtype, torch.tensor([2000, 0], dtype=torch.int32),
                 None, -1, 512,
             )  # fmt: skip
             # A paged prompt segment: the long cache's 600 columns as 75 blocks of 8, read through a table.
-            blocks, block_scales = _cache((75, 2, 8, 64), kv_format, dtype)
+            blocks, block_scales = _cache((75, 2, 8, 64), kv_dtype, dtype)
             K.segment_attention_decode(
                 torch.empty_like(decode_query), decode_query, blocks, blocks, block_scales, block_scales,
                 torch.zeros(2, dtype=torch.int32), response, response, response_scale, response_scale,
-                torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_format, None,
+                torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_dtype, None,
                 torch.arange(150, dtype=torch.int32).view(2, 75) % 75, 590,
             )  # fmt: skip
             if scale is not None:  # the tuning option that converts FP8 tiles before their dot layout
@@ -104,7 +104,7 @@ def launch_all(dtypes: list[torch.dtype]) -> None:
                     K.segment_attention_decode(
                         torch.empty_like(decode_query), decode_query, long_cache, long_cache, long_scale, long_scale,
                         torch.zeros(2, dtype=torch.int32), response, response, response_scale, response_scale,
-                        torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_format,
+                        torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_dtype,
                     )  # fmt: skip
                 finally:
                     K.DECODE_LAUNCH = launch

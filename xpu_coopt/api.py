@@ -16,7 +16,7 @@ from xpu_coopt.model.decoder import LlamaDecoder
 from xpu_coopt.model.linear import is_plain_linear, projection_modules
 from xpu_coopt.model.optimized import OptimizedModel
 from xpu_coopt.model.spec import model_spec
-from xpu_coopt.ops import KV_FORMATS
+from xpu_coopt.ops import KV_DTYPES
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -93,8 +93,8 @@ def optimize(
     spec = model_spec(hf_config, type(model).__name__)
     if kv_cache not in KV_CACHE_KINDS:
         raise ValueError(f"unknown kv_cache {kv_cache!r}; choose one of {', '.join(KV_CACHE_KINDS)}")
-    if kv_dtype not in KV_FORMATS:
-        raise ValueError(f"unknown kv_dtype {kv_dtype!r}; choose one of {', '.join(KV_FORMATS)}")
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"unknown kv_dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
     if kv_scales is not None:
         if kv_dtype == "auto":
             raise ValueError("kv_scales are for FP8 caches: pass kv_dtype='fp8_e4m3' or 'fp8_e5m2' with them")

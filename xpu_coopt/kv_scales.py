@@ -43,12 +43,12 @@ class KVScales:
     def num_layers(self) -> int:
         return len(self.key_amax)
 
-    def tensors(self, kv_format: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def tensors(self, kv_dtype: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """[layers] K and V scales for an FP8 format, in fp8.SCALE_DTYPE: amax / FP8_MAX (at least
         fp8.MIN_SCALE), rounded up to a bfloat16 value so the calibrated amax still fits the range."""
-        if not fp8.is_fp8(kv_format):
-            raise ValueError(f"static KV scales apply to FP8 caches, not kv_dtype={kv_format!r}")
-        limit = fp8.FP8_MAX[kv_format]
+        if not fp8.is_fp8(kv_dtype):
+            raise ValueError(f"static KV scales apply to FP8 caches, not kv_dtype={kv_dtype!r}")
+        limit = fp8.FP8_MAX[kv_dtype]
         return tuple(
             fp8.round_up_to_bfloat16(
                 (torch.tensor(amax, dtype=torch.float32) / limit).clamp_min(fp8.MIN_SCALE)

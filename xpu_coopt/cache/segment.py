@@ -106,18 +106,18 @@ class SegmentKVCache:
         num_beams: int,
         max_new_tokens: int,
         dtype: torch.dtype,
-        kv_format: str,
+        kv_dtype: str,
         static_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
         keep_whole_prompt: bool = False,
     ) -> None:
         """static_scales: [layers] K and V scales in fp8.SCALE_DTYPE (FP8 only); None: dynamic per-row scales.
         keep_whole_prompt: every prompt column kept, even those a window on every layer has passed (what
         calibration reads)."""
-        if static_scales is not None and not fp8.is_fp8(kv_format):
-            raise ValueError(f"static KV scales apply to FP8 caches, not kv_format={kv_format!r}")
+        if static_scales is not None and not fp8.is_fp8(kv_dtype):
+            raise ValueError(f"static KV scales apply to FP8 caches, not kv_dtype={kv_dtype!r}")
         self.spec = spec
         self.ops = ops
-        self.kv_format = kv_format
+        self.kv_dtype = kv_dtype
         self.static_scales = static_scales
         self.dtype = dtype
         # Each layer's window as the attention ops take it (sliding-window layers attend to their last keys).
@@ -133,7 +133,7 @@ class SegmentKVCache:
         # Each prompt's first column in the prompt segment, which may have dropped the prompt's first columns.
         self.kept_start = torch.zeros_like(self.prompt_start)
 
-        storage = torch.uint8 if fp8.is_fp8(kv_format) else dtype
+        storage = torch.uint8 if fp8.is_fp8(kv_dtype) else dtype
         layers, heads, dim = spec.num_layers, spec.num_kv_heads, spec.head_dim
         capacity = _round_up(max_new_tokens, RESPONSE_STEP)
         self.single_beam = num_beams == 1
@@ -266,7 +266,7 @@ class SegmentKVCache:
 
     def _scales(self, shape: tuple[int, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The K and V scale tensors of a segment shaped `shape` (None for a 16-bit cache)."""
-        if not fp8.is_fp8(self.kv_format):
+        if not fp8.is_fp8(self.kv_dtype):
             return None, None
         if self.static_scales is not None:  # [layers] -> [layers, rows, heads, columns], no copy
             # Zero strides in every dimension but the layer's, sizes of 1 included (expand() keeps theirs):
@@ -399,7 +399,7 @@ class SegmentKVCache:
                 f"tokens, got {tuple(keys.shape)} and {tuple(values.shape)}"
             )
         if keys.dtype != self.prompt_k.dtype or (held.key_scales is not None) != self._dynamic_fp8():
-            raise ValueError(f"continue_from() takes K/V stored as this cache stores them ({self.kv_format})")
+            raise ValueError(f"continue_from() takes K/V stored as this cache stores them ({self.kv_dtype})")
         self._prefix = held
 
     def prefix_len(self) -> int:
@@ -408,7 +408,7 @@ class SegmentKVCache:
 
     def _dynamic_fp8(self) -> bool:
         """Whether each (token, KV head) row is stored with a scale of its own."""
-        return fp8.is_fp8(self.kv_format) and self.static_scales is None
+        return fp8.is_fp8(self.kv_dtype) and self.static_scales is None
 
     @torch.inference_mode()
     def request_kv(self, count: int) -> HeldKV | None:
@@ -503,7 +503,7 @@ class SegmentKVCache:
             prefix_k, prefix_v = self._write_prefix(layer, segment, rows[:reused], columns[:reused])
             rows, columns = rows[reused:], columns[reused:]
         kernels.rotary_embedding_kv_write(
-            query, key, value, cos_sin, *segment, rows, columns, self.kv_format, static
+            query, key, value, cos_sin, *segment, rows, columns, self.kv_dtype, static
         )  # fmt: skip
         if reused:
             key, value = torch.cat((prefix_k, key)), torch.cat((prefix_v, value))
@@ -548,7 +548,7 @@ class SegmentKVCache:
         kernels = self.ops.kernels
         segment = self._prompt_segment(layer)
         kernels.rotary_embedding_kv_write(
-            query, key, value, cos_sin, *segment, self._run_rows, self._run_columns, self.kv_format,
+            query, key, value, cos_sin, *segment, self._run_rows, self._run_columns, self.kv_dtype,
             self.static_scales is not None,
         )  # fmt: skip
         count, length = self.run_length, self.kept_columns + self.response_len + self.run_length
@@ -584,7 +584,7 @@ class SegmentKVCache:
         as they are)."""
         if scale is None:
             return cells
-        return fp8.decode(cells, scale[rows, :, columns], self.kv_format, self.dtype)
+        return fp8.decode(cells, scale[rows, :, columns], self.kv_dtype, self.dtype)
 
     def _attend_decode(self, layer, query, key, value, cos_sin) -> torch.Tensor:
         kernels = self.ops.kernels
@@ -595,13 +595,13 @@ class SegmentKVCache:
         if self.segment_lens is not None:  # the lengths live in segment_lens: pass the capacities
             prompt_columns, response_len = -1, self.response_k.shape[3]
         kernels.rotary_embedding_kv_write(
-            query, key, value, cos_sin, *written, self._decode_rows, self._decode_columns, self.kv_format,
+            query, key, value, cos_sin, *written, self._decode_rows, self._decode_columns, self.kv_dtype,
             self.static_scales is not None,
         )  # fmt: skip
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         kernels.segment_attention_decode(
             out, query, *prompt, self.kept_start, *response, self.beam_slots, response_len,
-            self.spec.attention_scale, self.kv_format, self.segment_lens, self.block_table, prompt_columns,
+            self.spec.attention_scale, self.kv_dtype, self.segment_lens, self.block_table, prompt_columns,
             self.windows[layer],
         )  # fmt: skip
         return out.view(query.shape[0], -1)

@@ -61,9 +61,9 @@ CUDA_GRAPH_CHOICES = {"auto": None, "on": True, "off": False}
 def _cache_arguments(parser: argparse.ArgumentParser) -> None:
     """optimize()'s KV cache and decode-graph arguments: shared by bench and generate."""
     from xpu_coopt.cache import KV_CACHE_KINDS
-    from xpu_coopt.ops import KV_FORMATS
+    from xpu_coopt.ops import KV_DTYPES
 
-    parser.add_argument("--kv-dtype", default="auto", choices=KV_FORMATS)
+    parser.add_argument("--kv-dtype", default="auto", choices=KV_DTYPES)
     parser.add_argument("--kv-cache", default="segment", choices=sorted(KV_CACHE_KINDS),
                         help="xpu_coopt's KV cache layout (see optimize(); default segment)")  # fmt: skip
     parser.add_argument("--cuda-graph", choices=sorted(CUDA_GRAPH_CHOICES), default="auto",
@@ -252,7 +252,7 @@ def _stdin_turns() -> Iterator[str]:
 
 
 def _eval_ppl_parser(subparsers) -> None:
-    from xpu_coopt.ops import KV_FORMATS
+    from xpu_coopt.ops import KV_DTYPES
 
     parser = subparsers.add_parser(
         "eval-ppl",
@@ -264,8 +264,8 @@ def _eval_ppl_parser(subparsers) -> None:
     _model_arguments(parser, "the text file to score (e.g. wikitext-2's test split)")
     parser.add_argument("--max-tokens", type=_positive, default=10240,
                         help="tokens of the text to score, from its start (default 10240)")  # fmt: skip
-    parser.add_argument("--kv-dtypes", default=",".join(KV_FORMATS),
-                        help=f"comma-separated cache formats to evaluate (default {','.join(KV_FORMATS)})")  # fmt: skip
+    parser.add_argument("--kv-dtypes", default=",".join(KV_DTYPES),
+                        help=f"comma-separated cache formats to evaluate (default {','.join(KV_DTYPES)})")  # fmt: skip
     parser.add_argument("--kv-scales", default="calibrate",
                         help="per-tensor static FP8 scales, also evaluated: 'calibrate' (default: on the "
                         "--calibration-tokens tokens that follow the scored ones), 'none', or a saved scales "

@@ -85,10 +85,10 @@ def _prefix_cache(cache: Any, past_key_values: Any) -> PrefixCache | None:
     )
 
 
-def _eos_ids(s: GenerationSettings, device: torch.device) -> torch.Tensor:
+def _eos_ids(settings: GenerationSettings, device: torch.device) -> torch.Tensor:
     """The EOS ids as a device tensor, made once per generation: per-step host-to-device copies would each
     wait for the work queued before them, a decode step included."""
-    return torch.tensor(s.eos_token_id or [], dtype=torch.long, device=device)
+    return torch.tensor(settings.eos_token_id or [], dtype=torch.long, device=device)
 
 
 class _HostFlags:
@@ -110,16 +110,21 @@ class _HostFlags:
 
 
 def _sample(
-    model, input_ids, attention_mask, s: GenerationSettings, streamer, generator, prefix_cache
+    model, input_ids, attention_mask, settings: GenerationSettings, streamer, generator, prefix_cache
 ) -> GenerateOutput:
     """Greedy or sampling; sampling num_return_sequences > 1 sequences of each prompt draws them side by
     side, as transformers does (row order: each prompt's samples together), over one prefill of the prompt
     whose K/V all its samples share (the segment cache's beams, never reordered)."""
-    samples = s.num_return_sequences
-    rules = TokenRules.of(s, model.spec.vocab_size, input_ids.device)  # its errors before the prefill
-    criteria = stopping_criteria(s)  # before the prefill: max_time counts it, as in transformers
+    samples = settings.num_return_sequences
+    rules = TokenRules.of(settings, model.spec.vocab_size, input_ids.device)  # its errors before the prefill
+    criteria = stopping_criteria(settings)  # before the prefill: max_time counts it, as in transformers
     logits, cache = model.prefill(
-        input_ids, attention_mask, samples, s.max_new_tokens, reuse_kept_cache=True, prefix_cache=prefix_cache
+        input_ids,
+        attention_mask,
+        samples,
+        settings.max_new_tokens,
+        reuse_kept_cache=True,
+        prefix_cache=prefix_cache,
     )
     captures_before = _graph_captures(cache)  # a kept cache's graph has captured before
     prompt_start = cache.prompt_start  # each prompt's first column after its left padding
@@ -131,36 +136,38 @@ def _sample(
         streamer.put(input_ids.cpu())
     batch, prompt_len = input_ids.shape
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-    eos = _eos_ids(s, input_ids.device)
-    sequences = torch.empty((batch, prompt_len + s.max_new_tokens), dtype=torch.long, device=input_ids.device)
+    eos = _eos_ids(settings, input_ids.device)
+    sequences = torch.empty(
+        (batch, prompt_len + settings.max_new_tokens), dtype=torch.long, device=input_ids.device
+    )
     sequences[:, :prompt_len] = input_ids
     all_scores: list[torch.Tensor] = []
     all_logits: list[torch.Tensor] = []
     step_times: list[float] = []
-    for step in range(s.max_new_tokens):
+    for step in range(settings.max_new_tokens):
         length = prompt_len + step
-        if s.output_logits:  # a copy: the decode graph's output buffer is overwritten by the next step
+        if settings.output_logits:  # a copy: the decode graph's output buffer is overwritten by the next step
             all_logits.append(logits.to(torch.float32, copy=True))
-        scores = process(logits.float(), sequences[:, :length], prompt_start, eos, step, s, rules)
-        if s.do_sample:
-            scores = renormalize(warp(scores, s), s)
+        scores = process(logits.float(), sequences[:, :length], prompt_start, eos, step, settings, rules)
+        if settings.do_sample:
+            scores = renormalize(warp(scores, settings), settings)
             next_tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
         else:
-            scores = renormalize(scores, s)
+            scores = renormalize(scores, settings)
             next_tokens = scores.argmax(dim=-1)
-        if s.output_scores:
+        if settings.output_scores:
             # Unprocessed float32 scores are the decode graph's output buffer, which the next step overwrites.
             all_scores.append(scores.clone() if scores is logits else scores)
         if eos.numel():  # as transformers: finished rows are padded only where EOS can finish them
-            next_tokens = torch.where(unfinished, next_tokens, s.pad_token_id)
+            next_tokens = torch.where(unfinished, next_tokens, settings.pad_token_id)
         sequences[:, length] = next_tokens
         step_times.append(time.perf_counter())
         unfinished &= ~torch.isin(next_tokens, eos)
         if criteria:
-            scores_so_far = all_scores if s.output_scores else None
+            scores_so_far = all_scores if settings.output_scores else None
             unfinished &= ~criteria_met(criteria, sequences[:, : length + 1], scores_so_far)
         any_unfinished = _HostFlags(unfinished.any().view(1))
-        last = step == s.max_new_tokens - 1
+        last = step == settings.max_new_tokens - 1
         # The next step is queued before anything waits for the device (the streamer, the stop check), so
         # the GPU never idles while the host decides; after the last EOS that one step is discarded.
         if not last:
@@ -171,13 +178,13 @@ def _sample(
             break
         logits = next_logits
     return _one_beam_output(
-        model, cache, s, streamer, prefix_cache, sequences[:, : prompt_len + len(step_times)], step_times,
+        model, cache, settings, streamer, prefix_cache, sequences[:, : prompt_len + len(step_times)], step_times,
         all_scores, all_logits, captures_before,
     )  # fmt: skip
 
 
 def _one_beam_output(
-    model, cache, s: GenerationSettings, streamer, prefix_cache, sequences: torch.Tensor,
+    model, cache, settings: GenerationSettings, streamer, prefix_cache, sequences: torch.Tensor,
     step_times: list[float], all_scores: list[torch.Tensor], all_logits: list[torch.Tensor],
     captures_before: int, **counts: int,
 ) -> GenerateOutput:  # fmt: skip
@@ -189,13 +196,13 @@ def _one_beam_output(
     if prefix_cache is not None:
         prefix_cache.hold(cache, sequences[0])
     model.keep_cache(cache)
-    scores = tuple(all_scores) if s.output_scores else None
-    logits = tuple(all_logits) if s.output_logits else None
+    scores = tuple(all_scores) if settings.output_scores else None
+    logits = tuple(all_logits) if settings.output_logits else None
     captures = _graph_captures(cache) - captures_before
     return GenerateOutput(sequences, None, scores, cache.nbytes(), step_times, logits, captures, **counts)
 
 
-def _check_prompt_lookup(model, input_ids: torch.Tensor, s: GenerationSettings) -> None:
+def _check_prompt_lookup(model, input_ids: torch.Tensor, settings: GenerationSettings) -> None:
     if input_ids.shape[0] != 1:
         raise ValueError(
             f"prompt_lookup_num_tokens takes one prompt per generate() call (as transformers), got a batch of "
@@ -203,7 +210,7 @@ def _check_prompt_lookup(model, input_ids: torch.Tensor, s: GenerationSettings) 
         )
     windows = model.spec.layer_windows
     # The longest sequence a step can run: the prompt, the new tokens, a last step's drafts past them.
-    longest = input_ids.shape[1] + s.max_new_tokens + s.prompt_lookup_num_tokens
+    longest = input_ids.shape[1] + settings.max_new_tokens + settings.prompt_lookup_num_tokens
     if None not in windows and longest > max(windows):
         raise ValueError(
             f"prompt_lookup_num_tokens under a sliding window on every layer takes sequences within the window "
@@ -213,7 +220,7 @@ def _check_prompt_lookup(model, input_ids: torch.Tensor, s: GenerationSettings) 
 
 
 def _prompt_lookup(
-    model, input_ids, attention_mask, s: GenerationSettings, streamer, generator, prefix_cache
+    model, input_ids, attention_mask, settings: GenerationSettings, streamer, generator, prefix_cache
 ):
     """transformers' prompt lookup decoding: each step runs the last token and up to
     prompt_lookup_num_tokens drafts (find_drafts) through the model, chooses a token after each (greedy:
@@ -223,19 +230,24 @@ def _prompt_lookup(
     graph); a step with drafts runs eagerly. Stopping criteria are checked after each token, as without
     drafts."""
     device, vocab = input_ids.device, model.spec.vocab_size
-    rules = TokenRules.of(s, vocab, device)
-    criteria = stopping_criteria(s)
+    rules = TokenRules.of(settings, vocab, device)
+    criteria = stopping_criteria(settings)
     logits, cache = model.prefill(
-        input_ids, attention_mask, 1, s.max_new_tokens, reuse_kept_cache=True, prefix_cache=prefix_cache
+        input_ids,
+        attention_mask,
+        1,
+        settings.max_new_tokens,
+        reuse_kept_cache=True,
+        prefix_cache=prefix_cache,
     )
     captures_before = _graph_captures(cache)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     prompt_len = input_ids.shape[1]
-    eos = _eos_ids(s, device)
-    host_eos, eos_set = eos.cpu(), set(s.eos_token_id or [])
+    eos = _eos_ids(settings, device)
+    host_eos, eos_set = eos.cpu(), set(settings.eos_token_id or [])
     # Room for the drafts of a step that runs past max_new_tokens (below).
-    room = prompt_len + s.max_new_tokens + s.prompt_lookup_num_tokens
+    room = prompt_len + settings.max_new_tokens + settings.prompt_lookup_num_tokens
     sequences = torch.empty((1, room), dtype=torch.long, device=device)
     sequences[:, :prompt_len] = input_ids
     history = sequences[0].cpu()  # the sequence on the host, where the drafts are looked up
@@ -243,8 +255,10 @@ def _prompt_lookup(
     def chosen_scores(row_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The scores a token is chosen from after `tokens` [1, length]: processed (and warped when
         sampling) as without drafts."""
-        scores = process(row_logits, tokens, cache.prompt_start, eos, tokens.shape[1] - prompt_len, s, rules)
-        return renormalize(warp(scores, s) if s.do_sample else scores, s)
+        scores = process(
+            row_logits, tokens, cache.prompt_start, eos, tokens.shape[1] - prompt_len, settings, rules
+        )
+        return renormalize(warp(scores, settings) if settings.do_sample else scores, settings)
 
     def forbidden(tokens: torch.Tensor, token: int) -> bool:
         """transformers' check of a draft: the processors leave it no chance on uniform logits."""
@@ -256,11 +270,11 @@ def _prompt_lookup(
         """The drafts after the sequence so far. As transformers: drafts past max_new_tokens run too (their
         tokens are dropped), so that a sampled step draws as many rows as its; none for the last token;
         and a decode graph's cache cannot grow."""
-        most = s.prompt_lookup_num_tokens if s.max_new_tokens - generated > 1 else 0
+        most = settings.prompt_lookup_num_tokens if settings.max_new_tokens - generated > 1 else 0
         if cache.segment_lens is not None:
             most = min(most, cache.capacity - cache.response_len - 1)
         sequence = history[: prompt_len + generated]
-        return find_drafts(sequence, most, s.max_matching_ngram_size, host_eos, forbidden)
+        return find_drafts(sequence, most, settings.max_matching_ngram_size, host_eos, forbidden)
 
     all_scores: list[torch.Tensor] = []
     all_logits: list[torch.Tensor] = []
@@ -279,7 +293,7 @@ def _prompt_lookup(
         sequences[0, length : length + rows - 1] = drafts.to(device)  # what each row's processors see
         raw = logits.float()
         scores = torch.cat([chosen_scores(raw[i : i + 1], sequences[:, : length + i]) for i in range(rows)])
-        if s.do_sample:
+        if settings.do_sample:
             chosen = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
         else:
             chosen = scores.argmax(dim=-1)
@@ -287,15 +301,15 @@ def _prompt_lookup(
             sequences[0, length + row] = history[length + row] = token_id
             generated += 1
             step_times.append(time.perf_counter())
-            if s.output_logits:  # a copy: processors may write into their scores
+            if settings.output_logits:  # a copy: processors may write into their scores
                 all_logits.append(raw[row : row + 1].clone())
-            if s.output_scores:
+            if settings.output_scores:
                 all_scores.append(scores[row : row + 1])
             if streamer is not None:
                 streamer.put(chosen[row : row + 1].cpu())
-            finished = token_id in eos_set or generated == s.max_new_tokens
+            finished = token_id in eos_set or generated == settings.max_new_tokens
             if criteria and not finished:
-                scores_so_far = all_scores if s.output_scores else None
+                scores_so_far = all_scores if settings.output_scores else None
                 finished = bool(criteria_met(criteria, sequences[:, : length + row + 1], scores_so_far)[0])
             hit = row < drafts.numel() and token_id == int(drafts[row])
             accepted += hit
@@ -314,7 +328,7 @@ def _prompt_lookup(
             logits = model.decode(token, cache)
         steps += 1
     return _one_beam_output(
-        model, cache, s, streamer, prefix_cache, sequences[:, : prompt_len + generated], step_times,
+        model, cache, settings, streamer, prefix_cache, sequences[:, : prompt_len + generated], step_times,
         all_scores, all_logits, captures_before, decode_steps=steps, accepted_drafts=accepted,
     )  # fmt: skip
 
@@ -327,18 +341,18 @@ def _gather_beams(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def _beam_search(
-    model, input_ids, attention_mask, s: GenerationSettings, generator, prefix_cache
+    model, input_ids, attention_mask, settings: GenerationSettings, generator, prefix_cache
 ) -> GenerateOutput:
     """transformers 5's vectorised beam search, with the prompt prefilled once per request; with do_sample,
     its beam sampling (warped log-probabilities, candidates drawn instead of taken best first)."""
     device = input_ids.device
     batch, prompt_len = input_ids.shape
-    beams = s.num_beams
-    max_length = prompt_len + s.max_new_tokens
-    eos = _eos_ids(s, device)
+    beams = settings.num_beams
+    max_length = prompt_len + settings.max_new_tokens
+    eos = _eos_ids(settings, device)
     beams_to_keep = max(2, 1 + eos.numel()) * beams
     top_num_beam_mask = torch.arange(beams_to_keep, device=device) < beams
-    fill = (s.pad_token_id or s.eos_token_id[0]) if s.eos_token_id else -1
+    fill = (settings.pad_token_id or settings.eos_token_id[0]) if settings.eos_token_id else -1
 
     running_sequences = torch.full((batch, beams, max_length), fill, dtype=torch.long, device=device)
     running_sequences[:, :, :prompt_len] = input_ids[:, None, :]
@@ -348,36 +362,43 @@ def _beam_search(
     beam_scores = torch.full((batch, beams), -1e9, dtype=torch.float, device=device)
     is_finished = torch.zeros((batch, beams), dtype=torch.bool, device=device)
     improvable = torch.ones((batch, 1), dtype=torch.bool, device=device)
-    running_beam_indices = torch.full((batch, beams, s.max_new_tokens), -1, dtype=torch.int32, device=device)
+    running_beam_indices = torch.full(
+        (batch, beams, settings.max_new_tokens), -1, dtype=torch.int32, device=device
+    )
     beam_indices = running_beam_indices.clone()
     batch_offset = torch.arange(batch, device=device).view(-1, 1) * beams
     all_scores: list[torch.Tensor] = []
     all_logits: list[torch.Tensor] = []
     step_times: list[float] = []
-    rules = TokenRules.of(s, model.spec.vocab_size, device)  # its errors before the prefill
-    criteria = stopping_criteria(s)  # before the prefill: max_time counts it, as in transformers
+    rules = TokenRules.of(settings, model.spec.vocab_size, device)  # its errors before the prefill
+    criteria = stopping_criteria(settings)  # before the prefill: max_time counts it, as in transformers
 
     logits, cache = model.prefill(
-        input_ids, attention_mask, beams, s.max_new_tokens, reuse_kept_cache=True, prefix_cache=prefix_cache
+        input_ids,
+        attention_mask,
+        beams,
+        settings.max_new_tokens,
+        reuse_kept_cache=True,
+        prefix_cache=prefix_cache,
     )
     captures_before = _graph_captures(cache)  # a kept cache's graph has captured before
     logits = logits.repeat_interleave(beams, dim=0)  # every beam of a request starts from the same prompt
     prompt_start = cache.prompt_start.repeat_interleave(beams)  # each row's first column after its padding
     cur_len = prompt_len
     while True:
-        if s.output_logits:
+        if settings.output_logits:
             all_logits.append(logits.to(torch.float32, copy=True))
         history = running_sequences[:, :, :cur_len].reshape(batch * beams, cur_len)
         log_probs = F.log_softmax(logits.float(), dim=-1)
-        log_probs = process(log_probs, history, prompt_start, eos, cur_len - prompt_len, s, rules)
-        if s.do_sample:  # each warper keeps a token beyond the EOS ids, as transformers' beam sampling
-            log_probs = warp(log_probs, s, keep=max(2, eos.numel() + 1))
-        log_probs = renormalize(log_probs, s)
-        if s.output_scores:
+        log_probs = process(log_probs, history, prompt_start, eos, cur_len - prompt_len, settings, rules)
+        if settings.do_sample:  # each warper keeps a token beyond the EOS ids, as transformers' beam sampling
+            log_probs = warp(log_probs, settings, keep=max(2, eos.numel() + 1))
+        log_probs = renormalize(log_probs, settings)
+        if settings.output_scores:
             all_scores.append(log_probs)
         vocab = log_probs.shape[-1]
         log_probs = log_probs.view(batch, beams, vocab) + running_scores[:, :, None]
-        if s.do_sample:
+        if settings.do_sample:
             accumulated = log_probs.view(batch, -1)
             topk_indices = torch.multinomial(accumulated.softmax(dim=-1), beams_to_keep, generator=generator)
             topk_log_probs = accumulated.gather(1, topk_indices)
@@ -396,7 +417,7 @@ def _beam_search(
         hits_stop = torch.isin(topk_sequences[:, :, cur_len], eos) | (cur_len + 1 >= max_length)
         if criteria:
             candidates = topk_sequences[:, :, : cur_len + 1].reshape(batch * beams_to_keep, cur_len + 1)
-            met = criteria_met(criteria, candidates, all_scores if s.output_scores else None)
+            met = criteria_met(criteria, candidates, all_scores if settings.output_scores else None)
             hits_stop |= met.view(batch, beams_to_keep)
 
         # Running beams for the next step: the best candidates that did not stop.
@@ -408,8 +429,8 @@ def _beam_search(
 
         # Finished hypotheses: candidates among the top num_beams that stopped, scored with the length penalty.
         just_finished = hits_stop & top_num_beam_mask[None, :]
-        finished_scores = topk_log_probs / ((cur_len + 1 - prompt_len) ** s.length_penalty)
-        batch_full = is_finished.all(dim=-1, keepdim=True) & (s.early_stopping is True)
+        finished_scores = topk_log_probs / ((cur_len + 1 - prompt_len) ** settings.length_penalty)
+        batch_full = is_finished.all(dim=-1, keepdim=True) & (settings.early_stopping is True)
         finished_scores = finished_scores + batch_full.float() * -1.0e9
         finished_scores = finished_scores + (~improvable).float() * -1.0e9
         finished_scores = finished_scores + (~just_finished) * -1.0e9
@@ -425,11 +446,11 @@ def _beam_search(
         step_times.append(time.perf_counter())
 
         # Early-stop heuristic: can a running beam still beat the worst finished one?
-        if s.early_stopping == "never" and s.length_penalty > 0.0:
+        if settings.early_stopping == "never" and settings.length_penalty > 0.0:
             best_length = max_length - prompt_len
         else:
             best_length = cur_len - prompt_len
-        best_running = running_scores[:, :1] / (best_length**s.length_penalty)
+        best_running = running_scores[:, :1] / (best_length**settings.length_penalty)
         worst_finished = torch.where(is_finished, beam_scores.min(dim=1, keepdim=True)[0], -1.0e9)
         improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
         last = cur_len >= max_length  # known on the host: every candidate hit the length limit
@@ -440,7 +461,7 @@ def _beam_search(
             cache.reorder(parents, check=False)
             next_logits = model.decode(running_sequences[:, :, cur_len - 1].reshape(-1), cache)
         all_finished, any_improvable, all_stopped = stop_flags.read()
-        open_beams = not (all_finished and s.early_stopping is True)
+        open_beams = not (all_finished and settings.early_stopping is True)
         if last or not (any_improvable and open_beams and not all_stopped):
             break
         logits = next_logits
@@ -448,17 +469,17 @@ def _beam_search(
     if prefix_cache is not None:
         prefix_cache.hold(cache, input_ids[0])  # the prompt's K/V: beams share them
     model.keep_cache(cache)
-    keep = s.num_return_sequences
+    keep = settings.num_return_sequences
     sequences = sequences[:, :keep].reshape(batch * keep, -1)
     scores = beam_scores[:, :keep].reshape(-1)
     generated_lengths = (beam_indices[:, :keep].reshape(batch * keep, -1) + 1).bool().sum(dim=1)
     sequences = sequences[:, : prompt_len + int(generated_lengths.max())]
     return GenerateOutput(
         sequences,
-        scores if s.output_scores else None,
-        tuple(all_scores) if s.output_scores else None,
+        scores if settings.output_scores else None,
+        tuple(all_scores) if settings.output_scores else None,
         cache.nbytes(),
         step_times,
-        tuple(all_logits) if s.output_logits else None,
+        tuple(all_logits) if settings.output_logits else None,
         _graph_captures(cache) - captures_before,
     )

@@ -26,13 +26,13 @@ from xpu_coopt.generation.transformers_release import PENALTY_SKIPS_PADDING
 
 
 def _penalize_repetitions(
-    scores: torch.Tensor, tokens: torch.Tensor, prompt_start: torch.Tensor, s: GenerationSettings
+    scores: torch.Tensor, tokens: torch.Tensor, prompt_start: torch.Tensor, settings: GenerationSettings
 ) -> torch.Tensor:
     """transformers' RepetitionPenaltyLogitsProcessor. tokens [rows, length]: each row's prompt and what it
     generated so far; prompt_start [rows]: its first prompt column after the left padding. Every token id
     a row holds (past its padding, from transformers 5.23) has its score divided by the penalty where
     positive and multiplied by it where negative, once however often it occurs."""
-    if s.repetition_penalty == 1.0:
+    if settings.repetition_penalty == 1.0:
         return scores
     vocab = scores.shape[-1]
     # Ids the LM head cannot produce, and padding where skipped, go to one extra column dropped after.
@@ -42,16 +42,18 @@ def _penalize_repetitions(
         tokens = tokens.masked_fill(columns < prompt_start[:, None], vocab)
     padded = F.pad(scores, (0, 1))
     seen = padded.gather(1, tokens)
-    seen = torch.where(seen < 0, seen * s.repetition_penalty, seen / s.repetition_penalty)
+    seen = torch.where(seen < 0, seen * settings.repetition_penalty, seen / settings.repetition_penalty)
     return padded.scatter(1, tokens, seen)[:, :vocab]
 
 
-def _ban_repeated_ngrams(scores: torch.Tensor, tokens: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
+def _ban_repeated_ngrams(
+    scores: torch.Tensor, tokens: torch.Tensor, settings: GenerationSettings
+) -> torch.Tensor:
     """transformers' NoRepeatNGramLogitsProcessor, vectorised. tokens [rows, length]: each row's whole
     history, left padding included (as transformers counts it). A token that would complete an n-gram the
     row already holds gets -inf: every earlier n-gram whose first n - 1 tokens equal the row's last n - 1
     bans its last token."""
-    n = s.no_repeat_ngram_size
+    n = settings.no_repeat_ngram_size
     if n == 0 or tokens.shape[1] < n:
         return scores
     vocab = scores.shape[-1]
@@ -63,38 +65,40 @@ def _ban_repeated_ngrams(scores: torch.Tensor, tokens: torch.Tensor, s: Generati
 
 
 def _suppress_eos(
-    scores: torch.Tensor, s: GenerationSettings, eos: torch.Tensor, length: int, new_tokens: int
+    scores: torch.Tensor, settings: GenerationSettings, eos: torch.Tensor, length: int, new_tokens: int
 ) -> torch.Tensor:
     """transformers' MinLength and MinNewTokensLength processors: no EOS while the rows are shorter than
     min_length (length: their columns, padding included) or hold fewer than min_new_tokens generated ones.
     eos: the EOS ids on the scores' device (indexing with a Python list would copy it there, a wait)."""
-    if eos.numel() and (length < s.min_length or new_tokens < s.min_new_tokens):
+    if eos.numel() and (length < settings.min_length or new_tokens < settings.min_new_tokens):
         scores = scores.index_fill(-1, eos, float("-inf"))
     return scores
 
 
 def _run_callers_processors(
-    scores: torch.Tensor, tokens: torch.Tensor, s: GenerationSettings
+    scores: torch.Tensor, tokens: torch.Tensor, settings: GenerationSettings
 ) -> torch.Tensor:
     """The caller's logits_processor, each given the rows' tokens so far (prompt and padding included) and
     the scores as processed up to it, as transformers calls them."""
-    for processor in s.logits_processor:
+    for processor in settings.logits_processor:
         scores = processor(tokens, scores)
     return scores
 
 
-def stopping_criteria(s: GenerationSettings) -> list[Any]:
+def stopping_criteria(settings: GenerationSettings) -> list[Any]:
     """transformers' criteria for max_time and stop_strings (made per generation: max_time's clock starts
     here), then the caller's, in transformers' order; EOS and the length limit are the loops' own."""
     criteria: list[Any] = []
-    if s.max_time is not None or s.stop_strings is not None:
+    if settings.max_time is not None or settings.stop_strings is not None:
         from transformers import MaxTimeCriteria, StopStringCriteria
 
-        if s.max_time is not None:
-            criteria.append(MaxTimeCriteria(max_time=s.max_time))
-        if s.stop_strings is not None:
-            criteria.append(StopStringCriteria(tokenizer=s.tokenizer, stop_strings=s.stop_strings))
-    return criteria + list(s.stopping_criteria)
+        if settings.max_time is not None:
+            criteria.append(MaxTimeCriteria(max_time=settings.max_time))
+        if settings.stop_strings is not None:
+            criteria.append(
+                StopStringCriteria(tokenizer=settings.tokenizer, stop_strings=settings.stop_strings)
+            )
+    return criteria + list(settings.stopping_criteria)
 
 
 def criteria_met(
@@ -115,51 +119,51 @@ def process(
     prompt_start: torch.Tensor,
     eos: torch.Tensor,
     step: int,
-    s: GenerationSettings,
+    settings: GenerationSettings,
     rules: TokenRules,
 ) -> torch.Tensor:
     """The processors before the sampling warpers, in transformers' order, on float32 scores; tokens: each
     row's sequence so far, step: tokens generated so far; rules: the token-id arguments' tensors."""
     scores = apply_before_penalties(scores, tokens, rules)
-    scores = _penalize_repetitions(scores, tokens, prompt_start, s)
-    scores = _ban_repeated_ngrams(scores, tokens, s)
+    scores = _penalize_repetitions(scores, tokens, prompt_start, settings)
+    scores = _ban_repeated_ngrams(scores, tokens, settings)
     scores = apply_bad_words(scores, tokens, rules)
-    scores = _suppress_eos(scores, s, eos, tokens.shape[1], step)
-    scores = apply_after_min_lengths(scores, tokens, rules, s, step)
-    return _run_callers_processors(scores, tokens, s)
+    scores = _suppress_eos(scores, settings, eos, tokens.shape[1], step)
+    scores = apply_after_min_lengths(scores, tokens, rules, settings, step)
+    return _run_callers_processors(scores, tokens, settings)
 
 
-def renormalize(scores: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
+def renormalize(scores: torch.Tensor, settings: GenerationSettings) -> torch.Tensor:
     """renormalize_logits: log-softmax of the scores every processor and warper has been through, as
     transformers' LogitNormalization, always the last."""
-    return scores.log_softmax(dim=-1) if s.renormalize_logits else scores
+    return scores.log_softmax(dim=-1) if settings.renormalize_logits else scores
 
 
-def warp(scores: torch.Tensor, s: GenerationSettings, keep: int = 1) -> torch.Tensor:
+def warp(scores: torch.Tensor, settings: GenerationSettings, keep: int = 1) -> torch.Tensor:
     """transformers' sampling warpers, in its order. keep: the most likely tokens each warper leaves (beam
     sampling keeps one more than the EOS ids, so that a beam can always go on without ending)."""
-    if s.temperature != 1.0:
-        scores = scores / s.temperature
-    if s.top_k:
-        k = min(max(s.top_k, keep), scores.shape[-1])
+    if settings.temperature != 1.0:
+        scores = scores / settings.temperature
+    if settings.top_k:
+        k = min(max(settings.top_k, keep), scores.shape[-1])
         scores = scores.masked_fill(scores < _kth_largest(scores, k), float("-inf"))
-    if s.top_p < 1.0:
+    if settings.top_p < 1.0:
         sorted_scores, sorted_indices = torch.sort(scores, descending=False)
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= (1 - s.top_p)
+        remove = cumulative <= (1 - settings.top_p)
         remove[..., -keep:] = False
         scores = scores.masked_fill(remove.scatter(1, sorted_indices, remove), float("-inf"))
-    if s.min_p is not None:
+    if settings.min_p is not None:
         probs = scores.softmax(dim=-1)
-        remove = probs < s.min_p * probs.amax(dim=-1, keepdim=True)
+        remove = probs < settings.min_p * probs.amax(dim=-1, keepdim=True)
         scores = scores.masked_fill(remove & (scores < _kth_largest(scores, keep)), float("-inf"))
-    if s.typical_p < 1.0:
-        scores = _typical(scores, s.typical_p, keep)
-    if s.epsilon_cutoff > 0:
-        scores = _below_cutoff_removed(scores, s.epsilon_cutoff, keep)
-    if s.eta_cutoff > 0:
+    if settings.typical_p < 1.0:
+        scores = _typical(scores, settings.typical_p, keep)
+    if settings.epsilon_cutoff > 0:
+        scores = _below_cutoff_removed(scores, settings.epsilon_cutoff, keep)
+    if settings.eta_cutoff > 0:
         # eta sampling: the cutoff falls with the distribution's entropy, to at most eta_cutoff
-        eta = torch.tensor(s.eta_cutoff)
+        eta = torch.tensor(settings.eta_cutoff)
         entropy = torch.distributions.Categorical(logits=scores).entropy()
         cutoff = torch.min(eta, eta.sqrt() * torch.exp(-entropy))[..., None]
         scores = _below_cutoff_removed(scores, cutoff, keep)

@@ -199,10 +199,10 @@ def _is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _validate_token_arguments(s: GenerationSettings) -> None:
+def _validate_token_arguments(settings: GenerationSettings) -> None:
     """The token-id arguments' shapes; their ids against the vocabulary are token_rules.TokenRules's."""
-    if s.sequence_bias is not None:
-        bias = s.sequence_bias
+    if settings.sequence_bias is not None:
+        bias = settings.sequence_bias
         if not isinstance(bias, dict) or not bias or not all(
             isinstance(ids, tuple) and ids and all(map(_is_token_id, ids))
             and isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -212,31 +212,32 @@ def _validate_token_arguments(s: GenerationSettings) -> None:
                 "sequence_bias must map non-empty tuples of token ids (integers >= 0) to float biases, got "
                 f"{bias!r}"
             )
-    if s.bad_words_ids is not None and (
-        not isinstance(s.bad_words_ids, list)
-        or not s.bad_words_ids
+    if settings.bad_words_ids is not None and (
+        not isinstance(settings.bad_words_ids, list)
+        or not settings.bad_words_ids
         or not all(
-            isinstance(words, list) and words and all(map(_is_token_id, words)) for words in s.bad_words_ids
+            isinstance(words, list) and words and all(map(_is_token_id, words))
+            for words in settings.bad_words_ids
         )
     ):
         raise ValueError(
             f"bad_words_ids must be a non-empty list of non-empty lists of token ids (integers >= 0), got "
-            f"{s.bad_words_ids!r}"
+            f"{settings.bad_words_ids!r}"
         )
     for name in ("suppress_tokens", "begin_suppress_tokens", "forced_eos_token_id"):
-        value = getattr(s, name)
+        value = getattr(settings, name)
         if value is not None and (not isinstance(value, (list, tuple)) or not all(map(_is_token_id, value))):
             raise ValueError(f"{name} must be a list of token ids (integers >= 0), got {value!r}")
-    if s.prefix_allowed_tokens_fn is not None and not callable(s.prefix_allowed_tokens_fn):
+    if settings.prefix_allowed_tokens_fn is not None and not callable(settings.prefix_allowed_tokens_fn):
         raise ValueError(
             "prefix_allowed_tokens_fn must be a callable (batch_id, input_ids) -> allowed token ids, got "
-            f"{s.prefix_allowed_tokens_fn!r}"
+            f"{settings.prefix_allowed_tokens_fn!r}"
         )
-    if s.forced_bos_token_id is not None and not _is_token_id(s.forced_bos_token_id):
+    if settings.forced_bos_token_id is not None and not _is_token_id(settings.forced_bos_token_id):
         raise ValueError(
-            f"forced_bos_token_id must be a token id (an integer >= 0), got {s.forced_bos_token_id!r}"
+            f"forced_bos_token_id must be a token id (an integer >= 0), got {settings.forced_bos_token_id!r}"
         )
-    decay = s.exponential_decay_length_penalty
+    decay = settings.exponential_decay_length_penalty
     if decay is not None:
         if not (
             isinstance(decay, (list, tuple)) and len(decay) == 2 and _is_token_id(decay[0])
@@ -246,59 +247,63 @@ def _validate_token_arguments(s: GenerationSettings) -> None:
                 "exponential_decay_length_penalty must be (start_index, decay_factor): an integer >= 0 and a "
                 f"float, got {decay!r}"
             )
-        if not s.eos_token_id:
+        if not settings.eos_token_id:
             raise ValueError("exponential_decay_length_penalty raises the EOS scores: it needs eos_token_id")
 
 
-def _validate(s: GenerationSettings) -> None:
-    if s.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {s.max_new_tokens}")
-    if s.min_new_tokens < 0:
-        raise ValueError(f"min_new_tokens must be >= 0, got {s.min_new_tokens}")
-    if not isinstance(s.min_length, int) or s.min_length < 0:
-        raise ValueError(f"min_length must be an integer >= 0, got {s.min_length!r}")
-    if not isinstance(s.num_beams, int) or s.num_beams < 1:
-        raise ValueError(f"num_beams must be an integer >= 1, got {s.num_beams}")
-    if not isinstance(s.num_return_sequences, int) or s.num_return_sequences < 1:
-        raise ValueError(f"num_return_sequences must be an integer >= 1, got {s.num_return_sequences!r}")
-    if s.num_beams == 1 and not s.do_sample and s.num_return_sequences > 1:
+def _validate(settings: GenerationSettings) -> None:
+    if settings.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {settings.max_new_tokens}")
+    if settings.min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be >= 0, got {settings.min_new_tokens}")
+    if not isinstance(settings.min_length, int) or settings.min_length < 0:
+        raise ValueError(f"min_length must be an integer >= 0, got {settings.min_length!r}")
+    if not isinstance(settings.num_beams, int) or settings.num_beams < 1:
+        raise ValueError(f"num_beams must be an integer >= 1, got {settings.num_beams}")
+    if not isinstance(settings.num_return_sequences, int) or settings.num_return_sequences < 1:
         raise ValueError(
-            f"num_return_sequences ({s.num_return_sequences}) > 1 needs sampling (do_sample=True) or beam "
+            f"num_return_sequences must be an integer >= 1, got {settings.num_return_sequences!r}"
+        )
+    if settings.num_beams == 1 and not settings.do_sample and settings.num_return_sequences > 1:
+        raise ValueError(
+            f"num_return_sequences ({settings.num_return_sequences}) > 1 needs sampling (do_sample=True) or beam "
             "search: greedy decoding returns one sequence per prompt (as transformers)"
         )
-    if s.num_beams > 1 and s.num_return_sequences > s.num_beams:
+    if settings.num_beams > 1 and settings.num_return_sequences > settings.num_beams:
         raise ValueError(
-            f"num_return_sequences ({s.num_return_sequences}) must be between 1 and num_beams ({s.num_beams})"
+            f"num_return_sequences ({settings.num_return_sequences}) must be between 1 and num_beams ({settings.num_beams})"
         )
-    if s.do_sample and s.temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {s.temperature}")
-    if s.do_sample and not 0 < s.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {s.top_p}")
-    if s.do_sample and s.top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {s.top_k}")
-    if s.do_sample and s.min_p is not None and not 0 <= s.min_p <= 1:
-        raise ValueError(f"min_p must be in [0, 1], got {s.min_p}")
-    if s.do_sample and not 0 < s.typical_p <= 1:
-        raise ValueError(f"typical_p must be in (0, 1], got {s.typical_p}")
+    if settings.do_sample and settings.temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {settings.temperature}")
+    if settings.do_sample and not 0 < settings.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {settings.top_p}")
+    if settings.do_sample and settings.top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {settings.top_k}")
+    if settings.do_sample and settings.min_p is not None and not 0 <= settings.min_p <= 1:
+        raise ValueError(f"min_p must be in [0, 1], got {settings.min_p}")
+    if settings.do_sample and not 0 < settings.typical_p <= 1:
+        raise ValueError(f"typical_p must be in (0, 1], got {settings.typical_p}")
     for name in ("epsilon_cutoff", "eta_cutoff"):
-        if s.do_sample and not 0 <= getattr(s, name) < 1:
-            raise ValueError(f"{name} must be in [0, 1), got {getattr(s, name)}")
-    if not isinstance(s.no_repeat_ngram_size, int) or s.no_repeat_ngram_size < 0:
-        raise ValueError(f"no_repeat_ngram_size must be an integer >= 0, got {s.no_repeat_ngram_size!r}")
-    if not s.repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {s.repetition_penalty}")
-    if s.early_stopping not in (True, False, "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {s.early_stopping!r}")
-    if s.stop_strings is not None and s.tokenizer is None:
+        if settings.do_sample and not 0 <= getattr(settings, name) < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(settings, name)}")
+    if not isinstance(settings.no_repeat_ngram_size, int) or settings.no_repeat_ngram_size < 0:
+        raise ValueError(
+            f"no_repeat_ngram_size must be an integer >= 0, got {settings.no_repeat_ngram_size!r}"
+        )
+    if not settings.repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {settings.repetition_penalty}")
+    if settings.early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {settings.early_stopping!r}")
+    if settings.stop_strings is not None and settings.tokenizer is None:
         raise ValueError(
             "stop_strings needs the model's tokenizer: pass it as generate(..., tokenizer=tokenizer)"
         )
-    _validate_token_arguments(s)
-    _validate_prompt_lookup(s)
-    if s.max_time is not None and not s.max_time > 0:
-        raise ValueError(f"max_time must be > 0 seconds, got {s.max_time}")
+    _validate_token_arguments(settings)
+    _validate_prompt_lookup(settings)
+    if settings.max_time is not None and not settings.max_time > 0:
+        raise ValueError(f"max_time must be > 0 seconds, got {settings.max_time}")
     for name in ("logits_processor", "stopping_criteria"):
-        for item in getattr(s, name):
+        for item in getattr(settings, name):
             if not callable(item):
                 raise ValueError(f"{name} must hold callables (input_ids, scores) -> ..., got {item!r}")
             argument = _BUILT_IN_PROCESSORS.get(type(item).__name__)
@@ -309,15 +314,17 @@ def _validate(s: GenerationSettings) -> None:
                 )
 
 
-def _validate_prompt_lookup(s: GenerationSettings) -> None:
+def _validate_prompt_lookup(settings: GenerationSettings) -> None:
     """prompt_lookup_num_tokens runs one sequence (as transformers' assisted decoding): no beams, no
     several return sequences."""
     for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size"):
-        value = getattr(s, name)
+        value = getattr(settings, name)
         if value is not None and (not _is_token_id(value) or value < 1):
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if s.prompt_lookup_num_tokens is not None and (s.num_beams > 1 or s.num_return_sequences > 1):
+    if settings.prompt_lookup_num_tokens is not None and (
+        settings.num_beams > 1 or settings.num_return_sequences > 1
+    ):
         raise ValueError(
             "prompt_lookup_num_tokens generates one sequence: it takes num_beams=1 and num_return_sequences=1, "
-            f"got num_beams={s.num_beams}, num_return_sequences={s.num_return_sequences}"
+            f"got num_beams={settings.num_beams}, num_return_sequences={settings.num_return_sequences}"
         )

@@ -70,7 +70,7 @@ class TokenRules:
     begin_suppress: torch.Tensor | None
 
     @classmethod
-    def of(cls, s: GenerationSettings, vocab: int, device: torch.device) -> TokenRules:
+    def of(cls, settings: GenerationSettings, vocab: int, device: torch.device) -> TokenRules:
         """ValueError, naming the argument, for an id outside the vocabulary."""
 
         def check(name: str, values: list[int]) -> None:
@@ -91,20 +91,20 @@ class TokenRules:
             return SequenceBias.of(biases, vocab, device)
 
         bad_words = None
-        if s.bad_words_ids is not None:
+        if settings.bad_words_ids is not None:
             # As transformers: a bad word that is one EOS id alone is not banned (EOS must stay possible).
-            eos = [[token] for token in s.eos_token_id or []]
-            bad_words = {tuple(words): -math.inf for words in s.bad_words_ids if words not in eos}
-        forced_bos = None if s.forced_bos_token_id is None else [s.forced_bos_token_id]
-        decay = s.exponential_decay_length_penalty
+            eos = [[token] for token in settings.eos_token_id or []]
+            bad_words = {tuple(words): -math.inf for words in settings.bad_words_ids if words not in eos}
+        forced_bos = None if settings.forced_bos_token_id is None else [settings.forced_bos_token_id]
+        decay = settings.exponential_decay_length_penalty
         return cls(
-            sequence_bias=bias("sequence_bias", s.sequence_bias),
+            sequence_bias=bias("sequence_bias", settings.sequence_bias),
             bad_words=bias("bad_words_ids", bad_words),
             forced_bos=ids("forced_bos_token_id", forced_bos),
-            forced_eos=ids("forced_eos_token_id", s.forced_eos_token_id),
-            decay_eos=None if decay is None else ids("eos_token_id", s.eos_token_id),
-            suppress=ids("suppress_tokens", s.suppress_tokens),
-            begin_suppress=ids("begin_suppress_tokens", s.begin_suppress_tokens),
+            forced_eos=ids("forced_eos_token_id", settings.forced_eos_token_id),
+            decay_eos=None if decay is None else ids("eos_token_id", settings.eos_token_id),
+            suppress=ids("suppress_tokens", settings.suppress_tokens),
+            begin_suppress=ids("begin_suppress_tokens", settings.begin_suppress_tokens),
         )
 
 
@@ -119,18 +119,18 @@ def _suppressed(scores: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return scores.index_fill(-1, tokens, -math.inf)
 
 
-def _only_allowed(scores: torch.Tensor, tokens: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
+def _only_allowed(scores: torch.Tensor, tokens: torch.Tensor, settings: GenerationSettings) -> torch.Tensor:
     """transformers' PrefixConstrainedLogitsProcessor: each row may take only the tokens that
     prefix_allowed_tokens_fn(its prompt's index in the batch, its tokens so far) allows. The index is the
     row over num_beams, or from transformers 5.24 over max(num_beams, num_return_sequences) (before it, each
     sample of num_return_sequences counts as a prompt of its own)."""
-    rows_per_index = s.num_beams
+    rows_per_index = settings.num_beams
     if PREFIX_BATCH_SPANS_RETURN_SEQUENCES:
-        rows_per_index = max(s.num_beams, s.num_return_sequences)
+        rows_per_index = max(settings.num_beams, settings.num_return_sequences)
     allowed = torch.full_like(scores, -math.inf)
     for row in range(tokens.shape[0]):
         prompt = row // rows_per_index
-        tokens_allowed = s.prefix_allowed_tokens_fn(prompt, tokens[row])
+        tokens_allowed = settings.prefix_allowed_tokens_fn(prompt, tokens[row])
         if len(tokens_allowed) == 0:
             raise ValueError(
                 f"prefix_allowed_tokens_fn allowed no token for batch index {prompt}: the constraint cannot be "
@@ -151,7 +151,7 @@ def apply_bad_words(scores: torch.Tensor, tokens: torch.Tensor, rules: TokenRule
 
 
 def apply_after_min_lengths(
-    scores: torch.Tensor, tokens: torch.Tensor, rules: TokenRules, s: GenerationSettings, step: int
+    scores: torch.Tensor, tokens: torch.Tensor, rules: TokenRules, settings: GenerationSettings, step: int
 ) -> torch.Tensor:
     """The processors transformers runs after min_new_tokens and before the caller's, in its order:
     prefix_allowed_tokens_fn, forced BOS, forced EOS, remove_invalid_values, the exponential decay length
@@ -159,17 +159,17 @@ def apply_after_min_lengths(
     columns (padding included) then `step` generated tokens."""
     prompt_len = tokens.shape[1] - step
     length = tokens.shape[1]
-    if s.prefix_allowed_tokens_fn is not None:
-        scores = _only_allowed(scores, tokens, s)
+    if settings.prefix_allowed_tokens_fn is not None:
+        scores = _only_allowed(scores, tokens, settings)
     if rules.forced_bos is not None and length == 1:  # only ever a one-token prompt's first step
         scores = _forced(scores, rules.forced_bos)
-    if rules.forced_eos is not None and step == s.max_new_tokens - 1:
+    if rules.forced_eos is not None and step == settings.max_new_tokens - 1:
         scores = _forced(scores, rules.forced_eos)
-    if s.remove_invalid_values:
+    if settings.remove_invalid_values:
         finfo = torch.finfo(scores.dtype)
         scores = torch.nan_to_num(scores, nan=0.0, posinf=finfo.max, neginf=finfo.min)
     if rules.decay_eos is not None:
-        start, factor = s.exponential_decay_length_penalty
+        start, factor = settings.exponential_decay_length_penalty
         if step > start:
             # transformers' ExponentialDecayLengthPenalty: EOS scores grow by |score| (factor^k - 1), k
             # tokens past the start (the float power in Python, as there)

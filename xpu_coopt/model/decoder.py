@@ -127,7 +127,7 @@ class LlamaDecoder:
         prompt_len: int,
         num_beams: int,
         max_new_tokens: int,
-        kv_format: str,
+        kv_dtype: str,
         static_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
         kv_cache: str = "segment",
         keep_whole_prompt: bool = False,
@@ -136,7 +136,7 @@ class LlamaDecoder:
         SegmentKVCache's)."""
         return KV_CACHE_KINDS[kv_cache](
             self.spec, self.ops, prompt_start, prompt_len,
-            num_beams, max_new_tokens, self.dtype, kv_format, static_scales, keep_whole_prompt,
+            num_beams, max_new_tokens, self.dtype, kv_dtype, static_scales, keep_whole_prompt,
         )  # fmt: skip
 
     def forward(

@@ -105,7 +105,7 @@ class OptimizedModel(nn.Module):
         self,
         hf_model: Any,
         decoder: LlamaDecoder,
-        kv_format: str,
+        kv_dtype: str,
         backend: str,
         kv_scales: KVScales | None = None,
         cuda_graph: bool = False,
@@ -120,11 +120,11 @@ class OptimizedModel(nn.Module):
         self.spec = decoder.spec
         self.dtype = decoder.dtype
         self.device = decoder.embed_tokens.device
-        self.kv_format = kv_format
+        self.kv_dtype = kv_dtype
         self.kv_cache = kv_cache  # the cache layout, a key of xpu_coopt.cache.KV_CACHE_KINDS
         self.backend = backend
         self.kv_scales = kv_scales  # None: dynamic per-row FP8 scales (or a 16-bit cache)
-        self.static_scales = None if kv_scales is None else kv_scales.tensors(kv_format, self.device)
+        self.static_scales = None if kv_scales is None else kv_scales.tensors(kv_dtype, self.device)
         self.cuda_graph = (
             cuda_graph  # decode steps replay a captured CUDA graph (xpu_coopt.cache.decode_graph)
         )
@@ -133,7 +133,7 @@ class OptimizedModel(nn.Module):
     def __repr__(self) -> str:
         return (
             f"OptimizedModel({self.spec.architecture}, layers={self.spec.num_layers}, dtype={self.dtype}, "
-            f"kv_cache={self.kv_cache!r}, kv_dtype={self.kv_format!r}{', static KV scales' if self.kv_scales else ''}, backend={self.backend!r}, "
+            f"kv_cache={self.kv_cache!r}, kv_dtype={self.kv_dtype!r}{', static KV scales' if self.kv_scales else ''}, backend={self.backend!r}, "
             f"cuda_graph={self.cuda_graph}, device={self.device})"
         )
 
@@ -235,7 +235,7 @@ class OptimizedModel(nn.Module):
                 prompt_len,
                 num_beams,
                 max_new_tokens,
-                self.kv_format,
+                self.kv_dtype,
                 self.static_scales,
                 self.kv_cache,
             )

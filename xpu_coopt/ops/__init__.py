@@ -13,10 +13,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xpu_coopt.ops.schema import KV_FORMATS, NAMESPACE, SCHEMAS
+from xpu_coopt.ops.schema import KV_DTYPES, NAMESPACE, SCHEMAS
 
 __all__ = [
-    "KV_FORMATS",
+    "KV_DTYPES",
     "SCHEMAS",
     "GemmFusions",
     "Ops",

@@ -22,20 +22,20 @@ SCALE_DTYPE = torch.bfloat16
 MIN_SCALE = 1e-12
 
 
-def is_fp8(kv_format: str) -> bool:
-    return kv_format in FP8_DTYPES
+def is_fp8(kv_dtype: str) -> bool:
+    return kv_dtype in FP8_DTYPES
 
 
-def encode(x: torch.Tensor, scale: torch.Tensor, kv_format: str) -> torch.Tensor:
+def encode(x: torch.Tensor, scale: torch.Tensor, kv_dtype: str) -> torch.Tensor:
     """x: [..., D] any float dtype; scale: [...] float32 -> uint8 codes [..., D] (saturating)."""
-    limit = FP8_MAX[kv_format]
+    limit = FP8_MAX[kv_dtype]
     scaled = (x.float() / scale.float().unsqueeze(-1)).clamp(-limit, limit)
-    return scaled.to(FP8_DTYPES[kv_format]).view(torch.uint8)
+    return scaled.to(FP8_DTYPES[kv_dtype]).view(torch.uint8)
 
 
-def decode(codes: torch.Tensor, scale: torch.Tensor, kv_format: str, dtype: torch.dtype) -> torch.Tensor:
+def decode(codes: torch.Tensor, scale: torch.Tensor, kv_dtype: str, dtype: torch.dtype) -> torch.Tensor:
     """codes: uint8 [..., D]; scale: [...] float32 -> values [..., D] in dtype."""
-    values = codes.view(FP8_DTYPES[kv_format]).float() * scale.float().unsqueeze(-1)
+    values = codes.view(FP8_DTYPES[kv_dtype]).float() * scale.float().unsqueeze(-1)
     return values.to(dtype)
 
 
@@ -46,7 +46,7 @@ def round_up_to_bfloat16(x: torch.Tensor) -> torch.Tensor:
     return ((bits + 0xFFFF) & -0x10000).view(torch.float32)
 
 
-def dynamic_scale(x: torch.Tensor, kv_format: str) -> torch.Tensor:
+def dynamic_scale(x: torch.Tensor, kv_dtype: str) -> torch.Tensor:
     """Per-row scale over the last dim: x [..., D] -> float32 [...], each a bfloat16 value."""
     amax = x.detach().abs().amax(dim=-1).float()
-    return round_up_to_bfloat16((amax / FP8_MAX[kv_format]).clamp_min(MIN_SCALE))
+    return round_up_to_bfloat16((amax / FP8_MAX[kv_dtype]).clamp_min(MIN_SCALE))

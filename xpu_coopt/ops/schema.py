@@ -16,7 +16,7 @@ NAMESPACE = "xpu_coopt"
 
 # KV cache storage formats. "auto" stores K/V in the activation dtype; the FP8 formats store uint8 codes
 # with one bfloat16 scale per (token, KV head).
-KV_FORMATS = ("auto", "fp8_e4m3", "fp8_e5m2")
+KV_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2")
 
 # The attention ops' `window` when a query attends to every earlier key (no sliding window).
 NO_WINDOW = -1
@@ -35,15 +35,15 @@ SCHEMAS: dict[str, str] = {
     "rotary_embedding_kv_write": (
         "rotary_embedding_kv_write(Tensor(a!) query, Tensor(b!) key, Tensor value, "
         "Tensor cos_sin, Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor(e!)? k_scale, "
-        "Tensor(f!)? v_scale, Tensor cache_rows, Tensor cache_positions, str kv_format, "
+        "Tensor(f!)? v_scale, Tensor cache_rows, Tensor cache_positions, str kv_dtype, "
         "bool static_scale=False) -> ()"
     ),
-    # Writes key and value into the cache, quantizing to FP8 when kv_format asks for it: with a dynamic
+    # Writes key and value into the cache, quantizing to FP8 when kv_dtype asks for it: with a dynamic
     # scale per (token, KV head) written to k_scale / v_scale, or with static_scale the scales already
     # there (a per-tensor scale expanded with zero strides), read and left unchanged.
     "kv_write": (
         "kv_write(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!)? k_scale, "
-        "Tensor(d!)? v_scale, Tensor cache_rows, Tensor cache_positions, str kv_format, "
+        "Tensor(d!)? v_scale, Tensor cache_rows, Tensor cache_positions, str kv_dtype, "
         "bool static_scale=False) -> ()"
     ),
     # Causal attention over a left-padded batch of prompts; rows before seq_start[b] are written as zeros.
@@ -66,7 +66,7 @@ SCHEMAS: dict[str, str] = {
         "segment_attention_decode(Tensor(a!) out, Tensor query, Tensor prompt_k, Tensor prompt_v, "
         "Tensor? prompt_k_scale, Tensor? prompt_v_scale, Tensor prompt_start, Tensor response_k, "
         "Tensor response_v, Tensor? response_k_scale, Tensor? response_v_scale, Tensor beam_slots, "
-        "int response_len, float scale, str kv_format, Tensor? segment_lens=None, "
+        "int response_len, float scale, str kv_dtype, Tensor? segment_lens=None, "
         "Tensor? prompt_block_table=None, int prompt_len=-1, int window=-1) -> ()"
     ),
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from xpu_coopt.ops.schema import KV_FORMATS, NO_WINDOW
+from xpu_coopt.ops.schema import KV_DTYPES, NO_WINDOW
 
 # What the kernels take for "no window": a span longer than any sequence, so that the window's first
 # column (the query's column + 1 - span) falls before column 0 and no branch is needed. Small enough that
@@ -28,21 +28,21 @@ def activation_dtype(op: str, backend: str, *tensors: torch.Tensor) -> torch.dty
     return dtype
 
 
-def kv_format(op: str, name: str) -> str:
-    if name not in KV_FORMATS:
-        raise ValueError(f"{op}: unknown kv_format {name!r}; choose one of {KV_FORMATS}")
+def kv_dtype(op: str, name: str) -> str:
+    if name not in KV_DTYPES:
+        raise ValueError(f"{op}: unknown kv_dtype {name!r}; choose one of {KV_DTYPES}")
     return name
 
 
 def cache_write(op: str, name: str, key: torch.Tensor, k_cache: torch.Tensor, static_scale: bool) -> str:
-    """The cache-write ops' kv_format: known, matching the cache, static scales only for FP8 caches."""
-    kv_format(op, name)
+    """The cache-write ops' kv_dtype: known, matching the cache, static scales only for FP8 caches."""
+    kv_dtype(op, name)
     if name == "auto" and k_cache.dtype != key.dtype:
-        raise TypeError(f"{op}: a kv_format='auto' cache must have the activation dtype {key.dtype}")
+        raise TypeError(f"{op}: a kv_dtype='auto' cache must have the activation dtype {key.dtype}")
     if name != "auto" and k_cache.dtype != torch.uint8:
-        raise TypeError(f"{op}: a kv_format={name!r} cache holds uint8 codes, not {k_cache.dtype}")
+        raise TypeError(f"{op}: a kv_dtype={name!r} cache holds uint8 codes, not {k_cache.dtype}")
     if static_scale and name == "auto":
-        raise ValueError(f"{op}: static_scale applies to FP8 caches only, not kv_format='auto'")
+        raise ValueError(f"{op}: static_scale applies to FP8 caches only, not kv_dtype='auto'")
     return name
 
 

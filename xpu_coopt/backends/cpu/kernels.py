@@ -60,10 +60,10 @@ def _key_follows_query(query: torch.Tensor, key: torch.Tensor) -> bool:
     )
 
 
-def _load_cache(cache: torch.Tensor, scale: torch.Tensor | None, kv_format: str, dtype: torch.dtype):
+def _load_cache(cache: torch.Tensor, scale: torch.Tensor | None, kv_dtype: str, dtype: torch.dtype):
     """The cache's values in dtype: FP8 codes are dequantized, 16/32-bit caches are returned as they are."""
-    if fp8.is_fp8(kv_format):
-        return fp8.decode(cache, scale, kv_format, dtype)
+    if fp8.is_fp8(kv_dtype):
+        return fp8.decode(cache, scale, kv_dtype, dtype)
     return cache
 
 
@@ -76,19 +76,19 @@ def kv_write(
     v_scale: torch.Tensor | None,
     cache_rows: torch.Tensor,
     cache_positions: torch.Tensor,
-    kv_format: str,
+    kv_dtype: str,
     static_scale: bool = False,
 ) -> None:
     # Advanced indices around a slice: cache[rows, :, positions] addresses [N, num_kv_heads, head_dim].
     index = (cache_rows, slice(None), cache_positions)
     for source, cache, scale in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
-        if fp8.is_fp8(kv_format):
+        if fp8.is_fp8(kv_dtype):
             if static_scale:
                 token_scale = scale[index]
             else:
-                token_scale = fp8.dynamic_scale(source, kv_format)
+                token_scale = fp8.dynamic_scale(source, kv_dtype)
                 scale[index] = token_scale.to(scale.dtype)  # exact: a bfloat16 value
-            cache[index] = fp8.encode(source, token_scale, kv_format)
+            cache[index] = fp8.encode(source, token_scale, kv_dtype)
         else:
             cache[index] = source.to(cache.dtype)
 
@@ -104,7 +104,7 @@ def rotary_embedding_kv_write(
     v_scale: torch.Tensor | None,
     cache_rows: torch.Tensor,
     cache_positions: torch.Tensor,
-    kv_format: str,
+    kv_dtype: str,
     static_scale: bool = False,
 ) -> None:
     half = cos_sin.shape[-1] // 2
@@ -117,7 +117,7 @@ def rotary_embedding_kv_write(
         _rotate_in_place(query, cos, sin)
         _rotate_in_place(key, cos, sin)
     kv_write(
-        key, value, k_cache, v_cache, k_scale, v_scale, cache_rows, cache_positions, kv_format, static_scale
+        key, value, k_cache, v_cache, k_scale, v_scale, cache_rows, cache_positions, kv_dtype, static_scale
     )
 
 
@@ -206,7 +206,7 @@ def segment_attention_decode(
     beam_slots: torch.Tensor,
     response_len: int,
     scale: float,
-    kv_format: str,
+    kv_dtype: str,
     segment_lens: torch.Tensor | None = None,
     prompt_block_table: torch.Tensor | None = None,
     prompt_len: int = -1,
@@ -227,7 +227,7 @@ def segment_attention_decode(
     beams = query.shape[0] // num_requests
     paged = prompt_block_table is not None  # the pool of blocks is shared: its table is sliced instead
     chunk = num_requests
-    if query.device.type == "cpu" and _copies_kv(kv_format, paged, prompt_start, prompt_columns):
+    if query.device.type == "cpu" and _copies_kv(kv_dtype, paged, prompt_start, prompt_columns):
         per_request = _request_bytes(query, prompt_k.shape[1], len(prompt_columns) + beams * len(steps))
         chunk = max(1, CPU_CHUNK_BYTES // max(per_request, 1))
     prompt_segment = (prompt_k, prompt_v, prompt_k_scale, prompt_v_scale)
@@ -242,16 +242,16 @@ def segment_attention_decode(
             _attend_requests_flash if query.device.type == "cpu" and CPU_FLASH_ATTENTION else _attend_requests
         )
         attend(
-            out[seqs], query[seqs], prompt, prompt_start[requests], response, slots, steps, scale, kv_format,
+            out[seqs], query[seqs], prompt, prompt_start[requests], response, slots, steps, scale, kv_dtype,
             table, prompt_columns,
         )  # fmt: skip
 
 
-def _copies_kv(kv_format: str, paged: bool, prompt_start: torch.Tensor, prompt_columns: range) -> bool:
+def _copies_kv(kv_dtype: str, paged: bool, prompt_start: torch.Tensor, prompt_columns: range) -> bool:
     """Whether the CPU decode copies K/V: FP8 codes are dequantized, blocks gathered, and padding zeroed
     in copies (the batched matmuls of CPU_FLASH_ATTENTION=False convert K/V on most CPUs anyway)."""
     padded = bool((prompt_start > prompt_columns.start).any()) if len(prompt_columns) else False
-    return fp8.is_fp8(kv_format) or paged or padded or not CPU_FLASH_ATTENTION
+    return fp8.is_fp8(kv_dtype) or paged or padded or not CPU_FLASH_ATTENTION
 
 
 def _request_bytes(query: torch.Tensor, num_kv_heads: int, columns: int) -> int:
@@ -269,7 +269,7 @@ def _attend_requests(
     beam_slots: torch.Tensor,
     steps: range,
     scale: float,
-    kv_format: str,
+    kv_dtype: str,
     prompt_block_table: torch.Tensor | None,
     prompt_columns: range,
 ) -> None:
@@ -282,7 +282,7 @@ def _attend_requests(
     dtype = query.dtype
     compute = gemm.matmul_dtype(query.device, dtype)
     # 16-bit K/V gathered from blocks come out in the matmuls' dtype: the gather's copy converts them.
-    gathered_kv = None if fp8.is_fp8(kv_format) else compute
+    gathered_kv = None if fp8.is_fp8(kv_dtype) else compute
     callers_v = prompt_v  # the caller's cache, never written: padding is zeroed in a copy of it
     prompt_k, prompt_v = (
         _prompt_columns(t, prompt_block_table, prompt_columns, gathered_kv) for t in (prompt_k, prompt_v)
@@ -303,9 +303,9 @@ def _attend_requests(
     # One copy of K either way: a 16-bit bmm copies its transposed operand element by element, 10x slower
     # than making the slice of the cache's columns contiguous here; where the matmuls run in float32, the
     # conversion makes it contiguous, and float32 bmm reads the transpose in place.
-    pk = _load_cache(prompt_k, prompt_k_scale, kv_format, dtype)  # [R, Hkv, P, D]
+    pk = _load_cache(prompt_k, prompt_k_scale, kv_dtype, dtype)  # [R, Hkv, P, D]
     pk = pk.contiguous() if compute == dtype else pk.to(compute)
-    pv = _load_cache(prompt_v, prompt_v_scale, kv_format, dtype).to(compute)  # converted once, not per use
+    pv = _load_cache(prompt_v, prompt_v_scale, kv_dtype, dtype).to(compute)  # converted once, not per use
     scores = _matmul(q.reshape(num_requests, num_kv_heads, rows, head_dim), pk.transpose(-1, -2))
     padded = _padded_requests(prompt_start, prompt_columns, prompt_len)
     if padded:
@@ -321,8 +321,8 @@ def _attend_requests(
     if response_len:  # (0: everything lives in the prompt segment, as with one beam per request)
         # Response segment: each beam's own rows, found through beam_slots (integers only were reordered).
         history = _ResponseHistory(beam_slots, steps, num_requests, num_kv_heads, response_k.shape[2])
-        rk = history.read(response_k, response_k_scale, kv_format, dtype)  # [R, Hkv, beams, T, D]
-        rv = history.read(response_v, response_v_scale, kv_format, dtype)
+        rk = history.read(response_k, response_k_scale, kv_dtype, dtype)  # [R, Hkv, beams, T, D]
+        rv = history.read(response_v, response_v_scale, kv_dtype, dtype)
         response_scores = _matmul(q, rk.transpose(-1, -2)).view(
             num_requests, num_kv_heads, rows, response_len
         )
@@ -346,7 +346,7 @@ def _attend_requests_flash(
     beam_slots: torch.Tensor,
     steps: range,
     scale: float,
-    kv_format: str,
+    kv_dtype: str,
     prompt_block_table: torch.Tensor | None,
     prompt_columns: range,
 ) -> None:
@@ -363,14 +363,14 @@ def _attend_requests_flash(
     rows = (num_requests, num_kv_heads, beams * group)
     partials = []
     if len(prompt_columns):
-        partials.append(_attend_prompt_flash(q.view(*rows, head_dim), prompt, prompt_start, scale, kv_format,
+        partials.append(_attend_prompt_flash(q.view(*rows, head_dim), prompt, prompt_start, scale, kv_dtype,
                                              prompt_block_table, prompt_columns))  # fmt: skip
     if len(steps):
         response_k, response_v, response_k_scale, response_v_scale = response
         history = _ResponseHistory(beam_slots, steps, num_requests, num_kv_heads, response_k.shape[2])
         each_beam = (num_requests, num_kv_heads * beams, len(steps), head_dim)
-        rk = history.read(response_k, response_k_scale, kv_format, query.dtype).view(each_beam)
-        rv = history.read(response_v, response_v_scale, kv_format, query.dtype).view(each_beam)
+        rk = history.read(response_k, response_k_scale, kv_dtype, query.dtype).view(each_beam)
+        rv = history.read(response_v, response_v_scale, kv_dtype, query.dtype).view(each_beam)
         result, lse = _flash_for_cpu(
             q.view(num_requests, num_kv_heads * beams, group, head_dim), rk, rv, scale=scale
         )
@@ -389,7 +389,7 @@ def _attend_prompt_flash(
     prompt: list[torch.Tensor | None],
     prompt_start: torch.Tensor,
     scale: float,
-    kv_format: str,
+    kv_dtype: str,
     prompt_block_table: torch.Tensor | None,
     prompt_columns: range,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,7 +400,7 @@ def _attend_prompt_flash(
         None if t is None else _prompt_columns(t, prompt_block_table, prompt_columns, None)
         for t in (prompt_k_scale, prompt_v_scale)
     ]
-    pk, pv = (_load_cache(t, t_scale, kv_format, q.dtype) for t, t_scale in zip(columns, scales, strict=True))
+    pk, pv = (_load_cache(t, t_scale, kv_dtype, q.dtype) for t, t_scale in zip(columns, scales, strict=True))
     length = pk.shape[2]
     padded = _padded_requests(prompt_start, prompt_columns, length)
     mask = None
@@ -496,7 +496,7 @@ class _ResponseHistory:
             self.heads = torch.arange(kv_heads, device=device).view(kv_heads, 1, 1)
 
     def read(
-        self, cache: torch.Tensor, scale: torch.Tensor | None, kv_format: str, dtype: torch.dtype
+        self, cache: torch.Tensor, scale: torch.Tensor | None, kv_dtype: str, dtype: torch.dtype
     ) -> torch.Tensor:
         """[R, Hkv, beams, T, D]: cache's rows (response K or V [S, Hkv, C, D]) in dtype."""
         if self.sliced:
@@ -507,7 +507,7 @@ class _ResponseHistory:
         else:
             rows = self._gather(cache, cache.shape[-1])
             row_scale = None if scale is None else self._gather(scale, 1).squeeze(-1)
-        return _load_cache(rows, row_scale, kv_format, dtype)
+        return _load_cache(rows, row_scale, kv_dtype, dtype)
 
     def _gather(self, tensor: torch.Tensor, width: int) -> torch.Tensor:
         """[R, Hkv, beams, T, width]: the `width` elements from each (slot, KV head, column) of tensor."""

@@ -42,8 +42,8 @@ def _dtype_name(op: str, *tensors: torch.Tensor) -> str:
     return DTYPE_NAMES[validate.activation_dtype(op, "SYCL", *tensors)]
 
 
-def _kernel_suffix(op: str, kv_format: str, *tensors: torch.Tensor) -> str:
-    return f"{_dtype_name(op, *tensors)}_{validate.kv_format(op, kv_format)}"
+def _kernel_suffix(op: str, kv_dtype: str, *tensors: torch.Tensor) -> str:
+    return f"{_dtype_name(op, *tensors)}_{validate.kv_dtype(op, kv_dtype)}"
 
 
 def _check_head_dim(op: str, head_dim: int) -> None:
@@ -119,7 +119,7 @@ def rotary_embedding_kv_write(
     v_scale: torch.Tensor | None,
     cache_rows: torch.Tensor,
     cache_positions: torch.Tensor,
-    kv_format: str,
+    kv_dtype: str,
     static_scale: bool = False,
     *,
     op: str = "rotary_embedding_kv_write",
@@ -127,8 +127,8 @@ def rotary_embedding_kv_write(
     """One kernel serves both ops: without query and cos_sin it only writes the cache (kv_write)."""
     rotate = query is not None
     activations = (key, value) + ((query, cos_sin) if rotate else ())
-    suffix = _kernel_suffix(op, kv_format, *activations)
-    validate.cache_write(op, kv_format, key, k_cache, static_scale)
+    suffix = _kernel_suffix(op, kv_dtype, *activations)
+    validate.cache_write(op, kv_dtype, key, k_cache, static_scale)
     tokens, kv_heads, head_dim = key.shape
     _check_head_dim(op, head_dim)
     validate.inner_contiguous(op, key=key, value=value, k_cache=k_cache, v_cache=v_cache, cos_sin=cos_sin)
@@ -156,11 +156,11 @@ def kv_write(
     v_scale: torch.Tensor | None,
     cache_rows: torch.Tensor,
     cache_positions: torch.Tensor,
-    kv_format: str,
+    kv_dtype: str,
     static_scale: bool = False,
 ) -> None:
     rotary_embedding_kv_write(
-        None, key, value, None, k_cache, v_cache, k_scale, v_scale, cache_rows, cache_positions, kv_format,
+        None, key, value, None, k_cache, v_cache, k_scale, v_scale, cache_rows, cache_positions, kv_dtype,
         static_scale, op="kv_write",
     )  # fmt: skip
 
@@ -220,14 +220,14 @@ def segment_attention_decode(
     beam_slots: torch.Tensor,
     response_len: int,
     scale: float,
-    kv_format: str,
+    kv_dtype: str,
     segment_lens: torch.Tensor | None = None,
     prompt_block_table: torch.Tensor | None = None,
     prompt_len: int = -1,
     window: int = NO_WINDOW,
 ) -> None:
     op = "segment_attention_decode"
-    suffix = _kernel_suffix(op, kv_format, query, out)
+    suffix = _kernel_suffix(op, kv_dtype, query, out)
     span = validate.window_span(op, window)
     capacity = validate.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len, span)
     # segment_lens read on the host: no graph capture on this backend.

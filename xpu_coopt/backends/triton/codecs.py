@@ -9,19 +9,19 @@ import triton.language as tl
 
 from xpu_coopt.ops import fp8
 
-_LAYOUT = {"fp8_e4m3": (1, 3, 7), "fp8_e5m2": (2, 2, 15)}  # kv_format -> (FORMAT, mantissa bits, bias)
+_LAYOUT = {"fp8_e4m3": (1, 3, 7), "fp8_e5m2": (2, 2, 15)}  # kv_dtype -> (FORMAT, mantissa bits, bias)
 
 
-def codec_constants(kv_format: str) -> dict[str, float | int]:
+def codec_constants(kv_dtype: str) -> dict[str, float | int]:
     """The constexpr arguments every kernel touching the cache takes (FORMAT 0: no quantization)."""
-    if kv_format not in _LAYOUT:
+    if kv_dtype not in _LAYOUT:
         return dict(FORMAT=0, MANTISSA=0, BIAS=0, FP8_MAX=1.0, MIN_NORMAL=1.0, SUB_SCALE=1.0, SUB_UNIT=1.0)
-    format_id, mantissa, bias = _LAYOUT[kv_format]
+    format_id, mantissa, bias = _LAYOUT[kv_dtype]
     return dict(
         FORMAT=format_id,
         MANTISSA=mantissa,
         BIAS=bias,
-        FP8_MAX=float(fp8.FP8_MAX[kv_format]),
+        FP8_MAX=float(fp8.FP8_MAX[kv_dtype]),
         MIN_NORMAL=2.0 ** (1 - bias),  # smallest normal value
         SUB_SCALE=2.0 ** (bias - 1 + mantissa),  # subnormal values are multiples of 1 / SUB_SCALE
         SUB_UNIT=2.0 ** (1 - bias - mantissa),

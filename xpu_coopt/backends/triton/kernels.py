@@ -65,8 +65,8 @@ class DecodeLaunch:
     # GPU: off.
     fp8_upcast_in_registers: bool = False
 
-    def block_n(self, kv_format: str) -> int:
-        return self.block_n_fp8 if fp8.is_fp8(kv_format) else self.block_n_16bit
+    def block_n(self, kv_dtype: str) -> int:
+        return self.block_n_fp8 if fp8.is_fp8(kv_dtype) else self.block_n_16bit
 
 
 DECODE_LAUNCH = DecodeLaunch()
@@ -153,7 +153,7 @@ def rotary_embedding_kv_write(
     v_scale: torch.Tensor | None,
     cache_rows: torch.Tensor,
     cache_positions: torch.Tensor,
-    kv_format: str,
+    kv_dtype: str,
     static_scale: bool = False,
     *,
     op: str = "rotary_embedding_kv_write",
@@ -161,8 +161,8 @@ def rotary_embedding_kv_write(
     """One kernel serves both ops: without query and cos_sin it only writes the cache (kv_write)."""
     rotate = query is not None
     validate.activation_dtype(op, BACKEND, key, value, *((query, cos_sin) if rotate else ()))
-    validate.kv_format(op, kv_format)
-    validate.cache_write(op, kv_format, key, k_cache, static_scale)
+    validate.kv_dtype(op, kv_dtype)
+    validate.cache_write(op, kv_dtype, key, k_cache, static_scale)
     tokens, kv_heads, head_dim = key.shape
     validate.head_dim(op, BACKEND, head_dim, MAX_HEAD_DIM)
     validate.inner_contiguous(op, key=key, value=value, k_cache=k_cache, v_cache=v_cache, cos_sin=cos_sin)
@@ -179,7 +179,7 @@ def rotary_embedding_kv_write(
         cache_rows.contiguous(), cache_positions.contiguous(), heads, kv_heads, head_dim,
         query.stride(0) if rotate else 0, key.stride(0), value.stride(0), cos_sin.stride(0) if rotate else 0,
         *strides, ROTATE=rotate, STATIC_SCALE=static_scale, BLOCK_HEADS=_block(heads), BLOCK_KV=_block(kv_heads),
-        BLOCK_HALF=_block(head_dim // 2), BLOCK_D=_block(head_dim), **codec_constants(kv_format),
+        BLOCK_HALF=_block(head_dim // 2), BLOCK_D=_block(head_dim), **codec_constants(kv_dtype),
     )  # fmt: skip
 
 
@@ -192,11 +192,11 @@ def kv_write(
     v_scale: torch.Tensor | None,
     cache_rows: torch.Tensor,
     cache_positions: torch.Tensor,
-    kv_format: str,
+    kv_dtype: str,
     static_scale: bool = False,
 ) -> None:
     rotary_embedding_kv_write(
-        None, key, value, None, k_cache, v_cache, k_scale, v_scale, cache_rows, cache_positions, kv_format,
+        None, key, value, None, k_cache, v_cache, k_scale, v_scale, cache_rows, cache_positions, kv_dtype,
         static_scale, op="kv_write",
     )  # fmt: skip
 
@@ -285,7 +285,7 @@ def segment_attention_decode(
     beam_slots: torch.Tensor,
     response_len: int,
     scale: float,
-    kv_format: str,
+    kv_dtype: str,
     segment_lens: torch.Tensor | None = None,
     prompt_block_table: torch.Tensor | None = None,
     prompt_len: int = -1,
@@ -294,7 +294,7 @@ def segment_attention_decode(
     op = "segment_attention_decode"
     span = validate.window_span(op, window)
     validate.activation_dtype(op, BACKEND, query, out)
-    validate.kv_format(op, kv_format)
+    validate.kv_dtype(op, kv_dtype)
     num_seqs, heads, head_dim = query.shape
     requests, kv_heads = prompt_start.shape[0], prompt_k.shape[1]
     prompt_len = validate.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len, span)
@@ -313,8 +313,8 @@ def segment_attention_decode(
             f"{op}: DecodeLaunch.fp8_upcast_in_registers needs compiled GPU code (inline assembly), which "
             "Triton's interpreter does not run"
         )
-    block_n = launch.block_n(kv_format)
-    codec = codec_constants(kv_format)
+    block_n = launch.block_n(kv_dtype)
+    codec = codec_constants(kv_dtype)
     # The softmax weights times V's FP8 scales are rounded to 16 bits V_BOOST times larger, out of
     # float16's subnormals (attention._attend_block); FP8_MAX / 2 cannot overflow, as a weight is at most 1
     # and a scale times FP8_MAX is about its row's amax.
