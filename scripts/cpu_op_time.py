@@ -20,8 +20,8 @@ from collections.abc import Callable
 
 import torch
 
+from xpu_coopt.backends.cpu import cpu_kernels
 from xpu_coopt.backends.cpu import gemm as cpu_gemm
-from xpu_coopt.backends.cpu import kernels as reference
 
 HEADS, KV_HEADS, HEAD_DIM, HIDDEN = 9, 3, 64, 576
 PROJECTIONS = {
@@ -52,7 +52,7 @@ def attention_call(requests: int, columns: int) -> Callable[[], None]:
     response = torch.empty(requests, KV_HEADS, 0, HEAD_DIM, dtype=dtype)
     beam_slots = torch.zeros(requests, 0, dtype=torch.int32)
     out = torch.empty_like(query)
-    return lambda: reference.segment_attention_decode(
+    return lambda: cpu_kernels().segment_attention_decode(
         out, query, prompt_k, prompt_v, None, None, prompt_start, response, response, None, None, beam_slots,
         0, HEAD_DIM**-0.5, "auto",
     )  # fmt: skip

@@ -46,7 +46,7 @@ def compile_decode(args: argparse.Namespace, kv_dtype: str) -> offline.Launch:
         response_scale = torch.zeros(response.shape[:-1], dtype=fp8.SCALE_DTYPE)
     query = torch.zeros((sequences, args.heads, dim), dtype=torch.float16)
     with offline.compile_for(args.capability, args.multiprocessors) as launches:
-        kernels.segment_attention_decode(
+        kernels.ENTRIES.segment_attention_decode(
             torch.empty_like(query), query, prompt, prompt, prompt_scale, prompt_scale,
             torch.zeros(1, dtype=torch.int32), response, response, response_scale, response_scale,
             torch.zeros((sequences, 0), dtype=torch.int32), 0, dim**-0.5, kv_dtype,

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from xpu_coopt.backends.cpu import cpu_kernels
+from xpu_coopt.backends.cpu import decode as cpu_decode
 from xpu_coopt.backends.cpu import gemm as cpu_gemm
-from xpu_coopt.backends.cpu import kernels as reference
 from xpu_coopt.backends.sycl.kernels import sycl_kernels
 from xpu_coopt.backends.triton.kernels import triton_kernels
 from xpu_coopt.ops import dispatcher_kernels
@@ -69,7 +69,7 @@ def _random_data_of_its_own(request):
 @pytest.fixture(params=sorted(KERNEL_BACKENDS))
 def kernels(request, monkeypatch):
     if request.param == "reference":
-        monkeypatch.setattr(reference, "CPU_FLASH_ATTENTION", False)
+        monkeypatch.setattr(cpu_decode, "CPU_FLASH_ATTENTION", False)
     return KERNEL_BACKENDS[request.param]()
 
 

@@ -8,8 +8,10 @@ import torch
 from conftest import assert_close
 
 from xpu_coopt.backends.cpu import cpu_kernels
+from xpu_coopt.backends.cpu import decode as cpu_decode
 from xpu_coopt.backends.cpu import gemm as cpu_gemm
-from xpu_coopt.backends.cpu import kernels as reference
+from xpu_coopt.backends.cpu import kernels as cpu_elementwise
+from xpu_coopt.backends.cpu import prefill as cpu_prefill
 from xpu_coopt.model.rope import cos_sin_cache, inverse_frequencies
 from xpu_coopt.model.spec import RopeSpec
 from xpu_coopt.ops import decode_split, dispatcher_kernels, fp8
@@ -140,9 +142,9 @@ def test_reference_rotary_rotates_views_of_one_fused_row_at_once(tokens, kv_head
     query = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
     key = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
     value = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim)
-    assert reference._key_follows_query(query, key)
-    assert not reference._key_follows_query(query, value)  # not adjacent
-    assert not reference._key_follows_query(query.clone(), key.clone())
+    assert cpu_elementwise._key_follows_query(query, key)
+    assert not cpu_elementwise._key_follows_query(query, value)  # not adjacent
+    assert not cpu_elementwise._key_follows_query(query.clone(), key.clone())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -331,7 +333,7 @@ def test_reference_prefill_attends_in_query_blocks(monkeypatch, dtype, block, wi
     first row's window to its last row: blocks of one query, blocks shorter and longer than the window, a
     last block cut short (45 rows, or 21 at the last columns), rows whose padding ends inside a block, no
     window (causal)."""
-    monkeypatch.setattr(reference, "PREFILL_QUERY_BLOCK", block)
+    monkeypatch.setattr(cpu_prefill, "PREFILL_QUERY_BLOCK", block)
     _check_attention_prefill(cpu_kernels(), dtype, 8, 2, 32, 45, [7, 0, 30], window, queries)
 
 
@@ -840,7 +842,7 @@ def test_reference_decode_attention_in_request_chunks(
     """The CPU reference attends to a chunk of requests at a time (reference.CPU_CHUNK_BYTES of K/V): each
     chunk with its own padding, beams (beam_slots counted from its first row) and prompt blocks; with
     torch's flash kernel for CPU and with the batched matmuls of other devices."""
-    monkeypatch.setattr(reference, "CPU_FLASH_ATTENTION", attend == "_attend_requests_flash")
+    monkeypatch.setattr(cpu_decode, "CPU_FLASH_ATTENTION", attend == "_attend_requests_flash")
     requests, beams, heads, kv_heads, head_dim, prompt_len, response_len = 3, 2, 4, 2, 32, 37, 5
     query, caches, dequantized, prompt_start, beam_slots = _segment_case(
         torch.bfloat16, kv_dtype, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
@@ -852,12 +854,12 @@ def test_reference_decode_attention_in_request_chunks(
         pk, pk_s, table = _paged(pk, pk_s, prompt_start, 16, torch.Generator().manual_seed(3))
         pv, pv_s, _ = _paged(pv, pv_s, prompt_start, 16, torch.Generator().manual_seed(3))
         length_args = (None, table, prompt_len)
-    per_request = reference._request_bytes(query, kv_heads, prompt_len + beams * response_len)
-    monkeypatch.setattr(reference, "CPU_CHUNK_BYTES", requests_per_chunk * per_request)
+    per_request = cpu_decode._request_bytes(query, kv_heads, prompt_len + beams * response_len)
+    monkeypatch.setattr(cpu_decode, "CPU_CHUNK_BYTES", requests_per_chunk * per_request)
     chunks = []
-    attend_chunk = getattr(reference, attend)
+    attend_chunk = getattr(cpu_decode, attend)
     monkeypatch.setattr(
-        reference, attend, lambda *args: chunks.append(args[0].shape[0]) or attend_chunk(*args)
+        cpu_decode, attend, lambda chunk: chunks.append(chunk.out.shape[0]) or attend_chunk(chunk)
     )
     out = torch.full_like(query, float("nan"))
     cpu_kernels().segment_attention_decode(out, query, pk, pv, pk_s, pv_s, prompt_start, rk, rv, rk_s, rv_s,

@@ -220,13 +220,13 @@ def _decode_args(heads, kv_heads, head_dim, beams=1, dtype=torch.float32):
 
 def test_unsupported_head_dim_is_a_clear_error():
     with pytest.raises(ValueError, match="head_dim up to 128, not 256"):
-        kernels.segment_attention_decode(*_decode_args(2, 1, 256))
+        kernels.ENTRIES.segment_attention_decode(*_decode_args(2, 1, 256))
 
 
 def test_unsupported_dtype_is_a_clear_error():
     x = torch.randn(2, 8, dtype=torch.float64)
     with pytest.raises(TypeError, match=r"not torch\.float64"):
-        kernels.rms_norm(torch.empty_like(x), x, torch.ones(8, dtype=torch.float64), 1e-5)
+        kernels.ENTRIES.rms_norm(torch.empty_like(x), x, torch.ones(8, dtype=torch.float64), 1e-5)
 
 
 def test_decode_splits_fill_an_intel_gpu_and_exercise_the_tests(monkeypatch):

@@ -248,7 +248,7 @@ def test_fp8_upcast_in_registers_is_refused_by_the_interpreter(monkeypatch):
     query = torch.zeros(1, 2, 16)
     cache = torch.zeros(1, 2, 4, 16)
     with pytest.raises(ValueError, match="fp8_upcast_in_registers needs compiled GPU code"):
-        kernels.segment_attention_decode(
+        kernels.ENTRIES.segment_attention_decode(
             torch.empty_like(query), query, cache, cache, None, None, torch.zeros(1, dtype=torch.int32), cache,
             cache, None, None, torch.zeros(1, 4, dtype=torch.int32), 0, 0.25, "auto",
         )  # fmt: skip
@@ -279,7 +279,9 @@ def test_unsupported_head_dim_is_a_clear_error():
 
     q = torch.randn(1, 3, 2, 512)
     with pytest.raises(ValueError, match="head_dim up to 256, not 512"):
-        kernels.attention_prefill(torch.empty_like(q), q, q, q, torch.zeros(1, dtype=torch.int32), 0.1)
+        kernels.ENTRIES.attention_prefill(
+            torch.empty_like(q), q, q, q, torch.zeros(1, dtype=torch.int32), 0.1
+        )
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -35,9 +35,9 @@ def launch_all(dtypes: list[torch.dtype]) -> None:
     """Every wrapper, with every KV format, as generation calls them (short and split decode)."""
     for dtype in dtypes:
         x = torch.randn(3, 576, dtype=dtype)
-        K.rms_norm(torch.empty_like(x), x, torch.ones(576, dtype=dtype), 1e-5)
-        K.fused_add_rms_norm(x, x.clone(), torch.ones(576, dtype=dtype), 1e-5)
-        K.silu_and_mul(x[:, :288].clone(), x)
+        K.ENTRIES.rms_norm(torch.empty_like(x), x, torch.ones(576, dtype=dtype), 1e-5)
+        K.ENTRIES.fused_add_rms_norm(x, x.clone(), torch.ones(576, dtype=dtype), 1e-5)
+        K.ENTRIES.silu_and_mul(x[:, :288].clone(), x)
         weight = torch.randn(100, 576, dtype=dtype)
         linear.linear(x[:1], weight)  # one row: elementwise
         linear.linear(x, weight, torch.randn(100, dtype=dtype))  # a few rows through tl.dot, with a bias
@@ -55,35 +55,37 @@ def launch_all(dtypes: list[torch.dtype]) -> None:
         for rows in (even[:1], even):
             linear.norm_linear(rows, even_norm, 1e-5, even_weight, gated=True)
         q, k = torch.randn(4, 2, 7, 64, dtype=dtype), torch.randn(4, 2, 1, 64, dtype=dtype)
-        K.attention_prefill(torch.empty_like(q), q, k, k.clone(), torch.zeros(4, dtype=torch.int32), 0.125)
+        K.ENTRIES.attention_prefill(
+            torch.empty_like(q), q, k, k.clone(), torch.zeros(4, dtype=torch.int32), 0.125
+        )
         for kv_dtype in ("auto", "fp8_e4m3", "fp8_e5m2"):
             query, key = torch.randn(5, 8, 64, dtype=dtype), torch.randn(5, 2, 64, dtype=dtype)
             cache, scale = _cache((3, 2, 9, 64), kv_dtype, dtype)
             rows, columns = torch.zeros(5, dtype=torch.int64), torch.arange(5)
-            K.rotary_embedding_kv_write(query, key, key.clone(), torch.randn(5, 64, dtype=dtype), cache,
+            K.ENTRIES.rotary_embedding_kv_write(query, key, key.clone(), torch.randn(5, 64, dtype=dtype), cache,
                                         cache.clone(), scale, scale, rows, columns, kv_dtype)  # fmt: skip
-            K.kv_write(key, key.clone(), cache, cache.clone(), scale, scale, rows, columns, kv_dtype)
+            K.ENTRIES.kv_write(key, key.clone(), cache, cache.clone(), scale, scale, rows, columns, kv_dtype)
             if scale is not None:  # per-tensor static scales, broadcast with zero strides
                 static = torch.ones(1, dtype=fp8.SCALE_DTYPE).expand(scale.shape)
-                K.kv_write(
+                K.ENTRIES.kv_write(
                     key, key.clone(), cache, cache.clone(), static, static, rows, columns, kv_dtype, True
                 )
             response, response_scale = _cache((8, 2, 5, 64), kv_dtype, dtype)
             decode_query = torch.randn(8, 8, 64, dtype=dtype)
-            K.segment_attention_decode(
+            K.ENTRIES.segment_attention_decode(
                 torch.empty_like(decode_query), decode_query, cache[:2], cache[:2], scale if scale is None else scale[:2],
                 scale if scale is None else scale[:2], torch.zeros(2, dtype=torch.int32), response, response,
                 response_scale, response_scale, torch.zeros(8, 5, dtype=torch.int32), 3, 0.125, kv_dtype,
             )  # fmt: skip
             # A long prompt segment (split decode and the combine) with device-side lengths (graph replay).
             long_cache, long_scale = _cache((2, 2, 600, 64), kv_dtype, dtype)
-            K.segment_attention_decode(
+            K.ENTRIES.segment_attention_decode(
                 torch.empty_like(decode_query), decode_query, long_cache, long_cache, long_scale, long_scale,
                 torch.zeros(2, dtype=torch.int32), response, response, response_scale, response_scale,
                 torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_dtype, torch.tensor([500, 3], dtype=torch.int32),
             )  # fmt: skip
             # A ring under a window (a one-beam segment cache past its columns): 2000 columns in its 600 cells.
-            K.segment_attention_decode(
+            K.ENTRIES.segment_attention_decode(
                 torch.empty_like(decode_query), decode_query, long_cache, long_cache, long_scale, long_scale,
                 torch.zeros(2, dtype=torch.int32), response, response, response_scale, response_scale,
                 torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_dtype, torch.tensor([2000, 0], dtype=torch.int32),
@@ -91,7 +93,7 @@ def launch_all(dtypes: list[torch.dtype]) -> None:
             )  # fmt: skip
             # A paged prompt segment: the long cache's 600 columns as 75 blocks of 8, read through a table.
             blocks, block_scales = _cache((75, 2, 8, 64), kv_dtype, dtype)
-            K.segment_attention_decode(
+            K.ENTRIES.segment_attention_decode(
                 torch.empty_like(decode_query), decode_query, blocks, blocks, block_scales, block_scales,
                 torch.zeros(2, dtype=torch.int32), response, response, response_scale, response_scale,
                 torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_dtype, None,
@@ -101,7 +103,7 @@ def launch_all(dtypes: list[torch.dtype]) -> None:
                 launch = K.DECODE_LAUNCH
                 K.DECODE_LAUNCH = dataclasses.replace(launch, fp8_upcast_in_registers=True)
                 try:
-                    K.segment_attention_decode(
+                    K.ENTRIES.segment_attention_decode(
                         torch.empty_like(decode_query), decode_query, long_cache, long_cache, long_scale, long_scale,
                         torch.zeros(2, dtype=torch.int32), response, response, response_scale, response_scale,
                         torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_dtype,

@@ -1,16 +1,17 @@
-"""The CPU backend: readable PyTorch kernels (kernels.py) and oneDNN's GEMMs (gemm.py)."""
+"""The CPU backend: readable PyTorch kernels (kernels.py, prefill.py, decode.py) and the choice of torch's
+GEMMs (gemm.py)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 from typing import Any
 
-from xpu_coopt.backends.cpu import gemm, kernels  # importing kernels registers them as the ops' CPU kernels
+from xpu_coopt.backends.cpu import gemm, kernels
 
 
 def cpu_kernels() -> SimpleNamespace:
-    """The CPU kernels as plain functions, whatever the device (backend="torch")."""
-    return SimpleNamespace(**kernels.KERNELS)
+    """The CPU kernels' entries as plain functions, whatever the device (backend="torch")."""
+    return kernels.ENTRIES
 
 
 def cpu_gemm_options() -> dict[str, Any]:

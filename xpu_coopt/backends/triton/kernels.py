@@ -1,7 +1,8 @@
 """The Triton implementation of every op in xpu_coopt/ops/schema.py (contracts: docs/ops.md).
 
-Each function checks what its kernel supports with a clear error and launches it; Triton compiles a
-kernel per dtype, KV format and block sizes on first use. They are registered as the ops' CUDA kernels;
+Each kernel takes its op's validated call (ops/validate.py; LIMITS states what the Triton kernels support
+beyond the contract) and launches it; Triton compiles a kernel per dtype, KV format and block sizes on
+first use. They are registered as the ops' CUDA kernels;
 backend="triton" also calls them on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1).
 """
 
@@ -25,7 +26,16 @@ from xpu_coopt.backends.triton.codecs import codec_constants
 from xpu_coopt.backends.triton.kv_write import rotary_kv_write_kernel
 from xpu_coopt.backends.triton.norms import fused_add_rms_norm_kernel, rms_norm_kernel, silu_and_mul_kernel
 from xpu_coopt.ops import decode_split, fp8, validate
-from xpu_coopt.ops.schema import NO_WINDOW, library
+from xpu_coopt.ops.registry import register_backend
+from xpu_coopt.ops.validate import (
+    AddNormCall,
+    DecodeCall,
+    KVWriteCall,
+    Limits,
+    NormCall,
+    PrefillCall,
+    SiluCall,
+)
 
 BACKEND = "Triton"
 # Chosen by triton when it is imported; its bfloat16 tl.dot is wrong, so the attention kernels multiply
@@ -37,6 +47,7 @@ MAX_HIDDEN = 65536  # rms_norm holds a whole row in one block
 MAX_DECODE_ROWS = 64
 SILU_BLOCK = 1024
 PREFILL_BLOCK_M, PREFILL_BLOCK_N = 32, 32
+LIMITS = Limits(BACKEND, max_head_dim=MAX_HEAD_DIM, max_hidden=MAX_HIDDEN)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,135 +105,71 @@ def _block(n: int, at_least: int = 1) -> int:
     return max(at_least, triton.next_power_of_2(n))
 
 
-def _hidden(op: str, size: int) -> int:
-    if size > MAX_HIDDEN:
-        raise ValueError(
-            f"{op}: the Triton kernels normalise rows of at most {MAX_HIDDEN} elements, not {size}"
-        )
-    return size
-
-
-def rms_norm(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
-    op = "rms_norm"
-    validate.activation_dtype(op, BACKEND, input, out, weight)
-    validate.inner_contiguous(op, out=out, input=input, weight=weight)
-    out2, input2 = validate.rows(op, "out", out), validate.rows(op, "input", input)
-    hidden = _hidden(op, input2.shape[1])
-    if input2.shape[0]:
-        rms_norm_kernel[(input2.shape[0],)](
-            out2, input2, weight, epsilon, hidden, out2.stride(0), input2.stride(0), BLOCK=_block(hidden)
+def rms_norm(call: NormCall) -> None:
+    out, input = call.out, call.input
+    hidden = input.shape[1]
+    if input.shape[0]:
+        rms_norm_kernel[(input.shape[0],)](
+            out,
+            input,
+            call.weight,
+            call.epsilon,
+            hidden,
+            out.stride(0),
+            input.stride(0),
+            BLOCK=_block(hidden),
         )
 
 
-def fused_add_rms_norm(
-    input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float
-) -> None:
-    op = "fused_add_rms_norm"
-    validate.activation_dtype(op, BACKEND, input, residual, weight)
-    validate.inner_contiguous(op, input=input, residual=residual, weight=weight)
-    input2, residual2 = validate.rows(op, "input", input), validate.rows(op, "residual", residual)
-    hidden = _hidden(op, input2.shape[1])
-    if input2.shape[0]:
-        fused_add_rms_norm_kernel[(input2.shape[0],)](
-            input2, residual2, weight, epsilon, hidden, input2.stride(0), residual2.stride(0),
+def fused_add_rms_norm(call: AddNormCall) -> None:
+    input, residual = call.input, call.residual
+    hidden = input.shape[1]
+    if input.shape[0]:
+        fused_add_rms_norm_kernel[(input.shape[0],)](
+            input, residual, call.weight, call.epsilon, hidden, input.stride(0), residual.stride(0),
             BLOCK=_block(hidden),
         )  # fmt: skip
 
 
-def silu_and_mul(out: torch.Tensor, input: torch.Tensor) -> None:
-    op = "silu_and_mul"
-    validate.activation_dtype(op, BACKEND, input, out)
-    validate.inner_contiguous(op, out=out, input=input)
-    out2, input2 = validate.rows(op, "out", out), validate.rows(op, "input", input)
-    rows, width = out2.shape
+def silu_and_mul(call: SiluCall) -> None:
+    out, input = call.out, call.input
+    rows, width = out.shape
     block = min(SILU_BLOCK, _block(width))
     if rows * width:
         silu_and_mul_kernel[(rows, triton.cdiv(width, block))](
-            out2, input2, width, out2.stride(0), input2.stride(0), BLOCK=block
+            out, input, width, out.stride(0), input.stride(0), BLOCK=block
         )
 
 
-def rotary_embedding_kv_write(
-    query: torch.Tensor | None,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cos_sin: torch.Tensor | None,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k_scale: torch.Tensor | None,
-    v_scale: torch.Tensor | None,
-    cache_rows: torch.Tensor,
-    cache_positions: torch.Tensor,
-    kv_dtype: str,
-    static_scale: bool = False,
-    *,
-    op: str = "rotary_embedding_kv_write",
-) -> None:
+def rotary_embedding_kv_write(call: KVWriteCall) -> None:
     """One kernel serves both ops: without query and cos_sin it only writes the cache (kv_write)."""
-    rotate = query is not None
-    validate.activation_dtype(op, BACKEND, key, value, *((query, cos_sin) if rotate else ()))
-    validate.kv_dtype(op, kv_dtype)
-    validate.cache_write(op, kv_dtype, key, k_cache, static_scale)
+    query, key, value, cos_sin = call.query, call.key, call.value, call.cos_sin
+    k_cache, v_cache, k_scale, v_scale = call.cache
     tokens, kv_heads, head_dim = key.shape
-    validate.head_dim(op, BACKEND, head_dim, MAX_HEAD_DIM)
-    validate.inner_contiguous(op, key=key, value=value, k_cache=k_cache, v_cache=v_cache, cos_sin=cos_sin)
-    validate.heads_apart(op, head_dim, 1, query=query, key=key, value=value)
-    validate.index_dtype(op, torch.int64, cache_rows=cache_rows, cache_positions=cache_positions)
-    strides = validate.cache_strides(op, k_cache, v_cache, k_scale, v_scale)
     if tokens == 0:
         return
+    rotate = query is not None
     unused = key.new_empty(0, dtype=torch.float32)  # stands for absent pointers, never dereferenced
-    heads = query.shape[1] if rotate else 0
     rotary_kv_write_kernel[(tokens,)](
         query if rotate else key, key, value, cos_sin if rotate else key, k_cache, v_cache,
         unused if k_scale is None else k_scale, unused if v_scale is None else v_scale,
-        cache_rows.contiguous(), cache_positions.contiguous(), heads, kv_heads, head_dim,
+        call.cache_rows.contiguous(), call.cache_positions.contiguous(), call.heads, kv_heads, head_dim,
         query.stride(0) if rotate else 0, key.stride(0), value.stride(0), cos_sin.stride(0) if rotate else 0,
-        *strides, ROTATE=rotate, STATIC_SCALE=static_scale, BLOCK_HEADS=_block(heads), BLOCK_KV=_block(kv_heads),
-        BLOCK_HALF=_block(head_dim // 2), BLOCK_D=_block(head_dim), **codec_constants(kv_dtype),
+        *call.strides, ROTATE=rotate, STATIC_SCALE=call.static_scale, BLOCK_HEADS=_block(call.heads),
+        BLOCK_KV=_block(kv_heads), BLOCK_HALF=_block(head_dim // 2), BLOCK_D=_block(head_dim),
+        **codec_constants(call.kv_dtype),
     )  # fmt: skip
 
 
-def kv_write(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    k_scale: torch.Tensor | None,
-    v_scale: torch.Tensor | None,
-    cache_rows: torch.Tensor,
-    cache_positions: torch.Tensor,
-    kv_dtype: str,
-    static_scale: bool = False,
-) -> None:
-    rotary_embedding_kv_write(
-        None, key, value, None, k_cache, v_cache, k_scale, v_scale, cache_rows, cache_positions, kv_dtype,
-        static_scale, op="kv_write",
-    )  # fmt: skip
-
-
-def attention_prefill(
-    out: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    seq_start: torch.Tensor,
-    scale: float,
-    window: int = NO_WINDOW,
-) -> None:
-    op = "attention_prefill"
-    span = validate.window_span(op, window)
-    validate.activation_dtype(op, BACKEND, query, key, value, out)
-    queries, columns = validate.prefill_shapes(op, out, query, key, value, seq_start)
-    batch, _, heads, head_dim = query.shape
-    validate.head_dim(op, BACKEND, head_dim, MAX_HEAD_DIM)
-    validate.inner_contiguous(op, out=out, query=query, key=key, value=value)
-    validate.heads_apart(op, head_dim, 2, out=out, query=query, key=key, value=value)
+def attention_prefill(call: PrefillCall) -> None:
+    query, key = call.query, call.key
+    batch, queries, heads, head_dim = query.shape
     if batch * queries == 0:
         return
     attention_prefill_kernel[(triton.cdiv(queries, PREFILL_BLOCK_M), batch * heads)](
-        out, query, key, value, seq_start.to(torch.int32).contiguous(), queries, columns, heads, key.shape[2],
-        head_dim, scale, span, *(s for t in (query, key, value, out) for s in t.stride()[:2]),
+        call.out, query, key, call.value, call.seq_start.to(torch.int32).contiguous(), queries, call.columns, heads,
+        key.shape[2], head_dim, call.scale, call.span,
+        *(s for t in (query, key, call.value, call.out) for s in t.stride()[:2]),
         BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N, BLOCK_D=_block(head_dim, 16),
         UPCAST_DOT=upcast_dot(query.dtype),
     )  # fmt: skip
@@ -270,90 +217,53 @@ def decode_splits(programs: int, columns: int, device: torch.device, block_n: in
     )
 
 
-def segment_attention_decode(
-    out: torch.Tensor,
-    query: torch.Tensor,
-    prompt_k: torch.Tensor,
-    prompt_v: torch.Tensor,
-    prompt_k_scale: torch.Tensor | None,
-    prompt_v_scale: torch.Tensor | None,
-    prompt_start: torch.Tensor,
-    response_k: torch.Tensor,
-    response_v: torch.Tensor,
-    response_k_scale: torch.Tensor | None,
-    response_v_scale: torch.Tensor | None,
-    beam_slots: torch.Tensor,
-    response_len: int,
-    scale: float,
-    kv_dtype: str,
-    segment_lens: torch.Tensor | None = None,
-    prompt_block_table: torch.Tensor | None = None,
-    prompt_len: int = -1,
-    window: int = NO_WINDOW,
-) -> None:
-    op = "segment_attention_decode"
-    span = validate.window_span(op, window)
-    validate.activation_dtype(op, BACKEND, query, out)
-    validate.kv_dtype(op, kv_dtype)
+def segment_attention_decode(call: DecodeCall) -> None:
+    query, out = call.query, call.out
     num_seqs, heads, head_dim = query.shape
-    requests, kv_heads = prompt_start.shape[0], prompt_k.shape[1]
-    prompt_len = validate.prompt_capacity(op, prompt_k, prompt_start, prompt_block_table, prompt_len, span)
-    beams, group = num_seqs // requests, heads // kv_heads
-    validate.head_dim(op, BACKEND, head_dim, MAX_HEAD_DIM)
-    validate.inner_contiguous(op, out=out, query=query, prompt_k=prompt_k, prompt_v=prompt_v)
-    validate.inner_contiguous(op, response_k=response_k, response_v=response_v, beam_slots=beam_slots)
-    validate.heads_apart(op, head_dim, 1, query=query, out=out)
-    validate.index_dtype(op, torch.int32, beam_slots=beam_slots)
-    validate.segment_lens_tensor(op, segment_lens)
     if num_seqs == 0:
         return
     launch = DECODE_LAUNCH
     if launch.fp8_upcast_in_registers and _gpu(query.device) is None:
         raise ValueError(
-            f"{op}: DecodeLaunch.fp8_upcast_in_registers needs compiled GPU code (inline assembly), which "
-            "Triton's interpreter does not run"
+            "segment_attention_decode: DecodeLaunch.fp8_upcast_in_registers needs compiled GPU code (inline "
+            "assembly), which Triton's interpreter does not run"
         )
-    block_n = launch.block_n(kv_dtype)
-    codec = codec_constants(kv_dtype)
+    block_n = launch.block_n(call.kv_dtype)
+    codec = codec_constants(call.kv_dtype)
     # The softmax weights times V's FP8 scales are rounded to 16 bits V_BOOST times larger, out of
     # float16's subnormals (attention._attend_block); FP8_MAX / 2 cannot overflow, as a weight is at most 1
     # and a scale times FP8_MAX is about its row's amax.
     v_boost = codec["FP8_MAX"] / 2
-    chunks = decode_split.chunk_rows(beams, group, MAX_DECODE_ROWS)
-    splits = decode_splits(requests * kv_heads * chunks.chunks, min(prompt_len, span), query.device, block_n)
-    unused = query.new_empty(0, dtype=torch.float32)
+    requests, kv_heads, table, lens = call.requests, call.kv_heads, call.block_table, call.segment_lens
+    chunks = decode_split.chunk_rows(call.beams, call.group, MAX_DECODE_ROWS)
+    splits = decode_splits(
+        requests * kv_heads * chunks.chunks, min(call.prompt_len, call.span), query.device, block_n
+    )
+    unused = query.new_empty(0, dtype=torch.float32)  # stands for absent pointers, never dereferenced
     # Partials of a split decode: workspace of this call (inside a captured graph, from the graph's pool).
-    partial_acc = (
-        unused if splits == 1 else query.new_empty((splits, num_seqs * heads, head_dim), dtype=torch.float32)
-    )
-    partial_stats = (
-        unused if splits == 1 else query.new_empty((splits, num_seqs * heads, 2), dtype=torch.float32)
-    )
+    rows = num_seqs * heads
+    partial_acc = unused if splits == 1 else query.new_empty((splits, rows, head_dim), dtype=torch.float32)
+    partial_stats = unused if splits == 1 else query.new_empty((splits, rows, 2), dtype=torch.float32)
+    prompt = [unused if t is None else t for t in call.prompt]
+    response = [unused if t is None else t for t in call.response]
     segment_attention_decode_kernel[(requests * kv_heads, splits, chunks.chunks)](
-        out, query, prompt_k, prompt_v,
-        unused if prompt_k_scale is None else prompt_k_scale, unused if prompt_v_scale is None else prompt_v_scale,
-        prompt_start.to(torch.int32).contiguous(), response_k, response_v,
-        unused if response_k_scale is None else response_k_scale,
-        unused if response_v_scale is None else response_v_scale, beam_slots,
-        unused if segment_lens is None else segment_lens,
-        unused if prompt_block_table is None else prompt_block_table, partial_acc, partial_stats,
-        beams, kv_heads, group, chunks.rows, head_dim, prompt_len, response_len, max(1, response_k.shape[2]), span,
-        num_seqs * heads, scale,
-        query.stride(0), out.stride(0),
-        *validate.cache_strides(op, prompt_k, prompt_v, prompt_k_scale, prompt_v_scale),
-        *validate.cache_strides(op, response_k, response_v, response_k_scale, response_v_scale),
-        beam_slots.stride(0), 0 if prompt_block_table is None else prompt_block_table.stride(0), prompt_k.shape[2],
+        out, query, *prompt, call.prompt_start.to(torch.int32).contiguous(), *response, call.beam_slots,
+        unused if lens is None else lens, unused if table is None else table, partial_acc, partial_stats,
+        call.beams, kv_heads, call.group, chunks.rows, head_dim, call.prompt_len, call.response_len,
+        max(1, call.response[0].shape[2]), call.span, rows, call.scale, query.stride(0), out.stride(0),
+        *validate.cache_strides("segment_attention_decode", *call.prompt),
+        *validate.cache_strides("segment_attention_decode", *call.response),
+        call.beam_slots.stride(0), 0 if table is None else table.stride(0), call.prompt[0].shape[2],
         BLOCK_ROWS=_block(chunks.rows, 16), BLOCK_N=block_n, BLOCK_T=response_steps(launch, chunks.beams),
-        BEAMS=_block(chunks.beams),
-        BLOCK_D=_block(head_dim, 16), UPCAST_DOT=upcast_dot(query.dtype), NATIVE_FP8=_native_fp8(query.device),
-        HAS_LENS=segment_lens is not None, SPLIT=splits > 1, FP8_UPCAST_IN_REGISTERS=launch.fp8_upcast_in_registers,
-        PAGED=prompt_block_table is not None, RING=span != validate.UNBOUNDED_SPAN,
-        V_BOOST=v_boost, **codec,
+        BEAMS=_block(chunks.beams), BLOCK_D=_block(head_dim, 16), UPCAST_DOT=upcast_dot(query.dtype),
+        NATIVE_FP8=_native_fp8(query.device), HAS_LENS=lens is not None, SPLIT=splits > 1,
+        FP8_UPCAST_IN_REGISTERS=launch.fp8_upcast_in_registers, PAGED=table is not None,
+        RING=call.span != validate.UNBOUNDED_SPAN, V_BOOST=v_boost, **codec,
         num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.max_registers,
     )  # fmt: skip
     if splits > 1:
-        combine_splits_kernel[(num_seqs * heads,)](
-            out, partial_acc, partial_stats, splits, num_seqs * heads, heads, head_dim, out.stride(0),
+        combine_splits_kernel[(rows,)](
+            out, partial_acc, partial_stats, splits, rows, heads, head_dim, out.stride(0),
             BLOCK_S=_block(splits), BLOCK_D=_block(head_dim),
         )  # fmt: skip
 
@@ -363,17 +273,14 @@ KERNELS = {
     "fused_add_rms_norm": fused_add_rms_norm,
     "silu_and_mul": silu_and_mul,
     "rotary_embedding_kv_write": rotary_embedding_kv_write,
-    "kv_write": kv_write,
+    "kv_write": rotary_embedding_kv_write,
     "attention_prefill": attention_prefill,
     "segment_attention_decode": segment_attention_decode,
 }
+ENTRIES = register_backend(KERNELS, LIMITS, "CUDA")
 
 
 def triton_kernels() -> SimpleNamespace:
-    """The Triton kernels as plain functions: what backend="triton" calls (CUDA tensors, or CPU tensors
-    under the interpreter)."""
-    return SimpleNamespace(**KERNELS)
-
-
-for _name, _kernel in KERNELS.items():
-    library().impl(_name, _kernel, "CUDA")
+    """The Triton kernels' entries as plain functions: what backend="triton" calls (CUDA tensors, or CPU
+    tensors under the interpreter)."""
+    return ENTRIES
