@@ -1,7 +1,8 @@
 """Greedy generation with and without prompt lookup decoding, xpu_coopt beside transformers.
 
 An input-grounded task, where prompt lookup pays: the model is asked, through its chat template, to repeat
-a passage of --text (default: this repository's README.md, from --skip-chars on, --passage-chars long)
+a passage of --text (default: prompt_lookup_passage.txt beside this script, the opening of an earlier
+README.md, which the recorded runs used; from --skip-chars on, --passage-chars long)
 with its mistakes corrected, so its reply quotes the passage. Four sides generate up to --output-tokens
 greedily (stopping at EOS) in one process: xpu_coopt and transformers, each plain and with
 prompt_lookup_num_tokens=--drafts. Prints each side's wall time for the whole generate() (best of
@@ -27,7 +28,7 @@ from xpu_coopt.checkpoints import DEFAULT_MODEL, load_model
 from xpu_coopt.cli import DTYPES
 from xpu_coopt.cli.bench import synchronize
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+PASSAGE = Path(__file__).resolve().parent / "prompt_lookup_passage.txt"
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    parser.add_argument("--text", type=Path, default=README)
+    parser.add_argument("--text", type=Path, default=PASSAGE)
     parser.add_argument("--skip-chars", type=int, default=0)
     parser.add_argument("--passage-chars", type=int, default=1200)
     parser.add_argument("--output-tokens", type=int, default=256)

@@ -76,8 +76,8 @@ def main() -> None:
             ours = optimized.generate(prompt, attention_mask=prompt_mask, **kwargs)
             theirs = model.generate(prompt, attention_mask=prompt_mask, **kwargs)
             same = torch.equal(ours, theirs)
-            kept = optimized._kept_cache
-            graphs.append(None if kept is None else kept.decode_graph)
+            kept = optimized._kept.session
+            graphs.append(None if kept is None else kept.graph)
             print(f"{label}: tokens identical to transformers: {same}")
             failures += [] if same else [label]
         if optimized.cuda_graph:

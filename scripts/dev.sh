@@ -48,7 +48,9 @@ case "$mode" in
                 mv "$oldest.partial" "$oldest"
             fi
             PYTHONPATH="$oldest" "$py" -m pytest -q -n auto -p no:cacheprovider \
-                tests/test_parity.py tests/test_api.py tests/test_pipeline.py
+                tests/model/test_model_parity.py tests/model/test_optimize.py \
+                tests/generation/test_generation_parity.py tests/generation/test_generate_arguments.py \
+                tests/generation/test_pipeline.py
         fi
         ;;
     bench)

@@ -114,7 +114,12 @@ def calibrate_kv_scales(
         positions = torch.arange(batch.shape[1], device=model.device).expand_as(batch)
         model.decoder.forward(batch.long(), positions, cache, last_only=True)
         # Unwritten capacity columns hold zeros, which never raise an amax.
-        key_amax = torch.maximum(key_amax, cache.prompt_k.abs().amax(dim=(1, 2, 3, 4)).float().cpu())
-        value_amax = torch.maximum(value_amax, cache.prompt_v.abs().amax(dim=(1, 2, 3, 4)).float().cpu())
+        layers = cache.prompt.storage.layers
+        key_amax = torch.maximum(
+            key_amax, torch.stack([layer.k.abs().amax() for layer in layers]).float().cpu()
+        )
+        value_amax = torch.maximum(
+            value_amax, torch.stack([layer.v.abs().amax() for layer in layers]).float().cpu()
+        )
     calibration = {"description": description, "windows": windows.shape[0], "tokens": windows.numel()}
     return KVScales(tuple(key_amax.tolist()), tuple(value_amax.tolist()), calibration)

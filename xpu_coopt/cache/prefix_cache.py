@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from xpu_coopt.cache import HeldKV
+from xpu_coopt.cache.held import HeldKV, request_kv
 
 
 class PrefixCache:
@@ -78,10 +78,8 @@ class PrefixCache:
         those of the prompt alone where the cache served several sequences. Where a sliding window has let
         go of the first tokens' K/V, nothing is kept (a warning says so) and the next generate() prefills
         its whole prompt."""
-        count = cache.prompt_len
-        if cache.num_seqs == 1:
-            count += cache.response_len  # every token but the last generated one went through the model
-        held = cache.request_kv(count)
+        count = cache.tokens_run()
+        held = request_kv(cache, count)
         if held is None:
             self.clear()
             warnings.warn(

@@ -27,6 +27,7 @@ class RunResult:
     next_token_ms_p90: float
     throughput_tokens_per_s: float
     kv_cache_bytes: int
+    largest_kv_allocation: int = 0  # bytes of the KV cache's largest single tensor
     weight_bytes: int = 0  # weights held by the model that ran (xpu_coopt: the shared ones included)
     decode_graph_captures: int = 0  # xpu_coopt's CUDA graph captures in this run (GenerateOutput's)
 
@@ -113,15 +114,15 @@ def _generated_tokens(input_ids: torch.Tensor, settings: dict[str, Any], tokens:
     return input_ids.shape[0] * settings["num_return_sequences"] * tokens
 
 
-def _hf_kv_bytes(cache: Any) -> int:
+def _hf_kv_tensors(cache: Any) -> list[torch.Tensor]:
     # Benchmark-only introspection of transformers' DynamicCache (not used by the library itself).
-    total = 0
+    tensors = []
     for layer in getattr(cache, "layers", []):
         for name in ("keys", "values"):
             tensor = getattr(layer, name, None)
             if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
+                tensors.append(tensor)
+    return tensors
 
 
 def _hf_cache(out: Any) -> Any:
@@ -142,7 +143,10 @@ def run_transformers(model, input_ids, mask, settings, tokens: int) -> RunResult
             return_dict_in_generate=True, **_generate_kwargs(settings, tokens),
         )  # fmt: skip
     generated = _generated_tokens(input_ids, settings, tokens)
-    return summarise_steps(start, clock.times, generated, _hf_kv_bytes(_hf_cache(out)))
+    kv = _hf_kv_tensors(_hf_cache(out))
+    result = summarise_steps(start, clock.times, generated, sum(t.numel() * t.element_size() for t in kv))
+    result.largest_kv_allocation = max((t.numel() * t.element_size() for t in kv), default=0)
+    return result
 
 
 def run_xpu_coopt(model, input_ids, mask, settings, tokens: int) -> RunResult:
@@ -153,6 +157,7 @@ def run_xpu_coopt(model, input_ids, mask, settings, tokens: int) -> RunResult:
     )
     generated = _generated_tokens(input_ids, settings, tokens)
     result = summarise_steps(start, out.step_times, generated, out.kv_cache_bytes)
+    result.largest_kv_allocation = out.kv_largest_allocation
     result.decode_graph_captures = out.decode_graph_captures
     return result
 
@@ -275,6 +280,8 @@ def format_result(result: BenchResult) -> str:
          f"{ratios['throughput_ratio']:.2f}x"),
         ("KV cache (MiB)", f"{base.kv_cache_bytes / mib:.1f}", f"{ours.kv_cache_bytes / mib:.1f}",
          f"{ratios['kv_bytes_ratio']:.2f}x"),
+        ("largest KV allocation (MiB)", f"{base.largest_kv_allocation / mib:.1f}",
+         f"{ours.largest_kv_allocation / mib:.1f}", ""),
         ("weights (MiB)", f"{base.weight_bytes / mib:.1f}", f"{ours.weight_bytes / mib:.1f}",
          f"{ratios['weight_bytes_ratio']:.2f}x"),
     ]  # fmt: skip

@@ -4,7 +4,7 @@ Weights are read from the Hugging Face module tree by parameter name (model.laye
 never through transformers' forward methods. Per layer:
     h = fused_add_rms_norm(h, residual)     residual += h, h = norm(residual)
     qkv = h @ W_qkv                          one GEMM (weights concatenated once)
-    attn = cache.attend(q, k, v)             RoPE on q and k, K/V written into the cache, attention
+    attn = attend(cache, q, k, v)            RoPE on q and k, K/V written into the cache, attention
     h = fused_add_rms_norm(attn @ W_o, residual)
     h = silu_and_mul(h @ W_gate_up) @ W_down one GEMM for gate and up
 With a backend's GEMM fusions (ops.fusions) and few enough tokens (decode steps), four kernels instead:
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xpu_coopt.cache import KV_CACHE_KINDS, SegmentKVCache
+from xpu_coopt.cache import SegmentKVCache
+from xpu_coopt.cache.attention import attend
 from xpu_coopt.model.linear import FusedLinear
 from xpu_coopt.model.rope import cos_sin_cache
 from xpu_coopt.model.spec import ModelSpec
@@ -114,7 +115,7 @@ class LlamaDecoder:
         """Extends the rotary table to hold at least `positions` positions (past max_position_embeddings,
         which transformers also allows for rope types whose frequencies do not depend on the length): it
         at least doubles, so a generation running past the table rebuilds it a few times only. The table
-        moves, so a decode graph that reads it is captured again (xpu_coopt.cache.decode_graph)."""
+        moves, so a decode graph that reads it is captured again (model/decode_graph.py)."""
         held = self.cos_sin_cache.shape[0]
         if positions > held:
             spec = self.spec
@@ -132,11 +133,11 @@ class LlamaDecoder:
         kv_cache: str = "segment",
         keep_whole_prompt: bool = False,
     ) -> SegmentKVCache:
-        """A cache of layout `kv_cache` (a key of KV_CACHE_KINDS) for this generation (keep_whole_prompt:
+        """A cache of layout `kv_cache` ("segment" or "paged") for this generation (keep_whole_prompt:
         SegmentKVCache's)."""
-        return KV_CACHE_KINDS[kv_cache](
-            self.spec, self.ops, prompt_start, prompt_len,
-            num_beams, max_new_tokens, self.dtype, kv_dtype, static_scales, keep_whole_prompt,
+        return SegmentKVCache(
+            self.spec, prompt_start, prompt_len, num_beams, max_new_tokens, self.dtype, kv_dtype, static_scales,
+            keep_whole_prompt, kv_cache,
         )  # fmt: skip
 
     def forward(
@@ -165,7 +166,7 @@ class LlamaDecoder:
             if layer.query_norm is not None:
                 query, key = self._head_norm(query, layer.query_norm), self._head_norm(key, layer.key_norm)
             rotary = cos_sin if spec.layer_rope[index] else unrotated
-            attention = cache.attend(index, query, key, value, rotary)  # [T, H * D]
+            attention = attend(self.ops, cache, index, query, key, value, rotary)  # [T, H * D]
             pending = self._residual_branch(layer.o_proj, attention, residual, fused)
             hidden = self._normed(layer.gate_up, pending, residual, layer.post_attention_norm, fused, True)
             pending = self._residual_branch(layer.down_proj, hidden, residual, fused)

@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xpu_coopt.cache import SegmentKVCache
-from xpu_coopt.cache.decode_graph import DecodeGraph
 from xpu_coopt.cache.prefix_cache import PrefixCache
+from xpu_coopt.generation.session import CacheSession, KeptSession
 from xpu_coopt.kv_scales import KVScales
 from xpu_coopt.model.decoder import LlamaDecoder
 from xpu_coopt.model.spec import ModelSpec
@@ -22,7 +21,7 @@ from xpu_coopt.model.spec import ModelSpec
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # [N, L, vocab] (or [N, 1, vocab] with logits_to_keep=1), model dtype
-    cache: SegmentKVCache
+    cache: CacheSession
     loss: torch.Tensor | None = None  # with labels: the mean next-token cross-entropy, float32
 
 
@@ -121,14 +120,12 @@ class OptimizedModel(nn.Module):
         self.dtype = decoder.dtype
         self.device = decoder.embed_tokens.device
         self.kv_dtype = kv_dtype
-        self.kv_cache = kv_cache  # the cache layout, a key of xpu_coopt.cache.KV_CACHE_KINDS
+        self.kv_cache = kv_cache  # the prompt segment's layout, one of xpu_coopt.cache.KV_CACHE_KINDS
         self.backend = backend
         self.kv_scales = kv_scales  # None: dynamic per-row FP8 scales (or a 16-bit cache)
         self.static_scales = None if kv_scales is None else kv_scales.tensors(kv_dtype, self.device)
-        self.cuda_graph = (
-            cuda_graph  # decode steps replay a captured CUDA graph (xpu_coopt.cache.decode_graph)
-        )
-        self._kept_cache: SegmentKVCache | None = None  # the last generate()'s cache and decode graph
+        self.cuda_graph = cuda_graph  # decode steps replay a captured CUDA graph (model/decode_graph.py)
+        self._kept = KeptSession()  # the last generate()'s cache and decode graph, for the next
 
     def __repr__(self) -> str:
         return (
@@ -184,27 +181,15 @@ class OptimizedModel(nn.Module):
             )
             self.decoder.cover_positions(total_length)
 
-    def keep_cache(self, cache: SegmentKVCache) -> None:
-        """generate() hands its cache back when it is done with it. One that has a captured decode graph is
-        kept for the next generate() it fits (prefill(reuse_kept_cache=True)), which then replays that
+    def keep_cache(self, session: CacheSession) -> None:
+        """generate() hands its session back when it is done with it. One that has a captured decode graph
+        is kept for the next generate() it fits (prefill(reuse_kept_cache=True)), which then replays that
         graph instead of capturing its own; release_cache() frees it."""
-        if cache.decode_graph is not None:
-            self._kept_cache = cache
+        self._kept.keep(session)
 
     def release_cache(self) -> None:
         """Frees the KV cache and CUDA graph kept from the last generate() (see keep_cache)."""
-        self._kept_cache = None
-
-    def _reuse_kept_cache(
-        self, prompt_start: torch.Tensor, prompt_len: int, num_beams: int, max_new_tokens: int
-    ) -> SegmentKVCache | None:
-        """The kept cache, reset for this generation, if it fits; else None, the kept cache freed before
-        a new one is allocated."""
-        cache, self._kept_cache = self._kept_cache, None
-        if cache is None or not cache.fits(prompt_start.shape[0], prompt_len, num_beams, max_new_tokens):
-            return None
-        cache.reset(prompt_start, prompt_len)  # the graph is captured again if this moved its inputs
-        return cache
+        self._kept.release()
 
     @torch.inference_mode()
     def prefill(
@@ -216,73 +201,43 @@ class OptimizedModel(nn.Module):
         last_only: bool = True,
         reuse_kept_cache: bool = False,
         prefix_cache: PrefixCache | None = None,
-    ) -> tuple[torch.Tensor, SegmentKVCache]:
-        """Runs each prompt once (not once per beam) and returns (logits, cache with room for the beams).
-        reuse_kept_cache: prefill into the cache keep_cache() kept, if this generation fits it (generate()
-        does; a cache returned to the caller may still be in use). prefix_cache: the prompt's first tokens
-        that it holds are not run again (PrefixCache.reusable); the logits are then those of the tokens
-        after them."""
+    ) -> tuple[torch.Tensor, CacheSession]:
+        """Runs each prompt once (not once per beam) and returns (logits, the session of a cache with room
+        for the beams and max_new_tokens). reuse_kept_cache: prefill into the session keep_cache() kept,
+        if this generation fits it (generate() does; a session returned to the caller may still be in
+        use). prefix_cache: the prompt's first tokens that it holds are not run again
+        (PrefixCache.reusable); the logits are then those of the tokens after them."""
         _, positions, prompt_start = prompt_layout(input_ids, attention_mask, self.spec)
         reused = 0 if prefix_cache is None else prefix_cache.reusable(self, input_ids, attention_mask)
         self.cover_length(input_ids.shape[1] + max_new_tokens)
         prompt_len = input_ids.shape[1]
-        cache = None
+        session = None
         if reuse_kept_cache:
-            cache = self._reuse_kept_cache(prompt_start, prompt_len, num_beams, max_new_tokens)
-        if cache is None:
+            session = self._kept.take(prompt_start, prompt_len, num_beams, max_new_tokens)
+        if session is None:
             cache = self.decoder.new_cache(
-                prompt_start,
-                prompt_len,
-                num_beams,
-                max_new_tokens,
-                self.kv_dtype,
-                self.static_scales,
+                prompt_start, prompt_len, num_beams, max_new_tokens, self.kv_dtype, self.static_scales,
                 self.kv_cache,
-            )
+            )  # fmt: skip
+            session = CacheSession(self, cache)
         if reused:
-            cache.continue_from(prefix_cache.kv.first(reused))
+            session.cache.continue_from(prefix_cache.kv.first(reused))
         if prefix_cache is not None:
             prefix_cache.reused_tokens = reused
-        logits = self.decoder.forward(input_ids[:, reused:].long(), positions[:, reused:], cache, last_only)
-        cache.end_step()
-        return logits, cache
+        inputs = input_ids[:, reused:].long()
+        logits = self.decoder.forward(inputs, positions[:, reused:], session.cache, last_only)
+        session.cache.end_step()
+        return logits, session
 
-    @torch.inference_mode()
-    def decode(self, next_tokens: torch.Tensor, cache: SegmentKVCache) -> torch.Tensor:
-        """next_tokens: [S] (one per sequence) -> logits [S, vocab] in the model dtype."""
-        length = cache.prompt_len + cache.response_len + 1
-        if length > self.decoder.cos_sin_cache.shape[0]:  # decoding past the max_new_tokens prefill covered
-            self.cover_length(length)
-        if self.cuda_graph and cache.decode_graph is None:
-            cache.use_device_lengths()
-            cache.decode_graph = DecodeGraph(self.decoder, cache)
-        cache.begin_decode_step()
-        if cache.decode_graph is not None:
-            logits = cache.decode_graph(cache, next_tokens)
-        else:
-            positions = cache.positions().view(-1, 1)
-            logits = self.decoder.forward(next_tokens.long().view(-1, 1), positions, cache, True)
-        cache.end_step()
-        return logits
-
-    @torch.inference_mode()
-    def decode_run(self, tokens: torch.Tensor, cache: SegmentKVCache) -> torch.Tensor:
-        """tokens: [T], the next T tokens of a cache's one sequence, decoded in one step (each attends to
-        those before it) -> logits [T, vocab], row i for the token after tokens[i]. The caller then keeps
-        the first of them with cache.end_token_run(kept) (prompt lookup decoding's check of its drafts)."""
-        count = tokens.shape[0]
-        length = cache.prompt_len + cache.response_len + count
-        if length > self.decoder.cos_sin_cache.shape[0]:
-            self.cover_length(length)
-        cache.begin_token_run(count)
-        positions = cache.run_positions().view(1, count)
-        return self.decoder.forward(tokens.long().view(1, count), positions, cache, False)[0]
+    def decode(self, next_tokens: torch.Tensor, session: CacheSession) -> torch.Tensor:
+        """next_tokens: [S] (one per sequence) -> logits [S, vocab] in the model dtype (CacheSession.decode)."""
+        return session.decode(next_tokens)
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cache: SegmentKVCache | None = None,
+        cache: CacheSession | None = None,
         logits_to_keep: int = 0,
         labels: torch.Tensor | None = None,
     ) -> ModelOutput:

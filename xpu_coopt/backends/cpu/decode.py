@@ -58,7 +58,7 @@ def segment_attention_decode(call: DecodeCall) -> None:
         attend(_Chunk.of(call, first, min(first + chunk, requests), prompt_columns, steps))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Chunk:
     """Some requests of a decode call, all their beams, with the columns and steps to attend read on the
     host: prompt, response (K, V and their scales), beam_slots, block_table sliced to them (a paged pool
@@ -78,6 +78,9 @@ class _Chunk:
 
     @classmethod
     def of(cls, call: DecodeCall, first: int, end: int, prompt_columns: range, steps: range) -> _Chunk:
+        if first == 0 and end == call.requests:  # every request: the call's tensors, unsliced
+            return cls(call.out, call.query, call.prompt, call.prompt_start, call.response, call.beam_slots,
+                       call.block_table, prompt_columns, steps, call.scale, call.kv_dtype)  # fmt: skip
         beams = call.beams
         requests, seqs = slice(first, end), slice(first * beams, end * beams)
         paged = call.block_table is not None

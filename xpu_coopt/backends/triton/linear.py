@@ -151,7 +151,7 @@ TILED = SkinnyLaunch(dot=True, block_n=32, block_k=256, num_stages=5)
 
 
 # Under the interpreter every program costs milliseconds of Python, so the wrapper launches a few wide
-# ones there (tests/test_triton_linear.py runs ONE_ROW and TILED themselves).
+# ones there (tests/backends/test_triton_linear.py runs ONE_ROW and TILED themselves).
 INTERPRETER_BLOCK_N = 64
 
 

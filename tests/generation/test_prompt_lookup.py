@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINYSTORIES_TEXT, require_data
+from helpers import TINYSTORIES_TEXT, require_data
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 
 import xpu_coopt
 from xpu_coopt import PrefixCache
-from xpu_coopt.cache.paged import BLOCK_SIZE, PagedKVCache
+from xpu_coopt.cache.paged import BLOCK_SIZE, PagedPrompt
 from xpu_coopt.cli.perplexity import tokenize
 from xpu_coopt.generation.prompt_lookup import find_drafts
 
@@ -189,40 +189,42 @@ def test_runs_between_the_steps_of_a_cache_set_to_device_lengths(stories_model, 
     model = xpu_coopt.optimize(stories_model, kv_cache=kv_cache)
     tokens = quoting_prompt[0, 1:30]
     _, plain = model.prefill(quoting_prompt, max_new_tokens=32)
-    expected = [model.decode(token.view(1), plain)[0] for token in tokens]
-    _, cache = model.prefill(quoting_prompt, max_new_tokens=32)
-    cache.use_device_lengths()
+    expected = [plain.decode(token.view(1))[0] for token in tokens]
+    _, session = model.prefill(quoting_prompt, max_new_tokens=32)
+    session.cache.use_device_lengths()
     done = 0
     for count, kept in [(1, 1), (4, 2), (1, 1), (6, 6), (5, 1), (1, 1), (7, 3), (3, 3), (1, 1)]:
         if count == 1:
-            logits = model.decode(tokens[done : done + 1], cache)
+            logits = session.decode(tokens[done : done + 1])
         else:  # drafts after the kept ones wrong: their K/V must not be read again
             fed = torch.cat((tokens[done : done + kept], torch.full((count - kept,), 7)))
-            logits = model.decode_run(fed, cache)
-            cache.end_token_run(kept)
+            logits = session.decode_run(fed)
+            session.keep_run(kept)
         for row in range(kept):
             torch.testing.assert_close(logits[row], expected[done + row], atol=1e-4, rtol=1e-4)
         done += kept
     assert done == 19
 
 
-def test_a_paged_run_maps_each_block_once(stories_model):
-    """A run of tokens maps the blocks its columns start; rejected, its columns are written again by the
-    next steps, through the same blocks (none leaks)."""
+def test_a_paged_run_writes_through_the_planned_blocks(stories_model):
+    """A run of tokens crossing into the next block writes through the blocks planned at the prefill;
+    rejected, its columns are written again by the next steps, through the same blocks: the table never
+    changes and the blocks in use grow as the columns do."""
     model = xpu_coopt.optimize(stories_model, kv_cache="paged")
     prompt = torch.arange(1, BLOCK_SIZE - 1).view(1, -1)  # 14 columns: a run of 4 crosses into block 1
-    _, cache = model.prefill(prompt, max_new_tokens=8)
-    assert isinstance(cache, PagedKVCache) and cache.blocks_used == 2  # the sink and the prompt's block
-    model.decode_run(torch.tensor([5, 6, 7, 8]), cache)
-    cache.end_token_run(1)
-    mapped = cache.block_table.clone()
-    assert cache.blocks_used == 3
+    _, session = model.prefill(prompt, max_new_tokens=8)
+    paged = session.cache.prompt
+    assert isinstance(paged, PagedPrompt) and paged.pool_blocks() == 3  # the sink, the prompt's and the next
+    planned = paged.block_table.clone()
+    assert paged.blocks_in_use(14) == 2
+    session.decode_run(torch.tensor([5, 6, 7, 8]))
+    session.keep_run(1)
     for token in (9, 10, 11):
-        model.decode(torch.tensor([token]), cache)
-    assert cache.blocks_used == 3 and torch.equal(cache.block_table, mapped)
+        session.decode(torch.tensor([token]))
+    assert paged.blocks_in_use(14 + 4) == 3 and torch.equal(paged.block_table, planned)
     with pytest.raises(ValueError, match="keeps 0 to 2 of them, not 3"):
-        model.decode_run(torch.tensor([1, 2]), cache)
-        cache.end_token_run(3)
+        session.decode_run(torch.tensor([1, 2]))
+        session.keep_run(3)
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ The interpreter (which runs the kernels in the other tests) is lenient: it accep
 and constructs that the real compiler rejects. This script runs each wrapper of xpu_coopt.backends.triton.kernels
 and .linear on CPU tensors within xpu_coopt.backends.triton.offline.compile_for(sm_XX), which compiles every launch
 down to a cubin through Triton's own launch path instead of running it, so CI proves that the exact
-launches the wrappers make compile. Run by tests/test_triton.py in a process without TRITON_INTERPRET; prints one line
+launches the wrappers make compile. Run by tests/backends/test_triton.py in a process without TRITON_INTERPRET; prints one line
 per compiled launch, then "compiled N launches for [targets]".
 """
 

@@ -3,18 +3,17 @@
 At batch 1 a 7B model's decode step launches a few hundred small kernels; in eager mode the GPU waits on
 Python between them. The graph records them once and replays them with one launch. What changes between
 steps lives in device tensors updated in place before each replay: the input tokens (copied into the
-graph's input buffer) and the cache's write column, positions and segment lengths
-(SegmentKVCache.use_device_lengths). The segment cache is preallocated for max_new_tokens, so every tensor
-the graph touches keeps its address. A paged cache's pool grows as blocks fill (a copy, at least a quarter
-at a time): the graph reads every tensor at the address it was captured with, so a step that finds one
-moved (or a rotary table extended past max_position_embeddings, LlamaDecoder.cover_positions) captures
-the graph again (DecodeGraph.captures counts them). Prefill stays eager: its shapes change with every
-prompt.
+graph's input buffer) and the cache's write cells, positions and segment lengths
+(cache/device_lengths.py). Both cache layouts are preallocated for max_new_tokens (a paged pool for the
+blocks they can come to use), so every tensor the graph touches keeps its address. The graph reads every
+tensor at the address it was captured with, so a step that finds one moved (a rotary table extended
+past max_position_embeddings, LlamaDecoder.cover_positions) captures the graph again
+(DecodeGraph.captures counts them). Prefill stays eager: its shapes change with every prompt.
 
 generate() keeps its cache, and with it the graph, for the next generate() whose batch, beams, prompt and
-max_new_tokens fit it (OptimizedModel.keep_cache): the cache is reset in place and the graph replays the
+max_new_tokens fit it (generation/session.py): the cache is reset in place and the graph replays the
 new generation's steps without another capture (two eager steps and the capture's launches, some tens
-of milliseconds for a 7B model), unless the new generation needs a larger paged pool.
+of milliseconds for a 7B model).
 """
 
 from __future__ import annotations
@@ -37,12 +36,11 @@ def _addresses(decoder, cache: SegmentKVCache) -> dict[str, int]:
 
 
 class DecodeGraph:
-    """One cache's decode step as a CUDA graph, kept on the cache (cache.decode_graph). It holds no
-    reference to the cache, so the two are freed together as soon as the generation drops the cache.
-    Call begin_decode_step() on the cache before each call."""
+    """One cache's decode step as a CUDA graph, kept beside the cache by its session
+    (generation/session.py). Call begin_decode_step() on the cache before each call."""
 
     def __init__(self, decoder, cache: SegmentKVCache) -> None:
-        if cache.segment_lens is None:
+        if cache.lengths is None:
             raise RuntimeError("DecodeGraph needs a cache set to device lengths (use_device_lengths)")
         self.decoder = decoder
         self.tokens = torch.zeros((cache.num_seqs, 1), dtype=torch.long, device=cache.beam_slots.device)
@@ -70,8 +68,8 @@ class DecodeGraph:
 
     def __call__(self, cache: SegmentKVCache, next_tokens: torch.Tensor) -> torch.Tensor:
         """next_tokens [S] -> logits [S, vocab]: the graph's output buffer, overwritten by the next call.
-        Captures the graph at the first call and again whenever a tensor it reads has moved (a paged
-        pool's growth): a replay would otherwise read freed or stale memory without an error of its own."""
+        Captures the graph at the first call and again whenever a tensor it reads has moved (a rotary table
+        extended): a replay would otherwise read freed or stale memory without an error of its own."""
         self.tokens.copy_(next_tokens.view(-1, 1))
         addresses = _addresses(self.decoder, cache)
         if addresses != self.input_addresses:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import oracles
 import pytest
 import torch
-from conftest import assert_close
+from helpers import NAN_CODE, assert_close, dequantized, nan_cache, random_tensor, segment_case
 
 from xpu_coopt.backends.cpu import cpu_kernels
 from xpu_coopt.backends.cpu import decode as cpu_decode
@@ -19,18 +19,13 @@ from xpu_coopt.ops import decode_split, dispatcher_kernels, fp8
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 HIDDEN_SIZES = [8, 64, 111, 576]
 NUM_TOKENS = [1, 7, 33]
-NAN_CODE = 0x7F  # a NaN in both e4m3fn and e5m2: unused cache cells hold it to prove they are never read
-
-
-def _random(*shape, dtype, scale=1.0):
-    return (torch.randn(*shape, dtype=torch.float32) * scale).to(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hidden", HIDDEN_SIZES)
 @pytest.mark.parametrize("tokens", NUM_TOKENS)
 def test_rms_norm(kernels, dtype, hidden, tokens):
-    x, weight = _random(tokens, hidden, dtype=dtype), _random(hidden, dtype=dtype)
+    x, weight = random_tensor(tokens, hidden, dtype=dtype), random_tensor(hidden, dtype=dtype)
     out = torch.empty_like(x)
     kernels.rms_norm(out, x, weight, 1e-5)
     assert_close(out, oracles.rms_norm(x, weight, 1e-5), dtype)
@@ -40,9 +35,9 @@ def test_rms_norm(kernels, dtype, hidden, tokens):
 @pytest.mark.parametrize("hidden", HIDDEN_SIZES)
 def test_fused_add_rms_norm(kernels, dtype, hidden):
     x, residual, weight = (
-        _random(5, hidden, dtype=dtype),
-        _random(5, hidden, dtype=dtype),
-        _random(hidden, dtype=dtype),
+        random_tensor(5, hidden, dtype=dtype),
+        random_tensor(5, hidden, dtype=dtype),
+        random_tensor(hidden, dtype=dtype),
     )
     expected_residual = (x.double() + residual.double()).to(dtype)
     expected = oracles.rms_norm(expected_residual, weight, 1e-6)
@@ -54,27 +49,15 @@ def test_fused_add_rms_norm(kernels, dtype, hidden):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("width", [2, 128, 222, 1536])
 def test_silu_and_mul(kernels, dtype, width):
-    x = _random(3, 4, 2 * width, dtype=dtype)
+    x = random_tensor(3, 4, 2 * width, dtype=dtype)
     out = x.new_empty(3, 4, width)
     kernels.silu_and_mul(out, x)
     assert_close(out, oracles.silu_and_mul(x), dtype)
 
 
-def _cache(shape, kv_dtype, dtype):
-    """A cache whose every cell is NaN, so cells a kernel must not touch or read stay recognisable."""
-    if fp8.is_fp8(kv_dtype):
-        scales = torch.full(shape[:-1], float("nan"), dtype=fp8.SCALE_DTYPE)
-        return torch.full(shape, NAN_CODE, dtype=torch.uint8), scales
-    return torch.full(shape, float("nan"), dtype=dtype), None
-
-
 def _snapshot(caches):
     """The bytes of every (cache, scale) pair, NaN included: to prove an op left its inputs as they were."""
     return [t.contiguous().view(torch.uint8).clone() for pair in caches for t in pair if t is not None]
-
-
-def _dequantized(cache, scale, kv_dtype):
-    return cache if scale is None else fp8.decode(cache, scale, kv_dtype, torch.float64)
 
 
 FP8_TOLERANCE = {"fp8_e4m3": 2**-3, "fp8_e5m2": 2**-2}  # relative step of each format, times amax
@@ -90,7 +73,7 @@ def test_rotary_embedding_kv_write(kernels, dtype, kv_dtype, heads, kv_heads, he
     rope = RopeSpec(theta=10000.0)
     table = cos_sin_cache(rope, head_dim, 64, torch.device("cpu"))
     positions = torch.tensor([0, 3, 17, 63, 5])[:tokens]
-    qkv = _random(
+    qkv = random_tensor(
         tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype
     )  # strided views, as the model passes
     query = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
@@ -99,8 +82,8 @@ def test_rotary_embedding_kv_write(kernels, dtype, kv_dtype, heads, kv_heads, he
     if not fused_qkv:  # separate tensors
         query, key, value = query.clone(), key.clone(), value.clone()
     original_q, original_k, original_v = query.clone(), key.clone(), value.clone()
-    k_cache, k_scale = _cache((rows, kv_heads, length, head_dim), kv_dtype, dtype)
-    v_cache, v_scale = _cache((rows, kv_heads, length, head_dim), kv_dtype, dtype)
+    k_cache, k_scale = nan_cache((rows, kv_heads, length, head_dim), kv_dtype, dtype)
+    v_cache, v_scale = nan_cache((rows, kv_heads, length, head_dim), kv_dtype, dtype)
     cache_rows, cache_positions = (
         torch.tensor([0, 2, 1, 2, 0])[:tokens],
         torch.tensor([0, 8, 4, 3, 7])[:tokens],
@@ -122,7 +105,7 @@ def test_rotary_embedding_kv_write(kernels, dtype, kv_dtype, heads, kv_heads, he
         (k_cache, k_scale, expected_k),
         (v_cache, v_scale, original_v.double()),
     ):
-        stored = _dequantized(cache, cache_scale, kv_dtype)[cache_rows, :, cache_positions]
+        stored = dequantized(cache, cache_scale, kv_dtype)[cache_rows, :, cache_positions]
         if fp8.is_fp8(kv_dtype):
             amax = expected.abs().amax(dim=-1, keepdim=True)
             assert ((stored - expected).abs() <= amax * FP8_TOLERANCE[kv_dtype] + 1e-2).all()
@@ -151,11 +134,11 @@ def test_reference_rotary_rotates_views_of_one_fused_row_at_once(tokens, kv_head
 def test_rotary_rows_of_angle_zero_leave_query_and_key_exact(kernels, dtype):
     """A layer without rope (SmolLM3's) passes cos 1 and sin 0: q and k bit for bit as they came in."""
     tokens, heads, kv_heads, head_dim = 5, 4, 2, 64
-    query, key, value = (_random(tokens, n, head_dim, dtype=dtype) for n in (heads, kv_heads, kv_heads))
+    query, key, value = (random_tensor(tokens, n, head_dim, dtype=dtype) for n in (heads, kv_heads, kv_heads))
     original_q, original_k = query.clone(), key.clone()
     unrotated = torch.cat((torch.ones(tokens, head_dim // 2), torch.zeros(tokens, head_dim // 2)), -1)
-    k_cache, _ = _cache((1, kv_heads, tokens, head_dim), "auto", dtype)
-    v_cache, _ = _cache((1, kv_heads, tokens, head_dim), "auto", dtype)
+    k_cache, _ = nan_cache((1, kv_heads, tokens, head_dim), "auto", dtype)
+    v_cache, _ = nan_cache((1, kv_heads, tokens, head_dim), "auto", dtype)
     kernels.rotary_embedding_kv_write(
         query, key, value, unrotated.to(dtype), k_cache, v_cache, None, None,
         torch.zeros(tokens, dtype=torch.long), torch.arange(tokens), "auto",
@@ -168,8 +151,8 @@ def test_rotary_rows_of_angle_zero_leave_query_and_key_exact(kernels, dtype):
 def test_kv_write_fp8_scales_and_saturation(kernels, kv_dtype):
     key = torch.tensor([[[1e6, -2.0, 0.5, 0.0]], [[0.0, 0.0, 0.0, 0.0]]])  # one huge value; one all-zero row
     value = torch.tensor([[[3.0, -3.0, 1.0, 2.0]], [[-1e30, 1.0, 0.0, 4.0]]])
-    k_cache, k_scale = _cache((2, 1, 3, 4), kv_dtype, torch.float32)
-    v_cache, v_scale = _cache((2, 1, 3, 4), kv_dtype, torch.float32)
+    k_cache, k_scale = nan_cache((2, 1, 3, 4), kv_dtype, torch.float32)
+    v_cache, v_scale = nan_cache((2, 1, 3, 4), kv_dtype, torch.float32)
     rows, cols = torch.tensor([1, 0]), torch.tensor([2, 0])
     kernels.kv_write(key, value, k_cache, v_cache, k_scale, v_scale, rows, cols, kv_dtype)
     limit = fp8.FP8_MAX[kv_dtype]
@@ -196,15 +179,15 @@ def test_static_scales_are_read_by_the_write_and_the_decode(kernels, kv_dtype, d
     # the range, here the rows scaled up 4x) and leaves them alone; decode attention reads them back.
     tokens, kv_heads, head_dim, heads = 8, 2, 64, 4
     key, value = (
-        _random(tokens, kv_heads, head_dim, dtype=dtype),
-        _random(tokens, kv_heads, head_dim, dtype=dtype),
+        random_tensor(tokens, kv_heads, head_dim, dtype=dtype),
+        random_tensor(tokens, kv_heads, head_dim, dtype=dtype),
     )
     key[::3] *= 4
     amax = torch.tensor([key.float().abs().amax() / 2, value.float().abs().amax()])
     base = (amax / fp8.FP8_MAX[kv_dtype]).to(fp8.SCALE_DTYPE)
     k_scale, v_scale = (base[i : i + 1].expand(1, kv_heads, tokens) for i in (0, 1))
-    k_cache, _ = _cache((1, kv_heads, tokens, head_dim), kv_dtype, dtype)
-    v_cache, _ = _cache((1, kv_heads, tokens, head_dim), kv_dtype, dtype)
+    k_cache, _ = nan_cache((1, kv_heads, tokens, head_dim), kv_dtype, dtype)
+    v_cache, _ = nan_cache((1, kv_heads, tokens, head_dim), kv_dtype, dtype)
     positions = torch.arange(tokens)
     kernels.kv_write(key, value, k_cache, v_cache, k_scale, v_scale, positions * 0, positions, kv_dtype, True)
     assert torch.equal(base, torch.stack([k_scale[0, 0, 0], v_scale[0, 0, 0]]))
@@ -216,13 +199,13 @@ def test_static_scales_are_read_by_the_write_and_the_decode(kernels, kv_dtype, d
         float(base[0]) * fp8.FP8_MAX[kv_dtype], rel=1e-6
     )  # finite, at the limit
 
-    query = _random(1, heads, head_dim, dtype=dtype)
+    query = random_tensor(1, heads, head_dim, dtype=dtype)
     out = torch.full_like(query, float("nan"))
     empty, empty_scale = k_cache[:, :, :0], k_scale[:, :, :0]
     start, slots = torch.zeros(1, dtype=torch.int32), torch.zeros((1, 0), dtype=torch.int32)
     kernels.segment_attention_decode(out, query, k_cache, v_cache, k_scale, v_scale, start, empty, empty,
                                      empty_scale, empty_scale, slots, 0, head_dim**-0.5, kv_dtype)  # fmt: skip
-    stored_k, stored_v = (_dequantized(c, sc, kv_dtype) for c, sc in ((k_cache, k_scale), (v_cache, v_scale)))
+    stored_k, stored_v = (dequantized(c, sc, kv_dtype) for c, sc in ((k_cache, k_scale), (v_cache, v_scale)))
     expected = oracles.segment_attention_decode(query, stored_k, stored_v, start, stored_k[:, :, :0],
                                                 stored_v[:, :, :0], slots, 0, head_dim**-0.5)  # fmt: skip
     assert_close(out, expected, dtype)
@@ -240,7 +223,7 @@ def test_kv_write_fp8_codes_are_bit_exact_for_every_16_bit_input(kernels, kv_dty
     tokens = -(-x.numel() // per_token)
     inputs = torch.cat((x, x.new_zeros(tokens * per_token - x.numel()))).view(tokens, 8, 127)
     rows = torch.cat((inputs, torch.full((tokens, 8, 1), limit, dtype=dtype)), dim=-1)  # [T, 8, D=128]
-    cache, scale = _cache((1, 8, tokens, 128), kv_dtype, dtype)
+    cache, scale = nan_cache((1, 8, tokens, 128), kv_dtype, dtype)
     positions = torch.arange(tokens)
     kernels.kv_write(
         rows, rows, cache, cache.clone(), scale, scale.clone(), positions * 0, positions, kv_dtype
@@ -268,9 +251,9 @@ def _check_attention_prefill(
     """attention_prefill over random q/k/v against the oracle; window None: the op's default (none);
     queries: that many queries, the last of the `length` key columns (None: one at every column)."""
     batch = len(seq_start)
-    q = _random(batch, length if queries is None else queries, heads, head_dim, dtype=dtype)
-    k = _random(batch, length, kv_heads, head_dim, dtype=dtype)
-    v = _random(batch, length, kv_heads, head_dim, dtype=dtype)
+    q = random_tensor(batch, length if queries is None else queries, heads, head_dim, dtype=dtype)
+    k = random_tensor(batch, length, kv_heads, head_dim, dtype=dtype)
+    v = random_tensor(batch, length, kv_heads, head_dim, dtype=dtype)
     starts = torch.tensor(seq_start, dtype=torch.int32)
     out = torch.full_like(q, float("nan"))
     scale = head_dim**-0.5
@@ -318,7 +301,7 @@ def test_attention_prefill_continues_earlier_columns(
     ],
 )
 def test_attention_prefill_names_mismatched_shapes(kernels, query_shape, key_shape, starts, message):
-    q, k = _random(*query_shape, dtype=torch.float32), _random(*key_shape, dtype=torch.float32)
+    q, k = random_tensor(*query_shape, dtype=torch.float32), random_tensor(*key_shape, dtype=torch.float32)
     with pytest.raises(ValueError, match="attention_prefill: " + message):
         kernels.attention_prefill(
             torch.empty_like(q), q, k, k.clone(), torch.zeros(starts, dtype=torch.int32), 0.25
@@ -340,69 +323,12 @@ def test_reference_prefill_attends_in_query_blocks(monkeypatch, dtype, block, wi
 def test_attention_prefill_sliding_window_without_padding_is_not_causal_attention(kernels):
     """Without padding, the reference kernel's plain causal path (torch's SDPA, no mask) must not serve a
     window shorter than the prompt."""
-    q, k, v = (_random(1, 24, 2, 16, dtype=torch.float32) for _ in range(3))
+    q, k, v = (random_tensor(1, 24, 2, 16, dtype=torch.float32) for _ in range(3))
     starts = torch.zeros(1, dtype=torch.int32)
     out = torch.empty_like(q)
     kernels.attention_prefill(out, q, k, v, starts, 0.25, 8)
     assert_close(out, oracles.attention_prefill(q, k, v, starts, 0.25, 8), torch.float32)
     assert not torch.allclose(out, oracles.attention_prefill(q, k, v, starts, 0.25).float(), atol=1e-3)
-
-
-def _segment_case(
-    dtype, kv_dtype, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded,
-    spare=5, keep_spare=False, starts=None, window=None,
-):  # fmt: skip
-    """Random segment caches with NaN in every cell the op must not read. The prompt segment is a view of
-    its first prompt_len columns, or with keep_spare all of them (the lengths then come from segment_lens).
-    Each request's prompt starts at starts[r] if given, else at (3 r) % prompt_len when padded. With a
-    window, the columns and steps before each sequence's last `window` are never read either."""
-    seqs = requests * beams
-    capacity = response_len + 3
-    if starts is None:
-        starts = [(3 * r) % prompt_len if padded else 0 for r in range(requests)]
-    prompt_start = torch.tensor(starts, dtype=torch.int32)
-    query = _random(seqs, heads, head_dim, dtype=dtype)
-    caches = []
-    # The prompt segment is passed as a strided view of a longer buffer, as the one-beam cache does.
-    shapes = [(requests, kv_heads, prompt_len + spare, head_dim)] * 2 + [
-        (seqs, kv_heads, capacity, head_dim)
-    ] * 2
-    for index, shape in enumerate(shapes):
-        values = _random(*shape, dtype=dtype)
-        if fp8.is_fp8(kv_dtype):
-            scale = fp8.dynamic_scale(values, kv_dtype).to(fp8.SCALE_DTYPE)
-            cache = fp8.encode(values, scale, kv_dtype)
-        else:
-            cache, scale = values, None
-        if index < 2:
-            cache[:, :, prompt_len:] = NAN_CODE if fp8.is_fp8(kv_dtype) else float("nan")  # never read
-            if not keep_spare:
-                cache = cache[:, :, :prompt_len]
-                scale = None if scale is None else scale[:, :, :prompt_len]
-        caches.append((cache, scale))
-    # Histories: step t of sequence s lives in a random row of the same request (after beam reorders).
-    beam_slots = torch.full((seqs, capacity), -1, dtype=torch.int32)
-    generator = torch.Generator().manual_seed(seqs * 31 + response_len)
-    for s in range(seqs):
-        first = (s // beams) * beams
-        beam_slots[s, :response_len] = first + torch.randint(0, beams, (response_len,), generator=generator)
-    if response_len:
-        beam_slots[:, response_len - 1] = torch.arange(seqs, dtype=torch.int32)  # the newest token is its own
-    window_first = prompt_len + response_len - window if window else 0  # of the prompt, then the response
-    read = torch.zeros((seqs, capacity), dtype=torch.bool)
-    for s in range(seqs):
-        for t in range(max(window_first - prompt_len, 0), response_len):
-            read[int(beam_slots[s, t]), t] = True
-    dequantized = [_dequantized(c, sc, kv_dtype).to(torch.float64) for c, sc in caches]
-    # Poison what must never be read: prompt padding and response cells outside every history.
-    for index, (cache, _) in enumerate(caches):
-        poison = NAN_CODE if fp8.is_fp8(kv_dtype) else float("nan")
-        if index < 2:
-            for r in range(requests):
-                cache[r, :, : max(int(prompt_start[r]), window_first)] = poison
-        else:
-            cache.permute(0, 2, 1, 3)[~read] = poison
-    return query, caches, dequantized, prompt_start, beam_slots
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -417,7 +343,7 @@ def _segment_case(
 def test_segment_attention_decode(
     kernels, dtype, kv_dtype, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded
 ):
-    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+    query, caches, dequantized, prompt_start, beam_slots = segment_case(
         dtype, kv_dtype, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, padded
     )
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
@@ -453,7 +379,7 @@ def test_segment_attention_decode_with_a_prompt_all_padding(kernels, dtype, kv_d
     """A request whose prompt-segment columns are all padding attends to its response steps alone (the CPU
     kernel's prompt partial then has no key: it must weigh nothing when merged with the response's)."""
     prompt_len, response_len = 12, 5
-    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+    query, caches, dequantized, prompt_start, beam_slots = segment_case(
         dtype, kv_dtype, 2, 2, 4, 2, 32, prompt_len, response_len, True, starts=[3, prompt_len]
     )
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
@@ -484,7 +410,7 @@ def test_segment_attention_decode_reads_strided_response_segments(
 ):
     """The contract asks only the last dimension to be contiguous: response K/V and scales given as views
     of a token-major buffer are read through their strides."""
-    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+    query, caches, dequantized, prompt_start, beam_slots = segment_case(
         torch.float32, kv_dtype, requests, beams, 8, 2, 32, 20, response_len, True, window=window
     )
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
@@ -516,7 +442,7 @@ def test_segment_attention_decode_sliding_window(
     """Each sequence attends to its last `window` columns, prompt columns then response steps; the cells
     before them hold NaN, never read."""
     head_dim = 32
-    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+    query, caches, dequantized, prompt_start, beam_slots = segment_case(
         dtype, kv_dtype, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
         window=window,
     )  # fmt: skip
@@ -534,7 +460,7 @@ def test_segment_attention_decode_sliding_window_with_device_lengths_and_blocks(
     """The window counted from lengths read on the device (a replayed CUDA graph's), and over a paged
     prompt segment, whose blocks before the window are never read."""
     requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, window = 2, 2, 4, 2, 32, 70, 4, 30
-    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+    query, caches, dequantized, prompt_start, beam_slots = segment_case(
         torch.float32, "fp8_e4m3", requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
         keep_spare=True, starts=[0, 50], window=window,
     )  # fmt: skip
@@ -583,7 +509,7 @@ def test_segment_attention_decode_reads_rings_under_a_window(
     step t (and beam_slots its slot) in column t % its columns: under a window no longer than them, a
     decode attends more columns and steps than they hold, as over them laid out in full."""
     requests, heads, kv_heads, head_dim, prompt_len = 2, 4, 2, 32, 100
-    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+    query, caches, dequantized, prompt_start, beam_slots = segment_case(
         dtype, kv_dtype, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
         starts=[0, 75], window=window,
     )  # fmt: skip
@@ -607,7 +533,7 @@ def test_segment_attention_decode_reads_rings_under_a_window(
 @pytest.mark.parametrize("window", [None, 31])
 def test_more_columns_than_a_segment_holds_need_a_window_within_it(kernels, window):
     """Without a window, or with one longer than the segment, its columns are not a ring."""
-    query, caches, _, prompt_start, beam_slots = _segment_case(
+    query, caches, _, prompt_start, beam_slots = segment_case(
         torch.float32, "auto", 1, 1, 4, 4, 16, 30, 0, False
     )
     (pk, _), (pv, _), (rk, _), (rv, _) = caches
@@ -619,7 +545,7 @@ def test_more_columns_than_a_segment_holds_need_a_window_within_it(kernels, wind
 
 @pytest.mark.parametrize("window", [0, -2])
 def test_a_window_below_one_is_an_error(kernels, window):
-    query, caches, _, prompt_start, beam_slots = _segment_case(
+    query, caches, _, prompt_start, beam_slots = segment_case(
         torch.float32, "auto", 1, 1, 4, 4, 16, 9, 0, False
     )
     (pk, _), (pv, _), (rk, _), (rv, _) = caches
@@ -627,7 +553,7 @@ def test_a_window_below_one_is_an_error(kernels, window):
     with pytest.raises(ValueError, match="segment_attention_decode: " + message):
         kernels.segment_attention_decode(torch.empty_like(query), query, pk, pv, None, None, prompt_start, rk, rv,
                                          None, None, beam_slots, 0, 0.25, "auto", None, None, -1, window)  # fmt: skip
-    q = _random(1, 4, 2, 16, dtype=torch.float32)
+    q = random_tensor(1, 4, 2, 16, dtype=torch.float32)
     with pytest.raises(ValueError, match="attention_prefill: " + message):
         kernels.attention_prefill(
             torch.empty_like(q), q, q, q, torch.zeros(1, dtype=torch.int32), 0.25, window
@@ -640,7 +566,7 @@ def test_reference_decode_attention_with_and_without_float32_matmuls(monkeypatch
     """The CPU reference runs 16-bit attention matmuls in float32 where oneDNN has no kernels for the dtype
     (cpu_gemm.matmul_dtype; AVX2 CPUs): either way it meets the oracle."""
     monkeypatch.setattr(cpu_gemm, "matmul_dtype", lambda device, d: torch.float32 if in_float32 else d)
-    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+    query, caches, dequantized, prompt_start, beam_slots = segment_case(
         dtype, "auto", 2, 4, 8, 2, 64, 37, 6, True
     )
     out = torch.full_like(query, float("nan"))
@@ -670,7 +596,7 @@ def test_segment_attention_decode_reads_lengths_from_the_device(
     split across several programs by the Triton kernel (flash-decoding), then combined; the split count
     follows the capacity, so with a long spare most splits have nothing to read."""
     head_dim = 64
-    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+    query, caches, dequantized, prompt_start, beam_slots = segment_case(
         dtype, kv_dtype, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
         spare=spare, keep_spare=True,
     )  # fmt: skip
@@ -697,7 +623,7 @@ def test_segment_attention_decode_when_padding_fills_whole_splits(kernels, dtype
     tiles than it has splits, and with 3 response steps most splits get none, so several splits attend
     to no key at all. Their partials must carry no weight in the combine."""
     requests, beams, heads, kv_heads, head_dim, prompt_len = 2, 2, 4, 2, 64, 300
-    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+    query, caches, dequantized, prompt_start, beam_slots = segment_case(
         dtype, kv_dtype, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
         starts=[0, 260],
     )  # fmt: skip
@@ -723,7 +649,7 @@ def test_segment_attention_decode_many_beams(kernels, kv_dtype, beams, heads, kv
     heads per KV head beyond the rows a SYCL work-group (32) or Triton program (64) serves: several share
     them out, in whole beams (9x8, 17x4) or, for a KV group wider than that (MQA: 3x40, 2x80), in runs of
     rows that span two beams."""
-    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+    query, caches, dequantized, prompt_start, beam_slots = segment_case(
         torch.float32, kv_dtype, 1, beams, heads, kv_heads, 32, 40, 21, True
     )
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
@@ -809,7 +735,7 @@ def test_segment_attention_decode_paged_prompt(
     attention. Its length is given by prompt_len, or, as a replayed CUDA graph passes it, in segment_lens
     with prompt_len -1 (the table's whole capacity, a spare block beyond the length)."""
     head_dim = 64
-    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+    query, caches, dequantized, prompt_start, beam_slots = segment_case(
         dtype, kv_dtype, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
         starts=starts,
     )  # fmt: skip
@@ -844,7 +770,7 @@ def test_reference_decode_attention_in_request_chunks(
     torch's flash kernel for CPU and with the batched matmuls of other devices."""
     monkeypatch.setattr(cpu_decode, "CPU_FLASH_ATTENTION", attend == "_attend_requests_flash")
     requests, beams, heads, kv_heads, head_dim, prompt_len, response_len = 3, 2, 4, 2, 32, 37, 5
-    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+    query, caches, dequantized, prompt_start, beam_slots = segment_case(
         torch.bfloat16, kv_dtype, requests, beams, heads, kv_heads, head_dim, prompt_len, response_len, True,
         starts=[5, 0, 20],
     )  # fmt: skip
@@ -871,7 +797,7 @@ def test_reference_decode_attention_in_request_chunks(
 
 
 def test_paged_prompt_arguments_are_checked(kernels):
-    query, caches, _, prompt_start, beam_slots = _segment_case(
+    query, caches, _, prompt_start, beam_slots = segment_case(
         torch.float32, "auto", 2, 1, 4, 4, 16, 40, 0, False
     )
     (pk, _), (pv, _), (rk, _), (rv, _) = caches
@@ -895,7 +821,7 @@ def test_sycl_paged_blocks_hold_whole_tiles():
     """The SYCL kernel looks a block up once per tile of 16 columns."""
     from conftest import KERNEL_BACKENDS
 
-    query, caches, _, prompt_start, beam_slots = _segment_case(
+    query, caches, _, prompt_start, beam_slots = segment_case(
         torch.float32, "auto", 1, 1, 4, 4, 16, 24, 0, False
     )
     (pk, _), (pv, _), (rk, _), (rv, _) = caches
@@ -909,7 +835,7 @@ def test_sycl_paged_blocks_hold_whole_tiles():
 
 
 def test_segment_lens_must_be_two_int32_lengths(kernels):
-    query, caches, _, prompt_start, beam_slots = _segment_case(
+    query, caches, _, prompt_start, beam_slots = segment_case(
         torch.float32, "auto", 1, 1, 4, 4, 16, 9, 2, False
     )
     (pk, _), (pv, _), (rk, _), (rv, _) = caches
@@ -924,7 +850,7 @@ def test_segment_lens_beyond_the_capacity_is_an_error(backend):
     """Backends that read the lengths on the host check them (the Triton kernel reads them on the device)."""
     from conftest import KERNEL_BACKENDS
 
-    query, caches, _, prompt_start, beam_slots = _segment_case(
+    query, caches, _, prompt_start, beam_slots = segment_case(
         torch.float32, "auto", 1, 1, 4, 4, 16, 9, 2, False
     )
     (pk, _), (pv, _), (rk, _), (rv, _) = caches
@@ -941,7 +867,7 @@ def _opcheck(op_name, args):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck_elementwise_ops(dtype):
-    x, weight = _random(3, 64, dtype=dtype), _random(64, dtype=dtype)
+    x, weight = random_tensor(3, 64, dtype=dtype), random_tensor(64, dtype=dtype)
     _opcheck("rms_norm", (torch.empty_like(x), x, weight, 1e-5))
     _opcheck("fused_add_rms_norm", (x.clone(), x.clone(), weight, 1e-5))
     _opcheck("silu_and_mul", (x.new_empty(3, 32), x))
@@ -950,7 +876,7 @@ def test_opcheck_elementwise_ops(dtype):
 @pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
 def test_opcheck_cache_and_attention_ops(kv_dtype):
     dtype = torch.bfloat16
-    query, caches, _, prompt_start, beam_slots = _segment_case(dtype, kv_dtype, 2, 2, 4, 2, 16, 9, 3, True)
+    query, caches, _, prompt_start, beam_slots = segment_case(dtype, kv_dtype, 2, 2, 4, 2, 16, 9, 3, True)
     (pk, pk_s), (pv, pv_s), (rk, rk_s), (rv, rv_s) = caches
     _opcheck("segment_attention_decode", (torch.empty_like(query), query, pk, pv, pk_s, pv_s, prompt_start,
                                           rk, rv, rk_s, rv_s, beam_slots, 3, 0.25, kv_dtype))  # fmt: skip
@@ -960,16 +886,20 @@ def test_opcheck_cache_and_attention_ops(kv_dtype):
                                           pool_v_scale, prompt_start, rk, rv, rk_s, rv_s, beam_slots, 3, 0.25,
                                           kv_dtype, None, block_table, 9))  # fmt: skip
     table = cos_sin_cache(RopeSpec(theta=10000.0), 16, 32, torch.device("cpu"))
-    q, k, v = _random(4, 4, 16, dtype=dtype), _random(4, 2, 16, dtype=dtype), _random(4, 2, 16, dtype=dtype)
-    k_cache, k_scale = _cache((2, 2, 8, 16), kv_dtype, dtype)
-    v_cache, v_scale = _cache((2, 2, 8, 16), kv_dtype, dtype)
+    q, k, v = (
+        random_tensor(4, 4, 16, dtype=dtype),
+        random_tensor(4, 2, 16, dtype=dtype),
+        random_tensor(4, 2, 16, dtype=dtype),
+    )
+    k_cache, k_scale = nan_cache((2, 2, 8, 16), kv_dtype, dtype)
+    v_cache, v_scale = nan_cache((2, 2, 8, 16), kv_dtype, dtype)
     rows, cols = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 2, 3])
     _opcheck("rotary_embedding_kv_write", (q, k, v, table[:4].to(dtype), k_cache, v_cache, k_scale, v_scale,
                                            rows, cols, kv_dtype))  # fmt: skip
     _opcheck("kv_write", (k, v, k_cache, v_cache, k_scale, v_scale, rows, cols, kv_dtype))
     if k_scale is not None:
         _opcheck("kv_write", (k, v, k_cache, v_cache, k_scale, v_scale, rows, cols, kv_dtype, True))
-    q4, k4 = _random(2, 5, 4, 16, dtype=dtype), _random(2, 5, 2, 16, dtype=dtype)
+    q4, k4 = random_tensor(2, 5, 4, 16, dtype=dtype), random_tensor(2, 5, 2, 16, dtype=dtype)
     _opcheck("attention_prefill", (torch.empty_like(q4), q4, k4, k4.clone(), torch.tensor([0, 2], dtype=torch.int32),
                                    0.25))  # fmt: skip
     _opcheck("attention_prefill", (torch.empty_like(q4), q4, k4, k4.clone(), torch.tensor([0, 2], dtype=torch.int32),

@@ -10,7 +10,7 @@ import oracles
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from helpers import assert_close
 
 from xpu_coopt import backends
 from xpu_coopt.backends.triton import linear

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import STORIES_MODEL, STORIES_TOKENIZER, TINYSTORIES_TEXT, require_data
+from helpers import STORIES_MODEL, STORIES_TOKENIZER, TINYSTORIES_TEXT, require_data
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import KERNEL_BACKENDS
+from helpers import KERNEL_BACKENDS
 
 from xpu_coopt.ops.validate import UNBOUNDED_SPAN
 

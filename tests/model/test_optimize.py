@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 import torch
-from test_parity import _model, _prompts
-from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, TextStreamer
+from helpers import left_padded_prompts, tiny_model
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import xpu_coopt
 from xpu_coopt.backends.cpu import gemm as cpu_gemm
@@ -15,7 +15,7 @@ from xpu_coopt.backends.cpu import gemm as cpu_gemm
 
 @pytest.fixture(scope="module")
 def model():
-    return _model("llama-gqa-8q2kv-d64")
+    return tiny_model("llama-gqa-8q2kv-d64")
 
 
 @pytest.fixture(scope="module")
@@ -60,21 +60,21 @@ def test_a_dtype_given_by_name_is_an_error_naming_the_torch_dtype(model):
 def test_a_model_offloaded_or_split_over_devices_is_an_error(offload, devices):
     """As device_map="auto" can leave a model: layers offloaded (meta placeholders), weights on several
     devices."""
-    model = _model("llama-mha-d64")
+    model = tiny_model("llama-mha-d64")
     offload(model)
     with pytest.raises(ValueError, match=f"in memory on one device; this model's are on {devices}: load it"):
         xpu_coopt.optimize(model)
 
 
 def test_device_is_checked_as_ipex_llm_optimize_takes_it():
-    model = _model("llama-mha-d64")
+    model = tiny_model("llama-mha-d64")
     assert xpu_coopt.optimize(model, device="cpu").device == torch.device("cpu")
     with pytest.raises(ValueError, match=r"optimize\(device='xpu'\) but the model's weights are on cpu"):
         xpu_coopt.optimize(model, device="xpu")
 
 
 def test_unsupported_rope_type():
-    model = _model("llama-mha-d64")
+    model = tiny_model("llama-mha-d64")
     model.config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 2.0}
     with pytest.raises(ValueError, match="rope type 'longrope' is not supported"):
         xpu_coopt.optimize(model)
@@ -98,7 +98,7 @@ def test_optimize_shares_weights_without_copying(model):
 
 
 def test_weight_bytes_count_the_shared_weights_once_and_the_packed_copies_in_full():
-    model = _model("llama-gqa-8q2kv-d64", torch.bfloat16)
+    model = tiny_model("llama-gqa-8q2kv-d64", torch.bfloat16)
     before = {name: p.clone() for name, p in model.state_dict().items()}
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     layers = model.model.layers
@@ -132,13 +132,13 @@ def test_pack_shared_weights_needs_a_cpu_with_bfloat16_gemms(monkeypatch):
     """An AVX2-only CPU: pack_shared_weights=True is an error naming it, and the default leaves every
     weight plain, so generation still matches transformers."""
     monkeypatch.setattr(cpu_gemm, "_cpu_has_bfloat16_gemms", lambda: False)
-    model = _model("llama-gqa-8q2kv-d64", torch.bfloat16)
+    model = tiny_model("llama-gqa-8q2kv-d64", torch.bfloat16)
     with pytest.raises(ValueError, match="oneDNN has no bfloat16 GEMMs on this CPU"):
         xpu_coopt.optimize(model, pack_shared_weights=True)
     optimized = xpu_coopt.optimize(model)
     layer = optimized.decoder.layers[0]
     assert not any(isinstance(linear.weight, cpu_gemm.PackedWeight) for linear in (layer.qkv, layer.o_proj))
-    ids, mask = _prompts([3, 6], model.config.vocab_size)
+    ids, mask = left_padded_prompts([3, 6], model.config.vocab_size)
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(
         optimized.generate(ids, mask, **kwargs), model.generate(ids, attention_mask=mask, **kwargs)
@@ -146,8 +146,8 @@ def test_pack_shared_weights_needs_a_cpu_with_bfloat16_gemms(monkeypatch):
 
 
 def test_inplace_makes_projection_weights_views_of_the_fused_matrices():
-    model = _model("llama-mha-d64")
-    ids, _ = _prompts([5], model.config.vocab_size)
+    model = tiny_model("llama-mha-d64")
+    ids, _ = left_padded_prompts([5], model.config.vocab_size)
     reference = model(ids).logits
     optimized = xpu_coopt.optimize(model, inplace=True)
     fused = optimized.decoder.layers[1].qkv.weight
@@ -171,8 +171,8 @@ def _with_scaled_q_proj(model):
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_non_plain_linear_modules_are_called_not_fused(backend):
-    model = _with_scaled_q_proj(_model("llama-mha-d64"))
-    ids, _ = _prompts([6], model.config.vocab_size)
+    model = _with_scaled_q_proj(tiny_model("llama-mha-d64"))
+    ids, _ = left_padded_prompts([6], model.config.vocab_size)
     with pytest.warns(
         UserWarning,
         match=r"1 of the model's \d+ projections are not plain torch.nn.Linear \(ScaledLinear; "
@@ -185,7 +185,7 @@ def test_non_plain_linear_modules_are_called_not_fused(backend):
 
 
 def test_plain_linear_modules_give_no_warning():
-    model = _model("llama-mha-d64")
+    model = tiny_model("llama-mha-d64")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         xpu_coopt.optimize(model)
@@ -194,11 +194,11 @@ def test_plain_linear_modules_give_no_warning():
 def test_non_plain_modules_in_another_dtype_than_the_compute_dtype_are_an_error_unless_inplace():
     """xpu_coopt converts the weights it reads, not those of modules it calls as they are: such a module
     in float32 under optimize(dtype=bfloat16) would fail at the first generate()."""
-    model = _with_scaled_q_proj(_model("llama-mha-d64"))
+    model = _with_scaled_q_proj(tiny_model("llama-mha-d64"))
     message = r"q_proj \(ScaledLinear, torch.float32\).*model.to\(torch.bfloat16\)\) or pass inplace=True"
     with pytest.raises(ValueError, match=message):
         xpu_coopt.optimize(model, dtype=torch.bfloat16)
-    ids, _ = _prompts([6], model.config.vocab_size)
+    ids, _ = left_padded_prompts([6], model.config.vocab_size)
     with pytest.warns(UserWarning, match="not plain torch.nn.Linear"):
         optimized = xpu_coopt.optimize(model, dtype=torch.bfloat16, inplace=True)
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
@@ -227,38 +227,8 @@ def test_bad_prompts(optimized, make_input, message):
         optimized.generate(ids, attention_mask=mask, max_new_tokens=2)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "message"),
-    [
-        (dict(num_beams=0), ValueError, "num_beams must be an integer >= 1"),
-        (dict(guidance_scale=1.5), TypeError, "unsupported arguments \\['guidance_scale'\\]"),
-        (dict(do_sample=True, typical_p=0.0), ValueError, "typical_p must be in \\(0, 1\\]"),
-        (dict(do_sample=True, eta_cutoff=1.0), ValueError, "eta_cutoff must be in \\[0, 1\\)"),
-        (dict(no_repeat_ngram_size=-1), ValueError, "no_repeat_ngram_size must be an integer >= 0"),
-        (dict(do_sample=True, min_p=1.5), ValueError, "min_p must be in \\[0, 1\\]"),
-        (dict(repetition_penalty=0.0), ValueError, "repetition_penalty must be > 0"),
-        (dict(num_beams=2, num_return_sequences=3), ValueError, "num_return_sequences"),
-        (dict(num_return_sequences=2), ValueError, "needs sampling"),
-        (dict(do_sample=True, num_return_sequences=0), ValueError, "num_return_sequences must be an integer"),
-        (dict(do_sample=True, temperature=0.0), ValueError, "temperature"),
-        (dict(max_new_tokens=0), ValueError, "max_new_tokens must be at least 1"),
-        (dict(use_cache=False), ValueError, "use_cache=False"),
-        (
-            dict(inputs_embeds=torch.zeros((1, 8, 64))),
-            TypeError,
-            "token ids \\(input_ids\\), not inputs_embeds",
-        ),
-        (dict(inputs=torch.ones((1, 8), dtype=torch.long)), TypeError, "the prompt twice"),
-    ],
-)
-def test_bad_generate_arguments(optimized, kwargs, error, message):
-    ids, _ = _prompts([8], 256)
-    with pytest.raises(error, match=message):
-        optimized.generate(ids, **{"max_new_tokens": 2, **kwargs})
-
-
 def test_labels_of_another_shape_or_with_a_cache_are_an_error(optimized):
-    ids, _ = _prompts([6], 256)
+    ids, _ = left_padded_prompts([6], 256)
     with pytest.raises(ValueError, match=r"labels must have input_ids' shape \(1, 6\), got \(1, 5\)"):
         optimized(ids, labels=ids[:, 1:])
     with pytest.raises(ValueError, match="labels are scored over the whole prompt"):
@@ -266,85 +236,6 @@ def test_labels_of_another_shape_or_with_a_cache_are_an_error(optimized):
     cache = optimized(ids).cache
     with pytest.raises(ValueError, match="labels are scored over the whole prompt"):
         optimized(ids[:, :1], cache=cache, labels=ids[:, :1])
-
-
-def test_the_prompt_goes_by_either_of_transformers_names(optimized):
-    """input_ids, or inputs as transformers' generate() names its first argument; neither is an error."""
-    ids, mask = _prompts([3, 8], 256)
-    expected = optimized.generate(ids, attention_mask=mask, max_new_tokens=3)
-    assert torch.equal(optimized.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3), expected)
-    assert torch.equal(optimized.generate(inputs=ids, attention_mask=mask, max_new_tokens=3), expected)
-    with pytest.raises(TypeError, match="needs the prompt's token ids"):
-        optimized.generate(attention_mask=mask, max_new_tokens=3)
-
-
-def test_unsupported_generation_config_field_is_an_error():
-    model = _model("llama-mha-d64")
-    model.generation_config.guidance_scale = 1.5
-    with pytest.raises(ValueError, match=r"the model's generation_config sets .*guidance_scale"):
-        xpu_coopt.optimize(model).generate(_prompts([4], 256)[0], max_new_tokens=2)
-
-
-@pytest.mark.parametrize(
-    ("prompt_len", "lengths", "config_max_length"),
-    [
-        (4, {}, None),  # nothing set: 20 new tokens
-        (30, {}, None),  # a prompt longer than 20: still 20 new tokens
-        (245, {}, None),  # the default's total capped at max_position_embeddings (256): 11 new tokens
-        (4, {"max_length": 12}, None),  # max_length counts the prompt
-        (4, {}, 15),  # so does the model's generation_config's
-        (4, {}, 20),  # transformers 4's default value: 20 new tokens there, 20 in all from transformers 5 on
-        (4, {"max_length": 20}, None),  # passed: 20 in all
-        (4, {"generation_config": GenerationConfig(max_length=9, pad_token_id=0)}, None),
-    ],
-)
-@pytest.mark.filterwarnings("ignore:Using the model-agnostic default")  # transformers', on its side
-def test_the_generated_length_follows_transformers(prompt_len, lengths, config_max_length):
-    """Without max_new_tokens, generate() stops where transformers' does: at max_length (passed, in a
-    passed generation_config or in the model's) or, with none set, after 20 new tokens."""
-    model = _model("llama-mha-d64")
-    if config_max_length is not None:
-        model.generation_config.max_length = config_max_length
-    ids, _ = _prompts([prompt_len], 256)
-    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None, **lengths)
-    ours = xpu_coopt.optimize(model).generate(ids, **kwargs)
-    theirs = model.generate(ids, **kwargs)
-    assert ours.shape[1] > prompt_len
-    assert torch.equal(ours, theirs)
-
-
-@pytest.mark.parametrize(("prompt_len", "lengths"), [(8, {"max_length": 8}), (256, {})])
-def test_a_max_length_that_leaves_no_new_token_is_an_error(optimized, prompt_len, lengths):
-    """max_length at most the prompt's length, passed or the default's cap at max_position_embeddings."""
-    ids, _ = _prompts([prompt_len], 256)
-    with pytest.raises(ValueError, match=r"input_ids hold \d+ tokens .* no room for a new token"):
-        optimized.generate(ids, **lengths)
-
-
-@pytest.mark.parametrize(
-    "overrides", [{}, {"num_beams": 2, "max_new_tokens": 4}], ids=["config", "overridden"]
-)
-def test_a_generation_config_passed_to_generate_overrides_the_models(overrides):
-    """The passed config's fields override the model's (its max_new_tokens), the model's fill the fields it
-    leaves unset (num_beams 3), generate()'s other arguments override both, as in transformers."""
-    model = _model("llama-mha-d64")
-    model.generation_config.num_beams = 3
-    model.generation_config.max_new_tokens = 9
-    config = GenerationConfig(max_new_tokens=6, repetition_penalty=1.3, pad_token_id=0)
-    ids, _ = _prompts([4], 256)
-    ours = xpu_coopt.optimize(model).generate(ids, generation_config=config, **overrides)
-    assert ours.shape[1] == 4 + overrides.get("max_new_tokens", 6)
-    assert torch.equal(ours, model.generate(ids, generation_config=config, **overrides))
-
-
-def test_a_generation_config_with_an_unsupported_field_is_an_error():
-    model = _model("llama-mha-d64")
-    with pytest.raises(
-        ValueError, match=r"the generation_config passed to generate\(\) sets .*guidance_scale"
-    ):
-        xpu_coopt.optimize(model).generate(
-            _prompts([4], 256)[0], generation_config=GenerationConfig(guidance_scale=1.5)
-        )
 
 
 def test_eval_is_a_no_op_and_moving_an_optimized_model_is_a_clear_error(optimized):
@@ -366,7 +257,7 @@ def test_eval_is_a_no_op_and_moving_an_optimized_model_is_a_clear_error(optimize
 def test_an_optimized_model_is_a_module_over_the_model_it_leaves_alone():
     """An nn.Module (code written for a transformers model's object takes it), whose submodule is the
     model it was made of; its eval() does not reach into that model, whose mode stays the caller's."""
-    model = _model("llama-mha-d64").train()
+    model = tiny_model("llama-mha-d64").train()
     optimized = xpu_coopt.optimize(model)
     assert isinstance(optimized, torch.nn.Module) and optimized.hf_model is model
     assert list(optimized.parameters()) == list(model.parameters())
@@ -376,68 +267,16 @@ def test_an_optimized_model_is_a_module_over_the_model_it_leaves_alone():
         xpu_coopt.optimize(optimized)
 
 
-def test_generation_config_defaults_are_honoured():
-    model = _model("llama-mha-d64")
-    model.generation_config.num_beams = 3
-    model.generation_config.max_new_tokens = 5
-    ids, _ = _prompts([4], 256)
-    ours = xpu_coopt.optimize(model).generate(ids, pad_token_id=0)
-    assert torch.equal(ours, model.generate(ids, pad_token_id=0))
-
-
 def test_decode_with_the_wrong_shape_is_an_error(optimized):
-    ids, _ = _prompts([4, 4], 256)
+    ids, _ = left_padded_prompts([4, 4], 256)
     out = optimized(ids)
     with pytest.raises(ValueError, match=r"decode takes input_ids of shape \(2, 1\)"):
         optimized(torch.ones((3, 1), dtype=torch.long), cache=out.cache)
 
 
-class _Collector:
-    """The TextStreamer interface: put(token ids), end()."""
-
-    def __init__(self):
-        self.chunks: list[list[int]] = []
-        self.ended = False
-
-    def put(self, value: torch.Tensor) -> None:
-        self.chunks.append(value.flatten().tolist())
-
-    def end(self) -> None:
-        self.ended = True
-
-
-def test_streamer_receives_prompt_then_each_token(optimized):
-    ids, _ = _prompts([5], 256)
-    streamer = _Collector()
-    out = optimized.generate(ids, max_new_tokens=6, streamer=streamer)
-    assert streamer.ended
-    assert streamer.chunks[0] == ids[0].tolist()
-    assert [token for chunk in streamer.chunks[1:] for token in chunk] == out[0, 5:].tolist()
-
-
-def test_text_streamer_prints_the_generation(stories_model, stories_tokenizer, capsys):
-    class Tokenizer:  # TextStreamer needs only decode()
-        def decode(self, ids, **kwargs):
-            return stories_tokenizer.decode(list(ids))
-
-    ids = torch.tensor([stories_tokenizer.encode("Once upon a time")])
-    xpu_coopt.optimize(stories_model).generate(
-        ids, max_new_tokens=20, streamer=TextStreamer(Tokenizer(), skip_prompt=True)
-    )
-    assert len(capsys.readouterr().out.split()) >= 5
-
-
-@pytest.mark.parametrize(
-    "search", [dict(num_beams=2), dict(do_sample=True, num_return_sequences=2)], ids=["beams", "samples"]
-)
-def test_streamer_of_several_sequences_is_an_error(optimized, search):
-    with pytest.raises(ValueError, match="streamer supports one sequence"):
-        optimized.generate(_prompts([5], 256)[0], max_new_tokens=3, streamer=_Collector(), **search)
-
-
 @pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "fp8_e5m2"])
 def test_fp8_kv_cache_stays_close_to_the_16_bit_cache(model, kv_dtype):
-    ids, mask = _prompts([9, 6], 256, seed=5)
+    ids, mask = left_padded_prompts([9, 6], 256, seed=5)
     full = xpu_coopt.optimize(model)
     quantized = xpu_coopt.optimize(model, kv_dtype=kv_dtype)
     logits_full, cache_full = full.prefill(ids, mask, max_new_tokens=4)

@@ -1,12 +1,12 @@
 """transformers' text-generation pipeline over an optimized model: the text of the pipeline over the model
 itself, for plain prompts, batches, beams, sampling and chat messages (run against the newest and the
-oldest transformers, as test_parity)."""
+oldest transformers, as the parity tests)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_parity import _model
+from helpers import tiny_model
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
@@ -19,7 +19,7 @@ PAD, EOS = 0, 2
 
 @pytest.fixture(scope="module")
 def model():
-    return _model("llama-gqa-8q2kv-d64")
+    return tiny_model("llama-gqa-8q2kv-d64")
 
 
 @pytest.fixture(scope="module")

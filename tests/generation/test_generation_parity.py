@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-import transformers
-from conftest import needs_bfloat16_packing
+from helpers import (
+    CONFIGS,
+    SMOLLM3_TOKENS,
+    assert_logits_close,
+    check_prefill_and_decode,
+    frequent_token,
+    left_padded_prompts,
+    tiny_model,
+)
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -22,189 +27,8 @@ from transformers import (
 )
 
 import xpu_coopt
-from xpu_coopt.backends.cpu import gemm as cpu_gemm
-from xpu_coopt.model.rope import inverse_frequencies
-from xpu_coopt.model.spec import model_spec
 
-COMMON = dict(vocab_size=256, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=256)
-TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}  # fmt: skip
-# SmolLM3's default special tokens lie outside the tests' vocabulary.
-SMOLLM3_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
-
-
-def _rope(parameters: dict) -> dict:
-    """Config arguments for these rope parameters, as the installed transformers takes them: 5's
-    rope_parameters, or 4's rope_theta and rope_scaling (the parity tests run against either)."""
-    if TRANSFORMERS_MAJOR >= 5:
-        return {"rope_parameters": dict(parameters)}
-    scaling = {key: value for key, value in parameters.items() if key != "rope_theta"}
-    return {
-        "rope_theta": parameters["rope_theta"],
-        "rope_scaling": None if scaling["rope_type"] == "default" else scaling,
-    }
-
-
-CONFIGS = {
-    "llama-mha-d64": (LlamaForCausalLM, LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=4, **COMMON)),
-    "llama-gqa-8q2kv-d64": (LlamaForCausalLM, LlamaConfig(hidden_size=512, num_attention_heads=8, num_key_value_heads=2, **COMMON)),
-    "llama-mqa-d128": (LlamaForCausalLM, LlamaConfig(hidden_size=512, num_attention_heads=4, num_key_value_heads=1, **COMMON)),
-    "llama-tied-bias": (LlamaForCausalLM, LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
-                                                      tie_word_embeddings=True, attention_bias=True, mlp_bias=True, **COMMON)),
-    "llama3-rope": (LlamaForCausalLM, LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
-                                                  **_rope(LLAMA3_ROPE), **COMMON)),
-    "llama-linear-rope": (LlamaForCausalLM, LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=4,
-                                                        **_rope({"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
-                                                        **COMMON)),
-    # dynamic NTK scaling: the default frequencies up to max_position_embeddings, which generate() keeps to
-    "llama-dynamic-rope": (LlamaForCausalLM, LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
-                                                         **_rope({"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
-                                                         **COMMON)),
-    "mistral": (MistralForCausalLM, MistralConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-                                                  sliding_window=None, **COMMON)),
-    # sliding-window attention on every layer (Mistral-7B-v0.1's 4096, scaled down to the tests' prompts)
-    "mistral-window": (MistralForCausalLM, MistralConfig(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
-                                                         head_dim=32, sliding_window=6, **COMMON)),
-    "qwen2-bias": (Qwen2ForCausalLM, Qwen2Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, **COMMON)),
-    # use_sliding_window: full attention on the first max_window_layers layers, a window on the others
-    "qwen2-window": (Qwen2ForCausalLM, Qwen2Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
-                                                   use_sliding_window=True, sliding_window=5, max_window_layers=1,
-                                                   **COMMON)),
-    # Qwen2.5's long-context setting (YaRN); a pretraining context short enough for the ramp to fall inside head_dim
-    "qwen2-yarn": (Qwen2ForCausalLM, Qwen2Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
-                                                 **_rope(YARN), **COMMON)),
-    # each head's query and key RMS-normalized before rope; head_dim * heads unequal to hidden_size, as Qwen3-0.6B's
-    "qwen3-qk-norm": (Qwen3ForCausalLM, Qwen3Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
-                                                    head_dim=64, **COMMON)),
-    "qwen3-window": (Qwen3ForCausalLM, Qwen3Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
-                                                   head_dim=32, use_sliding_window=True, sliding_window=5,
-                                                   max_window_layers=1, **COMMON)),
-    # NoPE: every second layer without rope (SmolLM3-3B: every fourth)
-    "smollm3-nope": (SmolLM3ForCausalLM, SmolLM3Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
-                                                       no_rope_layer_interval=2, **SMOLLM3_TOKENS, **COMMON)),
-    # use_sliding_window: a window on the layers without rope, full attention with it
-    "smollm3-window": (SmolLM3ForCausalLM, SmolLM3Config(hidden_size=256, num_attention_heads=8, num_key_value_heads=2,
-                                                         no_rope_layer_interval=2, use_sliding_window=True,
-                                                         sliding_window=5, **SMOLLM3_TOKENS, **COMMON)),
-}  # fmt: skip
-# Relative tolerance on logits (max |diff| / max |logit|) by dtype.
-LOGIT_TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
-# Relative tolerance on a mean loss, whose logits' rounding errors partly cancel.
 LOSS_TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-3}
-
-
-def _model(name: str, dtype: torch.dtype = torch.float32):
-    cls, config = CONFIGS[name]
-    torch.manual_seed(sum(map(ord, name)))
-    model = cls(copy.deepcopy(config)).eval()  # tests may edit model.config
-    # Random biases and norms (zero biases and unit norms at init would hide fused-bias and norm bugs).
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if param_name.endswith("bias") or "norm" in param_name:
-                param.copy_(torch.randn_like(param) * 0.2 + (1.0 if "norm" in param_name else 0.0))
-    return model.to(dtype)
-
-
-def _prompts(batch_lengths: list[int], vocab: int, seed: int = 0):
-    """A left-padded batch of prompts of the given lengths (odd lengths welcome)."""
-    generator = torch.Generator().manual_seed(seed)
-    width = max(batch_lengths)
-    ids = torch.randint(3, vocab, (len(batch_lengths), width), generator=generator)
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(batch_lengths):
-        mask[row, width - length :] = 1
-        ids[row, : width - length] = 0
-    return ids, mask
-
-
-def _hf_logits(model, ids, mask):
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    with torch.no_grad():
-        return model(ids, attention_mask=mask, position_ids=positions).logits
-
-
-def _assert_logits_close(actual, expected, dtype):
-    relative = (actual.float() - expected.float()).abs().max() / expected.float().abs().max()
-    assert relative <= LOGIT_TOLERANCE[dtype], f"relative logit error {relative:.2e}"
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", sorted(CONFIGS))
-@pytest.mark.parametrize("lengths", [[7, 3, 11], [9]], ids=["padded-batch", "one-row"])
-def test_prefill_and_decode_logits(name, dtype, lengths):
-    model = _model(name, dtype)
-    _check_prefill_and_decode(model, xpu_coopt.optimize(model), lengths, dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", ["llama-gqa-8q2kv-d64", "mistral-window", "qwen3-qk-norm"])
-@pytest.mark.parametrize("lengths", [[7, 3, 11], [9]], ids=["padded-batch", "one-row"])
-def test_the_loss_of_labels_is_transformers(name, dtype, lengths):
-    """forward(labels=...): transformers' causal-LM loss, left padding and a column labelled -100
-    (skipped). The labels are the tokens each position's logits favour, one position on (the loss's
-    shift): random weights give every other token about the same loss."""
-    model = _model(name, dtype)
-    ids, mask = _prompts(lengths, model.config.vocab_size)
-    labels = torch.full_like(ids, -100)
-    labels[:, 1:] = _hf_logits(model, ids, mask)[:, :-1].argmax(-1)
-    labels = labels.masked_fill(mask == 0, -100)
-    labels[:, -3] = -100
-    ours = xpu_coopt.optimize(model)(ids, mask, labels=labels).loss
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    with torch.no_grad():
-        theirs = model(ids, attention_mask=mask, position_ids=positions, labels=labels).loss
-    assert ours.dtype == torch.float32
-    torch.testing.assert_close(ours, theirs.float(), rtol=LOSS_TOLERANCE[dtype], atol=0)
-
-
-@needs_bfloat16_packing
-@pytest.mark.parametrize("name", ["llama-gqa-8q2kv-d64", "llama-tied-bias", "qwen2-bias"])
-@pytest.mark.parametrize("lengths", [[7, 3, 11], [9]], ids=["padded-batch", "one-row"])
-def test_packed_shared_weights_keep_the_logits(name, lengths):
-    """pack_shared_weights: o_proj, down_proj and the LM head (tied or biased too) run from packed copies
-    on several rows, from the shared plain weights on one."""
-    model = _model(name, torch.bfloat16)
-    optimized = xpu_coopt.optimize(model, pack_shared_weights=True)
-    layer = optimized.decoder.layers[0]
-    for linear in (layer.o_proj, layer.down_proj, optimized.decoder.lm_head):
-        assert isinstance(linear.weight, cpu_gemm.PackedWeight)
-    _check_prefill_and_decode(model, optimized, lengths, torch.bfloat16)
-
-
-@pytest.mark.parametrize(
-    "rope",
-    [
-        {"rope_type": "default", "rope_theta": 500000.0},
-        {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
-        LLAMA3_ROPE,
-        YARN,
-        {**YARN, "truncate": False, "beta_fast": 16, "beta_slow": 2},
-        {**YARN, "factor": None},  # from max_position_embeddings / original_max_position_embeddings
-        {**YARN, "mscale": 0.8, "mscale_all_dim": 0.5},
-        {**YARN, "attention_factor": 1.5},
-        {**YARN, "original_max_position_embeddings": 1000, "rope_theta": 1_000_000.0},  # no interpolated dims
-        {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
-    ],
-    ids=["default", "linear", "llama3", "yarn", "yarn-untruncated", "yarn-no-factor", "yarn-mscale",
-         "yarn-attention-factor", "yarn-long-context", "dynamic"],
-)  # fmt: skip
-def test_rope_frequencies_and_scale_match_transformers(rope):
-    """Inverse frequencies and the cos/sin scale of each rope type, against transformers' own functions."""
-    if rope.get("factor", 1.0) is None and TRANSFORMERS_MAJOR < 5:
-        pytest.skip("transformers 4 has no YaRN factor default: its yarn rope needs the factor in the config")
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    config = LlamaConfig(hidden_size=512, num_attention_heads=4, **_rope(rope), **COMMON)
-    spec = model_spec(config, "LlamaForCausalLM")
-    if rope["rope_type"] == "default":
-        expected = 1.0 / (rope["rope_theta"] ** (torch.arange(0, 128, 2).float() / 128))
-        expected_scale = 1.0
-    else:
-        expected, expected_scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, "cpu")
-    torch.testing.assert_close(inverse_frequencies(spec.rope, spec.head_dim), expected, rtol=1e-6, atol=0)
-    assert spec.rope.attention_factor == pytest.approx(expected_scale, rel=1e-12)
 
 
 SMALL = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=32, intermediate_size=32,
@@ -218,98 +42,10 @@ ARCHITECTURES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("config", "expected"),
-    [
-        (Qwen2Config(**SMALL), (None, None, None)),  # a window size, but no use_sliding_window
-        (Qwen2Config(use_sliding_window=True, sliding_window=8, max_window_layers=1, **SMALL), (None, 8, 8)),
-        (Qwen2Config(use_sliding_window=True, sliding_window=8,
-                     layer_types=["sliding_attention", "full_attention", "sliding_attention"], **SMALL), (8, None, 8)),
-        (MistralConfig(sliding_window=8, **SMALL), (8, 8, 8)),
-        (MistralConfig(sliding_window=None, **SMALL), (None, None, None)),
-        (LlamaConfig(**SMALL), (None, None, None)),
-        (Qwen3Config(use_sliding_window=True, sliding_window=8, max_window_layers=2, **SMALL), (None, None, 8)),
-        (SmolLM3Config(sliding_window=8, **SMOLLM3_SMALL), (None, None, None)),
-        (SmolLM3Config(use_sliding_window=True, sliding_window=8, **SMOLLM3_SMALL), (None, None, 8)),
-        (SmolLM3Config(use_sliding_window=True, sliding_window=8,
-                       layer_types=["sliding_attention", "full_attention", "full_attention"], **SMOLLM3_SMALL),
-         (8, None, None)),
-    ],
-    ids=["qwen2-off", "qwen2-max-window-layers", "qwen2-layer-types", "mistral", "mistral-none", "llama",
-         "qwen3-max-window-layers", "smollm3-off", "smollm3-nope-layers", "smollm3-layer-types"],
-)  # fmt: skip
-def test_layer_windows_are_those_transformers_applies(config, expected):
-    """Each layer's sliding window as transformers' modeling applies it (Qwen2's and SmolLM3's attention
-    modules carry theirs; Mistral's reads the config's on every layer)."""
-    cls = ARCHITECTURES[type(config)]
-    assert model_spec(config, cls.__name__).layer_windows == expected
-    if cls in (Qwen2ForCausalLM, Qwen3ForCausalLM, SmolLM3ForCausalLM):
-        layers = cls(config).model.layers
-        assert tuple(layer.self_attn.sliding_window for layer in layers) == expected
-
-
-@pytest.mark.parametrize(
-    ("config", "expected"),
-    [
-        (SmolLM3Config(**SMOLLM3_SMALL), (True, True, False)),
-        (SmolLM3Config(**{**SMOLLM3_SMALL, "no_rope_layers": [0, 1, 1, 0]}), (False, True, True)),  # longer: allowed
-        (LlamaConfig(**SMALL), (True, True, True)),
-        (Qwen2Config(**SMALL), (True, True, True)),
-    ],
-    ids=["smollm3-interval", "smollm3-list", "llama", "qwen2"],
-)  # fmt: skip
-def test_layer_rope_is_that_transformers_applies(config, expected):
-    cls = ARCHITECTURES[type(config)]
-    assert model_spec(config, cls.__name__).layer_rope == expected
-    if cls is SmolLM3ForCausalLM:
-        layers = cls(config).model.layers
-        assert tuple(bool(layer.self_attn.use_rope) for layer in layers) == expected
-
-
-def test_a_layer_type_other_than_sliding_or_full_attention_is_an_error():
-    config = Qwen2Config(use_sliding_window=True, sliding_window=8, **SMALL)
-    config.layer_types = ["sliding_attention", "chunked_attention", "full_attention"]
-    with pytest.raises(ValueError, match="layer_types must name 'sliding_attention' or 'full_attention'"):
-        model_spec(config, "Qwen2ForCausalLM")
-
-
-def test_smollm3_sliding_layers_without_use_sliding_window_are_an_error():
-    """transformers' eager and SDPA masks would apply the window there, its flash attention not: ambiguous."""
-    config = SmolLM3Config(sliding_window=8, **SMOLLM3_SMALL)
-    config.layer_types = ["full_attention", "full_attention", "sliding_attention"]
-    with pytest.raises(ValueError, match="use_sliding_window is False"):
-        model_spec(config, "SmolLM3ForCausalLM")
-
-
-@pytest.mark.parametrize("flags", [[1, 0], [1, 2, 1]], ids=["too-few", "not-a-flag"])
-def test_bad_no_rope_layers_are_an_error(flags):
-    config = SmolLM3Config(**SMOLLM3_SMALL)
-    config.no_rope_layers = flags
-    with pytest.raises(ValueError, match="no_rope_layers must hold a 0 or 1 for each of the 3 layers"):
-        model_spec(config, "SmolLM3ForCausalLM")
-
-
-def _check_prefill_and_decode(model, optimized, lengths, dtype):
-    """Prefill logits, then four decode steps' logits, against transformers over the grown sequences."""
-    ids, mask = _prompts(lengths, model.config.vocab_size)
-    out = optimized(ids, mask)
-    expected = _hf_logits(model, ids, mask)
-    for row in range(ids.shape[0]):
-        valid = mask[row].bool()
-        _assert_logits_close(out.logits[row, valid], expected[row, valid], dtype)
-    cache = out.cache
-    for _ in range(4):
-        next_tokens = out.logits[:, -1].argmax(-1, keepdim=True)
-        out = optimized(next_tokens, cache=cache)
-        ids = torch.cat((ids, next_tokens), dim=1)
-        mask = torch.cat((mask, torch.ones_like(next_tokens)), dim=1)
-        _assert_logits_close(out.logits[:, -1], _hf_logits(model, ids, mask)[:, -1], dtype)
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_greedy_tokens_identical(name):
-    model = _model(name)
-    ids, mask = _prompts([5, 9], model.config.vocab_size, seed=1)
+    model = tiny_model(name)
+    ids, mask = left_padded_prompts([5, 9], model.config.vocab_size, seed=1)
     kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
     ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
     theirs = model.generate(ids, attention_mask=mask, **kwargs)
@@ -324,8 +60,8 @@ def test_greedy_tokens_identical(name):
 def test_generation_past_max_position_embeddings_matches_transformers(name, num_beams):
     """Rope types whose frequencies do not depend on the length rotate positions past
     max_position_embeddings (256) as transformers does, which generates there too; both warn."""
-    model = _model(name)
-    ids, mask = _prompts([250, 243], model.config.vocab_size, seed=3)
+    model = tiny_model(name)
+    ids, mask = left_padded_prompts([250, 243], model.config.vocab_size, seed=3)
     kwargs = dict(max_new_tokens=20, num_beams=num_beams, do_sample=False, pad_token_id=0, eos_token_id=None)
     optimized = xpu_coopt.optimize(model)
     with pytest.warns(UserWarning, match=r"past the model's max_position_embeddings \(256\)"):
@@ -337,25 +73,19 @@ def test_generation_past_max_position_embeddings_matches_transformers(name, num_
 def test_decode_steps_past_max_position_embeddings_match_transformers():
     """forward() with a cache decodes step by step, past what its prefill planned for: each step past
     max_position_embeddings (256) extends the rotary table."""
-    model = _model("llama3-rope")
+    model = tiny_model("llama3-rope")
     optimized = xpu_coopt.optimize(model)
     with pytest.warns(UserWarning, match="past the model's max_position_embeddings"):
-        _check_prefill_and_decode(model, optimized, [254, 250], torch.float32)
+        check_prefill_and_decode(model, optimized, [254, 250], torch.float32)
     assert optimized.decoder.cos_sin_cache.shape[0] >= 258
 
 
 def test_dynamic_rope_beyond_max_position_embeddings_is_an_error():
     """Where dynamic NTK scaling would raise theta, generate() refuses, naming it, before the prompt runs."""
-    model = _model("llama-dynamic-rope")
-    ids, _ = _prompts([250], model.config.vocab_size)
+    model = tiny_model("llama-dynamic-rope")
+    ids, _ = left_padded_prompts([250], model.config.vocab_size)
     with pytest.raises(ValueError, match="dynamic rope scaling beyond it is not supported"):
         xpu_coopt.optimize(model).generate(ids, max_new_tokens=10, pad_token_id=0)
-
-
-def _frequent_token(model, ids, mask) -> int:
-    """A token greedy decoding produces early, so that EOS actually ends some beams."""
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
-    return int(out[0, -1])
 
 
 @pytest.mark.parametrize(
@@ -373,12 +103,12 @@ def _frequent_token(model, ids, mask) -> int:
     ],
 )
 def test_beam_search_identical(name, num_beams, num_return_sequences, length_penalty, early_stopping):
-    model = _model(name)
-    ids, mask = _prompts([6, 10], model.config.vocab_size, seed=2)
+    model = tiny_model(name)
+    ids, mask = left_padded_prompts([6, 10], model.config.vocab_size, seed=2)
     kwargs = dict(
         max_new_tokens=10, num_beams=num_beams, num_return_sequences=num_return_sequences,
         length_penalty=length_penalty, early_stopping=early_stopping, do_sample=False,
-        eos_token_id=_frequent_token(model, ids, mask), pad_token_id=0,
+        eos_token_id=frequent_token(model, ids, mask), pad_token_id=0,
         return_dict_in_generate=True, output_scores=True,
     )  # fmt: skip
     ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
@@ -389,8 +119,8 @@ def test_beam_search_identical(name, num_beams, num_return_sequences, length_pen
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_sampling_matches_transformers_with_the_same_seed(seed):
-    model = _model("llama-gqa-8q2kv-d64")
-    ids, mask = _prompts([4, 8], model.config.vocab_size, seed=3)
+    model = tiny_model("llama-gqa-8q2kv-d64")
+    ids, mask = left_padded_prompts([4, 8], model.config.vocab_size, seed=3)
     kwargs = dict(max_new_tokens=10, do_sample=True, temperature=0.7, top_k=20, top_p=0.9, pad_token_id=0)
     torch.manual_seed(seed)
     ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
@@ -419,11 +149,11 @@ def _matches_transformers(model, ids, mask, seed: int | None = None, **kwargs):
 def test_sampling_several_sequences_per_prompt_matches_transformers(seed):
     """num_return_sequences samples of each prompt, drawn side by side as transformers draws them, with
     the prompt's K/V stored once for all of them."""
-    model = _model("qwen2-bias")
-    ids, mask = _prompts([5, 40], model.config.vocab_size, seed=9)
+    model = tiny_model("qwen2-bias")
+    ids, mask = left_padded_prompts([5, 40], model.config.vocab_size, seed=9)
     kwargs = dict(
         max_new_tokens=10, do_sample=True, temperature=0.9, top_k=30, repetition_penalty=1.1, pad_token_id=0,
-        eos_token_id=_frequent_token(model, ids, mask),
+        eos_token_id=frequent_token(model, ids, mask),
     )  # fmt: skip
     ours = _matches_transformers(model, ids, mask, seed, num_return_sequences=3, **kwargs)
     assert ours.sequences.shape[0] == 6
@@ -440,8 +170,8 @@ def test_sampling_several_sequences_per_prompt_matches_transformers(seed):
 )
 def test_output_logits_match_transformers(search):
     """Each step's raw logits, float32, one row per sequence (beam search: per running beam)."""
-    model = _model("mistral")
-    ids, mask = _prompts([4, 7], model.config.vocab_size, seed=12)
+    model = tiny_model("mistral")
+    ids, mask = left_padded_prompts([4, 7], model.config.vocab_size, seed=12)
     kwargs = dict(
         max_new_tokens=6, pad_token_id=0, return_dict_in_generate=True, output_logits=True, **search
     )
@@ -451,15 +181,15 @@ def test_output_logits_match_transformers(search):
     assert len(ours.logits) == len(theirs.logits) == ours.sequences.shape[1] - ids.shape[1]
     for actual, expected in zip(ours.logits, theirs.logits, strict=True):
         assert actual.dtype == torch.float32
-        _assert_logits_close(actual, expected, torch.float32)
+        assert_logits_close(actual, expected, torch.float32)
     assert not torch.equal(ours.logits[0], ours.logits[1])  # a copy per step, not one buffer
 
 
 @pytest.mark.parametrize("search", [dict(do_sample=False), dict(num_beams=3)], ids=["greedy", "beam3"])
 def test_min_length_counts_the_padded_prompt_as_transformers(search):
-    model = _model("llama-mha-d64")
-    ids, mask = _prompts([5, 7], model.config.vocab_size, seed=4)
-    eos = _frequent_token(model, ids, mask)
+    model = tiny_model("llama-mha-d64")
+    ids, mask = left_padded_prompts([5, 7], model.config.vocab_size, seed=4)
+    eos = frequent_token(model, ids, mask)
     kwargs = dict(max_new_tokens=9, min_length=ids.shape[1] + 4, eos_token_id=eos, pad_token_id=1, **search)
     ours = _matches_transformers(model, ids, mask, **kwargs)
     for step in ours.scores[:4]:
@@ -468,9 +198,9 @@ def test_min_length_counts_the_padded_prompt_as_transformers(search):
 
 
 def test_min_new_tokens_and_eos_list_match_transformers():
-    model = _model("llama-mha-d64")
-    ids, mask = _prompts([5, 7], model.config.vocab_size, seed=4)
-    eos = _frequent_token(model, ids, mask)
+    model = tiny_model("llama-mha-d64")
+    ids, mask = left_padded_prompts([5, 7], model.config.vocab_size, seed=4)
+    eos = frequent_token(model, ids, mask)
     kwargs = dict(max_new_tokens=9, min_new_tokens=4, eos_token_id=[eos, 7], pad_token_id=1, do_sample=False)
     ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
     theirs = model.generate(ids, attention_mask=mask, **kwargs)
@@ -490,10 +220,10 @@ def test_repetition_penalty_matches_transformers(name, search, penalty):
     """The penalty counts every token generated (pads included) and each prompt's, its left padding too
     before transformers 5.23, as the installed transformers does; both its scores and the tokens it leads
     to must agree."""
-    model = _model(name)
-    ids, mask = _prompts([3, 9], model.config.vocab_size, seed=5)
+    model = tiny_model(name)
+    ids, mask = left_padded_prompts([3, 9], model.config.vocab_size, seed=5)
     kwargs = dict(
-        max_new_tokens=10, eos_token_id=_frequent_token(model, ids, mask), pad_token_id=0,
+        max_new_tokens=10, eos_token_id=frequent_token(model, ids, mask), pad_token_id=0,
         return_dict_in_generate=True, output_scores=True, **search,
     )  # fmt: skip
     ours = _matches_transformers(model, ids, mask, repetition_penalty=penalty, **kwargs)
@@ -513,10 +243,10 @@ def test_repetition_penalty_matches_transformers(name, search, penalty):
 def test_no_repeat_ngram_size_matches_transformers(name, search, size):
     """n-grams are banned over each row's whole history, its left padding included, as transformers bans
     them; scores (with their -inf) and tokens must agree."""
-    model = _model(name)
-    ids, mask = _prompts([3, 9], model.config.vocab_size, seed=7)
+    model = tiny_model(name)
+    ids, mask = left_padded_prompts([3, 9], model.config.vocab_size, seed=7)
     ids[0, :2] = ids[0, 2]  # the padding repeats the first prompt token: n-grams across padding and prompt
-    kwargs = dict(max_new_tokens=12, eos_token_id=_frequent_token(model, ids, mask), pad_token_id=0, **search)
+    kwargs = dict(max_new_tokens=12, eos_token_id=frequent_token(model, ids, mask), pad_token_id=0, **search)
     ours = _matches_transformers(model, ids, mask, no_repeat_ngram_size=size, **kwargs)
     banned = sum(int(step.isneginf().sum()) for step in ours.scores)
     unbanned = xpu_coopt.optimize(model).generate(
@@ -547,9 +277,9 @@ def test_callers_logits_processors_run_where_transformers_runs_them(search):
     row's tokens so far."""
     from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
 
-    model = _model("llama-gqa-8q2kv-d64")
-    ids, mask = _prompts([3, 9], model.config.vocab_size, seed=10)
-    suppressed = _frequent_token(model, ids, mask)
+    model = tiny_model("llama-gqa-8q2kv-d64")
+    ids, mask = left_padded_prompts([3, 9], model.config.vocab_size, seed=10)
+    suppressed = frequent_token(model, ids, mask)
 
     processors = LogitsProcessorList(
         [SuppressTokensLogitsProcessor([suppressed], device="cpu"), _BanLastToken()]
@@ -589,8 +319,8 @@ def test_callers_stopping_criteria_end_rows_as_in_transformers(search):
     EOS id is set, unpadded where none is, as in transformers."""
     from transformers import StoppingCriteriaList
 
-    model = _model("qwen2-bias")
-    ids, mask = _prompts([3, 9], model.config.vocab_size, seed=11)
+    model = tiny_model("qwen2-bias")
+    ids, mask = left_padded_prompts([3, 9], model.config.vocab_size, seed=11)
     kwargs = {"max_new_tokens": 10, "eos_token_id": 1, "pad_token_id": 0, **search}
     criteria = StoppingCriteriaList([_StopByLength(ids.shape[1] + 2, ids.shape[1] + 6)])
     ours = _matches_transformers(model, ids, mask, seed=0, stopping_criteria=criteria, **kwargs)
@@ -599,8 +329,8 @@ def test_callers_stopping_criteria_end_rows_as_in_transformers(search):
 
 
 def test_max_time_stops_after_the_first_token_like_transformers():
-    model = _model("llama-mha-d64")
-    ids, mask = _prompts([4, 6], model.config.vocab_size)
+    model = tiny_model("llama-mha-d64")
+    ids, mask = left_padded_prompts([4, 6], model.config.vocab_size)
     kwargs = dict(max_new_tokens=10, max_time=1e-9, pad_token_id=0, do_sample=False)
     ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **kwargs)
     assert ours.shape[1] == ids.shape[1] + 1
@@ -616,29 +346,29 @@ def test_max_time_stops_after_the_first_token_like_transformers():
     ],
 )
 def test_bad_stopping_arguments_are_errors(kwargs, message):
-    model = _model("llama-mha-d64")
+    model = tiny_model("llama-mha-d64")
     with pytest.raises(ValueError, match=message):
         xpu_coopt.optimize(model).generate(
-            _prompts([4], model.config.vocab_size)[0], max_new_tokens=2, **kwargs
+            left_padded_prompts([4], model.config.vocab_size)[0], max_new_tokens=2, **kwargs
         )
 
 
 def test_eos_criterion_among_the_callers_criteria_is_an_error():
     from transformers import EosTokenCriteria, StoppingCriteriaList
 
-    model = _model("llama-mha-d64")
+    model = tiny_model("llama-mha-d64")
     criteria = StoppingCriteriaList([EosTokenCriteria(eos_token_id=1)])
     with pytest.raises(ValueError, match="pass generate\\(\\)'s eos_token_id argument instead"):
         xpu_coopt.optimize(model).generate(
-            _prompts([4], 256)[0], max_new_tokens=2, stopping_criteria=criteria
+            left_padded_prompts([4], 256)[0], max_new_tokens=2, stopping_criteria=criteria
         )
 
 
 def test_a_logits_processor_that_an_argument_builds_is_an_error():
     from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
-    model = _model("llama-mha-d64")
-    ids, _ = _prompts([4], model.config.vocab_size)
+    model = tiny_model("llama-mha-d64")
+    ids, _ = left_padded_prompts([4], model.config.vocab_size)
     processors = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.2)])
     with pytest.raises(ValueError, match="pass generate\\(\\)'s repetition_penalty argument instead"):
         xpu_coopt.optimize(model).generate(ids, max_new_tokens=2, logits_processor=processors)
@@ -647,8 +377,8 @@ def test_a_logits_processor_that_an_argument_builds_is_an_error():
 @pytest.mark.parametrize("min_p", [0.3, 0.6])
 def test_min_p_sampling_matches_transformers(min_p):
     """min_p after temperature, top-k and top-p, as transformers orders its warpers."""
-    model = _model("llama-gqa-8q2kv-d64")
-    ids, mask = _prompts([4, 8], model.config.vocab_size, seed=8)
+    model = tiny_model("llama-gqa-8q2kv-d64")
+    ids, mask = left_padded_prompts([4, 8], model.config.vocab_size, seed=8)
     kwargs = dict(max_new_tokens=10, do_sample=True, temperature=0.7, top_k=0, top_p=0.95, pad_token_id=0)
     ours = _matches_transformers(model, ids, mask, seed=0, min_p=min_p, **kwargs)
     torch.manual_seed(0)
@@ -671,9 +401,9 @@ def test_min_p_sampling_matches_transformers(min_p):
 def test_beam_sampling_matches_transformers(warpers, eos):
     """Beam search drawing its candidates: the warpers on log-probabilities, each keeping a token beyond the
     EOS ids, the draw over all beams' accumulated scores; same seed, same beams and scores."""
-    model = _model("llama-gqa-8q2kv-d64")
-    ids, mask = _prompts([3, 8], model.config.vocab_size, seed=14)
-    eos_token_id = _frequent_token(model, ids, mask) if eos else None
+    model = tiny_model("llama-gqa-8q2kv-d64")
+    ids, mask = left_padded_prompts([3, 8], model.config.vocab_size, seed=14)
+    eos_token_id = frequent_token(model, ids, mask) if eos else None
     kwargs = dict(
         max_new_tokens=8, do_sample=True, num_beams=3, num_return_sequences=2, eos_token_id=eos_token_id,
         pad_token_id=0, **warpers,
@@ -694,8 +424,8 @@ def test_beam_sampling_matches_transformers(warpers, eos):
     ids=lambda w: next(iter(w)),
 )
 def test_typical_epsilon_and_eta_sampling_match_transformers(warper):
-    model = _model("qwen2-bias")
-    ids, mask = _prompts([4, 8], model.config.vocab_size, seed=13)
+    model = tiny_model("qwen2-bias")
+    ids, mask = left_padded_prompts([4, 8], model.config.vocab_size, seed=13)
     kwargs = dict(max_new_tokens=10, do_sample=True, temperature=0.5, top_k=0, pad_token_id=0)
     ours = _matches_transformers(model, ids, mask, seed=0, **warper, **kwargs)
     torch.manual_seed(0)
@@ -710,12 +440,12 @@ def test_typical_epsilon_and_eta_sampling_match_transformers(warper):
 def test_sampling_with_the_generation_config_of_qwen2_instruct_matches_transformers(seed):
     """Qwen2-Instruct's generation_config (repetition penalty, temperature, top-k, top-p, sampling) is
     taken from the model, as transformers takes it."""
-    model = _model("qwen2-bias")
+    model = tiny_model("qwen2-bias")
     for key, value in dict(
         do_sample=True, repetition_penalty=1.05, temperature=0.7, top_k=20, top_p=0.8
     ).items():
         setattr(model.generation_config, key, value)
-    ids, mask = _prompts([4, 8], model.config.vocab_size, seed=6)
+    ids, mask = left_padded_prompts([4, 8], model.config.vocab_size, seed=6)
     torch.manual_seed(seed)
     ours = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0)
     torch.manual_seed(seed)
@@ -747,9 +477,9 @@ def test_sequence_bias_and_bad_words_match_transformers(search):
     """Biases of one token and of sequences whose first tokens each row's history must end with (the
     sequences taken from a plain generation, so that they match), and bad words of one and two tokens,
     an EOS alone among them (never banned, as in transformers)."""
-    model = _model("llama-gqa-8q2kv-d64")
-    ids, mask = _prompts([3, 9], model.config.vocab_size, seed=21)
-    eos = _frequent_token(model, ids, mask)
+    model = tiny_model("llama-gqa-8q2kv-d64")
+    ids, mask = left_padded_prompts([3, 9], model.config.vocab_size, seed=21)
+    eos = frequent_token(model, ids, mask)
     kwargs = dict(max_new_tokens=10, eos_token_id=eos, pad_token_id=0, **search)
     plain = xpu_coopt.optimize(model).generate(ids, attention_mask=mask, **{**kwargs, "do_sample": False})
     first, second, third = (int(token) for token in plain[1, ids.shape[1] : ids.shape[1] + 3])
@@ -767,9 +497,9 @@ def test_suppressed_forced_and_decayed_tokens_match_transformers(search):
     """suppress_tokens at every step and begin_suppress_tokens at the first, EOS forced at the last step,
     its score raised step by step after the second (exponential_decay_length_penalty), invalid values
     removed and the scores renormalized at the end."""
-    model = _model("qwen2-bias")
-    ids, mask = _prompts([4, 8], model.config.vocab_size, seed=22)
-    eos = _frequent_token(model, ids, mask)
+    model = tiny_model("qwen2-bias")
+    ids, mask = left_padded_prompts([4, 8], model.config.vocab_size, seed=22)
+    eos = frequent_token(model, ids, mask)
     kwargs = dict(max_new_tokens=8, eos_token_id=eos, pad_token_id=0, **search)
     options = dict(
         suppress_tokens=[5, 6], begin_suppress_tokens=[eos, 9], forced_eos_token_id=[eos, 3],
@@ -790,8 +520,8 @@ def test_suppressed_forced_and_decayed_tokens_match_transformers(search):
 def test_forced_bos_on_a_one_token_prompt_matches_transformers(search):
     """A forced BOS is the first token of a one-token prompt, and begin_suppress_tokens then applies to the
     second, as transformers counts it."""
-    model = _model("llama-mha-d64")
-    ids, mask = _prompts([1, 1], model.config.vocab_size, seed=23)
+    model = tiny_model("llama-mha-d64")
+    ids, mask = left_padded_prompts([1, 1], model.config.vocab_size, seed=23)
     kwargs = dict(max_new_tokens=5, pad_token_id=0, **search)
     options = dict(forced_bos_token_id=8, begin_suppress_tokens=[12, 13])
     ours, _ = _plain_and_with(model, ids, mask, 0, options, **kwargs)
@@ -818,23 +548,23 @@ def test_forced_bos_on_a_one_token_prompt_matches_transformers(search):
     ],
 )
 def test_bad_token_arguments_are_errors_before_the_prompt_runs(options, message, monkeypatch):
-    model = _model("llama-mha-d64")
+    model = tiny_model("llama-mha-d64")
     optimized = xpu_coopt.optimize(model)
     monkeypatch.setattr(optimized.decoder, "forward", None)  # a prefill would call None
     kwargs = {"max_new_tokens": 3, "pad_token_id": 0, "eos_token_id": 1, **options}
     with pytest.raises(ValueError, match=message):
-        optimized.generate(_prompts([4], model.config.vocab_size)[0], **kwargs)
+        optimized.generate(left_padded_prompts([4], model.config.vocab_size)[0], **kwargs)
 
 
 def test_token_arguments_are_taken_from_the_generation_config():
     """A model's generation_config that sets them (sequence_bias in transformers' list form) is honoured,
     as transformers honours it."""
-    model = _model("mistral")
+    model = tiny_model("mistral")
     config = model.generation_config
     config.sequence_bias = [[[7], 3.0], [[9, 10], -1.0]]
     config.suppress_tokens = [4]
     config.renormalize_logits = True
-    ids, mask = _prompts([3, 6], model.config.vocab_size, seed=24)
+    ids, mask = left_padded_prompts([3, 6], model.config.vocab_size, seed=24)
     ours = _matches_transformers(model, ids, mask, max_new_tokens=6, pad_token_id=0, num_beams=2)
     assert not ours.scores[0][:, 4].isfinite().any()
 
@@ -852,8 +582,8 @@ def test_prefix_allowed_tokens_fn_matches_transformers(search):
     """Each row may take only what the function allows for its prompt (batch index: the row over
     num_beams, or from transformers 5.24 over max(num_beams, num_return_sequences), as the installed
     release counts it) and its tokens so far."""
-    model = _model("llama-gqa-8q2kv-d64")
-    ids, mask = _prompts([3, 7], model.config.vocab_size, seed=25)
+    model = tiny_model("llama-gqa-8q2kv-d64")
+    ids, mask = left_padded_prompts([3, 7], model.config.vocab_size, seed=25)
     kwargs = dict(max_new_tokens=6, pad_token_id=0, prefix_allowed_tokens_fn=_allowed_after, **search)
     ours = _matches_transformers(model, ids, mask, seed=0, **kwargs)
     for row in ours.sequences:
@@ -862,8 +592,11 @@ def test_prefix_allowed_tokens_fn_matches_transformers(search):
 
 
 def test_a_prefix_constraint_that_allows_nothing_is_an_error():
-    model = _model("llama-mha-d64")
+    model = tiny_model("llama-mha-d64")
     with pytest.raises(ValueError, match="prefix_allowed_tokens_fn allowed no token for batch index 0"):
         xpu_coopt.optimize(model).generate(
-            _prompts([4], 256)[0], max_new_tokens=2, pad_token_id=0, prefix_allowed_tokens_fn=lambda b, t: []
+            left_padded_prompts([4], 256)[0],
+            max_new_tokens=2,
+            pad_token_id=0,
+            prefix_allowed_tokens_fn=lambda b, t: [],
         )

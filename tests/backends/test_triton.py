@@ -1,5 +1,5 @@
 """The Triton backend end to end under Triton's interpreter (its kernels against the oracles are in
-test_ops.py), its compilation for real NVIDIA targets, and its errors."""
+ops/test_op_kernels.py), its compilation for real NVIDIA targets, and its errors."""
 
 from __future__ import annotations
 
@@ -14,9 +14,7 @@ from pathlib import Path
 import oracles
 import pytest
 import torch
-from conftest import STORIES_VARIANTS, assert_close
-from test_ops import _segment_case
-from test_real_models import _stories_prompt, _unequal_stories_prompts
+from helpers import STORIES_VARIANTS, assert_close, segment_case, stories_prompt, unequal_stories_prompts
 
 import xpu_coopt
 from xpu_coopt import backends
@@ -30,7 +28,7 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize("num_beams", [1, 4])
 def test_stories260k_triton_tokens_match_reference(stories_model, stories_tokenizer, num_beams, kv_dtype):
-    ids = _stories_prompt(stories_tokenizer)
+    ids = stories_prompt(stories_tokenizer)
     kwargs = dict(max_new_tokens=16, num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0)
     reference = xpu_coopt.optimize(stories_model, backend="torch", kv_dtype=kv_dtype).generate(ids, **kwargs)
     triton = xpu_coopt.optimize(stories_model, backend="triton", kv_dtype=kv_dtype).generate(ids, **kwargs)
@@ -40,7 +38,7 @@ def test_stories260k_triton_tokens_match_reference(stories_model, stories_tokeni
 def test_stories260k_triton_paged_cache_tokens_match_reference(stories_model, stories_tokenizer):
     """Unequal prompts in the paged cache, one beam: the Triton decode kernel reads the prompt segment
     through the block table, a new block every 16 generated tokens."""
-    ids, mask = _unequal_stories_prompts(stories_tokenizer)
+    ids, mask = unequal_stories_prompts(stories_tokenizer)
     kwargs = dict(max_new_tokens=24, do_sample=False, eos_token_id=2, pad_token_id=0)
     reference = xpu_coopt.optimize(stories_model, backend="torch").generate(
         ids, attention_mask=mask, **kwargs
@@ -56,7 +54,7 @@ def test_stories260k_triton_tokens_of_other_attention_variants_match_reference(
     """SmolLM3's layers without rope, Qwen3's query and key norms (test_real_models: the reference's
     tokens are transformers')."""
     model = request.getfixturevalue(STORIES_VARIANTS[architecture])
-    ids, mask = _unequal_stories_prompts(stories_tokenizer)
+    ids, mask = unequal_stories_prompts(stories_tokenizer)
     kwargs = dict(max_new_tokens=16, do_sample=False, eos_token_id=2, pad_token_id=0)
     reference = xpu_coopt.optimize(model, backend="torch").generate(ids, mask, **kwargs)
     triton = xpu_coopt.optimize(model, backend="triton").generate(ids, mask, **kwargs)
@@ -74,7 +72,7 @@ def test_stories260k_triton_shares_out_more_rows_than_a_program_serves(stories_m
     group = config.num_attention_heads // config.num_key_value_heads
     beams = MAX_DECODE_ROWS // group + 1
     assert decode_split.chunk_rows(beams, group, MAX_DECODE_ROWS).chunks == 2
-    ids = _stories_prompt(stories_tokenizer)
+    ids = stories_prompt(stories_tokenizer)
     kwargs = dict(max_new_tokens=8, num_beams=beams, do_sample=False, eos_token_id=2, pad_token_id=0)
     reference = xpu_coopt.optimize(stories_model, backend="torch").generate(ids, **kwargs)
     triton = xpu_coopt.optimize(stories_model, backend="triton").generate(ids, **kwargs)
@@ -138,7 +136,7 @@ def test_kernels_compile_for_ampere_and_hopper():
 
 def test_linear_kernel_resources_compile_plain_and_fused_launches():
     """scripts/linear_kernel_resources.py compiles each projection's plain and fused GEMM for sm_90."""
-    script = Path(__file__).parents[1] / "scripts" / "linear_kernel_resources.py"
+    script = Path(__file__).parents[2] / "scripts" / "linear_kernel_resources.py"
     result = _compile_without_the_interpreter(script, "--model", "smollm2-135m-shape", "--rows", "1", "4")
     rows = [line.split() for line in result.stdout.splitlines()[2:]]
     assert [tuple(row[:3]) for row in rows[:4]] == [
@@ -158,7 +156,7 @@ def test_linear_kernel_resources_compile_plain_and_fused_launches():
 
 def test_decode_kernel_resources_report_registers_without_a_gpu(tmp_path):
     """scripts/decode_kernel_resources.py compiles the decode kernel for sm_90 and reads its cubin."""
-    script = Path(__file__).parents[1] / "scripts" / "decode_kernel_resources.py"
+    script = Path(__file__).parents[2] / "scripts" / "decode_kernel_resources.py"
     report = tmp_path / "resources.json"
     _compile_without_the_interpreter(
         script, "--context", "4096", "--beams", "4", "--block-t", "4", "--json", str(report)
@@ -176,7 +174,7 @@ def test_decode_kernel_resources_report_registers_without_a_gpu(tmp_path):
 def test_fp8_upcast_in_registers_keeps_byte_loads_out_of_the_prompt_loop(tmp_path):
     """DecodeLaunch.fp8_upcast_in_registers: the prompt loop's FP8 tiles convert before Triton moves them
     into tl.dot's operand layout. Without it V's codes are read from shared memory a byte at a time."""
-    script = Path(__file__).parents[1] / "scripts" / "decode_kernel_resources.py"
+    script = Path(__file__).parents[2] / "scripts" / "decode_kernel_resources.py"
     loops = {}
     for name, options in (("default", ()), ("upcast", ("--fp8-upcast-in-registers",))):
         report = tmp_path / f"{name}.json"
@@ -295,7 +293,7 @@ def test_graph_decode_bookkeeping_gives_the_same_tokens(
     and output buffers, each step run eagerly where a GPU would replay the captured graph. The expected
     tokens are the reference kernels' without graphs (Triton's eager tokens equal them: the test above)."""
     replays = _replay_decode_graphs_eagerly(monkeypatch)
-    ids = torch.cat([_stories_prompt(stories_tokenizer)] * 2)
+    ids = torch.cat([stories_prompt(stories_tokenizer)] * 2)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # a left-padded row
     kwargs = dict(max_new_tokens=8, num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0)
@@ -321,7 +319,7 @@ def test_graph_decode_with_a_sliding_window_gives_the_same_tokens(
     cache a ring of the window's columns, which the 20 new tokens go round; paged, the blocks the window
     has passed reused by the table a graph reads in place."""
     replays = _replay_decode_graphs_eagerly(monkeypatch)
-    ids, mask = _unequal_stories_prompts(stories_tokenizer)
+    ids, mask = unequal_stories_prompts(stories_tokenizer)
     kwargs = dict(max_new_tokens=20, num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0)
     expected = xpu_coopt.optimize(stories_window_model).generate(ids, mask, **kwargs)
     graphed = xpu_coopt.optimize(stories_window_model, backend=backend, kv_cache=kv_cache)
@@ -331,15 +329,15 @@ def test_graph_decode_with_a_sliding_window_gives_the_same_tokens(
 
 
 @pytest.mark.parametrize("num_beams", [1, 2])
-def test_a_paged_pool_grows_under_a_decode_graph_as_without_one(
+def test_a_paged_pool_under_a_decode_graph_never_moves(
     stories_model, stories_tokenizer, monkeypatch, num_beams
 ):
-    """A decode graph over a paged cache: the pool holds what it holds without a graph at every step (no
-    block of left padding alone, with one beam none for tokens not generated yet, growing as blocks fill),
-    and the graph is captured again at each step that grew it, so it never replays over a pool that moved.
-    Tokens and scores are those of the cache without a graph."""
+    """A decode graph over a paged cache: the pool, sized at the prefill for every block the generation
+    can come to use (no block of left padding alone), holds as many blocks as without a graph and never
+    moves, so the graph is captured once for the whole generation. Tokens and scores are those of the
+    cache without a graph."""
     replays = _replay_decode_graphs_eagerly(monkeypatch)
-    ids, mask = _unequal_stories_prompts(stories_tokenizer)
+    ids, mask = unequal_stories_prompts(stories_tokenizer)
     new_tokens = 60
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=num_beams, do_sample=False,
                   eos_token_id=2, pad_token_id=0, output_scores=True, return_dict_in_generate=True)  # fmt: skip
@@ -349,20 +347,13 @@ def test_a_paged_pool_grows_under_a_decode_graph_as_without_one(
     expected, out = (model.generate(ids, mask, **kwargs) for model in (eager, graphed))
     assert torch.equal(out.sequences, expected.sequences)
     torch.testing.assert_close(out.scores, expected.scores, atol=0, rtol=0)
-    # The pool without a graph at each decode step (which tokens are decoded does not change it).
-    _, cache = eager.prefill(ids, mask, num_beams, new_tokens)
-    pools = []
-    for _ in range(new_tokens - 1):
-        eager.decode(torch.zeros(cache.num_seqs, dtype=torch.long), cache)
-        pools.append(cache.pool_blocks())
-    kept = graphed._kept_cache
-    assert kept.pool_blocks() == pools[-1] and kept.blocks_used == cache.blocks_used
-    assert kept.decode_graph.captures == out.decode_graph_captures == len(set(pools))
+    kept = graphed._kept.session
+    eager_pool = eager.prefill(ids, mask, num_beams, new_tokens)[1].cache.prompt.pool_blocks()
+    assert kept.cache.prompt.pool_blocks() == eager_pool
+    assert kept.graph.captures == out.decode_graph_captures == 1
     assert len(replays) == new_tokens - 1
-    if num_beams == 1:
-        assert kept.decode_graph.captures > 2  # the pool grew during the generation
-    # Less than the table can map: the short prompt's first block is padding alone, never allocated.
-    assert kept.pool_blocks() < 1 + kept.block_table.numel()
+    # Less than the table can map: the short prompt's first block is padding alone, never given.
+    assert eager_pool < 1 + kept.cache.prompt.block_table.numel()
 
 
 def _replay_decode_graphs_eagerly(monkeypatch) -> list[tuple[int, list[int]]]:
@@ -370,14 +361,14 @@ def _replay_decode_graphs_eagerly(monkeypatch) -> list[tuple[int, list[int]]]:
     for the shape of the output buffer, and each replay runs the step eagerly where a GPU replays the
     captured graph, returning it in that one buffer as the graph does. DecodeGraph's own __call__ decides
     when to capture. Returns the replays: (the graph's id, the segment lengths it read)."""
-    from xpu_coopt.cache.decode_graph import DecodeGraph
+    from xpu_coopt.model.decode_graph import DecodeGraph
 
     replays = []
 
     def eager_capture(self, cache):
         self.graph = lambda: self._forward(cache)  # what a replay runs
         self.logits = torch.empty_like(self._forward(cache))
-        self.captured_segment_lens = cache.segment_lens
+        self.captured_segment_lens = cache.lengths.segment_lens
 
     def eager_replay(self):
         self.logits.copy_(self.graph())
@@ -405,8 +396,8 @@ def test_generate_reuses_the_kept_decode_graph_when_it_fits(
     scores) of a model without graphs, whatever the last one left in the cache; one that does not fit
     gets a cache and graph of its own. The expected tokens and scores are the reference kernels' without
     graphs (Triton's eager tokens equal them: test_stories260k_triton_tokens_match_reference; their scores
-    differ by the order of the kernels' sums). A paged cache's pool grows as its generations need (the
-    graph then captured again), and each generation maps its blocks anew in the same table."""
+    differ by the order of the kernels' sums). A paged cache fits where its pool holds the blocks the new
+    generation plans, which it then lays out anew in the same table."""
     replays = _replay_decode_graphs_eagerly(monkeypatch)
     prompt = torch.tensor([stories_tokenizer.encode("Once upon a time there was a little girl named Lily")])
     kwargs = dict(num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0, output_scores=True,
@@ -434,7 +425,7 @@ def test_generate_reuses_the_kept_decode_graph_when_it_fits(
     if backend == "triton":  # the kernels read a kept cache in the first three; the rest is bookkeeping
         generations = generations[:3]
     tolerance = dict(atol=1e-4, rtol=1e-5) if backend == "triton" else {}
-    graphs, pools = [], [None]  # pools: the cache's prompt_k blocks (paged) or requests after each generation
+    graphs = []
     for ids, mask, new_tokens, reuses in generations:
         expected = eager.generate(ids, mask, max_new_tokens=new_tokens, **kwargs)
         out = graphed.generate(ids, mask, max_new_tokens=new_tokens, **kwargs)
@@ -443,48 +434,45 @@ def test_generate_reuses_the_kept_decode_graph_when_it_fits(
             torch.testing.assert_close(
                 got, want, **tolerance, msg=lambda m, step=step: f"scores of step {step}: {m}"
             )
-        graph = graphed._kept_cache.decode_graph
+        graph = graphed._kept.session.graph
         assert (graphs[-1] is graph if graphs else False) == reuses
         assert expected.decode_graph_captures == 0  # no graph
-        # A new graph captures once, a reused one not at all, each with one more where a paged pool grew
-        # (the test above counts those).
-        pools.append(graphed._kept_cache.prompt_k.shape[1])
-        if kv_cache == "segment" or (reuses and pools[-1] == pools[-2]):
-            assert out.decode_graph_captures == (0 if reuses else 1)
-        assert out.decode_graph_captures >= (0 if reuses else 1)
+        assert out.decode_graph_captures == (
+            0 if reuses else 1
+        )  # a new graph captures once, a reused one not
         graphs.append(graph)
     # Every replay went through the graph of its generation's cache; without graphs nothing is kept.
     assert {graph_id for graph_id, _ in replays} == {id(graph) for graph in graphs}
-    assert eager._kept_cache is None
+    assert eager._kept.session is None
     graphed.release_cache()
-    assert graphed._kept_cache is None
+    assert graphed._kept.session is None
 
 
 def test_a_decode_graph_is_captured_again_when_its_inputs_moved(
     stories_model, stories_tokenizer, monkeypatch
 ):
     """A replay reads every tensor at the address it was captured with: a kept cache whose tensor moved
-    (a paged pool's growth does; here a clone stands in), or a rotary table extended since, gets its graph
-    captured again before the next replay, which then reads the new storage (the tokens are those of a
-    model without graphs)."""
+    (a clone stands in), or a rotary table extended since, gets its graph captured again before the next
+    replay, which then reads the new storage (the tokens are those of a model without graphs)."""
     _replay_decode_graphs_eagerly(monkeypatch)
     model = xpu_coopt.optimize(stories_model)
     model.cuda_graph = True
-    prompt = _stories_prompt(stories_tokenizer)
+    prompt = stories_prompt(stories_tokenizer)
     expected = xpu_coopt.optimize(stories_model).generate(prompt, max_new_tokens=4)
     assert torch.equal(model.generate(prompt, max_new_tokens=4), expected)
-    cache = model._kept_cache
-    graph = cache.decode_graph
+    session = model._kept.session
+    graph = session.graph
     assert graph.captures == 1
-    old_address = cache.prompt_k.data_ptr()
-    cache.prompt_k = cache.prompt_k.clone()
+    first_layer = session.cache.prompt.storage[0]
+    old_address = first_layer.k.data_ptr()
+    first_layer.k = first_layer.k.clone()
     assert torch.equal(model.generate(prompt, max_new_tokens=4), expected)
-    assert model._kept_cache.decode_graph is graph and graph.captures == 2
-    assert graph.input_addresses["prompt_k"] == cache.prompt_k.data_ptr() != old_address
+    assert model._kept.session.graph is graph and graph.captures == 2
+    assert graph.input_addresses["kv0"] == first_layer.k.data_ptr() != old_address
     # The rotary table moves too where a generation runs past it (past max_position_embeddings).
     model.decoder.cover_positions(model.decoder.cos_sin_cache.shape[0] + 1)
     assert torch.equal(model.generate(prompt, max_new_tokens=4), expected)
-    assert model._kept_cache.decode_graph is graph and graph.captures == 3
+    assert model._kept.session.graph is graph and graph.captures == 3
     assert graph.input_addresses["cos_sin_cache"] == model.decoder.cos_sin_cache.data_ptr()
 
 
@@ -498,13 +486,13 @@ def test_cuda_graph_needs_cuda_and_triton(stories_model):
 
 def test_device_lengths_do_not_grow(stories_model, stories_tokenizer):
     model = xpu_coopt.optimize(stories_model)
-    logits, cache = model.prefill(_stories_prompt(stories_tokenizer), max_new_tokens=1)
-    cache.use_device_lengths()
+    logits, session = model.prefill(stories_prompt(stories_tokenizer), max_new_tokens=1)
+    session.cache.use_device_lengths()
     token = logits.argmax(-1)
-    for _ in range(cache.capacity):
-        token = model.decode(token, cache).argmax(-1)
+    for _ in range(session.cache.capacity):
+        token = session.decode(token).argmax(-1)
     with pytest.raises(RuntimeError, match="ask for max_new_tokens up front"):
-        model.decode(token, cache)
+        session.decode(token)
 
 
 @pytest.mark.parametrize("device_lengths", [False, True])
@@ -515,7 +503,7 @@ def test_decode_microbenchmark_cases_are_valid_calls(kv_dtype, device_lengths, m
     bytes count each distinct response row once."""
     import argparse
 
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "scripts"))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "scripts"))
     import bench_decode_attention
 
     from xpu_coopt.backends.cpu import cpu_kernels
@@ -547,7 +535,7 @@ def test_fp8_decode_in_float16_keeps_small_softmax_weights(kv_dtype):
     it scales them up before rounding), hence a quarter of float16's absolute tolerance here. (The CPU
     reference, which rounds q.k to float16 before its float32 softmax, errs more at such scores.)"""
     torch.manual_seed(0)  # the data this tolerance was set on
-    query, caches, dequantized, prompt_start, beam_slots = _segment_case(
+    query, caches, dequantized, prompt_start, beam_slots = segment_case(
         torch.float16, kv_dtype, 1, 2, 4, 2, 64, 600, 4, False
     )
     query = query * 4  # scores spread over several units

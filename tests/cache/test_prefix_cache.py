@@ -8,12 +8,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_close
-from test_real_models import _stories_prompt
+from helpers import assert_close, stories_prompt
 
 import xpu_coopt
 from xpu_coopt import KVScales, PrefixCache
-from xpu_coopt.cache import HeldKV
+from xpu_coopt.cache.held import HeldKV, request_kv
 from xpu_coopt.ops import fp8
 
 GREEDY = dict(max_new_tokens=12, do_sample=False, eos_token_id=2, pad_token_id=0)
@@ -38,7 +37,7 @@ def test_a_conversation_prefills_only_its_new_tokens_and_matches_transformers(
     generates what transformers generates from the whole prompt."""
     model = xpu_coopt.optimize(stories_model, backend=backend, kv_cache=kv_cache)
     prefix_cache = PrefixCache()
-    prompt, expected_reuse = _stories_prompt(stories_tokenizer), 0
+    prompt, expected_reuse = stories_prompt(stories_tokenizer), 0
     greedy = dict(GREEDY, max_new_tokens=6)  # few decode steps: Triton's interpreter runs each slowly
     for next_text in [" The sun was hot.", " Then Lily saw a cat.", ""]:
         output = model.generate(prompt, past_key_values=prefix_cache, **greedy)
@@ -83,7 +82,7 @@ def test_a_prefill_over_reused_tokens(stories_model, stories_tokenizer, backend,
         stories_model, backend=backend, kv_cache=kv_cache, kv_dtype=kv_dtype, kv_scales=kv_scales
     )
     prefix_cache = PrefixCache()
-    first = model.generate(_stories_prompt(stories_tokenizer), past_key_values=prefix_cache, **GREEDY)
+    first = model.generate(stories_prompt(stories_tokenizer), past_key_values=prefix_cache, **GREEDY)
     prompt = _next_turn(stories_tokenizer, first, " They played all day.")
     reused = first.shape[1] - 1
     spec, held = model.spec, prefix_cache.kv
@@ -91,9 +90,9 @@ def test_a_prefill_over_reused_tokens(stories_model, stories_tokenizer, backend,
     scale = 2 if kv_dtype != "auto" and not static else 0  # a bfloat16 scale a row
     row_bytes = spec.head_dim * element + scale
     assert prefix_cache.nbytes() == 2 * layers * reused * spec.num_kv_heads * row_bytes
-    logits, cache = model.prefill(prompt, max_new_tokens=1, prefix_cache=prefix_cache)
+    logits, session = model.prefill(prompt, max_new_tokens=1, prefix_cache=prefix_cache)
     assert prefix_cache.reused_tokens == reused
-    for written, kept in zip(cache.request_kv(reused)._fields(), held._fields(), strict=True):
+    for written, kept in zip(request_kv(session.cache, reused)._fields(), held._fields(), strict=True):
         assert (written is None and kept is None) or torch.equal(written, kept)
     if kv_dtype == "auto":
         expected, _ = model.prefill(prompt, max_new_tokens=1)
@@ -111,7 +110,7 @@ def test_beams_reuse_the_prompt_and_a_departing_prompt_reuses_what_matches(stori
     from the held tokens reuses those before the first that differs."""
     model = xpu_coopt.optimize(stories_model, backend="torch")
     prefix_cache = PrefixCache()
-    prompt = _stories_prompt(stories_tokenizer)
+    prompt = stories_prompt(stories_tokenizer)
     beams = dict(GREEDY, num_beams=3)
     output = model.generate(prompt, cache=prefix_cache, **beams)  # transformers 5.24's name
     assert torch.equal(prefix_cache.tokens, prompt[0])
@@ -144,7 +143,7 @@ def test_a_conversation_past_the_sliding_window_warns_and_starts_over(
     warning, and the next call prefills its whole prompt; every turn matches transformers."""
     model = xpu_coopt.optimize(stories_window_model, backend="torch", kv_cache=kv_cache)
     prefix_cache = PrefixCache()
-    prompt, expected_reuse = _stories_prompt(stories_tokenizer), 0
+    prompt, expected_reuse = stories_prompt(stories_tokenizer), 0
     for turn in range(3):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -162,7 +161,7 @@ def test_bad_past_key_values(stories_model, stories_tokenizer):
     from transformers import DynamicCache
 
     model = xpu_coopt.optimize(stories_model, backend="torch")
-    prompt = _stories_prompt(stories_tokenizer)
+    prompt = stories_prompt(stories_tokenizer)
     with pytest.raises(
         TypeError, match=r"past_key_values must be an xpu_coopt\.PrefixCache, not DynamicCache"
     ):
@@ -192,7 +191,7 @@ def test_a_cache_continues_only_from_kv_stored_as_it_stores_them(stories_model, 
     cache), or of as many tokens as the prompt or more, are errors."""
     prefix_cache = PrefixCache()
     first = xpu_coopt.optimize(stories_model).generate(
-        _stories_prompt(stories_tokenizer), past_key_values=prefix_cache, **GREEDY
+        stories_prompt(stories_tokenizer), past_key_values=prefix_cache, **GREEDY
     )
     prompt_len, start = first.shape[1] + 4, torch.zeros(1, dtype=torch.int32)
     fp8_model = xpu_coopt.optimize(stories_model, kv_dtype="fp8_e4m3")

@@ -1,12 +1,11 @@
-"""The SYCL backend end to end (its kernels against the oracles are in test_ops.py), its runtime, and
+"""The SYCL backend end to end (its kernels against the oracles are in ops/test_op_kernels.py), its runtime, and
 its errors. Runs on the OpenCL CPU device: backend="sycl" on CPU tensors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import STORIES_VARIANTS
-from test_real_models import _stories_prompt, _unequal_stories_prompts
+from helpers import STORIES_VARIANTS, stories_prompt, unequal_stories_prompts
 
 import xpu_coopt
 from xpu_coopt.backends.sycl import kernels, runtime
@@ -25,7 +24,7 @@ def _generate_both(model, ids, **kwargs):
 @pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
 @pytest.mark.parametrize("num_beams", [1, 4])
 def test_stories260k_sycl_tokens_match_reference(stories_model, stories_tokenizer, num_beams, kv_dtype):
-    ids = _stories_prompt(stories_tokenizer)
+    ids = stories_prompt(stories_tokenizer)
     kwargs = dict(max_new_tokens=40, num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0)
     reference, sycl = _generate_both(stories_model, ids, **kwargs)
     assert torch.equal(sycl, reference)
@@ -35,7 +34,7 @@ def test_stories260k_sycl_tokens_match_reference(stories_model, stories_tokenize
 def test_stories260k_sycl_paged_cache_tokens_match_reference(stories_model, stories_tokenizer, num_beams):
     """Unequal prompts in the paged cache: the SYCL decode kernel reads the prompt segment through the
     block table, a new block every 16 generated tokens with one beam."""
-    ids, mask = _unequal_stories_prompts(stories_tokenizer)
+    ids, mask = unequal_stories_prompts(stories_tokenizer)
     kwargs = dict(max_new_tokens=40, num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0)
     reference = xpu_coopt.optimize(stories_model, backend="torch").generate(
         ids, attention_mask=mask, **kwargs
@@ -51,7 +50,7 @@ def test_stories260k_sycl_sliding_window_tokens_match_reference(
 ):
     """A window shorter than the sequences (test_real_models: the reference's tokens are transformers'),
     over unequal prompts: the prefill and decode kernels skip the keys before it."""
-    ids, mask = _unequal_stories_prompts(stories_tokenizer)
+    ids, mask = unequal_stories_prompts(stories_tokenizer)
     kwargs = dict(max_new_tokens=30, num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0)
     reference = xpu_coopt.optimize(stories_window_model, backend="torch").generate(ids, mask, **kwargs)
     sycl = xpu_coopt.optimize(stories_window_model, backend="sycl", kv_cache=kv_cache)
@@ -66,7 +65,7 @@ def test_stories260k_sycl_tokens_of_other_attention_variants_match_reference(
     """SmolLM3's layers without rope, Qwen3's query and key norms (test_real_models: the reference's
     tokens are transformers')."""
     model = request.getfixturevalue(STORIES_VARIANTS[architecture])
-    ids, mask = _unequal_stories_prompts(stories_tokenizer)
+    ids, mask = unequal_stories_prompts(stories_tokenizer)
     kwargs = dict(max_new_tokens=30, num_beams=num_beams, do_sample=False, eos_token_id=2, pad_token_id=0)
     reference, sycl = _generate_both(model, ids, attention_mask=mask, **kwargs)
     assert torch.equal(sycl, reference)
@@ -74,7 +73,7 @@ def test_stories260k_sycl_tokens_of_other_attention_variants_match_reference(
 
 def test_stories260k_sycl_samples_match_reference(stories_model, stories_tokenizer):
     """Three samples of a prompt share its K/V: the SYCL decode kernel reads them as beams never reordered."""
-    ids = _stories_prompt(stories_tokenizer)
+    ids = stories_prompt(stories_tokenizer)
     kwargs = dict(
         max_new_tokens=30, do_sample=True, num_return_sequences=3, top_k=0, eos_token_id=2, pad_token_id=0
     )
@@ -97,7 +96,7 @@ def test_stories260k_sycl_shares_out_more_rows_than_a_work_group_serves(
     sequences = kernels.MAX_DECODE_ROWS // group + 1
     search = {key: sequences if value == 2 else value for key, value in search.items()}
     assert decode_split.chunk_rows(sequences, group, kernels.MAX_DECODE_ROWS).chunks == 2
-    ids = _stories_prompt(stories_tokenizer)
+    ids = stories_prompt(stories_tokenizer)
     kwargs = dict(max_new_tokens=12, eos_token_id=2, pad_token_id=0, **search)
     torch.manual_seed(0)
     reference = xpu_coopt.optimize(stories_model, backend="torch").generate(ids, **kwargs)

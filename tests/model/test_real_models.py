@@ -6,35 +6,21 @@ import math
 
 import pytest
 import torch
-from conftest import TINYSTORIES_TEXT, require_data
-from test_parity import _assert_logits_close
+from helpers import (
+    TINYSTORIES_TEXT,
+    assert_logits_close,
+    require_data,
+    stories_prompt,
+    unequal_stories_prompts,
+)
 
 import xpu_coopt
 from xpu_coopt import checkpoints
 from xpu_coopt.model.spec import model_spec
 
 
-def _stories_prompt(tokenizer):
-    return torch.tensor([tokenizer.encode("Once upon a time")])
-
-
-def _unequal_stories_prompts(tokenizer):
-    """(input_ids, attention_mask): a long prompt and a short one, left-padded by more than a cache block
-    (xpu_coopt.cache.BLOCK_SIZE) of padding."""
-    long = tokenizer.encode(
-        "Once upon a time there was a little girl named Lily. She loved to play in the park"
-    )
-    short = tokenizer.encode("Once upon a time")
-    ids = torch.zeros((2, len(long)), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, tokens in enumerate((long, short)):
-        ids[row, len(long) - len(tokens) :] = torch.tensor(tokens)
-        mask[row, len(long) - len(tokens) :] = 1
-    return ids, mask
-
-
 def test_stories260k_greedy_text_matches_transformers(stories_model, stories_tokenizer):
-    ids = _stories_prompt(stories_tokenizer)
+    ids = stories_prompt(stories_tokenizer)
     kwargs = dict(max_new_tokens=60, do_sample=False, eos_token_id=2, pad_token_id=0)
     ours = xpu_coopt.optimize(stories_model).generate(ids, **kwargs)
     assert torch.equal(ours, stories_model.generate(ids, **kwargs))
@@ -43,7 +29,7 @@ def test_stories260k_greedy_text_matches_transformers(stories_model, stories_tok
 
 
 def test_stories260k_beam_search_matches_transformers(stories_model, stories_tokenizer):
-    ids = _stories_prompt(stories_tokenizer)
+    ids = stories_prompt(stories_tokenizer)
     kwargs = dict(max_new_tokens=40, num_beams=4, num_return_sequences=2, eos_token_id=2, pad_token_id=0,
                   return_dict_in_generate=True, output_scores=True)  # fmt: skip
     ours = xpu_coopt.optimize(stories_model).generate(ids, **kwargs)
@@ -59,7 +45,7 @@ SEARCHES = pytest.mark.parametrize(
 
 def _over_unequal_prompts(generate, tokenizer, search) -> torch.Tensor:
     """generate's tokens for unequal (left-padded) stories prompts, 40 new at most, under `search`."""
-    ids, mask = _unequal_stories_prompts(tokenizer)
+    ids, mask = unequal_stories_prompts(tokenizer)
     return generate(ids, attention_mask=mask, max_new_tokens=40, eos_token_id=2, pad_token_id=0, **search)
 
 
@@ -249,4 +235,4 @@ def test_smollm2_bf16_logits_close_to_transformers_bf16(smollm2_chat):
     ours = xpu_coopt.optimize(bf16)(ids, mask).logits
     for row in range(ids.shape[0]):
         valid = mask[row].bool()
-        _assert_logits_close(ours[row, valid], expected[row, valid], torch.bfloat16)
+        assert_logits_close(ours[row, valid], expected[row, valid], torch.bfloat16)

@@ -1,0 +1,127 @@
+"""Greedy decoding and sampling: one token a step for each sequence, transformers' processors and warpers."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from xpu_coopt.cache.prefix_cache import PrefixCache
+from xpu_coopt.generation.logits_processing import criteria_met, process, renormalize, stopping_criteria, warp
+from xpu_coopt.generation.output import GenerateOutput, HostFlags, StepRecord, eos_ids
+from xpu_coopt.generation.session import CacheSession
+from xpu_coopt.generation.settings import GenerationSettings
+from xpu_coopt.generation.token_rules import TokenRules
+
+
+def sample(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    settings: GenerationSettings,
+    streamer: Any,
+    generator: torch.Generator | None,
+    prefix_cache: PrefixCache | None,
+) -> GenerateOutput:
+    """Greedy or sampling; sampling num_return_sequences > 1 sequences of each prompt draws them side by
+    side, as transformers does (row order: each prompt's samples together), over one prefill of the prompt
+    whose K/V all its samples share (the segment cache's beams, never reordered)."""
+    samples = settings.num_return_sequences
+    rules = TokenRules.of(settings, model.spec.vocab_size, input_ids.device)  # its errors before the prefill
+    criteria = stopping_criteria(settings)  # before the prefill: max_time counts it, as in transformers
+    logits, session = model.prefill(input_ids, attention_mask, samples, settings.max_new_tokens,
+                                    reuse_kept_cache=True, prefix_cache=prefix_cache)  # fmt: skip
+    captures_before = session.graph_captures()  # a kept session's graph has captured before
+    prompt_start = session.prompt_start  # each prompt's first column after its left padding
+    if samples > 1:
+        logits = logits.repeat_interleave(samples, dim=0)
+        input_ids = input_ids.repeat_interleave(samples, dim=0)
+        prompt_start = prompt_start.repeat_interleave(samples)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    batch, prompt_len = input_ids.shape
+    unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+    eos = eos_ids(settings, input_ids.device)
+    sequences = torch.empty(
+        (batch, prompt_len + settings.max_new_tokens), dtype=torch.long, device=input_ids.device
+    )
+    sequences[:, :prompt_len] = input_ids
+    record = StepRecord()
+    for step in range(settings.max_new_tokens):
+        length = prompt_len + step
+        next_tokens = _choose(
+            logits, sequences[:, :length], prompt_start, eos, step, settings, rules, generator, record
+        )
+        if eos.numel():  # as transformers: finished rows are padded only where EOS can finish them
+            next_tokens = torch.where(unfinished, next_tokens, settings.pad_token_id)
+        sequences[:, length] = next_tokens
+        record.step_times.append(time.perf_counter())
+        unfinished &= ~torch.isin(next_tokens, eos)
+        if criteria:
+            unfinished &= ~criteria_met(criteria, sequences[:, : length + 1], record.scores_so_far(settings))
+        any_unfinished = HostFlags(unfinished.any().view(1))
+        last = step == settings.max_new_tokens - 1
+        # The next step is queued before anything waits for the device (the streamer, the stop check), so
+        # the GPU never idles while the host decides; after the last EOS that one step is discarded.
+        if not last:
+            next_logits = session.decode(next_tokens)
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
+        if last or not any_unfinished.read()[0]:
+            break
+        logits = next_logits
+    sequences = sequences[:, : prompt_len + len(record.step_times)]
+    return finish_one_beam(
+        model, session, settings, streamer, prefix_cache, sequences, record, captures_before
+    )
+
+
+def _choose(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    prompt_start: torch.Tensor,
+    eos: torch.Tensor,
+    step: int,
+    settings: GenerationSettings,
+    rules: TokenRules,
+    generator: torch.Generator | None,
+    record: StepRecord,
+) -> torch.Tensor:
+    """Each row's next token from its logits (the best, or drawn), recording the step's logits and
+    scores where settings ask for them."""
+    if settings.output_logits:  # a copy: the decode graph's output buffer is overwritten by the next step
+        record.logits.append(logits.to(torch.float32, copy=True))
+    scores = process(logits.float(), tokens, prompt_start, eos, step, settings, rules)
+    if settings.do_sample:
+        scores = renormalize(warp(scores, settings), settings)
+        next_tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    else:
+        scores = renormalize(scores, settings)
+        next_tokens = scores.argmax(dim=-1)
+    if settings.output_scores:
+        # Unprocessed float32 scores are the decode graph's output buffer, which the next step overwrites.
+        record.scores.append(scores.clone() if scores is logits else scores)
+    return next_tokens
+
+
+def finish_one_beam(
+    model: Any,
+    session: CacheSession,
+    settings: GenerationSettings,
+    streamer: Any,
+    prefix_cache: PrefixCache | None,
+    sequences: torch.Tensor,
+    record: StepRecord,
+    captures_before: int,
+    **counts: int,
+) -> GenerateOutput:
+    """The end of a generation of one beam per prompt (sampling, prompt lookup), its `sequences` cut after
+    their last token: the streamer ended, the PrefixCache given the K/V it keeps, the session kept for the
+    next generate() (with its decode graph), and the output. counts: GenerateOutput's counters of the run."""
+    if streamer is not None:
+        streamer.end()
+    if prefix_cache is not None:
+        session.hold(prefix_cache, sequences[0])
+    model.keep_cache(session)
+    return record.output(sequences, session, captures_before, settings, **counts)
