@@ -9,7 +9,7 @@ import struct
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -80,6 +80,35 @@ def _permute_for_rotate_half(weight: torch.Tensor, num_heads: int) -> torch.Tens
     return weight.view(num_heads, rows // num_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+class _Llama2cHeader(NamedTuple):
+    dim: int
+    hidden_dim: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int  # negative: the LM head is stored apart from the embeddings
+    seq_len: int
+
+
+class _Float32Reader:
+    """A llama2.c checkpoint's float32 body, read tensor after tensor."""
+
+    def __init__(self, body: bytes, path: str | Path) -> None:
+        self.values = torch.frombuffer(bytearray(body), dtype=torch.float32)
+        self.offset = 0
+        self.path = path
+
+    def take(self, *shape: int) -> torch.Tensor:
+        count = 1
+        for size in shape:
+            count *= size
+        if self.offset + count > self.values.numel():
+            raise ValueError(f"{self.path}: truncated llama2.c checkpoint")
+        tensor = self.values[self.offset : self.offset + count].view(*shape)
+        self.offset += count
+        return tensor
+
+
 def load_llama2c(path: str | Path, dtype: torch.dtype = torch.float32):
     """A llama2.c checkpoint (karpathy/llama2.c `export.py` legacy format) as a transformers LlamaForCausalLM."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -87,44 +116,50 @@ def load_llama2c(path: str | Path, dtype: torch.dtype = torch.float32):
     data = Path(path).read_bytes()
     if len(data) < _LLAMA2C_HEADER.size:
         raise ValueError(f"{path} is too short to be a llama2.c checkpoint")
-    dim, hidden_dim, layers, heads, kv_heads, vocab, seq_len = _LLAMA2C_HEADER.unpack_from(data)
-    shared_classifier = vocab > 0
-    vocab = abs(vocab)
-    head_dim = dim // heads
-    values = torch.frombuffer(bytearray(data[_LLAMA2C_HEADER.size :]), dtype=torch.float32)
-    offset = 0
+    header = _Llama2cHeader(*_LLAMA2C_HEADER.unpack_from(data))
+    shared_classifier = header.vocab > 0
+    config = LlamaConfig(
+        vocab_size=abs(header.vocab), hidden_size=header.dim, intermediate_size=header.hidden_dim,
+        num_hidden_layers=header.layers, num_attention_heads=header.heads, num_key_value_heads=header.kv_heads,
+        max_position_embeddings=header.seq_len, rms_norm_eps=1e-5, tie_word_embeddings=shared_classifier,
+        bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"],
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(
+        _llama2c_state(header, _Float32Reader(data[_LLAMA2C_HEADER.size :], path)), strict=True
+    )
+    if shared_classifier:
+        model.tie_weights()
+    return model.to(dtype).eval()
 
-    def take(*shape: int) -> torch.Tensor:
-        nonlocal offset
-        count = 1
-        for size in shape:
-            count *= size
-        if offset + count > values.numel():
-            raise ValueError(f"{path}: truncated llama2.c checkpoint")
-        tensor = values[offset : offset + count].view(*shape)
-        offset += count
-        return tensor
 
+def _llama2c_state(header: _Llama2cHeader, reader: _Float32Reader) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, in its order, under transformers' parameter names; q and k rows permuted
+    from llama2.c's interleaved rotary pairs to transformers' rotate-half layout."""
+    dim, hidden, layers, heads, kv_heads = (
+        header.dim,
+        header.hidden_dim,
+        header.layers,
+        header.heads,
+        header.kv_heads,
+    )
+    vocab, head_dim = abs(header.vocab), header.dim // header.heads
+    take = reader.take
     embed = take(vocab, dim)
     attention_norm = take(layers, dim)
-    wq = take(layers, heads * head_dim, dim)
-    wk = take(layers, kv_heads * head_dim, dim)
-    wv = take(layers, kv_heads * head_dim, dim)
+    wq, wk, wv = (
+        take(layers, heads * head_dim, dim),
+        take(layers, kv_heads * head_dim, dim),
+        take(layers, kv_heads * head_dim, dim),
+    )
     wo = take(layers, dim, heads * head_dim)
     ffn_norm = take(layers, dim)
-    w1 = take(layers, hidden_dim, dim)
-    w2 = take(layers, dim, hidden_dim)
-    w3 = take(layers, hidden_dim, dim)
+    w1, w2, w3 = take(layers, hidden, dim), take(layers, dim, hidden), take(layers, hidden, dim)
     final_norm = take(dim)
-    take(seq_len, head_dim)  # llama2.c's precomputed RoPE tables (cos, sin): recomputed from the config
-    classifier = embed if shared_classifier else take(vocab, dim)
-
-    config = LlamaConfig(
-        vocab_size=vocab, hidden_size=dim, intermediate_size=hidden_dim, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=seq_len,
-        rms_norm_eps=1e-5, tie_word_embeddings=shared_classifier, bos_token_id=1, eos_token_id=2,
-        architectures=["LlamaForCausalLM"],
-    )  # fmt: skip
+    take(
+        header.seq_len, head_dim
+    )  # llama2.c's precomputed RoPE tables (cos, sin): recomputed from the config
+    classifier = embed if header.vocab > 0 else take(vocab, dim)
     state = {
         "model.embed_tokens.weight": embed,
         "model.norm.weight": final_norm,
@@ -143,11 +178,7 @@ def load_llama2c(path: str | Path, dtype: torch.dtype = torch.float32):
             prefix + "mlp.down_proj.weight": w2[i],
             prefix + "mlp.up_proj.weight": w3[i],
         })  # fmt: skip
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(state, strict=True)
-    if shared_classifier:
-        model.tie_weights()
-    return model.to(dtype).eval()
+    return state
 
 
 def smollm2_location() -> tuple[Path, str]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from typing import Any
 
 import torch
 from torch import nn
@@ -161,13 +162,26 @@ def convert_to_gqa(
     else:
         layer_groups = [consecutive] * len(attentions)
 
+    state = _regrouped_state(model, attentions, layer_groups, heads // old_kv, head_dim)
+    new_config = copy.deepcopy(config)
+    new_config.num_key_value_heads = num_key_value_heads
+    new_config.xpu_coopt_gqa = {"from_kv_heads": old_kv, "grouping": grouping,
+                                "groups": [[list(g) for g in groups] for groups in layer_groups]}  # fmt: skip
+    return _model_like(model, new_config, state)
+
+
+def _regrouped_state(
+    model: nn.Module, attentions: list[nn.Module], layer_groups: list, group: int, head_dim: int
+) -> dict[str, torch.Tensor]:
+    """The model's weights with each layer's K/V heads pooled by its groups, and its query heads (and the
+    o_proj columns they feed) reordered so that each group's stay together; group: query heads per
+    original K/V head."""
     state = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
-    group = heads // old_kv  # query heads per original K/V head
     for attention, groups in zip(attentions, layer_groups, strict=True):
         prefix = _module_name(model, attention)
         order = [kv for g in groups for kv in g]  # original K/V heads in their new order
         query_heads = [kv * group + j for kv in order for j in range(group)]
-        if order != list(range(old_kv)):  # move each group's query heads together; the function is unchanged
+        if order != sorted(order):  # move each group's query heads together; the function is unchanged
             for suffix in ("q_proj.weight", "q_proj.bias"):
                 if f"{prefix}.{suffix}" in state:
                     state[f"{prefix}.{suffix}"] = _rows(state[f"{prefix}.{suffix}"], query_heads, head_dim)
@@ -176,16 +190,16 @@ def convert_to_gqa(
         for suffix in ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"):
             if f"{prefix}.{suffix}" in state:
                 state[f"{prefix}.{suffix}"] = _pooled(state[f"{prefix}.{suffix}"], groups, head_dim)
+    return state
 
-    new_config = copy.deepcopy(config)
-    new_config.num_key_value_heads = num_key_value_heads
-    new_config.xpu_coopt_gqa = {"from_kv_heads": old_kv, "grouping": grouping,
-                                "groups": [[list(g) for g in groups] for groups in layer_groups]}  # fmt: skip
+
+def _model_like(model: nn.Module, config: Any, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A model of `model`'s class, dtype, device and generation_config, built from `config` and `state`."""
     dtype = next(model.parameters()).dtype
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        converted = type(model)(new_config)
+        converted = type(model)(config)
     finally:
         torch.set_default_dtype(previous)
     converted.load_state_dict(state)

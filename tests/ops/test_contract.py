@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import KERNEL_BACKENDS
 
-from xpu_coopt.ops.validate import UNBOUNDED_SPAN
+from xpu_coopt.ops.checks import UNBOUNDED_SPAN
 
 BACKEND_NAMES = ("CPU", "SYCL", "Triton")
 

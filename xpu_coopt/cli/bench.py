@@ -8,6 +8,7 @@ includes the prefill, the next-token latencies are the gaps between consecutive 
 
 from __future__ import annotations
 
+import importlib.metadata
 import itertools
 import statistics
 import time
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 import xpu_coopt
 from xpu_coopt.model.optimized import held_bytes
@@ -209,8 +211,6 @@ def benchmark(
     later generate() of the same shape does.
     min_input_tokens: prompts of unequal lengths, spread evenly from it to input_tokens over the batch and
     left-padded (what a paged KV cache stores without its padding); None: every prompt input_tokens long."""
-    from tqdm import tqdm
-
     if num_return_sequences > 1 and num_beams > 1:
         raise ValueError("num_return_sequences > 1 samples sequences, which needs num_beams=1")
     if min_input_tokens is not None and not 1 <= min_input_tokens <= input_tokens:
@@ -231,34 +231,44 @@ def benchmark(
     settings = dict(
         dtype=str(dtype).removeprefix("torch."), batch_size=batch_size, input_tokens=input_tokens,
         min_input_tokens=min_input_tokens, output_tokens=output_tokens, num_beams=num_beams,
-        num_return_sequences=num_return_sequences, kv_dtype=kv_dtype, kv_cache=kv_cache, backend=optimized.backend,
-        cuda_graph=optimized.cuda_graph, gemm_fusions=optimized.decoder.fusions is not None,
+        num_return_sequences=num_return_sequences, kv_dtype=kv_dtype, kv_cache=kv_cache,
         pack_shared_weights=pack_shared_weights, keep_decode_graph=keep_decode_graph, device=str(device),
-        threads=torch.get_num_threads(), repeats=repeats,
-        eos_token_id=2, pad_token_id=0, torch=torch.__version__,
+        repeats=repeats, **_environment(optimized),
     )  # fmt: skip
-    import transformers
-
-    settings["transformers"] = transformers.__version__
-    settings["date"] = time.strftime("%Y-%m-%d")
     runners = {"transformers": (run_transformers, hf_model), "xpu_coopt": (run_xpu_coopt, optimized)}
-    runs: dict[str, list[RunResult]] = {name: [] for name in runners}
-    plan = [(name, r) for r in range(repeats + 1) for name in runners]  # round 0 warms up with 2 tokens
-    for name, round_index in tqdm(plan, desc="bench", disable=not progress):
-        run, model = runners[name]
-        tokens = 2 if round_index == 0 else output_tokens
-        torch.manual_seed(seed)  # sampling draws the same numbers on both sides
-        result = run(model, input_ids, mask, settings, tokens)
-        if model is optimized and not keep_decode_graph:
-            optimized.release_cache()
-        if round_index:
-            runs[name].append(result)
+    runs = _timed_runs(runners, optimized, (input_ids, mask), settings, seed, progress)
     best = {name: min(results, key=lambda r: r.next_token_ms_mean) for name, results in runs.items()}
     weight_bytes = {"transformers": held_bytes(hf_model.parameters()), "xpu_coopt": optimized.weight_bytes()}
     for name, results in runs.items():
         for result in results:
             result.weight_bytes = weight_bytes[name]
     return BenchResult(best["transformers"], best["xpu_coopt"], settings, runs)
+
+
+def _environment(optimized: Any) -> dict[str, Any]:
+    """What else a result depends on: the backend's choices, the threads, the software, the date."""
+    return dict(
+        backend=optimized.backend, cuda_graph=optimized.cuda_graph, gemm_fusions=optimized.decoder.fusions is not None,
+        threads=torch.get_num_threads(), eos_token_id=2, pad_token_id=0, torch=torch.__version__,
+        transformers=importlib.metadata.version("transformers"), date=time.strftime("%Y-%m-%d"),
+    )  # fmt: skip
+
+
+def _timed_runs(runners, optimized, prompts, settings: dict[str, Any], seed: int, progress: bool):  # fmt: skip
+    """Each side's timed runs (settings' repeats of them, after a warm-up round of 2 tokens), alternating
+    sides, every run from the same seed so that sampling draws the same numbers on both."""
+    runs: dict[str, list[RunResult]] = {name: [] for name in runners}
+    plan = [(name, r) for r in range(settings["repeats"] + 1) for name in runners]
+    for name, round_index in tqdm(plan, desc="bench", disable=not progress):
+        run, model = runners[name]
+        tokens = 2 if round_index == 0 else settings["output_tokens"]
+        torch.manual_seed(seed)
+        result = run(model, *prompts, settings, tokens)
+        if model is optimized and not settings["keep_decode_graph"]:
+            optimized.release_cache()
+        if round_index:
+            runs[name].append(result)
+    return runs
 
 
 def _speedup(ratio: float) -> str:

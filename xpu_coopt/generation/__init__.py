@@ -13,6 +13,7 @@ processors, beam bookkeeping, length penalty, early stopping) follows transforme
     logits_processing.py    logits processors, warpers and stopping criteria, in transformers' order
     token_rules.py          the arguments that name token ids
     session.py              a generation's cache and decode graph (CacheSession), kept for the next
+    request.py              one generate() call's inputs, and how the loops begin and end
     output.py               GenerateOutput and what the loops record
     transformers_release.py where transformers releases differ
 """
@@ -27,6 +28,7 @@ from xpu_coopt.cache.prefix_cache import PrefixCache
 from xpu_coopt.generation.beam_search import beam_search
 from xpu_coopt.generation.output import GenerateOutput
 from xpu_coopt.generation.prompt_lookup import prompt_lookup
+from xpu_coopt.generation.request import GenerationRequest
 from xpu_coopt.generation.sampling import sample
 from xpu_coopt.generation.settings import resolve_settings
 
@@ -48,15 +50,14 @@ def generate(
         settings.num_beams > 1 or input_ids.shape[0] * settings.num_return_sequences > 1
     ):
         raise ValueError("streamer supports one sequence: batch size 1 without beam search (as transformers)")
+    request = GenerationRequest(model, input_ids, attention_mask, settings, streamer, generator, prefix_cache)
     with torch.inference_mode():
         if settings.num_beams > 1:
-            output = beam_search(model, input_ids, attention_mask, settings, generator, prefix_cache)
+            output = beam_search(request)
         elif settings.prompt_lookup_num_tokens is not None:
-            output = prompt_lookup(
-                model, input_ids, attention_mask, settings, streamer, generator, prefix_cache
-            )
+            output = prompt_lookup(request)
         else:
-            output = sample(model, input_ids, attention_mask, settings, streamer, generator, prefix_cache)
+            output = sample(request)
     return output if settings.return_dict_in_generate else output.sequences
 
 

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xpu_coopt.cache.prefix_cache import PrefixCache
 from xpu_coopt.generation.logits_processing import criteria_met, process, renormalize, stopping_criteria, warp
 from xpu_coopt.generation.output import GenerateOutput, HostFlags, StepRecord, eos_ids
+from xpu_coopt.generation.request import GenerationRequest
 from xpu_coopt.generation.settings import GenerationSettings
 from xpu_coopt.generation.token_rules import TokenRules
 from xpu_coopt.generation.transformers_release import BEAM_SAMPLES_SORTED
@@ -176,28 +176,22 @@ class BeamSearch:
         return not (any_improvable and open_beams and not all_stopped)
 
 
-def beam_search(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    settings: GenerationSettings,
-    generator: torch.Generator | None,
-    prefix_cache: PrefixCache | None,
-) -> GenerateOutput:
+def beam_search(request: GenerationRequest) -> GenerateOutput:
     """transformers 5's vectorised beam search, with the prompt prefilled once per request; with do_sample,
     its beam sampling (warped log-probabilities, candidates drawn instead of taken best first)."""
+    input_ids, settings, prefix_cache = request.input_ids, request.settings, request.prefix_cache
     device = input_ids.device
     batch, prompt_len = input_ids.shape
     beams = settings.num_beams
     eos = eos_ids(settings, device)
     fill = (settings.pad_token_id or settings.eos_token_id[0]) if settings.eos_token_id else -1
-    rules = TokenRules.of(settings, model.spec.vocab_size, device)  # its errors before the prefill
+    rules = request.token_rules()
+    # before the prefill: max_time counts it, as in transformers
     search = BeamSearch(settings, beams, max(2, 1 + eos.numel()) * beams, prompt_len, eos,
-                        stopping_criteria(settings), generator)  # before the prefill: max_time counts it  # fmt: skip
+                        stopping_criteria(settings), request.generator)  # fmt: skip
     state = BeamState.start(input_ids, beams, settings.max_new_tokens, fill)
     record = StepRecord()
-    logits, session = model.prefill(input_ids, attention_mask, beams, settings.max_new_tokens,
-                                    reuse_kept_cache=True, prefix_cache=prefix_cache)  # fmt: skip
+    logits, session = request.prefill(beams)
     captures_before = session.graph_captures()  # a kept session's graph has captured before
     logits = logits.repeat_interleave(beams, dim=0)  # every beam of a request starts from the same prompt
     prompt_start = session.prompt_start.repeat_interleave(beams)  # each row's first column after its padding
@@ -222,7 +216,7 @@ def beam_search(
         logits = next_logits
     if prefix_cache is not None:
         session.hold(prefix_cache, input_ids[0])  # the prompt's K/V: beams share them
-    model.keep_cache(session)
+    request.model.keep_cache(session)
     return _best_hypotheses(state, settings, prompt_len, record, session, captures_before)
 
 

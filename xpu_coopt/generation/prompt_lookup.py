@@ -17,10 +17,9 @@ from typing import Any
 
 import torch
 
-from xpu_coopt.cache.prefix_cache import PrefixCache
 from xpu_coopt.generation.logits_processing import criteria_met, process, renormalize, stopping_criteria, warp
 from xpu_coopt.generation.output import GenerateOutput, StepRecord, eos_ids
-from xpu_coopt.generation.sampling import finish_one_beam
+from xpu_coopt.generation.request import GenerationRequest
 from xpu_coopt.generation.settings import GenerationSettings
 from xpu_coopt.generation.token_rules import TokenRules
 
@@ -148,15 +147,7 @@ def check_prompt_lookup(model: Any, input_ids: torch.Tensor, settings: Generatio
         )
 
 
-def prompt_lookup(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    settings: GenerationSettings,
-    streamer: Any,
-    generator: torch.Generator | None,
-    prefix_cache: PrefixCache | None,
-) -> GenerateOutput:
+def prompt_lookup(request: GenerationRequest) -> GenerateOutput:
     """transformers' prompt lookup decoding: each step runs the last token and up to
     prompt_lookup_num_tokens drafts (find_drafts) through the model, chooses a token after each (greedy:
     the best; sampling: all of them drawn at once, as transformers draws them) and keeps the drafts chosen
@@ -164,12 +155,17 @@ def prompt_lookup(
     drafts to miss. A step without drafts is a plain decode step (with cuda_graph, a replay of the decode
     graph); a step with drafts runs eagerly. Stopping criteria are checked after each token, as without
     drafts."""
+    model, input_ids, settings, streamer = (
+        request.model,
+        request.input_ids,
+        request.settings,
+        request.streamer,
+    )
     check_prompt_lookup(model, input_ids, settings)
     device = input_ids.device
-    rules = TokenRules.of(settings, model.spec.vocab_size, device)
+    rules = request.token_rules()
     criteria = stopping_criteria(settings)
-    logits, session = model.prefill(input_ids, attention_mask, 1, settings.max_new_tokens, reuse_kept_cache=True,
-                                    prefix_cache=prefix_cache)  # fmt: skip
+    logits, session = request.prefill(1)
     captures_before = session.graph_captures()
     if streamer is not None:
         streamer.put(input_ids.cpu())
@@ -177,10 +173,8 @@ def prompt_lookup(
                           model.spec.vocab_size)  # fmt: skip
     record = StepRecord()
     generated = steps = accepted = 0
-    # As transformers' first step, the prompt's own drafts: their rows follow the prefill's.
-    drafts = lookup.drafts(
-        0, session.run_limit()
-    )  # those after which the rows of `logits` past the first choose
+    # As transformers' first step, the prompt's own drafts: the rows of `logits` past the first follow them.
+    drafts = lookup.drafts(0, session.run_limit())
     if drafts.numel():
         logits = torch.cat((logits, session.decode_run(drafts.to(device))))
         steps += 1
@@ -189,7 +183,7 @@ def prompt_lookup(
     )
     while True:
         kept, hits, finished = _keep_chosen(
-            lookup, logits, drafts, generated, generator, criteria, streamer, record
+            lookup, logits, drafts, generated, request.generator, criteria, streamer, record
         )
         generated, accepted = generated + kept, accepted + hits
         if session.in_run():  # the run's tokens that stand: the one it ran after, and the drafts kept
@@ -204,8 +198,8 @@ def prompt_lookup(
             logits = session.decode(token)
         steps += 1
     sequences = lookup.sequences[:, : lookup.prompt_len + generated]
-    return finish_one_beam(model, session, settings, streamer, prefix_cache, sequences, record, captures_before,
-                           decode_steps=steps, accepted_drafts=accepted)  # fmt: skip
+    return request.finish_one_beam(session, sequences, record, captures_before, decode_steps=steps,
+                                   accepted_drafts=accepted)  # fmt: skip
 
 
 def _keep_chosen(

@@ -3,35 +3,25 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import torch
 
-from xpu_coopt.cache.prefix_cache import PrefixCache
 from xpu_coopt.generation.logits_processing import criteria_met, process, renormalize, stopping_criteria, warp
 from xpu_coopt.generation.output import GenerateOutput, HostFlags, StepRecord, eos_ids
-from xpu_coopt.generation.session import CacheSession
+from xpu_coopt.generation.request import GenerationRequest
 from xpu_coopt.generation.settings import GenerationSettings
 from xpu_coopt.generation.token_rules import TokenRules
 
 
-def sample(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    settings: GenerationSettings,
-    streamer: Any,
-    generator: torch.Generator | None,
-    prefix_cache: PrefixCache | None,
-) -> GenerateOutput:
+def sample(request: GenerationRequest) -> GenerateOutput:
     """Greedy or sampling; sampling num_return_sequences > 1 sequences of each prompt draws them side by
     side, as transformers does (row order: each prompt's samples together), over one prefill of the prompt
     whose K/V all its samples share (the segment cache's beams, never reordered)."""
+    settings, input_ids, streamer = request.settings, request.input_ids, request.streamer
     samples = settings.num_return_sequences
-    rules = TokenRules.of(settings, model.spec.vocab_size, input_ids.device)  # its errors before the prefill
+    rules = request.token_rules()
     criteria = stopping_criteria(settings)  # before the prefill: max_time counts it, as in transformers
-    logits, session = model.prefill(input_ids, attention_mask, samples, settings.max_new_tokens,
-                                    reuse_kept_cache=True, prefix_cache=prefix_cache)  # fmt: skip
+    logits, session = request.prefill(samples)
     captures_before = session.graph_captures()  # a kept session's graph has captured before
     prompt_start = session.prompt_start  # each prompt's first column after its left padding
     if samples > 1:
@@ -51,7 +41,7 @@ def sample(
     for step in range(settings.max_new_tokens):
         length = prompt_len + step
         next_tokens = _choose(
-            logits, sequences[:, :length], prompt_start, eos, step, settings, rules, generator, record
+            logits, sequences[:, :length], prompt_start, eos, step, settings, rules, request.generator, record
         )
         if eos.numel():  # as transformers: finished rows are padded only where EOS can finish them
             next_tokens = torch.where(unfinished, next_tokens, settings.pad_token_id)
@@ -72,9 +62,7 @@ def sample(
             break
         logits = next_logits
     sequences = sequences[:, : prompt_len + len(record.step_times)]
-    return finish_one_beam(
-        model, session, settings, streamer, prefix_cache, sequences, record, captures_before
-    )
+    return request.finish_one_beam(session, sequences, record, captures_before)
 
 
 def _choose(
@@ -103,25 +91,3 @@ def _choose(
         # Unprocessed float32 scores are the decode graph's output buffer, which the next step overwrites.
         record.scores.append(scores.clone() if scores is logits else scores)
     return next_tokens
-
-
-def finish_one_beam(
-    model: Any,
-    session: CacheSession,
-    settings: GenerationSettings,
-    streamer: Any,
-    prefix_cache: PrefixCache | None,
-    sequences: torch.Tensor,
-    record: StepRecord,
-    captures_before: int,
-    **counts: int,
-) -> GenerateOutput:
-    """The end of a generation of one beam per prompt (sampling, prompt lookup), its `sequences` cut after
-    their last token: the streamer ended, the PrefixCache given the K/V it keeps, the session kept for the
-    next generate() (with its decode graph), and the output. counts: GenerateOutput's counters of the run."""
-    if streamer is not None:
-        streamer.end()
-    if prefix_cache is not None:
-        session.hold(prefix_cache, sequences[0])
-    model.keep_cache(session)
-    return record.output(sequences, session, captures_before, settings, **counts)

@@ -252,6 +252,27 @@ def _validate_token_arguments(settings: GenerationSettings) -> None:
 
 
 def _validate(settings: GenerationSettings) -> None:
+    _validate_search(settings)
+    _validate_sampling(settings)
+    if not isinstance(settings.no_repeat_ngram_size, int) or settings.no_repeat_ngram_size < 0:
+        raise ValueError(
+            f"no_repeat_ngram_size must be an integer >= 0, got {settings.no_repeat_ngram_size!r}"
+        )
+    if not settings.repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {settings.repetition_penalty}")
+    if settings.stop_strings is not None and settings.tokenizer is None:
+        raise ValueError(
+            "stop_strings needs the model's tokenizer: pass it as generate(..., tokenizer=tokenizer)"
+        )
+    _validate_token_arguments(settings)
+    _validate_prompt_lookup(settings)
+    if settings.max_time is not None and not settings.max_time > 0:
+        raise ValueError(f"max_time must be > 0 seconds, got {settings.max_time}")
+    _validate_callers_objects(settings)
+
+
+def _validate_search(settings: GenerationSettings) -> None:
+    """Lengths, beams and the sequences returned."""
     if settings.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {settings.max_new_tokens}")
     if settings.min_new_tokens < 0:
@@ -273,6 +294,12 @@ def _validate(settings: GenerationSettings) -> None:
         raise ValueError(
             f"num_return_sequences ({settings.num_return_sequences}) must be between 1 and num_beams ({settings.num_beams})"
         )
+    if settings.early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {settings.early_stopping!r}")
+
+
+def _validate_sampling(settings: GenerationSettings) -> None:
+    """The warpers' settings, where they apply (do_sample)."""
     if settings.do_sample and settings.temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {settings.temperature}")
     if settings.do_sample and not 0 < settings.top_p <= 1:
@@ -286,22 +313,10 @@ def _validate(settings: GenerationSettings) -> None:
     for name in ("epsilon_cutoff", "eta_cutoff"):
         if settings.do_sample and not 0 <= getattr(settings, name) < 1:
             raise ValueError(f"{name} must be in [0, 1), got {getattr(settings, name)}")
-    if not isinstance(settings.no_repeat_ngram_size, int) or settings.no_repeat_ngram_size < 0:
-        raise ValueError(
-            f"no_repeat_ngram_size must be an integer >= 0, got {settings.no_repeat_ngram_size!r}"
-        )
-    if not settings.repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {settings.repetition_penalty}")
-    if settings.early_stopping not in (True, False, "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {settings.early_stopping!r}")
-    if settings.stop_strings is not None and settings.tokenizer is None:
-        raise ValueError(
-            "stop_strings needs the model's tokenizer: pass it as generate(..., tokenizer=tokenizer)"
-        )
-    _validate_token_arguments(settings)
-    _validate_prompt_lookup(settings)
-    if settings.max_time is not None and not settings.max_time > 0:
-        raise ValueError(f"max_time must be > 0 seconds, got {settings.max_time}")
+
+
+def _validate_callers_objects(settings: GenerationSettings) -> None:
+    """The caller's processors and criteria: callables, and none that an argument of generate() builds."""
     for name in ("logits_processor", "stopping_criteria"):
         for item in getattr(settings, name):
             if not callable(item):

@@ -15,14 +15,13 @@ from types import SimpleNamespace
 from typing import Any
 
 from xpu_coopt.ops import validate
+from xpu_coopt.ops.calls import Limits
 from xpu_coopt.ops.schema import SCHEMAS, library
 
 Kernel = Callable[[Any], None]
 
 
-def register_backend(
-    kernels: dict[str, Kernel], limits: validate.Limits, dispatch_key: str
-) -> SimpleNamespace:
+def register_backend(kernels: dict[str, Kernel], limits: Limits, dispatch_key: str) -> SimpleNamespace:
     """Entries for every op over `kernels` (op name -> kernel taking the op's validated call), registered
     as the ops' `dispatch_key` implementations ("CPU", "XPU", "CUDA"); returned as a namespace of plain
     functions taking the ops' schema arguments."""
@@ -38,7 +37,7 @@ def register_backend(
     return SimpleNamespace(**entries)
 
 
-def _entry(op: str, kernel: Kernel, limits: validate.Limits) -> Callable[..., None]:
+def _entry(op: str, kernel: Kernel, limits: Limits) -> Callable[..., None]:
     """The op's entry: its validator (validate.<op>, the schema's arguments after `limits`), then `kernel`."""
     validator = getattr(validate, op)
 

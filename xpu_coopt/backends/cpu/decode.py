@@ -10,7 +10,7 @@ import torch
 
 from xpu_coopt.backends.cpu import gemm
 from xpu_coopt.ops import fp8
-from xpu_coopt.ops.validate import DecodeCall
+from xpu_coopt.ops.calls import DecodeCall
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from xpu_coopt.backends.cpu.decode import segment_attention_decode
 from xpu_coopt.backends.cpu.prefill import attention_prefill
 from xpu_coopt.ops import fp8
+from xpu_coopt.ops.calls import AddNormCall, KVWriteCall, Limits, NormCall, SiluCall
 from xpu_coopt.ops.registry import register_backend
-from xpu_coopt.ops.validate import AddNormCall, KVWriteCall, Limits, NormCall, SiluCall
 
 LIMITS = Limits("CPU")
 

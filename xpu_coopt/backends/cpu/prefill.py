@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from xpu_coopt.ops.validate import PrefillCall
+from xpu_coopt.ops.calls import PrefillCall
 
 # Query rows of a block of the CPU prefill's masked path (padding or a window). Each block attends only to
 # the keys up to its last row and from its first row's window on, so the scores and the mask cover about

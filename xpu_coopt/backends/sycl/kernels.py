@@ -14,9 +14,8 @@ from types import SimpleNamespace
 import torch
 
 from xpu_coopt.backends.sycl.runtime import queue_for
-from xpu_coopt.ops import decode_split, validate
-from xpu_coopt.ops.registry import register_backend
-from xpu_coopt.ops.validate import (
+from xpu_coopt.ops import checks, decode_split
+from xpu_coopt.ops.calls import (
     AddNormCall,
     DecodeCall,
     KVWriteCall,
@@ -25,6 +24,7 @@ from xpu_coopt.ops.validate import (
     PrefillCall,
     SiluCall,
 )
+from xpu_coopt.ops.registry import register_backend
 
 DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 SUB_GROUP = 16  # sycl_kernels/common.hpp kSubGroup
@@ -170,8 +170,8 @@ def segment_attention_decode(call: DecodeCall) -> None:
         c_int(call.beams), c_int(kv_heads), c_int(call.group), c_int(chunks.chunks), c_int(chunks.rows), c_int(head_dim),
         c_int(prompt_len), c_int(response_len), c_int(max(1, response_k.shape[2])), c_int(call.span),
         c_float(call.scale), c_int64(query.stride(0)), c_int64(out.stride(0)),
-        *_strides(validate.cache_strides("segment_attention_decode", *call.prompt)),
-        *_strides(validate.cache_strides("segment_attention_decode", *call.response)),
+        *_strides(checks.cache_strides("segment_attention_decode", *call.prompt)),
+        *_strides(checks.cache_strides("segment_attention_decode", *call.response)),
         c_int64(call.beam_slots.stride(0)), table, c_int64(0 if table is None else table.stride(0)),
         c_int(call.prompt[0].shape[2]), c_int(splits), c_int64(rows), partial_acc, partial_stats,
     )  # fmt: skip

@@ -25,9 +25,8 @@ from xpu_coopt.backends.triton.attention import (
 from xpu_coopt.backends.triton.codecs import codec_constants
 from xpu_coopt.backends.triton.kv_write import rotary_kv_write_kernel
 from xpu_coopt.backends.triton.norms import fused_add_rms_norm_kernel, rms_norm_kernel, silu_and_mul_kernel
-from xpu_coopt.ops import decode_split, fp8, validate
-from xpu_coopt.ops.registry import register_backend
-from xpu_coopt.ops.validate import (
+from xpu_coopt.ops import checks, decode_split, fp8
+from xpu_coopt.ops.calls import (
     AddNormCall,
     DecodeCall,
     KVWriteCall,
@@ -36,6 +35,7 @@ from xpu_coopt.ops.validate import (
     PrefillCall,
     SiluCall,
 )
+from xpu_coopt.ops.registry import register_backend
 
 BACKEND = "Triton"
 # Chosen by triton when it is imported; its bfloat16 tl.dot is wrong, so the attention kernels multiply
@@ -251,14 +251,14 @@ def segment_attention_decode(call: DecodeCall) -> None:
         unused if lens is None else lens, unused if table is None else table, partial_acc, partial_stats,
         call.beams, kv_heads, call.group, chunks.rows, head_dim, call.prompt_len, call.response_len,
         max(1, call.response[0].shape[2]), call.span, rows, call.scale, query.stride(0), out.stride(0),
-        *validate.cache_strides("segment_attention_decode", *call.prompt),
-        *validate.cache_strides("segment_attention_decode", *call.response),
+        *checks.cache_strides("segment_attention_decode", *call.prompt),
+        *checks.cache_strides("segment_attention_decode", *call.response),
         call.beam_slots.stride(0), 0 if table is None else table.stride(0), call.prompt[0].shape[2],
         BLOCK_ROWS=_block(chunks.rows, 16), BLOCK_N=block_n, BLOCK_T=response_steps(launch, chunks.beams),
         BEAMS=_block(chunks.beams), BLOCK_D=_block(head_dim, 16), UPCAST_DOT=upcast_dot(query.dtype),
         NATIVE_FP8=_native_fp8(query.device), HAS_LENS=lens is not None, SPLIT=splits > 1,
         FP8_UPCAST_IN_REGISTERS=launch.fp8_upcast_in_registers, PAGED=table is not None,
-        RING=call.span != validate.UNBOUNDED_SPAN, V_BOOST=v_boost, **codec,
+        RING=call.span != checks.UNBOUNDED_SPAN, V_BOOST=v_boost, **codec,
         num_warps=launch.num_warps, num_stages=launch.num_stages, maxnreg=launch.max_registers,
     )  # fmt: skip
     if splits > 1:

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from xpu_coopt.backends.triton.kernels import BACKEND, INTERPRETED, upcast_dot
 from xpu_coopt.backends.triton.norms import inverse_rms as rows_inverse_rms
-from xpu_coopt.ops import GemmFusions, validate
+from xpu_coopt.ops import GemmFusions, checks
 
 OP = "linear"
 MAX_ROWS = 16  # one tl.dot tile of rows; more rows run torch's GEMM
@@ -203,8 +203,8 @@ def _checked_rows(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, **others: torch.Tensor
 ) -> torch.Tensor:
     """x as [rows, K] rows contiguous in K, after checking it against the weight; ValueError/TypeError."""
-    validate.activation_dtype(OP, BACKEND, x, weight, *(t for t in (bias, *others.values()) if t is not None))
-    validate.inner_contiguous(OP, weight=weight, bias=bias, **others)
+    checks.activation_dtype(OP, BACKEND, x, weight, *(t for t in (bias, *others.values()) if t is not None))
+    checks.inner_contiguous(OP, weight=weight, bias=bias, **others)
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"{OP}: input of {x.shape[-1]} features for a weight of shape {tuple(weight.shape)}")
     x2 = x.reshape(_rows(x), x.shape[-1])
@@ -266,7 +266,7 @@ def linear_add_(
             f"{OP}: residual of shape {tuple(residual.shape)} for an output of "
             f"{(*x.shape[:-1], weight.shape[0])}"
         )
-    out = validate.rows(OP, "residual", residual)
+    out = checks.rows(OP, "residual", residual)
     launch_skinny_linear(out, x2, weight, bias, skinny_launch(rows), upcast_dot(x.dtype), accumulate=True)
     return residual
 
