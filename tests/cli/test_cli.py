@@ -320,3 +320,14 @@ def test_generate_with_bad_input_is_a_clear_error(args, message, capsys):
     require_data(STORIES_MODEL)
     assert main(["generate", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_command_runs_as_a_module():
+    """`python -m xpu_coopt.cli`, as scripts/gpu_bench.sh runs it where the xpu-coopt script is not on the PATH."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "xpu_coopt.cli", "bench", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "--input-tokens" in result.stdout

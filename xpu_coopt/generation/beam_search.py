@@ -15,11 +15,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xpu_coopt.generation.logits_processing import criteria_met, process, renormalize, stopping_criteria, warp
+from xpu_coopt.generation.logits_processing import LogitsProcessing, criteria_met, stopping_criteria
 from xpu_coopt.generation.output import GenerateOutput, HostFlags, StepRecord, eos_ids
 from xpu_coopt.generation.request import GenerationRequest
 from xpu_coopt.generation.settings import GenerationSettings
-from xpu_coopt.generation.token_rules import TokenRules
 from xpu_coopt.generation.transformers_release import BEAM_SAMPLES_SORTED
 
 # Added to a score to rule its candidate out, as transformers does.
@@ -195,11 +194,15 @@ def beam_search(request: GenerationRequest) -> GenerateOutput:
     captures_before = session.graph_captures()  # a kept session's graph has captured before
     logits = logits.repeat_interleave(beams, dim=0)  # every beam of a request starts from the same prompt
     prompt_start = session.prompt_start.repeat_interleave(beams)  # each row's first column after its padding
+    processing, keep = LogitsProcessing(settings, rules, eos, prompt_start), max(2, eos.numel() + 1)
     for length in range(prompt_len, prompt_len + settings.max_new_tokens):
         if settings.output_logits:
             record.logits.append(logits.to(torch.float32, copy=True))
         history = state.running_sequences[:, :, :length].reshape(batch * beams, length)
-        log_probs = _log_probs(logits, history, prompt_start, eos, length - prompt_len, settings, rules)
+        # each warper keeps a token beyond the EOS ids, as transformers' beam sampling
+        log_probs = processing.scores(
+            F.log_softmax(logits.float(), dim=-1), history, length - prompt_len, keep
+        )
         if settings.output_scores:
             record.scores.append(log_probs)
         candidates = search.candidates(state, log_probs, length, record)
@@ -218,16 +221,6 @@ def beam_search(request: GenerationRequest) -> GenerateOutput:
         session.hold(prefix_cache, input_ids[0])  # the prompt's K/V: beams share them
     request.model.keep_cache(session)
     return _best_hypotheses(state, settings, prompt_len, record, session, captures_before)
-
-
-def _log_probs(logits, history, prompt_start, eos, step, settings: GenerationSettings, rules: TokenRules) -> torch.Tensor:  # fmt: skip
-    """The step's log-probabilities, processed (and with do_sample warped, each warper keeping a token
-    beyond the EOS ids, as transformers' beam sampling) and renormalized where asked."""
-    log_probs = F.log_softmax(logits.float(), dim=-1)
-    log_probs = process(log_probs, history, prompt_start, eos, step, settings, rules)
-    if settings.do_sample:
-        log_probs = warp(log_probs, settings, keep=max(2, eos.numel() + 1))
-    return renormalize(log_probs, settings)
 
 
 def _best_hypotheses(state: BeamState, settings: GenerationSettings, prompt_len: int, record: StepRecord,

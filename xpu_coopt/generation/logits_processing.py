@@ -4,6 +4,7 @@ the release installed, where releases differ)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -193,3 +194,21 @@ def _below_cutoff_removed(scores: torch.Tensor, cutoff: float | torch.Tensor, ke
     sampling, as transformers' warpers)."""
     remove = (scores.softmax(dim=-1) < cutoff) & (scores < _kth_largest(scores, keep))
     return scores.masked_fill(remove, float("-inf"))
+
+
+@dataclass(frozen=True)
+class LogitsProcessing:
+    """One generation's processors, sampling warpers and renormalization, run in transformers' order."""
+
+    settings: GenerationSettings
+    rules: TokenRules  # the token-id arguments' tensors
+    eos: torch.Tensor  # the EOS ids, on the device
+    prompt_start: torch.Tensor  # each row's first column after its left padding
+
+    def scores(self, scores: torch.Tensor, tokens: torch.Tensor, step: int, keep: int = 1) -> torch.Tensor:
+        """float32 scores [rows, vocab] processed, warped when sampling (each warper keeping at least `keep`
+        tokens) and renormalized where asked; tokens: each row's sequence so far; step: tokens generated."""
+        scores = process(scores, tokens, self.prompt_start, self.eos, step, self.settings, self.rules)
+        if self.settings.do_sample:
+            scores = warp(scores, self.settings, keep)
+        return renormalize(scores, self.settings)

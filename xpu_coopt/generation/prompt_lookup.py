@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from xpu_coopt.generation.logits_processing import criteria_met, process, renormalize, stopping_criteria, warp
+from xpu_coopt.generation.logits_processing import LogitsProcessing, criteria_met, stopping_criteria
 from xpu_coopt.generation.output import GenerateOutput, StepRecord, eos_ids
 from xpu_coopt.generation.request import GenerationRequest
 from xpu_coopt.generation.settings import GenerationSettings
@@ -67,13 +67,8 @@ class PromptLookup:
 
     def __init__(self, input_ids: torch.Tensor, settings: GenerationSettings, rules: TokenRules,
                  prompt_start: torch.Tensor, eos: torch.Tensor, vocab: int) -> None:  # fmt: skip
-        self.settings, self.rules, self.prompt_start, self.eos, self.vocab = (
-            settings,
-            rules,
-            prompt_start,
-            eos,
-            vocab,
-        )
+        self.settings, self.vocab = settings, vocab
+        self.processing = LogitsProcessing(settings, rules, eos, prompt_start)
         self.prompt_len = input_ids.shape[1]
         # Room for the drafts of a step that runs past max_new_tokens (transformers' rule, lookup()).
         room = self.prompt_len + settings.max_new_tokens + settings.prompt_lookup_num_tokens
@@ -86,10 +81,7 @@ class PromptLookup:
     def scores(self, row_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The scores a token is chosen from after `tokens` [1, length]: processed (and warped when
         sampling) as without drafts."""
-        settings = self.settings
-        step = tokens.shape[1] - self.prompt_len
-        scores = process(row_logits, tokens, self.prompt_start, self.eos, step, settings, self.rules)
-        return renormalize(warp(scores, settings) if settings.do_sample else scores, settings)
+        return self.processing.scores(row_logits, tokens, tokens.shape[1] - self.prompt_len)
 
     def forbidden(self, tokens: torch.Tensor, token: int) -> bool:
         """transformers' check of a draft: the processors leave it no chance on uniform logits."""

@@ -6,11 +6,9 @@ import time
 
 import torch
 
-from xpu_coopt.generation.logits_processing import criteria_met, process, renormalize, stopping_criteria, warp
+from xpu_coopt.generation.logits_processing import LogitsProcessing, criteria_met, stopping_criteria
 from xpu_coopt.generation.output import GenerateOutput, HostFlags, StepRecord, eos_ids
 from xpu_coopt.generation.request import GenerationRequest
-from xpu_coopt.generation.settings import GenerationSettings
-from xpu_coopt.generation.token_rules import TokenRules
 
 
 def sample(request: GenerationRequest) -> GenerateOutput:
@@ -33,6 +31,7 @@ def sample(request: GenerationRequest) -> GenerateOutput:
     batch, prompt_len = input_ids.shape
     unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
     eos = eos_ids(settings, input_ids.device)
+    processing = LogitsProcessing(settings, rules, eos, prompt_start)
     sequences = torch.empty(
         (batch, prompt_len + settings.max_new_tokens), dtype=torch.long, device=input_ids.device
     )
@@ -40,9 +39,7 @@ def sample(request: GenerationRequest) -> GenerateOutput:
     record = StepRecord()
     for step in range(settings.max_new_tokens):
         length = prompt_len + step
-        next_tokens = _choose(
-            logits, sequences[:, :length], prompt_start, eos, step, settings, rules, request.generator, record
-        )
+        next_tokens = _choose(logits, sequences[:, :length], step, processing, request.generator, record)
         if eos.numel():  # as transformers: finished rows are padded only where EOS can finish them
             next_tokens = torch.where(unfinished, next_tokens, settings.pad_token_id)
         sequences[:, length] = next_tokens
@@ -68,24 +65,20 @@ def sample(request: GenerationRequest) -> GenerateOutput:
 def _choose(
     logits: torch.Tensor,
     tokens: torch.Tensor,
-    prompt_start: torch.Tensor,
-    eos: torch.Tensor,
     step: int,
-    settings: GenerationSettings,
-    rules: TokenRules,
+    processing: LogitsProcessing,
     generator: torch.Generator | None,
     record: StepRecord,
 ) -> torch.Tensor:
     """Each row's next token from its logits (the best, or drawn), recording the step's logits and
     scores where settings ask for them."""
+    settings = processing.settings
     if settings.output_logits:  # a copy: the decode graph's output buffer is overwritten by the next step
         record.logits.append(logits.to(torch.float32, copy=True))
-    scores = process(logits.float(), tokens, prompt_start, eos, step, settings, rules)
+    scores = processing.scores(logits.float(), tokens, step)
     if settings.do_sample:
-        scores = renormalize(warp(scores, settings), settings)
         next_tokens = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(1)
     else:
-        scores = renormalize(scores, settings)
         next_tokens = scores.argmax(dim=-1)
     if settings.output_scores:
         # Unprocessed float32 scores are the decode graph's output buffer, which the next step overwrites.

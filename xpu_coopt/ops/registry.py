@@ -1,7 +1,7 @@
 """How a backend implements the contract: kernels that take validated calls, behind one entry per op.
 
-A backend writes one kernel per op taking that op's call record (ops/validate.py) and registers them
-with register_backend(). The entries it gets back take the op's schema arguments (ops/schema.py), call
+A backend writes one kernel per op, named after it, taking that op's call record (ops/calls.py), and
+registers its module with register_backend(). The entries it gets back take the op's schema arguments (ops/schema.py), call
 the op's validator with the backend's Limits, then its kernel; they are what torch's dispatcher runs for
 the backend's dispatch key and what a backend's Ops calls directly. So every backend accepts exactly what
 the validators accept, and the op's argument list is written once, in its validator.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 from xpu_coopt.ops import validate
@@ -21,17 +21,17 @@ from xpu_coopt.ops.schema import SCHEMAS, library
 Kernel = Callable[[Any], None]
 
 
-def register_backend(kernels: dict[str, Kernel], limits: Limits, dispatch_key: str) -> SimpleNamespace:
-    """Entries for every op over `kernels` (op name -> kernel taking the op's validated call), registered
-    as the ops' `dispatch_key` implementations ("CPU", "XPU", "CUDA"); returned as a namespace of plain
-    functions taking the ops' schema arguments."""
-    missing = sorted(set(SCHEMAS) - set(kernels))
-    unknown = sorted(set(kernels) - set(SCHEMAS))
-    if missing or unknown:
-        raise ValueError(
-            f"backend {limits.backend!r}: no kernel for {missing}; not ops of the schema: {unknown}"
-        )
-    entries = {op: _entry(op, kernels[op], limits) for op in SCHEMAS}
+def register_backend(module: ModuleType, limits: Limits, dispatch_key: str) -> SimpleNamespace:
+    """Entries for every op over the kernels of `module` (a function named after each op, taking the op's
+    validated call; kv_write, where it has none, served by rotary_embedding_kv_write, which a call without
+    query and cos_sin asks only to write), registered as the ops' `dispatch_key` implementations ("CPU",
+    "XPU", "CUDA"); returned as a namespace of plain functions taking the ops' schema arguments."""
+    kernels = {op: getattr(module, op, None) for op in SCHEMAS}
+    kernels["kv_write"] = kernels["kv_write"] or kernels["rotary_embedding_kv_write"]
+    missing = sorted(op for op, kernel in kernels.items() if kernel is None)
+    if missing:
+        raise ValueError(f"backend {limits.backend!r}: no kernel for {missing}")
+    entries = {op: _entry(op, kernel, limits) for op, kernel in kernels.items()}
     for op, entry in entries.items():
         library().impl(op, entry, dispatch_key)
     return SimpleNamespace(**entries)

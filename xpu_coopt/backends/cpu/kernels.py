@@ -9,11 +9,14 @@ beams and query heads of a KV group).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
-from xpu_coopt.backends.cpu.decode import segment_attention_decode
-from xpu_coopt.backends.cpu.prefill import attention_prefill
+# The attention kernels live in modules of their own; register_backend() finds them here by name.
+from xpu_coopt.backends.cpu.decode import segment_attention_decode as segment_attention_decode
+from xpu_coopt.backends.cpu.prefill import attention_prefill as attention_prefill
 from xpu_coopt.ops import fp8
 from xpu_coopt.ops.calls import AddNormCall, KVWriteCall, Limits, NormCall, SiluCall
 from xpu_coopt.ops.registry import register_backend
@@ -97,13 +100,4 @@ def rotary_embedding_kv_write(call: KVWriteCall) -> None:
     kv_write(call)
 
 
-KERNELS = {
-    "rms_norm": rms_norm,
-    "fused_add_rms_norm": fused_add_rms_norm,
-    "silu_and_mul": silu_and_mul,
-    "rotary_embedding_kv_write": rotary_embedding_kv_write,
-    "kv_write": kv_write,
-    "attention_prefill": attention_prefill,
-    "segment_attention_decode": segment_attention_decode,
-}
-ENTRIES = register_backend(KERNELS, LIMITS, "CPU")
+ENTRIES = register_backend(sys.modules[__name__], LIMITS, "CPU")

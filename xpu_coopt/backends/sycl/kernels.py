@@ -8,6 +8,7 @@ them directly on CPU tensors.
 
 from __future__ import annotations
 
+import sys
 from ctypes import c_float, c_int, c_int64
 from types import SimpleNamespace
 
@@ -184,16 +185,7 @@ def segment_attention_decode(call: DecodeCall) -> None:
         )  # fmt: skip
 
 
-KERNELS = {
-    "rms_norm": rms_norm,
-    "fused_add_rms_norm": fused_add_rms_norm,
-    "silu_and_mul": silu_and_mul,
-    "rotary_embedding_kv_write": rotary_embedding_kv_write,
-    "kv_write": rotary_embedding_kv_write,
-    "attention_prefill": attention_prefill,
-    "segment_attention_decode": segment_attention_decode,
-}
-ENTRIES = register_backend(KERNELS, LIMITS, "XPU")
+ENTRIES = register_backend(sys.modules[__name__], LIMITS, "XPU")
 
 
 def sycl_kernels() -> SimpleNamespace:

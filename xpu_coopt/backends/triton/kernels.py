@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -268,16 +269,7 @@ def segment_attention_decode(call: DecodeCall) -> None:
         )  # fmt: skip
 
 
-KERNELS = {
-    "rms_norm": rms_norm,
-    "fused_add_rms_norm": fused_add_rms_norm,
-    "silu_and_mul": silu_and_mul,
-    "rotary_embedding_kv_write": rotary_embedding_kv_write,
-    "kv_write": rotary_embedding_kv_write,
-    "attention_prefill": attention_prefill,
-    "segment_attention_decode": segment_attention_decode,
-}
-ENTRIES = register_backend(KERNELS, LIMITS, "CUDA")
+ENTRIES = register_backend(sys.modules[__name__], LIMITS, "CUDA")
 
 
 def triton_kernels() -> SimpleNamespace:
