@@ -463,12 +463,12 @@ def test_a_decode_graph_is_captured_again_when_its_inputs_moved(
     session = model._kept.session
     graph = session.graph
     assert graph.captures == 1
-    first_layer = session.cache.prompt.storage[0]
-    old_address = first_layer.k.data_ptr()
-    first_layer.k = first_layer.k.clone()
+    storage = session.cache.prompt.storage
+    old_address = storage[0].k.data_ptr()
+    storage.layers[0] = storage[0]._replace(k=storage[0].k.clone())
     assert torch.equal(model.generate(prompt, max_new_tokens=4), expected)
     assert model._kept.session.graph is graph and graph.captures == 2
-    assert graph.input_addresses["kv0"] == first_layer.k.data_ptr() != old_address
+    assert graph.input_addresses["kv0"] == storage[0].k.data_ptr() != old_address
     # The rotary table moves too where a generation runs past it (past max_position_embeddings).
     model.decoder.cover_positions(model.decoder.cos_sin_cache.shape[0] + 1)
     assert torch.equal(model.generate(prompt, max_new_tokens=4), expected)

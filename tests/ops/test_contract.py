@@ -20,13 +20,22 @@ def _norm(dtype=torch.float32, hidden=8, weight_hidden=None, weight_dtype=None):
     return x, weight
 
 
-def _kv_write_args(head_dim=16, kv_dtype="auto", rows_dtype=torch.int64, cache_dtype=None, tokens=2):
+def _kv_write_args(head_dim=16, kv_dtype="auto", rows_dtype=torch.int64, cache_dtype=None, tokens=2,
+                   scale_dtype=torch.bfloat16, v_cache_strided=False):  # fmt: skip
     key = torch.randn(tokens, 2, head_dim)
     storage = cache_dtype or (torch.uint8 if kv_dtype != "auto" else torch.float32)
     cache = torch.zeros(3, 2, 8, head_dim, dtype=storage)
-    scale = None if kv_dtype == "auto" else torch.ones(3, 2, 8, dtype=torch.bfloat16)
+    v_cache = cache.transpose(1, 2).contiguous().transpose(1, 2) if v_cache_strided else cache.clone()
+    scale = None if kv_dtype == "auto" else torch.ones(3, 2, 8, dtype=scale_dtype)
     rows = torch.zeros(tokens, dtype=rows_dtype)
-    return [key, key.clone(), cache, cache.clone(), scale, scale, rows, rows.clone(), kv_dtype]
+    return [key, key.clone(), cache, v_cache, scale, scale, rows, rows.clone(), kv_dtype]
+
+
+def _strided_heads(x: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D] with its heads 2 D apart (every other D of a wider buffer)."""
+    wide = torch.zeros(x.shape[0], 2 * x.shape[1], x.shape[2])
+    wide[:, ::2] = x
+    return wide[:, ::2]
 
 
 def _prefill_args(queries=4, columns=4, heads=4, kv_heads=2, window=-1):
@@ -35,13 +44,15 @@ def _prefill_args(queries=4, columns=4, heads=4, kv_heads=2, window=-1):
     return [torch.empty_like(query), query, key, key.clone(), torch.zeros(1, dtype=torch.int32), 0.25, window]
 
 
-def _decode_args(kv_dtype="auto", slots_dtype=torch.int32, lens=None, table=None, prompt_len=-1, window=-1):
+def _decode_args(kv_dtype="auto", slots_dtype=torch.int32, lens=None, table=None, prompt_len=-1, window=-1,
+                 strided_query=False, requests=1, response_kv_heads=2):  # fmt: skip
     query = torch.randn(2, 4, 16)
+    query = _strided_heads(query) if strided_query else query
     prompt = torch.randn(1, 2, 8, 16)
-    response = torch.randn(2, 2, 4, 16)
+    response = torch.randn(2, response_kv_heads, 4, 16)
     slots = torch.arange(2, dtype=slots_dtype)[:, None].repeat(1, 4)
-    start = torch.zeros(1, dtype=torch.int32)
-    return [torch.empty_like(query), query, prompt, prompt.clone(), None, None, start, response, response.clone(),
+    start = torch.zeros(requests, dtype=torch.int32)
+    return [torch.empty(2, 4, 16), query, prompt, prompt.clone(), None, None, start, response, response.clone(),
             None, None, slots, 1, 0.25, kv_dtype, lens, table, prompt_len, window]  # fmt: skip
 
 
@@ -76,6 +87,14 @@ INVALID_CALLS = {
     "int64 block table": ("segment_attention_decode", lambda: _decode_args(table=torch.zeros(1, 1, dtype=torch.int64)), ValueError),
     "prompt_len past the segment": ("segment_attention_decode", lambda: _decode_args(prompt_len=9), ValueError),
     "decode window -2": ("segment_attention_decode", lambda: _decode_args(window=-2), ValueError),
+    "decode window past the span": ("segment_attention_decode", lambda: _decode_args(window=UNBOUNDED_SPAN), ValueError),
+    "decode query heads not head_dim apart": ("segment_attention_decode", lambda: _decode_args(strided_query=True), ValueError),
+    "decode slots of another request count": ("segment_attention_decode", lambda: _decode_args(requests=3), ValueError),
+    "decode prompt and response of other KV heads": ("segment_attention_decode", lambda: _decode_args(response_kv_heads=1), ValueError),
+    "odd query head_dim for the write": ("rotary_embedding_kv_write", lambda: [torch.randn(2, 4, 15), *_kv_write_args(head_dim=15)[:2], torch.randn(2, 15), *_kv_write_args(head_dim=15)[2:]], ValueError),
+    "key heads not head_dim apart": ("kv_write", lambda: [_strided_heads(torch.randn(2, 2, 16)), *_kv_write_args()[1:]], ValueError),
+    "scales of another dtype": ("kv_write", lambda: _kv_write_args(kv_dtype="fp8_e4m3", scale_dtype=torch.float32), TypeError),
+    "K and V caches of other strides": ("kv_write", lambda: _kv_write_args(v_cache_strided=True), ValueError),
 }  # fmt: skip
 
 

@@ -41,7 +41,7 @@ def _write(ops: Ops, cache: SegmentKVCache, kv: LayerKV, cells: tuple[torch.Tens
            value, cos_sin) -> None:  # fmt: skip
     """Rotates query and key and writes K/V into `cells` (rows, columns) of a segment's layer."""
     ops.kernels.rotary_embedding_kv_write(
-        query, key, value, cos_sin, *kv.tensors(), *cells, cache.kv_dtype, cache.static_scales is not None
+        query, key, value, cos_sin, *kv, *cells, cache.kv_dtype, cache.static_scales is not None
     )
 
 
@@ -134,7 +134,7 @@ def _attend_decode(ops: Ops, cache: SegmentKVCache, layer: int, query, key, valu
     segment_lens = None if cache.lengths is None else cache.lengths.segment_lens
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     ops.kernels.segment_attention_decode(
-        out, query, *prompt.tensors(), cache.kept_start, *response.tensors(), cache.beam_slots, response_len,
+        out, query, *prompt, cache.kept_start, *response, cache.beam_slots, response_len,
         cache.spec.attention_scale, cache.kv_dtype, segment_lens, cache.prompt.block_table, prompt_columns,
         cache.windows[layer],
     )  # fmt: skip

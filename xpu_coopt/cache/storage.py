@@ -8,26 +8,23 @@ layer the largest is one layer's K (128 MiB there), and growing a segment copies
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from xpu_coopt.ops import fp8
 
 
-@dataclass
-class LayerKV:
+class LayerKV(NamedTuple):
     """One layer's K and V of a segment (or a pool of blocks), with their FP8 scales (None for a 16-bit
-    cache): k, v [rows, Hkv, columns, D] in the activation dtype or as uint8 FP8 codes; k_scale, v_scale
-    [rows, Hkv, columns] bfloat16 (static scales: one per layer, broadcast with zero strides)."""
+    cache), in the ops' argument order: k, v [rows, Hkv, columns, D] in the activation dtype or as uint8
+    FP8 codes; k_scale, v_scale [rows, Hkv, columns] bfloat16 (static scales: one per layer, broadcast
+    with zero strides). A tuple, so that a call unpacks it (*kv) without building one."""
 
     k: torch.Tensor
     v: torch.Tensor
     k_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(k, v, k_scale, v_scale): the ops' argument order."""
-        return self.k, self.v, self.k_scale, self.v_scale
 
 
 @dataclass(frozen=True)
@@ -84,15 +81,10 @@ class KVStorage:
     def grow(self, dim: int, extra: int) -> None:
         """`extra` more zeroed rows (dim 0) or columns (dim 2) in every layer, a layer at a time: the
         cells held keep their place."""
-        for layer in self.layers:
-            layer.k, layer.v = extend(layer.k, dim, extra), extend(layer.v, dim, extra)
-            layer.k_scale, layer.v_scale = (
-                extend(layer.k_scale, dim, extra),
-                extend(layer.v_scale, dim, extra),
-            )
+        self.layers = [LayerKV(*(extend(tensor, dim, extra) for tensor in layer)) for layer in self.layers]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for layer in self.layers for t in layer.tensors() if t is not None]
+        return [t for layer in self.layers for t in layer if t is not None]
 
 
 def extend(tensor: torch.Tensor | None, dim: int, extra: int) -> torch.Tensor | None:
