@@ -58,6 +58,7 @@ def generate(
             output = prompt_lookup(request)
         else:
             output = sample(request)
+    output = output.ordinary()
     return output if settings.return_dict_in_generate else output.sequences
 
 

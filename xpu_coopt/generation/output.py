@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -26,6 +26,23 @@ class GenerateOutput:
     # prompt_lookup_num_tokens: the decode steps run, and the draft tokens they kept
     decode_steps: int = 0
     accepted_drafts: int = 0
+
+    def ordinary(self) -> GenerateOutput:
+        """This output with ordinary tensors in place of inference-mode ones (see `ordinary`)."""
+        return replace(
+            self,
+            sequences=ordinary(self.sequences),
+            sequences_scores=ordinary(self.sequences_scores),
+            scores=None if self.scores is None else tuple(map(ordinary, self.scores)),
+            logits=None if self.logits is None else tuple(map(ordinary, self.logits)),
+        )
+
+
+def ordinary(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A tensor the caller may write to and use in autograd: generation runs in inference mode (decode
+    steps measured faster on the CPU than under no_grad), whose tensors refuse both, so what leaves it is
+    copied once."""
+    return tensor.clone() if tensor is not None and tensor.is_inference() else tensor
 
 
 @dataclass

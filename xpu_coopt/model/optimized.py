@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xpu_coopt.cache.prefix_cache import PrefixCache
+from xpu_coopt.generation.output import ordinary
 from xpu_coopt.generation.session import CacheSession, KeptSession
 from xpu_coopt.kv_scales import KVScales
 from xpu_coopt.model.decoder import LlamaDecoder
@@ -256,7 +257,8 @@ class OptimizedModel(nn.Module):
         if cache is None:
             logits, cache = self.prefill(input_ids, attention_mask, last_only=logits_to_keep == 1)
             loss = None if labels is None else causal_lm_loss(logits, labels)
-            return ModelOutput(logits if logits_to_keep == 0 else logits[:, None], cache, loss)
+            logits = ordinary(logits if logits_to_keep == 0 else logits[:, None])
+            return ModelOutput(logits, cache, loss)
         if attention_mask is not None:
             raise ValueError(
                 "attention_mask is only taken with the prompt; the cache keeps it for decode steps"
@@ -265,7 +267,7 @@ class OptimizedModel(nn.Module):
             raise ValueError(
                 f"decode takes input_ids of shape ({cache.num_seqs}, 1) for this cache, got {tuple(input_ids.shape)}"
             )
-        return ModelOutput(self.decode(input_ids[:, 0], cache)[:, None], cache)
+        return ModelOutput(ordinary(self.decode(input_ids[:, 0], cache)[:, None]), cache)
 
     def generate(
         self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs: Any
