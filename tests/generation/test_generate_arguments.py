@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import left_padded_prompts, tiny_model
@@ -37,12 +38,53 @@ def optimized():
             "token ids \\(input_ids\\), not inputs_embeds",
         ),
         (dict(inputs=torch.ones((1, 8), dtype=torch.long)), TypeError, "the prompt twice"),
+        (dict(max_new_tokens=2.5), ValueError, "max_new_tokens must be an integer, got 2.5"),
+        (dict(num_beams="2"), ValueError, "num_beams must be an integer, got '2'"),
+        (dict(top_k=True), ValueError, "top_k must be an integer, got True"),
+        (dict(do_sample=True, temperature=float("nan")), ValueError, "temperature must be a number, got nan"),
+        (dict(do_sample=True, top_p="0.5"), ValueError, "top_p must be a number"),
+        (
+            dict(logits_processor=[lambda ids, scores: None]),
+            ValueError,
+            "returned NoneType: a processor returns",
+        ),
+        (dict(logits_processor=[lambda ids, scores: scores[:, :5]]), ValueError, "returned \\(1, 5\\)"),
+        (
+            dict(stopping_criteria=[lambda ids, scores: "no"]),
+            ValueError,
+            "returned 'no': a criterion returns",
+        ),
+        (
+            dict(stopping_criteria=[lambda ids, scores: torch.ones(3, dtype=torch.bool)]),
+            ValueError,
+            "one flag per row \\(1\\)",
+        ),
     ],
 )
 def test_bad_generate_arguments(optimized, kwargs, error, message):
     ids, _ = left_padded_prompts([8], 256)
     with pytest.raises(error, match=message):
         optimized.generate(ids, **{"max_new_tokens": 2, **kwargs})
+
+
+def test_numpy_numbers_are_taken_as_transformers_takes_them(optimized):
+    ids, _ = left_padded_prompts([8], 256)
+    expected = optimized.generate(ids, max_new_tokens=3, num_beams=2, length_penalty=0.5)
+    given = dict(max_new_tokens=np.int64(3), num_beams=np.int32(2), length_penalty=np.float32(0.5))
+    assert torch.equal(optimized.generate(ids, **given), expected)
+
+
+@pytest.mark.parametrize("search", [dict(), dict(num_beams=2)], ids=["greedy", "beams"])
+@pytest.mark.parametrize("stop", [False, True])
+def test_a_stopping_criterion_may_return_a_python_bool(optimized, search, stop):
+    """As transformers' StoppingCriteriaList takes it: False stops no row, True every row."""
+    ids, mask = left_padded_prompts([5, 8], 256)
+    settings = dict(
+        attention_mask=mask, max_new_tokens=4, stopping_criteria=[lambda ids, scores: stop], **search
+    )
+    expected = tiny_model("llama-gqa-8q2kv-d64").generate(ids, pad_token_id=0, **settings)
+    assert expected.shape[1] == ids.shape[1] + (1 if stop else 4)
+    assert torch.equal(optimized.generate(ids, **settings), expected)
 
 
 def test_the_prompt_goes_by_either_of_transformers_names(optimized):

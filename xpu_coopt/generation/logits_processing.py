@@ -82,7 +82,14 @@ def _run_callers_processors(
     """The caller's logits_processor, each given the rows' tokens so far (prompt and padding included) and
     the scores as processed up to it, as transformers calls them."""
     for processor in settings.logits_processor:
-        scores = processor(tokens, scores)
+        processed = processor(tokens, scores)
+        if not isinstance(processed, torch.Tensor) or processed.shape != scores.shape:
+            got = type(processed).__name__ if not isinstance(processed, torch.Tensor) else tuple(processed.shape)
+            raise ValueError(
+                f"logits_processor {processor!r} returned {got}: a processor returns the scores, a tensor "
+                f"of shape {tuple(scores.shape)}"
+            )
+        scores = processed
     return scores
 
 
@@ -110,8 +117,21 @@ def criteria_met(
     met = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     scores_so_far = None if scores is None else tuple(scores)
     for criterion in criteria:
-        met |= criterion(tokens, scores_so_far).to(device=met.device, dtype=torch.bool)
+        met |= _rows_done(criterion, criterion(tokens, scores_so_far), met)
     return met
+
+
+def _rows_done(criterion: Any, result: Any, met: torch.Tensor) -> torch.Tensor:
+    """A criterion's result as bool [rows]: a tensor of one flag per row, or one flag for every row (a
+    Python bool or a one-element tensor, as transformers' StoppingCriteriaList takes it)."""
+    if isinstance(result, bool):
+        return torch.full_like(met, result)
+    if isinstance(result, torch.Tensor) and result.numel() in (1, met.numel()):
+        return result.to(device=met.device, dtype=torch.bool).reshape(-1).expand_as(met)
+    raise ValueError(
+        f"stopping criterion {criterion!r} returned {result!r}: a criterion returns a bool, or a bool "
+        f"tensor of one flag per row ({met.numel()})"
+    )
 
 
 def process(

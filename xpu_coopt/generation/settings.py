@@ -3,6 +3,8 @@ fills them), and their validation, into one GenerationSettings."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -50,6 +52,17 @@ _IGNORED_CONFIG_FIELDS = {
     "is_assistant", "compile_config", "disable_compile", "trust_remote_code",
 }  # fmt: skip
 
+
+# Arguments that take one integer (numpy's included, as transformers takes them) or one real number.
+INTEGER_ARGUMENTS = (
+    "max_new_tokens", "max_length", "min_new_tokens", "min_length", "num_beams", "num_return_sequences",
+    "top_k", "no_repeat_ngram_size", "prompt_lookup_num_tokens", "max_matching_ngram_size", "pad_token_id",
+    "bos_token_id", "forced_bos_token_id",
+)  # fmt: skip
+REAL_ARGUMENTS = (
+    "temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
+    "length_penalty", "max_time",
+)  # fmt: skip
 
 # transformers' generate() without max_new_tokens or max_length: 20 new tokens.
 DEFAULT_NEW_TOKENS = 20
@@ -142,6 +155,7 @@ def resolve_settings(model: Any, prompt_len: int, kwargs: dict[str, Any]) -> Gen
         **_config_defaults(kwargs.get("generation_config"), "the generation_config passed to generate()"),
         **{key: value for key, value in kwargs.items() if key != "generation_config"},
     }
+    _normalize_numbers(values)
     max_new_tokens = values.get("max_new_tokens")
     if max_new_tokens is None:
         max_new_tokens = _new_tokens_within_max_length(
@@ -166,6 +180,25 @@ def resolve_settings(model: Any, prompt_len: int, kwargs: dict[str, Any]) -> Gen
         settings.pad_token_id = settings.eos_token_id[0]  # as transformers does, without its warning
     _validate(settings)
     return settings
+
+
+def _normalize_numbers(values: dict[str, Any]) -> None:
+    """Integer arguments as Python ints and real ones as floats, numpy's scalars included; ValueError
+    naming the argument for anything else, a fraction where an integer goes and NaN included."""
+    for name in INTEGER_ARGUMENTS:
+        value = values.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        values[name] = int(value)
+    for name in REAL_ARGUMENTS:
+        value = values.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        values[name] = float(value)
 
 
 def _new_tokens_within_max_length(max_length: int | None, prompt_len: int, position_limit: int) -> int:
