@@ -231,7 +231,7 @@ def test_a_paged_run_writes_through_the_planned_blocks(stories_model):
     ("kwargs", "message"),
     [
         (dict(prompt_lookup_num_tokens=0), "prompt_lookup_num_tokens must be an integer >= 1, got 0"),
-        (dict(prompt_lookup_num_tokens=2.5), "prompt_lookup_num_tokens must be an integer >= 1"),
+        (dict(prompt_lookup_num_tokens=2.5), "prompt_lookup_num_tokens must be an integer, got 2.5"),
         (dict(prompt_lookup_num_tokens=3, max_matching_ngram_size=0), "max_matching_ngram_size must be"),
         (dict(prompt_lookup_num_tokens=3, num_beams=2), "takes num_beams=1 and num_return_sequences=1"),
         (

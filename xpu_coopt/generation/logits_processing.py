@@ -84,7 +84,11 @@ def _run_callers_processors(
     for processor in settings.logits_processor:
         processed = processor(tokens, scores)
         if not isinstance(processed, torch.Tensor) or processed.shape != scores.shape:
-            got = type(processed).__name__ if not isinstance(processed, torch.Tensor) else tuple(processed.shape)
+            got = (
+                type(processed).__name__
+                if not isinstance(processed, torch.Tensor)
+                else tuple(processed.shape)
+            )
             raise ValueError(
                 f"logits_processor {processor!r} returned {got}: a processor returns the scores, a tensor "
                 f"of shape {tuple(scores.shape)}"

@@ -57,7 +57,7 @@ _IGNORED_CONFIG_FIELDS = {
 INTEGER_ARGUMENTS = (
     "max_new_tokens", "max_length", "min_new_tokens", "min_length", "num_beams", "num_return_sequences",
     "top_k", "no_repeat_ngram_size", "prompt_lookup_num_tokens", "max_matching_ngram_size", "pad_token_id",
-    "bos_token_id", "forced_bos_token_id",
+    "bos_token_id",
 )  # fmt: skip
 REAL_ARGUMENTS = (
     "temperature", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
