@@ -16,6 +16,7 @@ from xpu_coopt.model.decoder import LlamaDecoder
 from xpu_coopt.model.linear import is_plain_linear, projection_modules
 from xpu_coopt.model.optimized import OptimizedModel
 from xpu_coopt.model.spec import ModelSpec, model_spec
+from xpu_coopt.model.weight_shapes import check_weights_match_config
 from xpu_coopt.ops import KV_DTYPES, Ops
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -74,13 +75,16 @@ def optimize(
 
 
 def _model_spec(model: Any) -> ModelSpec:
-    """What the model's config says, for a transformers causal LM; TypeError for anything else."""
+    """What the model's config says, for a transformers causal LM whose weights it describes; TypeError for
+    anything else."""
     hf_config = getattr(model, "config", None)
     if hf_config is None or not isinstance(model, torch.nn.Module):
         raise TypeError(
             f"optimize() takes a transformers causal LM (a torch.nn.Module with a config), got {type(model)}"
         )
-    return model_spec(hf_config, type(model).__name__)
+    spec = model_spec(hf_config, type(model).__name__)
+    check_weights_match_config(model, spec)
+    return spec
 
 
 def _check_cache_options(kv_cache: str, kv_dtype: str) -> None:

@@ -73,6 +73,26 @@ def test_device_is_checked_as_ipex_llm_optimize_takes_it():
         xpu_coopt.optimize(model, device="xpu")
 
 
+@pytest.mark.parametrize(
+    ("name", "field", "value", "message"),
+    [
+        ("llama-mha-d64", "num_attention_heads", 8, r"[qk]_proj.weight has shape \(256, 256\), but the config gives \(\d+, 256\)"),
+        ("llama-mha-d64", "num_hidden_layers", 1, "num_hidden_layers is 1, but the model holds 2 layers"),
+        ("llama-mha-d64", "num_hidden_layers", 3, "num_hidden_layers is 3, but the model holds 2 layers"),
+        ("llama-mha-d64", "hidden_size", 128, r"embed_tokens.weight has shape \(256, 256\).*hidden_size \(128\)"),
+        ("llama-mha-d64", "vocab_size", 300, r"embed_tokens.weight has shape \(256, 256\).*vocab_size \(300\)"),
+        ("llama-mha-d64", "intermediate_size", 100, r"gate_proj.weight has shape \(160, 256\)"),
+        ("llama-gqa-8q2kv-d64", "num_key_value_heads", 4, r"k_proj.weight.*num_key_value_heads \* head_dim \(256\)"),
+        ("qwen3-qk-norm", "head_dim", 32, r"q_norm.weight has shape \(64,\), but the config gives \(32,\)"),
+    ],
+)  # fmt: skip
+def test_a_config_that_does_not_describe_the_weights_is_an_error(name, field, value, message):
+    model = tiny_model(name)
+    setattr(model.config, field, value)
+    with pytest.raises(ValueError, match=message):
+        xpu_coopt.optimize(model)
+
+
 def test_unsupported_rope_type():
     model = tiny_model("llama-mha-d64")
     model.config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 2.0}
