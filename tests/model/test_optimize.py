@@ -308,3 +308,35 @@ def test_fp8_kv_cache_stays_close_to_the_16_bit_cache(model, kv_dtype):
         assert relative < (0.05 if kv_dtype == "fp8_e4m3" else 0.1)
         tokens = step_full.argmax(-1)
     assert cache_q.nbytes() < 0.6 * cache_full.nbytes()
+
+
+class DropoutAdapter(torch.nn.Module):
+    """A LoRA-style wrapper: the base projection plus a low-rank update behind dropout."""
+
+    def __init__(self, base: torch.nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.dropout = torch.nn.Dropout(0.5)
+        self.down = torch.nn.Linear(base.in_features, 4, bias=False)
+        self.up = torch.nn.Linear(4, base.out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.up(self.down(self.dropout(x)))
+
+
+def test_wrapped_layers_infer_in_eval_mode_and_keep_the_users_mode():
+    """A model left in train mode: xpu_coopt's calls run the adapters' dropout as eval() would (not at
+    all), as an inference library must, and hand the model back in train mode."""
+    model = tiny_model("llama-mha-d64")
+    for layer in model.model.layers:
+        layer.self_attn.v_proj = DropoutAdapter(layer.self_attn.v_proj)
+    ids, _ = left_padded_prompts([6], model.config.vocab_size)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = model.eval().generate(ids, **kwargs)
+    model.train()
+    with pytest.warns(UserWarning, match="not plain torch.nn.Linear"):
+        optimized = xpu_coopt.optimize(model)
+    for _ in range(3):
+        assert torch.equal(optimized.generate(ids, **kwargs), expected)
+    assert all(module.training for module in model.modules())

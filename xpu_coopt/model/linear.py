@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -29,7 +32,8 @@ class FusedLinear:
     """Projections sharing one input, run as one GEMM when they are plain nn.Linear layers.
 
     Other module types (quantized Linear layers, adapters) are called as they are and their outputs
-    concatenated, so they keep working. A single plain Linear shares its weight with the HF model, unless
+    concatenated, so they keep working; always in eval mode, as xpu_coopt only infers (an adapter's dropout
+    would otherwise run where the user's model is in train mode). A single plain Linear shares its weight with the HF model, unless
     pack_shared asks for a packed copy of it too. A fused matrix is xpu_coopt's own: the backend may pack it
     into its preferred layout (ops.pack_weight); if it keeps it plain and inplace is set, the HF modules
     become views of it so no weight is held twice.
@@ -43,6 +47,7 @@ class FusedLinear:
         self.linear = ops.linear
         if not all(is_plain_linear(m) for m in modules):
             self.modules = modules
+            self._submodules = [sub for module in modules for sub in module.modules()]
             return
         weight = _concat([m.weight for m in modules], dtype)
         if any(m.bias is not None for m in modules):
@@ -67,7 +72,22 @@ class FusedLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.modules is None:
             return self.linear(x, self.weight, self.bias)
-        return torch.cat([m(x) for m in self.modules], dim=-1)
+        with _in_eval_mode(self._submodules):
+            return torch.cat([m(x) for m in self.modules], dim=-1)
+
+
+@contextmanager
+def _in_eval_mode(modules: list[nn.Module]) -> Iterator[None]:
+    """The modules in eval mode for the call, each one's own mode restored after: the user's model is
+    left as it was."""
+    training = [module for module in modules if module.training]
+    for module in training:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module in training:
+            module.training = True
 
 
 def _concat(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
