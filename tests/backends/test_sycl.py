@@ -140,9 +140,61 @@ def test_the_launcher_build_says_so_once_and_lands_whole(monkeypatch, tmp_path, 
     monkeypatch.setenv("XPU_COOPT_CACHE", str(tmp_path))
     built = runtime._build_launcher(runtime.sycl_prefix())
     assert "building xpu_coopt's SYCL launcher (once" in capsys.readouterr().err
-    assert built.parent == tmp_path and [path.name for path in tmp_path.iterdir()] == [built.name]
+    assert built.parent.parent == tmp_path and [path.name for path in tmp_path.iterdir()] == [
+        built.parent.name
+    ]
     assert runtime._build_launcher(runtime.sycl_prefix()) == built
     assert capsys.readouterr().err == ""
+
+
+def test_a_launcher_in_the_cache_needs_no_compiler(monkeypatch, tmp_path):
+    """A prebuilt cache (a container image without g++) serves as it is; the compiler is named only where
+    a build is needed."""
+    monkeypatch.setenv("XPU_COOPT_CACHE", str(tmp_path))
+    built = runtime._build_launcher(runtime.sycl_prefix())
+    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
+    assert runtime._build_launcher(runtime.sycl_prefix()) == built
+    monkeypatch.setenv("XPU_COOPT_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(
+        xpu_coopt.BackendUnavailableError, match=r"g\+\+ is needed to build .*which the disk cache lacks"
+    ):
+        runtime._build_launcher(runtime.sycl_prefix())
+
+
+def test_a_damaged_launcher_is_built_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("XPU_COOPT_CACHE", str(tmp_path))
+    built = runtime._build_launcher(runtime.sycl_prefix())
+    size = built.stat().st_size
+    with open(built, "r+b") as handle:
+        handle.truncate(100)
+    with pytest.warns(UserWarning, match=f"{built.parent} is damaged \\(launcher.so holds 100 bytes"):
+        assert runtime._build_launcher(runtime.sycl_prefix()) == built
+    assert built.stat().st_size == size
+
+
+def test_a_failed_launcher_build_names_the_command_its_status_and_output(monkeypatch, tmp_path):
+    compiler = tmp_path / "failing-compiler"
+    compiler.write_text("#!/bin/sh\necho 'fatal: no such header' >&2\nexit 3\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("XPU_COOPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(compiler))
+    message = f"`{compiler} -std=c\\+\\+17 .*` exited with status 3:\\nfatal: no such header"
+    with pytest.raises(xpu_coopt.KernelCompileError, match=message):
+        runtime._build_launcher(runtime.sycl_prefix())
+    monkeypatch.setenv("CXX", "false")
+    with pytest.raises(
+        xpu_coopt.KernelCompileError, match=r"`false .*` exited with status 1:\n\(no output\)"
+    ):
+        runtime._build_launcher(runtime.sycl_prefix())
+    assert [path.name for path in (tmp_path / "cache").iterdir()] == []
+
+
+def test_an_unwritable_cache_is_named(monkeypatch, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    monkeypatch.setenv("XPU_COOPT_CACHE", str(a_file))
+    with pytest.raises(OSError, match=f"disk cache \\(XPU_COOPT_CACHE={a_file}\\) cannot be written"):
+        runtime._build_launcher(runtime.sycl_prefix())
 
 
 # A kernel source that does not compile, and what its KernelCompileError names: the source and the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -134,6 +135,29 @@ def test_smollm2_loads_from_its_kept_copy_as_from_its_gguf(tmp_path, monkeypatch
         )
         for special in ("bos_token_id", "eos_token_id", "pad_token_id"):
             assert getattr(tokenizer, special) == getattr(gguf_tokenizer, special)
+
+
+def test_a_damaged_smollm2_copy_is_converted_again(smollm2_fp32, tmp_path, monkeypatch):
+    """A copy cut short, deleted or emptied is found before it is read: a warning names it, the GGUF is
+    converted again (here: the conversion the fixture made) and the copy kept anew."""
+    monkeypatch.setenv("XPU_COOPT_CACHE", str(tmp_path))
+    monkeypatch.setattr(checkpoints, "load_gguf", lambda *args: smollm2_fp32)
+    checkpoints.load_smollm2(torch.float32)
+    (copy,) = (tmp_path / "models").iterdir()
+    weights = copy / "model.safetensors"
+    damages = {
+        "model.safetensors holds 100 bytes": lambda: os.truncate(weights, 100),
+        "model.safetensors is missing": weights.unlink,
+        "config.json holds 0 bytes": lambda: (copy / "config.json").write_text(""),
+    }
+    for found, harm in damages.items():
+        harm()
+        with pytest.warns(UserWarning, match=f"{copy} is damaged \\({found}"):
+            checkpoints.load_smollm2(torch.float32)
+        monkeypatch.setattr(checkpoints, "load_gguf", None)  # the copy made again serves the next load
+        model, _ = checkpoints.load_smollm2(torch.float32)
+        assert torch.equal(model.lm_head.weight, smollm2_fp32[0].lm_head.weight)
+        monkeypatch.setattr(checkpoints, "load_gguf", lambda *args: smollm2_fp32)
 
 
 def test_a_cache_that_cannot_keep_the_smollm2_copy_is_a_warning(smollm2_fp32, tmp_path):
