@@ -117,6 +117,7 @@ def load_llama2c(path: str | Path, dtype: torch.dtype = torch.float32):
     if len(data) < _LLAMA2C_HEADER.size:
         raise ValueError(f"{path} is too short to be a llama2.c checkpoint")
     header = _Llama2cHeader(*_LLAMA2C_HEADER.unpack_from(data))
+    _check_llama2c_header(header, path)
     shared_classifier = header.vocab > 0
     config = LlamaConfig(
         vocab_size=abs(header.vocab), hidden_size=header.dim, intermediate_size=header.hidden_dim,
@@ -131,6 +132,16 @@ def load_llama2c(path: str | Path, dtype: torch.dtype = torch.float32):
     if shared_classifier:
         model.tie_weights()
     return model.to(dtype).eval()
+
+
+def _check_llama2c_header(header: _Llama2cHeader, path: str | Path) -> None:
+    """ValueError where the header cannot describe a model: what garbage or another format reads as."""
+    sizes = (header.dim, header.hidden_dim, header.layers, header.heads, header.kv_heads, header.seq_len)
+    if (
+        min(sizes) < 1 or header.vocab == 0 or header.dim % header.heads
+        or header.heads % header.kv_heads or (header.dim // header.heads) % 2
+    ):  # fmt: skip
+        raise ValueError(f"{path} is not a llama2.c checkpoint: its header reads {header}")
 
 
 def _llama2c_state(header: _Llama2cHeader, reader: _Float32Reader) -> dict[str, torch.Tensor]:
@@ -197,11 +208,20 @@ def smollm2_location() -> tuple[Path, str]:
 
 
 def load_gguf(folder: Path, file_name: str, dtype: torch.dtype):
-    """A GGUF checkpoint through transformers (dequantized to dtype), with its tokenizer."""
+    """A GGUF checkpoint through transformers (dequantized to dtype), with its tokenizer. ValueError naming
+    the file where it cannot be read (GGUF has no checksum: a file cut short or of garbage fails deep in the
+    reader, with struct's errors)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=dtype).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+    except struct.error as error:
+        raise ValueError(
+            f"{folder / file_name} is not a readable GGUF file: cut short or damaged ({error})"
+        ) from None
+    except (ValueError, KeyError, IndexError) as error:
+        raise ValueError(f"{folder / file_name} is not a readable GGUF file: {error}") from error
     return model, tokenizer
 
 

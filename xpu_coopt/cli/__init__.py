@@ -11,6 +11,7 @@ perplexity.py       the perplexity harness
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from xpu_coopt.cli.arguments import DTYPES
@@ -27,9 +28,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"xpu-coopt {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"\nxpu-coopt {args.command}: interrupted", file=sys.stderr)
+        return 130  # as a shell reports a command that SIGINT ended
+    except Exception as error:  # the command line's promise: the error in a line, never a traceback
+        if os.environ.get(TRACEBACK_VARIABLE):
+            raise
+        print(f"xpu-coopt {args.command}: error: {_describe(error)}", file=sys.stderr)
+        return 2 if isinstance(error, EXPECTED_ERRORS) else 1
+
+
+# Errors that name what the user gave; any other is unexpected: its type is named, and
+# XPU_COOPT_TRACEBACK=1 shows where it came from.
+EXPECTED_ERRORS = (ValueError, OSError, RuntimeError, TypeError)
+TRACEBACK_VARIABLE = "XPU_COOPT_TRACEBACK"
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, EXPECTED_ERRORS):
+        return str(error)
+    return f"{type(error).__name__}: {error} (set {TRACEBACK_VARIABLE}=1 to see where it was raised)"
 
 
 if __name__ == "__main__":

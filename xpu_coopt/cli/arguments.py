@@ -103,5 +103,15 @@ def load_with_tokenizer(args: argparse.Namespace):
 
 
 def read_text(path: str) -> str:
-    with open(path, encoding="utf-8") as handle:
-        return handle.read()
+    """A text file's whole text; ValueError naming the file where it is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text: {error}") from None
+
+
+def typed_text(text: str) -> str:
+    """Text from the command line or a terminal with bytes that are not UTF-8 (which Python carries as lone
+    surrogates, which no tokenizer takes) as U+FFFD, the replacement character."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

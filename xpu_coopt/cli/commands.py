@@ -22,6 +22,7 @@ from xpu_coopt.cli.arguments import (
     positive,
     read_text,
     runtime_arguments,
+    typed_text,
 )
 
 
@@ -94,7 +95,8 @@ def generate_parser(subparsers) -> None:
         "Generation settings not given come from the model's generation_config, as in transformers.",
     )
     model_with_tokenizer_arguments(parser)
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    parser.add_argument("--prompt", action="append", default=[], type=typed_text,
+                        help="a prompt (repeat for a batch)")  # fmt: skip
     parser.add_argument("--prompt-file", action="append", default=[], type=existing_file,
                         help="a file whose whole text is one prompt (repeatable)")  # fmt: skip
     parser.add_argument("--chat", action="store_true",
@@ -176,13 +178,19 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def stdin_turns() -> Iterator[str]:
-    """The lines of stdin, each asked for with a "> " prompt on a terminal, up to its end (Ctrl-D) or Ctrl-C."""
+    """The lines of stdin (bytes that are not UTF-8 as U+FFFD), each asked for with a "> " prompt on a
+    terminal, up to its end (Ctrl-D) or a Ctrl-C at the prompt."""
     terminal = sys.stdin.isatty()
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")
     if terminal:
-        print("a chat: one line a turn; Ctrl-D ends it", file=sys.stderr)
+        print(
+            "a chat: one line a turn; Ctrl-C stops a reply, Ctrl-D (or Ctrl-C at the prompt) ends it",
+            file=sys.stderr,
+        )
     while True:
         try:
-            yield input("> " if terminal else "")
+            yield typed_text(input("> " if terminal else ""))
         except (EOFError, KeyboardInterrupt):
             return
 

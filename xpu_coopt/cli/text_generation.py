@@ -77,7 +77,8 @@ def chat(
     """A conversation: each non-empty line is the user's next turn, answered after the whole conversation so
     far (the chat template over every earlier turn, the replies as printed); ends with the lines. The
     conversation's K/V are kept from turn to turn (a PrefixCache): each turn prefills only what the last
-    generation did not run, from where the templated conversation departs from its tokens."""
+    generation did not run, from where the templated conversation departs from its tokens. Ctrl-C during a
+    reply stops it and leaves its turn out; the conversation goes on."""
     messages: list[dict[str, str]] = []
     prefix_cache = PrefixCache()
     for line in lines:
@@ -86,9 +87,19 @@ def chat(
         messages.append({"role": "user", "content": line.rstrip("\n")})
         input_ids = torch.tensor([chat_ids(tokenizer, messages)], device=device)
         attention_mask = torch.ones_like(input_ids)
-        output = generate_and_print(
-            model, tokenizer, [line], input_ids, attention_mask, settings, False, out, prefix_cache
-        )
+        try:
+            output = generate_and_print(
+                model, tokenizer, [line], input_ids, attention_mask, settings, False, out, prefix_cache
+            )
+        except KeyboardInterrupt:
+            # Ctrl-C stops this reply only: the turn is left out, and the K/V held are let go (the
+            # interrupted generation may have been updating them).
+            out.write("\n")
+            out.flush()
+            print("[reply stopped: that turn is left out of the conversation]", file=sys.stderr)
+            messages.pop()
+            prefix_cache = PrefixCache()
+            continue
         reply = new_text(tokenizer, input_ids[0], attention_mask[0], output.sequences[0].tolist())
         messages.append({"role": "assistant", "content": reply})
 
