@@ -50,7 +50,7 @@ case "$mode" in
             PYTHONPATH="$oldest" "$py" -m pytest -q -n auto -p no:cacheprovider \
                 tests/model/test_model_parity.py tests/model/test_optimize.py \
                 tests/generation/test_generation_parity.py tests/generation/test_generate_arguments.py \
-                tests/generation/test_pipeline.py
+                tests/generation/test_pipeline.py tests/generation/test_warpers.py
         fi
         ;;
     bench)

@@ -17,7 +17,7 @@ from xpu_coopt.generation.token_rules import (
     apply_bad_words,
     apply_before_penalties,
 )
-from xpu_coopt.generation.transformers_release import PENALTY_SKIPS_PADDING
+from xpu_coopt.generation.transformers_release import MIN_P_FLOOR_BY_TOPK, PENALTY_SKIPS_PADDING
 
 # --- logits processors, in transformers' order: sequence_bias, repetition_penalty, no_repeat_ngram_size,
 # bad_words_ids, min_length and min_new_tokens, prefix_allowed_tokens_fn, forced BOS and EOS,
@@ -181,7 +181,7 @@ def warp(scores: torch.Tensor, settings: GenerationSettings, keep: int = 1) -> t
     if settings.min_p is not None:
         probs = scores.softmax(dim=-1)
         remove = probs < settings.min_p * probs.amax(dim=-1, keepdim=True)
-        scores = scores.masked_fill(remove & (scores < _kth_largest(scores, keep)), float("-inf"))
+        scores = scores.masked_fill(_floor_kept(remove, probs, scores, keep), float("-inf"))
     if settings.typical_p < 1.0:
         scores = _typical(scores, settings.typical_p, keep)
     if settings.epsilon_cutoff > 0:
@@ -193,6 +193,18 @@ def warp(scores: torch.Tensor, settings: GenerationSettings, keep: int = 1) -> t
         cutoff = torch.min(eta, eta.sqrt() * torch.exp(-entropy))[..., None]
         scores = _below_cutoff_removed(scores, cutoff, keep)
     return scores
+
+
+def _floor_kept(remove: torch.Tensor, probs: torch.Tensor, scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """min_p's removal mask with the `keep` most likely tokens kept, as the installed transformers picks
+    them among ties (transformers_release.MIN_P_FLOOR_BY_TOPK)."""
+    if MIN_P_FLOOR_BY_TOPK:
+        kept = torch.topk(probs, min(keep, probs.shape[-1]), dim=-1).indices
+        return remove.scatter(-1, kept, False)
+    order = torch.argsort(scores, descending=True, dim=-1)
+    remove_sorted = remove.gather(-1, order)
+    remove_sorted[..., :keep] = False
+    return remove_sorted.scatter(1, order, remove_sorted)
 
 
 def _kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -21,3 +21,8 @@ BEAM_SAMPLES_SORTED = Version("5.24") <= _INSTALLED
 # samples of one prompt share its index; earlier releases divide by num_beams alone, so that each sample of
 # num_return_sequences counts as a prompt of its own.
 PREFIX_BATCH_SPANS_RETURN_SEQUENCES = Version("5.24") <= _INSTALLED
+
+# 5.0: min_p's floor keeps the min_tokens_to_keep most probable tokens as torch.topk orders the
+# probabilities; earlier releases keep the first of torch.argsort over the scores, which orders ties
+# otherwise.
+MIN_P_FLOOR_BY_TOPK = Version("5.0.0rc0") <= _INSTALLED
