@@ -418,6 +418,21 @@ def test_beam_sampling_matches_transformers(warpers, eos):
     assert not torch.equal(ours.sequences, searched)  # drawn, not the beam search's own beams
 
 
+@pytest.mark.parametrize("eos", [None, "frequent"])
+def test_beam_sampling_keeps_its_floor_where_top_p_alone_keeps_one_token(eos):
+    """Distributions so peaked that top-p alone keeps one token a beam: the floor (2, or 1 + the EOS ids)
+    decides what the draw may take, as transformers' min_tokens_to_keep."""
+    model = tiny_model("llama-gqa-8q2kv-d64")
+    ids, mask = left_padded_prompts([3, 8], model.config.vocab_size, seed=14)
+    eos_token_id = frequent_token(model, ids, mask) if eos else None
+    kwargs = dict(
+        max_new_tokens=6, do_sample=True, num_beams=3, eos_token_id=eos_token_id, pad_token_id=0, top_k=0,
+        top_p=1e-4, temperature=0.05,
+    )  # fmt: skip
+    ours = _matches_transformers(model, ids, mask, seed=0, **kwargs)
+    assert all((step.isfinite().sum(dim=-1) == 2).all() for step in ours.scores)  # the floor, not top-p
+
+
 @pytest.mark.parametrize(
     "warper",
     [dict(typical_p=0.5), dict(epsilon_cutoff=0.006), dict(eta_cutoff=0.02)],
