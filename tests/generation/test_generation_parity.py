@@ -615,3 +615,25 @@ def test_a_prefix_constraint_that_allows_nothing_is_an_error():
             pad_token_id=0,
             prefix_allowed_tokens_fn=lambda b, t: [],
         )
+
+
+@pytest.mark.parametrize(("seed", "length_penalty"), [(1, 2.0), (6, 1.0)])
+def test_each_early_stopping_rule_matches_transformers_where_it_decides(seed, length_penalty):
+    """Beam search with a frequent EOS, on prompts where early_stopping True (stop at num_beams finished),
+    False (the heuristic: the best running beam at its current length) and "never" (at its longest) each
+    return other beams: each must give transformers' beams and scores."""
+    model = tiny_model("llama-gqa-8q2kv-d64")
+    ids, mask = left_padded_prompts([3, 8], model.config.vocab_size, seed=seed)
+    kwargs = dict(
+        max_new_tokens=10, num_beams=2, num_return_sequences=2, do_sample=False, pad_token_id=0,
+        eos_token_id=frequent_token(model, ids, mask), length_penalty=length_penalty,
+    )  # fmt: skip
+    results = {}
+    for rule in (True, False, "never"):
+        ours = _matches_transformers(model, ids, mask, early_stopping=rule, **kwargs)
+        results[rule] = (ours.sequences, ours.sequences_scores)
+    for first, second in ((True, False), (False, "never"), (True, "never")):
+        (a, a_scores), (b, b_scores) = results[first], results[second]
+        assert a.shape != b.shape or not torch.equal(a, b) or not torch.allclose(a_scores, b_scores), (
+            f"early_stopping={first!r} and {second!r} give the same beams: the case decides nothing"
+        )
