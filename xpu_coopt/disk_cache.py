@@ -41,7 +41,8 @@ def key_of(parts: Iterable[str]) -> str:
     return hashlib.sha256("\0".join([ENTRY_FORMAT, *parts]).encode()).hexdigest()[:16]
 
 
-def _digest(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """A file's SHA-256, read in 16 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(1 << 24):
@@ -51,7 +52,7 @@ def _digest(path: Path) -> str:
 
 def _describe(path: Path) -> dict[str, int | str]:
     stat = path.stat()
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": _digest(path)}
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_of(path)}
 
 
 def _write_manifest(folder: Path) -> None:
@@ -104,7 +105,7 @@ def _damage(folder: Path) -> str | None:
         if stat.st_size != recorded["size"]:
             return f"{name} holds {stat.st_size} bytes, not the {recorded['size']} written"
         # A file whose time changed (touched, copied) is read whole: its digest must still match.
-        if stat.st_mtime_ns != recorded["mtime_ns"] and _digest(path) != recorded["sha256"]:
+        if stat.st_mtime_ns != recorded["mtime_ns"] and sha256_of(path) != recorded["sha256"]:
             return f"{name} changed since it was written (its SHA-256 differs)"
     return None
 

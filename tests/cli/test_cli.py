@@ -331,3 +331,12 @@ def test_the_command_runs_as_a_module():
         [sys.executable, "-m", "xpu_coopt.cli", "bench", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "--input-tokens" in result.stdout
+
+
+def test_verbose_prints_the_model_files_sha256(capsys):
+    """GGUF carries no checksum: --verbose prints the file's SHA-256 to compare with the published one."""
+    import hashlib
+
+    digest = hashlib.sha256(require_data(STORIES_MODEL).read_bytes()).hexdigest()
+    assert main(["generate", *STORIES_ARGS, "--prompt", "Once", "--max-new-tokens", "2", "--verbose"]) == 0
+    assert f"{STORIES_MODEL}: SHA-256 {digest}" in capsys.readouterr().err

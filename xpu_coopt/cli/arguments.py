@@ -76,6 +76,9 @@ def model_with_tokenizer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tokenizer", type=existing_file, help="a llama2.c tokenizer .bin, for a llama2.c model"
     )
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print the model file's SHA-256, to compare with the published one (a GGUF "
+                        "carries no checksum of its own)")  # fmt: skip
 
 
 def model_arguments(parser: argparse.ArgumentParser, text_help: str) -> None:
@@ -92,6 +95,10 @@ def load_with_tokenizer(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"loading {args.model} ({args.dtype}) on {args.device} ...", file=sys.stderr)
+    if args.verbose and Path(args.model).is_file():
+        from xpu_coopt.disk_cache import sha256_of
+
+        print(f"{args.model}: SHA-256 {sha256_of(Path(args.model))}", file=sys.stderr)
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device)
     if args.tokenizer:
         tokenizer = Llama2cTokenizer(args.tokenizer)
