@@ -102,3 +102,37 @@ def segment_attention_decode(
                 keys, vals = keys[-window:], vals[-window:]
             out[s, h] = attention(query[s, h], keys, vals, scale)
     return out
+
+
+def ggml_dequantize_row(row: bytes, type_name: str) -> list[float]:
+    """One GGUF row of Q4_0 or Q4_1 blocks as ggml's dequantize_row_q4_0 / _q4_1 computes it, block by
+    block and value by value in float32 (struct reads the float16 fields; numpy rounds each step)."""
+    import struct
+
+    import numpy as np
+
+    f32 = np.float32
+    block_bytes = {"Q4_0": 18, "Q4_1": 20}[type_name]
+    values: list[float] = []
+    for start in range(0, len(row), block_bytes):
+        block = row[start : start + block_bytes]
+        d = f32(struct.unpack("<e", block[0:2])[0])
+        if type_name == "Q4_0":
+            quads = block[2:18]
+            low = [f32(byte & 0x0F) - f32(8) for byte in quads]
+            high = [f32(byte >> 4) - f32(8) for byte in quads]
+            values += [float(x * d) for x in low] + [float(x * d) for x in high]
+        else:
+            m = f32(struct.unpack("<e", block[2:4])[0])
+            quads = block[4:20]
+            values += [float(f32(byte & 0x0F) * d + m) for byte in quads]
+            values += [float(f32(byte >> 4) * d + m) for byte in quads]
+    return values
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [rows, K] @ weight [N, K].T (+ bias) in float64, row by row."""
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float64)
+    for row in range(x.shape[0]):
+        out[row] = (weight.double() * x[row].double()).sum(dim=-1)
+    return out if bias is None else out + bias.double()

@@ -1,0 +1,105 @@
+"""Int4Weight: 4-bit weights in one layout, whatever format they came from (docs/ops.md, "linear_int4").
+
+    codes    uint8 [N, K/2]   two 4-bit codes a byte: column 2i in the low nibble, 2i + 1 in the high one
+    scales   float32 [N, K/G] one per group of G consecutive columns of a row
+    offsets  float32 [N, K/G]
+    weight[n, k] = codes[n, k] * scales[n, k / G] + offsets[n, k / G], computed in float32
+
+Every format's dequantization is this expression exactly: GGUF Q4_1 is q * d + m as written; Q4_0's
+(q - 8) * d and GPTQ's (q - z) * s are exact in float32 (a 4-bit integer times a 16-bit scale), so
+q * s - 8 s (or - z s) rounds to the same value. float32 scales and offsets hold every format's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+NIBBLE = 0x0F
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    codes: torch.Tensor  # uint8 [N, K/2]
+    scales: torch.Tensor  # float32 [N, K/G]
+    offsets: torch.Tensor  # float32 [N, K/G]
+    group_size: int
+
+    def __post_init__(self) -> None:
+        rows, half = self.codes.shape
+        groups = (rows, 2 * half // self.group_size)
+        if self.codes.dtype != torch.uint8 or (2 * half) % self.group_size:
+            raise ValueError(
+                f"4-bit codes must be uint8 [N, K/2] with K a multiple of the group size {self.group_size}, "
+                f"got {self.codes.dtype} {tuple(self.codes.shape)}"
+            )
+        for name in ("scales", "offsets"):
+            tensor = getattr(self, name)
+            if tensor.dtype != torch.float32 or tuple(tensor.shape) != groups:
+                raise ValueError(f"{name} must be float32 {groups}, got {tensor.dtype} {tuple(tensor.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """[N, K]: output features, input features."""
+        return self.codes.shape[0], 2 * self.codes.shape[1]
+
+    def unpacked_codes(self) -> torch.Tensor:
+        """uint8 [N, K]: each column's code."""
+        low, high = self.codes & NIBBLE, self.codes >> 4
+        return torch.stack((low, high), dim=-1).reshape(self.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weights [N, K] as the format defines them (in float32), then cast to dtype."""
+        codes = self.unpacked_codes().view(self.shape[0], -1, self.group_size).float()
+        weight = codes * self.scales[..., None] + self.offsets[..., None]
+        return weight.reshape(self.shape).to(dtype)
+
+    def rows(self, index: torch.Tensor) -> Int4Weight:
+        """The weight of rows `index` (the output features reordered or selected)."""
+        return Int4Weight(self.codes[index], self.scales[index], self.offsets[index], self.group_size)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.offsets))
+
+    @staticmethod
+    def concat(parts: list[Int4Weight]) -> Int4Weight:
+        """The weights stacked along N (q/k/v or gate/up fused into one GEMM); they share K and G."""
+        if len({(part.shape[1], part.group_size) for part in parts}) != 1:
+            raise ValueError("4-bit weights fused into one GEMM must share K and the group size")
+        return Int4Weight(
+            torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+            torch.cat([p.offsets for p in parts]), parts[0].group_size,
+        )  # fmt: skip
+
+
+class QuantizedLinear(nn.Module):
+    """A projection whose weight is an Int4Weight (held as buffers), as a model built from a quantized
+    checkpoint holds it. xpu_coopt runs it with its int4 GEMMs; its forward, for code that calls the module,
+    dequantizes the weight each call."""
+
+    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.group_size = weight.group_size
+        self.register_buffer("codes", weight.codes)
+        self.register_buffer("scales", weight.scales)
+        self.register_buffer("offsets", weight.offsets)
+        self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
+
+    @property
+    def weight_int4(self) -> Int4Weight:
+        return Int4Weight(self.codes, self.scales, self.offsets, self.group_size)
+
+    def release(self) -> None:
+        """Drops its tensors, keeping their shapes (meta tensors): where xpu_coopt holds the weight packed
+        for its GEMM, the copy here would double the memory."""
+        for name in ("codes", "scales", "offsets"):
+            setattr(self, name, getattr(self, name).to("meta"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight_int4.dequantize(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group_size={self.group_size}"
