@@ -13,7 +13,7 @@ from xpu_coopt.backends.cpu import gemm as cpu_gemm
 from xpu_coopt.cache import KV_CACHE_KINDS
 from xpu_coopt.kv_scales import KVScales
 from xpu_coopt.model.decoder import LlamaDecoder
-from xpu_coopt.model.linear import is_plain_linear, projection_modules
+from xpu_coopt.model.linear import is_int4_linear, is_plain_linear, projection_modules
 from xpu_coopt.model.optimized import OptimizedModel
 from xpu_coopt.model.spec import ModelSpec, model_spec
 from xpu_coopt.model.weight_shapes import check_weights_match_config
@@ -170,7 +170,11 @@ def _check_foreign_projections(model: torch.nn.Module, dtype: torch.dtype) -> No
     xpu_coopt converts only what it reads, one with weights in another dtype than the compute dtype is an
     error (it would fail at the first generate())."""
     projections = projection_modules(model)
-    foreign = [(name, module) for name, module in projections if not is_plain_linear(module)]
+    foreign = [
+        (name, module)
+        for name, module in projections
+        if not is_plain_linear(module) and not is_int4_linear(module)
+    ]
     if not foreign:
         return
     mismatched = sorted(

@@ -78,10 +78,10 @@ class LlamaDecoder:
         self.cos_sin_cache = cos_sin_cache(
             spec.rope, spec.head_dim, spec.max_position_embeddings, self.embed_tokens.device
         )
-        # The fused GEMMs take plain weight matrices: a layer kept as its own modules (quantized, adapters)
-        # runs every step unfused.
-        plain = all(p.modules is None for p in self._projections())
-        self.fusions = ops.fusions if plain else None
+        # The fused GEMMs take plain 16-bit weight matrices: 4-bit weights and a layer kept as its own
+        # modules (foreign quantized layers, adapters) run every step unfused.
+        fusable = all(p.fusable for p in self._projections())
+        self.fusions = ops.fusions if fusable else None
 
     @staticmethod
     def _layer(

@@ -9,11 +9,17 @@ import torch
 from torch import nn
 
 from xpu_coopt.ops import Ops
+from xpu_coopt.quant.int4 import Int4Weight, QuantizedLinear
 
 
 def is_plain_linear(module: nn.Module) -> bool:
     # Exact type: a subclass (quantized, LoRA, ...) may compute something other than x @ W.T + b.
     return type(module) is nn.Linear
+
+
+def is_int4_linear(module: nn.Module) -> bool:
+    """A projection of a quantized checkpoint xpu_coopt loaded (QuantizedLinear): run on its 4-bit GEMMs."""
+    return type(module) is QuantizedLinear
 
 
 def projection_modules(hf_model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -45,6 +51,10 @@ class FusedLinear:
         self.modules = None
         self.weight = self.bias = None
         self.linear = ops.linear
+        self.int4 = all(is_int4_linear(m) for m in modules)
+        if self.int4:
+            self._fuse_int4(modules, dtype, ops)
+            return
         if not all(is_plain_linear(m) for m in modules):
             self.modules = modules
             self._submodules = [sub for module in modules for sub in module.modules()]
@@ -61,12 +71,36 @@ class FusedLinear:
         if owned and inplace and len(modules) > 1 and isinstance(weight, torch.Tensor):
             _rebind_as_views(modules, weight, self.bias)
 
+    def _fuse_int4(self, modules: list[QuantizedLinear], dtype: torch.dtype, ops: Ops) -> None:
+        """4-bit projections: their weights stacked and packed for the backend's 4-bit GEMM."""
+        if ops.linear_int4 is None:
+            raise ValueError(
+                f"backend {ops.name!r} has no 4-bit GEMM yet: 4-bit weights run on the CPU backend (docs/ops.md, "
+                "linear_int4)"
+            )
+        self.linear = ops.linear_int4
+        self.weight = ops.pack_int4(Int4Weight.concat([m.weight_int4 for m in modules]), dtype)
+        if any(m.bias is not None for m in modules):
+            biases = [
+                m.bias if m.bias is not None else m.codes.new_zeros(m.out_features, dtype=dtype)
+                for m in modules
+            ]
+            self.bias = _concat(biases, dtype)
+
+    @property
+    def fusable(self) -> bool:
+        """Whether the backend's GEMM fusions can take it: a plain 16-bit weight matrix."""
+        return self.modules is None and not self.int4
+
     def tensors(self) -> list[torch.Tensor]:
         """The tensors this projection holds or reads (a packed weight's plain parts included)."""
         if self.modules is not None:
             return [p for m in self.modules for p in m.parameters()]
         weight = self.weight
-        held = list(weight.tensors()) if hasattr(weight, "tensors") else [weight]
+        if isinstance(weight, Int4Weight):
+            held = [weight.codes, weight.scales, weight.offsets]
+        else:
+            held = list(weight.tensors()) if hasattr(weight, "tensors") else [weight]
         return held + ([self.bias] if self.bias is not None else [])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

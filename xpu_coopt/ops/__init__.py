@@ -54,6 +54,8 @@ class Ops:
         linear: Callable[..., torch.Tensor] = F.linear,
         pack_weight: Callable[..., Any] | None = None,
         fusions: GemmFusions | None = None,
+        linear_int4: Callable[..., torch.Tensor] | None = None,
+        pack_int4: Callable[..., Any] | None = None,
     ) -> None:
         missing = [op for op in SCHEMAS if not hasattr(kernels, op)]
         if missing:
@@ -67,6 +69,10 @@ class Ops:
         self.linear = linear
         self.pack_weight = pack_weight
         self.fusions = fusions
+        # 4-bit weights (docs/ops.md, "linear_int4"): pack_int4(Int4Weight, activation dtype) -> what
+        # linear_int4(x, w, bias) takes; None where the backend has no 4-bit GEMM.
+        self.linear_int4 = linear_int4
+        self.pack_int4 = pack_int4
 
     def with_torch_gemms(self) -> Ops:
         """These kernels with torch's GEMMs, unfused."""

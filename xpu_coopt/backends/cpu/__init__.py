@@ -1,12 +1,12 @@
 """The CPU backend: readable PyTorch kernels (kernels.py, prefill.py, decode.py) and the choice of torch's
-GEMMs (gemm.py)."""
+GEMMs (gemm.py; 4-bit weights: gemm_int4.py)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 from typing import Any
 
-from xpu_coopt.backends.cpu import gemm, kernels
+from xpu_coopt.backends.cpu import gemm, gemm_int4, kernels
 
 
 def cpu_kernels() -> SimpleNamespace:
@@ -16,4 +16,7 @@ def cpu_kernels() -> SimpleNamespace:
 
 def cpu_gemm_options() -> dict[str, Any]:
     """The CPU backend's GEMM choices, as Ops keyword arguments."""
-    return {"linear": gemm.linear, "pack_weight": gemm.pack_weight}
+    return {
+        "linear": gemm.linear, "pack_weight": gemm.pack_weight,
+        "linear_int4": gemm_int4.linear_int4, "pack_int4": gemm_int4.pack_int4,
+    }  # fmt: skip

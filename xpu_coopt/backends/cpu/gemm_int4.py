@@ -1,0 +1,69 @@
+"""The CPU backend's 4-bit GEMM (docs/ops.md, "linear_int4"): torch's int4 kernel for 16-bit activations,
+the weight dequantized per call for float32 ones.
+
+torch's CPU kernel (aten._weight_int4pack_mm_for_cpu, the one gpt-fast and torchao use) computes
+weight = (q - 8) * scale + zero with scale and zero in the activations' dtype: an Int4Weight's
+q * s + o is that with zero = o + 8 s, rounded once to that dtype. Measured on the 2-core AVX-512 CI
+machine, 1 row, bfloat16: SmolLM2's q/k/v [960, 576] 20 us against 49 us for the 16-bit GEMV, Llama-2-7B's
+gate/up [22016, 4096] 2.8 ms against 11.7 ms. In float32 the same kernel takes 15x the 16-bit GEMV's time
+(675 us for [960, 576]), so float32 activations, the mode that checks accuracy, dequantize the weight in
+float32 each call instead: the format's exact values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from xpu_coopt.quant.int4 import Int4Weight
+
+# torch's int4 kernel reads codes offset by 8 (signed 4-bit values stored unsigned), and takes a number of
+# output features divisible by 16: others are padded with zero rows, whose outputs are dropped.
+TORCH_INT4_ZERO = 8
+TORCH_INT4_ROWS = 16
+
+
+@dataclass(frozen=True)
+class CpuInt4Weight:
+    """An Int4Weight in torch's CPU int4 layout, for activations of `dtype` (opaque: linear_int4 reads it)."""
+
+    packed: torch.Tensor  # uint8 [N, K/2], torch's order
+    scales_and_zeros: torch.Tensor  # [K/G, N, 2] in dtype
+    group_size: int
+    out_features: int
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.packed, self.scales_and_zeros)
+
+
+def pack_int4(weight: Int4Weight, dtype: torch.dtype) -> CpuInt4Weight | Int4Weight:
+    """The weight as linear_int4 runs it for activations of `dtype`: torch's layout for 16-bit ones, the
+    Int4Weight itself for float32."""
+    if dtype == torch.float32:
+        return weight
+    padding = -weight.shape[0] % TORCH_INT4_ROWS
+    codes = F.pad(weight.unpacked_codes().to(torch.int32), (0, 0, 0, padding))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    zeros = weight.offsets + TORCH_INT4_ZERO * weight.scales
+    scales_and_zeros = F.pad(torch.stack((weight.scales, zeros), dim=-1), (0, 0, 0, 0, 0, padding))
+    scales_and_zeros = scales_and_zeros.transpose(0, 1).to(dtype).contiguous()
+    return CpuInt4Weight(packed, scales_and_zeros, weight.group_size, weight.shape[0])
+
+
+def linear_int4(
+    x: torch.Tensor, weight: CpuInt4Weight | Int4Weight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [..., K] @ weight.T + bias, for a weight from pack_int4 for x's dtype."""
+    if isinstance(weight, Int4Weight):
+        return F.linear(x, weight.dequantize(x.dtype), bias)
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        rows, weight.packed, weight.group_size, weight.scales_and_zeros
+    )
+    if out.shape[-1] != weight.out_features:
+        out = out[:, : weight.out_features]
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.out_features)
