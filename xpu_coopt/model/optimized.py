@@ -16,6 +16,7 @@ from xpu_coopt.generation.output import ordinary
 from xpu_coopt.generation.session import CacheSession, KeptSession
 from xpu_coopt.kv_scales import KVScales
 from xpu_coopt.model.decoder import LlamaDecoder
+from xpu_coopt.model.linear import is_int4_linear
 from xpu_coopt.model.spec import ModelSpec
 
 
@@ -81,6 +82,8 @@ def held_bytes(tensors: Iterable[torch.Tensor]) -> int:
     seen: set[int] = set()
     total = 0
     for tensor in tensors:
+        if tensor.is_meta:  # a shape without memory
+            continue
         if tensor.layout == torch.strided:
             key, size = tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()
         else:  # an opaque tensor (oneDNN's packed layout) has no storage to share
@@ -160,9 +163,15 @@ class OptimizedModel(nn.Module):
     _apply = to_empty = to
 
     def weight_bytes(self) -> int:
-        """Bytes of weights held for this model: the Hugging Face model's parameters (which it shares) plus
-        xpu_coopt's own fused or packed copies."""
-        return held_bytes([*self.hf_model.parameters(), *self.decoder.weight_tensors()])
+        """Bytes of weights held for this model: the Hugging Face model's parameters and 4-bit weights (which
+        it shares) plus xpu_coopt's own fused or packed copies."""
+        int4 = [
+            buffer
+            for module in self.hf_model.modules()
+            if is_int4_linear(module)
+            for buffer in module.buffers()
+        ]
+        return held_bytes([*self.hf_model.parameters(), *int4, *self.decoder.weight_tensors()])
 
     def cover_length(self, total_length: int) -> None:
         """Makes the rotary table hold positions up to total_length. Past max_position_embeddings, as

@@ -1,0 +1,118 @@
+"""A GGUF file as a transformers model skeleton whose 4-bit projections stay 4-bit.
+
+The skeleton is built on the meta device from the config transformers reads out of the file; each of its
+tensors is then set from the file: Q4_0 / Q4_1 projections as QuantizedLinear (their blocks repacked,
+never expanded to 16 bits), norms and embeddings in the compute dtype (dequantized where the file
+quantizes them: they stay 16-bit, as the LM head). Loading so holds the 4-bit weights and the 16-bit
+embeddings, never the 16-bit model. The skeleton is for xpu_coopt to read (optimize()), not to run with
+transformers: what xpu_coopt does not read (the rotary tables) stays on the meta device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from xpu_coopt.quant.gguf_blocks import INT4_BLOCKS, int4_from_blocks
+from xpu_coopt.quant.int4 import QuantizedLinear
+
+# GGUF architectures read natively, and whether their q/k rows are permuted in the file (llama.cpp's
+# convert_hf_to_gguf interleaves each head's rotary halves for "llama", which also holds Mistral).
+GGUF_ARCHITECTURES = {"llama": True, "qwen2": False, "qwen3": False}
+# GGUF tensor names -> transformers module paths (per layer, then the model's own)
+LAYER_MODULES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+}  # fmt: skip
+MODEL_MODULES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+PLAIN_TYPES = ("F32", "F16", "BF16")
+
+
+def load_gguf_int4(path: Path, dtype: torch.dtype):
+    """(model skeleton, tokenizer) of a GGUF file, its Q4_0 / Q4_1 projections as QuantizedLinear."""
+    import gguf
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    reader = gguf.GGUFReader(path)
+    architecture = reader.fields["general.architecture"].contents()
+    if architecture not in GGUF_ARCHITECTURES:
+        raise ValueError(
+            f"{path} holds a {architecture!r} model; xpu_coopt reads GGUF {', '.join(GGUF_ARCHITECTURES)} models"
+        )
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    permuted = GGUF_ARCHITECTURES[architecture]
+    for name, tensor in tensors.items():
+        _set_tensor(model, config, name, tensor, dtype, permuted, path)
+    if "output.weight" not in tensors:  # tied: the LM head reads the embeddings
+        model.lm_head.weight = model.model.embed_tokens.weight
+    _check_complete(model, path)
+    model.generation_config = GenerationConfig.from_model_config(config)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model.eval(), tokenizer
+
+
+def _module_path(name: str) -> tuple[str, str, str]:
+    """(transformers module path, GGUF base name, "weight" or "bias") of a GGUF tensor name."""
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in LAYER_MODULES:
+        return f"model.layers.{parts[1]}.{LAYER_MODULES[parts[2]]}", parts[2], parts[3]
+    if len(parts) == 2 and parts[0] in MODEL_MODULES:
+        return MODEL_MODULES[parts[0]], parts[0], parts[1]
+    raise ValueError(f"the GGUF tensor {name} is not one of a LLaMA-family model's")
+
+
+def _set_tensor(model: nn.Module, config: Any, name: str, tensor: Any, dtype: torch.dtype,
+                permuted: bool, path: Path) -> None:  # fmt: skip
+    """Sets the skeleton's module or parameter that GGUF tensor `name` holds."""
+    module_path, base, kind = _module_path(name)
+    parent_path, _, child = module_path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    module = getattr(parent, child)
+    type_name = tensor.tensor_type.name
+    rows = _row_order(base, config) if permuted and base in ("attn_q", "attn_k") else None
+    if base in PROJECTIONS and kind == "weight" and type_name in INT4_BLOCKS:
+        weight = int4_from_blocks(np.asarray(tensor.data), type_name, int(tensor.shape[0]))
+        bias = module.bias if module.bias is not None and not module.bias.is_meta else None
+        setattr(parent, child, QuantizedLinear(weight if rows is None else weight.rows(rows), bias))
+        return
+    if base in PROJECTIONS and kind == "weight" and type_name not in PLAIN_TYPES:
+        raise ValueError(
+            f"{path}: {name} is {type_name}; xpu_coopt runs GGUF projections stored as "
+            f"{', '.join(INT4_BLOCKS)} (kept 4-bit) or {', '.join(PLAIN_TYPES)}"
+        )
+    values = _dequantized(tensor).to(dtype)
+    if rows is not None:
+        values = values[rows]
+    setattr(module, kind, nn.Parameter(values, requires_grad=False))
+
+
+def _dequantized(tensor: Any) -> torch.Tensor:
+    """A GGUF tensor's values in float32 (the gguf package's dequantizer for quantized types)."""
+    from gguf import quants
+
+    values = quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+    return torch.from_numpy(np.array(values, dtype=np.float32))
+
+
+def _row_order(base: str, config: Any) -> torch.Tensor:
+    """The rows that undo llama.cpp's q/k permutation (transformers' reverse permute, as an index)."""
+    heads = config.num_attention_heads if base == "attn_q" else config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return torch.arange(heads * head_dim).view(heads, head_dim // 2, 2).transpose(1, 2).reshape(-1)
+
+
+def _check_complete(model: nn.Module, path: Path) -> None:
+    """ValueError naming the parameters the file did not hold."""
+    missing = [name for name, parameter in model.named_parameters() if parameter.is_meta]
+    if missing:
+        raise ValueError(f"{path} lacks tensors the model needs: {', '.join(missing[:5])}")
