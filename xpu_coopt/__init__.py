@@ -6,6 +6,7 @@ from xpu_coopt.errors import BackendUnavailableError, KernelCompileError
 from xpu_coopt.gqa import convert_to_gqa
 from xpu_coopt.kv_scales import KVScales, calibrate_kv_scales
 from xpu_coopt.model.optimized import OptimizedModel
+from xpu_coopt.pretrained import from_pretrained
 
 __all__ = [
     "BackendUnavailableError",
@@ -15,6 +16,7 @@ __all__ = [
     "PrefixCache",
     "calibrate_kv_scales",
     "convert_to_gqa",
+    "from_pretrained",
     "optimize",
 ]
 __version__ = "0.1.0"
