@@ -33,6 +33,8 @@ def optimize(
     cuda_graph: bool | None = None,
     pack_shared_weights: bool = False,
     device: str | torch.device | None = None,
+    weight_dtype: str = "auto",
+    group_size: int = 128,
 ) -> OptimizedModel:
     """Returns `model` (a Hugging Face LLaMA, Mistral, Qwen2, Qwen3 or SmolLM3 causal LM) on xpu_coopt's kernels.
 
@@ -55,6 +57,10 @@ def optimize(
     pack_shared_weights : bfloat16 on CPU: also pack the weights shared with the model (faster beams and
         batches, more memory).
     device : as in ipex.llm.optimize, the device type the weights are already on.
+    weight_dtype : "auto" (the projections as the model holds them) or "int4": each layer's projections
+        quantized round-to-nearest to 4 bits in groups of `group_size` input features, with integer zero
+        points (the LM head and embeddings stay 16-bit). The model itself is left unchanged.
+    group_size : int4's group size (default 128).
     """
     if isinstance(model, OptimizedModel):
         raise TypeError("this model is optimized already: optimize() takes the transformers model")
@@ -70,8 +76,11 @@ def optimize(
     if pack_shared_weights:
         _check_packable(parameter.device, dtype)
     _check_foreign_projections(model, dtype)
-    decoder = LlamaDecoder(model, spec, ops, dtype, inplace, pack_shared_weights)
-    return OptimizedModel(model, decoder, kv_dtype, ops.name, kv_scales, use_graph, kv_cache)
+    int4_group_size = _int4_group_size(model, weight_dtype, group_size, spec)
+    decoder = LlamaDecoder(model, spec, ops, dtype, inplace, pack_shared_weights, int4_group_size)
+    optimized = OptimizedModel(model, decoder, kv_dtype, ops.name, kv_scales, use_graph, kv_cache)
+    optimized.weight_dtype = weight_dtype if int4_group_size is None else f"int4 g{int4_group_size}"
+    return optimized
 
 
 def _model_spec(model: Any) -> ModelSpec:
@@ -85,6 +94,37 @@ def _model_spec(model: Any) -> ModelSpec:
     spec = model_spec(hf_config, type(model).__name__)
     check_weights_match_config(model, spec)
     return spec
+
+
+WEIGHT_DTYPES = ("auto", "int4")
+
+
+def _int4_group_size(
+    model: torch.nn.Module, weight_dtype: str, group_size: int, spec: ModelSpec
+) -> int | None:
+    """The group size to quantize the projections with, None to keep them as they are."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"unknown weight_dtype {weight_dtype!r}; choose one of {', '.join(WEIGHT_DTYPES)}")
+    if weight_dtype == "auto":
+        return None
+    quantized = [name for name, module in projection_modules(model) if is_int4_linear(module)]
+    if quantized:
+        raise ValueError(
+            f"weight_dtype={weight_dtype!r} quantizes 16-bit weights, but the model's are quantized already "
+            f"(e.g. {quantized[0]}): pass weight_dtype='auto'"
+        )
+    widths = {"hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+              "num_attention_heads * head_dim": spec.num_heads * spec.head_dim}  # fmt: skip
+    for name, width in widths.items():
+        if not isinstance(group_size, int) or group_size < 2 or group_size % 2 or width % group_size:
+            fitting = next(
+                (g for g in (128, 64, 32, 16, 8, 4, 2) if not any(w % g for w in widths.values())), None
+            )
+            raise ValueError(
+                f"group_size {group_size!r} must be an even integer dividing every projection's input "
+                f"features; {name} is {width}: pass group_size={fitting}"
+            )
+    return group_size
 
 
 def _check_cache_options(kv_cache: str, kv_dtype: str) -> None:

@@ -63,6 +63,7 @@ class LlamaDecoder:
         dtype: torch.dtype,
         inplace: bool,
         pack_shared: bool = False,
+        int4_group_size: int | None = None,
     ):
         self.spec = spec
         self.ops = ops
@@ -70,7 +71,7 @@ class LlamaDecoder:
         backbone = hf_model.model
         self.embed_tokens = backbone.embed_tokens.weight.detach().to(dtype)  # [vocab, hidden]
         self.layers = [
-            self._layer(layer, dtype, ops, inplace, pack_shared, spec.query_key_norm)
+            self._layer(layer, dtype, ops, inplace, pack_shared, spec.query_key_norm, int4_group_size)
             for layer in backbone.layers
         ]
         self.final_norm = _norm_weight(backbone.norm, dtype)
@@ -85,16 +86,18 @@ class LlamaDecoder:
 
     @staticmethod
     def _layer(
-        layer: nn.Module, dtype: torch.dtype, ops: Ops, inplace: bool, pack_shared: bool, query_key_norm: bool
-    ) -> DecoderLayer:
+        layer: nn.Module, dtype: torch.dtype, ops: Ops, inplace: bool, pack_shared: bool, query_key_norm: bool,
+        int4_group_size: int | None,
+    ) -> DecoderLayer:  # fmt: skip
         attn, mlp = layer.self_attn, layer.mlp
+        int4 = {"int4_group_size": int4_group_size}
         return DecoderLayer(
             input_norm=_norm_weight(layer.input_layernorm, dtype),
-            qkv=FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, ops, inplace),
-            o_proj=FusedLinear([attn.o_proj], dtype, ops, inplace, pack_shared),
+            qkv=FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, ops, inplace, **int4),
+            o_proj=FusedLinear([attn.o_proj], dtype, ops, inplace, pack_shared, **int4),
             post_attention_norm=_norm_weight(layer.post_attention_layernorm, dtype),
-            gate_up=FusedLinear([mlp.gate_proj, mlp.up_proj], dtype, ops, inplace),
-            down_proj=FusedLinear([mlp.down_proj], dtype, ops, inplace, pack_shared),
+            gate_up=FusedLinear([mlp.gate_proj, mlp.up_proj], dtype, ops, inplace, **int4),
+            down_proj=FusedLinear([mlp.down_proj], dtype, ops, inplace, pack_shared, **int4),
             query_norm=_norm_weight(attn.q_norm, dtype) if query_key_norm else None,
             key_norm=_norm_weight(attn.k_norm, dtype) if query_key_norm else None,
         )

@@ -10,6 +10,7 @@ from torch import nn
 
 from xpu_coopt.ops import Ops
 from xpu_coopt.quant.int4 import Int4Weight, QuantizedLinear
+from xpu_coopt.quant.rtn import quantize_int4
 
 
 def is_plain_linear(module: nn.Module) -> bool:
@@ -46,14 +47,17 @@ class FusedLinear:
     """
 
     def __init__(
-        self, modules: list[nn.Module], dtype: torch.dtype, ops: Ops, inplace: bool, pack_shared: bool = False
-    ) -> None:
+        self, modules: list[nn.Module], dtype: torch.dtype, ops: Ops, inplace: bool, pack_shared: bool = False,
+        int4_group_size: int | None = None,
+    ) -> None:  # fmt: skip
         self.modules = None
         self.weight = self.bias = None
         self.linear = ops.linear
-        self.int4 = all(is_int4_linear(m) for m in modules)
+        self.int4 = all(is_int4_linear(m) for m in modules) or (
+            int4_group_size is not None and all(is_plain_linear(m) for m in modules)
+        )
         if self.int4:
-            self._fuse_int4(modules, dtype, ops)
+            self._fuse_int4(modules, dtype, ops, int4_group_size)
             return
         if not all(is_plain_linear(m) for m in modules):
             self.modules = modules
@@ -71,19 +75,25 @@ class FusedLinear:
         if owned and inplace and len(modules) > 1 and isinstance(weight, torch.Tensor):
             _rebind_as_views(modules, weight, self.bias)
 
-    def _fuse_int4(self, modules: list[QuantizedLinear], dtype: torch.dtype, ops: Ops) -> None:
-        """4-bit projections: their weights stacked and packed for the backend's 4-bit GEMM."""
+    def _fuse_int4(
+        self, modules: list[nn.Module], dtype: torch.dtype, ops: Ops, group_size: int | None
+    ) -> None:
+        """4-bit projections (QuantizedLinear, or plain ones quantized here to groups of `group_size`):
+        their weights stacked and packed for the backend's 4-bit GEMM."""
         if ops.linear_int4 is None:
             raise ValueError(
                 f"backend {ops.name!r} has no 4-bit GEMM yet: 4-bit weights run on the CPU backend (docs/ops.md, "
                 "linear_int4)"
             )
         self.linear = ops.linear_int4
-        self.weight = ops.pack_int4(Int4Weight.concat([m.weight_int4 for m in modules]), dtype)
+        weights = [
+            m.weight_int4 if is_int4_linear(m) else quantize_int4(m.weight, group_size) for m in modules
+        ]
+        self.weight = ops.pack_int4(Int4Weight.concat(weights), dtype)
         if any(m.bias is not None for m in modules):
+            device = weights[0].codes.device
             biases = [
-                m.bias if m.bias is not None else m.codes.new_zeros(m.out_features, dtype=dtype)
-                for m in modules
+                m.bias if m.bias is not None else torch.zeros(m.out_features, device=device) for m in modules
             ]
             self.bias = _concat(biases, dtype)
 

@@ -130,6 +130,8 @@ class OptimizedModel(nn.Module):
         self.static_scales = None if kv_scales is None else kv_scales.tensors(kv_dtype, self.device)
         self.cuda_graph = cuda_graph  # decode steps replay a captured CUDA graph (model/decode_graph.py)
         self._kept = KeptSession()  # the last generate()'s cache and decode graph, for the next
+        # the projections' format optimize() chose: "auto" (as the model holds them) or "int4 g<group size>"
+        self.weight_dtype = "auto"
 
     def __repr__(self) -> str:
         return (
