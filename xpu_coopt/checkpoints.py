@@ -8,6 +8,8 @@ import importlib.util
 import struct
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -207,21 +209,27 @@ def smollm2_location() -> tuple[Path, str]:
     return folder, SMOLLM2_FILE
 
 
+@contextmanager
+def readable_gguf(path: Path) -> Iterator[None]:
+    """Turns the errors of reading a GGUF file into a ValueError naming it (GGUF has no checksum: a file cut
+    short or of garbage fails deep in the reader, with struct's or numpy's errors)."""
+    try:
+        yield
+    except struct.error as error:
+        raise ValueError(f"{path} is not a readable GGUF file: cut short or damaged ({error})") from None
+    except (ValueError, KeyError, IndexError) as error:
+        reason = "cut short or damaged" if "GGUF" not in str(error) else "not GGUF"
+        raise ValueError(f"{path} is not a readable GGUF file: {reason} ({error})") from error
+
+
 def load_gguf(folder: Path, file_name: str, dtype: torch.dtype):
-    """A GGUF checkpoint through transformers (dequantized to dtype), with its tokenizer. ValueError naming
-    the file where it cannot be read (GGUF has no checksum: a file cut short or of garbage fails deep in the
-    reader, with struct's errors)."""
+    """A GGUF checkpoint through transformers (dequantized to dtype), with its tokenizer; ValueError
+    naming the file where it cannot be read."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
+    with readable_gguf(folder / file_name):
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=dtype).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
-    except struct.error as error:
-        raise ValueError(
-            f"{folder / file_name} is not a readable GGUF file: cut short or damaged ({error})"
-        ) from None
-    except (ValueError, KeyError, IndexError) as error:
-        raise ValueError(f"{folder / file_name} is not a readable GGUF file: {error}") from error
     return model, tokenizer
 
 

@@ -67,6 +67,12 @@ def cache_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replay decode steps as a CUDA graph (auto: on for CUDA with the Triton backend)")  # fmt: skip
 
 
+def weight_arguments(parser: argparse.ArgumentParser, flag: str, text: str) -> None:
+    """optimize()'s weight_dtype (--weight-dtype, or a list of them) and group_size."""
+    parser.add_argument(flag, default="auto", help=text)
+    parser.add_argument("--group-size", type=positive, default=128, help="int4's group size (default 128)")
+
+
 def model_with_tokenizer_arguments(parser: argparse.ArgumentParser) -> None:
     """A model that comes with its tokenizer, or a llama2.c one with --tokenizer."""
     from xpu_coopt.checkpoints import DEFAULT_MODEL
@@ -89,9 +95,8 @@ def model_arguments(parser: argparse.ArgumentParser, text_help: str) -> None:
     parser.add_argument("--batch-size", type=positive, default=8, help="windows run together (default 8)")
 
 
-def load_with_tokenizer(args: argparse.Namespace):
-    from xpu_coopt.checkpoints import Llama2cTokenizer, load_model
-
+def check_runnable(args: argparse.Namespace) -> None:
+    """Before loading: the threads set, what is loaded said (and with --verbose the file's SHA-256)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"loading {args.model} ({args.dtype}) on {args.device} ...", file=sys.stderr)
@@ -99,6 +104,12 @@ def load_with_tokenizer(args: argparse.Namespace):
         from xpu_coopt.disk_cache import sha256_of
 
         print(f"{args.model}: SHA-256 {sha256_of(Path(args.model))}", file=sys.stderr)
+
+
+def load_with_tokenizer(args: argparse.Namespace):
+    from xpu_coopt.checkpoints import Llama2cTokenizer, load_model
+
+    check_runnable(args)
     model, tokenizer = load_model(args.model, DTYPES[args.dtype], args.device)
     if args.tokenizer:
         tokenizer = Llama2cTokenizer(args.tokenizer)

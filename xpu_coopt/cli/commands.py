@@ -6,8 +6,9 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,6 +16,7 @@ from xpu_coopt.cli.arguments import (
     CUDA_GRAPH_CHOICES,
     DTYPES,
     cache_arguments,
+    check_runnable,
     existing_file,
     load_with_tokenizer,
     model_arguments,
@@ -23,6 +25,7 @@ from xpu_coopt.cli.arguments import (
     read_text,
     runtime_arguments,
     typed_text,
+    weight_arguments,
 )
 
 
@@ -119,6 +122,8 @@ def generate_parser(subparsers) -> None:
     parser.add_argument(
         "--kv-scales", help="a scales file or model folder from calibrate-kv (FP8 --kv-dtype)"
     )
+    weight_arguments(parser, "--weight-dtype", "auto (default: as stored; a .gguf's Q4_0/Q4_1 projections stay "
+                     "4-bit) or int4 (round-to-nearest 4-bit projections of a 16-bit model)")  # fmt: skip
     parser.add_argument("--compare", action="store_true",
                         help="also run transformers' generate on the same prompts and settings (and seed) and "
                         "report whether its tokens are the same; exit status 1 where they are not")  # fmt: skip
@@ -129,7 +134,6 @@ GENERATION_ARGUMENTS = ("max_new_tokens", "num_beams", "num_return_sequences", "
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    import xpu_coopt
     from xpu_coopt.cli.prompts import encode_prompts, require_chat_template
     from xpu_coopt.cli.text_generation import chat, first_difference, generate_and_print, why_tokens_can_part
 
@@ -140,16 +144,12 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     if not prompts and not args.interactive:
         raise ValueError("no prompt: pass --prompt TEXT or --prompt-file FILE, or --interactive")
-    hf_model, tokenizer = load_with_tokenizer(args)
-    if args.interactive:  # before the model is optimized and stdin is read
+    model, tokenizer, transformers_model = optimized_with_tokenizer(args)
+    if args.interactive:  # before stdin is read
         require_chat_template(tokenizer)
-    if prompts:  # the prompts' errors before the model is optimized
+    if prompts:
         input_ids, attention_mask = encode_prompts(tokenizer, prompts, args.chat)
         input_ids, attention_mask = input_ids.to(args.device), attention_mask.to(args.device)
-    model = xpu_coopt.optimize(
-        hf_model, dtype=DTYPES[args.dtype], kv_cache=args.kv_cache, kv_dtype=args.kv_dtype,
-        backend=args.backend, kv_scales=args.kv_scales, cuda_graph=CUDA_GRAPH_CHOICES[args.cuda_graph],
-    )  # fmt: skip
     settings = {name: getattr(args, name) for name in GENERATION_ARGUMENTS if getattr(args, name) is not None}
     # With --compare both sides draw from one seed, so that sampled tokens can be compared too.
     seed = args.seed if args.seed is not None or not args.compare else torch.seed()
@@ -164,7 +164,7 @@ def run_generate(args: argparse.Namespace) -> int:
         return 0
     torch.manual_seed(seed)
     start = time.perf_counter()
-    theirs = hf_model.generate(input_ids, attention_mask=attention_mask, **settings)
+    theirs = transformers_model().generate(input_ids, attention_mask=attention_mask, **settings)
     print(f"transformers: {time.perf_counter() - start:.2f} s", file=sys.stderr)
     prompt_len = input_ids.shape[1]
     difference = first_difference(ours.sequences[:, prompt_len:], theirs[:, prompt_len:])
@@ -175,6 +175,33 @@ def run_generate(args: argparse.Namespace) -> int:
     print(f"transformers' sequence {row + 1} parts from xpu_coopt's at new token {position + 1}: "
           f"{why_tokens_can_part(DTYPES[args.dtype], args.kv_dtype)}", file=sys.stderr)  # fmt: skip
     return 1
+
+
+def optimized_with_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, Callable[[], Any]]:
+    """(optimized model, tokenizer, a function returning transformers' model of the same checkpoint). A
+    .gguf file with --weight-dtype auto keeps its 4-bit projections (xpu_coopt.from_pretrained); then
+    transformers' model (its dequantizing load) is loaded only when asked for."""
+    import xpu_coopt
+
+    options = dict(kv_cache=args.kv_cache, kv_dtype=args.kv_dtype, backend=args.backend, kv_scales=args.kv_scales,
+                   cuda_graph=CUDA_GRAPH_CHOICES[args.cuda_graph])  # fmt: skip
+    if args.model.endswith(".gguf") and args.weight_dtype == "auto":
+        from xpu_coopt.checkpoints import load_gguf
+
+        check_runnable(args)
+        path = Path(args.model)
+        model, tokenizer = xpu_coopt.from_pretrained(
+            path, dtype=DTYPES[args.dtype], device=args.device, **options
+        )
+        return (
+            model,
+            tokenizer,
+            lambda: load_gguf(path.parent, path.name, DTYPES[args.dtype])[0].to(args.device),
+        )
+    hf_model, tokenizer = load_with_tokenizer(args)
+    model = xpu_coopt.optimize(hf_model, dtype=DTYPES[args.dtype], weight_dtype=args.weight_dtype,
+                               group_size=args.group_size, **options)  # fmt: skip
+    return model, tokenizer, lambda: hf_model
 
 
 def stdin_turns() -> Iterator[str]:
@@ -215,6 +242,8 @@ def eval_ppl_parser(subparsers) -> None:
                         "--calibration-tokens tokens that follow the scored ones), 'none', or a saved scales "
                         "file or model folder")  # fmt: skip
     parser.add_argument("--calibration-tokens", type=positive, default=4096)
+    weight_arguments(parser, "--weight-dtypes", "comma-separated projection formats to evaluate, each with "
+                     "every --kv-dtypes (default auto: as the model holds them; int4: round-to-nearest)")  # fmt: skip
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
 
 
@@ -295,7 +324,15 @@ def run_eval_ppl(args: argparse.Namespace) -> int:
     ids = tokenize(tokenizer, text, wanted)
     windows = token_windows(ids, args.context, args.max_tokens)
     models = [
-        xpu_coopt.optimize(hf_model, dtype=DTYPES[args.dtype], kv_dtype=kv_dtype, backend=args.backend)
+        xpu_coopt.optimize(
+            hf_model,
+            dtype=DTYPES[args.dtype],
+            kv_dtype=kv_dtype,
+            backend=args.backend,
+            weight_dtype=weight_dtype,
+            group_size=args.group_size,
+        )
+        for weight_dtype in args.weight_dtypes.split(",")
         for kv_dtype in kv_dtypes
     ]
     fp8_dtypes = [kv_dtype for kv_dtype in kv_dtypes if kv_dtype != "auto"]

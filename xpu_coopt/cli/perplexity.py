@@ -104,6 +104,8 @@ def cached_perplexity(
     """xpu_coopt (an OptimizedModel): each window's first token prefilled, every later one decoded against
     the cache (teacher forcing), so attention reads every earlier token's K/V from the cache."""
     name = name or f"xpu_coopt {model.kv_dtype}" + (" static" if model.kv_scales else "")
+    if model.weight_dtype != "auto":
+        name += f", weights {model.weight_dtype}"
     length = windows.shape[1]
     total, kv_bytes = 0.0, 0
     with _progress(windows, name, progress) as bar:

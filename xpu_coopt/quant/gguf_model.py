@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from xpu_coopt.checkpoints import readable_gguf
 from xpu_coopt.quant.gguf_blocks import INT4_BLOCKS, int4_from_blocks
 from xpu_coopt.quant.int4 import QuantizedLinear
 
@@ -40,13 +41,15 @@ def load_gguf_int4(path: Path, dtype: torch.dtype):
     import gguf
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    reader = gguf.GGUFReader(path)
-    architecture = reader.fields["general.architecture"].contents()
+    with readable_gguf(path):
+        reader = gguf.GGUFReader(path)
+        architecture = reader.fields["general.architecture"].contents()
     if architecture not in GGUF_ARCHITECTURES:
         raise ValueError(
             f"{path} holds a {architecture!r} model; xpu_coopt reads GGUF {', '.join(GGUF_ARCHITECTURES)} models"
         )
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    with readable_gguf(path):
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     tensors = {tensor.name: tensor for tensor in reader.tensors}

@@ -1,0 +1,65 @@
+"""The command line's 4-bit weights: a .gguf's projections kept 4-bit by `generate`, round-to-nearest int4
+by `--weight-dtype int4`, and `eval-ppl --weight-dtypes`."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from helpers import STORIES_MODEL, STORIES_TOKENIZER, TINYSTORIES_TEXT, require_data
+
+from xpu_coopt.checkpoints import smollm2_location
+from xpu_coopt.cli import main
+
+STORIES_ARGS = ["--model", str(STORIES_MODEL), "--tokenizer", str(STORIES_TOKENIZER), "--dtype", "float32"]
+
+
+def test_generate_keeps_a_gguf_4_bit_with_transformers_tokens(smollm2_fp32, capsys):
+    """float32: the 4-bit model's greedy reply is transformers' over the dequantized GGUF (its text)."""
+    model, tokenizer = smollm2_fp32
+    gguf = smollm2_location()[0] / smollm2_location()[1]
+    prompt = "What is the capital of France?"
+    args = [
+        "generate",
+        "--model",
+        str(gguf),
+        "--prompt",
+        prompt,
+        "--chat",
+        "--max-new-tokens",
+        "12",
+        "--dtype",
+        "float32",
+    ]
+    assert main(args) == 0
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]  # fmt: skip
+    expected = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
+    assert capsys.readouterr().out == tokenizer.decode(expected, skip_special_tokens=True) + "\n"
+
+
+def test_generate_with_int4_weights_runs(capsys):
+    require_data(STORIES_MODEL)
+    args = ["generate", *STORIES_ARGS, "--prompt", "Once upon a time", "--max-new-tokens", "8", "--weight-dtype", "int4",
+            "--group-size", "4"]  # fmt: skip
+    assert main(args) == 0
+    assert capsys.readouterr().out.startswith("Once upon a time")
+    assert main([*args[:-1], "64"]) == 2
+    assert (
+        "group_size 64 must be an even integer dividing every projection's input features; intermediate_size is 172: pass group_size=4"
+        in capsys.readouterr().err
+    )
+
+
+def test_eval_ppl_scores_each_weight_dtype(tmp_path, capsys):
+    out = tmp_path / "ppl.json"
+    args = ["eval-ppl", *STORIES_ARGS, "--text", str(require_data(TINYSTORIES_TEXT)), "--context", "64",
+            "--max-tokens", "256", "--kv-dtypes", "auto", "--kv-scales", "none", "--weight-dtypes", "auto,int4",
+            "--group-size", "4", "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    results = {row["name"]: row["perplexity"] for row in json.loads(out.read_text())["results"]}
+    assert list(results) == ["transformers", "xpu_coopt auto", "xpu_coopt auto, weights int4 g4"]
+    assert torch.isclose(
+        torch.tensor(results["transformers"]), torch.tensor(results["xpu_coopt auto"]), rtol=1e-4
+    )
+    assert results["xpu_coopt auto, weights int4 g4"] != results["xpu_coopt auto"]
