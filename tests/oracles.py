@@ -136,3 +136,33 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     for row in range(x.shape[0]):
         out[row] = (weight.double() * x[row].double()).sum(dim=-1)
     return out if bias is None else out + bias.double()
+
+
+def gptq_dequantize(qweight, qzeros, scales, g_idx, zero_minus_one: bool) -> torch.Tensor:
+    """A GPTQ projection's weight [N, K] in float64, input feature by input feature from the format: input
+    feature k of every output in bits 4(k % 8) of qweight[k / 8]; its group's zero point of output n in
+    bits 4(n % 8) of qzeros[g, n / 8] (plus one in the v1 format, which stores zero - 1)."""
+    inputs, outputs = qweight.shape[0] * 8, qweight.shape[1]
+    out = torch.empty(outputs, inputs, dtype=torch.float64)
+    n = torch.arange(outputs)
+    for k in range(inputs):
+        group = int(g_idx[k])
+        q = (qweight[k // 8].to(torch.int64) >> (4 * (k % 8))) & 15
+        zero = ((qzeros[group, n // 8].to(torch.int64) >> (4 * (n % 8))) & 15) + (1 if zero_minus_one else 0)
+        out[:, k] = (q - zero).double() * scales[group].double()
+    return out
+
+
+def awq_dequantize(qweight, qzeros, scales, group_size: int) -> torch.Tensor:
+    """An AWQ (GEMM format) projection's weight [N, K] in float64: output n's code in nibble
+    [0, 2, 4, 6, 1, 3, 5, 7].index(n % 8) of qweight[k, n / 8], its zero likewise in qzeros[k / G, n / 8]."""
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+    inputs, outputs = qweight.shape[0], qweight.shape[1] * 8
+    out = torch.empty(outputs, inputs, dtype=torch.float64)
+    n = torch.arange(outputs)
+    shifts = torch.tensor([4 * order.index(i % 8) for i in range(outputs)])
+    for k in range(inputs):
+        q = (qweight[k, n // 8].to(torch.int64) >> shifts) & 15
+        zero = (qzeros[k // group_size, n // 8].to(torch.int64) >> shifts) & 15
+        out[:, k] = (q - zero).double() * scales[k // group_size].double()
+    return out

@@ -11,6 +11,7 @@ import torch
 
 from xpu_coopt.api import optimize
 from xpu_coopt.model.optimized import OptimizedModel
+from xpu_coopt.quant.hf_quantized import load_quantized_folder, quantization_config
 from xpu_coopt.quant.int4 import QuantizedLinear
 
 WEIGHT_DTYPES = ("auto",)  # "int4" and "int8" (quantizing a 16-bit checkpoint while loading) come next
@@ -25,10 +26,11 @@ def from_pretrained(
 ) -> tuple[OptimizedModel, Any]:
     """(optimized model, tokenizer) of a checkpoint: a .gguf file or a Hugging Face folder.
 
-    weight_dtype="auto" keeps the weights as stored: a GGUF's Q4_0 / Q4_1 projections stay 4-bit (never
-    expanded to 16 bits in memory; run by the backend's 4-bit GEMM), a 16-bit checkpoint stays 16-bit.
-    dtype: the activations' (and the 16-bit weights'); default bfloat16 for a GGUF (the fast 4-bit path on
-    CPUs), the checkpoint's own dtype for a folder. optimize_kwargs go to optimize().
+    weight_dtype="auto" keeps the weights as stored: a GGUF's Q4_0 / Q4_1 projections and a GPTQ or AWQ
+    folder's 4-bit ones stay 4-bit (never expanded to 16 bits in memory; run by the backend's 4-bit GEMM),
+    a 16-bit checkpoint stays 16-bit. dtype: the activations' (and the 16-bit weights'); default bfloat16
+    for a quantized checkpoint (the fast 4-bit path on CPUs), the checkpoint's own dtype for a 16-bit
+    folder. optimize_kwargs go to optimize().
     """
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(
@@ -39,6 +41,8 @@ def from_pretrained(
         from xpu_coopt.quant.gguf_model import load_gguf_int4
 
         model, tokenizer = load_gguf_int4(path, dtype or torch.bfloat16)
+    elif path.is_dir() and quantization_config(path) is not None:
+        model, tokenizer = load_quantized_folder(path, dtype or torch.bfloat16)
     elif path.is_dir():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -146,7 +146,7 @@ def format_table(results: list[Perplexity], reference: str = "xpu_coopt auto") -
     """A Markdown table; changes and KV ratios are against the `reference` row (the 16-bit cache)."""
     base = next((r for r in results if r.name == reference), None)
     lines = [
-        "| configuration | perplexity | vs 16-bit cache | KV bytes | KV vs 16-bit |",
+        "| configuration | perplexity | vs xpu_coopt auto | KV bytes | KV vs 16-bit |",
         "| --- | --- | --- | --- | --- |",
     ]
     for r in results:

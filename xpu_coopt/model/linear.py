@@ -109,6 +109,7 @@ class FusedLinear:
         weight = self.weight
         if isinstance(weight, Int4Weight):
             held = [weight.codes, weight.scales, weight.offsets]
+            held += [] if weight.input_order is None else [weight.input_order]
         else:
             held = list(weight.tensors()) if hasattr(weight, "tensors") else [weight]
         return held + ([self.bias] if self.bias is not None else [])

@@ -4,6 +4,9 @@
     scales   float32 [N, K/G] one per group of G consecutive columns of a row
     offsets  float32 [N, K/G]
     weight[n, k] = codes[n, k] * scales[n, k / G] + offsets[n, k / G], computed in float32
+    input_order  int64 [K] or None: column j holds input feature input_order[j] (GPTQ's act-order, whose
+                 groups are not runs of consecutive features, sorted into runs); the GEMM then reads
+                 x[..., input_order]
 
 Every format's dequantization is this expression exactly: GGUF Q4_1 is q * d + m as written; Q4_0's
 (q - 8) * d and GPTQ's (q - z) * s are exact in float32 (a 4-bit integer times a 16-bit scale), so
@@ -26,6 +29,7 @@ class Int4Weight:
     scales: torch.Tensor  # float32 [N, K/G]
     offsets: torch.Tensor  # float32 [N, K/G]
     group_size: int
+    input_order: torch.Tensor | None = None  # int64 [K]
 
     def __post_init__(self) -> None:
         rows, half = self.codes.shape
@@ -39,6 +43,11 @@ class Int4Weight:
             tensor = getattr(self, name)
             if tensor.dtype != torch.float32 or tuple(tensor.shape) != groups:
                 raise ValueError(f"{name} must be float32 {groups}, got {tensor.dtype} {tuple(tensor.shape)}")
+        order = self.input_order
+        if order is not None and (order.dtype != torch.int64 or tuple(order.shape) != (2 * half,)):
+            raise ValueError(
+                f"input_order must be int64 [{2 * half}], got {order.dtype} {tuple(order.shape)}"
+            )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -51,27 +60,45 @@ class Int4Weight:
         return torch.stack((low, high), dim=-1).reshape(self.shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weights [N, K] as the format defines them (in float32), then cast to dtype."""
+        """The weights [N, K] (input features in their own order) as the format defines them, in float32,
+        then cast to dtype."""
         codes = self.unpacked_codes().view(self.shape[0], -1, self.group_size).float()
-        weight = codes * self.scales[..., None] + self.offsets[..., None]
-        return weight.reshape(self.shape).to(dtype)
+        weight = (codes * self.scales[..., None] + self.offsets[..., None]).reshape(self.shape)
+        if self.input_order is not None:
+            weight = torch.empty_like(weight).index_copy_(1, self.input_order, weight)
+        return weight.to(dtype)
 
     def rows(self, index: torch.Tensor) -> Int4Weight:
         """The weight of rows `index` (the output features reordered or selected)."""
-        return Int4Weight(self.codes[index], self.scales[index], self.offsets[index], self.group_size)
+        return Int4Weight(
+            self.codes[index], self.scales[index], self.offsets[index], self.group_size, self.input_order
+        )
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.offsets))
 
     @staticmethod
     def concat(parts: list[Int4Weight]) -> Int4Weight:
-        """The weights stacked along N (q/k/v or gate/up fused into one GEMM); they share K and G."""
-        if len({(part.shape[1], part.group_size) for part in parts}) != 1:
-            raise ValueError("4-bit weights fused into one GEMM must share K and the group size")
+        """The weights stacked along N (q/k/v or gate/up fused into one GEMM); they share K, the group size
+        and the input order."""
+        first = parts[0]
+        if any(
+            (p.shape[1], p.group_size) != (first.shape[1], first.group_size) or not _same_order(p, first)
+            for p in parts
+        ):
+            raise ValueError(
+                "4-bit weights fused into one GEMM must share K, the group size and the input order"
+            )
         return Int4Weight(
             torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
-            torch.cat([p.offsets for p in parts]), parts[0].group_size,
+            torch.cat([p.offsets for p in parts]), first.group_size, first.input_order,
         )  # fmt: skip
+
+
+def _same_order(a: Int4Weight, b: Int4Weight) -> bool:
+    if a.input_order is None or b.input_order is None:
+        return a.input_order is b.input_order
+    return torch.equal(a.input_order, b.input_order)
 
 
 class QuantizedLinear(nn.Module):
@@ -86,17 +113,18 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("codes", weight.codes)
         self.register_buffer("scales", weight.scales)
         self.register_buffer("offsets", weight.offsets)
+        self.register_buffer("input_order", weight.input_order)
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
 
     @property
     def weight_int4(self) -> Int4Weight:
-        return Int4Weight(self.codes, self.scales, self.offsets, self.group_size)
+        return Int4Weight(self.codes, self.scales, self.offsets, self.group_size, self.input_order)
 
     def release(self) -> None:
         """Drops its tensors, keeping their shapes (meta tensors): where xpu_coopt holds the weight packed
         for its GEMM, the copy here would double the memory."""
-        for name in ("codes", "scales", "offsets"):
-            setattr(self, name, getattr(self, name).to("meta"))
+        for name, buffer in self.named_buffers(recurse=False):
+            setattr(self, name, buffer.to("meta"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.weight_int4.dequantize(x.dtype), self.bias)

@@ -33,9 +33,11 @@ class CpuInt4Weight:
     scales_and_zeros: torch.Tensor  # [K/G, N, 2] in dtype
     group_size: int
     out_features: int
+    input_order: torch.Tensor | None = None  # Int4Weight.input_order
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.packed, self.scales_and_zeros)
+        held = (self.packed, self.scales_and_zeros)
+        return held if self.input_order is None else (*held, self.input_order)
 
 
 def pack_int4(weight: Int4Weight, dtype: torch.dtype) -> CpuInt4Weight | Int4Weight:
@@ -49,7 +51,7 @@ def pack_int4(weight: Int4Weight, dtype: torch.dtype) -> CpuInt4Weight | Int4Wei
     zeros = weight.offsets + TORCH_INT4_ZERO * weight.scales
     scales_and_zeros = F.pad(torch.stack((weight.scales, zeros), dim=-1), (0, 0, 0, 0, 0, padding))
     scales_and_zeros = scales_and_zeros.transpose(0, 1).to(dtype).contiguous()
-    return CpuInt4Weight(packed, scales_and_zeros, weight.group_size, weight.shape[0])
+    return CpuInt4Weight(packed, scales_and_zeros, weight.group_size, weight.shape[0], weight.input_order)
 
 
 def linear_int4(
@@ -59,6 +61,8 @@ def linear_int4(
     if isinstance(weight, Int4Weight):
         return F.linear(x, weight.dequantize(x.dtype), bias)
     rows = x.reshape(-1, x.shape[-1])
+    if weight.input_order is not None:
+        rows = rows.index_select(1, weight.input_order)
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(
         rows, weight.packed, weight.group_size, weight.scales_and_zeros
     )

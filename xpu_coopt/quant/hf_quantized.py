@@ -1,0 +1,141 @@
+"""A GPTQ or AWQ Hugging Face folder as a transformers model skeleton whose projections stay 4-bit.
+
+As for GGUF (gguf_model.py): the model is built on the meta device from the folder's config (its
+quantization_config read here, not by transformers), then each tensor is set from the safetensors files,
+one projection at a time: 4-bit ones as QuantizedLinear (quant/gptq.py), the rest in the compute dtype.
+No GPTQ or AWQ library is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xpu_coopt.model.linear import projection_modules
+from xpu_coopt.quant.gptq import int4_from_awq, int4_from_gptq
+from xpu_coopt.quant.int4 import QuantizedLinear
+
+QUANT_METHODS = ("gptq", "awq")
+GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+AWQ_PARTS = ("qweight", "qzeros", "scales")
+
+
+def quantization_config(folder: Path) -> dict[str, Any] | None:
+    """The folder's config.json quantization_config, None where it has none."""
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("quantization_config")
+
+
+def check_supported(quant: dict[str, Any], folder: Path) -> None:
+    """ValueError naming what a quantization_config asks that xpu_coopt does not read."""
+    method = quant.get("quant_method")
+    if method not in QUANT_METHODS:
+        raise ValueError(
+            f"{folder}: quant_method {method!r} is not read; xpu_coopt reads {', '.join(QUANT_METHODS)}"
+        )
+    bits = quant.get("bits", quant.get("w_bit"))
+    if bits != 4:
+        raise ValueError(f"{folder}: {method} with {bits} bits is not read; xpu_coopt reads 4-bit {method}")
+    if method == "awq" and (
+        str(quant.get("version", "gemm")).lower() != "gemm" or not quant.get("zero_point", True)
+    ):
+        raise ValueError(f"{folder}: AWQ version {quant.get('version')!r} without zero points is not read; "
+                         "xpu_coopt reads AWQ's GEMM format with zero points")  # fmt: skip
+    if method == "gptq" and quant.get("checkpoint_format", "gptq") not in ("gptq", "gptq_v2"):
+        raise ValueError(f"{folder}: GPTQ checkpoint_format {quant['checkpoint_format']!r} is not read")
+
+
+class _Tensors:
+    """The folder's safetensors tensors by name, opened once, each read when asked for."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        self.files = [safe_open(str(path), framework="pt") for path in sorted(folder.glob("*.safetensors"))]
+        if not self.files:
+            raise ValueError(f"{folder} holds no .safetensors files")
+        self.where: dict[str, Any] = {}
+        for handle in self.files:
+            self.where.update(dict.fromkeys(handle.keys(), handle))
+
+    def get(self, name: str) -> torch.Tensor | None:
+        handle = self.where.get(name)
+        return None if handle is None else handle.get_tensor(name)
+
+
+def load_quantized_folder(folder: Path, dtype: torch.dtype):
+    """(model skeleton, tokenizer or None) of a GPTQ or AWQ folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    quant = quantization_config(folder) or {}
+    check_supported(quant, folder)
+    config = AutoConfig.from_pretrained(folder)
+    del config.quantization_config  # read above: transformers' own quantizer is not involved
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    tensors = _Tensors(folder)
+    for name, _ in projection_modules(model):
+        _set_projection(model, name, tensors, quant, dtype)
+    _set_the_rest(model, tensors, dtype, folder)
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    tokenizer = (
+        AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
+    )
+    return model.eval(), tokenizer
+
+
+def _set_projection(
+    model: nn.Module, name: str, tensors: _Tensors, quant: dict[str, Any], dtype: torch.dtype
+) -> None:
+    """One projection: 4-bit where the folder holds its qweight, else its plain weight (read later)."""
+    if tensors.get(f"{name}.qweight") is None:
+        return
+    method, group_size = quant["quant_method"], int(quant.get("group_size", quant.get("q_group_size", 128)))
+    parts = {part: tensors.get(f"{name}.{part}") for part in (GPTQ_PARTS if method == "gptq" else AWQ_PARTS)}
+    missing = [part for part, tensor in parts.items() if tensor is None and part != "g_idx"]
+    if missing:
+        raise ValueError(f"{name} has a qweight but no {', '.join(missing)}")
+    parts = {part: tensor for part, tensor in parts.items() if tensor is not None}
+    if method == "gptq":
+        zero_minus_one = quant.get("checkpoint_format", "gptq") == "gptq"
+        weight = int4_from_gptq(parts, group_size, zero_minus_one, name)
+    else:
+        weight = int4_from_awq(parts, group_size, name)
+    bias = tensors.get(f"{name}.bias")
+    parent_path, _, child = name.rpartition(".")
+    setattr(
+        model.get_submodule(parent_path),
+        child,
+        QuantizedLinear(weight, None if bias is None else bias.to(dtype)),
+    )
+
+
+def _set_the_rest(model: nn.Module, tensors: _Tensors, dtype: torch.dtype, folder: Path) -> None:
+    """Every parameter still on the meta device, from the tensor of its name (the LM head tied where the
+    folder has none)."""
+    for name, parameter in list(model.named_parameters()):
+        if not parameter.is_meta:
+            continue
+        tensor = tensors.get(name)
+        if (
+            tensor is None
+            and name == "lm_head.weight"
+            and getattr(model.config, "tie_word_embeddings", False)
+        ):
+            model.lm_head.weight = model.model.embed_tokens.weight
+            continue
+        if tensor is None:
+            raise ValueError(f"{folder} lacks the tensor {name}")
+        if tuple(tensor.shape) != tuple(parameter.shape):
+            raise ValueError(
+                f"{folder}: {name} has shape {tuple(tensor.shape)}, the config gives {tuple(parameter.shape)}"
+            )
+        module_path, _, kind = name.rpartition(".")
+        setattr(model.get_submodule(module_path), kind, nn.Parameter(tensor.to(dtype), requires_grad=False))
