@@ -179,25 +179,22 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def optimized_with_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, Callable[[], Any]]:
     """(optimized model, tokenizer, a function returning transformers' model of the same checkpoint). A
-    .gguf file with --weight-dtype auto keeps its 4-bit projections (xpu_coopt.from_pretrained); then
-    transformers' model (its dequantizing load) is loaded only when asked for."""
+    .gguf file or a GPTQ/AWQ folder with --weight-dtype auto keeps its 4-bit projections
+    (xpu_coopt.from_pretrained); then transformers' model is loaded only when asked for (--compare)."""
     import xpu_coopt
+    from xpu_coopt.checkpoints import load_model
+    from xpu_coopt.quant.hf_quantized import quantization_config
 
     options = dict(kv_cache=args.kv_cache, kv_dtype=args.kv_dtype, backend=args.backend, kv_scales=args.kv_scales,
                    cuda_graph=CUDA_GRAPH_CHOICES[args.cuda_graph])  # fmt: skip
-    if args.model.endswith(".gguf") and args.weight_dtype == "auto":
-        from xpu_coopt.checkpoints import load_gguf
-
+    path = Path(args.model)
+    if args.weight_dtype == "auto" and (path.suffix == ".gguf" or quantization_config(path) is not None):
         check_runnable(args)
-        path = Path(args.model)
-        model, tokenizer = xpu_coopt.from_pretrained(
-            path, dtype=DTYPES[args.dtype], device=args.device, **options
-        )
-        return (
-            model,
-            tokenizer,
-            lambda: load_gguf(path.parent, path.name, DTYPES[args.dtype])[0].to(args.device),
-        )
+        dtype = DTYPES[args.dtype]
+        model, tokenizer = xpu_coopt.from_pretrained(path, dtype=dtype, device=args.device, **options)
+        if tokenizer is None:
+            raise ValueError(f"{path} comes without a tokenizer")
+        return model, tokenizer, lambda: load_model(args.model, dtype, args.device)[0]
     hf_model, tokenizer = load_with_tokenizer(args)
     model = xpu_coopt.optimize(hf_model, dtype=DTYPES[args.dtype], weight_dtype=args.weight_dtype,
                                group_size=args.group_size, **options)  # fmt: skip
