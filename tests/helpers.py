@@ -289,3 +289,73 @@ def segment_case(
         else:
             cache.permute(0, 2, 1, 3)[~read] = poison
     return query, caches, exact, prompt_start, beam_slots
+
+
+# ---- 4-bit checkpoints' tensors, packed from random codes as each format packs them
+
+
+def random_blocks(rows: int, columns: int, type_name: str, seed: int = 0):
+    """Raw GGUF blocks (numpy uint8 [rows, bytes per row]) of a 4-bit type: random codes, float16 scales
+    (and minimums) of either sign and a spread of magnitudes, as a quantizer writes them."""
+    import numpy as np
+
+    from xpu_coopt.quant.gguf_blocks import INT4_BLOCKS
+
+    generator = np.random.default_rng(seed)
+    block_bytes, has_min = INT4_BLOCKS[type_name]
+    blocks = generator.integers(0, 256, size=(rows, columns // 32, block_bytes), dtype=np.uint8)
+    magnitudes = generator.choice([1e-4, 1e-2, 1.0, 40.0], size=(rows, columns // 32, 2))
+    fields = (generator.standard_normal((rows, columns // 32, 2)) * magnitudes).astype(np.float16)
+    blocks[..., : 4 if has_min else 2] = fields.view(np.uint8)[..., : 4 if has_min else 2]
+    return blocks.reshape(rows, -1)
+
+
+def _to_int32(values: torch.Tensor) -> torch.Tensor:
+    """int64 values of 32 bits -> int32 of the same bits."""
+    return (
+        (values & 0xFFFFFFFF)
+        .to(torch.int64)
+        .apply_(lambda v: v - (1 << 32) if v >= 1 << 31 else v)
+        .to(torch.int32)
+    )
+
+
+def _pack_along_rows(codes: torch.Tensor) -> torch.Tensor:
+    """[R, C] codes -> int32 [R / 8, C]: row 8i + j in bits 4j."""
+    rows = codes.to(torch.int64).view(-1, 8, codes.shape[1])
+    return _to_int32(sum(rows[:, j] << (4 * j) for j in range(8)))
+
+
+def _pack_along_columns(codes: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:
+    """[R, C] codes -> int32 [R, C / 8]: column 8c + order[j] in bits 4j."""
+    runs = codes.to(torch.int64).view(codes.shape[0], -1, 8)
+    return _to_int32(sum(runs[..., order[j]] << (4 * j) for j in range(8)))
+
+
+def gptq_tensors(inputs: int, outputs: int, group_size: int, act_order: bool, symmetric: bool, seed: int = 0):
+    """Random GPTQ tensors (v1 zero points, stored minus one) of a projection, and its g_idx."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = inputs // group_size
+    codes = torch.randint(0, 16, (inputs, outputs), generator=generator)
+    zeros = (
+        torch.full((groups, outputs), 8)
+        if symmetric
+        else torch.randint(1, 16, (groups, outputs), generator=generator)
+    )
+    scales = (torch.rand(groups, outputs, generator=generator) * 0.01 + 0.002).half()
+    g_idx = torch.arange(inputs) // group_size
+    if act_order:
+        g_idx = g_idx[torch.randperm(inputs, generator=generator)]
+    return {"qweight": _pack_along_rows(codes), "qzeros": _pack_along_columns(zeros - 1), "scales": scales,
+            "g_idx": g_idx.to(torch.int32)}  # fmt: skip
+
+
+def awq_tensors(inputs: int, outputs: int, group_size: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (inputs, outputs), generator=generator)
+    zeros = torch.randint(0, 16, (inputs // group_size, outputs), generator=generator)
+    scales = (torch.rand(inputs // group_size, outputs, generator=generator) * 0.01 + 0.002).half()
+    from xpu_coopt.quant.gptq import AWQ_ORDER
+
+    return {"qweight": _pack_along_columns(codes, AWQ_ORDER), "qzeros": _pack_along_columns(zeros, AWQ_ORDER),
+            "scales": scales}  # fmt: skip

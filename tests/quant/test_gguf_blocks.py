@@ -8,21 +8,10 @@ import oracles
 import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
+from helpers import random_blocks
 
 from xpu_coopt.quant.gguf_blocks import INT4_BLOCKS, int4_from_blocks
 from xpu_coopt.quant.int4 import Int4Weight
-
-
-def random_blocks(rows: int, columns: int, type_name: str, seed: int = 0) -> np.ndarray:
-    """Raw blocks [rows, bytes per row]: random codes, float16 scales (and minimums) of either sign and
-    a spread of magnitudes, as a quantizer writes them."""
-    generator = np.random.default_rng(seed)
-    block_bytes, has_min = INT4_BLOCKS[type_name]
-    blocks = generator.integers(0, 256, size=(rows, columns // 32, block_bytes), dtype=np.uint8)
-    magnitudes = generator.choice([1e-4, 1e-2, 1.0, 40.0], size=(rows, columns // 32, 2))
-    fields = (generator.standard_normal((rows, columns // 32, 2)) * magnitudes).astype(np.float16)
-    blocks[..., : 4 if has_min else 2] = fields.view(np.uint8)[..., : 4 if has_min else 2]
-    return blocks.reshape(rows, -1)
 
 
 @pytest.mark.parametrize("type_name", sorted(INT4_BLOCKS))

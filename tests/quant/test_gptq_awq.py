@@ -9,61 +9,12 @@ import json
 import oracles
 import pytest
 import torch
-from helpers import left_padded_prompts, tiny_model
+from helpers import awq_tensors, gptq_tensors, left_padded_prompts, tiny_model
 from safetensors.torch import save_file
 
 import xpu_coopt
 from xpu_coopt.model.linear import projection_modules
-from xpu_coopt.quant.gptq import AWQ_ORDER, int4_from_awq, int4_from_gptq
-
-
-def _to_int32(values: torch.Tensor) -> torch.Tensor:
-    """int64 values of 32 bits -> int32 of the same bits."""
-    return (
-        (values & 0xFFFFFFFF)
-        .to(torch.int64)
-        .apply_(lambda v: v - (1 << 32) if v >= 1 << 31 else v)
-        .to(torch.int32)
-    )
-
-
-def _pack_along_rows(codes: torch.Tensor) -> torch.Tensor:
-    """[R, C] codes -> int32 [R / 8, C]: row 8i + j in bits 4j."""
-    rows = codes.to(torch.int64).view(-1, 8, codes.shape[1])
-    return _to_int32(sum(rows[:, j] << (4 * j) for j in range(8)))
-
-
-def _pack_along_columns(codes: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:
-    """[R, C] codes -> int32 [R, C / 8]: column 8c + order[j] in bits 4j."""
-    runs = codes.to(torch.int64).view(codes.shape[0], -1, 8)
-    return _to_int32(sum(runs[..., order[j]] << (4 * j) for j in range(8)))
-
-
-def gptq_tensors(inputs: int, outputs: int, group_size: int, act_order: bool, symmetric: bool, seed: int = 0):
-    """Random GPTQ tensors (v1 zero points, stored minus one) of a projection, and its g_idx."""
-    generator = torch.Generator().manual_seed(seed)
-    groups = inputs // group_size
-    codes = torch.randint(0, 16, (inputs, outputs), generator=generator)
-    zeros = (
-        torch.full((groups, outputs), 8)
-        if symmetric
-        else torch.randint(1, 16, (groups, outputs), generator=generator)
-    )
-    scales = (torch.rand(groups, outputs, generator=generator) * 0.01 + 0.002).half()
-    g_idx = torch.arange(inputs) // group_size
-    if act_order:
-        g_idx = g_idx[torch.randperm(inputs, generator=generator)]
-    return {"qweight": _pack_along_rows(codes), "qzeros": _pack_along_columns(zeros - 1), "scales": scales,
-            "g_idx": g_idx.to(torch.int32)}  # fmt: skip
-
-
-def awq_tensors(inputs: int, outputs: int, group_size: int, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 16, (inputs, outputs), generator=generator)
-    zeros = torch.randint(0, 16, (inputs // group_size, outputs), generator=generator)
-    scales = (torch.rand(inputs // group_size, outputs, generator=generator) * 0.01 + 0.002).half()
-    return {"qweight": _pack_along_columns(codes, AWQ_ORDER), "qzeros": _pack_along_columns(zeros, AWQ_ORDER),
-            "scales": scales}  # fmt: skip
+from xpu_coopt.quant.gptq import int4_from_awq, int4_from_gptq
 
 
 @pytest.mark.parametrize("group_size", [32, 64])

@@ -81,7 +81,7 @@ def _quantized_copy(model, type_name: str):
 
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1"])
 @pytest.mark.parametrize("name", ["llama-gqa-8q2kv-d64", "qwen2-bias", "qwen3-qk-norm"])
-@pytest.mark.parametrize("backend", ["auto", "sycl"])
+@pytest.mark.parametrize("backend", ["auto", "sycl", "triton"])
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_4_bit_projections_give_transformers_tokens_over_their_values(type_name, name, backend, num_beams):
     """float32: greedy and beam tokens of a random model with 4-bit projections equal transformers' over

@@ -6,7 +6,7 @@ from __future__ import annotations
 import oracles
 import pytest
 import torch
-from test_gguf_blocks import random_blocks
+from helpers import random_blocks
 
 from xpu_coopt.backends.cpu import gemm_int4
 from xpu_coopt.quant.gguf_blocks import int4_from_blocks

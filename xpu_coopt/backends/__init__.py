@@ -96,7 +96,11 @@ def resolve_backend(backend: str, device: torch.device) -> Ops:
     if name == "triton":
         kernels = _triton_kernels()  # registers the CUDA kernels
         triton_linear = importlib.import_module("xpu_coopt.backends.triton.linear")
-        options = {"linear": triton_linear.linear, "fusions": triton_linear.FUSIONS}
+        triton_int4 = importlib.import_module("xpu_coopt.backends.triton.linear_int4")
+        options = {
+            "linear": triton_linear.linear, "fusions": triton_linear.FUSIONS,
+            "linear_int4": triton_int4.linear_int4, "pack_int4": triton_int4.pack_int4,
+        }  # fmt: skip
     if backend == "auto" and device.type == "cpu":
         # The kernels registered for CPU, called directly: the dispatcher's argument handling would cost
         # 3-15 us a call, about 1.2 ms (3%) of a beam-4 decode step of SmolLM2-135M.

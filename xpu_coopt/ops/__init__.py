@@ -75,8 +75,8 @@ class Ops:
         self.pack_int4 = pack_int4
 
     def with_torch_gemms(self) -> Ops:
-        """These kernels with torch's GEMMs, unfused."""
-        return Ops(self.kernels, self.name)
+        """These kernels with torch's GEMMs, unfused (torch has no 4-bit GEMM: the backend's stays)."""
+        return Ops(self.kernels, self.name, linear_int4=self.linear_int4, pack_int4=self.pack_int4)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         out = torch.empty_like(x)

@@ -1,0 +1,136 @@
+"""x @ W.T (+ bias) for a 4-bit weight (docs/ops.md, "linear_int4"), in Triton.
+
+A decode step's few rows (up to MAX_ROWS) run skinny_int4_kernel: each program owns BLOCK_N output
+features and walks K, reading each weight byte once and dequantizing its two codes in registers, exactly
+as the Int4Weight defines them (code * scale + offset in float32). A byte holds columns 2i and 2i + 1, so
+x is read as its even and odd columns, and the two halves' products summed: no interleave. The scale and
+offset of a byte's group are gathered per byte (groups are even, so both codes share one). More rows
+(prefill) dequantize the weight once to the activation dtype and run torch's GEMM: compute-bound there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from xpu_coopt.backends.triton.kernels import INTERPRETED, upcast_dot
+from xpu_coopt.quant.int4 import Int4Weight
+
+MAX_ROWS = 16  # one tl.dot tile of rows
+
+
+@triton.jit
+def _dot_or_sum(a, w, acc, DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + a @ w.T: tl.dot for several rows, elementwise for one (DOT=False: acc [BLOCK_N, BLOCK_B])."""
+    if DOT:
+        if UPCAST_DOT:
+            acc = tl.dot(a.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
+    else:
+        acc += w * a.to(tl.float32)
+    return acc
+
+
+@triton.jit
+def skinny_int4_kernel(out, x, codes, scales, offsets, bias, rows, N, K, group_size, out_stride, x_stride,
+                       HAS_BIAS: tl.constexpr, DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
+    """out[:rows, :N] = x[:rows] @ W.T (+ bias), W = codes * scales + offsets per group (Int4Weight).
+    BLOCK_B: bytes (two columns each) of K a step."""
+    columns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_n = columns < N
+    row_ids = tl.arange(0, BLOCK_M)
+    in_rows = row_ids < rows
+    byte_ids = tl.arange(0, BLOCK_B)
+    half = K // 2
+    groups = K // group_size
+    code_rows = codes + columns.to(tl.int64)[:, None] * half
+    x_rows = x + row_ids.to(tl.int64)[:, None] * x_stride
+    acc_even = tl.zeros((BLOCK_M, BLOCK_N), tl.float32) if DOT else tl.zeros((BLOCK_N, BLOCK_B), tl.float32)
+    acc_odd = tl.zeros_like(acc_even)
+    for b0 in range(0, half, BLOCK_B):
+        b = b0 + byte_ids
+        in_k = b < half
+        mask = in_n[:, None] & in_k[None, :]
+        packed = tl.load(code_rows + b[None, :], mask=mask, other=0).to(tl.int32)
+        group = (2 * b) // group_size
+        at = columns.to(tl.int64)[:, None] * groups + group[None, :]
+        scale = tl.load(scales + at, mask=mask, other=0.0)
+        offset = tl.load(offsets + at, mask=mask, other=0.0)
+        w_even = (packed & 15).to(tl.float32) * scale + offset
+        w_odd = (packed >> 4).to(tl.float32) * scale + offset
+        x_mask = in_rows[:, None] & in_k[None, :]
+        a_even = tl.load(x_rows + 2 * b[None, :], mask=x_mask, other=0.0)
+        a_odd = tl.load(x_rows + 2 * b[None, :] + 1, mask=x_mask, other=0.0)
+        acc_even = _dot_or_sum(a_even, w_even, acc_even, DOT, UPCAST_DOT)
+        acc_odd = _dot_or_sum(a_odd, w_odd, acc_odd, DOT, UPCAST_DOT)
+    result = acc_even + acc_odd if DOT else tl.sum(acc_even + acc_odd, axis=1)[None, :]
+    if HAS_BIAS:
+        result += tl.load(bias + columns, mask=in_n, other=0.0).to(tl.float32)[None, :]
+    out_pointers = out + row_ids.to(tl.int64)[:, None] * out_stride + columns[None, :]
+    tl.store(out_pointers, result.to(out.dtype.element_ty), mask=in_rows[:, None] & in_n[None, :])
+
+
+@dataclasses.dataclass(frozen=True)
+class Int4Launch:
+    dot: bool
+    block_n: int
+    block_b: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# Not yet tuned on a GPU (issue 36): one row elementwise over long K blocks, several through tl.dot.
+ONE_ROW = Int4Launch(dot=False, block_n=8, block_b=256, num_warps=4)
+TILED = Int4Launch(dot=True, block_n=32, block_b=64, num_warps=4)
+INTERPRETER_BLOCK_N = 64  # few, wide programs under the interpreter
+
+
+def int4_launch(rows: int) -> Int4Launch:
+    launch = ONE_ROW if rows == 1 else TILED
+    return dataclasses.replace(launch, block_n=INTERPRETER_BLOCK_N) if INTERPRETED else launch
+
+
+def launch_skinny_int4(out: torch.Tensor, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None,
+                       launch: Int4Launch) -> None:  # fmt: skip
+    """out [rows, N] = x [rows, K] (contiguous in K, K in the weight's column order) @ W.T (+ bias)."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    skinny_int4_kernel[(triton.cdiv(n, launch.block_n),)](
+        out, x, weight.codes, weight.scales, weight.offsets, x if bias is None else bias, rows, n, k,
+        weight.group_size, out.stride(0), x.stride(0), HAS_BIAS=bias is not None, DOT=launch.dot,
+        UPCAST_DOT=upcast_dot(x.dtype) or x.dtype == torch.float32, BLOCK_M=MAX_ROWS if launch.dot else 1,
+        BLOCK_N=launch.block_n, BLOCK_B=launch.block_b, num_warps=launch.num_warps, num_stages=launch.num_stages,
+    )  # fmt: skip
+
+
+def pack_int4(weight: Int4Weight, dtype: torch.dtype) -> Int4Weight:
+    """The kernel reads an Int4Weight as it is (contiguous)."""
+    del dtype
+    return Int4Weight(
+        weight.codes.contiguous(), weight.scales.contiguous(), weight.offsets.contiguous(), weight.group_size,
+        weight.input_order,
+    )  # fmt: skip
+
+
+def linear_int4(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ W.T + bias: skinny_int4_kernel for up to MAX_ROWS rows, the weight dequantized to x's
+    dtype and torch's GEMM for more."""
+    rows = x.numel() // x.shape[-1]
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"linear_int4: input of {x.shape[-1]} features for a 4-bit weight of shape {(n, k)}")
+    if rows > MAX_ROWS or rows == 0:
+        return F.linear(x, weight.dequantize(x.dtype), bias)
+    x2 = x.reshape(rows, k)
+    if weight.input_order is not None:
+        x2 = x2.index_select(1, weight.input_order)
+    x2 = x2.contiguous()
+    out = x.new_empty((rows, n))
+    launch_skinny_int4(out, x2, weight, bias, int4_launch(rows))
+    return out.view(*x.shape[:-1], n)
