@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from xpu_coopt.backends.cpu import cpu_gemm_options, cpu_kernels
+from xpu_coopt.backends.sycl import linear_int4 as sycl_int4
 from xpu_coopt.backends.sycl.kernels import sycl_kernels
 from xpu_coopt.backends.sycl.runtime import queue_for
 from xpu_coopt.errors import BackendUnavailableError
@@ -101,6 +102,9 @@ def resolve_backend(backend: str, device: torch.device) -> Ops:
             "linear": triton_linear.linear, "fusions": triton_linear.FUSIONS,
             "linear_int4": triton_int4.linear_int4, "pack_int4": triton_int4.pack_int4,
         }  # fmt: skip
+    if name == "sycl":
+        # 4-bit GEMMs run the SYCL kernel on either device (torch has none for XPU tensors).
+        options = {**options, "linear_int4": sycl_int4.linear_int4, "pack_int4": sycl_int4.pack_int4}
     if backend == "auto" and device.type == "cpu":
         # The kernels registered for CPU, called directly: the dispatcher's argument handling would cost
         # 3-15 us a call, about 1.2 ms (3%) of a beam-4 decode step of SmolLM2-135M.
