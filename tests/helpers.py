@@ -294,6 +294,18 @@ def segment_case(
 # ---- 4-bit checkpoints' tensors, packed from random codes as each format packs them
 
 
+def random_q4_k_blocks(rows: int, columns: int, seed: int = 0):
+    """Raw Q4_K blocks: random codes and 6-bit scales and minimums, float16 d and dmin of a spread of sizes."""
+    import numpy as np
+
+    generator = np.random.default_rng(seed)
+    blocks = generator.integers(0, 256, size=(rows, columns // 256, 144), dtype=np.uint8)
+    magnitudes = generator.choice([1e-4, 1e-2, 1.0], size=(rows, columns // 256, 2))
+    fields = (np.abs(generator.standard_normal((rows, columns // 256, 2))) * magnitudes).astype(np.float16)
+    blocks[..., :4] = fields.view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
 def random_blocks(rows: int, columns: int, type_name: str, seed: int = 0):
     """Raw GGUF blocks (numpy uint8 [rows, bytes per row]) of a 4-bit type: random codes, float16 scales
     (and minimums) of either sign and a spread of magnitudes, as a quantizer writes them."""

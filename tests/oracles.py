@@ -130,6 +130,34 @@ def ggml_dequantize_row(row: bytes, type_name: str) -> list[float]:
     return values
 
 
+def ggml_dequantize_q4_k_row(row: bytes) -> list[float]:
+    """One GGUF row of Q4_K blocks as ggml's dequantize_row_q4_K computes it (get_scale_min_k4 for each
+    sub-block's 6-bit scale and minimum), in float32 step by step."""
+    import struct
+
+    import numpy as np
+
+    f32 = np.float32
+
+    def scale_min(j: int, q: bytes) -> tuple[int, int]:
+        if j < 4:
+            return q[j] & 63, q[j + 4] & 63
+        return (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4)
+
+    values: list[float] = []
+    for start in range(0, len(row), 144):
+        block = row[start : start + 144]
+        d, dmin = (f32(value) for value in struct.unpack("<ee", block[0:4]))
+        scales, quads = block[4:16], block[16:144]
+        for run in range(4):
+            codes = quads[32 * run : 32 * run + 32]
+            for sub, shift in ((2 * run, 0), (2 * run + 1, 4)):
+                sc, m = scale_min(sub, scales)
+                d1, m1 = d * f32(sc), dmin * f32(m)
+                values += [float(d1 * f32((byte >> shift) & 0xF) - m1) for byte in codes]
+    return values
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [rows, K] @ weight [N, K].T (+ bias) in float64, row by row."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float64)

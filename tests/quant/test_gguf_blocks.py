@@ -8,7 +8,7 @@ import oracles
 import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
-from helpers import random_blocks
+from helpers import random_blocks, random_q4_k_blocks
 
 from xpu_coopt.quant.gguf_blocks import INT4_BLOCKS, int4_from_blocks
 from xpu_coopt.quant.int4 import Int4Weight
@@ -40,3 +40,15 @@ def test_a_row_of_the_wrong_length_is_an_error():
         ValueError, match=r"a Q4_0 tensor of 96 columns takes 54 bytes a row .* this one has 36"
     ):
         int4_from_blocks(raw, "Q4_0", 96)
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(1, 256), (3, 768)])
+def test_q4_k_blocks_repack_to_the_formats_values_bit_for_bit(rows, columns):
+    raw = random_q4_k_blocks(rows, columns)
+    weight = int4_from_blocks(raw, "Q4_K", columns).dequantize(torch.float32)
+    expected = torch.tensor([oracles.ggml_dequantize_q4_k_row(raw[r].tobytes()) for r in range(rows)])
+    assert torch.equal(weight, expected.float())
+    theirs = quants.dequantize(raw, GGMLQuantizationType.Q4_K)
+    assert torch.equal(weight, torch.from_numpy(np.ascontiguousarray(theirs)))
+    with pytest.raises(ValueError, match="a Q4_K tensor of 512 columns takes 288 bytes a row"):
+        int4_from_blocks(raw, "Q4_K", 512)

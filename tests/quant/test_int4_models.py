@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter, quants
-from helpers import left_padded_prompts, tiny_model
+from helpers import left_padded_prompts, random_q4_k_blocks, tiny_model
 
 import xpu_coopt
 from xpu_coopt.checkpoints import smollm2_location
@@ -91,6 +91,33 @@ def test_4_bit_projections_give_transformers_tokens_over_their_values(type_name,
     kwargs = dict(max_new_tokens=8, num_beams=num_beams, do_sample=False, pad_token_id=0)
     optimized = xpu_coopt.optimize(quantized, backend=backend)
     assert optimized.decoder.layers[0].qkv.int4
+    assert torch.equal(optimized.generate(ids, attention_mask=mask, **kwargs),
+                       dequantized.generate(ids, attention_mask=mask, **kwargs))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["auto", "sycl", "triton"])
+def test_q4_k_projections_give_transformers_tokens_over_their_values(backend):
+    """Random Q4_K blocks (256 columns, sub-blocks of 32 with 6-bit scales and minimums) in every projection
+    whose input features they fit (the others stay 16-bit), float32."""
+    model, dequantized = tiny_model("llama-gqa-8q2kv-d64"), tiny_model("llama-gqa-8q2kv-d64")
+    for index, ((name, linear), (_, plain)) in enumerate(
+        zip(projection_modules(model), projection_modules(dequantized), strict=True)
+    ):
+        if name == "lm_head" or linear.in_features % 256:
+            continue
+        raw = random_q4_k_blocks(linear.out_features, linear.in_features, seed=index)
+        raw.reshape(linear.out_features, -1, 144)[..., :4] = np.array([2e-5, 2e-5], dtype=np.float16).view(
+            np.uint8
+        )
+        weight = int4_from_blocks(raw, "Q4_K", linear.in_features)
+        parent_path, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_path), child, QuantizedLinear(weight))
+        with torch.no_grad():
+            plain.weight.copy_(weight.dequantize())
+    ids, mask = left_padded_prompts([5, 11], model.config.vocab_size)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    optimized = xpu_coopt.optimize(model, backend=backend)
+    assert optimized.decoder.layers[0].qkv.int4 and not optimized.decoder.layers[0].down_proj.int4
     assert torch.equal(optimized.generate(ids, attention_mask=mask, **kwargs),
                        dequantized.generate(ids, attention_mask=mask, **kwargs))  # fmt: skip
 

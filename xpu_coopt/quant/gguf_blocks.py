@@ -1,9 +1,14 @@
 """GGUF's quantized blocks (ggml's format) into xpu_coopt's layouts.
 
-A 2-D GGUF tensor of N rows and K columns is stored row by row, each row as K / 32 blocks:
-    Q4_0  18 bytes: d (float16), 16 bytes of codes          weight = (q - 8) * d
-    Q4_1  20 bytes: d (float16), m (float16), 16 bytes       weight = q * d + m
-A block's byte j holds column j in its low nibble and column j + 16 in its high one.
+A 2-D GGUF tensor of N rows and K columns is stored row by row, each row as blocks:
+    Q4_0  32 columns, 18 bytes: d (float16), 16 bytes of codes    weight = (q - 8) * d
+    Q4_1  32 columns, 20 bytes: d (float16), m (float16), codes   weight = q * d + m
+          a block's byte j holds column j in its low nibble and column j + 16 in its high one
+    Q4_K  256 columns, 144 bytes: d, dmin (float16), 12 bytes of 6-bit scales and minimums of its 8
+          sub-blocks of 32 (ggml's get_scale_min_k4), 128 bytes of codes: each run of 32 bytes holds
+          sub-block 2i in its low nibbles and sub-block 2i + 1 in its high ones
+          weight = (d * scale_s) * q - dmin * min_s, s the column's sub-block (d * scale_s and
+          dmin * min_s are exact in float32: a float16 times a 6-bit integer)
 """
 
 from __future__ import annotations
@@ -13,14 +18,19 @@ import torch
 
 from xpu_coopt.quant.int4 import Int4Weight
 
-BLOCK = 32  # columns per Q4_0 / Q4_1 / Q8_0 block
+BLOCK = 32  # columns per Q4_0 / Q4_1 block, and per Q4_K sub-block (the Int4Weight's group)
+SUPER_BLOCK = 256  # columns per Q4_K block
+Q4_K_BYTES = 144
 # The 4-bit block types read natively: (bytes per block, whether a float16 minimum follows the scale)
 INT4_BLOCKS = {"Q4_0": (18, False), "Q4_1": (20, True)}
+INT4_TYPES = (*INT4_BLOCKS, "Q4_K")
 
 
 def int4_from_blocks(raw: np.ndarray, type_name: str, columns: int) -> Int4Weight:
-    """A GGUF tensor's raw blocks (uint8 [N, bytes per row]) of a type in INT4_BLOCKS as an Int4Weight
+    """A GGUF tensor's raw blocks (uint8 [N, bytes per row]) of a type in INT4_TYPES as an Int4Weight
     holding exactly its values."""
+    if type_name == "Q4_K":
+        return _int4_from_q4_k(raw, columns)
     block_bytes, has_min = INT4_BLOCKS[type_name]
     if columns % BLOCK or raw.shape[1] != columns // BLOCK * block_bytes:
         raise ValueError(
@@ -42,3 +52,34 @@ def int4_from_blocks(raw: np.ndarray, type_name: str, columns: int) -> Int4Weigh
 def _float16_field(blocks: np.ndarray, offset: int) -> np.ndarray:
     """float32 [N, blocks]: each block's float16 at byte `offset`."""
     return np.ascontiguousarray(blocks[..., offset : offset + 2]).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _int4_from_q4_k(raw: np.ndarray, columns: int) -> Int4Weight:
+    if columns % SUPER_BLOCK or raw.shape[1] != columns // SUPER_BLOCK * Q4_K_BYTES:
+        raise ValueError(
+            f"a Q4_K tensor of {columns} columns takes {columns // SUPER_BLOCK * Q4_K_BYTES} bytes a row in "
+            f"blocks of {SUPER_BLOCK}, this one has {raw.shape[1]}"
+        )
+    rows = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(rows, -1, Q4_K_BYTES)
+    scales, minimums = _q4_k_scales_and_minimums(blocks[..., 4:16])  # [N, blocks, 8] each
+    d, dmin = _float16_field(blocks, 0)[..., None], _float16_field(blocks, 2)[..., None]
+    quads = blocks[..., 16:].reshape(rows, -1, 4, 32)  # 4 runs of 32 bytes: sub-blocks 2i (low), 2i + 1
+    codes = np.stack((quads & 0x0F, quads >> 4), axis=3).reshape(rows, -1)  # [N, K], columns in order
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    return Int4Weight(
+        torch.from_numpy(np.ascontiguousarray(packed)),
+        torch.from_numpy((d * scales.astype(np.float32)).reshape(rows, -1)),
+        torch.from_numpy((-(dmin * minimums.astype(np.float32))).reshape(rows, -1)),
+        BLOCK,
+    )
+
+
+def _q4_k_scales_and_minimums(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A Q4_K block's 12 scale bytes [..., 12] -> its 8 sub-blocks' 6-bit scales and minimums, as ggml's
+    get_scale_min_k4: sub-blocks 0-3 in the low 6 bits of bytes 0-3 (scales) and 4-7 (minimums); 4-7 in
+    the nibbles of bytes 8-11, their top 2 bits in the top bits of bytes 0-3 (scales) and 4-7 (minimums)."""
+    low, high, nibbles = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    scales = np.concatenate((low & 63, (nibbles & 0x0F) | ((low >> 6) << 4)), axis=-1)
+    minimums = np.concatenate((high & 63, (nibbles >> 4) | ((high >> 6) << 4)), axis=-1)
+    return scales, minimums

@@ -1,7 +1,7 @@
 """A GGUF file as a transformers model skeleton whose 4-bit projections stay 4-bit.
 
 The skeleton is built on the meta device from the config transformers reads out of the file; each of its
-tensors is then set from the file: Q4_0 / Q4_1 projections as QuantizedLinear (their blocks repacked,
+tensors is then set from the file: Q4_0 / Q4_1 / Q4_K projections as QuantizedLinear (their blocks repacked,
 never expanded to 16 bits), norms and embeddings in the compute dtype (dequantized where the file
 quantizes them: they stay 16-bit, as the LM head). Loading so holds the 4-bit weights and the 16-bit
 embeddings, never the 16-bit model. The skeleton is for xpu_coopt to read (optimize()), not to run with
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from xpu_coopt.checkpoints import readable_gguf
-from xpu_coopt.quant.gguf_blocks import INT4_BLOCKS, int4_from_blocks
+from xpu_coopt.quant.gguf_blocks import INT4_TYPES, int4_from_blocks
 from xpu_coopt.quant.int4 import QuantizedLinear
 
 # GGUF architectures read natively, and whether their q/k rows are permuted in the file (llama.cpp's
@@ -37,7 +37,7 @@ PLAIN_TYPES = ("F32", "F16", "BF16")
 
 
 def load_gguf_int4(path: Path, dtype: torch.dtype):
-    """(model skeleton, tokenizer) of a GGUF file, its Q4_0 / Q4_1 projections as QuantizedLinear."""
+    """(model skeleton, tokenizer) of a GGUF file, its Q4_0 / Q4_1 / Q4_K projections as QuantizedLinear."""
     import gguf
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -83,7 +83,7 @@ def _set_tensor(model: nn.Module, config: Any, name: str, tensor: Any, dtype: to
     module = getattr(parent, child)
     type_name = tensor.tensor_type.name
     rows = _row_order(base, config) if permuted and base in ("attn_q", "attn_k") else None
-    if base in PROJECTIONS and kind == "weight" and type_name in INT4_BLOCKS:
+    if base in PROJECTIONS and kind == "weight" and type_name in INT4_TYPES:
         weight = int4_from_blocks(np.asarray(tensor.data), type_name, int(tensor.shape[0]))
         bias = module.bias if module.bias is not None and not module.bias.is_meta else None
         setattr(parent, child, QuantizedLinear(weight if rows is None else weight.rows(rows), bias))
@@ -91,7 +91,7 @@ def _set_tensor(model: nn.Module, config: Any, name: str, tensor: Any, dtype: to
     if base in PROJECTIONS and kind == "weight" and type_name not in PLAIN_TYPES:
         raise ValueError(
             f"{path}: {name} is {type_name}; xpu_coopt runs GGUF projections stored as "
-            f"{', '.join(INT4_BLOCKS)} (kept 4-bit) or {', '.join(PLAIN_TYPES)}"
+            f"{', '.join(INT4_TYPES)} (kept 4-bit) or {', '.join(PLAIN_TYPES)}"
         )
     values = _dequantized(tensor).to(dtype)
     if rows is not None:
