@@ -13,11 +13,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from xpu_coopt.backends.triton.kernels import INTERPRETED, upcast_dot
+from xpu_coopt.quant import gemm
 from xpu_coopt.quant.int4 import Int4Weight
 
 MAX_ROWS = 16  # one tl.dot tile of rows
@@ -109,28 +109,12 @@ def launch_skinny_int4(out: torch.Tensor, x: torch.Tensor, weight: Int4Weight, b
     )  # fmt: skip
 
 
-def pack_int4(weight: Int4Weight, dtype: torch.dtype) -> Int4Weight:
-    """The kernel reads an Int4Weight as it is (contiguous)."""
-    del dtype
-    return Int4Weight(
-        weight.codes.contiguous(), weight.scales.contiguous(), weight.offsets.contiguous(), weight.group_size,
-        weight.input_order,
-    )  # fmt: skip
+pack_int4 = gemm.pack_as_is
 
 
 def linear_int4(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ W.T + bias: skinny_int4_kernel for up to MAX_ROWS rows, the weight dequantized to x's
-    dtype and torch's GEMM for more."""
+    """x [..., K] @ W.T + bias (quant/gemm.py): skinny_int4_kernel for up to MAX_ROWS rows."""
     rows = x.numel() // x.shape[-1]
-    n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"linear_int4: input of {x.shape[-1]} features for a 4-bit weight of shape {(n, k)}")
-    if rows > MAX_ROWS or rows == 0:
-        return F.linear(x, weight.dequantize(x.dtype), bias)
-    x2 = x.reshape(rows, k)
-    if weight.input_order is not None:
-        x2 = x2.index_select(1, weight.input_order)
-    x2 = x2.contiguous()
-    out = x.new_empty((rows, n))
-    launch_skinny_int4(out, x2, weight, bias, int4_launch(rows))
-    return out.view(*x.shape[:-1], n)
+    return gemm.linear_int4(
+        x, weight, bias, MAX_ROWS, lambda out, x2, w, b: launch_skinny_int4(out, x2, w, b, int4_launch(rows))
+    )
