@@ -12,7 +12,6 @@ import torch
 from xpu_coopt.api import optimize
 from xpu_coopt.model.optimized import OptimizedModel
 from xpu_coopt.quant.hf_quantized import load_quantized_folder, quantization_config
-from xpu_coopt.quant.int4 import QuantizedLinear
 
 WEIGHT_DTYPES = ("auto",)  # "int4" and "int8" (quantizing a 16-bit checkpoint while loading) come next
 
@@ -51,11 +50,8 @@ def from_pretrained(
     else:
         raise FileNotFoundError(f"{path} is neither a .gguf file nor a Hugging Face model folder")
     model = model.to(device) if torch.device(device).type != "cpu" else model
-    optimized = optimize(model, dtype=dtype or model_dtype(model), inplace=True, **optimize_kwargs)
-    for module in model.modules():  # the model is ours: its 4-bit copies go once xpu_coopt packed its own
-        if isinstance(module, QuantizedLinear):
-            module.release()
-    return optimized, tokenizer
+    # inplace: the model is ours, so each projection's 4-bit copy goes as soon as the backend packed its own
+    return optimize(model, dtype=dtype or model_dtype(model), inplace=True, **optimize_kwargs), tokenizer
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:

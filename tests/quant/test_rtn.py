@@ -77,3 +77,13 @@ def test_int4_of_a_model_quantized_already_is_an_error():
         ValueError, match=r"the model's are quantized already \(e\.g\. model\.layers\.0\.self_attn\.q_proj\)"
     ):
         xpu_coopt.optimize(model, weight_dtype="int4")
+
+
+def test_converting_a_model_with_4_bit_projections_keeps_their_values():
+    """model.to(dtype) (as optimize(inplace=True) does) converts floating-point tensors: a
+    QuantizedLinear's scales and offsets stay exact."""
+    from xpu_coopt.quant.int4 import QuantizedLinear
+
+    weight = quantize_int4(torch.randn(32, 64), 32)
+    module = QuantizedLinear(weight).to(torch.bfloat16)
+    assert torch.equal(module.weight_int4.dequantize(), weight.dequantize())

@@ -57,7 +57,7 @@ class FusedLinear:
             int4_group_size is not None and all(is_plain_linear(m) for m in modules)
         )
         if self.int4:
-            self._fuse_int4(modules, dtype, ops, int4_group_size)
+            self._fuse_int4(modules, dtype, ops, inplace, int4_group_size)
             return
         if not all(is_plain_linear(m) for m in modules):
             self.modules = modules
@@ -76,20 +76,24 @@ class FusedLinear:
             _rebind_as_views(modules, weight, self.bias)
 
     def _fuse_int4(
-        self, modules: list[nn.Module], dtype: torch.dtype, ops: Ops, group_size: int | None
+        self, modules: list[nn.Module], dtype: torch.dtype, ops: Ops, inplace: bool, group_size: int | None
     ) -> None:
         """4-bit projections (QuantizedLinear, or plain ones quantized here to groups of `group_size`):
         their weights stacked and packed for the backend's 4-bit GEMM."""
         if ops.linear_int4 is None:
             raise ValueError(
-                f"backend {ops.name!r} has no 4-bit GEMM yet: 4-bit weights run on the CPU backend (docs/ops.md, "
-                "linear_int4)"
+                f"backend {ops.name!r} has no 4-bit GEMM (docs/ops.md, linear_int4): run 4-bit weights on the "
+                "CPU, SYCL or Triton backend"
             )
         self.linear = ops.linear_int4
         weights = [
             m.weight_int4 if is_int4_linear(m) else quantize_int4(m.weight, group_size) for m in modules
         ]
         self.weight = ops.pack_int4(Int4Weight.concat(weights), dtype)
+        if inplace:  # the backend's copy is made: the modules' own go now, not after every layer's
+            for module in modules:
+                if is_int4_linear(module):
+                    module.release()
         if any(m.bias is not None for m in modules):
             device = weights[0].codes.device
             biases = [

@@ -37,7 +37,7 @@ PLAIN_TYPES = ("F32", "F16", "BF16")
 
 
 def load_gguf_int4(path: Path, dtype: torch.dtype):
-    """(model skeleton, tokenizer) of a GGUF file, its Q4_0 / Q4_1 / Q4_K projections as QuantizedLinear."""
+    """(model skeleton, tokenizer or None) of a GGUF file, its Q4_0 / Q4_1 / Q4_K projections as QuantizedLinear."""
     import gguf
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -60,7 +60,9 @@ def load_gguf_int4(path: Path, dtype: torch.dtype):
         model.lm_head.weight = model.model.embed_tokens.weight
     _check_complete(model, path)
     model.generation_config = GenerationConfig.from_model_config(config)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer = None  # a GGUF without a vocabulary (tests, shape presets) has none
+    if "tokenizer.ggml.model" in reader.fields:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model.eval(), tokenizer
 
 
@@ -84,7 +86,7 @@ def _set_tensor(model: nn.Module, config: Any, name: str, tensor: Any, dtype: to
     type_name = tensor.tensor_type.name
     rows = _row_order(base, config) if permuted and base in ("attn_q", "attn_k") else None
     if base in PROJECTIONS and kind == "weight" and type_name in INT4_TYPES:
-        weight = int4_from_blocks(np.asarray(tensor.data), type_name, int(tensor.shape[0]))
+        weight = int4_from_blocks(_raw(tensor, path), type_name, int(tensor.shape[0]))
         bias = module.bias if module.bias is not None and not module.bias.is_meta else None
         setattr(parent, child, QuantizedLinear(weight if rows is None else weight.rows(rows), bias))
         return
@@ -93,17 +95,26 @@ def _set_tensor(model: nn.Module, config: Any, name: str, tensor: Any, dtype: to
             f"{path}: {name} is {type_name}; xpu_coopt runs GGUF projections stored as "
             f"{', '.join(INT4_TYPES)} (kept 4-bit) or {', '.join(PLAIN_TYPES)}"
         )
-    values = _dequantized(tensor).to(dtype)
+    values = _dequantized(tensor, path).to(dtype)
     if rows is not None:
         values = values[rows]
     setattr(module, kind, nn.Parameter(values, requires_grad=False))
 
 
-def _dequantized(tensor: Any) -> torch.Tensor:
+def _raw(tensor: Any, path: Path) -> np.ndarray:
+    """A GGUF tensor's stored bytes (or values), read from the file rather than through the reader's memory
+    map: the map's pages would stay in the process's resident memory beside the repacked copy."""
+    with open(path, "rb") as handle:
+        handle.seek(tensor.data_offset)
+        data = handle.read(int(tensor.n_bytes))
+    return np.frombuffer(data, dtype=tensor.data.dtype).reshape(tensor.data.shape)
+
+
+def _dequantized(tensor: Any, path: Path) -> torch.Tensor:
     """A GGUF tensor's values in float32 (the gguf package's dequantizer for quantized types)."""
     from gguf import quants
 
-    values = quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+    values = quants.dequantize(_raw(tensor, path), tensor.tensor_type)
     return torch.from_numpy(np.array(values, dtype=np.float32))
 
 

@@ -111,14 +111,16 @@ class QuantizedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.group_size = weight.group_size
         self.register_buffer("codes", weight.codes)
-        self.register_buffer("scales", weight.scales)
-        self.register_buffer("offsets", weight.offsets)
+        # float32 bits held as int32: model.to(dtype) converts floating-point tensors, and these must stay exact
+        self.register_buffer("scale_bits", weight.scales.view(torch.int32))
+        self.register_buffer("offset_bits", weight.offsets.view(torch.int32))
         self.register_buffer("input_order", weight.input_order)
         self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
 
     @property
     def weight_int4(self) -> Int4Weight:
-        return Int4Weight(self.codes, self.scales, self.offsets, self.group_size, self.input_order)
+        scales, offsets = self.scale_bits.view(torch.float32), self.offset_bits.view(torch.float32)
+        return Int4Weight(self.codes, scales, offsets, self.group_size, self.input_order)
 
     def release(self) -> None:
         """Drops its tensors, keeping their shapes (meta tensors): where xpu_coopt holds the weight packed
