@@ -54,16 +54,16 @@ inline void silu_and_mul(T* out, const T* input, int64_t rows, int width, int64_
 }  // namespace xc
 
 #define XC_NORM_KERNELS(NAME, T)                                                                        \
-  extern "C" XC_ND_RANGE_KERNEL void rms_norm_##NAME(T* out, const T* input, const T* weight, float epsilon, \
+  extern "C" XC_ND_RANGE_KERNEL XC_SUB_GROUP_16 void rms_norm_##NAME(T* out, const T* input, const T* weight, float epsilon, \
                                                      int hidden, int64_t out_stride, int64_t in_stride) {    \
     xc::rms_norm<T>(out, input, weight, epsilon, hidden, out_stride, in_stride);                             \
   }                                                                                                          \
-  extern "C" XC_ND_RANGE_KERNEL void fused_add_rms_norm_##NAME(T* input, T* residual, const T* weight,        \
+  extern "C" XC_ND_RANGE_KERNEL XC_SUB_GROUP_16 void fused_add_rms_norm_##NAME(T* input, T* residual, const T* weight,        \
                                                                float epsilon, int hidden, int64_t in_stride, \
                                                                int64_t residual_stride) {                    \
     xc::fused_add_rms_norm<T>(input, residual, weight, epsilon, hidden, in_stride, residual_stride);         \
   }                                                                                                          \
-  extern "C" XC_ND_RANGE_KERNEL void silu_and_mul_##NAME(T* out, const T* input, int64_t rows, int width,     \
+  extern "C" XC_ND_RANGE_KERNEL XC_SUB_GROUP_16 void silu_and_mul_##NAME(T* out, const T* input, int64_t rows, int width,     \
                                                          int64_t out_stride, int64_t in_stride) {            \
     xc::silu_and_mul<T>(out, input, rows, width, out_stride, in_stride);                                     \
   }

@@ -33,6 +33,10 @@ ERROR_CAPACITY = 1 << 20  # compiler logs can be long
 # build_all's bar shows only after this long: loading all the sources from the persistent cache takes
 # about 1.1 s on the CPU device (0.2-0.4 s each), compiling them about 30 s
 PROGRESS_DELAY_S = 2.0
+# Build options of every kernel source: on Data Center GPU Max (pvc) the GPU compiler may give a kernel
+# the large register file (256 GRF) where it needs it; with the default 128, attention_prefill spills
+# 960-1216 bytes a thread there (scripts/intel_gpu_compile_check.py compiles every target so).
+BUILD_OPTIONS = ("-ftarget-register-alloc-mode=pvc:auto",)
 
 
 def kernel_source_dir() -> Path:
@@ -179,7 +183,7 @@ class SyclQueue:
         handle = self.lib.xc_bundle_build(
             self.handle, source.encode(), len(headers),
             _strings([h.name for h in headers]), _strings([h.read_text() for h in headers]),
-            0, None, self._error, ERROR_CAPACITY,
+            len(BUILD_OPTIONS), _strings(BUILD_OPTIONS), self._error, ERROR_CAPACITY,
         )  # fmt: skip
         if not handle:
             raise KernelCompileError(
