@@ -29,6 +29,11 @@ from xpu_coopt.model.rope import cos_sin_cache
 from xpu_coopt.model.spec import ModelSpec
 from xpu_coopt.ops import Ops
 
+# The most bytes a prefill's gate/up GEMM writes at once: a long prompt runs it over chunks of rows, as
+# its output (2 x intermediate a token) is a prefill's largest tensor and Arc A-series GPUs cannot make
+# one allocation over 4 GiB (docs/xpu.md).
+GATED_CHUNK_BYTES = 1 << 30
+
 
 @dataclass
 class DecoderLayer:
@@ -207,8 +212,15 @@ class LlamaDecoder:
             hidden = self.ops.rms_norm(residual, norm_weight, eps)
         else:
             hidden = self.ops.fused_add_rms_norm(pending, residual, norm_weight, eps)
-        out = projection(hidden)
-        return self.ops.silu_and_mul(out) if gated else out
+        return self._gated_in_chunks(projection, hidden) if gated else projection(hidden)
+
+    def _gated_in_chunks(self, projection: FusedLinear, hidden: torch.Tensor) -> torch.Tensor:
+        """silu_and_mul(projection(hidden)) over as many rows at a time as keep the gate/up GEMM's output
+        [rows, 2 x intermediate] under GATED_CHUNK_BYTES."""
+        rows = max(1, GATED_CHUNK_BYTES // (2 * self.spec.intermediate_size * hidden.element_size()))
+        if hidden.shape[0] <= rows:
+            return self.ops.silu_and_mul(projection(hidden))
+        return torch.cat([self.ops.silu_and_mul(projection(part)) for part in hidden.split(rows)])
 
     def _residual_branch(
         self, projection: FusedLinear, x: torch.Tensor, residual: torch.Tensor, fused: bool
