@@ -63,3 +63,23 @@ def test_eval_ppl_scores_each_weight_dtype(tmp_path, capsys):
         torch.tensor(results["transformers"]), torch.tensor(results["xpu_coopt auto"]), rtol=1e-4
     )
     assert results["xpu_coopt auto, weights int4 g4"] != results["xpu_coopt auto"]
+
+
+def test_bench_times_int4_weights_against_transformers(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", str(require_data(STORIES_MODEL)), "--dtype", "float32", "--input-tokens", "24",
+            "--output-tokens", "4", "--weight-dtype", "int4", "--group-size", "4", "--json", str(out)]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["weight_dtype"] == "int4 g4"
+    assert result["ratios"]["weight_bytes_ratio"] > 1  # the 4-bit copy beside transformers' own weights
+
+
+def test_bench_keeps_a_gguf_4_bit_where_transformers_dequantizes_it(tmp_path):
+    out = tmp_path / "bench.json"
+    gguf = smollm2_location()[0] / smollm2_location()[1]
+    args = ["bench", "--model", str(gguf), "--input-tokens", "16", "--output-tokens", "3", "--json", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["weight_dtype"] == "auto"
+    assert result["ratios"]["weight_bytes_ratio"] < 0.5  # 4-bit projections against transformers' bfloat16

@@ -30,3 +30,26 @@ def test_cpu_linear_int4_matches_the_oracle(dtype, rows, out_features, in_featur
     assert out.dtype == dtype and out.shape == (rows, out_features)
     relative = (out.double() - expected).abs().max() / expected.abs().max()
     assert relative <= TOLERANCE[dtype], f"relative error {relative:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group_size", [64, 256, 512])
+def test_cpu_linear_int4_takes_groups_of_any_multiple_of_32(dtype, group_size):
+    """torch's kernel takes 32 to 256: larger groups (GPTQ's one group a row) are given as several equal ones."""
+    from xpu_coopt.quant.rtn import quantize_int4
+
+    weight = quantize_int4(torch.randn(48, 512), group_size)
+    x = torch.randn(3, 512).to(dtype)
+    out = gemm_int4.linear_int4(x, gemm_int4.pack_int4(weight, dtype))
+    expected = oracles.linear(x, weight.dequantize(torch.float64))
+    assert (out.double() - expected).abs().max() / expected.abs().max() <= TOLERANCE[dtype]
+
+
+def test_cpu_linear_int4_names_a_group_size_it_cannot_take():
+    from xpu_coopt.quant.rtn import quantize_int4
+
+    weight = quantize_int4(torch.randn(16, 64), 16)
+    with pytest.raises(
+        ValueError, match=r"groups of a multiple of 32 input features for torch\.bfloat16 .* groups of 16"
+    ):
+        gemm_int4.pack_int4(weight, torch.bfloat16)

@@ -200,6 +200,9 @@ def benchmark(
     keep_decode_graph: bool = False,
     kv_cache: str = "segment",
     min_input_tokens: int | None = None,
+    weight_dtype: str = "auto",
+    group_size: int = 128,
+    optimized: Any = None,
 ) -> BenchResult:
     """Times both implementations on the same random prompts; keeps the best (fastest) of `repeats` runs each.
     num_return_sequences > 1 (with num_beams 1) samples that many sequences of each prompt, with the same
@@ -210,7 +213,9 @@ def benchmark(
     leaves them kept: with CUDA graphs the runs after the first then replay the first's graph, as a
     later generate() of the same shape does.
     min_input_tokens: prompts of unequal lengths, spread evenly from it to input_tokens over the batch and
-    left-padded (what a paged KV cache stores without its padding); None: every prompt input_tokens long."""
+    left-padded (what a paged KV cache stores without its padding); None: every prompt input_tokens long.
+    weight_dtype, group_size: optimize()'s. optimized: xpu_coopt's side made already (from_pretrained of a
+    4-bit checkpoint, which transformers' side loads its own way), instead of optimize(hf_model)."""
     if num_return_sequences > 1 and num_beams > 1:
         raise ValueError("num_return_sequences > 1 samples sequences, which needs num_beams=1")
     if min_input_tokens is not None and not 1 <= min_input_tokens <= input_tokens:
@@ -220,10 +225,12 @@ def benchmark(
     device = next(hf_model.parameters()).device
     # inplace=True lets optimize() share the fused matrices with transformers where the backend keeps them
     # plain (weights held once); it converts nothing here (same dtype), so transformers' results are unchanged.
-    optimized = xpu_coopt.optimize(
-        hf_model, dtype=dtype, kv_dtype=kv_dtype, backend=backend, inplace=True, cuda_graph=cuda_graph,
-        pack_shared_weights=pack_shared_weights, kv_cache=kv_cache,
-    )  # fmt: skip
+    if optimized is None:
+        optimized = xpu_coopt.optimize(
+            hf_model, dtype=dtype, kv_dtype=kv_dtype, backend=backend, inplace=True, cuda_graph=cuda_graph,
+            pack_shared_weights=pack_shared_weights, kv_cache=kv_cache, weight_dtype=weight_dtype,
+            group_size=group_size,
+        )  # fmt: skip
     input_ids, mask = random_prompts(
         optimized.spec.vocab_size, batch_size, input_tokens, min_input_tokens, seed
     )
@@ -232,6 +239,7 @@ def benchmark(
         dtype=str(dtype).removeprefix("torch."), batch_size=batch_size, input_tokens=input_tokens,
         min_input_tokens=min_input_tokens, output_tokens=output_tokens, num_beams=num_beams,
         num_return_sequences=num_return_sequences, kv_dtype=kv_dtype, kv_cache=kv_cache,
+        weight_dtype=optimized.weight_dtype,
         pack_shared_weights=pack_shared_weights, keep_decode_graph=keep_decode_graph, device=str(device),
         repeats=repeats, **_environment(optimized),
     )  # fmt: skip

@@ -60,6 +60,8 @@ def bench_parser(subparsers) -> None:
     bench.add_argument("--pack-shared-weights", action="store_true",
                        help="bfloat16 on CPU: also pack the weights shared with transformers (a second copy "
                        "of them; faster beam search and batches), see optimize()")  # fmt: skip
+    weight_arguments(bench, "--weight-dtype", "xpu_coopt's projections: auto (default: as stored; a .gguf's "
+                     "4-bit ones stay 4-bit, while transformers dequantizes them) or int4 (round-to-nearest)")  # fmt: skip
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
 
 
@@ -72,6 +74,15 @@ def run_bench(args: argparse.Namespace) -> int:
     device = args.device
     print(f"loading {args.model} ({args.dtype}) on {device} ...", file=sys.stderr)
     model, _ = load_model(args.model, DTYPES[args.dtype], device)
+    optimized = None
+    if args.model.endswith(".gguf") and args.weight_dtype == "auto":
+        import xpu_coopt
+
+        optimized, _ = xpu_coopt.from_pretrained(
+            args.model, dtype=DTYPES[args.dtype], device=device, kv_dtype=args.kv_dtype, backend=args.backend,
+            kv_cache=args.kv_cache, cuda_graph=CUDA_GRAPH_CHOICES[args.cuda_graph],
+            pack_shared_weights=args.pack_shared_weights,
+        )  # fmt: skip
     result = benchmark(
         model, dtype=DTYPES[args.dtype], batch_size=args.batch_size, input_tokens=args.input_tokens,
         output_tokens=args.output_tokens, num_beams=args.num_beams,
@@ -80,6 +91,7 @@ def run_bench(args: argparse.Namespace) -> int:
         backend=args.backend, repeats=args.repeats,
         cuda_graph=CUDA_GRAPH_CHOICES[args.cuda_graph],
         pack_shared_weights=args.pack_shared_weights, keep_decode_graph=args.keep_decode_graph,
+        weight_dtype=args.weight_dtype, group_size=args.group_size, optimized=optimized,
     )  # fmt: skip
     result.settings["model"] = args.model
     print(format_result(result))

@@ -23,6 +23,9 @@ from xpu_coopt.quant.int4 import Int4Weight
 # output features divisible by 16: others are padded with zero rows, whose outputs are dropped.
 TORCH_INT4_ZERO = 8
 TORCH_INT4_ROWS = 16
+# The group sizes torch's kernel takes; a weight's groups of a multiple of one are given to it as that many
+# groups of that size with equal scales (exact: the same scale and zero over the same columns).
+TORCH_INT4_GROUPS = (256, 128, 64, 32)
 
 
 @dataclass(frozen=True)
@@ -45,13 +48,21 @@ def pack_int4(weight: Int4Weight, dtype: torch.dtype) -> CpuInt4Weight | Int4Wei
     Int4Weight itself for float32."""
     if dtype == torch.float32:
         return weight
+    group = next((g for g in TORCH_INT4_GROUPS if weight.group_size % g == 0), None)
+    if group is None:
+        raise ValueError(
+            f"the CPU backend's 4-bit GEMM takes groups of a multiple of 32 input features for {dtype} "
+            f"activations; this weight has groups of {weight.group_size} (float32 activations take any)"
+        )
+    repeats = weight.group_size // group
     padding = -weight.shape[0] % TORCH_INT4_ROWS
     codes = F.pad(weight.unpacked_codes().to(torch.int32), (0, 0, 0, padding))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
     zeros = weight.offsets + TORCH_INT4_ZERO * weight.scales
-    scales_and_zeros = F.pad(torch.stack((weight.scales, zeros), dim=-1), (0, 0, 0, 0, 0, padding))
+    pairs = torch.stack((weight.scales, zeros), dim=-1).repeat_interleave(repeats, dim=1)
+    scales_and_zeros = F.pad(pairs, (0, 0, 0, 0, 0, padding))
     scales_and_zeros = scales_and_zeros.transpose(0, 1).to(dtype).contiguous()
-    return CpuInt4Weight(packed, scales_and_zeros, weight.group_size, weight.shape[0], weight.input_order)
+    return CpuInt4Weight(packed, scales_and_zeros, group, weight.shape[0], weight.input_order)
 
 
 def linear_int4(
