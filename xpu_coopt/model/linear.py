@@ -111,11 +111,7 @@ class FusedLinear:
         if self.modules is not None:
             return [p for m in self.modules for p in m.parameters()]
         weight = self.weight
-        if isinstance(weight, Int4Weight):
-            held = [weight.codes, weight.scales, weight.offsets]
-            held += [] if weight.input_order is None else [weight.input_order]
-        else:
-            held = list(weight.tensors()) if hasattr(weight, "tensors") else [weight]
+        held = list(weight.tensors()) if hasattr(weight, "tensors") else [weight]
         return held + ([self.bias] if self.bias is not None else [])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,9 @@ class _Tensors:
         for handle in self.files:
             self.where.update(dict.fromkeys(handle.keys(), handle))
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
     def get(self, name: str) -> torch.Tensor | None:
         handle = self.where.get(name)
         return None if handle is None else handle.get_tensor(name)
@@ -95,7 +98,7 @@ def _set_projection(
     model: nn.Module, name: str, tensors: _Tensors, quant: dict[str, Any], dtype: torch.dtype
 ) -> None:
     """One projection: 4-bit where the folder holds its qweight, else its plain weight (read later)."""
-    if tensors.get(f"{name}.qweight") is None:
+    if f"{name}.qweight" not in tensors:
         return
     method, group_size = quant["quant_method"], int(quant.get("group_size", quant.get("q_group_size", 128)))
     parts = {part: tensors.get(f"{name}.{part}") for part in (GPTQ_PARTS if method == "gptq" else AWQ_PARTS)}

@@ -74,8 +74,10 @@ class Int4Weight:
             self.codes[index], self.scales[index], self.offsets[index], self.group_size, self.input_order
         )
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.offsets))
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The tensors it holds (as PackedWeight.tensors: what the model's weight_bytes counts)."""
+        held = (self.codes, self.scales, self.offsets)
+        return held if self.input_order is None else (*held, self.input_order)
 
     @staticmethod
     def concat(parts: list[Int4Weight]) -> Int4Weight:
