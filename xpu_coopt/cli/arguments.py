@@ -95,6 +95,15 @@ def model_arguments(parser: argparse.ArgumentParser, text_help: str) -> None:
     parser.add_argument("--batch-size", type=positive, default=8, help="windows run together (default 8)")
 
 
+def keeps_stored_weights(args: argparse.Namespace) -> bool:
+    """Whether xpu_coopt's side loads the checkpoint itself (from_pretrained): a .gguf file or a GPTQ/AWQ
+    folder with --weight-dtype auto keeps its 4-bit projections, which transformers would expand."""
+    from xpu_coopt.quant.hf_quantized import quantization_config
+
+    path = Path(args.model)
+    return args.weight_dtype == "auto" and (path.suffix == ".gguf" or quantization_config(path) is not None)
+
+
 def check_runnable(args: argparse.Namespace) -> None:
     """Before loading: the threads set, what is loaded said (and with --verbose the file's SHA-256)."""
     if args.threads:

@@ -18,6 +18,7 @@ from xpu_coopt.cli.arguments import (
     cache_arguments,
     check_runnable,
     existing_file,
+    keeps_stored_weights,
     load_with_tokenizer,
     model_arguments,
     model_with_tokenizer_arguments,
@@ -75,7 +76,7 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"loading {args.model} ({args.dtype}) on {device} ...", file=sys.stderr)
     model, _ = load_model(args.model, DTYPES[args.dtype], device)
     optimized = None
-    if args.model.endswith(".gguf") and args.weight_dtype == "auto":
+    if keeps_stored_weights(args):
         import xpu_coopt
 
         optimized, _ = xpu_coopt.from_pretrained(
@@ -195,12 +196,11 @@ def optimized_with_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, Callab
     (xpu_coopt.from_pretrained); then transformers' model is loaded only when asked for (--compare)."""
     import xpu_coopt
     from xpu_coopt.checkpoints import load_model
-    from xpu_coopt.quant.hf_quantized import quantization_config
 
     options = dict(kv_cache=args.kv_cache, kv_dtype=args.kv_dtype, backend=args.backend, kv_scales=args.kv_scales,
                    cuda_graph=CUDA_GRAPH_CHOICES[args.cuda_graph])  # fmt: skip
     path = Path(args.model)
-    if args.weight_dtype == "auto" and (path.suffix == ".gguf" or quantization_config(path) is not None):
+    if keeps_stored_weights(args):
         check_runnable(args)
         dtype = DTYPES[args.dtype]
         model, tokenizer = xpu_coopt.from_pretrained(path, dtype=dtype, device=args.device, **options)
