@@ -371,3 +371,35 @@ def awq_tensors(inputs: int, outputs: int, group_size: int, seed: int = 0):
 
     return {"qweight": _pack_along_columns(codes, AWQ_ORDER), "qzeros": _pack_along_columns(zeros, AWQ_ORDER),
             "scales": scales}  # fmt: skip
+
+
+def quantized_weight(bits: int, out_features: int, in_features: int, group_size: int, seed: int = 0):
+    """A random 4-bit (round-to-nearest of a normal weight) or 8-bit (random codes, float16-exact scales of a
+    spread of sizes) weight [out_features, in_features] in groups of group_size."""
+    from xpu_coopt.quant.int8 import Int8Weight
+    from xpu_coopt.quant.rtn import quantize_int4
+
+    generator = torch.Generator().manual_seed(seed)
+    if bits == 4:
+        return quantize_int4(torch.randn(out_features, in_features, generator=generator), group_size)
+    codes = torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8, generator=generator)
+    groups = (out_features, in_features // group_size)
+    magnitudes = torch.tensor([1e-4, 1e-2, 1.0])[torch.randint(0, 3, groups, generator=generator)]
+    scales = (torch.randn(groups, generator=generator).abs() * magnitudes).half().float()
+    return Int8Weight(codes, scales, group_size)
+
+
+def random_int8_blocks(rows: int, columns: int, type_name: str, seed: int = 0):
+    """Raw GGUF Q8_0 or Q6_K blocks (numpy uint8 [rows, bytes per row]): random codes (and Q6_K's 8-bit
+    sub-block scales), float16 d of either sign and a spread of magnitudes (Q6_K's 100x smaller, as its
+    d multiplies a sub-block scale of up to 127)."""
+    import numpy as np
+
+    generator = np.random.default_rng(seed)
+    block, block_bytes, d_at = {"Q8_0": (32, 34, 0), "Q6_K": (256, 210, 208)}[type_name]
+    blocks = generator.integers(0, 256, size=(rows, columns // block, block_bytes), dtype=np.uint8)
+    magnitudes = generator.choice([1e-4, 1e-2, 1.0], size=(rows, columns // block, 1))
+    magnitudes = magnitudes / 100 if type_name == "Q6_K" else magnitudes
+    d = (generator.standard_normal((rows, columns // block, 1)) * magnitudes).astype(np.float16)
+    blocks[..., d_at : d_at + 2] = d.view(np.uint8)
+    return blocks.reshape(rows, -1)

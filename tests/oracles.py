@@ -158,6 +158,49 @@ def ggml_dequantize_q4_k_row(row: bytes) -> list[float]:
     return values
 
 
+def ggml_dequantize_q8_0_row(row: bytes) -> list[float]:
+    """One GGUF row of Q8_0 blocks as ggml's dequantize_row_q8_0 computes it: y = x[j] * d in float32."""
+    import struct
+
+    import numpy as np
+
+    values: list[float] = []
+    for start in range(0, len(row), 34):
+        block = row[start : start + 34]
+        d = np.float32(struct.unpack("<e", block[0:2])[0])
+        values += [float(np.float32(q) * d) for q in struct.unpack("<32b", block[2:34])]
+    return values
+
+
+def ggml_dequantize_q6_k_row(row: bytes) -> list[float]:
+    """One GGUF row of Q6_K blocks as ggml's dequantize_row_q6_K computes it, loop for loop: each half of
+    128 columns takes 64 bytes of ql, 32 of qh and 8 scales; y[l + 32 j] = d * sc[l / 16 + 2 j] * q_j."""
+    import struct
+
+    import numpy as np
+
+    f32 = np.float32
+    values: list[float] = []
+    for start in range(0, len(row), 210):
+        block = row[start : start + 210]
+        ql, qh = block[0:128], block[128:192]
+        sc = struct.unpack("<16b", block[192:208])
+        d = f32(struct.unpack("<e", block[208:210])[0])
+        y = [0.0] * 256
+        for half in range(2):
+            low, high, scales = ql[64 * half :], qh[32 * half :], sc[8 * half :]
+            for lane in range(32):
+                index = lane // 16
+                q1 = ((low[lane] & 0xF) | (((high[lane] >> 0) & 3) << 4)) - 32
+                q2 = ((low[lane + 32] & 0xF) | (((high[lane] >> 2) & 3) << 4)) - 32
+                q3 = ((low[lane] >> 4) | (((high[lane] >> 4) & 3) << 4)) - 32
+                q4 = ((low[lane + 32] >> 4) | (((high[lane] >> 6) & 3) << 4)) - 32
+                for j, q in enumerate((q1, q2, q3, q4)):
+                    y[128 * half + lane + 32 * j] = float(d * f32(scales[index + 2 * j]) * f32(q))
+        values += y
+    return values
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [rows, K] @ weight [N, K].T (+ bias) in float64, row by row."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float64)

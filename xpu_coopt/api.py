@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from os import PathLike
 from typing import Any
@@ -13,11 +14,12 @@ from xpu_coopt.backends.cpu import gemm as cpu_gemm
 from xpu_coopt.cache import KV_CACHE_KINDS
 from xpu_coopt.kv_scales import KVScales
 from xpu_coopt.model.decoder import LlamaDecoder
-from xpu_coopt.model.linear import is_int4_linear, is_plain_linear, projection_modules
+from xpu_coopt.model.linear import Quantize, is_plain_linear, is_quantized_linear, projection_modules
 from xpu_coopt.model.optimized import OptimizedModel
 from xpu_coopt.model.spec import ModelSpec, model_spec
 from xpu_coopt.model.weight_shapes import check_weights_match_config
 from xpu_coopt.ops import KV_DTYPES, Ops
+from xpu_coopt.quant.rtn import quantize_int4, quantize_int8
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -57,9 +59,10 @@ def optimize(
     pack_shared_weights : bfloat16 on CPU: also pack the weights shared with the model (faster beams and
         batches, more memory).
     device : as in ipex.llm.optimize, the device type the weights are already on.
-    weight_dtype : "auto" (the projections as the model holds them) or "int4": each layer's projections
+    weight_dtype : "auto" (the projections as the model holds them), "int4" (each layer's projections
         quantized round-to-nearest to 4 bits in groups of `group_size` input features, with integer zero
-        points (the LM head and embeddings stay 16-bit). The model itself is left unchanged.
+        points) or "int8" (8 bits, symmetric, one scale per output feature). The LM head and embeddings
+        stay 16-bit; the model itself is left unchanged.
     group_size : int4's group size (default 128).
     """
     if isinstance(model, OptimizedModel):
@@ -76,10 +79,10 @@ def optimize(
     if pack_shared_weights:
         _check_packable(parameter.device, dtype)
     _check_foreign_projections(model, dtype)
-    int4_group_size = _int4_group_size(model, weight_dtype, group_size, spec)
-    decoder = LlamaDecoder(model, spec, ops, dtype, inplace, pack_shared_weights, int4_group_size)
+    quantize, weight_label = _quantizer(model, weight_dtype, group_size, spec)
+    decoder = LlamaDecoder(model, spec, ops, dtype, inplace, pack_shared_weights, quantize)
     optimized = OptimizedModel(model, decoder, kv_dtype, ops.name, kv_scales, use_graph, kv_cache)
-    optimized.weight_dtype = weight_dtype if int4_group_size is None else f"int4 g{int4_group_size}"
+    optimized.weight_dtype = weight_label
     return optimized
 
 
@@ -96,23 +99,32 @@ def _model_spec(model: Any) -> ModelSpec:
     return spec
 
 
-WEIGHT_DTYPES = ("auto", "int4")
+WEIGHT_DTYPES = ("auto", "int4", "int8")
 
 
-def _int4_group_size(
+def _quantizer(
     model: torch.nn.Module, weight_dtype: str, group_size: int, spec: ModelSpec
-) -> int | None:
-    """The group size to quantize the projections with, None to keep them as they are."""
+) -> tuple[Quantize | None, str]:
+    """(how to quantize a projection's weight, None to keep them as they are; the label
+    OptimizedModel.weight_dtype shows)."""
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"unknown weight_dtype {weight_dtype!r}; choose one of {', '.join(WEIGHT_DTYPES)}")
     if weight_dtype == "auto":
-        return None
-    quantized = [name for name, module in projection_modules(model) if is_int4_linear(module)]
+        return None, "auto"
+    quantized = [name for name, module in projection_modules(model) if is_quantized_linear(module)]
     if quantized:
         raise ValueError(
             f"weight_dtype={weight_dtype!r} quantizes 16-bit weights, but the model's are quantized already "
             f"(e.g. {quantized[0]}): pass weight_dtype='auto'"
         )
+    if weight_dtype == "int8":
+        return quantize_int8, "int8"
+    _check_group_size(group_size, spec)
+    return functools.partial(quantize_int4, group_size=group_size), f"int4 g{group_size}"
+
+
+def _check_group_size(group_size: int, spec: ModelSpec) -> None:
+    """ValueError unless group_size is even and divides every projection's input features."""
     widths = {"hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
               "num_attention_heads * head_dim": spec.num_heads * spec.head_dim}  # fmt: skip
     for name, width in widths.items():
@@ -124,7 +136,6 @@ def _int4_group_size(
                 f"group_size {group_size!r} must be an even integer dividing every projection's input "
                 f"features; {name} is {width}: pass group_size={fitting}"
             )
-    return group_size
 
 
 def _check_cache_options(kv_cache: str, kv_dtype: str) -> None:
@@ -213,7 +224,7 @@ def _check_foreign_projections(model: torch.nn.Module, dtype: torch.dtype) -> No
     foreign = [
         (name, module)
         for name, module in projections
-        if not is_plain_linear(module) and not is_int4_linear(module)
+        if not is_plain_linear(module) and not is_quantized_linear(module)
     ]
     if not foreign:
         return

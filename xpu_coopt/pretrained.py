@@ -3,6 +3,7 @@ they are stored (mirrors ipex-llm's and transformers' loading call)."""
 
 from __future__ import annotations
 
+import functools
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,10 @@ import torch
 from xpu_coopt.api import optimize
 from xpu_coopt.model.optimized import OptimizedModel
 from xpu_coopt.quant.hf_quantized import load_quantized_folder, quantization_config
+from xpu_coopt.quant.quantized_linear import Quantize
+from xpu_coopt.quant.rtn import quantize_int4, quantize_int8
 
-WEIGHT_DTYPES = ("auto",)  # "int4" and "int8" (quantizing a 16-bit checkpoint while loading) come next
+WEIGHT_DTYPES = ("auto", "int4", "int8")
 
 
 def from_pretrained(
@@ -21,27 +24,28 @@ def from_pretrained(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     weight_dtype: str = "auto",
+    group_size: int = 128,
     **optimize_kwargs: Any,
 ) -> tuple[OptimizedModel, Any]:
     """(optimized model, tokenizer) of a checkpoint: a .gguf file or a Hugging Face folder.
 
-    weight_dtype="auto" keeps the weights as stored: a GGUF's Q4_0 / Q4_1 projections and a GPTQ or AWQ
-    folder's 4-bit ones stay 4-bit (never expanded to 16 bits in memory; run by the backend's 4-bit GEMM),
-    a 16-bit checkpoint stays 16-bit. dtype: the activations' (and the 16-bit weights'); default bfloat16
-    for a quantized checkpoint (the fast 4-bit path on CPUs), the checkpoint's own dtype for a 16-bit
-    folder. optimize_kwargs go to optimize().
+    weight_dtype="auto" keeps the weights as stored: a GGUF's Q4_0 / Q4_1 / Q4_K / Q8_0 / Q6_K projections
+    and a GPTQ or AWQ folder's 4-bit ones stay quantized (never expanded to 16 bits in memory; run by the
+    backend's 4- or 8-bit GEMM), a 16-bit checkpoint stays 16-bit. "int4" (groups of `group_size`) and
+    "int8" (per channel) quantize a 16-bit checkpoint's projections round-to-nearest while loading, one at
+    a time: loading holds the quantized weights and one 16-bit projection, never the 16-bit model.
+    dtype: the activations' (and the 16-bit weights'); default bfloat16 for a quantized checkpoint (the
+    fast quantized path on CPUs), the checkpoint's own dtype for a 16-bit folder loaded 16-bit.
+    optimize_kwargs go to optimize().
     """
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise ValueError(
-            f"weight_dtype {weight_dtype!r} is not supported yet; choose one of {', '.join(WEIGHT_DTYPES)}"
-        )
+    quantize = _quantizer(weight_dtype, group_size)
     path = Path(path)
     if path.suffix == ".gguf" and path.is_file():
-        from xpu_coopt.quant.gguf_model import load_gguf_int4
+        from xpu_coopt.quant.gguf_model import load_gguf
 
-        model, tokenizer = load_gguf_int4(path, dtype or torch.bfloat16)
-    elif path.is_dir() and quantization_config(path) is not None:
-        model, tokenizer = load_quantized_folder(path, dtype or torch.bfloat16)
+        model, tokenizer = load_gguf(path, dtype or torch.bfloat16, quantize)
+    elif path.is_dir() and (quantize is not None or quantization_config(path) is not None):
+        model, tokenizer = load_quantized_folder(path, dtype or torch.bfloat16, quantize)
     elif path.is_dir():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -50,8 +54,21 @@ def from_pretrained(
     else:
         raise FileNotFoundError(f"{path} is neither a .gguf file nor a Hugging Face model folder")
     model = model.to(device) if torch.device(device).type != "cpu" else model
-    # inplace: the model is ours, so each projection's 4-bit copy goes as soon as the backend packed its own
-    return optimize(model, dtype=dtype or model_dtype(model), inplace=True, **optimize_kwargs), tokenizer
+    # inplace: the model is ours, so each projection's quantized copy goes as soon as the backend packed its own
+    optimized = optimize(model, dtype=dtype or model_dtype(model), inplace=True, **optimize_kwargs)
+    if quantize is not None:
+        optimized.weight_dtype = "int8" if weight_dtype == "int8" else f"int4 g{group_size}"
+    return optimized, tokenizer
+
+
+def _quantizer(weight_dtype: str, group_size: int) -> Quantize | None:
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(
+            f"weight_dtype {weight_dtype!r} is not supported; choose one of {', '.join(WEIGHT_DTYPES)}"
+        )
+    if weight_dtype == "int4":
+        return functools.partial(quantize_int4, group_size=group_size)
+    return quantize_int8 if weight_dtype == "int8" else None
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:

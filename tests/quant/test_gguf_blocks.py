@@ -1,5 +1,6 @@
-"""GGUF's 4-bit blocks repacked into Int4Weight hold exactly the format's values: against a dequantizer
-written from ggml's C reference (tests/oracles.py) and against the gguf package's own."""
+"""GGUF's 4-bit blocks repacked into Int4Weight, and Q8_0 / Q6_K into Int8Weight, hold exactly the format's
+values: against a dequantizer written from ggml's C reference (tests/oracles.py) and against the gguf
+package's own."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import oracles
 import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
-from helpers import random_blocks, random_q4_k_blocks
+from helpers import random_blocks, random_int8_blocks, random_q4_k_blocks
 
-from xpu_coopt.quant.gguf_blocks import INT4_BLOCKS, int4_from_blocks
+from xpu_coopt.quant.gguf_blocks import INT4_BLOCKS, int4_from_blocks, quantized_from_blocks
 from xpu_coopt.quant.int4 import Int4Weight
 
 
@@ -52,3 +53,19 @@ def test_q4_k_blocks_repack_to_the_formats_values_bit_for_bit(rows, columns):
     assert torch.equal(weight, torch.from_numpy(np.ascontiguousarray(theirs)))
     with pytest.raises(ValueError, match="a Q4_K tensor of 512 columns takes 288 bytes a row"):
         int4_from_blocks(raw, "Q4_K", 512)
+
+
+@pytest.mark.parametrize(
+    ("type_name", "rows", "columns"), [("Q8_0", 1, 32), ("Q8_0", 5, 576), ("Q6_K", 1, 256), ("Q6_K", 3, 768)]
+)
+def test_8_bit_blocks_repack_to_the_formats_values_bit_for_bit(type_name, rows, columns):
+    raw = random_int8_blocks(rows, columns, type_name)
+    weight = quantized_from_blocks(raw, type_name, columns)
+    assert weight.bits == 8 and weight.group_size == {"Q8_0": 32, "Q6_K": 16}[type_name]
+    oracle = {"Q8_0": oracles.ggml_dequantize_q8_0_row, "Q6_K": oracles.ggml_dequantize_q6_k_row}[type_name]
+    expected = torch.tensor([oracle(raw[r].tobytes()) for r in range(rows)])
+    assert torch.equal(weight.dequantize(torch.float32), expected.float())
+    theirs = quants.dequantize(raw, GGMLQuantizationType[type_name])
+    assert torch.equal(weight.dequantize(torch.float32), torch.from_numpy(np.ascontiguousarray(theirs)))
+    with pytest.raises(ValueError, match=f"a {type_name} tensor of {2 * columns} columns takes"):
+        quantized_from_blocks(raw, type_name, 2 * columns)

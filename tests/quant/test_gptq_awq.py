@@ -99,7 +99,9 @@ def _write_folder(folder, model, method: str, group_size: int, act_order: bool =
 def test_a_quantized_folder_runs_4_bit_with_transformers_tokens(tmp_path, method, act_order, name):
     reference = _write_folder(tmp_path, tiny_model(name), method, 32, act_order)
     model, tokenizer = xpu_coopt.from_pretrained(tmp_path, dtype=torch.float32)
-    assert tokenizer is None and all(layer.qkv.int4 and layer.gate_up.int4 for layer in model.decoder.layers)
+    assert tokenizer is None and all(
+        layer.qkv.quantized and layer.gate_up.quantized for layer in model.decoder.layers
+    )
     ids, mask = left_padded_prompts([5, 11], reference.config.vocab_size)
     kwargs = dict(max_new_tokens=8, num_beams=2, do_sample=False, pad_token_id=0)
     expected = reference.generate(ids, attention_mask=mask, **kwargs)

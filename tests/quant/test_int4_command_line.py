@@ -1,5 +1,5 @@
-"""The command line's 4-bit weights: a .gguf's projections kept 4-bit by `generate`, round-to-nearest int4
-by `--weight-dtype int4`, and `eval-ppl --weight-dtypes`."""
+"""The command line's quantized weights: a .gguf's projections kept 4-bit by `generate`, round-to-nearest
+int4 and int8 by `--weight-dtype` (a folder quantized while loading), and `eval-ppl --weight-dtypes`."""
 
 from __future__ import annotations
 
@@ -54,15 +54,39 @@ def test_generate_with_int4_weights_runs(capsys):
 def test_eval_ppl_scores_each_weight_dtype(tmp_path, capsys):
     out = tmp_path / "ppl.json"
     args = ["eval-ppl", *STORIES_ARGS, "--text", str(require_data(TINYSTORIES_TEXT)), "--context", "64",
-            "--max-tokens", "256", "--kv-dtypes", "auto", "--kv-scales", "none", "--weight-dtypes", "auto,int4",
+            "--max-tokens", "256", "--kv-dtypes", "auto", "--kv-scales", "none", "--weight-dtypes", "auto,int4,int8",
             "--group-size", "4", "--json", str(out)]  # fmt: skip
     assert main(args) == 0
     results = {row["name"]: row["perplexity"] for row in json.loads(out.read_text())["results"]}
-    assert list(results) == ["transformers", "xpu_coopt auto", "xpu_coopt auto, weights int4 g4"]
+    assert list(results) == [
+        "transformers", "xpu_coopt auto", "xpu_coopt auto, weights int4 g4", "xpu_coopt auto, weights int8"
+    ]  # fmt: skip
     assert torch.isclose(
         torch.tensor(results["transformers"]), torch.tensor(results["xpu_coopt auto"]), rtol=1e-4
     )
     assert results["xpu_coopt auto, weights int4 g4"] != results["xpu_coopt auto"]
+
+
+def test_generate_quantizes_a_folder_while_loading(tmp_path, capsys):
+    """--weight-dtype int8 with a 16-bit folder: from_pretrained quantizes it projection by projection; its
+    greedy tokens are those of optimize(weight_dtype="int8") over the model transformers loads."""
+    from helpers import tiny_model
+    from transformers import AutoTokenizer
+
+    import xpu_coopt
+
+    model = tiny_model("llama-gqa-8q2kv-d64")
+    model.save_pretrained(tmp_path)
+    folder = smollm2_location()[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=smollm2_location()[1])
+    tokenizer.save_pretrained(tmp_path)
+    prompt = "1 2 3"  # token ids under the tiny model's 256
+    args = ["generate", "--model", str(tmp_path), "--prompt", prompt, "--max-new-tokens", "6", "--dtype",
+            "float32", "--weight-dtype", "int8"]  # fmt: skip
+    assert main(args) == 0
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    expected = xpu_coopt.optimize(model, weight_dtype="int8").generate(ids, max_new_tokens=6, do_sample=False)
+    assert capsys.readouterr().out == tokenizer.decode(expected[0], skip_special_tokens=True) + "\n"
 
 
 def test_bench_times_int4_weights_against_transformers(tmp_path):

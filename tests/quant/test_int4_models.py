@@ -16,7 +16,7 @@ from xpu_coopt.checkpoints import smollm2_location
 from xpu_coopt.model.linear import projection_modules
 from xpu_coopt.pretrained import from_pretrained
 from xpu_coopt.quant.gguf_blocks import int4_from_blocks
-from xpu_coopt.quant.int4 import QuantizedLinear
+from xpu_coopt.quant.quantized_linear import QuantizedLinear
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,8 @@ def test_smollm2_q4_1_runs_4_bit_with_transformers_logits_and_tokens(smollm2_q4_
     model, tokenizer = smollm2_q4_1
     reference, _ = smollm2_fp32
     assert all(
-        layer.qkv.int4 and layer.gate_up.int4 and layer.down_proj.int4 for layer in model.decoder.layers
+        layer.qkv.quantized and layer.gate_up.quantized and layer.down_proj.quantized
+        for layer in model.decoder.layers
     )
     batch = _batch(tokenizer)
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -90,7 +91,7 @@ def test_4_bit_projections_give_transformers_tokens_over_their_values(type_name,
     ids, mask = left_padded_prompts([5, 11], dequantized.config.vocab_size)
     kwargs = dict(max_new_tokens=8, num_beams=num_beams, do_sample=False, pad_token_id=0)
     optimized = xpu_coopt.optimize(quantized, backend=backend)
-    assert optimized.decoder.layers[0].qkv.int4
+    assert optimized.decoder.layers[0].qkv.quantized
     assert torch.equal(optimized.generate(ids, attention_mask=mask, **kwargs),
                        dequantized.generate(ids, attention_mask=mask, **kwargs))  # fmt: skip
 
@@ -117,7 +118,7 @@ def test_q4_k_projections_give_transformers_tokens_over_their_values(backend):
     ids, mask = left_padded_prompts([5, 11], model.config.vocab_size)
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     optimized = xpu_coopt.optimize(model, backend=backend)
-    assert optimized.decoder.layers[0].qkv.int4 and not optimized.decoder.layers[0].down_proj.int4
+    assert optimized.decoder.layers[0].qkv.quantized and not optimized.decoder.layers[0].down_proj.quantized
     assert torch.equal(optimized.generate(ids, attention_mask=mask, **kwargs),
                        dequantized.generate(ids, attention_mask=mask, **kwargs))  # fmt: skip
 
@@ -161,23 +162,24 @@ def test_a_gguf_of_another_architecture_is_an_error(tmp_path):
 
 
 def test_unsupported_weight_dtypes_and_paths_are_errors(tmp_path):
-    with pytest.raises(ValueError, match="weight_dtype 'int3' is not supported"):
+    with pytest.raises(ValueError, match="weight_dtype 'int3' is not supported;"):
         from_pretrained(tmp_path, weight_dtype="int3")
     with pytest.raises(FileNotFoundError, match=r"neither a \.gguf file nor a Hugging Face model folder"):
         from_pretrained(tmp_path / "missing.gguf")
 
 
 def test_a_gguf_projection_of_a_type_not_read_natively_is_an_error_naming_it(tmp_path):
-    """Q8_0, Q4_K, Q6_K projections are not read natively yet: an error naming the tensor and its type,
+    """Q5_K (or Q5_0, IQ4_XS, ...) projections are not read natively: an error naming the tensor and its type,
     not a silent expansion to 16 bits."""
     from types import SimpleNamespace
 
     from xpu_coopt.quant import gguf_model
 
     model = tiny_model("llama-gqa-8q2kv-d64")
-    tensor = SimpleNamespace(tensor_type=GGMLQuantizationType.Q8_0, shape=[512, 512], data=None)
+    tensor = SimpleNamespace(tensor_type=GGMLQuantizationType.Q5_K, shape=[512, 512], data=None)
     with pytest.raises(
-        ValueError, match=r"blk.0.attn_q.weight is Q8_0; xpu_coopt runs GGUF projections stored as Q4_0, Q4_1"
+        ValueError,
+        match=r"blk.0.attn_q.weight is Q5_K; xpu_coopt runs GGUF projections stored as Q4_0, Q4_1, Q4_K, Q8_0, Q6_K",
     ):
         gguf_model._set_tensor(
             model, model.config, "blk.0.attn_q.weight", tensor, torch.float32, True, tmp_path

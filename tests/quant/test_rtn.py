@@ -44,7 +44,7 @@ def test_int4_gives_transformers_tokens_over_the_quantized_values(name, num_beam
     before = {key: value.clone() for key, value in model.state_dict().items()}
     optimized = xpu_coopt.optimize(model, weight_dtype="int4", group_size=32)
     assert all(key in before and torch.equal(value, before[key]) for key, value in model.state_dict().items())
-    assert optimized.decoder.layers[0].qkv.int4 and not optimized.decoder.lm_head.int4
+    assert optimized.decoder.layers[0].qkv.quantized and not optimized.decoder.lm_head.quantized
     ids, mask = left_padded_prompts([5, 11], model.config.vocab_size)
     kwargs = dict(max_new_tokens=8, num_beams=num_beams, do_sample=False, pad_token_id=0)
     expected = _dequantized_copy(model, 32).generate(ids, attention_mask=mask, **kwargs)
@@ -54,7 +54,7 @@ def test_int4_gives_transformers_tokens_over_the_quantized_values(name, num_beam
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(weight_dtype="int3"), "unknown weight_dtype 'int3'; choose one of auto, int4"),
+        (dict(weight_dtype="int3"), "unknown weight_dtype 'int3'; choose one of auto, int4, int8"),
         (
             dict(weight_dtype="int4", group_size=96),
             "group_size 96 must be an even integer dividing .* is 512",
@@ -68,7 +68,7 @@ def test_bad_weight_options_are_errors(kwargs, message):
 
 
 def test_int4_of_a_model_quantized_already_is_an_error():
-    from xpu_coopt.quant.int4 import QuantizedLinear
+    from xpu_coopt.quant.quantized_linear import QuantizedLinear
 
     model = tiny_model("llama-gqa-8q2kv-d64")
     attention = model.model.layers[0].self_attn
@@ -82,8 +82,8 @@ def test_int4_of_a_model_quantized_already_is_an_error():
 def test_converting_a_model_with_4_bit_projections_keeps_their_values():
     """model.to(dtype) (as optimize(inplace=True) does) converts floating-point tensors: a
     QuantizedLinear's scales and offsets stay exact."""
-    from xpu_coopt.quant.int4 import QuantizedLinear
+    from xpu_coopt.quant.quantized_linear import QuantizedLinear
 
     weight = quantize_int4(torch.randn(32, 64), 32)
     module = QuantizedLinear(weight).to(torch.bfloat16)
-    assert torch.equal(module.weight_int4.dequantize(), weight.dequantize())
+    assert torch.equal(module.quantized_weight.dequantize(), weight.dequantize())

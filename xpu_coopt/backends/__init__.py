@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from xpu_coopt.backends.cpu import cpu_gemm_options, cpu_kernels
-from xpu_coopt.backends.sycl import linear_int4 as sycl_int4
+from xpu_coopt.backends.sycl import linear_quantized as sycl_quantized
 from xpu_coopt.backends.sycl.kernels import sycl_kernels
 from xpu_coopt.backends.sycl.runtime import queue_for
 from xpu_coopt.errors import BackendUnavailableError
@@ -97,14 +97,14 @@ def resolve_backend(backend: str, device: torch.device) -> Ops:
     if name == "triton":
         kernels = _triton_kernels()  # registers the CUDA kernels
         triton_linear = importlib.import_module("xpu_coopt.backends.triton.linear")
-        triton_int4 = importlib.import_module("xpu_coopt.backends.triton.linear_int4")
+        triton_quantized = importlib.import_module("xpu_coopt.backends.triton.linear_quantized")
         options = {
             "linear": triton_linear.linear, "fusions": triton_linear.FUSIONS,
-            "linear_int4": triton_int4.linear_int4, "pack_int4": triton_int4.pack_int4,
+            **quantized_gemm_options(triton_quantized),
         }  # fmt: skip
     if name == "sycl":
-        # 4-bit GEMMs run the SYCL kernel on either device (torch has none for XPU tensors).
-        options = {**options, "linear_int4": sycl_int4.linear_int4, "pack_int4": sycl_int4.pack_int4}
+        # 4- and 8-bit GEMMs run the SYCL kernel on either device (torch has none for XPU tensors).
+        options = {**options, **quantized_gemm_options(sycl_quantized)}
     if backend == "auto" and device.type == "cpu":
         # The kernels registered for CPU, called directly: the dispatcher's argument handling would cost
         # 3-15 us a call, about 1.2 ms (3%) of a beam-4 decode step of SmolLM2-135M.
@@ -118,3 +118,8 @@ def resolve_backend(backend: str, device: torch.device) -> Ops:
         return Ops(kernels, name, **options)
     # backend="torch" asked for explicitly: the reference kernels as plain functions, on any device.
     return Ops(cpu_kernels(), name, **cpu_gemm_options())
+
+
+def quantized_gemm_options(module: Any) -> dict[str, Any]:
+    """A backend module's 4- and 8-bit GEMMs, as Ops keyword arguments."""
+    return {name: getattr(module, name) for name in ("linear_int4", "pack_int4", "linear_int8", "pack_int8")}

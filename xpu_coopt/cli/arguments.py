@@ -70,7 +70,12 @@ def cache_arguments(parser: argparse.ArgumentParser) -> None:
 def weight_arguments(parser: argparse.ArgumentParser, flag: str, text: str) -> None:
     """optimize()'s weight_dtype (--weight-dtype, or a list of them) and group_size."""
     parser.add_argument(flag, default="auto", help=text)
-    parser.add_argument("--group-size", type=positive, default=128, help="int4's group size (default 128)")
+    parser.add_argument(
+        "--group-size",
+        type=positive,
+        default=128,
+        help="int4's group size (default 128; int8 is per channel)",
+    )
 
 
 def model_with_tokenizer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,10 +102,13 @@ def model_arguments(parser: argparse.ArgumentParser, text_help: str) -> None:
 
 def keeps_stored_weights(args: argparse.Namespace) -> bool:
     """Whether xpu_coopt's side loads the checkpoint itself (from_pretrained): a .gguf file or a GPTQ/AWQ
-    folder with --weight-dtype auto keeps its 4-bit projections, which transformers would expand."""
+    folder with --weight-dtype auto keeps its quantized projections, which transformers would expand; a
+    .gguf file or folder with --weight-dtype int4/int8 is quantized while loading, never held in 16 bits."""
     from xpu_coopt.quant.hf_quantized import quantization_config
 
     path = Path(args.model)
+    if args.weight_dtype in ("int4", "int8"):
+        return path.suffix == ".gguf" or path.is_dir()
     return args.weight_dtype == "auto" and (path.suffix == ".gguf" or quantization_config(path) is not None)
 
 

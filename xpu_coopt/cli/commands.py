@@ -62,7 +62,8 @@ def bench_parser(subparsers) -> None:
                        help="bfloat16 on CPU: also pack the weights shared with transformers (a second copy "
                        "of them; faster beam search and batches), see optimize()")  # fmt: skip
     weight_arguments(bench, "--weight-dtype", "xpu_coopt's projections: auto (default: as stored; a .gguf's "
-                     "4-bit ones stay 4-bit, while transformers dequantizes them) or int4 (round-to-nearest)")  # fmt: skip
+                     "quantized ones stay so, while transformers dequantizes them), int4 or int8 "
+                     "(round-to-nearest)")  # fmt: skip
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
 
 
@@ -82,7 +83,8 @@ def run_bench(args: argparse.Namespace) -> int:
         optimized, _ = xpu_coopt.from_pretrained(
             args.model, dtype=DTYPES[args.dtype], device=device, kv_dtype=args.kv_dtype, backend=args.backend,
             kv_cache=args.kv_cache, cuda_graph=CUDA_GRAPH_CHOICES[args.cuda_graph],
-            pack_shared_weights=args.pack_shared_weights,
+            pack_shared_weights=args.pack_shared_weights, weight_dtype=args.weight_dtype,
+            group_size=args.group_size,
         )  # fmt: skip
     result = benchmark(
         model, dtype=DTYPES[args.dtype], batch_size=args.batch_size, input_tokens=args.input_tokens,
@@ -135,8 +137,9 @@ def generate_parser(subparsers) -> None:
     parser.add_argument(
         "--kv-scales", help="a scales file or model folder from calibrate-kv (FP8 --kv-dtype)"
     )
-    weight_arguments(parser, "--weight-dtype", "auto (default: as stored; a .gguf's Q4_0/Q4_1 projections stay "
-                     "4-bit) or int4 (round-to-nearest 4-bit projections of a 16-bit model)")  # fmt: skip
+    weight_arguments(parser, "--weight-dtype", "auto (default: as stored; a .gguf's quantized projections and a "
+                     "GPTQ/AWQ folder's stay so), int4 or int8 (round-to-nearest projections of a 16-bit "
+                     "model, quantized while loading a .gguf or folder)")  # fmt: skip
     parser.add_argument("--compare", action="store_true",
                         help="also run transformers' generate on the same prompts and settings (and seed) and "
                         "report whether its tokens are the same; exit status 1 where they are not")  # fmt: skip
@@ -192,8 +195,9 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def optimized_with_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, Callable[[], Any]]:
     """(optimized model, tokenizer, a function returning transformers' model of the same checkpoint). A
-    .gguf file or a GPTQ/AWQ folder with --weight-dtype auto keeps its 4-bit projections
-    (xpu_coopt.from_pretrained); then transformers' model is loaded only when asked for (--compare)."""
+    .gguf file or a GPTQ/AWQ folder with --weight-dtype auto keeps its quantized projections, int4/int8
+    quantize a .gguf or folder while loading (xpu_coopt.from_pretrained); then transformers' model is
+    loaded only when asked for (--compare)."""
     import xpu_coopt
     from xpu_coopt.checkpoints import load_model
 
@@ -203,7 +207,14 @@ def optimized_with_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, Callab
     if keeps_stored_weights(args):
         check_runnable(args)
         dtype = DTYPES[args.dtype]
-        model, tokenizer = xpu_coopt.from_pretrained(path, dtype=dtype, device=args.device, **options)
+        model, tokenizer = xpu_coopt.from_pretrained(
+            path,
+            dtype=dtype,
+            device=args.device,
+            weight_dtype=args.weight_dtype,
+            group_size=args.group_size,
+            **options,
+        )
         if tokenizer is None:
             raise ValueError(f"{path} comes without a tokenizer")
         return model, tokenizer, lambda: load_model(args.model, dtype, args.device)[0]
@@ -252,7 +263,7 @@ def eval_ppl_parser(subparsers) -> None:
                         "file or model folder")  # fmt: skip
     parser.add_argument("--calibration-tokens", type=positive, default=4096)
     weight_arguments(parser, "--weight-dtypes", "comma-separated projection formats to evaluate, each with "
-                     "every --kv-dtypes (default auto: as the model holds them; int4: round-to-nearest)")  # fmt: skip
+                     "every --kv-dtypes (default auto: as the model holds them; int4, int8: round-to-nearest)")  # fmt: skip
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from xpu_coopt.cache import SegmentKVCache
 from xpu_coopt.cache.attention import attend
-from xpu_coopt.model.linear import FusedLinear
+from xpu_coopt.model.linear import FusedLinear, Quantize
 from xpu_coopt.model.rope import cos_sin_cache
 from xpu_coopt.model.spec import ModelSpec
 from xpu_coopt.ops import Ops
@@ -68,7 +68,7 @@ class LlamaDecoder:
         dtype: torch.dtype,
         inplace: bool,
         pack_shared: bool = False,
-        int4_group_size: int | None = None,
+        quantize: Quantize | None = None,
     ):
         self.spec = spec
         self.ops = ops
@@ -76,7 +76,7 @@ class LlamaDecoder:
         backbone = hf_model.model
         self.embed_tokens = backbone.embed_tokens.weight.detach().to(dtype)  # [vocab, hidden]
         self.layers = [
-            self._layer(layer, dtype, ops, inplace, pack_shared, spec.query_key_norm, int4_group_size)
+            self._layer(layer, dtype, ops, inplace, pack_shared, spec.query_key_norm, quantize)
             for layer in backbone.layers
         ]
         self.final_norm = _norm_weight(backbone.norm, dtype)
@@ -84,7 +84,7 @@ class LlamaDecoder:
         self.cos_sin_cache = cos_sin_cache(
             spec.rope, spec.head_dim, spec.max_position_embeddings, self.embed_tokens.device
         )
-        # The fused GEMMs take plain 16-bit weight matrices: 4-bit weights and a layer kept as its own
+        # The fused GEMMs take plain 16-bit weight matrices: quantized weights and a layer kept as its own
         # modules (foreign quantized layers, adapters) run every step unfused.
         fusable = all(p.fusable for p in self._projections())
         self.fusions = ops.fusions if fusable else None
@@ -92,17 +92,17 @@ class LlamaDecoder:
     @staticmethod
     def _layer(
         layer: nn.Module, dtype: torch.dtype, ops: Ops, inplace: bool, pack_shared: bool, query_key_norm: bool,
-        int4_group_size: int | None,
+        quantize: Quantize | None,
     ) -> DecoderLayer:  # fmt: skip
         attn, mlp = layer.self_attn, layer.mlp
-        int4 = {"int4_group_size": int4_group_size}
+        quantized = {"quantize": quantize}
         return DecoderLayer(
             input_norm=_norm_weight(layer.input_layernorm, dtype),
-            qkv=FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, ops, inplace, **int4),
-            o_proj=FusedLinear([attn.o_proj], dtype, ops, inplace, pack_shared, **int4),
+            qkv=FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype, ops, inplace, **quantized),
+            o_proj=FusedLinear([attn.o_proj], dtype, ops, inplace, pack_shared, **quantized),
             post_attention_norm=_norm_weight(layer.post_attention_layernorm, dtype),
-            gate_up=FusedLinear([mlp.gate_proj, mlp.up_proj], dtype, ops, inplace, **int4),
-            down_proj=FusedLinear([mlp.down_proj], dtype, ops, inplace, pack_shared, **int4),
+            gate_up=FusedLinear([mlp.gate_proj, mlp.up_proj], dtype, ops, inplace, **quantized),
+            down_proj=FusedLinear([mlp.down_proj], dtype, ops, inplace, pack_shared, **quantized),
             query_norm=_norm_weight(attn.q_norm, dtype) if query_key_norm else None,
             key_norm=_norm_weight(attn.k_norm, dtype) if query_key_norm else None,
         )

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from xpu_coopt.ops import Ops
-from xpu_coopt.quant.int4 import Int4Weight, QuantizedLinear
-from xpu_coopt.quant.rtn import quantize_int4
+from xpu_coopt.quant.quantized_linear import Quantize, QuantizedLinear
 
 
 def is_plain_linear(module: nn.Module) -> bool:
@@ -18,8 +19,9 @@ def is_plain_linear(module: nn.Module) -> bool:
     return type(module) is nn.Linear
 
 
-def is_int4_linear(module: nn.Module) -> bool:
-    """A projection of a quantized checkpoint xpu_coopt loaded (QuantizedLinear): run on its 4-bit GEMMs."""
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A projection of a quantized checkpoint xpu_coopt loaded (QuantizedLinear): run on its 4- or 8-bit
+    GEMMs."""
     return type(module) is QuantizedLinear
 
 
@@ -38,8 +40,9 @@ def projection_modules(hf_model: nn.Module) -> list[tuple[str, nn.Module]]:
 class FusedLinear:
     """Projections sharing one input, run as one GEMM when they are plain nn.Linear layers.
 
-    Other module types (quantized Linear layers, adapters) are called as they are and their outputs
-    concatenated, so they keep working; always in eval mode, as xpu_coopt only infers (an adapter's dropout
+    xpu_coopt's QuantizedLinear layers (or plain ones quantized by `quantize`) run on the backend's 4- and
+    8-bit GEMMs, one per run of weights of one kind. Other module types (foreign quantized layers,
+    adapters) are called as they are and their outputs concatenated, so they keep working; always in eval mode, as xpu_coopt only infers (an adapter's dropout
     would otherwise run where the user's model is in train mode). A single plain Linear shares its weight with the HF model, unless
     pack_shared asks for a packed copy of it too. A fused matrix is xpu_coopt's own: the backend may pack it
     into its preferred layout (ops.pack_weight); if it keeps it plain and inplace is set, the HF modules
@@ -48,25 +51,26 @@ class FusedLinear:
 
     def __init__(
         self, modules: list[nn.Module], dtype: torch.dtype, ops: Ops, inplace: bool, pack_shared: bool = False,
-        int4_group_size: int | None = None,
+        quantize: Quantize | None = None,
     ) -> None:  # fmt: skip
         self.modules = None
         self.weight = self.bias = None
         self.linear = ops.linear
-        self.int4 = all(is_int4_linear(m) for m in modules) or (
-            int4_group_size is not None and all(is_plain_linear(m) for m in modules)
+        self.parts: list[_QuantizedPart] = []
+        self.quantized = any(is_quantized_linear(m) for m in modules) or (
+            quantize is not None and all(is_plain_linear(m) for m in modules)
         )
-        if self.int4:
-            self._fuse_int4(modules, dtype, ops, inplace, int4_group_size)
+        if self.quantized and all(is_quantized_linear(m) or is_plain_linear(m) for m in modules):
+            self._fuse_quantized(modules, dtype, ops, inplace, quantize)
             return
+        self.quantized = False
         if not all(is_plain_linear(m) for m in modules):
             self.modules = modules
             self._submodules = [sub for module in modules for sub in module.modules()]
             return
         weight = _concat([m.weight for m in modules], dtype)
         if any(m.bias is not None for m in modules):
-            biases = [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in modules]
-            self.bias = _concat(biases, dtype)
+            self.bias = _concat(_biases(modules), dtype)
         owned = len(modules) > 1 or modules[0].weight.dtype != dtype
         if (owned or pack_shared) and ops.pack_weight is not None:
             weight = ops.pack_weight(weight, tuple(m.weight.detach() for m in modules))
@@ -75,50 +79,100 @@ class FusedLinear:
         if owned and inplace and len(modules) > 1 and isinstance(weight, torch.Tensor):
             _rebind_as_views(modules, weight, self.bias)
 
-    def _fuse_int4(
-        self, modules: list[nn.Module], dtype: torch.dtype, ops: Ops, inplace: bool, group_size: int | None
+    def _fuse_quantized(
+        self, modules: list[nn.Module], dtype: torch.dtype, ops: Ops, inplace: bool, quantize: Quantize | None
     ) -> None:
-        """4-bit projections (QuantizedLinear, or plain ones quantized here to groups of `group_size`):
-        their weights stacked and packed for the backend's 4-bit GEMM."""
-        if ops.linear_int4 is None:
-            raise ValueError(
-                f"backend {ops.name!r} has no 4-bit GEMM (docs/ops.md, linear_int4): run 4-bit weights on the "
-                "CPU, SYCL or Triton backend"
-            )
-        self.linear = ops.linear_int4
+        """Quantized projections (QuantizedLinear, or plain ones quantized here): each run of weights of one
+        kind (4-bit, 8-bit, 16-bit where a checkpoint mixes them) stacked into one GEMM of the backend's."""
         weights = [
-            m.weight_int4 if is_int4_linear(m) else quantize_int4(m.weight, group_size) for m in modules
+            m.quantized_weight if is_quantized_linear(m) else quantize(m.weight) if quantize else m.weight
+            for m in modules
         ]
-        self.weight = ops.pack_int4(Int4Weight.concat(weights), dtype)
+        biases = _biases(modules) if any(m.bias is not None for m in modules) else None
+        start = 0
+        for run in _runs_of_one_kind(weights):
+            stop = start + len(run)
+            bias = None if biases is None else _concat(biases[start:stop], dtype)
+            self.parts.append(_QuantizedPart.fuse(run, bias, dtype, ops))
+            start = stop
         if inplace:  # the backend's copy is made: the modules' own go now, not after every layer's
             for module in modules:
-                if is_int4_linear(module):
+                if is_quantized_linear(module):
                     module.release()
-        if any(m.bias is not None for m in modules):
-            device = weights[0].codes.device
-            biases = [
-                m.bias if m.bias is not None else torch.zeros(m.out_features, device=device) for m in modules
-            ]
-            self.bias = _concat(biases, dtype)
+        if len(self.parts) == 1:
+            self.linear, self.weight, self.bias = (
+                self.parts[0].linear,
+                self.parts[0].weight,
+                self.parts[0].bias,
+            )
 
     @property
     def fusable(self) -> bool:
         """Whether the backend's GEMM fusions can take it: a plain 16-bit weight matrix."""
-        return self.modules is None and not self.int4
+        return self.modules is None and not self.quantized
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors this projection holds or reads (a packed weight's plain parts included)."""
         if self.modules is not None:
             return [p for m in self.modules for p in m.parameters()]
-        weight = self.weight
-        held = list(weight.tensors()) if hasattr(weight, "tensors") else [weight]
-        return held + ([self.bias] if self.bias is not None else [])
+        if self.parts:
+            return [tensor for part in self.parts for tensor in part.tensors()]
+        return _held_tensors(self.weight, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.parts) > 1:
+            return torch.cat([part(x) for part in self.parts], dim=-1)
         if self.modules is None:
             return self.linear(x, self.weight, self.bias)
         with _in_eval_mode(self._submodules):
             return torch.cat([m(x) for m in self.modules], dim=-1)
+
+
+@dataclass(frozen=True)
+class _QuantizedPart:
+    """Consecutive projections of one weight kind, stacked and packed for the backend's GEMM of that kind."""
+
+    linear: Callable[..., torch.Tensor]
+    weight: Any
+    bias: torch.Tensor | None
+
+    @staticmethod
+    def fuse(weights: list[Any], bias: torch.Tensor | None, dtype: torch.dtype, ops: Ops) -> _QuantizedPart:
+        if isinstance(weights[0], torch.Tensor):  # 16-bit projections beside quantized ones
+            return _QuantizedPart(ops.linear, _concat(weights, dtype), bias)
+        pack, linear = ops.quantized_gemm(weights[0].bits)
+        return _QuantizedPart(linear, pack(type(weights[0]).concat(weights), dtype), bias)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return _held_tensors(self.weight, self.bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x, self.weight, self.bias)
+
+
+def _runs_of_one_kind(weights: list[Any]) -> list[list[Any]]:
+    """The weights split where their kind (layout class) changes, in order."""
+    runs: list[list[Any]] = []
+    for weight in weights:
+        if runs and type(runs[-1][0]) is type(weight):
+            runs[-1].append(weight)
+        else:
+            runs.append([weight])
+    return runs
+
+
+def _held_tensors(weight: Any, bias: torch.Tensor | None) -> list[torch.Tensor]:
+    held = list(weight.tensors()) if hasattr(weight, "tensors") else [weight]
+    return held + ([bias] if bias is not None else [])
+
+
+def _biases(modules: list[nn.Module]) -> list[torch.Tensor]:
+    """Each module's bias, zeros where it has none."""
+    return [m.bias if m.bias is not None else torch.zeros(m.out_features, device=_device(m)) for m in modules]
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(t for t in (*module.parameters(), *module.buffers()) if t is not None).device
 
 
 @contextmanager

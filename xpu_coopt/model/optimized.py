@@ -16,7 +16,7 @@ from xpu_coopt.generation.output import ordinary
 from xpu_coopt.generation.session import CacheSession, KeptSession
 from xpu_coopt.kv_scales import KVScales
 from xpu_coopt.model.decoder import LlamaDecoder
-from xpu_coopt.model.linear import is_int4_linear
+from xpu_coopt.model.linear import is_quantized_linear
 from xpu_coopt.model.spec import ModelSpec
 
 
@@ -130,7 +130,7 @@ class OptimizedModel(nn.Module):
         self.static_scales = None if kv_scales is None else kv_scales.tensors(kv_dtype, self.device)
         self.cuda_graph = cuda_graph  # decode steps replay a captured CUDA graph (model/decode_graph.py)
         self._kept = KeptSession()  # the last generate()'s cache and decode graph, for the next
-        # the projections' format optimize() chose: "auto" (as the model holds them) or "int4 g<group size>"
+        # the projections' format optimize() chose: "auto" (as the model holds them), "int4 g<group size>", "int8"
         self.weight_dtype = "auto"
 
     def __repr__(self) -> str:
@@ -167,13 +167,13 @@ class OptimizedModel(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes of weights held for this model: the Hugging Face model's parameters and 4-bit weights (which
         it shares) plus xpu_coopt's own fused or packed copies."""
-        int4 = [
+        quantized = [
             buffer
             for module in self.hf_model.modules()
-            if is_int4_linear(module)
+            if is_quantized_linear(module)
             for buffer in module.buffers()
         ]
-        return held_bytes([*self.hf_model.parameters(), *int4, *self.decoder.weight_tensors()])
+        return held_bytes([*self.hf_model.parameters(), *quantized, *self.decoder.weight_tensors()])
 
     def cover_length(self, total_length: int) -> None:
         """Makes the rotary table hold positions up to total_length. Past max_position_embeddings, as

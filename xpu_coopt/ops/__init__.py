@@ -56,6 +56,8 @@ class Ops:
         fusions: GemmFusions | None = None,
         linear_int4: Callable[..., torch.Tensor] | None = None,
         pack_int4: Callable[..., Any] | None = None,
+        linear_int8: Callable[..., torch.Tensor] | None = None,
+        pack_int8: Callable[..., Any] | None = None,
     ) -> None:
         missing = [op for op in SCHEMAS if not hasattr(kernels, op)]
         if missing:
@@ -69,14 +71,30 @@ class Ops:
         self.linear = linear
         self.pack_weight = pack_weight
         self.fusions = fusions
-        # 4-bit weights (docs/ops.md, "linear_int4"): pack_int4(Int4Weight, activation dtype) -> what
-        # linear_int4(x, w, bias) takes; None where the backend has no 4-bit GEMM.
+        # 4- and 8-bit weights (docs/ops.md, "linear_int4", "linear_int8"): pack_int4(Int4Weight,
+        # activation dtype) -> what linear_int4(x, w, bias) takes (8-bit alike); None where the backend
+        # has no such GEMM.
         self.linear_int4 = linear_int4
         self.pack_int4 = pack_int4
+        self.linear_int8 = linear_int8
+        self.pack_int8 = pack_int8
+
+    def quantized_gemm(self, bits: int) -> tuple[Callable[..., Any], Callable[..., torch.Tensor]]:
+        """(pack, linear) of the backend's GEMM for `bits`-bit weights; ValueError where it has none."""
+        pack, linear = getattr(self, f"pack_int{bits}", None), getattr(self, f"linear_int{bits}", None)
+        if pack is None or linear is None:
+            raise ValueError(
+                f"backend {self.name!r} has no {bits}-bit GEMM (docs/ops.md, linear_int{bits}): run {bits}-bit "
+                "weights on the CPU, SYCL or Triton backend"
+            )
+        return pack, linear
 
     def with_torch_gemms(self) -> Ops:
-        """These kernels with torch's GEMMs, unfused (torch has no 4-bit GEMM: the backend's stays)."""
-        return Ops(self.kernels, self.name, linear_int4=self.linear_int4, pack_int4=self.pack_int4)
+        """These kernels with torch's GEMMs, unfused (torch has no 4- or 8-bit GEMM: the backend's stay)."""
+        return Ops(
+            self.kernels, self.name, linear_int4=self.linear_int4, pack_int4=self.pack_int4,
+            linear_int8=self.linear_int8, pack_int8=self.pack_int8,
+        )  # fmt: skip
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         out = torch.empty_like(x)

@@ -1,6 +1,6 @@
-"""What the device backends' 4-bit GEMMs (Triton, SYCL) do around their kernels (docs/ops.md,
-"linear_int4"): a decode step's few rows go to the kernel, in the weight's column order; more rows
-(prefill, compute-bound) dequantize the weight once to the activations' dtype for torch's GEMM."""
+"""What the device backends' 4- and 8-bit GEMMs (Triton, SYCL) do around their kernels (docs/ops.md,
+"linear_int4", "linear_int8"): a decode step's few rows go to the kernel, in the weight's column order;
+more rows (prefill, compute-bound) dequantize the weight once to the activations' dtype for torch's GEMM."""
 
 from __future__ import annotations
 
@@ -9,30 +9,30 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from xpu_coopt.quant.int4 import Int4Weight
+from xpu_coopt.quant.quantized_linear import QuantizedWeight
 
 # launch(out [rows, N], x [rows, K] contiguous in the weight's column order, weight, bias)
-Launch = Callable[[torch.Tensor, torch.Tensor, Int4Weight, torch.Tensor | None], None]
+Launch = Callable[[torch.Tensor, torch.Tensor, QuantizedWeight, torch.Tensor | None], None]
 
 
-def pack_as_is(weight: Int4Weight, dtype: torch.dtype) -> Int4Weight:
-    """pack_int4 for kernels that read an Int4Weight as it is: its tensors contiguous."""
+def pack_as_is(weight: QuantizedWeight, dtype: torch.dtype) -> QuantizedWeight:
+    """pack_int4 / pack_int8 for kernels that read the weight as it is: its tensors contiguous."""
     del dtype
-    return Int4Weight(
-        weight.codes.contiguous(), weight.scales.contiguous(), weight.offsets.contiguous(), weight.group_size,
-        weight.input_order,
-    )  # fmt: skip
+    return weight.contiguous()
 
 
-def linear_int4(
-    x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None, max_rows: int, launch: Launch
+def linear_quantized(
+    x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, max_rows: int, launch: Launch
 ) -> torch.Tensor:
     """x [..., K] @ W.T + bias: `launch` for up to max_rows rows, torch's GEMM over the dequantized weight
     for more."""
     rows = x.numel() // x.shape[-1]
     n, k = weight.shape
     if x.shape[-1] != k:
-        raise ValueError(f"linear_int4: input of {x.shape[-1]} features for a 4-bit weight of shape {(n, k)}")
+        raise ValueError(
+            f"linear_int{weight.bits}: input of {x.shape[-1]} features for a {weight.bits}-bit weight of "
+            f"shape {(n, k)}"
+        )
     if rows > max_rows or rows == 0:
         return F.linear(x, weight.dequantize(x.dtype), bias)
     x2 = x.reshape(rows, k)

@@ -1,8 +1,8 @@
 """A GGUF file as a transformers model skeleton whose 4-bit projections stay 4-bit.
 
 The skeleton is built on the meta device from the config transformers reads out of the file; each of its
-tensors is then set from the file: Q4_0 / Q4_1 / Q4_K projections as QuantizedLinear (their blocks repacked,
-never expanded to 16 bits), norms and embeddings in the compute dtype (dequantized where the file
+tensors is then set from the file: Q4_0 / Q4_1 / Q4_K / Q8_0 / Q6_K projections as QuantizedLinear (their
+blocks repacked, never expanded to 16 bits), norms and embeddings in the compute dtype (dequantized where the file
 quantizes them: they stay 16-bit, as the LM head). Loading so holds the 4-bit weights and the 16-bit
 embeddings, never the 16-bit model. The skeleton is for xpu_coopt to read (optimize()), not to run with
 transformers: what xpu_coopt does not read (the rotary tables) stays on the meta device.
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from xpu_coopt.checkpoints import readable_gguf
-from xpu_coopt.quant.gguf_blocks import INT4_TYPES, int4_from_blocks
-from xpu_coopt.quant.int4 import QuantizedLinear
+from xpu_coopt.quant.gguf_blocks import QUANTIZED_TYPES, quantized_from_blocks
+from xpu_coopt.quant.quantized_linear import Quantize, QuantizedLinear, QuantizedWeight
 
 # GGUF architectures read natively, and whether their q/k rows are permuted in the file (llama.cpp's
 # convert_hf_to_gguf interleaves each head's rotary halves for "llama", which also holds Mistral).
@@ -36,8 +36,9 @@ PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up"
 PLAIN_TYPES = ("F32", "F16", "BF16")
 
 
-def load_gguf_int4(path: Path, dtype: torch.dtype):
-    """(model skeleton, tokenizer or None) of a GGUF file, its Q4_0 / Q4_1 / Q4_K projections as QuantizedLinear."""
+def load_gguf(path: Path, dtype: torch.dtype, quantize: Quantize | None = None):
+    """(model skeleton, tokenizer or None) of a GGUF file, its quantized projections as QuantizedLinear;
+    `quantize` (weight_dtype="int4" / "int8"): its 16-bit projections too, one at a time."""
     import gguf
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -55,7 +56,7 @@ def load_gguf_int4(path: Path, dtype: torch.dtype):
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     permuted = GGUF_ARCHITECTURES[architecture]
     for name, tensor in tensors.items():
-        _set_tensor(model, config, name, tensor, dtype, permuted, path)
+        _set_tensor(model, config, name, tensor, dtype, permuted, path, quantize)
     if "output.weight" not in tensors:  # tied: the LM head reads the embeddings
         model.lm_head.weight = model.model.embed_tokens.weight
     _check_complete(model, path)
@@ -77,7 +78,7 @@ def _module_path(name: str) -> tuple[str, str, str]:
 
 
 def _set_tensor(model: nn.Module, config: Any, name: str, tensor: Any, dtype: torch.dtype,
-                permuted: bool, path: Path) -> None:  # fmt: skip
+                permuted: bool, path: Path, quantize: Quantize | None = None) -> None:  # fmt: skip
     """Sets the skeleton's module or parameter that GGUF tensor `name` holds."""
     module_path, base, kind = _module_path(name)
     parent_path, _, child = module_path.rpartition(".")
@@ -85,20 +86,34 @@ def _set_tensor(model: nn.Module, config: Any, name: str, tensor: Any, dtype: to
     module = getattr(parent, child)
     type_name = tensor.tensor_type.name
     rows = _row_order(base, config) if permuted and base in ("attn_q", "attn_k") else None
-    if base in PROJECTIONS and kind == "weight" and type_name in INT4_TYPES:
-        weight = int4_from_blocks(_raw(tensor, path), type_name, int(tensor.shape[0]))
-        bias = module.bias if module.bias is not None and not module.bias.is_meta else None
-        setattr(parent, child, QuantizedLinear(weight if rows is None else weight.rows(rows), bias))
+    projection = base in PROJECTIONS and kind == "weight"
+    if projection and type_name in QUANTIZED_TYPES:
+        if quantize is not None:
+            raise ValueError(
+                f"{path}: {name} is quantized already ({type_name}); load it with weight_dtype='auto'"
+            )
+        weight = quantized_from_blocks(_raw(tensor, path), type_name, int(tensor.shape[0]))
+        _set_quantized(parent, child, module, weight if rows is None else weight.rows(rows))
         return
-    if base in PROJECTIONS and kind == "weight" and type_name not in PLAIN_TYPES:
+    if projection and type_name not in PLAIN_TYPES:
         raise ValueError(
             f"{path}: {name} is {type_name}; xpu_coopt runs GGUF projections stored as "
-            f"{', '.join(INT4_TYPES)} (kept 4-bit) or {', '.join(PLAIN_TYPES)}"
+            f"{', '.join(QUANTIZED_TYPES)} (kept as stored) or {', '.join(PLAIN_TYPES)}"
         )
-    values = _dequantized(tensor, path).to(dtype)
+    values = _dequantized(tensor, path)
     if rows is not None:
         values = values[rows]
-    setattr(module, kind, nn.Parameter(values, requires_grad=False))
+    if projection and quantize is not None:
+        _set_quantized(parent, child, module, quantize(values))
+        return
+    setattr(module, kind, nn.Parameter(values.to(dtype), requires_grad=False))
+
+
+def _set_quantized(parent: nn.Module, child: str, module: nn.Module, weight: QuantizedWeight) -> None:
+    """Replaces the projection `module` (parent.child) with a QuantizedLinear of `weight`, keeping a bias
+    set already."""
+    bias = module.bias if module.bias is not None and not module.bias.is_meta else None
+    setattr(parent, child, QuantizedLinear(weight, bias))
 
 
 def _raw(tensor: Any, path: Path) -> np.ndarray:

@@ -1,8 +1,10 @@
-"""A GPTQ or AWQ Hugging Face folder as a transformers model skeleton whose projections stay 4-bit.
+"""A GPTQ or AWQ Hugging Face folder as a transformers model skeleton whose projections stay 4-bit, or a
+16-bit folder whose projections are quantized while loading (from_pretrained(weight_dtype="int4"/"int8")).
 
 As for GGUF (gguf_model.py): the model is built on the meta device from the folder's config (its
 quantization_config read here, not by transformers), then each tensor is set from the safetensors files,
-one projection at a time: 4-bit ones as QuantizedLinear (quant/gptq.py), the rest in the compute dtype.
+one projection at a time: 4-bit ones as QuantizedLinear (quant/gptq.py), 16-bit ones quantized to one
+where asked (so loading never holds more than one 16-bit projection), the rest in the compute dtype.
 No GPTQ or AWQ library is needed.
 """
 
@@ -17,7 +19,7 @@ from torch import nn
 
 from xpu_coopt.model.linear import projection_modules
 from xpu_coopt.quant.gptq import int4_from_awq, int4_from_gptq
-from xpu_coopt.quant.int4 import QuantizedLinear
+from xpu_coopt.quant.quantized_linear import Quantize, QuantizedLinear
 
 QUANT_METHODS = ("gptq", "awq")
 GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
@@ -72,19 +74,29 @@ class _Tensors:
         return None if handle is None else handle.get_tensor(name)
 
 
-def load_quantized_folder(folder: Path, dtype: torch.dtype):
-    """(model skeleton, tokenizer or None) of a GPTQ or AWQ folder."""
+def load_quantized_folder(folder: Path, dtype: torch.dtype, quantize: Quantize | None = None):
+    """(model skeleton, tokenizer or None) of a GPTQ or AWQ folder, or of a 16-bit one whose projections
+    `quantize` quantizes while loading."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    quant = quantization_config(folder) or {}
-    check_supported(quant, folder)
+    quant = quantization_config(folder)
+    if quant is not None:
+        check_supported(quant, folder)
+        if quantize is not None:
+            raise ValueError(
+                f"{folder} is quantized already ({quant.get('quant_method')}); load it with weight_dtype='auto'"
+            )
     config = AutoConfig.from_pretrained(folder)
-    del config.quantization_config  # read above: transformers' own quantizer is not involved
+    if quant is not None:
+        del config.quantization_config  # read above: transformers' own quantizer is not involved
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     tensors = _Tensors(folder)
     for name, _ in projection_modules(model):
-        _set_projection(model, name, tensors, quant, dtype)
+        if quant is not None:
+            _set_projection(model, name, tensors, quant, dtype)
+        elif name != "lm_head":  # the LM head stays 16-bit
+            _quantize_projection(model, name, tensors, quantize, dtype)
     _set_the_rest(model, tensors, dtype, folder)
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
@@ -117,6 +129,31 @@ def _set_projection(
         model.get_submodule(parent_path),
         child,
         QuantizedLinear(weight, None if bias is None else bias.to(dtype)),
+    )
+
+
+def _quantize_projection(
+    model: nn.Module, name: str, tensors: _Tensors, quantize: Quantize, dtype: torch.dtype
+) -> None:
+    """One 16-bit projection read and quantized (its 16-bit copy dropped before the next is read)."""
+    weight, bias = tensors.get(f"{name}.weight"), tensors.get(f"{name}.bias")
+    if weight is None:
+        raise ValueError(f"the folder lacks the tensor {name}.weight")
+    parent_path, _, child = name.rpartition(".")
+    module = model.get_submodule(name)
+    if tuple(weight.shape) != (module.out_features, module.in_features):
+        raise ValueError(
+            f"{name}.weight has shape {tuple(weight.shape)}, the config gives "
+            f"{(module.out_features, module.in_features)}"
+        )
+    try:
+        quantized = quantize(weight)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+    setattr(
+        model.get_submodule(parent_path),
+        child,
+        QuantizedLinear(quantized, None if bias is None else bias.to(dtype)),
     )
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 NIBBLE = 0x0F
 
@@ -30,6 +29,7 @@ class Int4Weight:
     offsets: torch.Tensor  # float32 [N, K/G]
     group_size: int
     input_order: torch.Tensor | None = None  # int64 [K]
+    bits = 4
 
     def __post_init__(self) -> None:
         rows, half = self.codes.shape
@@ -79,6 +79,12 @@ class Int4Weight:
         held = (self.codes, self.scales, self.offsets)
         return held if self.input_order is None else (*held, self.input_order)
 
+    def contiguous(self) -> Int4Weight:
+        return Int4Weight(
+            self.codes.contiguous(), self.scales.contiguous(), self.offsets.contiguous(), self.group_size,
+            self.input_order,
+        )  # fmt: skip
+
     @staticmethod
     def concat(parts: list[Int4Weight]) -> Int4Weight:
         """The weights stacked along N (q/k/v or gate/up fused into one GEMM); they share K, the group size
@@ -101,37 +107,3 @@ def _same_order(a: Int4Weight, b: Int4Weight) -> bool:
     if a.input_order is None or b.input_order is None:
         return a.input_order is b.input_order
     return torch.equal(a.input_order, b.input_order)
-
-
-class QuantizedLinear(nn.Module):
-    """A projection whose weight is an Int4Weight (held as buffers), as a model built from a quantized
-    checkpoint holds it. xpu_coopt runs it with its int4 GEMMs; its forward, for code that calls the module,
-    dequantizes the weight each call."""
-
-    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.group_size = weight.group_size
-        self.register_buffer("codes", weight.codes)
-        # float32 bits held as int32: model.to(dtype) converts floating-point tensors, and these must stay exact
-        self.register_buffer("scale_bits", weight.scales.view(torch.int32))
-        self.register_buffer("offset_bits", weight.offsets.view(torch.int32))
-        self.register_buffer("input_order", weight.input_order)
-        self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
-
-    @property
-    def weight_int4(self) -> Int4Weight:
-        scales, offsets = self.scale_bits.view(torch.float32), self.offset_bits.view(torch.float32)
-        return Int4Weight(self.codes, scales, offsets, self.group_size, self.input_order)
-
-    def release(self) -> None:
-        """Drops its tensors, keeping their shapes (meta tensors): where xpu_coopt holds the weight packed
-        for its GEMM, the copy here would double the memory."""
-        for name, buffer in self.named_buffers(recurse=False):
-            setattr(self, name, buffer.to("meta"))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight_int4.dequantize(x.dtype), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group_size={self.group_size}"

@@ -1,12 +1,12 @@
 """The CPU backend: readable PyTorch kernels (kernels.py, prefill.py, decode.py) and the choice of torch's
-GEMMs (gemm.py; 4-bit weights: gemm_int4.py)."""
+GEMMs (gemm.py; 4- and 8-bit weights: gemm_int4.py, gemm_int8.py)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 from typing import Any
 
-from xpu_coopt.backends.cpu import gemm, gemm_int4, kernels
+from xpu_coopt.backends.cpu import gemm, gemm_int4, gemm_int8, kernels
 
 
 def cpu_kernels() -> SimpleNamespace:
@@ -19,4 +19,5 @@ def cpu_gemm_options() -> dict[str, Any]:
     return {
         "linear": gemm.linear, "pack_weight": gemm.pack_weight,
         "linear_int4": gemm_int4.linear_int4, "pack_int4": gemm_int4.pack_int4,
+        "linear_int8": gemm_int8.linear_int8, "pack_int8": gemm_int8.pack_int8,
     }  # fmt: skip

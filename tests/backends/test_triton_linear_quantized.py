@@ -1,4 +1,4 @@
-"""The Triton backend's 4-bit GEMM (xpu_coopt/backends/triton/linear_int4.py) under the interpreter, against
+"""The Triton backend's 4-bit GEMM (xpu_coopt/backends/triton/linear_quantized.py) under the interpreter, against
 the float64 oracle over the weight's exact values, for both launch families and the prefill hand-off."""
 
 from __future__ import annotations
@@ -8,16 +8,15 @@ import dataclasses
 import oracles
 import pytest
 import torch
-from helpers import gptq_tensors
+from helpers import gptq_tensors, quantized_weight
 
-from xpu_coopt.backends.triton import linear_int4
+from xpu_coopt.backends.triton import linear_quantized
 from xpu_coopt.quant.gptq import int4_from_gptq
-from xpu_coopt.quant.rtn import quantize_int4
 
 # Relative error (max |diff| / max |expected|): 16-bit activations meet the weight rounded to their dtype.
 TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 2e-2, torch.float16: 4e-3}
-LAUNCH_ROWS = [(linear_int4.ONE_ROW, 1), (linear_int4.TILED, 1), (linear_int4.TILED, 5),
-               (linear_int4.TILED, linear_int4.MAX_ROWS)]  # fmt: skip
+LAUNCH_ROWS = [(linear_quantized.ONE_ROW, 1), (linear_quantized.TILED, 1), (linear_quantized.TILED, 5),
+               (linear_quantized.TILED, linear_quantized.MAX_ROWS)]  # fmt: skip
 
 
 def _check(out, x, weight, bias, dtype):
@@ -31,18 +30,25 @@ def _check(out, x, weight, bias, dtype):
 @pytest.mark.parametrize(
     ("out_features", "in_features", "group_size"), [(40, 64, 32), (96, 320, 64), (24, 576, 576)]
 )
-def test_skinny_int4_matches_the_oracle(dtype, launch, rows, out_features, in_features, group_size):
-    weight = quantize_int4(torch.randn(out_features, in_features), group_size)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_skinny_kernel_matches_the_oracle(dtype, launch, rows, out_features, in_features, group_size, bits):
+    weight = quantized_weight(bits, out_features, in_features, group_size)
     x = torch.randn(rows, in_features).to(dtype)
     bias = torch.randn(out_features).to(dtype)
     out = x.new_empty(rows, out_features)
     launch = dataclasses.replace(launch, block_n=16, block_b=32)  # several programs and K steps, a ragged end
-    linear_int4.launch_skinny_int4(out, x, weight, bias, launch)
+    linear_quantized.launch_skinny(out, x, weight, bias, launch)
     _check(out, x, weight, bias, dtype)
 
 
-@pytest.mark.parametrize("rows", [1, 3, linear_int4.MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 3, linear_quantized.MAX_ROWS + 1])
 def test_linear_int4_reads_inputs_in_act_order_and_hands_prefill_to_torch(rows):
     weight = int4_from_gptq(gptq_tensors(128, 48, 32, act_order=True, symmetric=False), 32, True, "proj")
     x = torch.randn(rows, 128)
-    _check(linear_int4.linear_int4(x, linear_int4.pack_int4(weight, x.dtype)), x, weight, None, torch.float32)
+    _check(
+        linear_quantized.linear_int4(x, linear_quantized.pack_int4(weight, x.dtype)),
+        x,
+        weight,
+        None,
+        torch.float32,
+    )

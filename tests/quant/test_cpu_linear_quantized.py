@@ -1,15 +1,16 @@
-"""The 4-bit GEMM (docs/ops.md, "linear_int4") of each backend that has one, against the float64 oracle
-over the weight's exact values."""
+"""The CPU backend's 4- and 8-bit GEMMs (docs/ops.md, "linear_int4", "linear_int8"), against the float64
+oracle over the weight's exact values."""
 
 from __future__ import annotations
 
 import oracles
 import pytest
 import torch
-from helpers import random_blocks
+from helpers import quantized_weight, random_blocks, random_int8_blocks
 
-from xpu_coopt.backends.cpu import gemm_int4
-from xpu_coopt.quant.gguf_blocks import int4_from_blocks
+from xpu_coopt.backends.cpu import gemm_int4, gemm_int8
+from xpu_coopt.quant.gguf_blocks import int4_from_blocks, quantized_from_blocks
+from xpu_coopt.quant.int8 import Int8Weight
 
 # Relative error (max |diff| / max |expected|) by activation dtype: 16-bit activations also round the
 # scales and zeros to their dtype (gemm_int4's torch kernel).
@@ -53,3 +54,31 @@ def test_cpu_linear_int4_names_a_group_size_it_cannot_take():
         ValueError, match=r"groups of a multiple of 32 input features for torch\.bfloat16 .* groups of 16"
     ):
         gemm_int4.pack_int4(weight, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", sorted(TOLERANCE, key=str))
+@pytest.mark.parametrize("rows", [1, 5, 33])
+@pytest.mark.parametrize(
+    ("kind", "in_features", "packed_as"),
+    [("Q8_0", 64, gemm_int8.SplitInt8), ("Q8_0", 576, gemm_int8.SplitInt8), ("Q6_K", 512, Int8Weight),
+     ("per-channel", 576, gemm_int8.PerChannelInt8), ("groups of 64", 128, gemm_int8.SplitInt8)],
+)  # fmt: skip
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cpu_linear_int8_matches_the_oracle(dtype, rows, kind, in_features, packed_as, with_bias):
+    """Each packing of an 8-bit weight (per channel: torch's int8 kernel; groups of a multiple of 32: two
+    4-bit halves; others and float32: dequantized each call)."""
+    out_features = 40
+    if kind.startswith("Q"):
+        raw = random_int8_blocks(out_features, in_features, kind)
+        weight = quantized_from_blocks(raw, kind, in_features)
+    else:
+        weight = quantized_weight(8, out_features, in_features, in_features if kind == "per-channel" else 64)
+    packed = gemm_int8.pack_int8(weight, dtype)
+    assert isinstance(packed, Int8Weight if dtype == torch.float32 else packed_as)
+    x = torch.randn(rows, in_features).to(dtype)
+    bias = torch.randn(out_features).to(dtype) if with_bias else None
+    out = gemm_int8.linear_int8(x, packed, bias)
+    expected = oracles.linear(x, weight.dequantize(torch.float64), bias)
+    assert out.dtype == dtype and out.shape == (rows, out_features)
+    relative = (out.double() - expected).abs().max() / expected.abs().max()
+    assert relative <= TOLERANCE[dtype], f"relative error {relative:.2e}"

@@ -1,0 +1,89 @@
+"""The CPU backend's 8-bit GEMM (docs/ops.md, "linear_int8"), by the weight's grouping, for 16-bit
+activations:
+- one group a row (per channel, optimize(weight_dtype="int8")): torch's aten._weight_int8pack_mm, which
+  scales x @ codes.T by the row's scale in the activations' dtype;
+- groups of a multiple of 32 (GGUF Q8_0): the codes split into two 4-bit halves, code = 16 hi + lo with
+  hi in [-8, 7] and lo in [0, 15], run as one 4-bit GEMM of 2N rows (gemm_int4: torch's int4 kernel) whose
+  two halves are summed. It reads the same byte a weight as an 8-bit kernel would;
+- other groups (Q6_K's 16, which torch's int4 kernel does not take) and float32 activations: the weight
+  dequantized each call, then torch's GEMM (float32: the format's exact values).
+Measured on the 2-core AVX-512 CI machine, 1 row, bfloat16 (docs/ops.md "linear_int8").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from xpu_coopt.backends.cpu import gemm_int4
+from xpu_coopt.quant.int4 import NIBBLE, Int4Weight
+from xpu_coopt.quant.int8 import Int8Weight
+
+HALF_SPLIT_GROUP = 32  # the groups the split runs on: torch's int4 kernel takes multiples of 32
+HIGH_STEP = 16  # code = HIGH_STEP * hi + lo
+
+
+@dataclass(frozen=True)
+class PerChannelInt8:
+    """Codes and per-row scales in the activations' dtype, for aten._weight_int8pack_mm."""
+
+    codes: torch.Tensor  # int8 [N, K]
+    scales: torch.Tensor  # [N] in the activations' dtype
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.codes, self.scales
+
+
+@dataclass(frozen=True)
+class SplitInt8:
+    """An 8-bit weight as a 4-bit one of 2N rows: its high halves' rows, then its low halves'."""
+
+    halves: gemm_int4.CpuInt4Weight
+    out_features: int
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.halves.tensors()
+
+
+def pack_int8(weight: Int8Weight, dtype: torch.dtype) -> PerChannelInt8 | SplitInt8 | Int8Weight:
+    """The weight as linear_int8 runs it for activations of `dtype` (module docstring)."""
+    if dtype == torch.float32:
+        return weight
+    if weight.group_size == weight.shape[1]:
+        return PerChannelInt8(weight.codes.contiguous(), weight.scales[:, 0].to(dtype).contiguous())
+    if weight.group_size % HALF_SPLIT_GROUP == 0:
+        return SplitInt8(gemm_int4.pack_int4(_as_4_bit_halves(weight), dtype), weight.shape[0])
+    return weight
+
+
+def _as_4_bit_halves(weight: Int8Weight) -> Int4Weight:
+    """[N, K] codes c = 16 hi + lo as 2N rows of 4-bit codes: hi + 8 with scale 16 s and offset -128 s
+    (value 16 hi s), then lo with scale s and offset 0 (value lo s); both exact in float32."""
+    codes = weight.codes.to(torch.int16)
+    low = codes & NIBBLE
+    high = (codes - low) // HIGH_STEP + gemm_int4.TORCH_INT4_ZERO
+    quads = torch.cat((high, low)).to(torch.uint8)
+    packed = quads[:, 0::2] | (quads[:, 1::2] << 4)
+    scales = torch.cat((HIGH_STEP * weight.scales, weight.scales))
+    offsets = torch.cat(
+        (-HIGH_STEP * gemm_int4.TORCH_INT4_ZERO * weight.scales, torch.zeros_like(weight.scales))
+    )
+    return Int4Weight(packed.contiguous(), scales, offsets, weight.group_size)
+
+
+def linear_int8(
+    x: torch.Tensor, weight: PerChannelInt8 | SplitInt8 | Int8Weight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [..., K] @ weight.T + bias, for a weight from pack_int8 for x's dtype."""
+    if isinstance(weight, Int8Weight):
+        return F.linear(x, weight.dequantize(x.dtype), bias)
+    if isinstance(weight, SplitInt8):
+        both = gemm_int4.linear_int4(x, weight.halves)
+        out = both[..., : weight.out_features] + both[..., weight.out_features :]
+    else:
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.ops.aten._weight_int8pack_mm(rows, weight.codes, weight.scales)
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
+    return out if bias is None else out + bias
