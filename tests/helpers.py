@@ -403,3 +403,37 @@ def random_int8_blocks(rows: int, columns: int, type_name: str, seed: int = 0):
     d = (generator.standard_normal((rows, columns // block, 1)) * magnitudes).astype(np.float16)
     blocks[..., d_at : d_at + 2] = d.view(np.uint8)
     return blocks.reshape(rows, -1)
+
+
+def assert_linear_matches_oracle(out, x, weight, bias, dtype, tolerance: float) -> None:
+    """out (a quantized GEMM's x @ W.T + bias in dtype) against the float64 oracle over W's exact values:
+    relative error max |diff| / max |expected| at most tolerance."""
+    import oracles
+
+    expected = oracles.linear(x, weight.dequantize(torch.float64), bias)
+    relative = (out.double() - expected).abs().max() / expected.abs().max()
+    assert out.dtype == dtype and relative <= tolerance, f"relative error {relative:.2e}"
+
+
+def assert_bfloat16_close_to_float32(quantized, dequantized, tolerance: float = 3e-2) -> None:
+    """optimize(quantized) in bfloat16 gives logits within `tolerance` (relative to the largest) of
+    optimize(dequantized) in float32: a model with quantized projections and the same values in nn.Linear."""
+    import xpu_coopt
+
+    ids, mask = left_padded_prompts([5, 11], dequantized.config.vocab_size)
+    actual = xpu_coopt.optimize(quantized, dtype=torch.bfloat16)(ids, mask).logits.float()
+    expected = xpu_coopt.optimize(dequantized)(ids, mask).logits
+    valid = mask.bool()
+    relative = (actual[valid] - expected[valid]).abs().max() / expected[valid].abs().max()
+    assert relative <= tolerance, f"relative logit error {relative:.2e}"
+
+
+def assert_act_order_linear_matches_oracle(backend_module, rows: int) -> None:
+    """A backend's linear_int4 (backend_module: its linear_int4 and pack_int4) over a GPTQ act-order
+    weight, for `rows` float32 rows (past its kernel's rows: torch's GEMM), against the float64 oracle."""
+    from xpu_coopt.quant.gptq import int4_from_gptq
+
+    weight = int4_from_gptq(gptq_tensors(128, 48, 32, act_order=True, symmetric=False), 32, True, "proj")
+    x = torch.randn(rows, 128)
+    out = backend_module.linear_int4(x, backend_module.pack_int4(weight, x.dtype))
+    assert_linear_matches_oracle(out, x, weight, None, torch.float32, 1e-6)

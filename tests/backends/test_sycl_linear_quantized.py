@@ -3,22 +3,18 @@ float64 oracle over the weight's exact values; end to end it runs in tests/quant
 
 from __future__ import annotations
 
-import oracles
 import pytest
 import torch
-from helpers import gptq_tensors, quantized_weight
+from helpers import assert_act_order_linear_matches_oracle, assert_linear_matches_oracle, quantized_weight
 
 from xpu_coopt.backends.sycl import linear_quantized
-from xpu_coopt.quant.gptq import int4_from_gptq
 
 # Relative error (max |diff| / max |expected|) by activation dtype (accumulated in float32).
 TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 def _check(out, x, weight, bias, dtype):
-    expected = oracles.linear(x, weight.dequantize(torch.float64), bias)
-    relative = (out.double() - expected).abs().max() / expected.abs().max()
-    assert out.dtype == dtype and relative <= TOLERANCE[dtype], f"relative error {relative:.2e}"
+    assert_linear_matches_oracle(out, x, weight, bias, dtype, TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("dtype", sorted(TOLERANCE, key=str))
@@ -39,12 +35,4 @@ def test_sycl_linear_quantized_matches_the_oracle(
 
 @pytest.mark.parametrize("rows", [2, linear_quantized.MAX_ROWS + 1])
 def test_sycl_linear_int4_reads_act_order_inputs_and_hands_prefill_to_torch(rows):
-    weight = int4_from_gptq(gptq_tensors(128, 48, 32, act_order=True, symmetric=False), 32, True, "proj")
-    x = torch.randn(rows, 128)
-    _check(
-        linear_quantized.linear_int4(x, linear_quantized.pack_int4(weight, x.dtype)),
-        x,
-        weight,
-        None,
-        torch.float32,
-    )
+    assert_act_order_linear_matches_oracle(linear_quantized, rows)

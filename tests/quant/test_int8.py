@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
-from helpers import left_padded_prompts, random_int8_blocks, random_q4_k_blocks, tiny_model
+from helpers import (
+    assert_bfloat16_close_to_float32,
+    left_padded_prompts,
+    random_int8_blocks,
+    random_q4_k_blocks,
+    tiny_model,
+)
 
 import xpu_coopt
 from xpu_coopt.model.linear import projection_modules
@@ -99,13 +105,7 @@ def test_mixed_4_and_8_bit_projections_give_transformers_tokens(backend):
 
 def test_8_bit_projections_in_bfloat16_stay_close_to_their_values():
     model = tiny_model("llama-gqa-8q2kv-d64")
-    quantized, dequantized = _with_weights(model, _q4_k_m_like(model))
-    ids, mask = left_padded_prompts([5, 11], model.config.vocab_size)
-    actual = xpu_coopt.optimize(quantized, dtype=torch.bfloat16)(ids, mask).logits.float()
-    expected = xpu_coopt.optimize(dequantized)(ids, mask).logits
-    valid = mask.bool()
-    relative = (actual[valid] - expected[valid]).abs().max() / expected[valid].abs().max()
-    assert relative <= 3e-2, f"relative logit error {relative:.2e}"
+    assert_bfloat16_close_to_float32(*_with_weights(model, _q4_k_m_like(model)))
 
 
 @pytest.mark.parametrize(("weight_dtype", "quantize"), [("int8", quantize_int8), ("int4", None)])

@@ -104,7 +104,11 @@ def _set_tensor(model: nn.Module, config: Any, name: str, tensor: Any, dtype: to
     if rows is not None:
         values = values[rows]
     if projection and quantize is not None:
-        _set_quantized(parent, child, module, quantize(values))
+        try:
+            weight = quantize(values)
+        except ValueError as error:
+            raise ValueError(f"{path}: {name}: {error}") from None
+        _set_quantized(parent, child, module, weight)
         return
     setattr(module, kind, nn.Parameter(values.to(dtype), requires_grad=False))
 
