@@ -82,3 +82,17 @@ def test_cpu_linear_int8_matches_the_oracle(dtype, rows, kind, in_features, pack
     assert out.dtype == dtype and out.shape == (rows, out_features)
     relative = (out.double() - expected).abs().max() / expected.abs().max()
     assert relative <= TOLERANCE[dtype], f"relative error {relative:.2e}"
+
+
+def test_cpu_int4_packing_in_chunks_of_rows_gives_the_same_bytes(monkeypatch):
+    """pack_int4 converts PACK_ROWS rows at a time (a bounded int32 transient): the same bytes as at once,
+    for a row count that is not a multiple of the chunk nor of 16."""
+    from xpu_coopt.quant.rtn import quantize_int4
+
+    weight = quantize_int4(torch.randn(200, 256), 64)
+    whole = gemm_int4.pack_int4(weight, torch.bfloat16)
+    monkeypatch.setattr(gemm_int4, "PACK_ROWS", 64)
+    chunked = gemm_int4.pack_int4(weight, torch.bfloat16)
+    assert torch.equal(chunked.packed, whole.packed) and torch.equal(
+        chunked.scales_and_zeros, whole.scales_and_zeros
+    )

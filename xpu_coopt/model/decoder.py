@@ -24,6 +24,7 @@ from torch import nn
 
 from xpu_coopt.cache import SegmentKVCache
 from xpu_coopt.cache.attention import attend
+from xpu_coopt.memory import return_freed_memory
 from xpu_coopt.model.linear import FusedLinear, Quantize
 from xpu_coopt.model.rope import cos_sin_cache
 from xpu_coopt.model.spec import ModelSpec
@@ -75,10 +76,13 @@ class LlamaDecoder:
         self.dtype = dtype
         backbone = hf_model.model
         self.embed_tokens = backbone.embed_tokens.weight.detach().to(dtype)  # [vocab, hidden]
-        self.layers = [
-            self._layer(layer, dtype, ops, inplace, pack_shared, spec.query_key_norm, quantize)
-            for layer in backbone.layers
-        ]
+        self.layers = []
+        for layer in backbone.layers:
+            self.layers.append(
+                self._layer(layer, dtype, ops, inplace, pack_shared, spec.query_key_norm, quantize)
+            )
+            if inplace:  # the layer's weights the backend copied were released: their memory goes back now
+                return_freed_memory()
         self.final_norm = _norm_weight(backbone.norm, dtype)
         self.lm_head = FusedLinear([hf_model.lm_head], dtype, ops, inplace, pack_shared)  # hidden -> vocab
         self.cos_sin_cache = cos_sin_cache(

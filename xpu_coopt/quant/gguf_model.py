@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from xpu_coopt.checkpoints import readable_gguf
+from xpu_coopt.memory import return_freed_memory
 from xpu_coopt.quant.gguf_blocks import QUANTIZED_TYPES, quantized_from_blocks
 from xpu_coopt.quant.quantized_linear import Quantize, QuantizedLinear, QuantizedWeight
 
@@ -57,6 +58,7 @@ def load_gguf(path: Path, dtype: torch.dtype, quantize: Quantize | None = None):
     permuted = GGUF_ARCHITECTURES[architecture]
     for name, tensor in tensors.items():
         _set_tensor(model, config, name, tensor, dtype, permuted, path, quantize)
+        return_freed_memory()  # the tensor's staging copies, before the next is read
     if "output.weight" not in tensors:  # tied: the LM head reads the embeddings
         model.lm_head.weight = model.model.embed_tokens.weight
     _check_complete(model, path)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from xpu_coopt.memory import return_freed_memory
 from xpu_coopt.model.linear import projection_modules
 from xpu_coopt.quant.gptq import int4_from_awq, int4_from_gptq
 from xpu_coopt.quant.quantized_linear import Quantize, QuantizedLinear
@@ -97,6 +98,7 @@ def load_quantized_folder(folder: Path, dtype: torch.dtype, quantize: Quantize |
             _set_projection(model, name, tensors, quant, dtype)
         elif name != "lm_head":  # the LM head stays 16-bit
             _quantize_projection(model, name, tensors, quantize, dtype)
+        return_freed_memory()  # the projection's staging copies, before the next is read
     _set_the_rest(model, tensors, dtype, folder)
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)

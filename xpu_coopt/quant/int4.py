@@ -56,8 +56,7 @@ class Int4Weight:
 
     def unpacked_codes(self) -> torch.Tensor:
         """uint8 [N, K]: each column's code."""
-        low, high = self.codes & NIBBLE, self.codes >> 4
-        return torch.stack((low, high), dim=-1).reshape(self.shape)
+        return unpack_codes(self.codes)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weights [N, K] (input features in their own order) as the format defines them, in float32,
@@ -101,6 +100,12 @@ class Int4Weight:
             torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
             torch.cat([p.offsets for p in parts]), first.group_size, first.input_order,
         )  # fmt: skip
+
+
+def unpack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """Packed 4-bit codes uint8 [rows, K/2] -> uint8 [rows, K], a code a column."""
+    low, high = codes & NIBBLE, codes >> 4
+    return torch.stack((low, high), dim=-1).reshape(codes.shape[0], -1)
 
 
 def _same_order(a: Int4Weight, b: Int4Weight) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from xpu_coopt.quant.int4 import Int4Weight
+from xpu_coopt.quant.int4 import Int4Weight, unpack_codes
 
 # torch's int4 kernel reads codes offset by 8 (signed 4-bit values stored unsigned), and takes a number of
 # output features divisible by 16: others are padded with zero rows, whose outputs are dropped.
@@ -26,6 +26,10 @@ TORCH_INT4_ROWS = 16
 # The group sizes torch's kernel takes; a weight's groups of a multiple of one are given to it as that many
 # groups of that size with equal scales (exact: the same scale and zero over the same columns).
 TORCH_INT4_GROUPS = (256, 128, 64, 32)
+# Rows packed at a time: torch's packing takes int32 codes (4 bytes a weight), which for a whole 7B gate/up
+# would be 360 MB at once. It lays out each 64 rows on their own (checked: chunks of any multiple of 64 give
+# the same bytes), so a multiple of 64 keeps the result and bounds the transient to 16 MB at K = 4096.
+PACK_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -56,13 +60,22 @@ def pack_int4(weight: Int4Weight, dtype: torch.dtype) -> CpuInt4Weight | Int4Wei
         )
     repeats = weight.group_size // group
     padding = -weight.shape[0] % TORCH_INT4_ROWS
-    codes = F.pad(weight.unpacked_codes().to(torch.int32), (0, 0, 0, padding))
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    packed = torch.cat([_packed_rows(weight.codes[start : start + PACK_ROWS], start + PACK_ROWS >= weight.shape[0],
+                                     padding) for start in range(0, weight.shape[0], PACK_ROWS)])  # fmt: skip
     zeros = weight.offsets + TORCH_INT4_ZERO * weight.scales
     pairs = torch.stack((weight.scales, zeros), dim=-1).repeat_interleave(repeats, dim=1)
     scales_and_zeros = F.pad(pairs, (0, 0, 0, 0, 0, padding))
     scales_and_zeros = scales_and_zeros.transpose(0, 1).to(dtype).contiguous()
     return CpuInt4Weight(packed, scales_and_zeros, group, weight.shape[0], weight.input_order)
+
+
+def _packed_rows(codes: torch.Tensor, last: bool, padding: int) -> torch.Tensor:
+    """Some rows' codes (uint8 [rows, K/2], Int4Weight's) in torch's packed layout; the last rows padded
+    with `padding` zero rows."""
+    unpacked = unpack_codes(codes).to(torch.int32)
+    if last and padding:
+        unpacked = F.pad(unpacked, (0, 0, 0, padding))
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpacked, 1)
 
 
 def linear_int4(
