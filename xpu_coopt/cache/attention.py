@@ -30,6 +30,8 @@ def attend(
 
     Rotates query and key, writes K/V into this layer's cells, returns attention output [T, H * D].
     """
+    if type(cache) is not SegmentKVCache:  # the serving engine's ragged step (engine/step_batch.py)
+        return cache.attend(ops, layer, query, key, value, cos_sin)
     if cache.run_length:
         return _attend_token_run(ops, cache, layer, query, key, value, cos_sin)
     if cache.prefilled:

@@ -153,11 +153,18 @@ class LlamaDecoder:
         )  # fmt: skip
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, cache: SegmentKVCache, last_only: bool
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: SegmentKVCache,
+        last_only: bool,
+        logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [N, L] (prefill: the padded prompts; decode: L = 1).
 
-        Returns logits [N, L, vocab] in the model dtype, or [N, vocab] for the last position when last_only.
+        Returns logits [N, L, vocab] in the model dtype, or [N, vocab] for the last position when last_only,
+        or [len(logit_rows), vocab] for those rows of the flattened N * L tokens (the serving engine's
+        ragged step: each sequence's last token).
         """
         spec, ops = self.spec, self.ops
         num_seqs, length = input_ids.shape
@@ -185,8 +192,11 @@ class LlamaDecoder:
         if fused:
             rows = residual.view(num_seqs, length, -1)
             rows = rows[:, -1] if last_only else rows
+            rows = residual[logit_rows] if logit_rows is not None else rows
             return self._normed(self.lm_head, None, rows, self.final_norm, fused)
         hidden = ops.fused_add_rms_norm(pending, residual, self.final_norm, spec.rms_norm_eps)
+        if logit_rows is not None:
+            return self.lm_head(hidden[logit_rows])
         hidden = hidden.view(num_seqs, length, -1)
         if last_only:
             hidden = hidden[:, -1]

@@ -1,0 +1,144 @@
+"""The continuous-batching engine end to end: requests of different lengths joining and leaving a running
+batch give, greedy, the tokens generate() gives each prompt alone, whatever the pool and token budget
+(chunked prefill, preemption); seeded sampling does not depend on the batch; every block comes back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_model
+
+import xpu_coopt
+from xpu_coopt import LLM, SamplingParams
+
+LENGTHS, MAX_TOKENS = (5, 40, 17, 3, 64, 9), (8, 5, 12, 20, 6, 1)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 250, (n,), generator=generator).tolist() for n in LENGTHS]
+
+
+def _alone(model, prompts):
+    """Each prompt's greedy tokens from generate(), one prompt at a time."""
+    outputs = []
+    for prompt, max_tokens in zip(prompts, MAX_TOKENS[: len(prompts)], strict=True):
+        ids = model.generate(
+            torch.tensor([prompt]), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False
+        )
+        outputs.append(ids[0, len(prompt) :].tolist())
+    return outputs
+
+
+def _requests(prompts, **params):
+    return [
+        (p, SamplingParams(max_tokens=m, ignore_eos=True, **params))
+        for p, m in zip(prompts, MAX_TOKENS[: len(prompts)], strict=True)
+    ]
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-8q2kv-d64", "qwen3-qk-norm", "mistral-window"])
+@pytest.mark.parametrize(
+    ("num_blocks", "budget", "max_num_seqs"),
+    [(256, 256, 8), (30, 16, 4), (18, 8, 4)],
+    ids=["roomy", "chunked-prefill", "preempting"],
+)
+def test_greedy_tokens_equal_generate_alone(name, num_blocks, budget, max_num_seqs, prompts):
+    model = xpu_coopt.optimize(tiny_model(name))
+    llm = LLM(
+        model, num_blocks=num_blocks, block_size=4, max_num_batched_tokens=budget, max_num_seqs=max_num_seqs
+    )
+    results = llm.engine.run(_requests(prompts))
+    assert [r.output_ids for r in results] == _alone(model, prompts)
+    assert llm.engine.blocks.free_blocks == num_blocks and not llm.engine.blocks.tables
+    if num_blocks == 18:
+        assert llm.engine.scheduler.preemptions > 0
+
+
+@pytest.mark.parametrize("backend", ["sycl", "triton"])
+def test_greedy_tokens_equal_generate_on_the_device_backends(backend, prompts):
+    model = xpu_coopt.optimize(tiny_model("llama-gqa-8q2kv-d64"), backend=backend)
+    llm = LLM(model, num_blocks=30, block_size=4, max_num_batched_tokens=16, max_num_seqs=4)
+    assert [r.output_ids for r in llm.engine.run(_requests(prompts[:4]))] == _alone(model, prompts[:4])
+
+
+def test_fp8_pool_runs_and_stays_close_to_the_16_bit_one(prompts):
+    """An FP8 pool (dynamic scales) holds codes the engine decodes for attention: its first tokens match
+    the 16-bit pool's on this random model, and every block comes back."""
+    model = xpu_coopt.optimize(tiny_model("llama-gqa-8q2kv-d64"), kv_dtype="fp8_e4m3")
+    llm = LLM(model, num_blocks=64, block_size=4, max_num_batched_tokens=16)
+    results = llm.engine.run(_requests(prompts))
+    reference = _alone(xpu_coopt.optimize(tiny_model("llama-gqa-8q2kv-d64")), prompts)
+    assert [r.output_ids[0] for r in results] == [tokens[0] for tokens in reference]
+    assert llm.engine.blocks.free_blocks == 64
+
+
+def test_a_seeded_request_samples_the_same_tokens_alone_or_in_a_batch(prompts):
+    model = xpu_coopt.optimize(tiny_model("llama-gqa-8q2kv-d64"))
+    params = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
+    alone = LLM(model, num_blocks=64, block_size=4).engine.run([(prompts[1], params)])
+    engine = LLM(model, num_blocks=64, block_size=4, max_num_batched_tokens=8).engine
+    batch = engine.run(
+        [
+            (p, SamplingParams(max_tokens=6, temperature=1.0, seed=i, ignore_eos=True))
+            for i, p in enumerate(prompts)
+        ]
+        + [(prompts[1], params)]
+    )
+    assert batch[-1].output_ids == alone[0].output_ids and len(set(alone[0].output_ids)) > 1
+
+
+def test_stop_tokens_and_eos_finish_a_request(prompts):
+    model = xpu_coopt.optimize(tiny_model("llama-gqa-8q2kv-d64"))
+    engine = LLM(model, num_blocks=64, block_size=4).engine
+    free_run = engine.run(_requests(prompts[:1]))[0]
+    stop = free_run.output_ids[2]
+    stopped = engine.run(
+        [(prompts[0], SamplingParams(max_tokens=8, stop_token_ids=(stop,), ignore_eos=True))]
+    )[0]
+    first = free_run.output_ids.index(stop)
+    assert stopped.output_ids == free_run.output_ids[: first + 1] and stopped.finish_reason == "stop"
+    assert free_run.finish_reason == "length"
+
+
+def test_an_aborted_request_frees_its_blocks_at_once(prompts):
+    model = xpu_coopt.optimize(tiny_model("llama-gqa-8q2kv-d64"))
+    engine = LLM(model, num_blocks=64, block_size=4).engine
+    kept, dropped = (
+        engine.add_request(p, SamplingParams(max_tokens=20, ignore_eos=True)) for p in prompts[:2]
+    )
+    engine.step()
+    assert engine.blocks.used_blocks > 0
+    engine.abort(dropped)
+    finished = []
+    while engine.has_work:
+        finished += engine.step()
+    assert [f.request_id for f in finished] == [kept] and engine.blocks.free_blocks == 64
+
+
+def test_llm_takes_text_and_returns_outputs_in_prompt_order(smollm2_fp32):
+    """The embedded SmolLM2 (float32, through transformers' dequantization): text prompts through the
+    tokenizer, greedy outputs equal generate()'s for each prompt alone."""
+    hf_model, tokenizer = smollm2_fp32
+    model = xpu_coopt.optimize(hf_model)
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+    llm = LLM(model, tokenizer=tokenizer, kv_cache_memory=16 << 20, max_num_batched_tokens=8)
+    outputs = llm.generate(texts, SamplingParams(max_tokens=6), progress=False)
+    for text, output in zip(texts, outputs, strict=True):
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        expected = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1] :].tolist()
+        assert output.token_ids == expected and output.text == tokenizer.decode(
+            expected, skip_special_tokens=True
+        )
+
+
+def test_bad_requests_are_errors():
+    model = xpu_coopt.optimize(tiny_model("llama-gqa-8q2kv-d64"))
+    llm = LLM(model, num_blocks=8, block_size=4)
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        llm.engine.add_request([], SamplingParams())
+    with pytest.raises(ValueError, match=r"prompt token ids must lie in \[0, 256\)"):
+        llm.engine.add_request([5, 300], SamplingParams())
+    with pytest.raises(ValueError, match="text prompts need a tokenizer"):
+        llm.generate("hello")

@@ -1,0 +1,140 @@
+"""The continuous-batching loop over one optimized model and one KV pool: each step schedules sequences
+(scheduler.py), runs one forward over their ragged batch (step_batch.py), samples each sequence whose
+prompt is done (sampling.py), and retires the finished ones, whose blocks go back to the pool."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from xpu_coopt.cache.storage import KVFormat
+from xpu_coopt.engine.block_manager import BlockManager
+from xpu_coopt.engine.request import SamplingParams, Sequence, Status
+from xpu_coopt.engine.sampling import next_tokens
+from xpu_coopt.engine.scheduler import Scheduler
+from xpu_coopt.engine.step_batch import StepBatch
+from xpu_coopt.model.optimized import OptimizedModel
+from xpu_coopt.ops.schema import NO_WINDOW
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A request's result."""
+
+    request_id: int
+    prompt_ids: list[int]
+    output_ids: list[int]
+    finish_reason: str
+
+
+class Engine:
+    def __init__(
+        self,
+        model: OptimizedModel,
+        num_blocks: int,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        max_num_batched_tokens: int = 256,
+        max_num_seqs: int = 64,
+    ) -> None:
+        if model.static_scales is not None:
+            raise ValueError(
+                "the engine runs dynamic FP8 scales or a 16-bit cache; static KV scales are not supported yet"
+            )
+        self.model = model
+        spec = model.spec
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, max_num_batched_tokens, max_num_seqs)
+        kv = KVFormat(
+            spec.num_layers, spec.num_kv_heads, spec.head_dim, model.kv_dtype, model.dtype, model.device
+        )
+        self.pool = kv.allocate(num_blocks, block_size)  # [blocks, Hkv, block_size, D] per layer, once
+        self.windows = tuple(NO_WINDOW if w is None else w for w in spec.layer_windows)
+        self._ids = itertools.count()
+        eos = getattr(model.generation_config, "eos_token_id", None)
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
+
+    @staticmethod
+    def blocks_for_memory(
+        model: OptimizedModel, kv_cache_memory: int, block_size: int = DEFAULT_BLOCK_SIZE
+    ) -> int:
+        """How many blocks a budget of kv_cache_memory bytes holds (K and V of every layer, FP8 scales included)."""
+        spec = model.spec
+        element = 1 if model.kv_dtype != "auto" else model.dtype.itemsize
+        per_token = (
+            2
+            * spec.num_layers
+            * spec.num_kv_heads
+            * (spec.head_dim * element + (2 if model.kv_dtype != "auto" else 0))
+        )
+        return kv_cache_memory // (per_token * block_size)
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """Queues a request; returns its id. ValueError if it could never fit the pool or the model."""
+        if not prompt_ids:
+            raise ValueError("a request needs at least one prompt token")
+        vocab = self.model.spec.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        request_id = next(self._ids)
+        stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator(device=self.model.device)
+            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        self.scheduler.add(Sequence(request_id, list(prompt_ids), params, stop, generator=generator))
+        return request_id
+
+    def abort(self, request_id: int) -> None:
+        """Drops a request wherever it is; its blocks go back to the pool at once."""
+        for sequence in [*self.scheduler.running, *self.scheduler.waiting]:
+            if sequence.id == request_id:
+                sequence.finish("abort")
+                self.scheduler.retire(sequence)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[Finished]:
+        """Runs one step; returns the requests it finished."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        batch = StepBatch(
+            scheduled, self.blocks.tables, self.pool, self.blocks.block_size, self.model.kv_dtype, self.model.dtype,
+            self.windows, self.model.spec.attention_scale,
+        )  # fmt: skip
+        decoder = self.model.decoder
+        decoder.cover_positions(int(batch.positions.max()) + 1)
+        sampled = [
+            i
+            for i, item in enumerate(scheduled)
+            if item.sequence.computed + item.tokens == item.sequence.length
+        ]
+        with torch.inference_mode():
+            logits = decoder.forward(batch.input_ids, batch.positions, batch, False, batch.last_rows[sampled])
+        for item in scheduled:
+            item.sequence.computed += item.tokens
+        sequences = [scheduled[i].sequence for i in sampled]
+        finished = []
+        for sequence, token in zip(sequences, next_tokens(logits, sequences), strict=True):
+            sequence.append(token)
+            if sequence.status is Status.FINISHED:
+                self.scheduler.retire(sequence)
+                finished.append(
+                    Finished(sequence.id, sequence.prompt_ids, sequence.output_ids, sequence.finish_reason)
+                )
+        return finished
+
+    def run(self, requests: Iterable[tuple[list[int], SamplingParams]]) -> list[Finished]:
+        """Adds the requests and steps until all are done; results in the order given."""
+        ids = [self.add_request(prompt, params) for prompt, params in requests]
+        done: dict[int, Finished] = {}
+        while self.has_work:
+            done.update((result.request_id, result) for result in self.step())
+        return [done[i] for i in ids]
