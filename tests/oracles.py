@@ -52,6 +52,25 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: 
     return out
 
 
+def paged_attention(query, keys, values, query_start, context_lens, scale, window=None) -> torch.Tensor:
+    """query [T, H, D]; keys, values: each sequence's K/V [context, Hkv, D] (already read out of the pool,
+    in the activation dtype); sequence s's queries are rows query_start[s]..query_start[s + 1] - 1, the
+    last of its context: query i at position context - count + i attends keys j <= its position (and
+    j > position - window) -> [T, H, D] float64."""
+    out = torch.zeros(query.shape, dtype=torch.float64)
+    group = query.shape[1] // keys[0].shape[1]
+    for s, (k, v) in enumerate(zip(keys, values, strict=True)):
+        first, last = int(query_start[s]), int(query_start[s + 1])
+        for row in range(first, last):
+            position = int(context_lens[s]) - (last - row)
+            low = 0 if window is None else max(0, position - window + 1)
+            for h in range(query.shape[1]):
+                out[row, h] = attention(
+                    query[row, h], k[low : position + 1, h // group], v[low : position + 1, h // group], scale
+                )
+    return out
+
+
 def attention_prefill(q, k, v, seq_start, scale, window=None) -> torch.Tensor:
     """q [B, Q, H, D], k/v [B, P, Hkv, D] (P >= Q: query i is column P - Q + i): causal over non-padding
     keys, with a window over the last `window` of them up to the query; padding query rows are zero."""

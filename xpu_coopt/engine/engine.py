@@ -106,8 +106,8 @@ class Engine:
         if not scheduled:
             return []
         batch = StepBatch(
-            scheduled, self.blocks.tables, self.pool, self.blocks.block_size, self.model.kv_dtype, self.model.dtype,
-            self.windows, self.model.spec.attention_scale,
+            scheduled, self.blocks.tables, self.pool, self.blocks.block_size, self.model.kv_dtype, self.windows,
+            self.model.spec.attention_scale,
         )  # fmt: skip
         decoder = self.model.decoder
         decoder.cover_positions(int(batch.positions.max()) + 1)

@@ -149,3 +149,24 @@ class DecodeCall:
                 "(more only as rings, under a window of at most their columns)"
             )
         return lengths
+
+
+@dataclass(slots=True)
+class PagedCall:
+    """paged_attention: out, query [T, H, D]; k_pool, v_pool [blocks, Hkv, block_size, D] (scales
+    [blocks, Hkv, block_size] for FP8); block_tables int32 [S, N]; query_start int32 [S + 1];
+    context_lens int32 [S]."""
+
+    out: torch.Tensor
+    query: torch.Tensor
+    pool: KVTensors
+    block_tables: torch.Tensor
+    query_start: torch.Tensor
+    context_lens: torch.Tensor
+    scale: float
+    kv_dtype: str
+    span: int  # the keys a query attends to at most, itself included (window_span)
+
+    @property
+    def block_size(self) -> int:
+        return self.pool[0].shape[2]

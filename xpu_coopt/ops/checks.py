@@ -167,6 +167,36 @@ def decode_layout(
     index_dtype(op, torch.int32, beam_slots=beam_slots)
 
 
+def paged_shapes(
+    op: str,
+    out: torch.Tensor,
+    query: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> None:
+    """paged_attention's shapes: query and out [T, H, D] alike; k_pool and v_pool [blocks, Hkv, block_size,
+    D] alike with H a multiple of Hkv; block_tables [S, N], query_start [S + 1], context_lens [S], int32."""
+    if query.dim() != 3 or out.shape != query.shape:
+        raise ValueError(f"{op}: query and out must be [tokens, heads, head_dim] alike, got "
+                         f"{tuple(query.shape)} and {tuple(out.shape)}")  # fmt: skip
+    heads, dim = query.shape[1], query.shape[2]
+    if k_pool.dim() != 4 or v_pool.shape != k_pool.shape or k_pool.shape[3] != dim or heads % k_pool.shape[1]:
+        raise ValueError(f"{op}: k_pool and v_pool must be [blocks, kv_heads, block_size, {dim}] alike, with "
+                         f"{heads} heads a multiple of kv_heads, got {tuple(k_pool.shape)} and "
+                         f"{tuple(v_pool.shape)}")  # fmt: skip
+    index_dtype(
+        op, torch.int32, block_tables=block_tables, query_start=query_start, context_lens=context_lens
+    )
+    sequences = context_lens.shape[0] if context_lens.dim() == 1 else -1
+    if block_tables.dim() != 2 or block_tables.shape[0] != sequences or query_start.shape != (sequences + 1,):
+        raise ValueError(f"{op}: block_tables [S, blocks], query_start [S + 1] and context_lens [S] must agree, "
+                         f"got {tuple(block_tables.shape)}, {tuple(query_start.shape)} and "
+                         f"{tuple(context_lens.shape)}")  # fmt: skip
+
+
 def rows(op: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
     """A [..., width] tensor as a [rows, width] view (any row stride)."""
     if tensor.dim() == 2:

@@ -69,6 +69,15 @@ SCHEMAS: dict[str, str] = {
         "int response_len, float scale, str kv_dtype, Tensor? segment_lens=None, "
         "Tensor? prompt_block_table=None, int prompt_len=-1, int window=-1) -> ()"
     ),
+    # A ragged batch of sequences over a pool of KV blocks (the serving engine's step): sequence s's queries
+    # are rows query_start[s] .. query_start[s + 1] - 1 of query, the last of its context_lens[s] positions;
+    # its keys are positions 0 .. context_lens[s] - 1, position p in cell p % block_size of block
+    # block_tables[s, p / block_size]; causal within its queries, GQA, optional window as above.
+    "paged_attention": (
+        "paged_attention(Tensor(a!) out, Tensor query, Tensor k_pool, Tensor v_pool, Tensor? k_scale, "
+        "Tensor? v_scale, Tensor block_tables, Tensor query_start, Tensor context_lens, float scale, "
+        "str kv_dtype, int window=-1) -> ()"
+    ),
 }
 
 _library = torch.library.Library(NAMESPACE, "DEF")

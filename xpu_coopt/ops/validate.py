@@ -22,6 +22,7 @@ from xpu_coopt.ops.calls import (
     KVWriteCall,
     Limits,
     NormCall,
+    PagedCall,
     PrefillCall,
     SiluCall,
 )
@@ -38,6 +39,7 @@ from xpu_coopt.ops.checks import (
     inner_contiguous,
     kv_dtype_name,
     norm_rows,
+    paged_shapes,
     prefill_shapes,
     prompt_capacity,
     rows,
@@ -328,3 +330,31 @@ def _plain_decode(limits: Limits, out, query, prompt: KVTensors, prompt_start, r
         return held, span
     ring = block_table is None and span <= prompt_shape[2]
     return (prompt_len, span) if prompt_len >= 0 and (prompt_len <= held or ring) else None
+
+
+def paged_attention(
+    limits: Limits,
+    out: torch.Tensor,
+    query: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    query_start: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    kv_dtype: str,
+    window: int = NO_WINDOW,
+) -> PagedCall:
+    op = "paged_attention"
+    span = window_span(op, window)
+    activation_dtype(op, limits.backend, query, out)
+    cache_write(op, kv_dtype, query, k_pool, static_scale=False)
+    paged_shapes(op, out, query, k_pool, v_pool, block_tables, query_start, context_lens)
+    head_dim(op, limits, query.shape[2])
+    inner_contiguous(op, out=out, query=query, k_pool=k_pool, v_pool=v_pool)
+    if (k_scale is None) != (kv_dtype == "auto") or (v_scale is None) != (kv_dtype == "auto"):
+        raise ValueError(f"{op}: an FP8 pool takes k_scale and v_scale, a kv_dtype='auto' one neither")
+    return PagedCall(out, query, (k_pool, v_pool, k_scale, v_scale), block_tables, query_start, context_lens,
+                     scale, kv_dtype, span)  # fmt: skip

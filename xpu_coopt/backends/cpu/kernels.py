@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 # The attention kernels live in modules of their own; register_backend() finds them here by name.
 from xpu_coopt.backends.cpu.decode import segment_attention_decode as segment_attention_decode
+from xpu_coopt.backends.cpu.paged import paged_attention as paged_attention
 from xpu_coopt.backends.cpu.prefill import attention_prefill as attention_prefill
 from xpu_coopt.ops import fp8
 from xpu_coopt.ops.calls import AddNormCall, KVWriteCall, Limits, NormCall, SiluCall

@@ -22,9 +22,11 @@ from xpu_coopt.ops.calls import (
     KVWriteCall,
     Limits,
     NormCall,
+    PagedCall,
     PrefillCall,
     SiluCall,
 )
+from xpu_coopt.ops.paged import compose_by_prefill
 from xpu_coopt.ops.registry import register_backend
 
 DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -183,6 +185,12 @@ def segment_attention_decode(call: DecodeCall) -> None:
             out, partial_acc, partial_stats, c_int(splits), c_int64(rows), c_int(heads), c_int(head_dim),
             c_int64(out.stride(0)),
         )  # fmt: skip
+
+
+def paged_attention(call: PagedCall) -> None:
+    """Composed from this backend's attention_prefill, one call a sequence over its gathered K/V (a kernel
+    that reads the blocks in place is left to do; docs/ops.md)."""
+    compose_by_prefill(call, attention_prefill)
 
 
 ENTRIES = register_backend(sys.modules[__name__], LIMITS, "XPU")

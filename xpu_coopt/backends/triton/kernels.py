@@ -33,9 +33,11 @@ from xpu_coopt.ops.calls import (
     KVWriteCall,
     Limits,
     NormCall,
+    PagedCall,
     PrefillCall,
     SiluCall,
 )
+from xpu_coopt.ops.paged import compose_by_prefill
 from xpu_coopt.ops.registry import register_backend
 
 BACKEND = "Triton"
@@ -267,6 +269,12 @@ def segment_attention_decode(call: DecodeCall) -> None:
             out, partial_acc, partial_stats, splits, rows, heads, head_dim, out.stride(0),
             BLOCK_S=_block(splits), BLOCK_D=_block(head_dim),
         )  # fmt: skip
+
+
+def paged_attention(call: PagedCall) -> None:
+    """Composed from this backend's attention_prefill, one call a sequence over its gathered K/V (a kernel
+    that reads the blocks in place is left to do; docs/ops.md)."""
+    compose_by_prefill(call, attention_prefill)
 
 
 ENTRIES = register_backend(sys.modules[__name__], LIMITS, "CUDA")
