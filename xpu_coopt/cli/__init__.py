@@ -1,4 +1,4 @@
-"""The `xpu-coopt` command: `xpu-coopt generate | bench | eval-ppl | calibrate-kv | convert-gqa ...`.
+"""The `xpu-coopt` command: `xpu-coopt generate | serve | bench | eval-ppl | calibrate-kv | convert-gqa ...`.
 
 arguments.py        what the commands share: dtypes, devices, files, cache options, loading a model
 commands.py         each command's parser and run
@@ -6,6 +6,7 @@ bench.py            the side-by-side benchmark
 text_generation.py  generate's printed text, chat, timing and comparison with transformers
 prompts.py          prompts to token ids, generated ids to (streamed) text
 perplexity.py       the perplexity harness
+serve.py            the OpenAI-compatible server's command
 """
 
 from __future__ import annotations

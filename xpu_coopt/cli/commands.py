@@ -28,6 +28,7 @@ from xpu_coopt.cli.arguments import (
     typed_text,
     weight_arguments,
 )
+from xpu_coopt.cli.serve import run_serve, serve_parser
 
 
 def bench_parser(subparsers) -> None:
@@ -416,4 +417,5 @@ COMMANDS = {
     "calibrate-kv": (calibrate_parser, run_calibrate),
     "convert-gqa": (convert_gqa_parser, run_convert_gqa),
     "generate": (generate_parser, run_generate),
+    "serve": (serve_parser, run_serve),
 }

@@ -32,6 +32,15 @@ class Finished:
     finish_reason: str
 
 
+@dataclass(frozen=True)
+class TokenEvent:
+    """A token a step sampled for a request; `finished` is set on the request's last."""
+
+    request_id: int
+    token: int
+    finished: Finished | None = None
+
+
 class Engine:
     def __init__(
         self,
@@ -100,8 +109,8 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
-    def step(self) -> list[Finished]:
-        """Runs one step; returns the requests it finished."""
+    def step(self) -> list[TokenEvent]:
+        """Runs one step; returns the tokens it sampled, in the order of the step's sequences."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
@@ -121,20 +130,22 @@ class Engine:
         for item in scheduled:
             item.sequence.computed += item.tokens
         sequences = [scheduled[i].sequence for i in sampled]
-        finished = []
+        events = []
         for sequence, token in zip(sequences, next_tokens(logits, sequences), strict=True):
             sequence.append(token)
+            finished = None
             if sequence.status is Status.FINISHED:
                 self.scheduler.retire(sequence)
-                finished.append(
-                    Finished(sequence.id, sequence.prompt_ids, sequence.output_ids, sequence.finish_reason)
+                finished = Finished(
+                    sequence.id, sequence.prompt_ids, sequence.output_ids, sequence.finish_reason
                 )
-        return finished
+            events.append(TokenEvent(sequence.id, token, finished))
+        return events
 
     def run(self, requests: Iterable[tuple[list[int], SamplingParams]]) -> list[Finished]:
         """Adds the requests and steps until all are done; results in the order given."""
         ids = [self.add_request(prompt, params) for prompt, params in requests]
         done: dict[int, Finished] = {}
         while self.has_work:
-            done.update((result.request_id, result) for result in self.step())
+            done.update((event.request_id, event.finished) for event in self.step() if event.finished)
         return [done[i] for i in ids]

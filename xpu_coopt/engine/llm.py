@@ -67,9 +67,10 @@ class LLM:
         done = {}
         with tqdm(total=len(ids), desc="generating", unit="request", disable=not progress) as bar:
             while self.engine.has_work:
-                for result in self.engine.step():
-                    done[result.request_id] = result
-                    bar.update()
+                for event in self.engine.step():
+                    if event.finished is not None:
+                        done[event.request_id] = event.finished
+                        bar.update()
         return [self._output(done[i]) for i in ids]
 
     def _token_ids(self, prompt: str | list[int]) -> list[int]:

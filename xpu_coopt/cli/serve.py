@@ -1,0 +1,102 @@
+"""`xpu-coopt serve`: the OpenAI-compatible server over the continuous-batching engine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+from xpu_coopt.cli.arguments import (
+    cache_arguments,
+    model_with_tokenizer_arguments,
+    positive,
+    runtime_arguments,
+    weight_arguments,
+)
+
+API_KEY_VARIABLE = "XPU_COOPT_API_KEY"
+SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def byte_size(text: str) -> int:
+    """A byte count, with an optional K, M or G suffix (binary)."""
+    scale = SIZE_SUFFIXES.get(text[-1:].upper(), 1)
+    digits = text[:-1] if scale > 1 else text
+    if not digits.isdigit() or int(digits) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 1073741824, 512M, 2G)")
+    return int(digits) * scale
+
+
+def serve_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the model over an OpenAI-compatible HTTP API",
+        description="Runs the continuous-batching engine behind /v1/completions, /v1/chat/completions, "
+        "/v1/models, /health and /metrics (needs xpu_coopt[serve]: FastAPI, uvicorn, prometheus_client).",
+    )
+    model_with_tokenizer_arguments(parser)
+    runtime_arguments(parser)
+    cache_arguments(parser)
+    parser.add_argument("--kv-scales", help=argparse.SUPPRESS)
+    weight_arguments(
+        parser, "--weight-dtype", "auto (default: as stored), int4 or int8 (quantized while loading)"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine only)"
+    )
+    parser.add_argument("--port", type=positive, default=8000)
+    parser.add_argument(
+        "--served-model-name", help="the model's name in the API (default: --model's file or folder name)"
+    )
+    parser.add_argument("--kv-cache-memory", type=byte_size, default=1 << 30,
+                        help="bytes of the KV block pool, preallocated at start (default 1G)")  # fmt: skip
+    parser.add_argument(
+        "--block-size", type=positive, default=16, help="tokens a KV block holds (default 16)"
+    )
+    parser.add_argument("--max-num-batched-tokens", type=positive, default=256,
+                        help="tokens a step computes at most: prompts are prefilled in chunks of it (default 256)")  # fmt: skip
+    parser.add_argument("--max-num-seqs", type=positive, default=64, help="sequences a step runs at most")
+    parser.add_argument("--max-waiting", type=positive, default=256,
+                        help="requests waiting at most; more are answered 503 (default 256)")  # fmt: skip
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_VARIABLE),
+                        help=f"require this Bearer token on /v1/ routes (default: ${API_KEY_VARIABLE}, else none)")  # fmt: skip
+
+
+def _graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, stopping on SIGTERM or SIGINT as it does (no new requests, running ones ended,
+        the engine stopped) and then returning, so the command exits 0; uvicorn itself raises the signal
+        again once stopped. A second SIGINT forces the exit, as uvicorn's."""
+
+        def handle_exit(self, sig: int, frame) -> None:
+            self.force_exit = self.should_exit and sig == signal.SIGINT
+            self.should_exit = True
+
+    return GracefulServer
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from xpu_coopt.serve.app import create_app
+    except ImportError as error:
+        raise RuntimeError(f"xpu-coopt serve needs FastAPI, uvicorn and prometheus_client: pip install "
+                           f"'xpu_coopt[serve]' ({error})") from None  # fmt: skip
+    from xpu_coopt.cli.commands import optimized_with_tokenizer
+    from xpu_coopt.engine.engine import Engine
+    from xpu_coopt.serve.async_engine import AsyncEngine
+
+    model, tokenizer, _ = optimized_with_tokenizer(args)
+    blocks = Engine.blocks_for_memory(model, args.kv_cache_memory, args.block_size)
+    engine = Engine(model, blocks, args.block_size, args.max_num_batched_tokens, args.max_num_seqs)
+    name = args.served_model_name or Path(str(args.model)).name
+    app = create_app(AsyncEngine(engine, args.max_waiting), tokenizer, name, args.api_key)
+    print(f"serving {name} on http://{args.host}:{args.port}/v1 ({blocks} KV blocks of {args.block_size} tokens)",
+          file=sys.stderr)  # fmt: skip
+    _graceful_server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
+    return 0
