@@ -22,7 +22,7 @@ def test_blocks_are_given_as_sequences_grow_and_taken_back():
         blocks.grow(1, 13)  # 4 blocks: 3 more, 2 free
     assert blocks.tables[1] == [2] and blocks.free_blocks == 2  # nothing taken by the failed grow
     blocks.release(0)
-    assert blocks.free_blocks == 4 and blocks.grow(1, 13) == [2, 0, 1, 3]
+    assert blocks.free_blocks == 4 and blocks.grow(1, 13) == [2, 3, 4, 0]  # the least recently freed first
     blocks.release(1)
     blocks.release(7)  # a sequence without blocks: nothing to do
     assert blocks.free_blocks == 5
@@ -93,3 +93,32 @@ def test_a_request_the_pool_cannot_hold_alone_is_rejected():
 def test_bad_sampling_params_are_errors_naming_them(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_a_prompt_reuses_the_named_blocks_of_its_cached_prefix_counted_by_references():
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    first = list(range(100, 111))  # 11 tokens: blocks 0, 1 full, block 2 partly
+    blocks.grow(0, len(first))
+    blocks.name_full_blocks(0, first, computed=11)
+    second = [*first[:8], 7, 7, 7]  # the same two first blocks, then its own
+    assert blocks.reuse_prefix(1, second) == 8 and blocks.tables[1] == [0, 1]
+    assert blocks.grow(1, 11) == [0, 1, 3] and blocks.free_blocks == 4
+    blocks.release(
+        0
+    )  # blocks 0 and 1 stay with sequence 1; block 2 is free again, still named? no: half full
+    assert blocks.free_blocks == 5
+    blocks.release(1)  # all free now, blocks 0 and 1 still named
+    assert blocks.free_blocks == 8 and blocks.reuse_prefix(2, first) == 8
+    assert blocks.reuse_prefix(3, [*first[:8], 1]) == 8  # two sequences may hold one block
+    assert blocks.reuse_prefix(4, first[:4]) == 0  # the last token's block is computed, never taken
+
+
+def test_a_named_block_given_to_another_sequence_loses_its_name():
+    blocks = BlockManager(num_blocks=2, block_size=2)
+    tokens = [1, 2, 3]
+    blocks.grow(0, 3)
+    blocks.name_full_blocks(0, tokens, computed=3)
+    blocks.release(0)
+    blocks.grow(1, 4)  # takes both blocks, the named one among them
+    blocks.release(1)
+    assert blocks.reuse_prefix(2, tokens) == 0

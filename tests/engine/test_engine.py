@@ -142,3 +142,19 @@ def test_bad_requests_are_errors():
         llm.engine.add_request([5, 300], SamplingParams())
     with pytest.raises(ValueError, match="text prompts need a tokenizer"):
         llm.generate("hello")
+
+
+def test_prompts_sharing_a_prefix_reuse_its_blocks_with_generates_tokens(prompts):
+    """A system prompt shared by later requests: they take its cached blocks (not computed again), alone
+    in the step or beside others, and still give generate()'s tokens; a preempted one recomputes."""
+    model = xpu_coopt.optimize(tiny_model("llama-gqa-8q2kv-d64"))
+    system = prompts[4][:40]  # 10 blocks of 4
+    shared = [system + prompt[:5] for prompt in prompts[:4]]
+    engine = LLM(model, num_blocks=64, block_size=4, max_num_batched_tokens=32).engine
+    first = engine.run([(shared[0], SamplingParams(max_tokens=6, ignore_eos=True))])
+    rest = engine.run([(p, SamplingParams(max_tokens=6, ignore_eos=True)) for p in shared[1:]])
+    assert engine.scheduler.reused_tokens >= 3 * 40
+    expected = [model.generate(torch.tensor([p]), max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, len(p) :].tolist()
+                for p in shared]  # fmt: skip
+    assert [r.output_ids for r in first + rest] == expected
+    assert engine.blocks.free_blocks == 64

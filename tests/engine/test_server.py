@@ -179,7 +179,8 @@ def test_bad_json_a_missing_key_health_models_and_metrics(server):
     assert httpx.get(f"{url}/health").status_code == 200
     metrics = httpx.get(f"{url}/metrics").text
     for name in ("xpu_coopt_requests_running", "xpu_coopt_kv_blocks_used", "xpu_coopt_time_to_first_token_seconds_bucket",
-                 "xpu_coopt_inter_token_latency_seconds_bucket", "xpu_coopt_generated_tokens_total"):  # fmt: skip
+                 "xpu_coopt_inter_token_latency_seconds_bucket", "xpu_coopt_generated_tokens_total",
+                 "xpu_coopt_prefix_cache_reused_tokens_total"):  # fmt: skip
         assert name in metrics
 
 

@@ -129,6 +129,7 @@ class Engine:
             logits = decoder.forward(batch.input_ids, batch.positions, batch, False, batch.last_rows[sampled])
         for item in scheduled:
             item.sequence.computed += item.tokens
+            self.blocks.name_full_blocks(item.sequence.id, item.sequence.token_ids, item.sequence.computed)
         sequences = [scheduled[i].sequence for i in sampled]
         events = []
         for sequence, token in zip(sequences, next_tokens(logits, sequences), strict=True):

@@ -3,7 +3,8 @@
 Each step has a budget of tokens (max_num_batched_tokens) and of sequences (max_num_seqs). Running
 sequences come first, oldest first: a decoding one takes one token, one still in its prompt takes the
 next chunk of it that fits the budget (chunked prefill: a long prompt never stalls the others). Waiting
-requests are then admitted, oldest first, while budget and free blocks remain. A running sequence that
+requests are then admitted, oldest first, while budget and free blocks remain, each starting after the
+prefix the pool holds already (block_manager.py: prefix caching). A running sequence that
 needs a block when none is free preempts the newest running one (its blocks freed, itself requeued to
 recompute its tokens: vLLM's recompute preemption), never failing or deadlocking.
 """
@@ -38,6 +39,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.reused_tokens = 0  # prompt tokens admitted sequences took from the prefix cache
 
     def add(self, sequence: Sequence) -> None:
         """Queues a sequence; ValueError if the pool could not hold it even alone."""
@@ -68,12 +70,17 @@ class Scheduler:
             budget -= tokens
         while self.waiting and budget and len(self.running) < self.max_num_seqs:
             sequence = self.waiting[0]
+            if sequence.computed == 0:  # a new or preempted sequence: its cached prefix is not computed again
+                sequence.computed = self.blocks.reuse_prefix(sequence.id, sequence.token_ids)
             tokens = min(sequence.pending, budget)
             try:
                 self.blocks.grow(sequence.id, sequence.computed + tokens)
             except PoolExhausted:
+                self.blocks.release(sequence.id)  # the prefix it took, until it is admitted
+                sequence.computed = 0
                 break  # admitted once running ones end
             self.waiting.popleft()
+            self.reused_tokens += sequence.computed
             sequence.status = Status.RUNNING
             self.running.append(sequence)
             scheduled.append(Scheduled(sequence, tokens))

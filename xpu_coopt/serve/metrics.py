@@ -21,6 +21,9 @@ class Metrics:
         self.kv_blocks_total = Gauge("xpu_coopt_kv_blocks_total", "KV pool blocks", registry=r)
         self.requests = Counter("xpu_coopt_requests", "Requests accepted", registry=r)
         self.generated = Counter("xpu_coopt_generated_tokens", "Tokens generated", registry=r)
+        self.reused = Counter("xpu_coopt_prefix_cache_reused_tokens", "Prompt tokens taken from the prefix cache",
+                              registry=r)  # fmt: skip
+        self._reused_seen = 0
         self.ttft = Histogram("xpu_coopt_time_to_first_token_seconds", "Time to a request's first token",
                               buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.itl = Histogram("xpu_coopt_inter_token_latency_seconds", "Time between a request's tokens",
@@ -40,6 +43,8 @@ class Metrics:
         self.waiting.set(len(scheduler.waiting))
         self.kv_blocks_used.set(engine.blocks.used_blocks)
         self.kv_blocks_total.set(engine.blocks.num_blocks)
+        self.reused.inc(scheduler.reused_tokens - self._reused_seen)
+        self._reused_seen = scheduler.reused_tokens
         for event in events:
             self.generated.inc()
             last = self._last.get(event.request_id)
