@@ -13,16 +13,21 @@ from xpu_coopt.ops import fp8
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _pool(blocks, kv_heads, block_size, head_dim, dtype, kv_dtype):
+def _pool(blocks, kv_heads, block_size, head_dim, dtype, kv_dtype, head_major):
     """A pool of random K/V (FP8: codes and bfloat16 scales of random values) and, for the oracle, each
-    cell's values in the activation dtype."""
+    cell's values in the activation dtype. head_major: stored [Hkv, blocks, ...], seen through strides."""
     values = [random_tensor(blocks, kv_heads, block_size, head_dim, dtype=dtype) for _ in "kv"]
+    if head_major:
+        values = [v.transpose(0, 1).contiguous().transpose(0, 1) for v in values]
     if kv_dtype == "auto":
         return values, (None, None), values
     scales = [
         (v.float().abs().amax(-1) / fp8.FP8_MAX[kv_dtype]).clamp_min(1e-6).to(fp8.SCALE_DTYPE) for v in values
     ]
     pools = [fp8.encode(v, scale, kv_dtype) for v, scale in zip(values, scales, strict=True)]
+    if head_major:
+        pools = [p.transpose(0, 1).contiguous().transpose(0, 1) for p in pools]
+        scales = [t.transpose(0, 1).contiguous().transpose(0, 1) for t in scales]
     decoded = [fp8.decode(c, s, kv_dtype, dtype) for c, s in zip(pools, scales, strict=True)]
     return pools, scales, decoded
 
@@ -36,11 +41,12 @@ def _pool(blocks, kv_heads, block_size, head_dim, dtype, kv_dtype):
 )
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("kv_dtype", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("head_major", [False, True], ids=["block-major", "head-major"])
 def test_paged_attention_matches_the_oracle(
-    kernels, dtype, heads, kv_heads, head_dim, counts, contexts, window, kv_dtype
+    kernels, dtype, heads, kv_heads, head_dim, counts, contexts, window, kv_dtype, head_major
 ):
     block_size, blocks = 4, 48
-    pools, scales, decoded = _pool(blocks, kv_heads, block_size, head_dim, dtype, kv_dtype)
+    pools, scales, decoded = _pool(blocks, kv_heads, block_size, head_dim, dtype, kv_dtype, head_major)
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(blocks, generator=generator)  # each sequence's blocks scattered through the pool
     width = max(-(-c // block_size) for c in contexts)

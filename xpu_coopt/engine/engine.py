@@ -12,6 +12,7 @@ import torch
 
 from xpu_coopt.cache.storage import KVFormat
 from xpu_coopt.engine.block_manager import BlockManager
+from xpu_coopt.engine.kv_pool import allocate_pool
 from xpu_coopt.engine.request import SamplingParams, Sequence, Status
 from xpu_coopt.engine.sampling import next_tokens
 from xpu_coopt.engine.scheduler import Scheduler
@@ -61,7 +62,7 @@ class Engine:
         kv = KVFormat(
             spec.num_layers, spec.num_kv_heads, spec.head_dim, model.kv_dtype, model.dtype, model.device
         )
-        self.pool = kv.allocate(num_blocks, block_size)  # [blocks, Hkv, block_size, D] per layer, once
+        self.pool = allocate_pool(kv, num_blocks, block_size)  # [blocks, Hkv, block_size, D] per layer, once
         self.windows = tuple(NO_WINDOW if w is None else w for w in spec.layer_windows)
         self._ids = itertools.count()
         eos = getattr(model.generation_config, "eos_token_id", None)

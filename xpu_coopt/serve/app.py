@@ -96,23 +96,21 @@ def create_app(engine: AsyncEngine, tokenizer: Any, model_name: str, api_key: st
         }
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    async def completions(body: CompletionRequest) -> Response:
         prompt_ids = body.prompt if isinstance(body.prompt, list) else tokenizer(body.prompt)["input_ids"]
-        return await _respond(
-            body, prompt_ids, body.max_tokens or DEFAULT_MAX_TOKENS, "text_completion", request
-        )
+        return await _respond(body, prompt_ids, body.max_tokens or DEFAULT_MAX_TOKENS, "text_completion")
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat_completions(body: ChatCompletionRequest) -> Response:
         messages = [message.model_dump(exclude_none=True) for message in body.messages]
         # the template's text, then its tokens: apply_chat_template's tokenized return type varies by release
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         # by default a reply may run to the end of the context, or of what the KV pool holds alone
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, room - len(prompt_ids))
-        return await _respond(body, prompt_ids, max_tokens, "chat.completion", request)
+        return await _respond(body, prompt_ids, max_tokens, "chat.completion")
 
-    async def _respond(body, prompt_ids: list[int], max_tokens: int, kind: str, request: Request) -> Response:
+    async def _respond(body, prompt_ids: list[int], max_tokens: int, kind: str) -> Response:
         problem = _check(body, prompt_ids, max_tokens, model_name, max_context)
         if problem is not None:
             return JSONResponse(error_body(*problem), 400)
@@ -132,7 +130,7 @@ def create_app(engine: AsyncEngine, tokenizer: Any, model_name: str, api_key: st
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
             return StreamingResponse(
-                _sse(response, first, merged, include_usage, request), media_type="text/event-stream"
+                _sse(response, first, merged, include_usage), media_type="text/event-stream"
             )
         async for _ in _chunks(response, first, merged):
             pass
@@ -215,14 +213,10 @@ async def _chunks(response: _Response, first, merged) -> AsyncIterator[tuple[_Ch
             return
 
 
-async def _sse(
-    response: _Response, first, merged, include_usage: bool, request: Request
-) -> AsyncIterator[str]:
+async def _sse(response: _Response, first, merged, include_usage: bool) -> AsyncIterator[str]:
     started = set()
+    # A client that leaves makes Starlette cancel this generator: _merged's cleanup then aborts the requests.
     async for choice, text in _chunks(response, first, merged):
-        if await request.is_disconnected():
-            await merged.aclose()
-            return
         delta: dict[str, Any]
         if response.chat:
             delta = {"content": text}
