@@ -158,3 +158,41 @@ def test_prompts_sharing_a_prefix_reuse_its_blocks_with_generates_tokens(prompts
                 for p in shared]  # fmt: skip
     assert [r.output_ids for r in first + rest] == expected
     assert engine.blocks.free_blocks == 64
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.8])
+def test_repetition_penalty_gives_generates_tokens(penalty, prompts):
+    """Greedy with transformers' repetition penalty (over prompt and output) equals generate()'s."""
+    model = xpu_coopt.optimize(tiny_model("llama-gqa-8q2kv-d64"))
+    engine = LLM(model, num_blocks=128, block_size=4, max_num_batched_tokens=16).engine
+    params = SamplingParams(max_tokens=10, repetition_penalty=penalty, ignore_eos=True)
+    results = engine.run([(p, params) for p in prompts[:3]])
+    for prompt, result in zip(prompts[:3], results, strict=True):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                             repetition_penalty=penalty)  # fmt: skip
+        assert result.output_ids == out[0, len(prompt) :].tolist()
+
+
+def test_presence_and_frequency_penalties_change_the_counts_of_generated_tokens():
+    """OpenAI's penalties: subtract presence once and frequency per occurrence from generated tokens."""
+    from xpu_coopt.engine.request import Sequence
+    from xpu_coopt.engine.sampling import next_tokens
+
+    logits = torch.zeros(1, 8)
+    logits[0, 3], logits[0, 5] = 2.0, 1.5
+    sequence = Sequence(0, [1], SamplingParams(presence_penalty=0.3, frequency_penalty=0.1), frozenset())
+    sequence.output_ids = [3, 3, 3]
+    assert next_tokens(logits, [sequence]) == [5]  # 2.0 - 0.3 - 0.3 = 1.4 < 1.5
+    sequence.output_ids = [3]
+    assert next_tokens(logits, [sequence]) == [3]  # 2.0 - 0.3 - 0.1 = 1.6 > 1.5
+
+
+def test_min_p_drops_unlikely_tokens():
+    from xpu_coopt.engine.request import Sequence
+    from xpu_coopt.engine.sampling import next_tokens
+
+    logits = torch.full((1, 50), -10.0)
+    logits[0, 7] = 5.0
+    generator = torch.Generator().manual_seed(0)
+    sequence = Sequence(0, [1], SamplingParams(temperature=5.0, min_p=0.5), frozenset(), generator=generator)
+    assert all(next_tokens(logits, [sequence]) == [7] for _ in range(20))

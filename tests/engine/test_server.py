@@ -152,6 +152,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_blocks(server):
         ({"model": "other", "prompt": "hi"}, 400, "model"),
         ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
         ({"model": MODEL, "prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+        ({"model": MODEL, "prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty"),
         ({"model": MODEL, "prompt": "hi", "best_of": 2}, 400, "best_of"),
         ({"model": MODEL, "prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens"),
         ({"model": MODEL, "prompt": ""}, 400, "prompt"),

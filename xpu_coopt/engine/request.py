@@ -18,6 +18,10 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0  # 0: every token
+    min_p: float = 0.0  # tokens under min_p x the likeliest's probability are dropped (sampling)
+    repetition_penalty: float = 1.0  # transformers': every prompt or generated token's logit / (or x) it
+    presence_penalty: float = 0.0  # OpenAI's: minus this for each token generated at least once
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times how often each token was generated
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -28,13 +32,17 @@ class SamplingParams:
             "temperature": math.isfinite(self.temperature) and self.temperature >= 0,
             "top_p": 0 < self.top_p <= 1,
             "top_k": isinstance(self.top_k, int) and self.top_k >= 0,
+            "min_p": 0 <= self.min_p <= 1,
+            "repetition_penalty": math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+            "presence_penalty": -2 <= self.presence_penalty <= 2,
+            "frequency_penalty": -2 <= self.frequency_penalty <= 2,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
             raise ValueError(
                 f"SamplingParams: {values} out of range (max_tokens >= 1, temperature >= 0, 0 < top_p <= 1, "
-                "top_k >= 0)"
+                "top_k >= 0, 0 <= min_p <= 1, repetition_penalty > 0, penalties in [-2, 2])"
             )
 
 
@@ -58,6 +66,12 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+
+    @property
+    def penalized(self) -> bool:
+        """Whether its logits are changed before the choice (penalties)."""
+        p = self.params
+        return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
     @property
     def token_ids(self) -> list[int]:

@@ -1,6 +1,7 @@
-"""A step's next tokens, row by row with each request's own settings: greedy (argmax, as generate's) or
-sampled with temperature, top_k and top_p from the request's own generator, so a seeded request's
-tokens do not depend on the batch it runs in."""
+"""A step's next tokens, row by row with each request's own settings: penalties first (transformers'
+repetition penalty over the prompt and output, OpenAI's presence and frequency penalties over the
+output), then greedy (argmax, as generate's) or sampled with temperature, top_k, top_p and min_p from
+the request's own generator, so a seeded request's tokens do not depend on the batch it runs in."""
 
 from __future__ import annotations
 
@@ -12,19 +13,41 @@ from xpu_coopt.engine.request import Sequence
 def next_tokens(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
     """logits [S, vocab] (one row a sequence) -> each sequence's next token."""
     greedy = logits.argmax(dim=-1).tolist()
-    return [
-        greedy[row] if seq.params.temperature == 0 else _sample(logits[row], seq)
-        for row, seq in enumerate(sequences)
-    ]
+    tokens = []
+    for row, sequence in enumerate(sequences):
+        if not sequence.penalized and sequence.params.temperature == 0:
+            tokens.append(greedy[row])
+            continue
+        scores = logits[row].to(torch.float32, copy=True)  # a copy: penalties change it in place
+        scores = _penalized(scores, sequence) if sequence.penalized else scores
+        sampled = sequence.params.temperature > 0
+        tokens.append(_sample(scores, sequence) if sampled else int(scores.argmax()))
+    return tokens
 
 
-def _sample(logits: torch.Tensor, sequence: Sequence) -> int:
+def _penalized(scores: torch.Tensor, sequence: Sequence) -> torch.Tensor:
     params = sequence.params
-    scores = logits.float() / params.temperature
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(sequence.token_ids)), device=scores.device)
+        picked = scores[seen]
+        scores[seen] = torch.where(
+            picked < 0, picked * params.repetition_penalty, picked / params.repetition_penalty
+        )
+    if sequence.output_ids and (params.presence_penalty or params.frequency_penalty):
+        ids, counts = torch.tensor(sequence.output_ids, device=scores.device).unique(return_counts=True)
+        scores[ids] -= params.frequency_penalty * counts.float() + params.presence_penalty
+    return scores
+
+
+def _sample(scores: torch.Tensor, sequence: Sequence) -> int:
+    params = sequence.params
+    scores = scores / params.temperature
     if params.top_k:
         kth = torch.topk(scores, min(params.top_k, scores.shape[-1])).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     if params.top_p < 1:
         ordered, order = probs.sort(descending=True)
         # keep the smallest head whose mass reaches top_p (the first token always)

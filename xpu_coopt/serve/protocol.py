@@ -1,6 +1,6 @@
 """The OpenAI requests the server takes (pydantic, as FastAPI reads them) and OpenAI's error object.
 
-Parameters OpenAI defines that xpu_coopt does not run yet (logprobs, penalties, logit_bias, echo, tools)
+Parameters OpenAI defines that xpu_coopt does not run yet (logprobs, logit_bias, echo, suffix, tools)
 are refused with a 400 naming them, never ignored; unknown ones too (extra="forbid")."""
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ class _Common(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)  # an extension, as vLLM's
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)  # an extension, as vLLM's
+    repetition_penalty: float = Field(default=1.0, gt=0.0)  # an extension, as vLLM's
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -35,14 +39,11 @@ class _Common(BaseModel):
     # OpenAI's, refused unless left at their defaults (unsupported())
     logprobs: Any = None
     top_logprobs: Any = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
 
     def unsupported(self) -> str | None:
         """The first parameter set that xpu_coopt does not run yet, or None."""
-        for name, default in (("logprobs", None), ("top_logprobs", None), ("logit_bias", None),
-                              ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):  # fmt: skip
+        for name, default in (("logprobs", None), ("top_logprobs", None), ("logit_bias", None)):
             if getattr(self, name) not in (default, False):
                 return name
         return None
@@ -53,7 +54,9 @@ class _Common(BaseModel):
     def sampling_params(self, max_tokens: int, choice: int) -> SamplingParams:
         """The engine's parameters for choice `choice` of n (its seed offset by the choice: n draws)."""
         return SamplingParams(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
             seed=None if self.seed is None else self.seed + choice, stop_token_ids=tuple(self.stop_token_ids),
             ignore_eos=self.ignore_eos,
         )  # fmt: skip
