@@ -9,7 +9,7 @@ to bfloat16 (transformers serve reads a folder of it written once); llama.cpp ru
 llama-quantize makes of the same GGUF. Prompts: passages of the wikitext-2 and TinyStories texts in
 ../shared/data, lengths drawn log-normally (ShareGPT-like: many short, a few long, 16-1024 words).
 --clients streaming clients send the --requests one after another (greedy, max_tokens, EOS ignored
-where the server allows); reported: output tokens/s over the whole run, time to first token and the
+where the server allows: not transformers serve, whose requests may end early); reported: output tokens/s over the whole run, time to first token and the
 gaps between streamed tokens (p50, p99). Each server gets --threads CPU threads.
 """
 
@@ -67,7 +67,8 @@ def wait_healthy(url: str, process: subprocess.Popen, seconds: float = 300) -> N
     raise SystemExit(f"{url} did not become healthy")
 
 
-async def run_clients(url: str, model: str, texts: list[str], clients: int, max_tokens: int) -> dict:
+async def run_clients(url: str, model: str, texts: list[str], clients: int, max_tokens: int,
+                      ignore_eos: bool = True) -> dict:  # fmt: skip
     queue: asyncio.Queue[str] = asyncio.Queue()
     for text in texts:
         queue.put_nowait(text)
@@ -77,8 +78,15 @@ async def run_clients(url: str, model: str, texts: list[str], clients: int, max_
         nonlocal tokens
         while not queue.empty():
             text = queue.get_nowait()
-            body = {"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                    "ignore_eos": True}  # fmt: skip
+            body = {
+                "model": model,
+                "prompt": text,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
+            }
+            if ignore_eos:  # an extension: transformers serve refuses it
+                body["ignore_eos"] = True
             start = last = time.perf_counter()
             first = True
             async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
@@ -162,8 +170,11 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         try:
             wait_healthy(url, process)
-            asyncio.run(run_clients(url, model, texts[:2], 2, 4))  # warm up
-            results[name] = asyncio.run(run_clients(url, model, texts, args.clients, args.max_tokens))
+            ignore_eos = name != "transformers"
+            asyncio.run(run_clients(url, model, texts[:2], 2, 4, ignore_eos))  # warm up
+            results[name] = asyncio.run(
+                run_clients(url, model, texts, args.clients, args.max_tokens, ignore_eos)
+            )
         finally:
             process.terminate()
             process.wait(timeout=60)
