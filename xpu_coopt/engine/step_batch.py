@@ -31,9 +31,9 @@ class StepBatch:
             counts.append(item.tokens)
             contexts.append(first + item.tokens)
         width = max(-(-context // block_size) for context in contexts)
+        # each sequence holds exactly the blocks of its context: padded to the widest with block 0 (not read)
         table_rows = [
-            tables[item.sequence.id][:width] + [0] * (width - len(tables[item.sequence.id][:width]))
-            for item in scheduled
+            tables[item.sequence.id] + [0] * (width - len(tables[item.sequence.id])) for item in scheduled
         ]
         self.block_tables = torch.tensor(table_rows, dtype=torch.int32, device=device)
         self.query_start = torch.tensor(

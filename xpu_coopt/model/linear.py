@@ -57,13 +57,14 @@ class FusedLinear:
         self.weight = self.bias = None
         self.linear = ops.linear
         self.parts: list[_QuantizedPart] = []
-        self.quantized = any(is_quantized_linear(m) for m in modules) or (
-            quantize is not None and all(is_plain_linear(m) for m in modules)
+        ours = all(is_quantized_linear(m) or is_plain_linear(m) for m in modules)  # no foreign module
+        self.quantized = ours and (
+            any(is_quantized_linear(m) for m in modules)
+            or (quantize is not None and all(is_plain_linear(m) for m in modules))
         )
-        if self.quantized and all(is_quantized_linear(m) or is_plain_linear(m) for m in modules):
+        if self.quantized:
             self._fuse_quantized(modules, dtype, ops, inplace, quantize)
             return
-        self.quantized = False
         if not all(is_plain_linear(m) for m in modules):
             self.modules = modules
             self._submodules = [sub for module in modules for sub in module.modules()]

@@ -1,6 +1,7 @@
-"""paged_attention's shared steps: a sequence's K/V read out of the pool of blocks, and the op composed from
-a backend's attention_prefill kernel, one call a sequence (what the SYCL and Triton backends run until
-they have a kernel that reads the blocks in place; docs/ops.md)."""
+"""paged_attention's shared steps: a sequence's K/V read out of the pool of blocks, a sequence's queries run
+through a backend's attention_prefill over them, and the op composed from that, one call a sequence
+(what the SYCL and Triton backends run until they have a kernel that reads the blocks in place;
+docs/ops.md)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 from xpu_coopt.ops import fp8
 from xpu_coopt.ops.calls import PagedCall, PrefillCall
 
+Prefill = Callable[[PrefillCall], None]
+
 
 def sequences(call: PagedCall) -> Iterator[tuple[slice, int]]:
     """Each sequence's query rows and context length (read on the host once)."""
@@ -20,7 +23,9 @@ def sequences(call: PagedCall) -> Iterator[tuple[slice, int]]:
 
 
 def context_kv(call: PagedCall, index: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence `index`'s K and V [context, Hkv, D] in the activation dtype, gathered block by block."""
+    """Sequence `index`'s K and V, each [Hkv, context, D] in the activation dtype. A pool stored
+    head-major (the engine's, engine/kv_pool.py) gathers them in one copy that is already each head's
+    keys in order; any other layout takes the same single copy out of strided memory."""
     blocks = -(-context // call.block_size)
     table = call.block_tables[index, :blocks].long()
     k_pool, v_pool, k_scale, v_scale = call.pool
@@ -31,25 +36,38 @@ def context_kv(call: PagedCall, index: int, context: int) -> tuple[torch.Tensor,
 
 
 def _gathered(pool, scale, table, context: int, kv_dtype: str, dtype: torch.dtype) -> torch.Tensor:
-    cells = pool.index_select(0, table).transpose(1, 2)  # [blocks, block_size, Hkv, D]
-    # contiguous: one block's reshape is a view whose heads are block_size * D apart, and the device
-    # kernels take K/V with heads D apart (attention_prefill's layout)
-    cells = cells.reshape(-1, *cells.shape[2:])[:context].contiguous()
+    stored = pool.transpose(0, 1)  # [Hkv, blocks, block_size, D]
+    cells = stored.index_select(1, table).reshape(stored.shape[0], -1, stored.shape[3])[:, :context]
     if scale is None:
         return cells
-    scales = scale.index_select(0, table).transpose(1, 2).reshape(-1, scale.shape[1])[:context]
+    scales = scale.transpose(0, 1).index_select(1, table).reshape(scale.shape[1], -1)[:, :context]
     return fp8.decode(cells, scales, kv_dtype, dtype)
 
 
-def compose_by_prefill(call: PagedCall, attention_prefill: Callable[[PrefillCall], None]) -> None:
-    """paged_attention as one attention_prefill a sequence over its gathered K/V (its queries the last
-    columns of its context)."""
-    start = torch.zeros(1, dtype=torch.int32, device=call.query.device)
+def prefill_sequence(
+    call: PagedCall, rows: slice, keys: torch.Tensor, values: torch.Tensor, attention_prefill: Prefill
+) -> None:
+    """A sequence's queries (`rows`, the last columns of its context) attending over its keys and values
+    [context, Hkv, D], through a backend's attention_prefill kernel."""
+    start = call.query_start.new_zeros(1)
+    attention_prefill(
+        PrefillCall(
+            call.out[rows][None],
+            call.query[rows][None],
+            keys[None],
+            values[None],
+            start,
+            call.scale,
+            call.span,
+        )
+    )
+
+
+def compose_by_prefill(call: PagedCall, attention_prefill: Prefill) -> None:
+    """paged_attention as one attention_prefill a sequence over its gathered K/V."""
     for index, (rows, context) in enumerate(sequences(call)):
         if rows.start == rows.stop:
             continue
-        keys, values = context_kv(call, index, context)
-        attention_prefill(
-            PrefillCall(call.out[rows][None], call.query[rows][None], keys[None], values[None], start, call.scale,
-                        call.span)
-        )  # fmt: skip
+        # contiguous: the device kernels take K/V with heads D apart (attention_prefill's layout)
+        keys, values = (t.transpose(0, 1).contiguous() for t in context_kv(call, index, context))
+        prefill_sequence(call, rows, keys, values, attention_prefill)

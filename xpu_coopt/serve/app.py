@@ -189,18 +189,16 @@ async def _merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]
 
 async def _chunks(response: _Response, first, merged) -> AsyncIterator[tuple[_Choice, str]]:
     """(choice, new text) for each event, the first one given."""
-    pending = [first]
-    while True:
-        if pending:
-            index, event = pending.pop()
-        else:
-            try:
-                index, event = await anext(merged)
-            except StopAsyncIteration:
-                return
+
+    async def events():
+        yield first
+        async for item in merged:
+            yield item
+
+    async for index, event in events():
         choice = response.choices[index]
         if choice.finish_reason is not None:
-            continue  # a stop string ended it; its request is being aborted
+            continue  # a stop string ended it; its request runs on until every choice has ended
         choice.tokens += 1
         text, stopped = choice.stops.add(event.token, final=event.finished is not None)
         if stopped:
