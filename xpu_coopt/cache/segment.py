@@ -51,10 +51,9 @@ from xpu_coopt.cache.held import HeldKV, check_held
 from xpu_coopt.cache.paged import PagedPrompt
 from xpu_coopt.cache.prompt_segment import ContiguousPrompt, PromptSegment
 from xpu_coopt.cache.storage import KVFormat, LayerKV, extend, storage_bytes
-from xpu_coopt.cache.window import Window
+from xpu_coopt.cache.window import Window, window_arguments
 from xpu_coopt.model.spec import ModelSpec
 from xpu_coopt.ops import fp8
-from xpu_coopt.ops.schema import NO_WINDOW
 
 RESPONSE_STEP = 16
 # optimize(kv_cache=...): how the prompt segment is laid out
@@ -91,7 +90,7 @@ class SegmentKVCache:
         self.kv_dtype = kv_dtype
         self.static_scales = static_scales
         # Each layer's window as the attention ops take it (sliding-window layers attend to their last keys).
-        self.windows = tuple(NO_WINDOW if window is None else window for window in spec.layer_windows)
+        self.windows = window_arguments(spec.layer_windows)
         self.window = Window.of(spec.layer_windows, keep_whole_prompt)
         device = prompt_start.device
         self.num_requests = prompt_start.shape[0]

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from xpu_coopt.ops.schema import NO_WINDOW
+
+
+def window_arguments(layer_windows: tuple[int | None, ...]) -> tuple[int, ...]:
+    """Each layer's window as the attention ops take it: NO_WINDOW for full attention."""
+    return tuple(NO_WINDOW if window is None else window for window in layer_windows)
+
 
 @dataclass(frozen=True)
 class Window:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from xpu_coopt.cache.storage import KVFormat
+from xpu_coopt.cache.window import window_arguments
 from xpu_coopt.engine.block_manager import BlockManager
 from xpu_coopt.engine.kv_pool import allocate_pool
 from xpu_coopt.engine.request import SamplingParams, Sequence, Status
@@ -18,7 +19,7 @@ from xpu_coopt.engine.sampling import next_tokens
 from xpu_coopt.engine.scheduler import Scheduler
 from xpu_coopt.engine.step_batch import StepBatch
 from xpu_coopt.model.optimized import OptimizedModel
-from xpu_coopt.ops.schema import NO_WINDOW
+from xpu_coopt.ops import fp8
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -63,7 +64,7 @@ class Engine:
             spec.num_layers, spec.num_kv_heads, spec.head_dim, model.kv_dtype, model.dtype, model.device
         )
         self.pool = allocate_pool(kv, num_blocks, block_size)  # [blocks, Hkv, block_size, D] per layer, once
-        self.windows = tuple(NO_WINDOW if w is None else w for w in spec.layer_windows)
+        self.windows = window_arguments(spec.layer_windows)
         self._ids = itertools.count()
         eos = getattr(model.generation_config, "eos_token_id", None)
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
@@ -74,13 +75,10 @@ class Engine:
     ) -> int:
         """How many blocks a budget of kv_cache_memory bytes holds (K and V of every layer, FP8 scales included)."""
         spec = model.spec
-        element = 1 if model.kv_dtype != "auto" else model.dtype.itemsize
-        per_token = (
-            2
-            * spec.num_layers
-            * spec.num_kv_heads
-            * (spec.head_dim * element + (2 if model.kv_dtype != "auto" else 0))
-        )
+        fp8_pool = fp8.is_fp8(model.kv_dtype)
+        per_token = spec.kv_bytes_per_token(1 if fp8_pool else model.dtype.itemsize)
+        if fp8_pool:  # a scale per token and KV head
+            per_token += spec.kv_bytes_per_token(fp8.SCALE_DTYPE.itemsize) // spec.head_dim
         return kv_cache_memory // (per_token * block_size)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
@@ -95,7 +93,10 @@ class Engine:
         generator = None
         if params.temperature > 0:
             generator = torch.Generator(device=self.model.device)
-            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+            if params.seed is not None:
+                generator.manual_seed(params.seed)
+            else:  # from the system's entropy, leaving torch's global generator untouched
+                generator.seed()
         self.scheduler.add(Sequence(request_id, list(prompt_ids), params, stop, generator=generator))
         return request_id
 
