@@ -81,14 +81,22 @@ class Engine:
             per_token += spec.kv_bytes_per_token(fp8.SCALE_DTYPE.itemsize) // spec.head_dim
         return kv_cache_memory // (per_token * block_size)
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> int:
-        """Queues a request; returns its id. ValueError if it could never fit the pool or the model."""
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """ValueError if the request could never run: no prompt, unknown tokens, or more than the pool holds."""
         if not prompt_ids:
             raise ValueError("a request needs at least one prompt token")
         vocab = self.model.spec.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-        request_id = next(self._ids)
+        self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
+
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: int | None = None
+    ) -> int:
+        """Queues a request (under the id given, else a new one); returns its id. ValueError as check_request."""
+        self.check_request(prompt_ids, params)
+        if request_id is None:
+            request_id = next(self._ids)
         stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         generator = None
         if params.temperature > 0:

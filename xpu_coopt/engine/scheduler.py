@@ -41,15 +41,18 @@ class Scheduler:
         self.preemptions = 0
         self.reused_tokens = 0  # prompt tokens admitted sequences took from the prefix cache
 
-    def add(self, sequence: Sequence) -> None:
-        """Queues a sequence; ValueError if the pool could not hold it even alone."""
-        needed = self.blocks.blocks_for(len(sequence.prompt_ids) + sequence.params.max_tokens)
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """ValueError if the pool could not hold such a request even alone."""
+        needed = self.blocks.blocks_for(prompt_tokens + max_tokens)
         if needed > self.blocks.num_blocks:
             raise ValueError(
-                f"a prompt of {len(sequence.prompt_ids)} tokens with max_tokens={sequence.params.max_tokens} "
-                f"needs {needed} KV blocks of {self.blocks.block_size} tokens; the pool holds "
-                f"{self.blocks.num_blocks}"
+                f"a prompt of {prompt_tokens} tokens with max_tokens={max_tokens} needs {needed} KV blocks of "
+                f"{self.blocks.block_size} tokens; the pool holds {self.blocks.num_blocks}"
             )
+
+    def add(self, sequence: Sequence) -> None:
+        """Queues a sequence; ValueError if the pool could not hold it even alone."""
+        self.check_fits(len(sequence.prompt_ids), sequence.params.max_tokens)
         self.waiting.append(sequence)
 
     @property
