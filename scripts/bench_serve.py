@@ -102,7 +102,8 @@ async def run_clients(url: str, model: str, texts: list[str], clients: int, max_
                     first, last = False, now
                     tokens += 1
 
-    async with httpx.AsyncClient(timeout=600) as http:
+    # a connection per request: llama-server closes idle kept-alive ones, which a reuse then finds closed
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_keepalive_connections=0)) as http:
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         seconds = time.perf_counter() - start
@@ -131,9 +132,8 @@ def start(name: str, port: int, threads: int, work: Path) -> tuple[subprocess.Po
                             "BF16"], check=True, capture_output=True)  # fmt: skip
         command = [llama, "llama-server", "-m", str(bf16), "-t", str(threads), "-np", "16", "-c", str(16 * 2048),
                    "--port", str(port), "--host", "127.0.0.1"]  # fmt: skip
-        return subprocess.Popen(
-            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        ), "smollm2"
+        log = open(work / "llama.cpp.log", "w")
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), "smollm2"
     folder = work / "smollm2-bf16"
     if not folder.exists():
         import torch
@@ -146,9 +146,8 @@ def start(name: str, port: int, threads: int, work: Path) -> tuple[subprocess.Po
     command = ["transformers", "serve", "--continuous-batching", "--port", str(port), "--host", "127.0.0.1",
                "--dtype", "bfloat16", "--device", "cpu"]  # fmt: skip
     command[0] = str(Path(sys.executable).with_name("transformers"))
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), str(
-        folder
-    )
+    log = open(work / "transformers.log", "w")
+    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), str(folder)
 
 
 def main() -> None:
