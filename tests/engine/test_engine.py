@@ -196,3 +196,37 @@ def test_min_p_drops_unlikely_tokens():
     generator = torch.Generator().manual_seed(0)
     sequence = Sequence(0, [1], SamplingParams(temperature=5.0, min_p=0.5), frozenset(), generator=generator)
     assert all(next_tokens(logits, [sequence]) == [7] for _ in range(20))
+
+
+@pytest.mark.parametrize(
+    ("num_blocks", "count"), [(256, 5), (18, 0), (18, 20)], ids=["roomy-5", "preempting-0", "preempting-20"]
+)
+def test_logprobs_are_transformers_log_softmax(num_blocks, count, prompts):
+    """Each token's log-probability and the likeliest alternatives equal log_softmax of transformers'
+    logits at its position (float64), whatever the batch; a request that does not ask gets none."""
+    hf_model = tiny_model("llama-gqa-8q2kv-d64")
+    llm = LLM(xpu_coopt.optimize(hf_model), num_blocks=num_blocks, block_size=4, max_num_batched_tokens=8)
+    requests = [
+        (prompt, SamplingParams(max_tokens=m, ignore_eos=True, logprobs=count if i % 3 else None))
+        for i, (prompt, m) in enumerate(zip(prompts, MAX_TOKENS, strict=True))
+    ]
+    for (prompt, params), result in zip(requests, llm.engine.run(requests), strict=True):
+        if params.logprobs is None:
+            assert result.logprobs is None
+            continue
+        with torch.no_grad():
+            logits = hf_model(torch.tensor([prompt + result.output_ids])).logits[0, len(prompt) - 1 : -1]
+        expected = torch.log_softmax(logits.double(), dim=-1)
+        assert len(result.logprobs) == len(result.output_ids)
+        for position, (token, got) in enumerate(zip(result.output_ids, result.logprobs, strict=True)):
+            assert got.logprob == pytest.approx(expected[position, token].item(), abs=1e-4)
+            top_values, top_ids = expected[position].topk(count)
+            assert [i for i, _ in got.top] == top_ids.tolist()
+            assert [v for _, v in got.top] == pytest.approx(top_values.tolist(), abs=1e-4)
+            if count:
+                assert got.top[0][0] == token  # greedy: the likeliest
+
+
+def test_logprobs_out_of_range_are_refused():
+    with pytest.raises(ValueError, match="logprobs=21"):
+        SamplingParams(logprobs=21)

@@ -110,6 +110,63 @@ def test_n_choices_stop_strings_and_seeds(server):
     assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].text == free[: free.index(stop)]
 
 
+def _generated_tokens(url) -> float:
+    metrics = httpx.get(f"{url}/metrics").text
+    return float(
+        next(
+            line.split()[1]
+            for line in metrics.splitlines()
+            if line.startswith("xpu_coopt_generated_tokens_total")
+        )
+    )
+
+
+def test_a_choice_a_stop_string_ends_stops_its_request_at_once(server):
+    """n=2: the choice a stop string ends stops generating then, while the other runs to max_tokens."""
+    url, *_ = server
+    client = _client(url)
+    request = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 1.0, "n": 2, "seed": 3,
+               "extra_body": {"ignore_eos": True}}  # fmt: skip
+    free = client.completions.create(**request).choices
+    words = free[0].text.split()
+    stop = next(w for w in words[1:6] if w not in free[1].text)  # early in choice 0, nowhere in choice 1
+    before = _generated_tokens(url)
+    stopped = client.completions.create(**request, stop=[stop])
+    assert [c.finish_reason for c in stopped.choices] == ["stop", "length"]
+    assert stopped.choices[1].text == free[1].text
+    generated = _generated_tokens(url) - before
+    assert stopped.usage.completion_tokens < 80
+    assert generated <= stopped.usage.completion_tokens + 10  # the stopped choice's request did not run on
+
+
+def test_logprobs_in_completions_and_chat_streamed_or_not(server):
+    """Greedy: each token's logprob is the likeliest of its alternatives; the tokens spell the text; a
+    streamed chat's entries equal the whole reply's."""
+    url, *_ = server
+    client = _client(url)
+    completion = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8,
+                                           temperature=0, logprobs=3).choices[0]  # fmt: skip
+    logprobs = completion.logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 8
+    assert "".join(logprobs.tokens) == completion.text
+    assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(8)]
+    for value, top in zip(logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert len(top) <= 3 and value <= 0 and value == pytest.approx(max(top.values()))
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Name a colour"}], "max_tokens": 6,
+            "temperature": 0, "logprobs": True, "top_logprobs": 2}  # fmt: skip
+    whole = client.chat.completions.create(**chat).choices[0].logprobs.content
+    assert len(whole) == 6 and all(len(entry.top_logprobs) == 2 for entry in whole)
+    assert all(entry.bytes == list(entry.token.encode()) for entry in whole)
+    assert all(entry.logprob == pytest.approx(entry.top_logprobs[0].logprob) for entry in whole)
+    streamed = [entry for chunk in client.chat.completions.create(**chat, stream=True) if chunk.choices
+                for entry in (chunk.choices[0].logprobs.content if chunk.choices[0].logprobs else [])]  # fmt: skip
+    assert [(e.token, e.logprob) for e in streamed] == [
+        (e.token, pytest.approx(e.logprob, abs=1e-4)) for e in whole
+    ]  # prefix reuse: other sums
+    plain = client.chat.completions.create(**{**chat, "logprobs": False, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
+
+
 def test_concurrent_streams_each_get_their_prompts_own_greedy_tokens(server):
     url, model, tokenizer, engine = server
     prompts = [f"Story {i}: " + "once " * (i % 7) + "there was" for i in range(32)]
@@ -146,22 +203,32 @@ def test_a_client_that_leaves_mid_stream_frees_its_blocks(server):
         time.sleep(0.05)
 
 
+CHAT = [{"role": "user", "content": "hi"}]
+
+
 @pytest.mark.parametrize(
-    ("body", "status", "param"),
+    ("route", "body", "param"),
     [
-        ({"model": "other", "prompt": "hi"}, 400, "model"),
-        ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
-        ({"model": MODEL, "prompt": "hi", "logprobs": 2}, 400, "logprobs"),
-        ({"model": MODEL, "prompt": "hi", "presence_penalty": 3}, 400, "presence_penalty"),
-        ({"model": MODEL, "prompt": "hi", "best_of": 2}, 400, "best_of"),
-        ({"model": MODEL, "prompt": "hi", "max_tokens": 10**6}, 400, "max_tokens"),
-        ({"model": MODEL, "prompt": ""}, 400, "prompt"),
+        ("completions", {"model": "other", "prompt": "hi"}, "model"),
+        ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ("completions", {"model": MODEL, "prompt": "hi", "logprobs": 21}, "logprobs"),
+        ("completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 1.0}}, "logit_bias"),
+        ("completions", {"model": MODEL, "prompt": "hi", "presence_penalty": 3}, "presence_penalty"),
+        ("completions", {"model": MODEL, "prompt": "hi", "best_of": 2}, "best_of"),
+        ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 10**6}, "max_tokens"),
+        ("completions", {"model": MODEL, "prompt": ""}, "prompt"),
+        (
+            "chat/completions",
+            {"model": MODEL, "messages": CHAT, "logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+        ),
+        ("chat/completions", {"model": MODEL, "messages": CHAT, "top_logprobs": 2}, None),
     ],
 )
-def test_bad_requests_answer_400_with_openais_error_object(server, body, status, param):
+def test_bad_requests_answer_400_with_openais_error_object(server, route, body, param):
     url, *_ = server
-    response = httpx.post(f"{url}/v1/completions", json=body, headers={"authorization": f"Bearer {API_KEY}"})
-    assert response.status_code == status
+    response = httpx.post(f"{url}/v1/{route}", json=body, headers={"authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 400
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
 

@@ -14,8 +14,8 @@ from xpu_coopt.cache.storage import KVFormat
 from xpu_coopt.cache.window import window_arguments
 from xpu_coopt.engine.block_manager import BlockManager
 from xpu_coopt.engine.kv_pool import allocate_pool
-from xpu_coopt.engine.request import SamplingParams, Sequence, Status
-from xpu_coopt.engine.sampling import next_tokens
+from xpu_coopt.engine.request import SamplingParams, Sequence, Status, TokenLogprobs
+from xpu_coopt.engine.sampling import next_tokens, token_logprobs
 from xpu_coopt.engine.scheduler import Scheduler
 from xpu_coopt.engine.step_batch import StepBatch
 from xpu_coopt.model.optimized import OptimizedModel
@@ -32,6 +32,7 @@ class Finished:
     prompt_ids: list[int]
     output_ids: list[int]
     finish_reason: str
+    logprobs: list[TokenLogprobs] | None = None  # one per output token, where the request asked
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class TokenEvent:
     request_id: int
     token: int
     finished: Finished | None = None
+    logprobs: TokenLogprobs | None = None  # where the request asked
 
 
 class Engine:
@@ -141,16 +143,20 @@ class Engine:
             item.sequence.computed += item.tokens
             self.blocks.name_full_blocks(item.sequence.id, item.sequence.token_ids, item.sequence.computed)
         sequences = [scheduled[i].sequence for i in sampled]
+        tokens = next_tokens(logits, sequences)
         events = []
-        for sequence, token in zip(sequences, next_tokens(logits, sequences), strict=True):
+        for sequence, token, logprobs in zip(
+            sequences, tokens, token_logprobs(logits, sequences, tokens), strict=True
+        ):
             sequence.append(token)
+            if logprobs is not None:
+                sequence.logprobs.append(logprobs)
             finished = None
             if sequence.status is Status.FINISHED:
                 self.scheduler.retire(sequence)
-                finished = Finished(
-                    sequence.id, sequence.prompt_ids, sequence.output_ids, sequence.finish_reason
-                )
-            events.append(TokenEvent(sequence.id, token, finished))
+                finished = Finished(sequence.id, sequence.prompt_ids, sequence.output_ids, sequence.finish_reason,
+                                    sequence.logprobs if sequence.params.logprobs is not None else None)  # fmt: skip
+            events.append(TokenEvent(sequence.id, token, finished, logprobs))
         return events
 
     def run(self, requests: Iterable[tuple[list[int], SamplingParams]]) -> list[Finished]:

@@ -13,7 +13,7 @@ from os import PathLike
 from typing import Any
 
 from xpu_coopt.engine.engine import DEFAULT_BLOCK_SIZE, Engine
-from xpu_coopt.engine.request import SamplingParams
+from xpu_coopt.engine.request import SamplingParams, TokenLogprobs
 from xpu_coopt.model.optimized import OptimizedModel
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes of K/V the pool holds unless told
@@ -25,6 +25,7 @@ class RequestOutput:
     token_ids: list[int]
     text: str | None  # None without a tokenizer
     finish_reason: str  # "stop" (a stop or EOS token) or "length" (max_tokens)
+    logprobs: list[TokenLogprobs] | None = None  # one per token of token_ids, with SamplingParams(logprobs=k)
 
 
 class LLM:
@@ -86,7 +87,9 @@ class LLM:
             if self.tokenizer is None
             else self.tokenizer.decode(result.output_ids, skip_special_tokens=True)
         )
-        return RequestOutput(result.prompt_ids, result.output_ids, text, result.finish_reason)
+        return RequestOutput(
+            result.prompt_ids, result.output_ids, text, result.finish_reason, result.logprobs
+        )
 
 
 def _optimized(model: Any, tokenizer: Any, optimize_kwargs: dict[str, Any]) -> tuple[OptimizedModel, Any]:

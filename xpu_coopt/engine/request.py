@@ -8,6 +8,8 @@ from enum import Enum
 
 import torch
 
+MAX_LOGPROBS = 20  # alternatives a token's log-probabilities may list (OpenAI's top_logprobs bound)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -25,6 +27,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # each token's log-probability and this many likeliest alternatives'
 
     def __post_init__(self) -> None:
         checks = {
@@ -36,14 +39,26 @@ class SamplingParams:
             "repetition_penalty": math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
             "presence_penalty": -2 <= self.presence_penalty <= 2,
             "frequency_penalty": -2 <= self.frequency_penalty <= 2,
+            "logprobs": self.logprobs is None
+            or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             values = ", ".join(f"{name}={getattr(self, name)!r}" for name in bad)
             raise ValueError(
                 f"SamplingParams: {values} out of range (max_tokens >= 1, temperature >= 0, 0 < top_p <= 1, "
-                "top_k >= 0, 0 <= min_p <= 1, repetition_penalty > 0, penalties in [-2, 2])"
+                f"top_k >= 0, 0 <= min_p <= 1, repetition_penalty > 0, penalties in [-2, 2], logprobs None or in "
+                f"[0, {MAX_LOGPROBS}])"
             )
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's log-probability under the model's own distribution (before penalties and
+    temperature: vLLM's default), and the likeliest tokens' (id, log-probability), likeliest first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class Status(Enum):
@@ -66,6 +81,7 @@ class Sequence:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per output token, where asked
 
     @property
     def penalized(self) -> bool:

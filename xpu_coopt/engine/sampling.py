@@ -1,13 +1,14 @@
 """A step's next tokens, row by row with each request's own settings: penalties first (transformers'
 repetition penalty over the prompt and output, OpenAI's presence and frequency penalties over the
 output), then greedy (argmax, as generate's) or sampled with temperature, top_k, top_p and min_p from
-the request's own generator, so a seeded request's tokens do not depend on the batch it runs in."""
+the request's own generator, so a seeded request's tokens do not depend on the batch it runs in; and,
+where a request asks, each token's log-probability and the likeliest alternatives'."""
 
 from __future__ import annotations
 
 import torch
 
-from xpu_coopt.engine.request import Sequence
+from xpu_coopt.engine.request import Sequence, TokenLogprobs
 
 
 def next_tokens(logits: torch.Tensor, sequences: list[Sequence]) -> list[int]:
@@ -54,3 +55,25 @@ def _sample(scores: torch.Tensor, sequence: Sequence) -> int:
         outside = ordered.cumsum(-1) - ordered >= params.top_p
         probs = probs.index_put((order[outside],), torch.zeros(()))
     return int(torch.multinomial(probs, 1, generator=sequence.generator).item())
+
+
+def token_logprobs(
+    logits: torch.Tensor, sequences: list[Sequence], tokens: list[int]
+) -> list[TokenLogprobs | None]:
+    """Each chosen token's log-probability under the model's logits (and the params.logprobs likeliest),
+    for the sequences that ask; None for the others."""
+    out: list[TokenLogprobs | None] = [None] * len(sequences)
+    asking = [row for row, sequence in enumerate(sequences) if sequence.params.logprobs is not None]
+    if not asking:
+        return out
+    logprobs = torch.log_softmax(logits[asking].to(torch.float32), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor([[tokens[row]] for row in asking], device=logits.device))
+    most = max(sequences[row].params.logprobs for row in asking)
+    top_values, top_ids = logprobs.topk(most, dim=-1)
+    chosen, top_values, top_ids = chosen[:, 0].tolist(), top_values.tolist(), top_ids.tolist()
+    for i, row in enumerate(asking):
+        count = sequences[row].params.logprobs
+        out[row] = TokenLogprobs(
+            chosen[i], tuple(zip(top_ids[i][:count], top_values[i][:count], strict=True))
+        )
+    return out

@@ -22,7 +22,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from xpu_coopt.engine.engine import TokenEvent
 from xpu_coopt.serve.async_engine import AsyncEngine, QueueFull
+from xpu_coopt.serve.logprobs import LogprobsFormat
 from xpu_coopt.serve.protocol import ChatCompletionRequest, CompletionRequest, error_body
 from xpu_coopt.serve.text import StopText
 
@@ -37,6 +39,8 @@ class _Choice:
     stops: StopText
     tokens: int = 0
     finish_reason: str | None = None
+    logprobs: list[dict[str, Any]] | None = None  # each token's entry, where the request asked
+    token_chars: int = 0  # characters of the tokens' own texts so far (the completions logprobs' offsets)
 
 
 @dataclass
@@ -45,6 +49,7 @@ class _Response:
     kind: str  # "text_completion" or "chat.completion"
     model: str
     prompt_tokens: int
+    logprobs: LogprobsFormat | None = None
     choices: list[_Choice] = field(default_factory=list)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -114,14 +119,19 @@ def create_app(engine: AsyncEngine, tokenizer: Any, model_name: str, api_key: st
         problem = _check(body, prompt_ids, max_tokens, model_name, max_context)
         if problem is not None:
             return JSONResponse(error_body(*problem), 400)
-        response = _Response(f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}", kind,
-                             model_name, len(prompt_ids))  # fmt: skip
+        chat = kind == "chat.completion"
+        logprobs = None if body.logprob_count() is None else LogprobsFormat(tokenizer, chat)
+        response = _Response(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", kind, model_name,
+                             len(prompt_ids), logprobs)  # fmt: skip
         streams = []
         try:
             for index in range(body.n):
-                response.choices.append(_Choice(index, StopText(tokenizer, body.stops())))
+                choice = _Choice(
+                    index, StopText(tokenizer, body.stops()), logprobs=None if logprobs is None else []
+                )
+                response.choices.append(choice)
                 streams.append(engine.generate(prompt_ids, body.sampling_params(max_tokens, index)))
-            merged = _merged(streams)
+            merged = _Merged(streams)
             first = await anext(merged)  # errors in admission (a full queue, a prompt too long) surface here
         except QueueFull as error:
             return JSONResponse(error_body(str(error), "server_error", code="queue_full"), 503)
@@ -132,8 +142,11 @@ def create_app(engine: AsyncEngine, tokenizer: Any, model_name: str, api_key: st
             return StreamingResponse(
                 _sse(response, first, merged, include_usage), media_type="text/event-stream"
             )
-        async for _ in _chunks(response, first, merged):
-            pass
+        try:
+            async for _ in _chunks(response, first, merged):
+                pass  # the choices gather their text and logprobs
+        finally:
+            merged.close()
         return JSONResponse(_final(response))
 
     return app
@@ -157,38 +170,59 @@ def _check(
     return None
 
 
-async def _merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
-    """(choice index, event) from n request streams as they come."""
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
+_DONE = object()
 
-    async def pump(index: int, stream: AsyncIterator) -> None:
+
+class _Merged:
+    """(choice index, event) from a response's n request streams as they come. end(i) stops one choice's
+    request (a stop string ended it); a reader that stops reading (a client gone) stops them all."""
+
+    def __init__(self, streams: list[AsyncIterator[TokenEvent]]) -> None:
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._pump(index, stream)) for index, stream in enumerate(streams)]
+        self._remaining = len(streams)
+
+    async def _pump(self, index: int, stream: AsyncIterator[TokenEvent]) -> None:
         try:
             async for event in stream:
-                await queue.put((index, event))
-        except BaseException as error:  # surfaced to the reader
-            await queue.put((index, error))
+                self._queue.put_nowait((index, event))
+        except asyncio.CancelledError:
+            pass  # ended by end() or close(): leaving the stream aborted its request
+        except Exception as error:  # surfaced to the reader
+            self._queue.put_nowait((index, error))
         finally:
-            await queue.put((index, done))
+            self._queue.put_nowait((index, _DONE))
 
-    tasks = [asyncio.create_task(pump(index, stream)) for index, stream in enumerate(streams)]
-    remaining = len(tasks)
-    try:
-        while remaining:
-            index, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield index, item
-    finally:
-        for task in tasks:
-            task.cancel()  # a client gone: each request's stream aborts its request
+    def __aiter__(self) -> _Merged:
+        return self
+
+    async def __anext__(self) -> tuple[int, TokenEvent]:
+        try:
+            while self._remaining:
+                index, item = await self._queue.get()
+                if item is _DONE:
+                    self._remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    return index, item
+        except BaseException:  # an error, or this reader cancelled (a client gone): every request stops
+            self.close()
+            raise
+        raise StopAsyncIteration
+
+    def end(self, index: int) -> None:
+        self._tasks[index].cancel()
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
 
 
-async def _chunks(response: _Response, first, merged) -> AsyncIterator[tuple[_Choice, str]]:
-    """(choice, new text) for each event, the first one given."""
+async def _chunks(
+    response: _Response, first: tuple[int, TokenEvent], merged: _Merged
+) -> AsyncIterator[tuple[_Choice, str, dict[str, Any] | None]]:
+    """(choice, new text, the token's logprobs entry or None) for each event, the first one given."""
 
     async def events():
         yield first
@@ -198,33 +232,48 @@ async def _chunks(response: _Response, first, merged) -> AsyncIterator[tuple[_Ch
     async for index, event in events():
         choice = response.choices[index]
         if choice.finish_reason is not None:
-            continue  # a stop string ended it; its request runs on until every choice has ended
+            continue  # a stop string ended it: an event already on its way
         choice.tokens += 1
         text, stopped = choice.stops.add(event.token, final=event.finished is not None)
         if stopped:
             choice.finish_reason = "stop"
+            merged.end(index)  # its request stops at once, not at max_tokens
         elif event.finished is not None:
             choice.finish_reason = event.finished.finish_reason
-        yield choice, text
+        entry = _logprobs_entry(response, choice, event)
+        yield choice, text, entry
         if all(c.finish_reason is not None for c in response.choices):
-            await merged.aclose()
+            merged.close()
             return
 
 
-async def _sse(response: _Response, first, merged, include_usage: bool) -> AsyncIterator[str]:
+def _logprobs_entry(response: _Response, choice: _Choice, event: TokenEvent) -> dict[str, Any] | None:
+    if response.logprobs is None or event.logprobs is None:
+        return None
+    entry = response.logprobs.entry(event.token, event.logprobs, choice.token_chars)
+    choice.token_chars += len(entry["token"])
+    choice.logprobs.append(entry)
+    return entry
+
+
+async def _sse(response: _Response, first, merged: _Merged, include_usage: bool) -> AsyncIterator[str]:
     started = set()
-    # A client that leaves makes Starlette cancel this generator: _merged's cleanup then aborts the requests.
-    async for choice, text in _chunks(response, first, merged):
-        delta: dict[str, Any]
-        if response.chat:
-            delta = {"content": text}
-            if choice.index not in started:
-                delta["role"] = "assistant"
-                started.add(choice.index)
-            entry = {"index": choice.index, "delta": delta, "finish_reason": choice.finish_reason}
-        else:
-            entry = {"index": choice.index, "text": text, "finish_reason": choice.finish_reason}
-        yield _event(response, [entry], usage=None, include_usage=include_usage)
+    try:
+        async for choice, text, logprobs in _chunks(response, first, merged):
+            delta: dict[str, Any]
+            if response.chat:
+                delta = {"content": text}
+                if choice.index not in started:
+                    delta["role"] = "assistant"
+                    started.add(choice.index)
+                entry = {"index": choice.index, "delta": delta}
+            else:
+                entry = {"index": choice.index, "text": text}
+            entry["logprobs"] = None if logprobs is None else response.logprobs.block([logprobs])
+            entry["finish_reason"] = choice.finish_reason
+            yield _event(response, [entry], usage=None, include_usage=include_usage)
+    finally:  # a client that leaves makes Starlette cancel or close this generator: its requests abort
+        merged.close()
     if include_usage:
         yield _event(response, [], usage=response.usage(), include_usage=True)
     yield "data: [DONE]\n\n"
@@ -241,12 +290,13 @@ def _event(response: _Response, choices: list, usage, include_usage: bool) -> st
 def _final(response: _Response) -> dict[str, Any]:
     choices = []
     for choice in response.choices:
+        entry: dict[str, Any] = {"index": choice.index}
         if response.chat:
-            choices.append({"index": choice.index, "message": {"role": "assistant", "content": choice.stops.text},
-                            "finish_reason": choice.finish_reason})  # fmt: skip
+            entry["message"] = {"role": "assistant", "content": choice.stops.text}
         else:
-            choices.append(
-                {"index": choice.index, "text": choice.stops.text, "finish_reason": choice.finish_reason}
-            )
+            entry["text"] = choice.stops.text
+        entry["logprobs"] = None if choice.logprobs is None else response.logprobs.block(choice.logprobs)
+        entry["finish_reason"] = choice.finish_reason
+        choices.append(entry)
     return {"id": response.id, "object": response.kind, "created": response.created, "model": response.model,
             "choices": choices, "usage": response.usage()}  # fmt: skip

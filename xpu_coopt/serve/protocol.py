@@ -1,15 +1,15 @@
 """The OpenAI requests the server takes (pydantic, as FastAPI reads them) and OpenAI's error object.
 
-Parameters OpenAI defines that xpu_coopt does not run yet (logprobs, logit_bias, echo, suffix, tools)
-are refused with a 400 naming them, never ignored; unknown ones too (extra="forbid")."""
+Parameters OpenAI defines that xpu_coopt does not run yet (logit_bias, echo, suffix, tools) are refused
+with a 400 naming them, never ignored; unknown ones too (extra="forbid")."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from xpu_coopt.engine.request import SamplingParams
+from xpu_coopt.engine.request import MAX_LOGPROBS, SamplingParams
 
 
 class StreamOptions(BaseModel):
@@ -36,17 +36,15 @@ class _Common(BaseModel):
     seed: int | None = None
     ignore_eos: bool = False  # an extension, as vLLM's
     user: str | None = None  # accepted, unused
-    # OpenAI's, refused unless left at their defaults (unsupported())
-    logprobs: Any = None
-    top_logprobs: Any = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # OpenAI's, refused unless left out (unsupported())
 
     def unsupported(self) -> str | None:
         """The first parameter set that xpu_coopt does not run yet, or None."""
-        for name, default in (("logprobs", None), ("top_logprobs", None), ("logit_bias", None)):
-            if getattr(self, name) not in (default, False):
-                return name
-        return None
+        return "logit_bias" if self.logit_bias else None
+
+    def logprob_count(self) -> int | None:
+        """How many alternatives each token's logprobs list; None: no logprobs."""
+        raise NotImplementedError
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -58,7 +56,7 @@ class _Common(BaseModel):
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             seed=None if self.seed is None else self.seed + choice, stop_token_ids=tuple(self.stop_token_ids),
-            ignore_eos=self.ignore_eos,
+            ignore_eos=self.ignore_eos, logprobs=self.logprob_count(),
         )  # fmt: skip
 
 
@@ -66,6 +64,12 @@ class CompletionRequest(_Common):
     prompt: str | list[int]
     echo: Literal[False] = False
     suffix: None = None
+    logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_LOGPROBS
+    )  # the legacy form: alternatives per token
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -78,6 +82,17 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
