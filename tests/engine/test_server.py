@@ -110,17 +110,6 @@ def test_n_choices_stop_strings_and_seeds(server):
     assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].text == free[: free.index(stop)]
 
 
-def _generated_tokens(url) -> float:
-    metrics = httpx.get(f"{url}/metrics").text
-    return float(
-        next(
-            line.split()[1]
-            for line in metrics.splitlines()
-            if line.startswith("xpu_coopt_generated_tokens_total")
-        )
-    )
-
-
 def test_a_choice_a_stop_string_ends_stops_its_request_at_once(server):
     """n=2: the choice a stop string ends stops generating then, while the other runs to max_tokens."""
     url, *_ = server
@@ -130,11 +119,11 @@ def test_a_choice_a_stop_string_ends_stops_its_request_at_once(server):
     free = client.completions.create(**request).choices
     words = free[0].text.split()
     stop = next(w for w in words[1:6] if w not in free[1].text)  # early in choice 0, nowhere in choice 1
-    before = _generated_tokens(url)
+    before = _metric(url, "xpu_coopt_generated_tokens_total")
     stopped = client.completions.create(**request, stop=[stop])
     assert [c.finish_reason for c in stopped.choices] == ["stop", "length"]
     assert stopped.choices[1].text == free[1].text
-    generated = _generated_tokens(url) - before
+    generated = _metric(url, "xpu_coopt_generated_tokens_total") - before
     assert stopped.usage.completion_tokens < 80
     assert generated <= stopped.usage.completion_tokens + 10  # the stopped choice's request did not run on
 
@@ -252,8 +241,14 @@ def test_bad_json_a_missing_key_health_models_and_metrics(server):
         assert name in metrics
 
 
-def test_xpu_coopt_serve_answers_then_exits_0_on_sigterm():
-    """The command: it serves the embedded model, then stops on SIGTERM with status 0."""
+def _metric(url, name) -> float:
+    metrics = httpx.get(f"{url}/metrics").text
+    return float(next(line.split()[1] for line in metrics.splitlines() if line.startswith(name + " ")))
+
+
+def test_xpu_coopt_serve_answers_then_exits_0_on_sigterm(smollm2_fp32):
+    """The command, its engine in a process of its own: it gives generate()'s greedy text, frees the
+    blocks of a client that leaves, then stops on SIGTERM with status 0."""
     import signal
     import subprocess
     import sys
@@ -261,6 +256,7 @@ def test_xpu_coopt_serve_answers_then_exits_0_on_sigterm():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
         [sys.executable, "-m", "xpu_coopt.cli", "serve", "--port", str(port), "--kv-cache-memory", "16M", "--dtype", "float32"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -270,15 +266,26 @@ def test_xpu_coopt_serve_answers_then_exits_0_on_sigterm():
         while True:
             assert process.poll() is None, process.stderr.read()
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline, "xpu-coopt serve did not start"
             time.sleep(0.2)
-        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
-                           json={"model": "smollm2-135m", "prompt": "Hello", "max_tokens": 3})  # fmt: skip
-        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 3
+        hf_model, tokenizer = smollm2_fp32
+        reply = httpx.post(f"{url}/v1/completions", timeout=60,
+                           json={"model": "smollm2-135m", "prompt": "Hello", "max_tokens": 6, "temperature": 0})  # fmt: skip
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] <= 6
+        expected = _greedy(xpu_coopt.optimize(hf_model), tokenizer, tokenizer("Hello")["input_ids"], 6)
+        assert reply.json()["choices"][0]["text"] == expected
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+                          json={"model": "smollm2-135m", "prompt": "Tell me a story", "max_tokens": 300,
+                                "stream": True, "ignore_eos": True}) as response:  # fmt: skip
+            assert next(response.iter_lines()).startswith("data: ")
+        deadline = time.monotonic() + 30
+        while _metric(url, "xpu_coopt_kv_blocks_used") or _metric(url, "xpu_coopt_requests_running"):
+            assert time.monotonic() < deadline, "the engine process kept the blocks of a client that left"
+            time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -87,16 +88,28 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise RuntimeError(f"xpu-coopt serve needs FastAPI, uvicorn and prometheus_client: pip install "
                            f"'xpu_coopt[serve]' ({error})") from None  # fmt: skip
-    from xpu_coopt.cli.commands import optimized_with_tokenizer
-    from xpu_coopt.engine.engine import Engine
     from xpu_coopt.serve.async_engine import AsyncEngine
+    from xpu_coopt.serve.engine_core import ProcessCore
 
-    model, tokenizer, _ = optimized_with_tokenizer(args)
-    blocks = Engine.blocks_for_memory(model, args.kv_cache_memory, args.block_size)
-    engine = Engine(model, blocks, args.block_size, args.max_num_batched_tokens, args.max_num_seqs)
+    core = ProcessCore(functools.partial(build_engine, args))  # the engine steps in a process of its own
+    limits = core.limits
     name = args.served_model_name or Path(str(args.model)).name
-    app = create_app(AsyncEngine(engine, args.max_waiting), tokenizer, name, args.api_key)
-    print(f"serving {name} on http://{args.host}:{args.port}/v1 ({blocks} KV blocks of {args.block_size} tokens)",
-          file=sys.stderr)  # fmt: skip
+    app = create_app(AsyncEngine(core, args.max_waiting), core.tokenizer, name, args.api_key)
+    print(f"serving {name} on http://{args.host}:{args.port}/v1 ({limits.num_blocks} KV blocks of "
+          f"{limits.block_size} tokens)", file=sys.stderr)  # fmt: skip
     _graceful_server_class()(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")).run()
     return 0
+
+
+def build_engine(args: argparse.Namespace):
+    """(engine, tokenizer) as the command's arguments say; runs in the engine's process."""
+    import torch
+
+    from xpu_coopt.cli.commands import optimized_with_tokenizer
+    from xpu_coopt.engine.engine import Engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer, _ = optimized_with_tokenizer(args)
+    blocks = Engine.blocks_for_memory(model, args.kv_cache_memory, args.block_size)
+    return Engine(model, blocks, args.block_size, args.max_num_batched_tokens, args.max_num_seqs), tokenizer

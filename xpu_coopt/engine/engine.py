@@ -16,7 +16,7 @@ from xpu_coopt.engine.block_manager import BlockManager
 from xpu_coopt.engine.kv_pool import allocate_pool
 from xpu_coopt.engine.request import SamplingParams, Sequence, Status, TokenLogprobs
 from xpu_coopt.engine.sampling import next_tokens, token_logprobs
-from xpu_coopt.engine.scheduler import Scheduler
+from xpu_coopt.engine.scheduler import Scheduler, check_fits
 from xpu_coopt.engine.step_batch import StepBatch
 from xpu_coopt.model.optimized import OptimizedModel
 from xpu_coopt.ops import fp8
@@ -33,6 +33,29 @@ class Finished:
     output_ids: list[int]
     finish_reason: str
     logprobs: list[TokenLogprobs] | None = None  # one per output token, where the request asked
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What an engine can take: a server checks requests against these without touching the engine."""
+
+    vocab_size: int
+    num_blocks: int
+    block_size: int
+    max_context: int  # the model's positions
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """ValueError if the request could never run: no prompt, unknown tokens, or more than the pool holds."""
+        if not prompt_ids:
+            raise ValueError("a request needs at least one prompt token")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        check_fits(len(prompt_ids), params.max_tokens, self.num_blocks, self.block_size)
+
+    @property
+    def room(self) -> int:
+        """Tokens one request may hold: the context, or the whole pool where it is smaller."""
+        return min(self.max_context, self.num_blocks * self.block_size)
 
 
 @dataclass(frozen=True)
@@ -61,6 +84,7 @@ class Engine:
         self.model = model
         spec = model.spec
         self.blocks = BlockManager(num_blocks, block_size)
+        self.limits = EngineLimits(spec.vocab_size, num_blocks, block_size, spec.max_position_embeddings)
         self.scheduler = Scheduler(self.blocks, max_num_batched_tokens, max_num_seqs)
         kv = KVFormat(
             spec.num_layers, spec.num_kv_heads, spec.head_dim, model.kv_dtype, model.dtype, model.device
@@ -83,20 +107,11 @@ class Engine:
             per_token += spec.kv_bytes_per_token(fp8.SCALE_DTYPE.itemsize) // spec.head_dim
         return kv_cache_memory // (per_token * block_size)
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """ValueError if the request could never run: no prompt, unknown tokens, or more than the pool holds."""
-        if not prompt_ids:
-            raise ValueError("a request needs at least one prompt token")
-        vocab = self.model.spec.vocab_size
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
-        self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
-
     def add_request(
         self, prompt_ids: list[int], params: SamplingParams, request_id: int | None = None
     ) -> int:
-        """Queues a request (under the id given, else a new one); returns its id. ValueError as check_request."""
-        self.check_request(prompt_ids, params)
+        """Queues a request (under the id given, else a new one); returns its id. ValueError as EngineLimits.check."""
+        self.limits.check(prompt_ids, params)
         if request_id is None:
             request_id = next(self._ids)
         stop = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)

@@ -18,6 +18,16 @@ from xpu_coopt.engine.block_manager import BlockManager, PoolExhausted
 from xpu_coopt.engine.request import Sequence, Status
 
 
+def check_fits(prompt_tokens: int, max_tokens: int, num_blocks: int, block_size: int) -> None:
+    """ValueError if a pool of num_blocks could not hold such a request even alone."""
+    needed = -(-(prompt_tokens + max_tokens) // block_size)
+    if needed > num_blocks:
+        raise ValueError(
+            f"a prompt of {prompt_tokens} tokens with max_tokens={max_tokens} needs {needed} KV blocks of "
+            f"{block_size} tokens; the pool holds {num_blocks}"
+        )
+
+
 @dataclass(frozen=True)
 class Scheduled:
     """A sequence and the number of its tokens computed this step (from sequence.computed on)."""
@@ -41,18 +51,14 @@ class Scheduler:
         self.preemptions = 0
         self.reused_tokens = 0  # prompt tokens admitted sequences took from the prefix cache
 
-    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        """ValueError if the pool could not hold such a request even alone."""
-        needed = self.blocks.blocks_for(prompt_tokens + max_tokens)
-        if needed > self.blocks.num_blocks:
-            raise ValueError(
-                f"a prompt of {prompt_tokens} tokens with max_tokens={max_tokens} needs {needed} KV blocks of "
-                f"{self.blocks.block_size} tokens; the pool holds {self.blocks.num_blocks}"
-            )
-
     def add(self, sequence: Sequence) -> None:
         """Queues a sequence; ValueError if the pool could not hold it even alone."""
-        self.check_fits(len(sequence.prompt_ids), sequence.params.max_tokens)
+        check_fits(
+            len(sequence.prompt_ids),
+            sequence.params.max_tokens,
+            self.blocks.num_blocks,
+            self.blocks.block_size,
+        )
         self.waiting.append(sequence)
 
     @property

@@ -65,9 +65,7 @@ class _Response:
 
 def create_app(engine: AsyncEngine, tokenizer: Any, model_name: str, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="xpu_coopt", on_shutdown=[engine.stop])
-    max_context = engine.engine.model.spec.max_position_embeddings
-    blocks = engine.engine.blocks
-    room = min(max_context, blocks.num_blocks * blocks.block_size)
+    max_context, room = engine.limits.max_context, engine.limits.room
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:

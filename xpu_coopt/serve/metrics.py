@@ -35,16 +35,15 @@ class Metrics:
         self.requests.inc()
         self._added[request_id] = time.perf_counter()
 
-    def step(self, engine, events) -> None:
-        """After a step: the batch's counts, and each sampled token's latency."""
+    def step(self, stats, events) -> None:
+        """After a step: the engine's counts (engine_core.StepStats), and each sampled token's latency."""
         now = time.perf_counter()
-        scheduler = engine.scheduler
-        self.running.set(len(scheduler.running))
-        self.waiting.set(len(scheduler.waiting))
-        self.kv_blocks_used.set(engine.blocks.used_blocks)
-        self.kv_blocks_total.set(engine.blocks.num_blocks)
-        self.reused.inc(scheduler.reused_tokens - self._reused_seen)
-        self._reused_seen = scheduler.reused_tokens
+        self.running.set(stats.running)
+        self.waiting.set(stats.waiting)
+        self.kv_blocks_used.set(stats.used_blocks)
+        self.kv_blocks_total.set(stats.num_blocks)
+        self.reused.inc(stats.reused_tokens - self._reused_seen)
+        self._reused_seen = stats.reused_tokens
         for event in events:
             self.generated.inc()
             last = self._last.get(event.request_id)
