@@ -132,8 +132,8 @@ def start(name: str, port: int, threads: int, work: Path) -> tuple[subprocess.Po
                             "BF16"], check=True, capture_output=True)  # fmt: skip
         command = [llama, "llama-server", "-m", str(bf16), "-t", str(threads), "-np", "16", "-c", str(16 * 2048),
                    "--port", str(port), "--host", "127.0.0.1"]  # fmt: skip
-        log = open(work / "llama.cpp.log", "w")
-        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), "smollm2"
+        log = work / "llama.cpp.log"
+        return subprocess.Popen(command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT), "smollm2"
     folder = work / "smollm2-bf16"
     if not folder.exists():
         import torch
@@ -146,8 +146,28 @@ def start(name: str, port: int, threads: int, work: Path) -> tuple[subprocess.Po
     command = ["transformers", "serve", "--continuous-batching", "--port", str(port), "--host", "127.0.0.1",
                "--dtype", "bfloat16", "--device", "cpu"]  # fmt: skip
     command[0] = str(Path(sys.executable).with_name("transformers"))
-    log = open(work / "transformers.log", "w")
-    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT), str(folder)
+    log = work / "transformers.log"
+    return subprocess.Popen(command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT), str(folder)
+
+
+def serve_once(name: str, args: argparse.Namespace, work: Path, texts: list[str]) -> dict:
+    """One server started, warmed up, measured and stopped."""
+    port = free_port()
+    process, model = start(name, port, args.threads, work)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process)
+        ignore_eos = name != "transformers"
+        asyncio.run(run_clients(url, model, texts[:2], 2, 4, ignore_eos))  # warm up
+        return asyncio.run(run_clients(url, model, texts, args.clients, args.max_tokens, ignore_eos))
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def median_row(rows: list[dict]) -> dict:
+    """Each measure's median over the rounds."""
+    return {key: statistics.median(row[key] for row in rows) for key in rows[0]}
 
 
 def main() -> None:
@@ -157,30 +177,27 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="runs of every server, in turn; medians reported"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     work = Path(tempfile.gettempdir()) / "xpu_coopt-bench-serve"
     work.mkdir(exist_ok=True)
     texts = prompts(args.requests)
-    results = {}
-    for name in args.servers.split(","):
-        port = free_port()
-        process, model = start(name, port, args.threads, work)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_healthy(url, process)
-            ignore_eos = name != "transformers"
-            asyncio.run(run_clients(url, model, texts[:2], 2, 4, ignore_eos))  # warm up
-            results[name] = asyncio.run(
-                run_clients(url, model, texts, args.clients, args.max_tokens, ignore_eos)
-            )
-        finally:
-            process.terminate()
-            process.wait(timeout=60)
-        row = results[name]
-        print(f"{name:12s} {row['tokens_per_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50_ms']:7.0f} ms p99 "
-              f"{row['ttft_p99_ms']:7.0f} ms  ITL p50 {row['itl_p50_ms']:6.0f} ms p99 {row['itl_p99_ms']:6.0f} ms "
-              f"({row['tokens']} tokens in {row['seconds']:.1f} s)", flush=True)  # fmt: skip
+    rounds: dict[str, list[dict]] = {}
+    for round_index in range(args.rounds):
+        for name in args.servers.split(","):
+            row = serve_once(name, args, work, texts)
+            rounds.setdefault(name, []).append(row)
+            print(f"round {round_index + 1} {name:12s} {row['tokens_per_s']:7.1f} tok/s  TTFT p50 "
+                  f"{row['ttft_p50_ms']:7.0f} ms p99 {row['ttft_p99_ms']:7.0f} ms  ITL p50 {row['itl_p50_ms']:6.0f} ms "
+                  f"p99 {row['itl_p99_ms']:6.0f} ms ({row['tokens']} tokens in {row['seconds']:.1f} s)", flush=True)  # fmt: skip
+    results = {name: median_row(rows) for name, rows in rounds.items()}
+    if args.rounds > 1:
+        for name, row in results.items():
+            print(f"median {name:12s} {row['tokens_per_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50_ms']:7.0f} ms  "
+                  f"ITL p99 {row['itl_p99_ms']:6.0f} ms")  # fmt: skip
     if "xpu_coopt" in results:
         for name, row in results.items():
             if name != "xpu_coopt":
@@ -188,9 +205,8 @@ def main() -> None:
                     f"xpu_coopt / {name}: {results['xpu_coopt']['tokens_per_s'] / row['tokens_per_s']:.2f}x tokens/s"
                 )
     if args.json:
-        args.json.write_text(
-            json.dumps({"settings": vars(args) | {"json": str(args.json)}, "results": results}, indent=2)
-        )
+        report = {"settings": vars(args) | {"json": str(args.json)}, "results": results, "rounds": rounds}
+        args.json.write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
