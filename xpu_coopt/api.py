@@ -19,6 +19,8 @@ from xpu_coopt.model.optimized import OptimizedModel
 from xpu_coopt.model.spec import ModelSpec, model_spec
 from xpu_coopt.model.weight_shapes import check_weights_match_config
 from xpu_coopt.ops import KV_DTYPES, Ops
+from xpu_coopt.parallel.group import TensorParallel, tensor_parallel_group
+from xpu_coopt.parallel.shard import rank_model, rank_spec, shard_plan
 from xpu_coopt.quant.rtn import quantize_int4, quantize_int8
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -37,6 +39,7 @@ def optimize(
     device: str | torch.device | None = None,
     weight_dtype: str = "auto",
     group_size: int = 128,
+    tensor_parallel: int = 1,
 ) -> OptimizedModel:
     """Returns `model` (a Hugging Face LLaMA, Mistral, Qwen2, Qwen3 or SmolLM3 causal LM) on xpu_coopt's kernels.
 
@@ -64,6 +67,10 @@ def optimize(
         points) or "int8" (8 bits, symmetric, one scale per output feature). The LM head and embeddings
         stay 16-bit; the model itself is left unchanged.
     group_size : int4's group size (default 128).
+    tensor_parallel : N > 1 splits the model over the N ranks of torch.distributed's process group (the
+        script's, or one initialized from torchrun's environment): each rank passes the same model and
+        keeps 1/N of the heads, MLP columns and LM head rows (and of the KV cache); all ranks generate
+        the same tokens.
     """
     if isinstance(model, OptimizedModel):
         raise TypeError("this model is optimized already: optimize() takes the transformers model")
@@ -75,15 +82,34 @@ def optimize(
     ops = resolve_backend(backend, parameter.device)
     if inplace and parameter.dtype != dtype:
         model.to(dtype)
-    use_graph, ops = _decode_graph(cuda_graph, ops, parameter.device)
+    if tensor_parallel != 1 and cuda_graph:
+        raise ValueError("tensor_parallel does not run CUDA graphs yet: leave cuda_graph unset")
+    use_graph, ops = _decode_graph(False if tensor_parallel != 1 else cuda_graph, ops, parameter.device)
     if pack_shared_weights:
         _check_packable(parameter.device, dtype)
     _check_foreign_projections(model, dtype)
-    quantize, weight_label = _quantizer(model, weight_dtype, group_size, spec)
-    decoder = LlamaDecoder(model, spec, ops, dtype, inplace, pack_shared_weights, quantize)
+    parallel, local_model, local_spec = _rank_part(model, spec, tensor_parallel, parameter.device)
+    quantize, weight_label = _quantizer(model, weight_dtype, group_size, local_spec)
+    decoder = LlamaDecoder(
+        local_model, local_spec, ops, dtype, inplace, pack_shared_weights, quantize, parallel
+    )
     optimized = OptimizedModel(model, decoder, kv_dtype, ops.name, kv_scales, use_graph, kv_cache)
     optimized.weight_dtype = weight_label
     return optimized
+
+
+def _rank_part(
+    model: torch.nn.Module, spec: ModelSpec, size: int, device: torch.device
+) -> tuple[TensorParallel | None, Any, ModelSpec]:
+    """(the tensor-parallel group, the part of the model and its spec this rank runs): the whole model
+    without tensor parallelism."""
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"tensor_parallel must be a positive integer, not {size!r}")
+    if size == 1:
+        return None, model, spec
+    parallel = tensor_parallel_group(size, device)
+    plan = shard_plan(spec, size, parallel.rank)
+    return parallel, rank_model(model, spec, plan), rank_spec(spec, plan)
 
 
 def _model_spec(model: Any) -> ModelSpec:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -144,6 +145,9 @@ def generate_parser(subparsers) -> None:
     parser.add_argument("--compare", action="store_true",
                         help="also run transformers' generate on the same prompts and settings (and seed) and "
                         "report whether its tokens are the same; exit status 1 where they are not")  # fmt: skip
+    parser.add_argument("--tensor-parallel", type=positive, default=1, metavar="N",
+                        help="split the model over N processes (GPUs): run under torchrun --nproc-per-node N "
+                        "-m xpu_coopt.cli generate ...; rank 0 prints")  # fmt: skip
 
 
 GENERATION_ARGUMENTS = ("max_new_tokens", "num_beams", "num_return_sequences", "do_sample", "temperature",
@@ -161,6 +165,8 @@ def run_generate(args: argparse.Namespace) -> int:
         )
     if not prompts and not args.interactive:
         raise ValueError("no prompt: pass --prompt TEXT or --prompt-file FILE, or --interactive")
+    if args.tensor_parallel > 1:
+        _join_ranks(args)
     model, tokenizer, transformers_model = optimized_with_tokenizer(args)
     if args.interactive:  # before stdin is read
         require_chat_template(tokenizer)
@@ -194,6 +200,21 @@ def run_generate(args: argparse.Namespace) -> int:
     return 1
 
 
+def _join_ranks(args: argparse.Namespace) -> None:
+    """--tensor-parallel under torchrun: this rank's device (its own GPU) and, on ranks other than 0, no
+    output (they generate the same tokens)."""
+    if "LOCAL_RANK" not in os.environ:
+        raise ValueError(f"--tensor-parallel {args.tensor_parallel} runs one process per rank: torchrun "
+                         f"--nproc-per-node {args.tensor_parallel} -m xpu_coopt.cli generate ...")  # fmt: skip
+    if args.interactive or args.compare:
+        raise ValueError("--tensor-parallel takes no --interactive or --compare")
+    if args.device.type in ("cuda", "xpu") and args.device.index is None:
+        args.device = torch.device(args.device.type, int(os.environ["LOCAL_RANK"]))
+        getattr(torch, args.device.type).set_device(args.device)
+    if int(os.environ.get("RANK", "0")) != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the process's streams from now on)
+
+
 def optimized_with_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, Callable[[], Any]]:
     """(optimized model, tokenizer, a function returning transformers' model of the same checkpoint). A
     .gguf file or a GPTQ/AWQ folder with --weight-dtype auto keeps its quantized projections, int4/int8
@@ -203,7 +224,8 @@ def optimized_with_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, Callab
     from xpu_coopt.checkpoints import load_model
 
     options = dict(kv_cache=args.kv_cache, kv_dtype=args.kv_dtype, backend=args.backend, kv_scales=args.kv_scales,
-                   cuda_graph=CUDA_GRAPH_CHOICES[args.cuda_graph])  # fmt: skip
+                   cuda_graph=CUDA_GRAPH_CHOICES[args.cuda_graph],
+                   tensor_parallel=getattr(args, "tensor_parallel", 1))  # fmt: skip
     path = Path(args.model)
     if keeps_stored_weights(args):
         check_runnable(args)

@@ -29,6 +29,7 @@ from xpu_coopt.model.linear import FusedLinear, Quantize
 from xpu_coopt.model.rope import cos_sin_cache
 from xpu_coopt.model.spec import ModelSpec
 from xpu_coopt.ops import Ops
+from xpu_coopt.parallel.group import TensorParallel
 
 # The most bytes a prefill's gate/up GEMM writes at once: a long prompt runs it over chunks of rows, as
 # its output (2 x intermediate a token) is a prefill's largest tensor and Arc A-series GPUs cannot make
@@ -70,8 +71,11 @@ class LlamaDecoder:
         inplace: bool,
         pack_shared: bool = False,
         quantize: Quantize | None = None,
+        parallel: TensorParallel | None = None,
     ):
+        """parallel: tensor parallelism; hf_model and spec are then the rank's part (parallel/shard.py)."""
         self.spec = spec
+        self.parallel = parallel
         self.ops = ops
         self.dtype = dtype
         backbone = hf_model.model
@@ -90,7 +94,8 @@ class LlamaDecoder:
         )
         # The fused GEMMs take plain 16-bit weight matrices: quantized weights and a layer kept as its own
         # modules (foreign quantized layers, adapters) run every step unfused.
-        fusable = all(p.fusable for p in self._projections())
+        # Nor do they take a partial sum that an all-reduce completes (tensor parallelism).
+        fusable = all(p.fusable for p in self._projections()) and parallel is None
         self.fusions = ops.fusions if fusable else None
 
     @staticmethod
@@ -196,11 +201,18 @@ class LlamaDecoder:
             return self._normed(self.lm_head, None, rows, self.final_norm, fused)
         hidden = ops.fused_add_rms_norm(pending, residual, self.final_norm, spec.rms_norm_eps)
         if logit_rows is not None:
-            return self.lm_head(hidden[logit_rows])
+            return self._logits(hidden[logit_rows])
         hidden = hidden.view(num_seqs, length, -1)
         if last_only:
             hidden = hidden[:, -1]
-        return self.lm_head(hidden)
+        return self._logits(hidden)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits (with tensor parallelism, every rank's vocabulary slice gathered)."""
+        logits = self.lm_head(hidden)
+        if self.parallel is None:
+            return logits
+        return self.parallel.gather_columns(logits, self.spec.vocab_size)
 
     def _head_norm(self, heads: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm of each [D] head row of heads [T, heads, D] (a strided view of the q/k/v GEMM's output)."""
@@ -239,8 +251,10 @@ class LlamaDecoder:
     def _residual_branch(
         self, projection: FusedLinear, x: torch.Tensor, residual: torch.Tensor, fused: bool
     ) -> torch.Tensor | None:
-        """projection(x): added to the residual now (fused), or returned for the next norm to add."""
+        """projection(x): added to the residual now (fused), or returned for the next norm to add (summed
+        over the ranks first, with tensor parallelism: a row-parallel projection's partial sums)."""
         if not fused:
-            return projection(x)
+            out = projection(x)
+            return out if self.parallel is None else self.parallel.all_reduce(out)
         self.fusions.linear_add(x, projection.weight, projection.bias, residual)
         return None

@@ -295,4 +295,15 @@ class OptimizedModel(nn.Module):
             input_ids = kwargs.pop("inputs")
         if input_ids is None:
             raise TypeError("generate() needs the prompt's token ids: input_ids (or inputs)")
-        return generate(self, input_ids, attention_mask, **kwargs)
+        parallel = self.decoder.parallel
+        if parallel is None:
+            return generate(self, input_ids, attention_mask, **kwargs)
+        # Tensor parallelism: every rank draws from one seed, so all sample the same tokens and stay in step.
+        seed = parallel.broadcast_seed()
+        accelerator = self.device.type != "cpu"
+        with torch.random.fork_rng(
+            devices=[self.device] if accelerator else [],
+            device_type=self.device.type if accelerator else "cuda",
+        ):
+            torch.manual_seed(seed)
+            return generate(self, input_ids, attention_mask, **kwargs)

@@ -73,6 +73,15 @@ class Int4Weight:
             self.codes[index], self.scales[index], self.offsets[index], self.group_size, self.input_order
         )
 
+    def columns(self, start: int, stop: int) -> Int4Weight:
+        """The weight of input features [start, stop), whole groups (a row-parallel rank's part)."""
+        if self.input_order is not None:
+            raise ValueError("a 4-bit weight with an act-order input permutation (GPTQ desc_act) cannot be split by "
+                             "input features")  # fmt: skip
+        groups = whole_groups(start, stop, self.group_size)
+        return Int4Weight(self.codes[:, start // 2 : stop // 2], self.scales[:, groups], self.offsets[:, groups],
+                          self.group_size)  # fmt: skip
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The tensors it holds (as PackedWeight.tensors: what the model's weight_bytes counts)."""
         held = (self.codes, self.scales, self.offsets)
@@ -100,6 +109,16 @@ class Int4Weight:
             torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
             torch.cat([p.offsets for p in parts]), first.group_size, first.input_order,
         )  # fmt: skip
+
+
+def whole_groups(start: int, stop: int, group_size: int) -> slice:
+    """The groups that input features [start, stop) make up; ValueError unless they are whole groups."""
+    if start % group_size or stop % group_size:
+        raise ValueError(
+            f"input features [{start}, {stop}) do not split into whole groups of {group_size}: the model "
+            "cannot be split there"
+        )
+    return slice(start // group_size, stop // group_size)
 
 
 def unpack_codes(codes: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from xpu_coopt.quant.int4 import whole_groups
+
 
 @dataclass(frozen=True)
 class Int8Weight:
@@ -50,6 +52,13 @@ class Int8Weight:
     def rows(self, index: torch.Tensor) -> Int8Weight:
         """The weight of rows `index` (the output features reordered or selected)."""
         return Int8Weight(self.codes[index], self.scales[index], self.group_size)
+
+    def columns(self, start: int, stop: int) -> Int8Weight:
+        """The weight of input features [start, stop): whole groups, or part of a row's one (per channel)."""
+        if self.group_size == self.shape[1]:  # one scale a row: it holds for any part of the row
+            return Int8Weight(self.codes[:, start:stop], self.scales, stop - start)
+        groups = whole_groups(start, stop, self.group_size)
+        return Int8Weight(self.codes[:, start:stop], self.scales[:, groups], self.group_size)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The tensors it holds (what the model's weight_bytes counts)."""

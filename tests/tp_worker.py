@@ -1,0 +1,93 @@
+"""One rank of the tensor-parallel tests (tests/parallel/): run in a process of its own, it joins a gloo
+group and writes what it generated in each case to rank<N>.json."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from helpers import STORIES_MODEL, left_padded_prompts, require_data, tiny_model
+
+import xpu_coopt
+from xpu_coopt.checkpoints import load_llama2c
+from xpu_coopt.quant.quantized_linear import QuantizedLinear
+from xpu_coopt.quant.rtn import quantize_int4, quantize_int8
+
+# (model, KV cache, variant): MHA, GQA with K/V heads the ranks split, MQA (one K/V head: each rank
+# holds it), Qwen2's q/k/v biases, Llama's o_proj and MLP biases (row-parallel: added once), Qwen3's head
+# norms, a sliding window, stories260K's real weights; an FP8 cache; int4 quantized per rank
+# (weight_dtype), and 4- and 8-bit projections held as a quantized checkpoint holds them, split.
+CASES = [
+    ("llama-mha-d64", "segment", ""), ("llama-gqa-8q2kv-d64", "segment", ""), ("llama-gqa-8q2kv-d64", "paged", ""),
+    ("llama-mqa-d128", "segment", ""), ("qwen2-bias", "paged", ""), ("llama-tied-bias", "segment", ""),
+    ("qwen3-qk-norm", "segment", ""), ("mistral-window", "paged", ""), ("stories260K", "segment", ""),
+    ("qwen2-bias", "segment", "fp8"), ("llama-gqa-8q2kv-d64", "segment", "int4"),
+    ("llama-gqa-8q2kv-d64", "paged", "stored-int4"), ("qwen2-bias", "segment", "stored-int8"),
+]  # fmt: skip
+GROUP_SIZE = 16
+VARIANTS = {"": {}, "fp8": {"kv_dtype": "fp8_e4m3"}, "int4": {"weight_dtype": "int4", "group_size": GROUP_SIZE},
+            "stored-int4": {}, "stored-int8": {}}  # fmt: skip
+
+
+def model_for(name: str):
+    if name == "stories260K":
+        return load_llama2c(require_data(STORIES_MODEL))
+    return tiny_model(name)
+
+
+def case_id(name: str, kv_cache: str, variant: str) -> str:
+    return "-".join(part for part in (name, kv_cache, variant) if part)
+
+
+def _stored_quantized(hf_model, bits: int):
+    """The model with each layer's projections held as a 4- or 8-bit checkpoint's (QuantizedLinear)."""
+    quantize = functools.partial(quantize_int4, group_size=GROUP_SIZE) if bits == 4 else quantize_int8
+    for layer in hf_model.model.layers:
+        for block, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                             (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):  # fmt: skip
+            for projection in names:
+                linear = getattr(block, projection)
+                bias = None if linear.bias is None else linear.bias.detach()
+                setattr(block, projection, QuantizedLinear(quantize(linear.weight.detach()), bias))
+    return hf_model
+
+
+def generations(name: str, kv_cache: str, variant: str, tensor_parallel: int) -> dict:
+    """Greedy, beam-search and sampled tokens of two left-padded prompts."""
+    hf_model = model_for(name)
+    if variant.startswith("stored-int"):
+        hf_model = _stored_quantized(hf_model, int(variant[len("stored-int") :]))
+    model = xpu_coopt.optimize(
+        hf_model, kv_cache=kv_cache, tensor_parallel=tensor_parallel, **VARIANTS[variant]
+    )
+    ids, mask = left_padded_prompts([5, 9], hf_model.config.vocab_size)
+    greedy = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    beams = model.generate(ids, attention_mask=mask, max_new_tokens=8, num_beams=4, do_sample=False)
+    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20)
+    return {"greedy": greedy.tolist(), "beams": beams.tolist(), "sampled": sampled.tolist(),
+            "kv_heads": model.spec.num_kv_heads, "heads": model.spec.num_heads}  # fmt: skip
+
+
+def run(rank: int, world: int, port: int, out: str, fail_rank: int | None = None) -> None:
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    os.environ["XPU_COOPT_TP_TIMEOUT"] = "60"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))  # fmt: skip
+    path = Path(out) / f"rank{rank}.json"
+    try:
+        if fail_rank is not None:
+            model = xpu_coopt.optimize(tiny_model("llama-gqa-8q2kv-d64"), tensor_parallel=world)
+            if rank == fail_rank:
+                raise RuntimeError(f"rank {rank} fails on purpose")
+            model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+            results = {"finished": True}
+        else:
+            results = {case_id(*case): generations(*case, tensor_parallel=world) for case in CASES}
+    except Exception as error:  # reported to the test, which checks how the ranks ended
+        results = {"error": f"{type(error).__name__}: {error}"}
+    path.write_text(json.dumps(results))

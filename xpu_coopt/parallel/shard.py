@@ -1,0 +1,151 @@
+"""A rank's part of the model, as vLLM and Megatron split a LLaMA-family layer:
+- q/k/v and gate/up column-parallel: the rank's attention heads (its queries' K/V heads with them) and its
+  slice of the MLP's intermediate columns, still one fused GEMM each;
+- o_proj and down_proj row-parallel: the matching input columns; each rank's output is a partial sum that
+  one all-reduce per projection completes (a bias added by rank 0 only);
+- the LM head vocabulary-parallel: a slice of the vocabulary's rows (padded to equal slices), the logits
+  gathered; embeddings and norms replicated.
+K/V heads are split evenly where the ranks divide them, else (fewer K/V heads than ranks) each rank holds
+the one its queries read, as vLLM replicates them. Each rank's KV cache then holds its own heads only."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from xpu_coopt.model.linear import is_plain_linear, is_quantized_linear
+from xpu_coopt.model.spec import ModelSpec
+from xpu_coopt.quant.quantized_linear import QuantizedLinear
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    size: int
+    rank: int
+    heads: slice  # the rank's query heads
+    kv_heads: slice  # the K/V heads its queries read
+    columns: slice  # its slice of the MLP's intermediate features
+    vocab: slice  # its LM head rows
+    vocab_rows: int  # rows every rank's LM head holds (the vocabulary padded to a multiple of the ranks)
+
+
+def shard_plan(spec: ModelSpec, size: int, rank: int) -> ShardPlan:
+    """Which heads, columns and vocabulary rows rank `rank` of `size` holds; ValueError where the model's
+    shapes do not split that way."""
+    heads, kv_heads = spec.num_heads, spec.num_kv_heads
+    if size < 1 or heads % size or spec.intermediate_size % size:
+        raise ValueError(
+            f"tensor_parallel={size} must divide the attention heads ({heads}) and intermediate_size "
+            f"({spec.intermediate_size})"
+        )
+    if kv_heads % size and size % kv_heads:
+        raise ValueError(
+            f"tensor_parallel={size} must divide the K/V heads ({kv_heads}) or be a multiple of them (each rank "
+            "then holds the K/V head its queries read)"
+        )
+    local_heads = heads // size
+    if kv_heads % size == 0:
+        local_kv = kv_heads // size
+        kv_start = rank * local_kv
+    else:  # one K/V head per rank, the one its queries' group reads
+        local_kv = 1
+        kv_start = rank * local_heads // (heads // kv_heads)
+    columns = spec.intermediate_size // size
+    vocab_rows = -(-spec.vocab_size // size)
+    return ShardPlan(
+        size, rank, slice(rank * local_heads, (rank + 1) * local_heads), slice(kv_start, kv_start + local_kv),
+        slice(rank * columns, (rank + 1) * columns),
+        slice(rank * vocab_rows, min((rank + 1) * vocab_rows, spec.vocab_size)), vocab_rows,
+    )  # fmt: skip
+
+
+def rank_spec(spec: ModelSpec, plan: ShardPlan) -> ModelSpec:
+    """The spec of the rank's part: its heads and intermediate columns (the decoder and caches size from it)."""
+    return dataclasses.replace(
+        spec, num_heads=plan.heads.stop - plan.heads.start, num_kv_heads=plan.kv_heads.stop - plan.kv_heads.start,
+        intermediate_size=plan.columns.stop - plan.columns.start,
+    )  # fmt: skip
+
+
+def rank_model(hf_model: nn.Module, spec: ModelSpec, plan: ShardPlan) -> Any:
+    """The attributes LlamaDecoder reads from a transformers model (model.layers[i].self_attn.q_proj, ...),
+    holding the rank's slices of the projections; the model itself is left as it is."""
+    backbone = hf_model.model
+    dim = spec.head_dim
+    heads = slice(plan.heads.start * dim, plan.heads.stop * dim)
+    kv = slice(plan.kv_heads.start * dim, plan.kv_heads.stop * dim)
+    layers = []
+    for layer in backbone.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attention = SimpleNamespace(
+            q_proj=_rows(attn.q_proj, heads), k_proj=_rows(attn.k_proj, kv), v_proj=_rows(attn.v_proj, kv),
+            o_proj=_columns(attn.o_proj, heads, plan.rank), q_norm=getattr(attn, "q_norm", None),
+            k_norm=getattr(attn, "k_norm", None),
+        )  # fmt: skip
+        feed_forward = SimpleNamespace(gate_proj=_rows(mlp.gate_proj, plan.columns),
+                                       up_proj=_rows(mlp.up_proj, plan.columns),
+                                       down_proj=_columns(mlp.down_proj, plan.columns, plan.rank))  # fmt: skip
+        layers.append(SimpleNamespace(self_attn=attention, mlp=feed_forward, input_layernorm=layer.input_layernorm,
+                                      post_attention_layernorm=layer.post_attention_layernorm))  # fmt: skip
+    local = SimpleNamespace(embed_tokens=backbone.embed_tokens, layers=layers, norm=backbone.norm)
+    return SimpleNamespace(model=local, lm_head=_vocabulary_rows(hf_model.lm_head, plan))
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
+
+
+def _split(module: nn.Module) -> None:
+    if not (is_plain_linear(module) or is_quantized_linear(module)):
+        raise ValueError(
+            f"tensor_parallel splits nn.Linear projections and xpu_coopt's quantized ones, not "
+            f"{type(module).__name__}"
+        )
+
+
+def _rows(module: nn.Module, rows: slice) -> nn.Module:
+    """Column-parallel: the output features `rows` (views: no copy)."""
+    _split(module)
+    bias = None if module.bias is None else module.bias.detach()[rows]
+    if is_quantized_linear(module):
+        return QuantizedLinear(module.quantized_weight.rows(rows), bias)
+    return _linear(module.weight.detach()[rows], bias)
+
+
+def _columns(module: nn.Module, columns: slice, rank: int) -> nn.Module:
+    """Row-parallel: the input features `columns` (copied: a column slice is not contiguous); rank 0 adds
+    the bias, once."""
+    _split(module)
+    bias = module.bias.detach() if module.bias is not None and rank == 0 else None
+    if is_quantized_linear(module):
+        return QuantizedLinear(
+            module.quantized_weight.columns(columns.start, columns.stop).contiguous(), bias
+        )
+    return _linear(module.weight.detach()[:, columns].contiguous(), bias)
+
+
+def _vocabulary_rows(module: nn.Module, plan: ShardPlan) -> nn.Module:
+    """The LM head's rows of the rank's vocabulary slice, zero rows appended up to plan.vocab_rows."""
+    _split(module)
+    missing = plan.vocab_rows - (plan.vocab.stop - plan.vocab.start)
+    bias = None
+    if module.bias is not None:
+        bias = torch.cat([module.bias.detach()[plan.vocab], module.bias.new_zeros(missing)])
+    if is_quantized_linear(module):
+        if missing:
+            raise ValueError(f"a quantized LM head splits only where the ranks divide its vocabulary "
+                             f"({module.out_features})")  # fmt: skip
+        return QuantizedLinear(module.quantized_weight.rows(plan.vocab), bias)
+    weight = module.weight.detach()[plan.vocab]
+    if missing:
+        weight = torch.cat([weight, weight.new_zeros(missing, weight.shape[1])])
+    return _linear(weight, bias)
