@@ -21,17 +21,19 @@ from xpu_coopt.quant.rtn import quantize_int4, quantize_int8
 # (model, KV cache, variant): MHA, GQA with K/V heads the ranks split, MQA (one K/V head: each rank
 # holds it), Qwen2's q/k/v biases, Llama's o_proj and MLP biases (row-parallel: added once), Qwen3's head
 # norms, a sliding window, stories260K's real weights; an FP8 cache; int4 quantized per rank
-# (weight_dtype), and 4- and 8-bit projections held as a quantized checkpoint holds them, split.
+# (weight_dtype), and 4- and 8-bit projections held as a quantized checkpoint holds them, split; with
+# inplace=True, the whole projections released.
 CASES = [
     ("llama-mha-d64", "segment", ""), ("llama-gqa-8q2kv-d64", "segment", ""), ("llama-gqa-8q2kv-d64", "paged", ""),
     ("llama-mqa-d128", "segment", ""), ("qwen2-bias", "paged", ""), ("llama-tied-bias", "segment", ""),
     ("qwen3-qk-norm", "segment", ""), ("mistral-window", "paged", ""), ("stories260K", "segment", ""),
     ("qwen2-bias", "segment", "fp8"), ("llama-gqa-8q2kv-d64", "segment", "int4"),
     ("llama-gqa-8q2kv-d64", "paged", "stored-int4"), ("qwen2-bias", "segment", "stored-int8"),
+    ("llama-gqa-8q2kv-d64", "segment", "inplace"), ("llama-tied-bias", "paged", "inplace"),
 ]  # fmt: skip
 GROUP_SIZE = 16
 VARIANTS = {"": {}, "fp8": {"kv_dtype": "fp8_e4m3"}, "int4": {"weight_dtype": "int4", "group_size": GROUP_SIZE},
-            "stored-int4": {}, "stored-int8": {}}  # fmt: skip
+            "stored-int4": {}, "stored-int8": {}, "inplace": {"inplace": True}}  # fmt: skip
 
 
 def model_for(name: str):
@@ -70,7 +72,8 @@ def generations(name: str, kv_cache: str, variant: str, tensor_parallel: int) ->
     beams = model.generate(ids, attention_mask=mask, max_new_tokens=8, num_beams=4, do_sample=False)
     sampled = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20)
     return {"greedy": greedy.tolist(), "beams": beams.tolist(), "sampled": sampled.tolist(),
-            "kv_heads": model.spec.num_kv_heads, "heads": model.spec.num_heads}  # fmt: skip
+            "kv_heads": model.spec.num_kv_heads, "heads": model.spec.num_heads,
+            "weight_bytes": model.weight_bytes()}  # fmt: skip
 
 
 def run(rank: int, world: int, port: int, out: str, fail_rank: int | None = None) -> None:

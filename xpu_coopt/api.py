@@ -20,7 +20,7 @@ from xpu_coopt.model.spec import ModelSpec, model_spec
 from xpu_coopt.model.weight_shapes import check_weights_match_config
 from xpu_coopt.ops import KV_DTYPES, Ops
 from xpu_coopt.parallel.group import TensorParallel, tensor_parallel_group
-from xpu_coopt.parallel.shard import rank_model, rank_spec, shard_plan
+from xpu_coopt.parallel.shard import rank_model, rank_spec, release_whole_projections, shard_plan
 from xpu_coopt.quant.rtn import quantize_int4, quantize_int8
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -70,7 +70,8 @@ def optimize(
     tensor_parallel : N > 1 splits the model over the N ranks of torch.distributed's process group (the
         script's, or one initialized from torchrun's environment): each rank passes the same model and
         keeps 1/N of the heads, MLP columns and LM head rows (and of the KV cache); all ranks generate
-        the same tokens.
+        the same tokens. With inplace=True the model's own projections are released, so that each rank
+        holds its part only.
     """
     if isinstance(model, OptimizedModel):
         raise TypeError("this model is optimized already: optimize() takes the transformers model")
@@ -93,6 +94,8 @@ def optimize(
     decoder = LlamaDecoder(
         local_model, local_spec, ops, dtype, inplace, pack_shared_weights, quantize, parallel
     )
+    if parallel is not None and inplace:
+        release_whole_projections(model)
     optimized = OptimizedModel(model, decoder, kv_dtype, ops.name, kv_scales, use_graph, kv_cache)
     optimized.weight_dtype = weight_label
     return optimized

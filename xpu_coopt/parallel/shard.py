@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from xpu_coopt.model.linear import is_plain_linear, is_quantized_linear
+from xpu_coopt.memory import return_freed_memory
+from xpu_coopt.model.linear import is_plain_linear, is_quantized_linear, projection_modules
 from xpu_coopt.model.spec import ModelSpec
 from xpu_coopt.quant.quantized_linear import QuantizedLinear
 
@@ -113,12 +114,13 @@ def _split(module: nn.Module) -> None:
 
 
 def _rows(module: nn.Module, rows: slice) -> nn.Module:
-    """Column-parallel: the output features `rows` (views: no copy)."""
+    """Column-parallel: the output features `rows`, copied (a backend may keep them beside its packed
+    weight: a view would keep the whole matrix alive)."""
     _split(module)
-    bias = None if module.bias is None else module.bias.detach()[rows]
+    bias = None if module.bias is None else module.bias.detach()[rows].clone()
     if is_quantized_linear(module):
-        return QuantizedLinear(module.quantized_weight.rows(rows), bias)
-    return _linear(module.weight.detach()[rows], bias)
+        return QuantizedLinear(module.quantized_weight.rows(rows), bias)  # stacked into a copy by FusedLinear
+    return _linear(module.weight.detach()[rows].clone(), bias)
 
 
 def _columns(module: nn.Module, columns: slice, rank: int) -> nn.Module:
@@ -145,7 +147,19 @@ def _vocabulary_rows(module: nn.Module, plan: ShardPlan) -> nn.Module:
             raise ValueError(f"a quantized LM head splits only where the ranks divide its vocabulary "
                              f"({module.out_features})")  # fmt: skip
         return QuantizedLinear(module.quantized_weight.rows(plan.vocab), bias)
-    weight = module.weight.detach()[plan.vocab]
+    weight = module.weight.detach()[plan.vocab].clone()  # its own rows: the whole head may go (inplace)
     if missing:
         weight = torch.cat([weight, weight.new_zeros(missing, weight.shape[1])])
     return _linear(weight, bias)
+
+
+def release_whole_projections(hf_model: nn.Module) -> None:
+    """inplace=True: the model's own projections go (meta tensors, shapes kept), so a rank holds its part
+    only. Embeddings and norms stay: every rank reads them whole (an LM head tied to the embeddings too)."""
+    embeddings = hf_model.model.embed_tokens.weight
+    for _, module in projection_modules(hf_model):
+        if is_quantized_linear(module):
+            module.release()
+        elif module.weight is not embeddings:
+            module.weight = nn.Parameter(module.weight.detach().to("meta"), requires_grad=False)
+    return_freed_memory()
