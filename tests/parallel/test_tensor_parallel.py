@@ -61,7 +61,7 @@ def test_two_ranks_generate_one_processs_tokens(ranks, case):
         assert result["heads"] == one["heads"] // RANKS
         assert result["kv_heads"] == max(1, one["kv_heads"] // RANKS)
     assert ranks[0][key]["sampled"] == ranks[1][key]["sampled"]
-    if case[2] == "inplace":  # each rank holds its part of the projections, and the embeddings and norms whole
+    if case[2] == "inplace":  # each rank holds its part of the projections (the embeddings and norms whole)
         assert all(r[key]["weight_bytes"] < 0.7 * one["weight_bytes"] for r in ranks)
 
 
