@@ -96,6 +96,9 @@ def test_bench_with_an_unknown_model_is_a_clear_error(capsys):
         (["eval-ppl", "--text", __file__, "--tokenizer", "no-such-tokenizer.bin"],
          "argument --tokenizer: no such file"),
         (["generate", "--prompt-file", "no-such-prompt.txt"], "argument --prompt-file: no such file"),
+        (["serve", "--kv-cache-fraction", "1.5"], "argument --kv-cache-fraction: '1.5' is not a fraction in (0, 1]"),
+        (["serve", "--kv-cache-fraction", "0.5", "--kv-cache-memory", "1G"],
+         "argument --kv-cache-memory: not allowed with argument --kv-cache-fraction"),
     ],
 )  # fmt: skip
 def test_a_device_or_file_that_cannot_be_used_is_an_error_before_loading(monkeypatch, capsys, args, message):

@@ -230,3 +230,19 @@ def test_logprobs_are_transformers_log_softmax(num_blocks, count, prompts):
 def test_logprobs_out_of_range_are_refused():
     with pytest.raises(ValueError, match="logprobs=21"):
         SamplingParams(logprobs=21)
+
+
+def test_the_pool_takes_a_fraction_of_the_free_memory_or_bytes_never_both(monkeypatch):
+    import xpu_coopt.engine.engine as engine_module
+
+    model = xpu_coopt.optimize(tiny_model("llama-gqa-8q2kv-d64"))
+    monkeypatch.setattr(engine_module, "free_memory", lambda device: 64 << 20)
+    llm = LLM(model, kv_cache_fraction=0.25)
+    assert llm.engine.blocks.num_blocks == LLM(model, kv_cache_memory=16 << 20).engine.blocks.num_blocks > 0
+    for bad in (
+        {"kv_cache_fraction": 0.0},
+        {"kv_cache_fraction": 1.5},
+        {"kv_cache_fraction": 0.5, "kv_cache_memory": 1 << 20},
+    ):
+        with pytest.raises(ValueError, match="kv_cache"):
+            LLM(model, **bad)

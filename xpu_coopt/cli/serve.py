@@ -19,6 +19,7 @@ from xpu_coopt.cli.arguments import (
 
 API_KEY_VARIABLE = "XPU_COOPT_API_KEY"
 SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+DEFAULT_POOL = 1 << 30  # bytes of the KV pool unless told
 
 
 def byte_size(text: str) -> int:
@@ -28,6 +29,17 @@ def byte_size(text: str) -> int:
     if not digits.isdigit() or int(digits) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 1073741824, 512M, 2G)")
     return int(digits) * scale
+
+
+def fraction(text: str) -> float:
+    """A fraction in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in (0, 1] (e.g. 0.5)")
+    return value
 
 
 def serve_parser(subparsers) -> None:
@@ -51,8 +63,12 @@ def serve_parser(subparsers) -> None:
     parser.add_argument(
         "--served-model-name", help="the model's name in the API (default: --model's file or folder name)"
     )
-    parser.add_argument("--kv-cache-memory", type=byte_size, default=1 << 30,
-                        help="bytes of the KV block pool, preallocated at start (default 1G)")  # fmt: skip
+    pool = parser.add_mutually_exclusive_group()
+    pool.add_argument("--kv-cache-memory", type=byte_size,
+                      help="bytes of the KV block pool, preallocated at start (default 1G)")  # fmt: skip
+    pool.add_argument("--kv-cache-fraction", type=fraction, metavar="F",
+                      help="the KV pool takes F of the memory the device has free once the model is loaded "
+                      "(vLLM's --gpu-memory-utilization, of what the model left)")  # fmt: skip
     parser.add_argument(
         "--block-size", type=positive, default=16, help="tokens a KV block holds (default 16)"
     )
@@ -111,5 +127,7 @@ def build_engine(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer, _ = optimized_with_tokenizer(args)
-    blocks = Engine.blocks_for_memory(model, args.kv_cache_memory, args.block_size)
+    memory = None if args.kv_cache_fraction else (args.kv_cache_memory or DEFAULT_POOL)
+    budget = Engine.pool_bytes(model, memory, args.kv_cache_fraction)
+    blocks = Engine.blocks_for_memory(model, budget, args.block_size)
     return Engine(model, blocks, args.block_size, args.max_num_batched_tokens, args.max_num_seqs), tokenizer

@@ -18,6 +18,7 @@ from xpu_coopt.engine.request import SamplingParams, Sequence, Status, TokenLogp
 from xpu_coopt.engine.sampling import next_tokens, token_logprobs
 from xpu_coopt.engine.scheduler import Scheduler, check_fits
 from xpu_coopt.engine.step_batch import StepBatch
+from xpu_coopt.memory import free_memory
 from xpu_coopt.model.optimized import OptimizedModel
 from xpu_coopt.ops import fp8
 
@@ -94,6 +95,22 @@ class Engine:
         self._ids = itertools.count()
         eos = getattr(model.generation_config, "eos_token_id", None)
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else eos or [])
+
+    @staticmethod
+    def pool_bytes(
+        model: OptimizedModel, kv_cache_memory: int | None, kv_cache_fraction: float | None
+    ) -> int:
+        """The KV pool's budget: kv_cache_memory bytes, or kv_cache_fraction of the memory the model's device
+        has free now (vLLM's gpu_memory_utilization, of what the loaded model left)."""
+        if (kv_cache_memory is None) == (kv_cache_fraction is None):
+            raise ValueError(
+                "give the KV pool's size as kv_cache_memory (bytes) or kv_cache_fraction, one of them"
+            )
+        if kv_cache_fraction is None:
+            return kv_cache_memory
+        if not 0 < kv_cache_fraction <= 1:
+            raise ValueError(f"kv_cache_fraction must lie in (0, 1], not {kv_cache_fraction}")
+        return int(kv_cache_fraction * free_memory(model.device))
 
     @staticmethod
     def blocks_for_memory(

@@ -31,7 +31,8 @@ class RequestOutput:
 class LLM:
     """model: a path (.gguf file or Hugging Face folder, loaded by xpu_coopt.from_pretrained), a transformers
     model (optimize()d here) or an optimized model. kv_cache_memory: bytes of the KV pool, preallocated
-    once (or num_blocks blocks of block_size tokens). max_num_batched_tokens: tokens a step computes at
+    once (or kv_cache_fraction of the memory the device has free once the model is loaded, or num_blocks
+    blocks of block_size tokens). max_num_batched_tokens: tokens a step computes at
     most (a long prompt is prefilled in chunks of it beside the running decodes); max_num_seqs: sequences
     a step runs at most. optimize_kwargs go to optimize() or from_pretrained()."""
 
@@ -39,16 +40,20 @@ class LLM:
         self,
         model: str | PathLike | Any,
         tokenizer: Any = None,
-        kv_cache_memory: int = DEFAULT_KV_CACHE_MEMORY,
+        kv_cache_memory: int | None = None,
         num_blocks: int | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         max_num_batched_tokens: int = 256,
         max_num_seqs: int = 64,
+        kv_cache_fraction: float | None = None,
         **optimize_kwargs: Any,
     ) -> None:
         self.model, self.tokenizer = _optimized(model, tokenizer, optimize_kwargs)
         if num_blocks is None:
-            num_blocks = Engine.blocks_for_memory(self.model, kv_cache_memory, block_size)
+            if kv_cache_memory is None and kv_cache_fraction is None:
+                kv_cache_memory = DEFAULT_KV_CACHE_MEMORY
+            budget = Engine.pool_bytes(self.model, kv_cache_memory, kv_cache_fraction)
+            num_blocks = Engine.blocks_for_memory(self.model, budget, block_size)
         self.engine = Engine(self.model, num_blocks, block_size, max_num_batched_tokens, max_num_seqs)
 
     def generate(
