@@ -76,6 +76,24 @@ def generations(name: str, kv_cache: str, variant: str, tensor_parallel: int) ->
             "weight_bytes": model.weight_bytes()}  # fmt: skip
 
 
+def served(name: str, tensor_parallel: int) -> dict:
+    """xpu_coopt.LLM's tokens for three prompts in one continuous batch: greedy, seeded and unseeded sampling."""
+    model = xpu_coopt.optimize(model_for(name), kv_cache="paged", tensor_parallel=tensor_parallel)
+    llm = xpu_coopt.LLM(model, num_blocks=64, block_size=4, max_num_batched_tokens=8)
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    results = {}
+    for kind, params in (
+        ("greedy", {}),
+        ("seeded", {"temperature": 1.0, "seed": 7}),
+        ("unseeded", {"temperature": 1.0}),
+    ):
+        outputs = llm.generate(
+            prompts, xpu_coopt.SamplingParams(max_tokens=10, ignore_eos=True, **params), progress=False
+        )
+        results[kind] = [output.token_ids for output in outputs]
+    return results
+
+
 def run(rank: int, world: int, port: int, out: str, fail_rank: int | None = None) -> None:
     torch.set_num_threads(1)  # the ranks share the machine's cores
     os.environ["XPU_COOPT_TP_TIMEOUT"] = "60"
@@ -91,6 +109,7 @@ def run(rank: int, world: int, port: int, out: str, fail_rank: int | None = None
             results = {"finished": True}
         else:
             results = {case_id(*case): generations(*case, tensor_parallel=world) for case in CASES}
+            results["LLM"] = served("llama-gqa-8q2kv-d64", world)
     except Exception as error:  # reported to the test, which checks how the ranks ended
         results = {"error": f"{type(error).__name__}: {error}"}
     path.write_text(json.dumps(results))

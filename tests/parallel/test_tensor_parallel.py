@@ -65,6 +65,15 @@ def test_two_ranks_generate_one_processs_tokens(ranks, case):
         assert all(r[key]["weight_bytes"] < 0.7 * one["weight_bytes"] for r in ranks)
 
 
+def test_llm_on_two_ranks_batches_one_processs_tokens(ranks):
+    """The continuous-batching engine on each rank: greedy and seeded requests give one process's tokens;
+    unseeded ones draw the same tokens on both ranks (rank 0's seed)."""
+    one = tp_worker.served("llama-gqa-8q2kv-d64", tensor_parallel=1)
+    for result in (r["LLM"] for r in ranks):
+        assert result["greedy"] == one["greedy"] and result["seeded"] == one["seeded"]
+    assert ranks[0]["LLM"]["unseeded"] == ranks[1]["LLM"]["unseeded"]
+
+
 def test_a_rank_that_fails_ends_the_other_with_an_error(tmp_path):
     results = _run_ranks(tmp_path, fail_rank=1, timeout=180)
     assert results[1]["error"] == "RuntimeError: rank 1 fails on purpose"

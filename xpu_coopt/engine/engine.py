@@ -135,8 +135,11 @@ class Engine:
         generator = None
         if params.temperature > 0:
             generator = torch.Generator(device=self.model.device)
+            parallel = self.model.decoder.parallel
             if params.seed is not None:
                 generator.manual_seed(params.seed)
+            elif parallel is not None:  # every rank adds the same requests: rank 0's seed keeps them in step
+                generator.manual_seed(parallel.broadcast_seed())
             else:  # from the system's entropy, leaving torch's global generator untouched
                 generator.seed()
         self.scheduler.add(Sequence(request_id, list(prompt_ids), params, stop, generator=generator))
