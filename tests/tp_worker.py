@@ -15,7 +15,9 @@ from helpers import STORIES_MODEL, left_padded_prompts, require_data, tiny_model
 
 import xpu_coopt
 from xpu_coopt.checkpoints import load_llama2c
+from xpu_coopt.parallel.shard import SHARDED
 from xpu_coopt.quant.quantized_linear import QuantizedLinear
+from xpu_coopt.quant.random_gguf import write_random_gguf
 from xpu_coopt.quant.rtn import quantize_int4, quantize_int8
 
 # (model, KV cache, variant): MHA, GQA with K/V heads the ranks split, MQA (one K/V head: each rank
@@ -94,6 +96,30 @@ def served(name: str, tensor_parallel: int) -> dict:
     return results
 
 
+GGUF_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=256, rms_norm_eps=1e-5)  # fmt: skip
+
+
+def write_gguf(folder: Path) -> Path:
+    path = folder / "tiny-q4_0.gguf"
+    write_random_gguf(path, GGUF_SHAPE, "Q4_0")
+    return path
+
+
+def from_gguf(path: Path, tensor_parallel: int) -> dict:
+    """from_pretrained's greedy tokens and held weights; with tensor_parallel, the file split while loading."""
+    model, _ = xpu_coopt.from_pretrained(path, dtype=torch.float32, tensor_parallel=tensor_parallel)
+    ids = torch.tensor([[5, 9, 17, 3, 100, 42]])
+    tokens = model.generate(ids, max_new_tokens=10, do_sample=False).tolist()
+    split = getattr(model.hf_model, SHARDED, None) is not None  # its layers split as they were read
+    return {
+        "greedy": tokens,
+        "weight_bytes": model.weight_bytes(),
+        "kv_heads": model.spec.num_kv_heads,
+        "split": split,
+    }
+
+
 def run(rank: int, world: int, port: int, out: str, fail_rank: int | None = None) -> None:
     torch.set_num_threads(1)  # the ranks share the machine's cores
     os.environ["XPU_COOPT_TP_TIMEOUT"] = "60"
@@ -110,6 +136,7 @@ def run(rank: int, world: int, port: int, out: str, fail_rank: int | None = None
         else:
             results = {case_id(*case): generations(*case, tensor_parallel=world) for case in CASES}
             results["LLM"] = served("llama-gqa-8q2kv-d64", world)
+            results["gguf"] = from_gguf(Path(out) / "tiny-q4_0.gguf", world)
     except Exception as error:  # reported to the test, which checks how the ranks ended
         results = {"error": f"{type(error).__name__}: {error}"}
     path.write_text(json.dumps(results))

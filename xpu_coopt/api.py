@@ -20,7 +20,7 @@ from xpu_coopt.model.spec import ModelSpec, model_spec
 from xpu_coopt.model.weight_shapes import check_weights_match_config
 from xpu_coopt.ops import KV_DTYPES, Ops
 from xpu_coopt.parallel.group import TensorParallel, tensor_parallel_group
-from xpu_coopt.parallel.shard import rank_model, rank_spec, release_whole_projections, shard_plan
+from xpu_coopt.parallel.shard import SHARDED, rank_model, rank_spec, release_whole_projections, shard_plan
 from xpu_coopt.quant.rtn import quantize_int4, quantize_int8
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -109,9 +109,16 @@ def _rank_part(
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"tensor_parallel must be a positive integer, not {size!r}")
     if size == 1:
+        if getattr(model, SHARDED, None) is not None:
+            raise ValueError(
+                "this model was split to one rank's parts while loading: pass its tensor_parallel"
+            )
         return None, model, spec
     parallel = tensor_parallel_group(size, device)
-    plan = shard_plan(spec, size, parallel.rank)
+    plan = getattr(model, SHARDED, None) or shard_plan(spec, size, parallel.rank)
+    if (plan.size, plan.rank) != (size, parallel.rank):
+        raise ValueError(f"the model was split for rank {plan.rank} of {plan.size} while loading, not for rank "
+                         f"{parallel.rank} of {size}")  # fmt: skip
     return parallel, rank_model(model, spec, plan), rank_spec(spec, plan)
 
 
@@ -124,7 +131,8 @@ def _model_spec(model: Any) -> ModelSpec:
             f"optimize() takes a transformers causal LM (a torch.nn.Module with a config), got {type(model)}"
         )
     spec = model_spec(hf_config, type(model).__name__)
-    check_weights_match_config(model, spec)
+    plan = getattr(model, SHARDED, None)  # a model split to a rank's parts while loading
+    check_weights_match_config(model, spec if plan is None else rank_spec(spec, plan))
     return spec
 
 

@@ -73,28 +73,58 @@ def rank_spec(spec: ModelSpec, plan: ShardPlan) -> ModelSpec:
     )  # fmt: skip
 
 
+# Set on a model whose layers a loader split already (from_pretrained with tensor_parallel): its plan.
+SHARDED = "xpu_coopt_shard"
+
+
 def rank_model(hf_model: nn.Module, spec: ModelSpec, plan: ShardPlan) -> Any:
     """The attributes LlamaDecoder reads from a transformers model (model.layers[i].self_attn.q_proj, ...),
-    holding the rank's slices of the projections; the model itself is left as it is."""
+    holding the rank's parts of the projections; the model itself is left as it is. A model whose layers
+    were split while loading (SHARDED) gives its own."""
     backbone = hf_model.model
-    dim = spec.head_dim
-    heads = slice(plan.heads.start * dim, plan.heads.stop * dim)
-    kv = slice(plan.kv_heads.start * dim, plan.kv_heads.stop * dim)
+    presplit = getattr(hf_model, SHARDED, None) is not None
     layers = []
     for layer in backbone.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        attention = SimpleNamespace(
-            q_proj=_rows(attn.q_proj, heads), k_proj=_rows(attn.k_proj, kv), v_proj=_rows(attn.v_proj, kv),
-            o_proj=_columns(attn.o_proj, heads, plan.rank), q_norm=getattr(attn, "q_norm", None),
-            k_norm=getattr(attn, "k_norm", None),
-        )  # fmt: skip
-        feed_forward = SimpleNamespace(gate_proj=_rows(mlp.gate_proj, plan.columns),
-                                       up_proj=_rows(mlp.up_proj, plan.columns),
-                                       down_proj=_columns(mlp.down_proj, plan.columns, plan.rank))  # fmt: skip
+        parts = _own_parts(layer) if presplit else layer_parts(layer, spec, plan)
+        attention = SimpleNamespace(**{name: parts[f"self_attn.{name}"] for name in ATTENTION},
+                                    q_norm=getattr(layer.self_attn, "q_norm", None),
+                                    k_norm=getattr(layer.self_attn, "k_norm", None))  # fmt: skip
+        feed_forward = SimpleNamespace(**{name: parts[f"mlp.{name}"] for name in MLP})
         layers.append(SimpleNamespace(self_attn=attention, mlp=feed_forward, input_layernorm=layer.input_layernorm,
                                       post_attention_layernorm=layer.post_attention_layernorm))  # fmt: skip
     local = SimpleNamespace(embed_tokens=backbone.embed_tokens, layers=layers, norm=backbone.norm)
     return SimpleNamespace(model=local, lm_head=_vocabulary_rows(hf_model.lm_head, plan))
+
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def layer_parts(layer: nn.Module, spec: ModelSpec, plan: ShardPlan) -> dict[str, nn.Module]:
+    """The rank's part of each projection of a decoder layer, by its path in the layer."""
+    attn, mlp, dim = layer.self_attn, layer.mlp, spec.head_dim
+    heads = slice(plan.heads.start * dim, plan.heads.stop * dim)
+    kv = slice(plan.kv_heads.start * dim, plan.kv_heads.stop * dim)
+    return {
+        "self_attn.q_proj": _rows(attn.q_proj, heads), "self_attn.k_proj": _rows(attn.k_proj, kv),
+        "self_attn.v_proj": _rows(attn.v_proj, kv), "self_attn.o_proj": _columns(attn.o_proj, heads, plan.rank),
+        "mlp.gate_proj": _rows(mlp.gate_proj, plan.columns), "mlp.up_proj": _rows(mlp.up_proj, plan.columns),
+        "mlp.down_proj": _columns(mlp.down_proj, plan.columns, plan.rank),
+    }  # fmt: skip
+
+
+def split_layer(layer: nn.Module, spec: ModelSpec, plan: ShardPlan) -> None:
+    """While loading: the layer's projections replaced by the rank's parts, the whole ones let go."""
+    for path, part in layer_parts(layer, spec, plan).items():
+        parent, _, child = path.rpartition(".")
+        setattr(layer.get_submodule(parent), child, part)
+    return_freed_memory()
+
+
+def _own_parts(layer: nn.Module) -> dict[str, nn.Module]:
+    return {f"self_attn.{n}": getattr(layer.self_attn, n) for n in ATTENTION} | {
+        f"mlp.{n}": getattr(layer.mlp, n) for n in MLP
+    }
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -119,7 +149,7 @@ def _rows(module: nn.Module, rows: slice) -> nn.Module:
     _split(module)
     bias = None if module.bias is None else module.bias.detach()[rows].clone()
     if is_quantized_linear(module):
-        return QuantizedLinear(module.quantized_weight.rows(rows), bias)  # stacked into a copy by FusedLinear
+        return QuantizedLinear(module.quantized_weight.rows(rows).clone(), bias)
     return _linear(module.weight.detach()[rows].clone(), bias)
 
 

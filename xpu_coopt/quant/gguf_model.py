@@ -19,6 +19,9 @@ from torch import nn
 
 from xpu_coopt.checkpoints import readable_gguf
 from xpu_coopt.memory import return_freed_memory
+from xpu_coopt.model.spec import model_spec
+from xpu_coopt.parallel.group import TensorParallel
+from xpu_coopt.parallel.shard import SHARDED, shard_plan, split_layer
 from xpu_coopt.quant.gguf_blocks import QUANTIZED_TYPES, quantized_from_blocks
 from xpu_coopt.quant.quantized_linear import Quantize, QuantizedLinear, QuantizedWeight
 
@@ -37,9 +40,13 @@ PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up"
 PLAIN_TYPES = ("F32", "F16", "BF16")
 
 
-def load_gguf(path: Path, dtype: torch.dtype, quantize: Quantize | None = None):
+def load_gguf(
+    path: Path, dtype: torch.dtype, quantize: Quantize | None = None, parallel: TensorParallel | None = None
+):
     """(model skeleton, tokenizer or None) of a GGUF file, its quantized projections as QuantizedLinear;
-    `quantize` (weight_dtype="int4" / "int8"): its 16-bit projections too, one at a time."""
+    `quantize` (weight_dtype="int4" / "int8"): its 16-bit projections too, one at a time. `parallel`: each
+    layer's projections are split to this rank's parts as soon as the layer is read (parallel/shard.py),
+    so the rank never holds the whole model."""
     import gguf
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
@@ -56,17 +63,48 @@ def load_gguf(path: Path, dtype: torch.dtype, quantize: Quantize | None = None):
         model = AutoModelForCausalLM.from_config(config)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     permuted = GGUF_ARCHITECTURES[architecture]
+    splitter = None if parallel is None else _LayerSplitter(model, config, parallel)
     for name, tensor in tensors.items():
         _set_tensor(model, config, name, tensor, dtype, permuted, path, quantize)
+        if splitter is not None:
+            splitter.tensor_read(name)
         return_freed_memory()  # the tensor's staging copies, before the next is read
     if "output.weight" not in tensors:  # tied: the LM head reads the embeddings
         model.lm_head.weight = model.model.embed_tokens.weight
     _check_complete(model, path)
+    if splitter is not None:
+        splitter.finish(path)
     model.generation_config = GenerationConfig.from_model_config(config)
     tokenizer = None  # a GGUF without a vocabulary (tests, shape presets) has none
     if "tokenizer.ggml.model" in reader.fields:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model.eval(), tokenizer
+
+
+class _LayerSplitter:
+    """Splits each layer to the rank's parts once the file has given all of its tensors."""
+
+    def __init__(self, model: nn.Module, config: Any, parallel: TensorParallel) -> None:
+        self.model = model
+        self.spec = model_spec(config, type(model).__name__)
+        self.plan = shard_plan(self.spec, parallel.size, parallel.rank)
+        self.split: set[int] = set()
+
+    def tensor_read(self, name: str) -> None:
+        parts = name.split(".")
+        if parts[0] != "blk":
+            return
+        index = int(parts[1])
+        layer = self.model.model.layers[index]
+        if index not in self.split and not any(p.is_meta for p in layer.parameters()):
+            split_layer(layer, self.spec, self.plan)
+            self.split.add(index)
+
+    def finish(self, path: Path) -> None:
+        unsplit = sorted(set(range(self.spec.num_layers)) - self.split)
+        if unsplit:
+            raise ValueError(f"{path}: layers {unsplit} were not read whole")
+        setattr(self.model, SHARDED, self.plan)
 
 
 def _module_path(name: str) -> tuple[str, str, str]:

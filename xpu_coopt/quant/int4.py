@@ -82,6 +82,16 @@ class Int4Weight:
         return Int4Weight(self.codes[:, start // 2 : stop // 2], self.scales[:, groups], self.offsets[:, groups],
                           self.group_size)  # fmt: skip
 
+    def clone(self) -> Int4Weight:
+        """A copy holding tensors of its own (a slice's views would keep the whole weight alive)."""
+        return Int4Weight(
+            self.codes.clone(),
+            self.scales.clone(),
+            self.offsets.clone(),
+            self.group_size,
+            None if self.input_order is None else self.input_order.clone(),
+        )
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The tensors it holds (as PackedWeight.tensors: what the model's weight_bytes counts)."""
         held = (self.codes, self.scales, self.offsets)

@@ -60,6 +60,10 @@ class Int8Weight:
         groups = whole_groups(start, stop, self.group_size)
         return Int8Weight(self.codes[:, start:stop], self.scales[:, groups], self.group_size)
 
+    def clone(self) -> Int8Weight:
+        """A copy holding tensors of its own (a slice's views would keep the whole weight alive)."""
+        return Int8Weight(self.codes.clone(), self.scales.clone(), self.group_size)
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The tensors it holds (what the model's weight_bytes counts)."""
         return self.codes, self.scales
