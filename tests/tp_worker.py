@@ -106,9 +106,29 @@ def write_gguf(folder: Path) -> Path:
     return path
 
 
-def from_gguf(path: Path, tensor_parallel: int) -> dict:
-    """from_pretrained's greedy tokens and held weights; with tensor_parallel, the file split while loading."""
-    model, _ = xpu_coopt.from_pretrained(path, dtype=torch.float32, tensor_parallel=tensor_parallel)
+FOLDER_MODEL = "qwen2-bias"  # q/k/v biases: split with their rows while loading
+
+
+def write_folder(folder: Path) -> Path:
+    path = folder / FOLDER_MODEL
+    tiny_model(FOLDER_MODEL).save_pretrained(path)
+    return path
+
+
+# (checkpoint, from_pretrained's weight_dtype): a GGUF's Q4_0 kept, a folder kept 16-bit or quantized
+CHECKPOINTS = [("tiny-q4_0.gguf", "auto"), (FOLDER_MODEL, "auto"), (FOLDER_MODEL, "int4")]
+
+
+def write_checkpoints(folder: Path) -> None:
+    write_gguf(folder)
+    write_folder(folder)
+
+
+def from_checkpoint(path: Path, weight_dtype: str, tensor_parallel: int) -> dict:
+    """from_pretrained's greedy tokens and held weights; with tensor_parallel, the checkpoint split while
+    loading."""
+    model, _ = xpu_coopt.from_pretrained(path, dtype=torch.float32, weight_dtype=weight_dtype, group_size=16,
+                                         tensor_parallel=tensor_parallel)  # fmt: skip
     ids = torch.tensor([[5, 9, 17, 3, 100, 42]])
     tokens = model.generate(ids, max_new_tokens=10, do_sample=False).tolist()
     split = getattr(model.hf_model, SHARDED, None) is not None  # its layers split as they were read
@@ -136,7 +156,8 @@ def run(rank: int, world: int, port: int, out: str, fail_rank: int | None = None
         else:
             results = {case_id(*case): generations(*case, tensor_parallel=world) for case in CASES}
             results["LLM"] = served("llama-gqa-8q2kv-d64", world)
-            results["gguf"] = from_gguf(Path(out) / "tiny-q4_0.gguf", world)
+            for name, weight_dtype in CHECKPOINTS:
+                results[f"{name}/{weight_dtype}"] = from_checkpoint(Path(out) / name, weight_dtype, world)
     except Exception as error:  # reported to the test, which checks how the ranks ended
         results = {"error": f"{type(error).__name__}: {error}"}
     path.write_text(json.dumps(results))

@@ -19,7 +19,7 @@ from xpu_coopt.model.optimized import OptimizedModel
 from xpu_coopt.model.spec import ModelSpec, model_spec
 from xpu_coopt.model.weight_shapes import check_weights_match_config
 from xpu_coopt.ops import KV_DTYPES, Ops
-from xpu_coopt.parallel.group import TensorParallel, tensor_parallel_group
+from xpu_coopt.parallel.group import TensorParallel, check_size, tensor_parallel_group
 from xpu_coopt.parallel.shard import SHARDED, rank_model, rank_spec, release_whole_projections, shard_plan
 from xpu_coopt.quant.rtn import quantize_int4, quantize_int8
 
@@ -106,8 +106,7 @@ def _rank_part(
 ) -> tuple[TensorParallel | None, Any, ModelSpec]:
     """(the tensor-parallel group, the part of the model and its spec this rank runs): the whole model
     without tensor parallelism."""
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"tensor_parallel must be a positive integer, not {size!r}")
+    check_size(size)
     if size == 1:
         if getattr(model, SHARDED, None) is not None:
             raise ValueError(

@@ -12,7 +12,7 @@ import torch
 
 from xpu_coopt.api import optimize
 from xpu_coopt.model.optimized import OptimizedModel
-from xpu_coopt.parallel.group import TensorParallel, tensor_parallel_group
+from xpu_coopt.parallel.group import TensorParallel, check_size, tensor_parallel_group
 from xpu_coopt.quant.hf_quantized import load_quantized_folder, quantization_config
 from xpu_coopt.quant.quantized_linear import Quantize
 from xpu_coopt.quant.rtn import quantize_int4, quantize_int8
@@ -37,19 +37,20 @@ def from_pretrained(
     a time: loading holds the quantized weights and one 16-bit projection, never the 16-bit model.
     dtype: the activations' (and the 16-bit weights'); default bfloat16 for a quantized checkpoint (the
     fast quantized path on CPUs), the checkpoint's own dtype for a 16-bit folder loaded 16-bit.
-    optimize_kwargs go to optimize(). With tensor_parallel=N (under torchrun), a GGUF is split while it
-    loads: each rank reads every tensor but keeps only its part of each layer (a folder is loaded whole,
-    then split).
+    optimize_kwargs go to optimize(). With tensor_parallel=N (under torchrun), the checkpoint is split
+    while it loads: each rank keeps only its part of each layer, never holding the whole model.
     """
     quantize = _quantizer(weight_dtype, group_size)
     path = Path(path)
+    parallel = _parallel(optimize_kwargs.get("tensor_parallel", 1), device) if path.exists() else None
     if path.suffix == ".gguf" and path.is_file():
         from xpu_coopt.quant.gguf_model import load_gguf
 
-        parallel = _parallel(optimize_kwargs.get("tensor_parallel", 1), device)
         model, tokenizer = load_gguf(path, dtype or torch.bfloat16, quantize, parallel)
     elif path.is_dir() and (quantize is not None or quantization_config(path) is not None):
-        model, tokenizer = load_quantized_folder(path, dtype or torch.bfloat16, quantize)
+        model, tokenizer = load_quantized_folder(path, dtype or torch.bfloat16, quantize, parallel)
+    elif path.is_dir() and parallel is not None:  # read by xpu_coopt, each layer split as it comes
+        model, tokenizer = load_quantized_folder(path, dtype or _stored_dtype(path), None, parallel)
     elif path.is_dir():
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,8 +66,18 @@ def from_pretrained(
     return optimized, tokenizer
 
 
+def _stored_dtype(folder: Path) -> torch.dtype:
+    """The dtype a folder's config says its weights are stored in (float32 where it says none)."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    name = config.get("torch_dtype") or config.get("dtype") or "float32"
+    return getattr(torch, name)
+
+
 def _parallel(tensor_parallel: int, device: str | torch.device) -> TensorParallel | None:
-    """The rank's group, where a GGUF is to be split while it loads."""
+    """The rank's group, where a checkpoint is to be split while it loads."""
+    check_size(tensor_parallel)
     if tensor_parallel == 1:
         return None
     return tensor_parallel_group(tensor_parallel, torch.device(device))

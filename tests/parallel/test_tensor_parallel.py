@@ -46,7 +46,7 @@ def _run_ranks(out: Path, fail_rank: int | None = None, timeout: float = 600) ->
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tensor-parallel")
-    tp_worker.write_gguf(folder)
+    tp_worker.write_checkpoints(folder)
     results = _run_ranks(folder)
     for rank, result in enumerate(results):
         assert "error" not in result, f"rank {rank}: {result.get('error')}"
@@ -76,14 +76,16 @@ def test_llm_on_two_ranks_batches_one_processs_tokens(ranks):
     assert ranks[0]["LLM"]["unseeded"] == ranks[1]["LLM"]["unseeded"]
 
 
-def test_a_gguf_split_while_loading_gives_one_processs_tokens(ranks, tmp_path):
-    """from_pretrained(gguf, tensor_parallel=2): each rank keeps its part of each layer as it is read."""
-    one = tp_worker.from_gguf(tp_worker.write_gguf(tmp_path), tensor_parallel=1)
+@pytest.mark.parametrize(("name", "weight_dtype"), tp_worker.CHECKPOINTS)
+def test_a_checkpoint_split_while_loading_gives_one_processs_tokens(ranks, tmp_path, name, weight_dtype):
+    """from_pretrained(path, tensor_parallel=2): each rank keeps its part of each layer as it is read."""
+    tp_worker.write_checkpoints(tmp_path)
+    one = tp_worker.from_checkpoint(tmp_path / name, weight_dtype, tensor_parallel=1)
     assert not one["split"]
-    for result in (r["gguf"] for r in ranks):
+    for result in (r[f"{name}/{weight_dtype}"] for r in ranks):
         assert result["split"] and result["greedy"] == one["greedy"]
         assert result["kv_heads"] == one["kv_heads"] // RANKS
-        assert result["weight_bytes"] < 0.7 * one["weight_bytes"]
+        assert result["weight_bytes"] < 0.75 * one["weight_bytes"]
 
 
 def test_a_rank_that_fails_ends_the_other_with_an_error(tmp_path):

@@ -44,8 +44,14 @@ class TensorParallel:
         return int(seed)
 
 
+def check_size(size: int) -> None:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"tensor_parallel must be a positive integer, not {size!r}")
+
+
 def tensor_parallel_group(size: int, device: torch.device) -> TensorParallel:
     """The group of `size` ranks this process belongs to; ValueError where there is none of that size."""
+    check_size(size)
     if not dist.is_available():
         raise RuntimeError("tensor_parallel needs torch.distributed, which this build of torch lacks")
     backend = BACKENDS.get(device.type)

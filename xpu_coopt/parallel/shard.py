@@ -20,7 +20,8 @@ from torch import nn
 
 from xpu_coopt.memory import return_freed_memory
 from xpu_coopt.model.linear import is_plain_linear, is_quantized_linear, projection_modules
-from xpu_coopt.model.spec import ModelSpec
+from xpu_coopt.model.spec import ModelSpec, model_spec
+from xpu_coopt.parallel.group import TensorParallel
 from xpu_coopt.quant.quantized_linear import QuantizedLinear
 
 
@@ -119,6 +120,30 @@ def split_layer(layer: nn.Module, spec: ModelSpec, plan: ShardPlan) -> None:
         parent, _, child = path.rpartition(".")
         setattr(layer.get_submodule(parent), child, part)
     return_freed_memory()
+
+
+class LayerSplitter:
+    """For a loader: splits each layer to the rank's parts once all its tensors are read, so that the
+    rank holds the whole of at most one projection at a time; the model is then marked SHARDED."""
+
+    def __init__(self, model: nn.Module, config: Any, parallel: TensorParallel) -> None:
+        self.model = model
+        self.spec = model_spec(config, type(model).__name__)
+        self.plan = shard_plan(self.spec, parallel.size, parallel.rank)
+        self.split: set[int] = set()
+
+    def layer_read(self, index: int) -> None:
+        """A tensor of layer `index` was set: the layer is split if it is complete."""
+        layer = self.model.model.layers[index]
+        if index not in self.split and not any(p.is_meta for p in layer.parameters()):
+            split_layer(layer, self.spec, self.plan)
+            self.split.add(index)
+
+    def finish(self, source: Any) -> None:
+        unsplit = sorted(set(range(self.spec.num_layers)) - self.split)
+        if unsplit:
+            raise ValueError(f"{source}: layers {unsplit} were not read whole")
+        setattr(self.model, SHARDED, self.plan)
 
 
 def _own_parts(layer: nn.Module) -> dict[str, nn.Module]:

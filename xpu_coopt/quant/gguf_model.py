@@ -19,9 +19,8 @@ from torch import nn
 
 from xpu_coopt.checkpoints import readable_gguf
 from xpu_coopt.memory import return_freed_memory
-from xpu_coopt.model.spec import model_spec
 from xpu_coopt.parallel.group import TensorParallel
-from xpu_coopt.parallel.shard import SHARDED, shard_plan, split_layer
+from xpu_coopt.parallel.shard import LayerSplitter
 from xpu_coopt.quant.gguf_blocks import QUANTIZED_TYPES, quantized_from_blocks
 from xpu_coopt.quant.quantized_linear import Quantize, QuantizedLinear, QuantizedWeight
 
@@ -63,11 +62,11 @@ def load_gguf(
         model = AutoModelForCausalLM.from_config(config)
     tensors = {tensor.name: tensor for tensor in reader.tensors}
     permuted = GGUF_ARCHITECTURES[architecture]
-    splitter = None if parallel is None else _LayerSplitter(model, config, parallel)
+    splitter = None if parallel is None else LayerSplitter(model, config, parallel)
     for name, tensor in tensors.items():
         _set_tensor(model, config, name, tensor, dtype, permuted, path, quantize)
-        if splitter is not None:
-            splitter.tensor_read(name)
+        if splitter is not None and name.startswith("blk."):
+            splitter.layer_read(int(name.split(".")[1]))
         return_freed_memory()  # the tensor's staging copies, before the next is read
     if "output.weight" not in tensors:  # tied: the LM head reads the embeddings
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -79,32 +78,6 @@ def load_gguf(
     if "tokenizer.ggml.model" in reader.fields:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return model.eval(), tokenizer
-
-
-class _LayerSplitter:
-    """Splits each layer to the rank's parts once the file has given all of its tensors."""
-
-    def __init__(self, model: nn.Module, config: Any, parallel: TensorParallel) -> None:
-        self.model = model
-        self.spec = model_spec(config, type(model).__name__)
-        self.plan = shard_plan(self.spec, parallel.size, parallel.rank)
-        self.split: set[int] = set()
-
-    def tensor_read(self, name: str) -> None:
-        parts = name.split(".")
-        if parts[0] != "blk":
-            return
-        index = int(parts[1])
-        layer = self.model.model.layers[index]
-        if index not in self.split and not any(p.is_meta for p in layer.parameters()):
-            split_layer(layer, self.spec, self.plan)
-            self.split.add(index)
-
-    def finish(self, path: Path) -> None:
-        unsplit = sorted(set(range(self.spec.num_layers)) - self.split)
-        if unsplit:
-            raise ValueError(f"{path}: layers {unsplit} were not read whole")
-        setattr(self.model, SHARDED, self.plan)
 
 
 def _module_path(name: str) -> tuple[str, str, str]:

@@ -19,6 +19,8 @@ from torch import nn
 
 from xpu_coopt.memory import return_freed_memory
 from xpu_coopt.model.linear import projection_modules
+from xpu_coopt.parallel.group import TensorParallel
+from xpu_coopt.parallel.shard import LayerSplitter
 from xpu_coopt.quant.gptq import int4_from_awq, int4_from_gptq
 from xpu_coopt.quant.quantized_linear import Quantize, QuantizedLinear
 
@@ -75,9 +77,12 @@ class _Tensors:
         return None if handle is None else handle.get_tensor(name)
 
 
-def load_quantized_folder(folder: Path, dtype: torch.dtype, quantize: Quantize | None = None):
+def load_quantized_folder(
+    folder: Path, dtype: torch.dtype, quantize: Quantize | None = None, parallel: TensorParallel | None = None
+):
     """(model skeleton, tokenizer or None) of a GPTQ or AWQ folder, or of a 16-bit one whose projections
-    `quantize` quantizes while loading."""
+    `quantize` quantizes while loading (or keeps 16-bit, without it). `parallel`: each layer split to the
+    rank's parts as soon as it is read (parallel/shard.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     quant = quantization_config(folder)
@@ -93,13 +98,16 @@ def load_quantized_folder(folder: Path, dtype: torch.dtype, quantize: Quantize |
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     tensors = _Tensors(folder)
+    splitter = None if parallel is None else LayerSplitter(model, config, parallel)
     for name, _ in projection_modules(model):
         if quant is not None:
             _set_projection(model, name, tensors, quant, dtype)
-        elif name != "lm_head":  # the LM head stays 16-bit
+        elif quantize is not None and name != "lm_head":  # the LM head stays 16-bit
             _quantize_projection(model, name, tensors, quantize, dtype)
         return_freed_memory()  # the projection's staging copies, before the next is read
-    _set_the_rest(model, tensors, dtype, folder)
+    _set_the_rest(model, tensors, dtype, folder, splitter)
+    if splitter is not None:
+        splitter.finish(folder)
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
     tokenizer = (
@@ -159,11 +167,13 @@ def _quantize_projection(
     )
 
 
-def _set_the_rest(model: nn.Module, tensors: _Tensors, dtype: torch.dtype, folder: Path) -> None:
+def _set_the_rest(
+    model: nn.Module, tensors: _Tensors, dtype: torch.dtype, folder: Path, splitter: LayerSplitter | None
+) -> None:
     """Every parameter still on the meta device, from the tensor of its name (the LM head tied where the
-    folder has none)."""
+    folder has none); each layer handed to the splitter as its tensors come."""
     for name, parameter in list(model.named_parameters()):
-        if not parameter.is_meta:
+        if not parameter.is_meta:  # (a layer is split only once all of its parameters are set)
             continue
         tensor = tensors.get(name)
         if (
@@ -181,3 +191,5 @@ def _set_the_rest(model: nn.Module, tensors: _Tensors, dtype: torch.dtype, folde
             )
         module_path, _, kind = name.rpartition(".")
         setattr(model.get_submodule(module_path), kind, nn.Parameter(tensor.to(dtype), requires_grad=False))
+        if splitter is not None and name.startswith("model.layers."):
+            splitter.layer_read(int(name.split(".")[2]))
