@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import socket
 import subprocess
 import sys
@@ -117,3 +118,81 @@ def test_tensor_parallel_outside_torchrun_is_one_line_naming_it(capsys, monkeypa
     assert main(["generate", *model, *STORIES_ARGS, "--tensor-parallel", "2"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "torchrun --nproc-per-node 2" in error
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, smollm2_fp32):
+    """A 2-layer random Llama (4 heads, 2 K/V heads) with SmolLM2's tokenizer, saved as a folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = smollm2_fp32[1]
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux's /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_serve_under_torchrun_answers_with_one_processs_tokens_and_stops_cleanly(tiny_folder):
+    """xpu-coopt serve --tensor-parallel 2: rank 0 serves HTTP, both ranks step the engine; the greedy
+    completion is one process's; SIGTERM stops rank 0, which stops the other, and torchrun exits 0."""
+    import signal
+    import time
+
+    import httpx
+    import torch
+    from transformers import AutoTokenizer
+
+    import xpu_coopt
+
+    port = _free_port()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    process = subprocess.Popen(
+        [str(torchrun), "--nproc-per-node", str(RANKS), "--master-port", str(_free_port()), "-m", "xpu_coopt.cli",
+         "serve", "--model", str(tiny_folder), "--dtype", "float32", "--tensor-parallel", str(RANKS), "--port",
+         str(port), "--kv-cache-memory", "8M"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the ranks did not start serving"
+            time.sleep(0.2)
+        prompts = ["Once upon a time", "The capital of France is"]
+        replies = [httpx.post(f"{url}/v1/completions", timeout=120,
+                              json={"model": tiny_folder.name, "prompt": prompt, "max_tokens": 12, "temperature": 0,
+                                    "ignore_eos": True}).json()["choices"][0]["text"] for prompt in prompts]  # fmt: skip
+        for child in _children(process.pid):
+            os.kill(child, signal.SIGTERM)  # rank 0 stops gracefully; the other ignores it and follows rank 0
+        assert process.wait(timeout=120) == 0, process.stdout.read()
+    finally:
+        process.kill()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_folder)
+    model, _ = xpu_coopt.from_pretrained(tiny_folder, dtype=torch.float32)
+    for prompt, reply in zip(prompts, replies, strict=True):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert reply == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

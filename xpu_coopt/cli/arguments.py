@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -150,3 +151,22 @@ def typed_text(text: str) -> str:
     """Text from the command line or a terminal with bytes that are not UTF-8 (which Python carries as lone
     surrogates, which no tokenizer takes) as U+FFFD, the replacement character."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def tensor_parallel_argument(parser: argparse.ArgumentParser, command: str, which: str) -> None:
+    parser.add_argument("--tensor-parallel", type=positive, default=1, metavar="N",
+                        help=f"split the model over N processes (GPUs): run under torchrun --nproc-per-node N "
+                        f"-m xpu_coopt.cli {command} ...; {which}")  # fmt: skip
+
+
+def join_ranks(args: argparse.Namespace, command: str) -> None:
+    """--tensor-parallel under torchrun: this rank's device (its own GPU) and, on ranks other than 0, no
+    output (they generate the same tokens)."""
+    if "LOCAL_RANK" not in os.environ:
+        raise ValueError(f"--tensor-parallel {args.tensor_parallel} runs one process per rank: torchrun "
+                         f"--nproc-per-node {args.tensor_parallel} -m xpu_coopt.cli {command} ...")  # fmt: skip
+    if args.device.type in ("cuda", "xpu") and args.device.index is None:
+        args.device = torch.device(args.device.type, int(os.environ["LOCAL_RANK"]))
+        getattr(torch, args.device.type).set_device(args.device)
+    if int(os.environ.get("RANK", "0")) != 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the process's streams from now on)

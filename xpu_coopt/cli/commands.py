@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from xpu_coopt.cli.arguments import (
     cache_arguments,
     check_runnable,
     existing_file,
+    join_ranks,
     keeps_stored_weights,
     load_with_tokenizer,
     model_arguments,
@@ -26,6 +26,7 @@ from xpu_coopt.cli.arguments import (
     positive,
     read_text,
     runtime_arguments,
+    tensor_parallel_argument,
     typed_text,
     weight_arguments,
 )
@@ -145,9 +146,7 @@ def generate_parser(subparsers) -> None:
     parser.add_argument("--compare", action="store_true",
                         help="also run transformers' generate on the same prompts and settings (and seed) and "
                         "report whether its tokens are the same; exit status 1 where they are not")  # fmt: skip
-    parser.add_argument("--tensor-parallel", type=positive, default=1, metavar="N",
-                        help="split the model over N processes (GPUs): run under torchrun --nproc-per-node N "
-                        "-m xpu_coopt.cli generate ...; rank 0 prints")  # fmt: skip
+    tensor_parallel_argument(parser, "generate", "rank 0 prints")
 
 
 GENERATION_ARGUMENTS = ("max_new_tokens", "num_beams", "num_return_sequences", "do_sample", "temperature",
@@ -166,7 +165,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if not prompts and not args.interactive:
         raise ValueError("no prompt: pass --prompt TEXT or --prompt-file FILE, or --interactive")
     if args.tensor_parallel > 1:
-        _join_ranks(args)
+        if args.interactive or args.compare:
+            raise ValueError("--tensor-parallel takes no --interactive or --compare")
+        join_ranks(args, "generate")
     model, tokenizer, transformers_model = optimized_with_tokenizer(args)
     if args.interactive:  # before stdin is read
         require_chat_template(tokenizer)
@@ -198,21 +199,6 @@ def run_generate(args: argparse.Namespace) -> int:
     print(f"transformers' sequence {row + 1} parts from xpu_coopt's at new token {position + 1}: "
           f"{why_tokens_can_part(DTYPES[args.dtype], args.kv_dtype)}", file=sys.stderr)  # fmt: skip
     return 1
-
-
-def _join_ranks(args: argparse.Namespace) -> None:
-    """--tensor-parallel under torchrun: this rank's device (its own GPU) and, on ranks other than 0, no
-    output (they generate the same tokens)."""
-    if "LOCAL_RANK" not in os.environ:
-        raise ValueError(f"--tensor-parallel {args.tensor_parallel} runs one process per rank: torchrun "
-                         f"--nproc-per-node {args.tensor_parallel} -m xpu_coopt.cli generate ...")  # fmt: skip
-    if args.interactive or args.compare:
-        raise ValueError("--tensor-parallel takes no --interactive or --compare")
-    if args.device.type in ("cuda", "xpu") and args.device.index is None:
-        args.device = torch.device(args.device.type, int(os.environ["LOCAL_RANK"]))
-        getattr(torch, args.device.type).set_device(args.device)
-    if int(os.environ.get("RANK", "0")) != 0:
-        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the process's streams from now on)
 
 
 def optimized_with_tokenizer(args: argparse.Namespace) -> tuple[Any, Any, Callable[[], Any]]:

@@ -11,9 +11,11 @@ from pathlib import Path
 
 from xpu_coopt.cli.arguments import (
     cache_arguments,
+    join_ranks,
     model_with_tokenizer_arguments,
     positive,
     runtime_arguments,
+    tensor_parallel_argument,
     weight_arguments,
 )
 
@@ -77,6 +79,7 @@ def serve_parser(subparsers) -> None:
     parser.add_argument("--max-num-seqs", type=positive, default=64, help="sequences a step runs at most")
     parser.add_argument("--max-waiting", type=positive, default=256,
                         help="requests waiting at most; more are answered 503 (default 256)")  # fmt: skip
+    tensor_parallel_argument(parser, "serve", "rank 0 serves HTTP, every rank steps its part of the engine")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_VARIABLE),
                         help=f"require this Bearer token on /v1/ routes (default: ${API_KEY_VARIABLE}, else none)")  # fmt: skip
 
@@ -104,10 +107,24 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise RuntimeError(f"xpu-coopt serve needs FastAPI, uvicorn and prometheus_client: pip install "
                            f"'xpu_coopt[serve]' ({error})") from None  # fmt: skip
+    from transformers import PreTrainedTokenizerBase
+
     from xpu_coopt.serve.async_engine import AsyncEngine
-    from xpu_coopt.serve.engine_core import ProcessCore
+    from xpu_coopt.serve.engine_core import ProcessCore, run_follower
+
+    if args.tensor_parallel > 1:
+        join_ranks(args, "serve")
+        if int(os.environ["RANK"]) != 0:  # rank 0's engine shares each step's requests with this one
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # it stops when rank 0 says so
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            run_follower(build_engine(args)[0])
+            return 0
 
     core = ProcessCore(functools.partial(build_engine, args))  # the engine steps in a process of its own
+    if not isinstance(core.tokenizer, PreTrainedTokenizerBase):  # the routes need its chat template, decoding
+        core.stop()
+        raise ValueError(f"xpu-coopt serve needs a Hugging Face tokenizer (a folder's or a GGUF's), not "
+                         f"{type(core.tokenizer).__name__}")  # fmt: skip
     limits = core.limits
     name = args.served_model_name or Path(str(args.model)).name
     app = create_app(AsyncEngine(core, args.max_waiting), core.tokenizer, name, args.api_key)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,12 @@ class TensorParallel:
         shards = [torch.empty_like(shard) for _ in range(self.size)]
         dist.all_gather(shards, shard.contiguous())
         return torch.cat(shards, dim=-1)[..., :columns]
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's value (any picklable object) on every rank; the others pass anything."""
+        box = [value if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def broadcast_seed(self) -> int:
         """A seed drawn on rank 0, the same on every rank: their sampling draws stay in step."""

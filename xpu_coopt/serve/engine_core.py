@@ -20,6 +20,9 @@ from xpu_coopt.engine.engine import Engine, EngineLimits
 
 Message = tuple
 Emit = Callable[[Message], None]
+# An idle rank 0 shares an empty list this often: the other ranks' collectives never wait long enough to
+# time out.
+HEARTBEAT_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -194,11 +197,30 @@ def _process_main(build: Callable[[], tuple[Engine, Any]], connection) -> None:
         connection.send(("failed", f"{type(error).__name__}: {error}"))
         return
     connection.send(("ready", engine.limits, tokenizer))
+    parallel = engine.model.decoder.parallel
+    if parallel is None:
+        EngineLoop(engine, _pipe_receiver(connection, None), connection.send).run()
+        return
+    # Tensor parallelism: this process is rank 0's engine; the other ranks step theirs in step with it.
+    receive = _pipe_receiver(connection, HEARTBEAT_SECONDS)
+    EngineLoop(engine, lambda block: parallel.share(receive(block)), connection.send).run()
+
+
+def run_follower(engine: Engine) -> None:
+    """A rank other than 0 under tensor parallelism: applies the messages rank 0's engine shares each
+    iteration (none when idle: a heartbeat) and steps with it, emitting nothing, until rank 0 stops."""
+    parallel = engine.model.decoder.parallel
+    EngineLoop(engine, lambda block: parallel.share(None), lambda message: None).run()
+
+
+def _pipe_receiver(connection, wait: float | None) -> Callable[[bool], list[Message] | None]:
+    """receive(block) over the pipe: the messages waiting; when blocking, the first waited for up to
+    `wait` seconds (forever for None); None once told to stop or when the server's end closes."""
 
     def receive(block: bool) -> list[Message] | None:
         messages = []
         try:
-            if block or connection.poll():
+            if connection.poll(wait if block else 0):
                 messages.append(connection.recv())
             while connection.poll():
                 messages.append(connection.recv())
@@ -206,4 +228,4 @@ def _process_main(build: Callable[[], tuple[Engine, Any]], connection) -> None:
             return None
         return None if None in messages else messages
 
-    EngineLoop(engine, receive, connection.send).run()
+    return receive
