@@ -62,7 +62,7 @@ def _stored_quantized(hf_model, bits: int):
 
 
 def generations(name: str, kv_cache: str, variant: str, tensor_parallel: int) -> dict:
-    """Greedy, beam-search and sampled tokens of two left-padded prompts."""
+    """Greedy, beam-search and sampled tokens of two left-padded prompts, and prompt lookup's of one."""
     hf_model = model_for(name)
     if variant.startswith("stored-int"):
         hf_model = _stored_quantized(hf_model, int(variant[len("stored-int") :]))
@@ -73,7 +73,11 @@ def generations(name: str, kv_cache: str, variant: str, tensor_parallel: int) ->
     greedy = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
     beams = model.generate(ids, attention_mask=mask, max_new_tokens=8, num_beams=4, do_sample=False)
     sampled = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=20)
-    return {"greedy": greedy.tolist(), "beams": beams.tolist(), "sampled": sampled.tolist(),
+    lookup = None  # prompt lookup refuses a sliding window on every layer
+    if not all(model.spec.layer_windows):
+        lookup = model.generate(ids[1:], attention_mask=mask[1:], max_new_tokens=8, prompt_lookup_num_tokens=3,
+                                do_sample=False).tolist()  # fmt: skip
+    return {"greedy": greedy.tolist(), "beams": beams.tolist(), "sampled": sampled.tolist(), "lookup": lookup,
             "kv_heads": model.spec.num_kv_heads, "heads": model.spec.num_heads,
             "weight_bytes": model.weight_bytes()}  # fmt: skip
 

@@ -61,6 +61,7 @@ def test_two_ranks_generate_one_processs_tokens(ranks, case):
     for result in (r[key] for r in ranks):
         assert result["greedy"] == one["greedy"]
         assert result["beams"] == one["beams"]
+        assert result["lookup"] == one["lookup"]
         assert result["heads"] == one["heads"] // RANKS
         assert result["kv_heads"] == max(1, one["kv_heads"] // RANKS)
     assert ranks[0][key]["sampled"] == ranks[1][key]["sampled"]
@@ -196,3 +197,15 @@ def test_serve_under_torchrun_answers_with_one_processs_tokens_and_stops_cleanly
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
         assert reply == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_bench_under_torchrun_times_the_split_model_and_rank_0_reports(tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    report = tmp_path / "bench.json"
+    run = subprocess.run([str(torchrun), "--nproc-per-node", str(RANKS), "--master-port", str(_free_port()), "-m",
+                          "xpu_coopt.cli", "bench", "--model", str(require_data(STORIES_MODEL)), "--dtype", "float32",
+                          "--tensor-parallel", str(RANKS), "--input-tokens", "8", "--output-tokens", "4", "--json",
+                          str(report)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    result = json.loads(report.read_text())
+    assert result["settings"]["tensor_parallel"] == RANKS and run.stdout.count("next token mean") == 1

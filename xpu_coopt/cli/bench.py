@@ -203,6 +203,7 @@ def benchmark(
     weight_dtype: str = "auto",
     group_size: int = 128,
     optimized: Any = None,
+    tensor_parallel: int = 1,
 ) -> BenchResult:
     """Times both implementations on the same random prompts; keeps the best (fastest) of `repeats` runs each.
     num_return_sequences > 1 (with num_beams 1) samples that many sequences of each prompt, with the same
@@ -214,7 +215,8 @@ def benchmark(
     later generate() of the same shape does.
     min_input_tokens: prompts of unequal lengths, spread evenly from it to input_tokens over the batch and
     left-padded (what a paged KV cache stores without its padding); None: every prompt input_tokens long.
-    weight_dtype, group_size: optimize()'s. optimized: xpu_coopt's side made already (from_pretrained of a
+    weight_dtype, group_size, tensor_parallel: optimize()'s (with tensor parallelism transformers' side runs
+    whole on each rank). optimized: xpu_coopt's side made already (from_pretrained of a
     4-bit checkpoint, which transformers' side loads its own way), instead of optimize(hf_model)."""
     if num_return_sequences > 1 and num_beams > 1:
         raise ValueError("num_return_sequences > 1 samples sequences, which needs num_beams=1")
@@ -225,11 +227,12 @@ def benchmark(
     device = next(hf_model.parameters()).device
     # inplace=True lets optimize() share the fused matrices with transformers where the backend keeps them
     # plain (weights held once); it converts nothing here (same dtype), so transformers' results are unchanged.
+    # Not with tensor parallelism: it would release the projections transformers' side runs.
     if optimized is None:
         optimized = xpu_coopt.optimize(
-            hf_model, dtype=dtype, kv_dtype=kv_dtype, backend=backend, inplace=True, cuda_graph=cuda_graph,
-            pack_shared_weights=pack_shared_weights, kv_cache=kv_cache, weight_dtype=weight_dtype,
-            group_size=group_size,
+            hf_model, dtype=dtype, kv_dtype=kv_dtype, backend=backend, inplace=tensor_parallel == 1,
+            cuda_graph=cuda_graph, pack_shared_weights=pack_shared_weights, kv_cache=kv_cache,
+            weight_dtype=weight_dtype, group_size=group_size, tensor_parallel=tensor_parallel,
         )  # fmt: skip
     input_ids, mask = random_prompts(
         optimized.spec.vocab_size, batch_size, input_tokens, min_input_tokens, seed
@@ -241,7 +244,7 @@ def benchmark(
         num_return_sequences=num_return_sequences, kv_dtype=kv_dtype, kv_cache=kv_cache,
         weight_dtype=optimized.weight_dtype,
         pack_shared_weights=pack_shared_weights, keep_decode_graph=keep_decode_graph, device=str(device),
-        repeats=repeats, **_environment(optimized),
+        repeats=repeats, tensor_parallel=tensor_parallel, **_environment(optimized),
     )  # fmt: skip
     runners = {"transformers": (run_transformers, hf_model), "xpu_coopt": (run_xpu_coopt, optimized)}
     runs = _timed_runs(runners, optimized, (input_ids, mask), settings, seed, progress)

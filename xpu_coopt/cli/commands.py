@@ -68,6 +68,8 @@ def bench_parser(subparsers) -> None:
                      "quantized ones stay so, while transformers dequantizes them), int4 or int8 "
                      "(round-to-nearest)")  # fmt: skip
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    tensor_parallel_argument(bench, "bench", "xpu_coopt's side split over the ranks, transformers' whole on "
+                             "each; rank 0 prints")  # fmt: skip
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -76,6 +78,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tensor_parallel > 1:
+        join_ranks(args, "bench")
     device = args.device
     print(f"loading {args.model} ({args.dtype}) on {device} ...", file=sys.stderr)
     model, _ = load_model(args.model, DTYPES[args.dtype], device)
@@ -87,7 +91,7 @@ def run_bench(args: argparse.Namespace) -> int:
             args.model, dtype=DTYPES[args.dtype], device=device, kv_dtype=args.kv_dtype, backend=args.backend,
             kv_cache=args.kv_cache, cuda_graph=CUDA_GRAPH_CHOICES[args.cuda_graph],
             pack_shared_weights=args.pack_shared_weights, weight_dtype=args.weight_dtype,
-            group_size=args.group_size,
+            group_size=args.group_size, tensor_parallel=args.tensor_parallel,
         )  # fmt: skip
     result = benchmark(
         model, dtype=DTYPES[args.dtype], batch_size=args.batch_size, input_tokens=args.input_tokens,
@@ -98,6 +102,7 @@ def run_bench(args: argparse.Namespace) -> int:
         cuda_graph=CUDA_GRAPH_CHOICES[args.cuda_graph],
         pack_shared_weights=args.pack_shared_weights, keep_decode_graph=args.keep_decode_graph,
         weight_dtype=args.weight_dtype, group_size=args.group_size, optimized=optimized,
+        tensor_parallel=args.tensor_parallel,
     )  # fmt: skip
     result.settings["model"] = args.model
     print(format_result(result))
