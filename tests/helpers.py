@@ -437,3 +437,30 @@ def assert_act_order_linear_matches_oracle(backend_module, rows: int) -> None:
     x = torch.randn(rows, 128)
     out = backend_module.linear_int4(x, backend_module.pack_int4(weight, x.dtype))
     assert_linear_matches_oracle(out, x, weight, None, torch.float32, 1e-6)
+
+
+def free_port() -> int:
+    """A loopback port free now (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_serving(url: str, process, seconds: float, what: str) -> None:
+    """Waits for the server process `process` to answer GET {url}/health; fails with its output if it exits."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, process.communicate()[0]
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{what} did not start within {seconds} s"
+        time.sleep(0.2)

@@ -5,7 +5,6 @@ get the tokens generate() gives its prompt alone; clients that leave mid-stream 
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 
@@ -13,6 +12,7 @@ import httpx
 import openai
 import pytest
 import torch
+from helpers import free_port, wait_until_serving
 
 import xpu_coopt
 from xpu_coopt.engine.engine import Engine
@@ -32,9 +32,7 @@ def server(smollm2_fp32):
     engine = Engine(model, num_blocks=256, block_size=16, max_num_batched_tokens=128, max_num_seqs=64)
     async_engine = AsyncEngine(engine, max_waiting=64)
     app = create_app(async_engine, tokenizer, MODEL, API_KEY)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
@@ -253,25 +251,14 @@ def test_xpu_coopt_serve_answers_then_exits_0_on_sigterm(smollm2_fp32):
     import subprocess
     import sys
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(
         [sys.executable, "-m", "xpu_coopt.cli", "serve", "--port", str(port), "--kv-cache-memory", "16M", "--dtype", "float32"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stderr.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "xpu-coopt serve did not start"
-            time.sleep(0.2)
+        wait_until_serving(url, process, 120, "xpu-coopt serve")
         hf_model, tokenizer = smollm2_fp32
         reply = httpx.post(f"{url}/v1/completions", timeout=60,
                            json={"model": "smollm2-135m", "prompt": "Hello", "max_tokens": 6, "temperature": 0})  # fmt: skip

@@ -8,29 +8,22 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import tp_worker
-from helpers import STORIES_MODEL, STORIES_TOKENIZER, require_data
+from helpers import STORIES_MODEL, STORIES_TOKENIZER, free_port, require_data, wait_until_serving
 
 from xpu_coopt.cli import main
 
 RANKS = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _run_ranks(out: Path, fail_rank: int | None = None, timeout: float = 600) -> list[dict]:
     context = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     processes = [context.Process(target=tp_worker.run, args=(rank, RANKS, port, str(out), fail_rank))
                  for rank in range(RANKS)]  # fmt: skip
     for process in processes:
@@ -106,7 +99,7 @@ def test_generate_under_torchrun_prints_the_one_process_text_once(tmp_path):
     one = subprocess.run([sys.executable, "-m", "xpu_coopt.cli", "generate", *model, *STORIES_ARGS],
                          capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
     torchrun = Path(sys.executable).with_name("torchrun")
-    two = subprocess.run([str(torchrun), "--nproc-per-node", str(RANKS), "--master-port", str(_free_port()), "-m",
+    two = subprocess.run([str(torchrun), "--nproc-per-node", str(RANKS), "--master-port", str(free_port()), "-m",
                           "xpu_coopt.cli", "generate", *model, *STORIES_ARGS, "--tensor-parallel", str(RANKS)],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
     assert two.returncode == 0, two.stderr
@@ -155,7 +148,6 @@ def test_serve_under_torchrun_answers_with_one_processs_tokens_and_stops_cleanly
     """xpu-coopt serve --tensor-parallel 2: rank 0 serves HTTP, both ranks step the engine; the greedy
     completion is one process's; SIGTERM stops rank 0, which stops the other, and torchrun exits 0."""
     import signal
-    import time
 
     import httpx
     import torch
@@ -163,25 +155,16 @@ def test_serve_under_torchrun_answers_with_one_processs_tokens_and_stops_cleanly
 
     import xpu_coopt
 
-    port = _free_port()
+    port = free_port()
     torchrun = Path(sys.executable).with_name("torchrun")
     process = subprocess.Popen(
-        [str(torchrun), "--nproc-per-node", str(RANKS), "--master-port", str(_free_port()), "-m", "xpu_coopt.cli",
+        [str(torchrun), "--nproc-per-node", str(RANKS), "--master-port", str(free_port()), "-m", "xpu_coopt.cli",
          "serve", "--model", str(tiny_folder), "--dtype", "float32", "--tensor-parallel", str(RANKS), "--port",
          str(port), "--kv-cache-memory", "8M"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the ranks did not start serving"
-            time.sleep(0.2)
+        wait_until_serving(url, process, 180, "the ranks")
         prompts = ["Once upon a time", "The capital of France is"]
         replies = [httpx.post(f"{url}/v1/completions", timeout=120,
                               json={"model": tiny_folder.name, "prompt": prompt, "max_tokens": 12, "temperature": 0,
@@ -202,7 +185,7 @@ def test_serve_under_torchrun_answers_with_one_processs_tokens_and_stops_cleanly
 def test_bench_under_torchrun_times_the_split_model_and_rank_0_reports(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     report = tmp_path / "bench.json"
-    run = subprocess.run([str(torchrun), "--nproc-per-node", str(RANKS), "--master-port", str(_free_port()), "-m",
+    run = subprocess.run([str(torchrun), "--nproc-per-node", str(RANKS), "--master-port", str(free_port()), "-m",
                           "xpu_coopt.cli", "bench", "--model", str(require_data(STORIES_MODEL)), "--dtype", "float32",
                           "--tensor-parallel", str(RANKS), "--input-tokens", "8", "--output-tokens", "4", "--json",
                           str(report)], capture_output=True, text=True, timeout=300)  # fmt: skip
