@@ -99,6 +99,13 @@ def launch_all(dtypes: list[torch.dtype]) -> None:
                 torch.zeros(8, 5, dtype=torch.int32), 5, 0.125, kv_dtype, None,
                 torch.arange(150, dtype=torch.int32).view(2, 75) % 75, 590,
             )  # fmt: skip
+            # The serving engine's ragged step over the same blocks: a decode beside a 5-token prompt chunk.
+            step_query = torch.randn(6, 8, 64, dtype=dtype)
+            K.ENTRIES.paged_attention(
+                torch.empty_like(step_query), step_query, blocks, blocks, block_scales, block_scales,
+                torch.arange(150, dtype=torch.int32).view(2, 75) % 75, torch.tensor([0, 1, 6], dtype=torch.int32),
+                torch.tensor([40, 30], dtype=torch.int32), 0.125, kv_dtype,
+            )  # fmt: skip
             if scale is not None:  # the tuning option that converts FP8 tiles before their dot layout
                 launch = K.DECODE_LAUNCH
                 K.DECODE_LAUNCH = dataclasses.replace(launch, fp8_upcast_in_registers=True)

@@ -26,6 +26,7 @@ from xpu_coopt.backends.triton.attention import (
 from xpu_coopt.backends.triton.codecs import codec_constants
 from xpu_coopt.backends.triton.kv_write import rotary_kv_write_kernel
 from xpu_coopt.backends.triton.norms import fused_add_rms_norm_kernel, rms_norm_kernel, silu_and_mul_kernel
+from xpu_coopt.backends.triton.paged import paged_attention_kernel
 from xpu_coopt.ops import checks, decode_split, fp8
 from xpu_coopt.ops.calls import (
     AddNormCall,
@@ -37,7 +38,6 @@ from xpu_coopt.ops.calls import (
     PrefillCall,
     SiluCall,
 )
-from xpu_coopt.ops.paged import compose_by_prefill
 from xpu_coopt.ops.registry import register_backend
 
 BACKEND = "Triton"
@@ -50,6 +50,8 @@ MAX_HIDDEN = 65536  # rms_norm holds a whole row in one block
 MAX_DECODE_ROWS = 64
 SILU_BLOCK = 1024
 PREFILL_BLOCK_M, PREFILL_BLOCK_N = 32, 32
+# paged_attention: 16 query rows a program (tl.dot's least; a decode has one), 32 keys a step
+PAGED_BLOCK_M, PAGED_BLOCK_N = 16, 32
 LIMITS = Limits(BACKEND, max_head_dim=MAX_HEAD_DIM, max_hidden=MAX_HIDDEN)
 
 
@@ -272,9 +274,25 @@ def segment_attention_decode(call: DecodeCall) -> None:
 
 
 def paged_attention(call: PagedCall) -> None:
-    """Composed from this backend's attention_prefill, one call a sequence over its gathered K/V (a kernel
-    that reads the blocks in place is left to do; docs/ops.md)."""
-    compose_by_prefill(call, attention_prefill)
+    """One launch a step (paged.py): the grid covers as many query blocks as the step has tokens, so the
+    host never reads the sequences' lengths (a sequence's programs past its queries do nothing)."""
+    query = call.query
+    tokens, heads, head_dim = query.shape
+    if tokens == 0:
+        return
+    k_pool, v_pool, k_scale, v_scale = call.pool
+    unused = query.new_empty(0, dtype=torch.float32)  # stands for a 16-bit pool's absent scales, never read
+    k_scale, v_scale = (unused if t is None else t for t in (k_scale, v_scale))
+    scale_strides = [s for t in (k_scale, v_scale) for s in (t.stride()[:2] if t.dim() == 3 else (0, 0))]
+    codec = codec_constants(call.kv_dtype)
+    paged_attention_kernel[(triton.cdiv(tokens, PAGED_BLOCK_M), call.context_lens.shape[0] * heads)](
+        call.out, query, k_pool, v_pool, k_scale, v_scale, call.block_tables, call.query_start, call.context_lens,
+        heads, k_pool.shape[1], head_dim, call.block_size, call.scale, call.span, *query.stride()[:2],
+        *call.out.stride()[:2], call.block_tables.stride(0), *k_pool.stride()[:3], *v_pool.stride()[:3],
+        *scale_strides, BLOCK_M=PAGED_BLOCK_M, BLOCK_N=PAGED_BLOCK_N, BLOCK_D=_block(head_dim, 16),
+        UPCAST_DOT=upcast_dot(query.dtype), NATIVE_FP8=_native_fp8(query.device), V_BOOST=codec["FP8_MAX"] / 2,
+        **codec,
+    )  # fmt: skip
 
 
 ENTRIES = register_backend(sys.modules[__name__], LIMITS, "CUDA")

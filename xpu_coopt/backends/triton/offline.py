@@ -31,7 +31,8 @@ import xpu_coopt.backends.triton.linear as linear
 # The module each wrapper looks its kernels up in, and their names.
 KERNEL_NAMES = (
     (kernels, ("rms_norm_kernel", "fused_add_rms_norm_kernel", "silu_and_mul_kernel", "rotary_kv_write_kernel",
-               "attention_prefill_kernel", "segment_attention_decode_kernel", "combine_splits_kernel")),
+               "attention_prefill_kernel", "segment_attention_decode_kernel", "combine_splits_kernel",
+               "paged_attention_kernel")),
     (linear, ("skinny_linear_kernel",)),
 )  # fmt: skip
 REGISTERS_PER_SM = 65536  # every NVIDIA GPU from sm_50 to sm_120
