@@ -1,7 +1,6 @@
-"""paged_attention's shared steps: a sequence's K/V read out of the pool of blocks, a sequence's queries run
-through a backend's attention_prefill over them, and the op composed from that, one call a sequence
-(what the SYCL and Triton backends run until they have a kernel that reads the blocks in place;
-docs/ops.md)."""
+"""paged_attention's steps for a backend that gathers a sequence's K/V out of the pool of blocks and runs its
+queries through attention_prefill over them (the CPU backend's prompt chunks; the SYCL and Triton
+kernels read the blocks in place instead; docs/ops.md)."""
 
 from __future__ import annotations
 
@@ -61,13 +60,3 @@ def prefill_sequence(
             call.span,
         )
     )
-
-
-def compose_by_prefill(call: PagedCall, attention_prefill: Prefill) -> None:
-    """paged_attention as one attention_prefill a sequence over its gathered K/V."""
-    for index, (rows, context) in enumerate(sequences(call)):
-        if rows.start == rows.stop:
-            continue
-        # contiguous: the device kernels take K/V with heads D apart (attention_prefill's layout)
-        keys, values = (t.transpose(0, 1).contiguous() for t in context_kv(call, index, context))
-        prefill_sequence(call, rows, keys, values, attention_prefill)

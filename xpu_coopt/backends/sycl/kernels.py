@@ -26,7 +26,6 @@ from xpu_coopt.ops.calls import (
     PrefillCall,
     SiluCall,
 )
-from xpu_coopt.ops.paged import compose_by_prefill
 from xpu_coopt.ops.registry import register_backend
 
 DTYPE_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -46,6 +45,7 @@ XPU_MIN_CHUNK = 64
 # small prompts run split decoding too.
 CPU_DEVICE_DECODE_WORK_GROUPS = 16
 PREFILL_QUERY_ROWS = 8  # attention_prefill.cpp kQueryRows
+PAGED_QUERY_ROWS = 8  # paged_attention.cpp kQueryRows
 NORM_WORK_GROUP = 128
 ELEMENTWISE_WORK_GROUP = 256
 KV_WRITE_WORK_GROUP = 4 * SUB_GROUP
@@ -188,9 +188,25 @@ def segment_attention_decode(call: DecodeCall) -> None:
 
 
 def paged_attention(call: PagedCall) -> None:
-    """Composed from this backend's attention_prefill, one call a sequence over its gathered K/V (a kernel
-    that reads the blocks in place is left to do; docs/ops.md)."""
-    compose_by_prefill(call, attention_prefill)
+    """One launch a step (paged_attention.cpp), reading the blocks in place; the longest sequence's query
+    count, read on the host, sizes the grid (no graph capture on this backend)."""
+    query = call.query
+    tokens, heads, head_dim = query.shape
+    if tokens == 0:
+        return
+    query_tiles = -(-int((call.query_start[1:] - call.query_start[:-1]).max()) // PAGED_QUERY_ROWS)
+    work_groups = call.context_lens.shape[0] * heads * query_tiles
+    local = PAGED_QUERY_ROWS * SUB_GROUP
+    k_pool, v_pool, k_scale, v_scale = call.pool
+    scale_strides = [s for t in (k_scale, v_scale) for s in (t.stride()[:2] if t is not None else (0, 0))]
+    _run(
+        query.device, "paged_attention.cpp", f"paged_attention_{_dtype_name(query)}_{call.kv_dtype}",
+        work_groups * local, local, call.out, query, k_pool, v_pool, k_scale, v_scale, call.block_tables,
+        call.query_start, call.context_lens, c_int(query_tiles), c_int(heads), c_int(k_pool.shape[1]),
+        c_int(head_dim), c_int(call.block_size), c_float(call.scale), c_int(call.span),
+        *(c_int64(s) for s in (*query.stride()[:2], *call.out.stride()[:2], call.block_tables.stride(0))),
+        *(c_int64(s) for s in (*k_pool.stride()[:3], *v_pool.stride()[:3], *scale_strides)),
+    )  # fmt: skip
 
 
 ENTRIES = register_backend(sys.modules[__name__], LIMITS, "XPU")
