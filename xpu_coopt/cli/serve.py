@@ -21,7 +21,6 @@ from xpu_coopt.cli.arguments import (
 
 API_KEY_VARIABLE = "XPU_COOPT_API_KEY"
 SIZE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-DEFAULT_POOL = 1 << 30  # bytes of the KV pool unless told
 
 
 def byte_size(text: str) -> int:
@@ -144,7 +143,6 @@ def build_engine(args: argparse.Namespace):
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer, _ = optimized_with_tokenizer(args)
-    memory = None if args.kv_cache_fraction else (args.kv_cache_memory or DEFAULT_POOL)
-    budget = Engine.pool_bytes(model, memory, args.kv_cache_fraction)
+    budget = Engine.pool_bytes(model, args.kv_cache_memory, args.kv_cache_fraction)
     blocks = Engine.blocks_for_memory(model, budget, args.block_size)
     return Engine(model, blocks, args.block_size, args.max_num_batched_tokens, args.max_num_seqs), tokenizer

@@ -23,6 +23,7 @@ from xpu_coopt.model.optimized import OptimizedModel
 from xpu_coopt.ops import fp8
 
 DEFAULT_BLOCK_SIZE = 16
+DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes of K/V the pool holds unless told
 
 
 @dataclass(frozen=True)
@@ -98,16 +99,16 @@ class Engine:
 
     @staticmethod
     def pool_bytes(
-        model: OptimizedModel, kv_cache_memory: int | None, kv_cache_fraction: float | None
+        model: OptimizedModel, kv_cache_memory: int | None = None, kv_cache_fraction: float | None = None
     ) -> int:
         """The KV pool's budget: kv_cache_memory bytes, or kv_cache_fraction of the memory the model's device
-        has free now (vLLM's gpu_memory_utilization, of what the loaded model left)."""
-        if (kv_cache_memory is None) == (kv_cache_fraction is None):
+        has free now (vLLM's gpu_memory_utilization, of what the loaded model left); 1 GiB given neither."""
+        if kv_cache_memory is not None and kv_cache_fraction is not None:
             raise ValueError(
-                "give the KV pool's size as kv_cache_memory (bytes) or kv_cache_fraction, one of them"
+                "give the KV pool's size as kv_cache_memory (bytes) or kv_cache_fraction, not both"
             )
         if kv_cache_fraction is None:
-            return kv_cache_memory
+            return DEFAULT_KV_CACHE_MEMORY if kv_cache_memory is None else kv_cache_memory
         if not 0 < kv_cache_fraction <= 1:
             raise ValueError(f"kv_cache_fraction must lie in (0, 1], not {kv_cache_fraction}")
         return int(kv_cache_fraction * free_memory(model.device))

@@ -16,8 +16,6 @@ from xpu_coopt.engine.engine import DEFAULT_BLOCK_SIZE, Engine
 from xpu_coopt.engine.request import SamplingParams, TokenLogprobs
 from xpu_coopt.model.optimized import OptimizedModel
 
-DEFAULT_KV_CACHE_MEMORY = 1 << 30  # bytes of K/V the pool holds unless told
-
 
 @dataclass(frozen=True)
 class RequestOutput:
@@ -50,8 +48,6 @@ class LLM:
     ) -> None:
         self.model, self.tokenizer = _optimized(model, tokenizer, optimize_kwargs)
         if num_blocks is None:
-            if kv_cache_memory is None and kv_cache_fraction is None:
-                kv_cache_memory = DEFAULT_KV_CACHE_MEMORY
             budget = Engine.pool_bytes(self.model, kv_cache_memory, kv_cache_fraction)
             num_blocks = Engine.blocks_for_memory(self.model, budget, block_size)
         self.engine = Engine(self.model, num_blocks, block_size, max_num_batched_tokens, max_num_seqs)
