@@ -11,13 +11,11 @@ import argparse
 import os
 import resource
 
-import torch
 import torch.distributed as dist
 
 import xpu_coopt
 from xpu_coopt.checkpoints import load_model
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from xpu_coopt.cli import DTYPES
 
 
 def main() -> None:

@@ -42,13 +42,7 @@ class TensorParallel:
 
     def broadcast_seed(self) -> int:
         """A seed drawn on rank 0, the same on every rank: their sampling draws stay in step."""
-        seed = (
-            torch.randint(0, 2**62, (1,), dtype=torch.int64)
-            if self.rank == 0
-            else torch.zeros(1, dtype=torch.int64)
-        )
-        dist.broadcast(seed, src=0)
-        return int(seed)
+        return self.share(int(torch.randint(0, 2**62, (1,))) if self.rank == 0 else None)
 
 
 def check_size(size: int) -> None:

@@ -40,7 +40,7 @@ def shard_plan(spec: ModelSpec, size: int, rank: int) -> ShardPlan:
     """Which heads, columns and vocabulary rows rank `rank` of `size` holds; ValueError where the model's
     shapes do not split that way."""
     heads, kv_heads = spec.num_heads, spec.num_kv_heads
-    if size < 1 or heads % size or spec.intermediate_size % size:
+    if heads % size or spec.intermediate_size % size:
         raise ValueError(
             f"tensor_parallel={size} must divide the attention heads ({heads}) and intermediate_size "
             f"({spec.intermediate_size})"
@@ -201,7 +201,7 @@ def _vocabulary_rows(module: nn.Module, plan: ShardPlan) -> nn.Module:
         if missing:
             raise ValueError(f"a quantized LM head splits only where the ranks divide its vocabulary "
                              f"({module.out_features})")  # fmt: skip
-        return QuantizedLinear(module.quantized_weight.rows(plan.vocab), bias)
+        return QuantizedLinear(module.quantized_weight.rows(plan.vocab).clone(), bias)
     weight = module.weight.detach()[plan.vocab].clone()  # its own rows: the whole head may go (inplace)
     if missing:
         weight = torch.cat([weight, weight.new_zeros(missing, weight.shape[1])])

@@ -136,14 +136,11 @@ class ProcessCore:
         self.limits: EngineLimits = ready[1]
         self.tokenizer = ready[2]
         self._outbox: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
 
     def start(self, emit: Emit) -> None:
         # the event loop posts without waiting on the pipe; one thread sends, one receives
         for target, args in ((self._send, ()), (self._receive, (emit,))):
-            thread = threading.Thread(target=target, args=args, name="xpu-coopt-engine-pipe", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            threading.Thread(target=target, args=args, name="xpu-coopt-engine-pipe", daemon=True).start()
 
     def post(self, message: Message) -> None:
         self._outbox.put(message)
