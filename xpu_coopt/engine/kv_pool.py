@@ -3,7 +3,7 @@
 Stored head-major, [Hkv, blocks, block_size, D] in memory, and handed to the ops as their
 [blocks, Hkv, block_size, D] layout through strides: the kernels write and read by strides, and
 gathering a sequence's blocks head-major yields each head's keys in order in one copy
-(ops/paged.py).
+(backends/cpu/paged.py).
 """
 
 from __future__ import annotations

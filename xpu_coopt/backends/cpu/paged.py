@@ -1,5 +1,6 @@
 """paged_attention on the CPU: each sequence's K/V gathered out of the pool's blocks head-major
-(ops/paged.py); a decoding sequence (one query) attends with torch's flash kernel for CPU over its KV
+(one copy, which for the engine's pool, stored [Hkv, blocks, block_size, D], is already each head's keys
+in order); a decoding sequence (one query) attends with torch's flash kernel for CPU over its KV
 heads, each head's query group as rows of one matrix (no mask, no padding, no GQA expansion); a prompt
 chunk runs attention_prefill over its gathered context.
 
@@ -11,24 +12,27 @@ with that batching in groups of 8 of similar lengths.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import torch
 import torch.nn.functional as F
 
 from xpu_coopt.backends.cpu.prefill import attention_prefill
-from xpu_coopt.ops.calls import PagedCall
-from xpu_coopt.ops.paged import context_kv, prefill_sequence, sequences
+from xpu_coopt.ops import fp8
+from xpu_coopt.ops.calls import PagedCall, PrefillCall
 
 
 def paged_attention(call: PagedCall) -> None:
     query, out = call.query, call.out
     heads, dim = query.shape[1], query.shape[2]
     kv_heads = call.pool[0].shape[1]
-    for index, (rows, context) in enumerate(sequences(call)):
+    for index, (rows, context) in enumerate(_sequences(call)):
         count = rows.stop - rows.start
         if count == 0:
             continue
-        keys, values = context_kv(call, index, context)  # [Hkv, context, D]
+        keys, values = _context_kv(call, index, context)  # [Hkv, context, D]
         if count > 1:
-            prefill_sequence(call, rows, keys.transpose(0, 1), values.transpose(0, 1), attention_prefill)
+            _prefill_sequence(call, rows, keys.transpose(0, 1), values.transpose(0, 1))
             continue
         first = max(0, context - call.span)  # a window keeps the query's last `span` keys
         q = query[rows.start].view(1, kv_heads, heads // kv_heads, dim)
@@ -36,3 +40,42 @@ def paged_attention(call: PagedCall) -> None:
             q, keys[None, :, first:], values[None, :, first:], scale=call.scale
         )
         out[rows.start].copy_(result.view(heads, dim))
+
+
+def _sequences(call: PagedCall) -> Iterator[tuple[slice, int]]:
+    """Each sequence's query rows and context length (read on the host once)."""
+    starts, lengths = call.query_start.tolist(), call.context_lens.tolist()
+    for index, context in enumerate(lengths):
+        yield slice(starts[index], starts[index + 1]), context
+
+
+def _context_kv(call: PagedCall, index: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence `index`'s K and V, each [Hkv, context, D] in the activation dtype. A pool stored
+    head-major (the engine's, engine/kv_pool.py) gathers them in one copy that is already each head's
+    keys in order; any other layout takes the same single copy out of strided memory."""
+    blocks = -(-context // call.block_size)
+    table = call.block_tables[index, :blocks].long()
+    k_pool, v_pool, k_scale, v_scale = call.pool
+    return tuple(
+        _gathered(pool, scale, table, context, call.kv_dtype, call.query.dtype)
+        for pool, scale in ((k_pool, k_scale), (v_pool, v_scale))
+    )
+
+
+def _gathered(pool, scale, table, context: int, kv_dtype: str, dtype: torch.dtype) -> torch.Tensor:
+    stored = pool.transpose(0, 1)  # [Hkv, blocks, block_size, D]
+    cells = stored.index_select(1, table).reshape(stored.shape[0], -1, stored.shape[3])[:, :context]
+    if scale is None:
+        return cells
+    scales = scale.transpose(0, 1).index_select(1, table).reshape(scale.shape[1], -1)[:, :context]
+    return fp8.decode(cells, scales, kv_dtype, dtype)
+
+
+def _prefill_sequence(call: PagedCall, rows: slice, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """A sequence's queries (`rows`, the last columns of its context) attending over its keys and values
+    [context, Hkv, D], through attention_prefill."""
+    start = call.query_start.new_zeros(1)
+    attention_prefill(
+        PrefillCall(call.out[rows][None], call.query[rows][None], keys[None], values[None], start, call.scale,
+                    call.span)
+    )  # fmt: skip
