@@ -8,6 +8,7 @@ import torch
 from helpers import STORIES_VARIANTS, stories_prompt, unequal_stories_prompts
 
 import xpu_coopt
+from xpu_coopt.backends import native_build
 from xpu_coopt.backends.sycl import kernels, runtime
 from xpu_coopt.ops import decode_split
 
@@ -152,7 +153,7 @@ def test_a_launcher_in_the_cache_needs_no_compiler(monkeypatch, tmp_path):
     a build is needed."""
     monkeypatch.setenv("XPU_COOPT_CACHE", str(tmp_path))
     built = runtime._build_launcher(runtime.sycl_prefix())
-    monkeypatch.setattr(runtime.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native_build.shutil, "which", lambda name: None)
     assert runtime._build_launcher(runtime.sycl_prefix()) == built
     monkeypatch.setenv("XPU_COOPT_CACHE", str(tmp_path / "empty"))
     with pytest.raises(

@@ -14,16 +14,14 @@ import ctypes
 import importlib.metadata
 import logging
 import os
-import shutil
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from xpu_coopt.disk_cache import cache_dir, entry, key_of
+from xpu_coopt.backends.native_build import build_library
+from xpu_coopt.disk_cache import cache_dir
 from xpu_coopt.errors import BackendUnavailableError, KernelCompileError
 
 logger = logging.getLogger(__name__)
@@ -81,41 +79,16 @@ def _configure_environment(prefix: Path) -> None:
     os.environ.setdefault("SYCL_CACHE_DIR", str(cache_dir() / "sycl-rtc"))
 
 
-LAUNCHER_LIBRARY = "launcher.so"
-
-
 def _build_launcher(prefix: Path) -> Path:
-    """sycl_kernels/host/launcher.cpp built with $CXX (default g++) once per (source, runtime, compiler) and
-    kept in the disk cache; the compiler is looked for only where the cache lacks the library, so a
-    prebuilt cache serves a machine without one."""
-    source = kernel_source_dir() / "host" / "launcher.cpp"
-    compiler = os.environ.get("CXX") or "g++"
+    """sycl_kernels/host/launcher.cpp built once per (source, runtime, compiler) and kept in the disk
+    cache (backends/native_build.py)."""
     flags = [
         "-std=c++17", "-O2", "-shared", "-fPIC", "-DSYCL_DISABLE_FSYCL_SYCLHPP_WARNING",
         f"-I{prefix / 'include'}", f"-I{prefix / 'include' / 'sycl'}",
     ]  # fmt: skip
-    target = cache_dir() / f"launcher-{key_of([source.read_text(), str(prefix), compiler, *flags])}"
-    command = [compiler, *flags, str(source), "-o", LAUNCHER_LIBRARY]
-    command += [f"-L{prefix / 'lib'}", "-lsycl", f"-Wl,-rpath,{prefix / 'lib'}"]
-    return entry(target, lambda folder: _compile(command, folder, target)) / LAUNCHER_LIBRARY
-
-
-def _compile(command: list[str], folder: Path, target: Path) -> None:
-    """Runs the launcher's build in `folder`; KernelCompileError with the command, its status and output."""
-    if shutil.which(command[0]) is None:
-        raise BackendUnavailableError(
-            f"{command[0]} is needed to build xpu_coopt's SYCL launcher, which the disk cache lacks ({target}): "
-            "install g++, set CXX to a C++17 compiler, or use a cache where the launcher is built"
-        )
-    # Said on stderr: a few seconds of g++, once per machine, before any kernel runs.
-    print(f"building xpu_coopt's SYCL launcher (once, a few seconds): {target}", file=sys.stderr)
-    logger.info("the launcher's build command: %s", " ".join(command))
-    result = subprocess.run(command, cwd=folder, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        output = (result.stdout + result.stderr).strip() or "(no output)"
-        raise KernelCompileError(
-            f"building launcher.cpp failed: `{' '.join(command)}` exited with status {result.returncode}:\n{output}"
-        )
+    libraries = [f"-L{prefix / 'lib'}", "-lsycl", f"-Wl,-rpath,{prefix / 'lib'}"]
+    sources = [kernel_source_dir() / "host" / "launcher.cpp"]
+    return build_library("launcher", sources, flags, libraries, "xpu_coopt's SYCL launcher", [str(prefix)])
 
 
 def _declare(lib: ctypes.CDLL) -> None:
