@@ -16,6 +16,7 @@ import torch
 from helpers import KERNEL_BACKENDS, STORIES_MODEL, STORIES_TOKENIZER, require_data
 
 from xpu_coopt.backends.cpu import decode as cpu_decode
+from xpu_coopt.backends.cpu import native
 
 if os.environ["TRITON_INTERPRET"] == "1":
     from triton_interpreter import speed_up_the_interpreter
@@ -39,8 +40,10 @@ def _random_data_of_its_own(request):
 
 @pytest.fixture(params=sorted(KERNEL_BACKENDS))
 def kernels(request, monkeypatch):
-    if request.param == "reference":
-        monkeypatch.setattr(cpu_decode, "CPU_FLASH_ATTENTION", False)
+    if request.param == "reference":  # the readable torch kernels: decode's batched matmuls, no native kernel
+        monkeypatch.setattr(cpu_decode, "CPU_ROWS_ATTENTION", False)
+        monkeypatch.setattr(native, "_library", None)
+        monkeypatch.setattr(native, "_unavailable", "the reference kernels")
     return KERNEL_BACKENDS[request.param]()
 
 

@@ -37,9 +37,10 @@ TINYSTORIES_TEXT = DATA / "tinystories-valid.txt"
 
 # Every kernel table that implements docs/ops.md; each must match the oracles. Device backends add theirs.
 KERNEL_BACKENDS = {
-    "dispatcher-cpu": dispatcher_kernels,  # torch.ops.xpu_coopt on CPU tensors: the registered CPU kernels
-    # the same kernels called as plain functions (backend="torch"), the decode attention on the batched
-    # matmuls it runs on devices other than the CPU (the "reference" fixture switches the CPU's flash path off)
+    # torch.ops.xpu_coopt on CPU tensors: the registered CPU kernels, native ones included
+    "dispatcher-cpu": dispatcher_kernels,
+    # the same kernels called as plain functions (backend="torch") in PyTorch only: the decode attention on
+    # the batched matmuls of devices other than the CPU ("reference" fixture: no rows path, no native kernel)
     "reference": cpu_kernels,
     "sycl-cpu": sycl_kernels,  # sycl_kernels/ compiled by SYCL-RTC, run on the OpenCL CPU device
     "triton-interpreter": triton_kernels,  # xpu_coopt/backends/triton/, under TRITON_INTERPRET=1 on CPU tensors

@@ -86,8 +86,11 @@ def test_calibration_sees_every_column_of_windows_longer_than_the_sliding_window
     windows = token_windows(stories_ids, 5 * kept)[:2]
     whole = calibrate_kv_scales(model, windows)
     prefixes = [calibrate_kv_scales(model, windows[:, :length]) for length in range(kept, 5 * kept + 1, kept)]
-    assert whole.key_amax == tuple(map(max, zip(*(scales.key_amax for scales in prefixes), strict=True)))
-    assert whole.value_amax == tuple(map(max, zip(*(scales.value_amax for scales in prefixes), strict=True)))
+    # Equal up to float32 rounding: a column's attention over a prefix and over the whole text runs with
+    # other key counts (and the prefill's other path at the shortest), which may round its last bit otherwise.
+    for measured in ("key_amax", "value_amax"):
+        expected = tuple(map(max, zip(*(getattr(scales, measured) for scales in prefixes), strict=True)))
+        assert getattr(whole, measured) == pytest.approx(expected, rel=1e-6, abs=0), measured
 
 
 @pytest.mark.parametrize("progress", [True, False])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import quantized_weight, random_blocks, random_int8_blocks
 
-from xpu_coopt.backends.cpu import gemm_int4, gemm_int8
+from xpu_coopt.backends.cpu import gemm_int4, gemm_int8, native
 from xpu_coopt.quant.gguf_blocks import int4_from_blocks, quantized_from_blocks
 from xpu_coopt.quant.int8 import Int8Weight
 
@@ -56,17 +56,33 @@ def test_cpu_linear_int4_names_a_group_size_it_cannot_take():
         gemm_int4.pack_int4(weight, torch.bfloat16)
 
 
+# (kind, in_features, packing with the native kernels, packing without them)
+INT8_CASES = [
+    ("Q8_0", 64, gemm_int8.NativeInt8, gemm_int8.SplitInt8),
+    ("Q8_0", 576, gemm_int8.NativeInt8, gemm_int8.SplitInt8),
+    ("Q6_K", 512, gemm_int8.NativeInt8, Int8Weight),
+    ("per-channel", 576, gemm_int8.PerChannelInt8, gemm_int8.PerChannelInt8),
+    ("groups of 64", 128, gemm_int8.NativeInt8, gemm_int8.SplitInt8),
+]
+
+
 @pytest.mark.parametrize("dtype", sorted(TOLERANCE, key=str))
-@pytest.mark.parametrize("rows", [1, 5, 33])
-@pytest.mark.parametrize(
-    ("kind", "in_features", "packed_as"),
-    [("Q8_0", 64, gemm_int8.SplitInt8), ("Q8_0", 576, gemm_int8.SplitInt8), ("Q6_K", 512, Int8Weight),
-     ("per-channel", 576, gemm_int8.PerChannelInt8), ("groups of 64", 128, gemm_int8.SplitInt8)],
-)  # fmt: skip
+@pytest.mark.parametrize("rows", [1, 5, 16, 33])
+@pytest.mark.parametrize(("kind", "in_features", "native_packing", "torch_packing"), INT8_CASES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_cpu_linear_int8_matches_the_oracle(dtype, rows, kind, in_features, packed_as, with_bias):
-    """Each packing of an 8-bit weight (per channel: torch's int8 kernel; groups of a multiple of 32: two
-    4-bit halves; others and float32: dequantized each call)."""
+@pytest.mark.parametrize("with_native", [True, False], ids=["native", "torch"])
+def test_cpu_linear_int8_matches_the_oracle(
+    monkeypatch, dtype, rows, kind, in_features, native_packing, torch_packing, with_bias, with_native
+):
+    """Each packing of an 8-bit weight (per channel: torch's int8 kernel; grouped: the native kernel up to
+    16 rows, torch's GEMM over parts dequantized in turn past that; without the native kernels, groups of
+    a multiple of 32 as two 4-bit halves; others and float32: dequantized each call)."""
+    if with_native and native.library() is None:
+        pytest.fail(f"the native CPU kernels could not be built here: {native._unavailable}")
+    if not with_native:
+        monkeypatch.setattr(native, "_library", None)
+        monkeypatch.setattr(native, "_unavailable", "compared")
+    monkeypatch.setattr(gemm_int8, "NATIVE_CHUNK_ROWS", 16)  # 40 features: three parts
     out_features = 40
     if kind.startswith("Q"):
         raw = random_int8_blocks(out_features, in_features, kind)
@@ -74,8 +90,13 @@ def test_cpu_linear_int8_matches_the_oracle(dtype, rows, kind, in_features, pack
     else:
         weight = quantized_weight(8, out_features, in_features, in_features if kind == "per-channel" else 64)
     packed = gemm_int8.pack_int8(weight, dtype)
-    assert isinstance(packed, Int8Weight if dtype == torch.float32 else packed_as)
-    x = torch.randn(rows, in_features).to(dtype)
+    expected_packing = native_packing if with_native else torch_packing
+    assert isinstance(packed, Int8Weight if dtype == torch.float32 else expected_packing)
+    x = (
+        torch.randn(rows, 2 * in_features).to(dtype)[:, ::2]
+        if rows == 5
+        else torch.randn(rows, in_features).to(dtype)
+    )
     bias = torch.randn(out_features).to(dtype) if with_bias else None
     out = gemm_int8.linear_int8(x, packed, bias)
     expected = oracles.linear(x, weight.dequantize(torch.float64), bias)

@@ -1,6 +1,7 @@
 """segment_attention_decode on the CPU: a request's prompt K/V read once for all its beams and query heads
-of a KV group, with torch's flash attention kernel for CPU on the CPU (partials merged by their
-log-sum-exp) and batched matmuls elsewhere (backend="torch" on another device)."""
+of a KV group, with the CPU's attention of a few rows (rows_attention.py: a native kernel) on the CPU
+(partials merged by their log-sum-exp) and batched matmuls elsewhere (backend="torch" on another
+device)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from xpu_coopt.backends.cpu import gemm
+from xpu_coopt.backends.cpu import gemm, native
+from xpu_coopt.backends.cpu.rows_attention import attend_rows
 from xpu_coopt.ops import fp8
 from xpu_coopt.ops.calls import DecodeCall
 
@@ -28,12 +30,13 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # copies (zeroed by the kernel, page by page). AVX2, 2 threads, SmolLM2-135M's decode attention (then
 # bfloat16 converted to float32 for the matmuls, 3 KV heads, 1056 columns, 1.6 MB a request): 16 requests
 # 15.0 -> 7.3 ms in chunks of 4 (6.5 MB), 64 requests 72 -> 17 ms; chunks of 8 requests (13 MB) were
-# slower. Without copies the requests go in one chunk (flash kernel, 16 requests unpadded: 2.3 -> 1.8 ms).
+# slower. Without copies the requests go in one chunk (then torch's flash kernel, 16 requests unpadded:
+# 2.3 -> 1.8 ms).
 CPU_CHUNK_BYTES = 8 << 20
 
-# On CPU tensors the decode attention runs torch's flash attention kernel for CPU (_attend_requests_flash);
+# On CPU tensors the decode attention runs the CPU's attention of a few rows (_attend_requests_rows);
 # False: the batched matmuls it runs on other devices (_attend_requests), which the tests also run on CPU.
-CPU_FLASH_ATTENTION = True
+CPU_ROWS_ATTENTION = True
 
 
 def segment_attention_decode(call: DecodeCall) -> None:
@@ -50,9 +53,7 @@ def segment_attention_decode(call: DecodeCall) -> None:
         per_request = _request_bytes(call.query, call.kv_heads, len(prompt_columns) + beams * len(steps))
         chunk = max(1, CPU_CHUNK_BYTES // max(per_request, 1))
     attend = (
-        _attend_requests_flash
-        if call.query.device.type == "cpu" and CPU_FLASH_ATTENTION
-        else _attend_requests
+        _attend_requests_rows if call.query.device.type == "cpu" and CPU_ROWS_ATTENTION else _attend_requests
     )
     for first in range(0, requests, chunk):
         attend(_Chunk.of(call, first, min(first + chunk, requests), prompt_columns, steps))
@@ -94,22 +95,25 @@ class _Chunk:
 
 def _copies_kv(call: DecodeCall, prompt_columns: range) -> bool:
     """Whether the CPU decode copies K/V: FP8 codes are dequantized, blocks gathered, and padding zeroed
-    in copies (the batched matmuls of CPU_FLASH_ATTENTION=False convert K/V on most CPUs anyway)."""
-    if fp8.is_fp8(call.kv_dtype) or call.block_table is not None or not CPU_FLASH_ATTENTION:
+    in copies where torch's flash kernel attends (the batched matmuls of CPU_ROWS_ATTENTION=False convert
+    K/V on most CPUs anyway; the native kernel skips padding)."""
+    if fp8.is_fp8(call.kv_dtype) or call.block_table is not None or not CPU_ROWS_ATTENTION:
         return True
+    if native.library() is not None:
+        return False
     # a host list rather than a tensor comparison: a few microseconds less, each layer of each step
     return len(prompt_columns) > 0 and max(call.prompt_start.tolist()) > prompt_columns.start
 
 
 def _request_bytes(query: torch.Tensor, num_kv_heads: int, columns: int) -> int:
     """The bytes of one request's K and V over `columns`, in the dtype the decode's copies hold them in."""
-    compute = query.dtype if CPU_FLASH_ATTENTION else gemm.matmul_dtype(query.device, query.dtype)
+    compute = query.dtype if CPU_ROWS_ATTENTION else gemm.matmul_dtype(query.device, query.dtype)
     return 2 * num_kv_heads * columns * query.shape[-1] * compute.itemsize
 
 
 def _attend_requests(chunk: _Chunk) -> None:
     """A chunk's attention with batched matmuls: on devices other than the CPU (and on the CPU with
-    CPU_FLASH_ATTENTION off). Work in [R, Hkv, beams, G, ...]: every beam and query head of a KV group
+    CPU_ROWS_ATTENTION off). Work in [R, Hkv, beams, G, ...]: every beam and query head of a KV group
     shares one prompt matmul, the prompt read once per (request, KV head)."""
     query, dtype = chunk.query, chunk.query.dtype
     num_seqs, num_heads, head_dim = query.shape
@@ -170,11 +174,11 @@ def _prompt_scores(chunk: _Chunk, q: torch.Tensor) -> tuple[torch.Tensor, torch.
     return scores, pv
 
 
-def _attend_requests_flash(chunk: _Chunk) -> None:
-    """_attend_requests on the CPU with torch's flash attention kernel for CPU, which reads 16-bit K/V
-    where they lie (no float32 copy) and returns each row's log-sum-exp: the prompt segment's partial
-    (every beam and query head of a KV group as rows of one matrix, the prompt read once) and the response
-    segment's (each beam's own rows) are merged by it, as the device kernels merge their splits."""
+def _attend_requests_rows(chunk: _Chunk) -> None:
+    """_attend_requests on the CPU with attend_rows, which reads 16-bit K/V where they lie (no float32
+    copy) and returns each row's log-sum-exp: the prompt segment's partial (every beam and query head of
+    a KV group as rows of one matrix, the prompt read once) and the response segment's (each beam's own
+    rows) are merged by it, as the device kernels merge their splits."""
     query = chunk.query
     num_seqs, num_heads, head_dim = query.shape
     requests, kv_heads = chunk.prompt_start.shape[0], chunk.prompt[0].shape[1]
@@ -185,16 +189,14 @@ def _attend_requests_flash(chunk: _Chunk) -> None:
     rows = (requests, kv_heads, beams * group)
     partials = []
     if len(chunk.prompt_columns):
-        partials.append(_attend_prompt_flash(chunk, q.view(*rows, head_dim)))
+        partials.append(_attend_prompt_rows(chunk, q.view(*rows, head_dim)))
     if len(chunk.steps):
         response_k, response_v, response_k_scale, response_v_scale = chunk.response
         history = _ResponseHistory(chunk.beam_slots, chunk.steps, requests, kv_heads, response_k.shape[2])
         each_beam = (requests, kv_heads * beams, len(chunk.steps), head_dim)
         rk = history.read(response_k, response_k_scale, chunk.kv_dtype, query.dtype).view(each_beam)
         rv = history.read(response_v, response_v_scale, chunk.kv_dtype, query.dtype).view(each_beam)
-        result, lse = _flash_for_cpu(
-            q.view(requests, kv_heads * beams, group, head_dim), rk, rv, scale=chunk.scale
-        )
+        result, lse = attend_rows(q.view(requests, kv_heads * beams, group, head_dim), rk, rv, chunk.scale)
         partials.append((result.reshape(*rows, head_dim), lse.reshape(rows)))
     result = partials[0][0] if len(partials) == 1 else _merge_partials(*partials)
     chunk.out.view(requests, beams, kv_heads, group, head_dim).copy_(
@@ -202,10 +204,7 @@ def _attend_requests_flash(chunk: _Chunk) -> None:
     )
 
 
-_flash_for_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-
-
-def _attend_prompt_flash(chunk: _Chunk, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _attend_prompt_rows(chunk: _Chunk, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The prompt segment's attention of q [R, Hkv, rows, D] and each row's log-sum-exp [R, Hkv, rows]."""
     prompt_k, prompt_v, prompt_k_scale, prompt_v_scale = (
         None if t is None else _prompt_columns(t, chunk.block_table, chunk.prompt_columns, None)
@@ -213,26 +212,14 @@ def _attend_prompt_flash(chunk: _Chunk, q: torch.Tensor) -> tuple[torch.Tensor, 
     )
     pk = _load_cache(prompt_k, prompt_k_scale, chunk.kv_dtype, q.dtype)
     pv = _load_cache(prompt_v, prompt_v_scale, chunk.kv_dtype, q.dtype)
-    length = pk.shape[2]
-    padded = _padded_requests(chunk.prompt_start, chunk.prompt_columns, length)
-    mask = None
-    if padded:
-        # The mask adds -inf to the padding's scores, but NaN K or V would still make NaN: both are zeroed,
-        # in copies (never in the caller's cache).
-        pk, pv = (
-            t.clone() if _shares_memory(t, cache) else t
-            for t, cache in ((pk, chunk.prompt[0]), (pv, chunk.prompt[1]))
-        )
-        mask = torch.zeros((q.shape[0], 1, 1, length), dtype=q.dtype, device=q.device)
+    padded = _padded_requests(chunk.prompt_start, chunk.prompt_columns, pk.shape[2])
+    first_column = None
+    if padded:  # each request's first attended column past its padding
+        starts = [0] * q.shape[0]
         for request, start in padded:
-            pk[request, :, :start] = 0
-            pv[request, :, :start] = 0
-            mask[request, ..., :start] = float("-inf")
-    result, lse = _flash_for_cpu(q, pk, pv, attn_mask=mask, scale=chunk.scale)
-    for request, start in padded:
-        if start == length:  # nothing to attend here: the kernel gives zeros and a log-sum-exp of 0
-            lse[request] = float("-inf")
-    return result, lse
+            starts[request] = start
+        first_column = torch.tensor(starts, dtype=torch.int64)
+    return attend_rows(q, pk, pv, chunk.scale, first_column)
 
 
 def _merge_partials(

@@ -84,7 +84,7 @@ def linear_int4(
     """x [..., K] @ weight.T + bias, for a weight from pack_int4 for x's dtype."""
     if isinstance(weight, Int4Weight):
         return F.linear(x, weight.dequantize(x.dtype), bias)
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.reshape(-1, x.shape[-1]).contiguous()  # torch's kernel reads rows K apart
     if weight.input_order is not None:
         rows = rows.index_select(1, weight.input_order)
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(

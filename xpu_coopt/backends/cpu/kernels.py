@@ -4,7 +4,8 @@ kernels (and run on any device with backend="torch").
 They follow Hugging Face's LLaMA arithmetic step for step (where each cast to float32 happens and back),
 so that the optimized model matches transformers within rounding. They are the fast path on CPU too, so
 they avoid copies where torch allows (decode.py: the shared prompt K/V read once per request for all its
-beams and query heads of a KV group).
+beams and query heads of a KV group). On CPU tensors the norms, SiLU and rotary + 16-bit KV write run the
+native kernels (native.py, the same arithmetic in one call) where they are built.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 # The attention kernels live in modules of their own; register_backend() finds them here by name.
+from xpu_coopt.backends.cpu import native
 from xpu_coopt.backends.cpu.decode import segment_attention_decode as segment_attention_decode
 from xpu_coopt.backends.cpu.paged import paged_attention as paged_attention
 from xpu_coopt.backends.cpu.prefill import attention_prefill as attention_prefill
@@ -33,16 +35,30 @@ def _normalized(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, ep
     torch.mul(weight, normalized.to(input.dtype), out=out)
 
 
+def _native(tensor: torch.Tensor) -> bool:
+    """Whether the native kernels take this op: CPU tensors, and the library built."""
+    return tensor.device.type == "cpu" and native.library() is not None
+
+
 def rms_norm(call: NormCall) -> None:
+    if _native(call.input):
+        native.rms_norm(call.out, call.input, call.weight, call.epsilon)
+        return
     _normalized(call.out, call.input, call.weight, call.epsilon)
 
 
 def fused_add_rms_norm(call: AddNormCall) -> None:
+    if _native(call.input):
+        native.fused_add_rms_norm(call.input, call.residual, call.weight, call.epsilon)
+        return
     call.residual.add_(call.input)
     _normalized(call.input, call.residual, call.weight, call.epsilon)
 
 
 def silu_and_mul(call: SiluCall) -> None:
+    if _native(call.input):
+        native.silu_and_mul(call.out, call.input)
+        return
     gate, up = call.input.chunk(2, dim=-1)
     torch.mul(F.silu(gate), up, out=call.out)
 
@@ -72,6 +88,9 @@ def _key_follows_query(query: torch.Tensor, key: torch.Tensor) -> bool:
 
 
 def kv_write(call: KVWriteCall) -> None:
+    if _native_kv_write(call):
+        native.rotary_kv_write(call)
+        return
     # Advanced indices around a slice: cache[rows, :, positions] addresses [N, num_kv_heads, head_dim].
     index = (call.cache_rows, slice(None), call.cache_positions)
     k_cache, v_cache, k_scale, v_scale = call.cache
@@ -87,7 +106,23 @@ def kv_write(call: KVWriteCall) -> None:
         cache[index] = fp8.encode(source, token_scale, call.kv_dtype)
 
 
+def _native_kv_write(call: KVWriteCall) -> bool:
+    """Whether the native kernel takes this write: a cache of the activation dtype, values contiguous in
+    each head, contiguous cell indices."""
+    key = call.key
+    return (
+        _native(key)
+        and call.cache[0].dtype == key.dtype
+        and all(t is None or t.stride(-1) == 1 for t in (call.query, key, call.value, call.cos_sin))
+        and call.cache_rows.is_contiguous()
+        and call.cache_positions.is_contiguous()
+    )
+
+
 def rotary_embedding_kv_write(call: KVWriteCall) -> None:
+    if _native_kv_write(call):
+        native.rotary_kv_write(call)
+        return
     query, key, cos_sin = call.query, call.key, call.cos_sin
     half = cos_sin.shape[-1] // 2
     cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]  # [T, 1, D/2]

@@ -1,8 +1,8 @@
 """paged_attention on the CPU: each sequence's K/V gathered out of the pool's blocks head-major
 (one copy, which for the engine's pool, stored [Hkv, blocks, block_size, D], is already each head's keys
-in order); a decoding sequence (one query) attends with torch's flash kernel for CPU over its KV
-heads, each head's query group as rows of one matrix (no mask, no padding, no GQA expansion); a prompt
-chunk runs attention_prefill over its gathered context.
+in order); a decoding sequence (one query) attends with the CPU's attention of a few rows
+(rows_attention.py) over its KV heads, each head's query group as rows of one matrix (no mask, no
+padding, no GQA expansion); a prompt chunk runs attention_prefill over its gathered context.
 
 Measured on 32 requests of 16-1241 prompt tokens, 64 new tokens each (the engine alone, SmolLM2
 bfloat16, 2 threads): 15.9 s, against 46.4 s with the decoding sequences batched into float32 matmuls
@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from xpu_coopt.backends.cpu.prefill import attention_prefill
+from xpu_coopt.backends.cpu.rows_attention import attend_rows
 from xpu_coopt.ops import fp8
 from xpu_coopt.ops.calls import PagedCall, PrefillCall
 
@@ -36,9 +36,7 @@ def paged_attention(call: PagedCall) -> None:
             continue
         first = max(0, context - call.span)  # a window keeps the query's last `span` keys
         q = query[rows.start].view(1, kv_heads, heads // kv_heads, dim)
-        result = F.scaled_dot_product_attention(
-            q, keys[None, :, first:], values[None, :, first:], scale=call.scale
-        )
+        result, _ = attend_rows(q, keys[None, :, first:], values[None, :, first:], call.scale)
         out[rows.start].copy_(result.view(heads, dim))
 
 
