@@ -19,12 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from xpu_coopt.cache import SegmentKVCache
 from xpu_coopt.cache.attention import attend
 from xpu_coopt.memory import return_freed_memory
+from xpu_coopt.model.embedding import embed, embedding_table, table_tensors
 from xpu_coopt.model.linear import FusedLinear, Quantize
 from xpu_coopt.model.rope import cos_sin_cache
 from xpu_coopt.model.spec import ModelSpec
@@ -79,7 +79,7 @@ class LlamaDecoder:
         self.ops = ops
         self.dtype = dtype
         backbone = hf_model.model
-        self.embed_tokens = backbone.embed_tokens.weight.detach().to(dtype)  # [vocab, hidden]
+        self.embed_tokens = embedding_table(backbone.embed_tokens, dtype)  # [vocab, hidden]
         self.layers = []
         for layer in backbone.layers:
             self.layers.append(
@@ -122,7 +122,7 @@ class LlamaDecoder:
 
     def weight_tensors(self) -> list[torch.Tensor]:
         """Every weight tensor the decoder reads, whether shared with the HF model or its own."""
-        tensors = [self.embed_tokens, self.final_norm]
+        tensors = [*table_tensors(self.embed_tokens), self.final_norm]
         for layer in self.layers:
             tensors += [layer.input_norm, layer.post_attention_norm]
             tensors += [norm for norm in (layer.query_norm, layer.key_norm) if norm is not None]
@@ -174,7 +174,7 @@ class LlamaDecoder:
         spec, ops = self.spec, self.ops
         num_seqs, length = input_ids.shape
         heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        residual = F.embedding(input_ids.reshape(-1), self.embed_tokens)  # [T, hidden]
+        residual = embed(self.embed_tokens, input_ids.reshape(-1))  # [T, hidden]
         # Each token's rotary [cos | sin] row, rounded to the compute dtype (as transformers), for all layers.
         cos_sin = self.cos_sin_cache[positions.reshape(-1)].to(self.dtype)  # [T, D]
         # A layer without rope (SmolLM3's) takes rows of cos 1 and sin 0: q and k come out exactly as they went in.

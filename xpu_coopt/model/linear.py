@@ -142,7 +142,9 @@ class _QuantizedPart:
         if isinstance(weights[0], torch.Tensor):  # 16-bit projections beside quantized ones
             return _QuantizedPart(ops.linear, _concat(weights, dtype), bias)
         pack, linear = ops.quantized_gemm(weights[0].bits)
-        return _QuantizedPart(linear, pack(type(weights[0]).concat(weights), dtype), bias)
+        # One weight as it is (no copy: an LM head may share its tensors with the embeddings)
+        stacked = weights[0] if len(weights) == 1 else type(weights[0]).concat(weights)
+        return _QuantizedPart(linear, pack(stacked, dtype), bias)
 
     def tensors(self) -> list[torch.Tensor]:
         return _held_tensors(self.weight, self.bias)

@@ -55,11 +55,9 @@ def check_weights_match_config(model: nn.Module, spec: ModelSpec) -> None:
 def _shapes(model: nn.Module, spec: ModelSpec):
     """(name, shape, the config fields that give it) of every weight the decoder reads."""
     backbone = model.model
-    yield (
-        "model.embed_tokens.weight",
-        tuple(backbone.embed_tokens.weight.shape),
-        ("vocab_size", "hidden_size"),
-    )
+    embeddings = backbone.embed_tokens
+    shape = tuple(embeddings.weight.shape) if hasattr(embeddings, "weight") else _projection_shape(embeddings)
+    yield "model.embed_tokens.weight", shape, ("vocab_size", "hidden_size")
     for index, layer in enumerate(backbone.layers):
         prefix = f"model.layers.{index}"
         for norm in ("input_layernorm", "post_attention_layernorm"):

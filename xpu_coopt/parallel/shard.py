@@ -211,7 +211,7 @@ def _vocabulary_rows(module: nn.Module, plan: ShardPlan) -> nn.Module:
 def release_whole_projections(hf_model: nn.Module) -> None:
     """inplace=True: the model's own projections go (meta tensors, shapes kept), so a rank holds its part
     only. Embeddings and norms stay: every rank reads them whole (an LM head tied to the embeddings too)."""
-    embeddings = hf_model.model.embed_tokens.weight
+    embeddings = getattr(hf_model.model.embed_tokens, "weight", None)  # none where it is quantized
     for _, module in projection_modules(hf_model):
         if is_quantized_linear(module):
             module.release()

@@ -2,9 +2,10 @@
 
 The skeleton is built on the meta device from the config transformers reads out of the file; each of its
 tensors is then set from the file: Q4_0 / Q4_1 / Q4_K / Q8_0 / Q6_K projections as QuantizedLinear (their
-blocks repacked, never expanded to 16 bits), norms and embeddings in the compute dtype (dequantized where the file
-quantizes them: they stay 16-bit, as the LM head). Loading so holds the 4-bit weights and the 16-bit
-embeddings, never the 16-bit model. The skeleton is for xpu_coopt to read (optimize()), not to run with
+blocks repacked, never expanded to 16 bits), the embeddings and LM head likewise as the file stores them
+(QuantizedEmbedding: a Q8_0 token_embd, tied to the head, is one 8-bit table for both), norms and 16-bit
+tensors in the compute dtype. With weight_dtype "int4" / "int8" (`quantize`) the embeddings and LM head are
+dequantized to the compute dtype instead. Loading so holds the quantized weights, never the 16-bit model. The skeleton is for xpu_coopt to read (optimize()), not to run with
 transformers: what xpu_coopt does not read (the rotary tables) stays on the meta device.
 """
 
@@ -22,7 +23,7 @@ from xpu_coopt.memory import return_freed_memory
 from xpu_coopt.parallel.group import TensorParallel
 from xpu_coopt.parallel.shard import LayerSplitter
 from xpu_coopt.quant.gguf_blocks import QUANTIZED_TYPES, quantized_from_blocks
-from xpu_coopt.quant.quantized_linear import Quantize, QuantizedLinear, QuantizedWeight
+from xpu_coopt.quant.quantized_linear import Quantize, QuantizedEmbedding, QuantizedLinear, QuantizedWeight
 
 # GGUF architectures read natively, and whether their q/k rows are permuted in the file (llama.cpp's
 # convert_hf_to_gguf interleaves each head's rotary halves for "llama", which also holds Mistral).
@@ -37,6 +38,8 @@ LAYER_MODULES = {
 MODEL_MODULES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 PLAIN_TYPES = ("F32", "F16", "BF16")
+# Model-level tensors kept quantized as stored (weight_dtype "auto"): the embeddings and the LM head.
+KEPT_TABLES = ("token_embd", "output")
 
 
 def load_gguf(
@@ -69,7 +72,7 @@ def load_gguf(
             splitter.layer_read(int(name.split(".")[1]))
         return_freed_memory()  # the tensor's staging copies, before the next is read
     if "output.weight" not in tensors:  # tied: the LM head reads the embeddings
-        model.lm_head.weight = model.model.embed_tokens.weight
+        _tie_head(model)
     _check_complete(model, path)
     if splitter is not None:
         splitter.finish(path)
@@ -108,6 +111,12 @@ def _set_tensor(model: nn.Module, config: Any, name: str, tensor: Any, dtype: to
         weight = quantized_from_blocks(_raw(tensor, path), type_name, int(tensor.shape[0]))
         _set_quantized(parent, child, module, weight if rows is None else weight.rows(rows))
         return
+    if base in KEPT_TABLES and kind == "weight" and type_name in QUANTIZED_TYPES and quantize is None:
+        weight = quantized_from_blocks(_raw(tensor, path), type_name, int(tensor.shape[0]))
+        setattr(
+            parent, child, QuantizedEmbedding(weight) if base == "token_embd" else QuantizedLinear(weight)
+        )
+        return
     if projection and type_name not in PLAIN_TYPES:
         raise ValueError(
             f"{path}: {name} is {type_name}; xpu_coopt runs GGUF projections stored as "
@@ -124,6 +133,15 @@ def _set_tensor(model: nn.Module, config: Any, name: str, tensor: Any, dtype: to
         _set_quantized(parent, child, module, weight)
         return
     setattr(module, kind, nn.Parameter(values.to(dtype), requires_grad=False))
+
+
+def _tie_head(model: nn.Module) -> None:
+    """The LM head reads the embeddings' table: the same tensors, quantized or not."""
+    embeddings = model.model.embed_tokens
+    if isinstance(embeddings, QuantizedEmbedding):
+        model.lm_head = embeddings.tied_head()
+    else:
+        model.lm_head.weight = embeddings.weight
 
 
 def _set_quantized(parent: nn.Module, child: str, module: nn.Module, weight: QuantizedWeight) -> None:

@@ -1,5 +1,6 @@
 """QuantizedLinear: a projection whose weight is an Int4Weight or an Int8Weight, as a model built from a
-quantized checkpoint (or quantized while loading) holds it."""
+quantized checkpoint (or quantized while loading) holds it; QuantizedEmbedding: an embedding table held
+so (a GGUF's token_embd, kept as the file stores it)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,24 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"int{self.bits} group_size={self.group_size}"
         )
+
+
+class QuantizedEmbedding(QuantizedLinear):
+    """An embedding table [vocab, hidden] held as a quantized weight, its rows dequantized as tokens look
+    them up. Tied to the LM head, the head is a QuantizedLinear of the same tensors."""
+
+    def __init__(self, weight: QuantizedWeight) -> None:
+        super().__init__(weight)
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The ids' rows in float32 (the format's values, as transformers' dequantization gives them)."""
+        rows = self.quantized_weight.rows(input_ids.reshape(-1)).dequantize(torch.float32)
+        return rows.view(*input_ids.shape, self.embedding_dim)
+
+    def tied_head(self) -> QuantizedLinear:
+        """The LM head that reads this table: a QuantizedLinear over the same tensors (no copy)."""
+        return QuantizedLinear(self.quantized_weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int{self.bits} group_size={self.group_size}"
