@@ -2,9 +2,11 @@
 
     python scripts/bench_vs_llamacpp.py [--gguf FILE] [--llama DEST/llama] [--context 1024] [--rounds 3]
 
-Each round runs, one after the other: llama.cpp's llama-bench (tg at depth --context, the GGUF as
-stored), xpu_coopt.from_pretrained(GGUF) with its 4-bit projections kept 4-bit (bfloat16 activations),
-and xpu_coopt on the same model dequantized to bfloat16 by transformers (the 16-bit path). xpu_coopt's
+Each round runs, one after the other: llama.cpp's llama-bench (tg at depth --context) on the GGUF as
+stored and on its BF16 copy (llama-quantize --allow-requantize FILE COPY BF16, made once in a temporary
+folder), xpu_coopt.from_pretrained(GGUF) with its 4-bit projections kept 4-bit (bfloat16 activations),
+and xpu_coopt on the same model dequantized to bfloat16 by transformers (the 16-bit path). The ratios
+compare each xpu_coopt side with llama.cpp on the same weights. xpu_coopt's
 rate: the mean next-token latency of one generation of --new-tokens after a random prompt of --context
 tokens, EOS suppressed. Prints one line a round and the ratios of the medians.
 --llama: the wrapper ../shared/toolchains/llama.cpp/setup.sh DEST writes (default: unpacked into a
@@ -48,6 +50,14 @@ def llama_cpp_rate(llama: str, gguf: Path, threads: int, context: int, new_token
     return float(rows[0]["avg_ts"])
 
 
+def bf16_copy(llama: str, gguf: Path) -> Path:
+    """llama.cpp's BF16 copy of the GGUF (the same values in 16 bits), made once a process."""
+    copy = Path(tempfile.mkdtemp(prefix="xpu_coopt-bench-")) / f"{gguf.stem}-BF16.gguf"
+    subprocess.run([llama, "llama-quantize", "--allow-requantize", str(gguf), str(copy), "BF16"], check=True,
+                   capture_output=True)  # fmt: skip
+    return copy
+
+
 def xpu_coopt_rate(model, context: int, new_tokens: int, vocab: int) -> float:
     """tokens/s of one generation's decode steps (its first token, the prefill, left out)."""
     ids = torch.randint(3, vocab, (1, context), generator=torch.Generator().manual_seed(0))
@@ -77,9 +87,15 @@ def main() -> None:
 
         bf16 = xpu_coopt.optimize(load_gguf(gguf.parent, gguf.name, torch.bfloat16)[0])
     vocab = len(tokenizer)
-    rates: dict[str, list[float]] = {"llama.cpp": [], "xpu_coopt int4": [], "xpu_coopt bf16": []}
+    copy = bf16_copy(llama, gguf)
+    rates: dict[str, list[float]] = {
+        "llama.cpp": [], "llama.cpp BF16": [], "xpu_coopt int4": [], "xpu_coopt bf16": []
+    }  # fmt: skip
     for round_ in range(args.rounds):
         rates["llama.cpp"].append(llama_cpp_rate(llama, gguf, args.threads, args.context, args.new_tokens))
+        rates["llama.cpp BF16"].append(
+            llama_cpp_rate(llama, copy, args.threads, args.context, args.new_tokens)
+        )
         rates["xpu_coopt int4"].append(xpu_coopt_rate(int4, args.context, args.new_tokens, vocab))
         rates["xpu_coopt bf16"].append(xpu_coopt_rate(bf16, args.context, args.new_tokens, vocab))
         print(
@@ -89,8 +105,8 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in rates.items()}
     print(f"{gguf.name}, {args.threads} threads, {args.new_tokens} tokens after {args.context}: medians "
           + ", ".join(f"{name} {value:.1f} tok/s" for name, value in medians.items()))  # fmt: skip
-    print(f"ratios to llama.cpp: int4 {medians['xpu_coopt int4'] / medians['llama.cpp']:.2f}x, "
-          f"bf16 {medians['xpu_coopt bf16'] / medians['llama.cpp']:.2f}x; "
+    print(f"ratios: int4 / llama.cpp {medians['xpu_coopt int4'] / medians['llama.cpp']:.2f}x, "
+          f"bf16 / llama.cpp BF16 {medians['xpu_coopt bf16'] / medians['llama.cpp BF16']:.2f}x; "
           f"int4 / bf16 {medians['xpu_coopt int4'] / medians['xpu_coopt bf16']:.2f}x")  # fmt: skip
 
 
