@@ -4,8 +4,8 @@ through ctypes on torch CPU tensors' memory.
 
 They run where torch's own kernels pay more in overhead than in work: a decode step's attention of a few
 query rows (torch's flash kernel for CPU took 110-160 us a SmolLM2 layer at 1,056 columns on 2 threads,
-the native kernel 41 us), and a layer's norms, SiLU and rotary + KV write (one call each instead of torch's
-5-15 ops a call).
+the native kernel 41 us), a layer's norms, SiLU and rotary + KV write (one call each instead of torch's
+5-15 ops a call), and the GEMV of grouped 8-bit weights (GGUF Q8_0, Q6_K), which torch lacks.
 
 Where the library cannot be built (no compiler), the first use warns once, naming what to install, and
 the callers run torch's kernels (kernels.py, rows_attention.py); XPU_COOPT_CPU_NATIVE=0 picks those
