@@ -118,7 +118,7 @@ def test_the_library_is_built_once_and_says_so(fresh_library, capsys):
 def test_without_a_compiler_it_warns_once_and_runs_torch_kernels(fresh_library, monkeypatch):
     monkeypatch.setenv("CXX", str(fresh_library / "no-such-compiler"))
     with pytest.warns(
-        UserWarning, match=r"no-such-compiler is needed to build .*native CPU kernels.*about 1.4x slower"
+        UserWarning, match=r"no-such-compiler is needed to build .*native CPU kernels.*about 1.5x slower"
     ):
         assert native.library() is None
     with warnings.catch_warnings():
@@ -206,3 +206,11 @@ def test_native_rotary_kv_write_equals_the_torch_kernel(built, monkeypatch, dtyp
     for rotate, results in native_results.items():
         for got, expected in zip(results, run(rotate), strict=True):
             assert torch.equal(got, expected)
+
+
+def test_rows_of_mixed_dtypes_are_refused_before_any_kernel_reads_them():
+    query, key, value, _ = _case((1, 2, 3, 20, 64), torch.bfloat16, False)
+    with pytest.raises(ValueError, match="one dtype with head_dim contiguous"):
+        rows_attention.attend_rows(query, key.float(), value, 0.125)
+    with pytest.raises(ValueError, match="one dtype with head_dim contiguous"):
+        rows_attention.attend_rows(query, key, value.transpose(-1, -2), 0.125)

@@ -84,7 +84,7 @@ def library() -> ctypes.CDLL | None:
         _unavailable = str(error)
         warnings.warn(
             f"{error}. Until then the CPU backend runs torch's kernels where it has native ones: a decode "
-            f"step about 1.4x slower. Set {NATIVE_VARIABLE}=0 to choose that without this warning.",
+            f"step about 1.5x slower. Set {NATIVE_VARIABLE}=0 to choose that without this warning.",
             stacklevel=3,
         )
         return None

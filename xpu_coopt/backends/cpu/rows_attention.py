@@ -22,6 +22,11 @@ def attend_rows(
     any strides with D contiguous): each row's attention output [B, H, R, D] in query's dtype and
     log-sum-exp [B, H, R] in float32, of scores scaled by `scale`. first_column (int64 [B]): batch b
     attends from that column on; a batch with none to attend gives zeros and a log-sum-exp of -inf."""
+    if key.dtype != query.dtype or value.dtype != query.dtype or key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError(
+            f"attend_rows takes query, key and value of one dtype with head_dim contiguous, got "
+            f"{query.dtype}, {key.dtype}, {value.dtype} (strides {key.stride()}, {value.stride()})"
+        )
     if native.library() is not None:
         return native.attend_rows(query, key, value, scale, first_column)
     return _attend_rows_flash(query, key, value, scale, first_column)
