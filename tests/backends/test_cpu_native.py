@@ -214,3 +214,20 @@ def test_rows_of_mixed_dtypes_are_refused_before_any_kernel_reads_them():
         rows_attention.attend_rows(query, key.float(), value, 0.125)
     with pytest.raises(ValueError, match="one dtype with head_dim contiguous"):
         rows_attention.attend_rows(query, key, value.transpose(-1, -2), 0.125)
+
+
+@pytest.mark.parametrize("with_native", [True, False], ids=["native", "flash"])
+def test_rows_attention_writes_into_the_callers_output(built, monkeypatch, with_native):
+    """out= takes the output where the caller wants it (decode's [S, H, D] rows, one beam), on both paths;
+    an out of another shape or layout is refused."""
+    if not with_native:
+        _torch_path(monkeypatch)
+    query, key, value, first_column = _case((2, 3, 3, 40, 64), torch.bfloat16, True)
+    out = torch.full_like(query, float("nan"))
+    result, lse = rows_attention.attend_rows(query, key, value, 0.125, first_column, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    expected_out, expected_lse = _expected(query, key, value, 0.125, first_column)
+    assert_close(out, expected_out, torch.bfloat16)
+    torch.testing.assert_close(lse.double(), expected_lse, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="writes a contiguous"):
+        rows_attention.attend_rows(query, key, value, 0.125, first_column, out=out.transpose(1, 2))

@@ -187,6 +187,11 @@ def _attend_requests_rows(chunk: _Chunk) -> None:
     # the response.
     q = query.view(requests, beams, kv_heads, group, head_dim).transpose(1, 2).contiguous()
     rows = (requests, kv_heads, beams * group)
+    if beams == 1 and not len(chunk.steps) and chunk.out.is_contiguous():
+        # One beam, everything in the prompt segment (generate()'s decode): [S, H, D] is [R, Hkv, G, D],
+        # the kernel's own layout, so it writes the output where it goes.
+        _attend_prompt_rows(chunk, q.view(*rows, head_dim), chunk.out.view(*rows, head_dim))
+        return
     partials = []
     if len(chunk.prompt_columns):
         partials.append(_attend_prompt_rows(chunk, q.view(*rows, head_dim)))
@@ -204,8 +209,11 @@ def _attend_requests_rows(chunk: _Chunk) -> None:
     )
 
 
-def _attend_prompt_rows(chunk: _Chunk, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompt segment's attention of q [R, Hkv, rows, D] and each row's log-sum-exp [R, Hkv, rows]."""
+def _attend_prompt_rows(
+    chunk: _Chunk, q: torch.Tensor, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt segment's attention of q [R, Hkv, rows, D] (written into out where given) and each
+    row's log-sum-exp [R, Hkv, rows]."""
     prompt_k, prompt_v, prompt_k_scale, prompt_v_scale = (
         None if t is None else _prompt_columns(t, chunk.block_table, chunk.prompt_columns, None)
         for t in chunk.prompt
@@ -219,7 +227,7 @@ def _attend_prompt_rows(chunk: _Chunk, q: torch.Tensor) -> tuple[torch.Tensor, t
         for request, start in padded:
             starts[request] = start
         first_column = torch.tensor(starts, dtype=torch.int64)
-    return attend_rows(q, pk, pv, chunk.scale, first_column)
+    return attend_rows(q, pk, pv, chunk.scale, first_column, out)
 
 
 def _merge_partials(

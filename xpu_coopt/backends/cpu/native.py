@@ -100,11 +100,12 @@ def attend_rows(
     value: torch.Tensor,
     scale: float,
     first_column: torch.Tensor | None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The native kernel of rows_attention.attend_rows (same arguments and results): the library must
     be loaded (library() is not None)."""
     batch, heads, rows, dim = query.shape
-    out = torch.empty((batch, heads, rows, dim), dtype=query.dtype)
+    out = torch.empty((batch, heads, rows, dim), dtype=query.dtype) if out is None else out
     lse = torch.empty((batch, heads, rows), dtype=torch.float32)
     _check(_library.xc_attend_rows(
         DTYPE_CODES[query.dtype],

@@ -17,19 +17,24 @@ def attend_rows(
     value: torch.Tensor,
     scale: float,
     first_column: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """query [B, H, R, D] over key and value [B, H, C, D] (one dtype of bfloat16, float16 or float32;
     any strides with D contiguous): each row's attention output [B, H, R, D] in query's dtype and
     log-sum-exp [B, H, R] in float32, of scores scaled by `scale`. first_column (int64 [B]): batch b
-    attends from that column on; a batch with none to attend gives zeros and a log-sum-exp of -inf."""
+    attends from that column on; a batch with none to attend gives zeros and a log-sum-exp of -inf.
+    out: a contiguous [B, H, R, D] tensor of query's dtype to write the output into (the caller's)."""
     if key.dtype != query.dtype or value.dtype != query.dtype or key.stride(-1) != 1 or value.stride(-1) != 1:
         raise ValueError(
             f"attend_rows takes query, key and value of one dtype with head_dim contiguous, got "
             f"{query.dtype}, {key.dtype}, {value.dtype} (strides {key.stride()}, {value.stride()})"
         )
+    if out is not None and (out.shape != query.shape or out.dtype != query.dtype or not out.is_contiguous()):
+        raise ValueError(f"attend_rows writes a contiguous {tuple(query.shape)} {query.dtype} out")
     if native.library() is not None:
-        return native.attend_rows(query, key, value, scale, first_column)
-    return _attend_rows_flash(query, key, value, scale, first_column)
+        return native.attend_rows(query, key, value, scale, first_column, out)
+    result, lse = _attend_rows_flash(query, key, value, scale, first_column)
+    return (result, lse) if out is None else (out.copy_(result), lse)
 
 
 def _attend_rows_flash(query, key, value, scale, first_column):
