@@ -24,9 +24,8 @@ struct Layout {  // element strides of a [B, H, rows or columns, D] operand, D c
     int64_t batch, head, row;
 };
 
-// Up to 4 query rows at a time: their accumulators stay in registers (a row's in memory made each
-// column wait on the previous column's store).
-constexpr int ROW_TILE = 4;
+// Query rows go ROW_TILE at a time (vectors.hpp): their accumulators stay in registers (a row's in memory
+// made each column wait on the previous column's store).
 // Up to 4 vectors (64 values of head_dim) of a value row at a time, for the same reason.
 constexpr int DIM_TILE = 4;
 
@@ -91,18 +90,6 @@ void value_rows(const float* p, int64_t p_stride, const T* value, int64_t value_
             for (int64_t c = 0; c < columns; ++c) sum += p[r * p_stride + c] * Element<T>::one(value + c * value_stride + d);
             out[r * dim + d] = sum;
         }
-}
-
-// Runs F<TILE>(first row) over `rows` in tiles of ROW_TILE rows, the last tile smaller.
-template <template <int> class F, typename... Args>
-void by_row_tiles(int64_t rows, Args... args) {
-    int64_t r = 0;
-    for (; r + ROW_TILE <= rows; r += ROW_TILE) F<ROW_TILE>::run(r, args...);
-    switch (rows - r) {
-        case 3: F<3>::run(r, args...); break;
-        case 2: F<2>::run(r, args...); break;
-        case 1: F<1>::run(r, args...); break;
-    }
 }
 
 template <typename T>
@@ -205,6 +192,16 @@ void attend(const T* q, Layout ql, const T* k, Layout kl, const T* v, Layout vl,
     }
 }
 
+template <typename T>
+struct AttendRows {  // attend() on the untyped pointers of the C entry
+    static void run(const void* q, Layout ql, const void* k, Layout kl, const void* v, Layout vl, void* out,
+                    float* lse, const int64_t* first_column, int64_t batch, int64_t heads, int64_t rows,
+                    int64_t columns, int64_t dim, float scale) {
+        attend(static_cast<const T*>(q), ql, static_cast<const T*>(k), kl, static_cast<const T*>(v), vl,
+               static_cast<T*>(out), lse, first_column, batch, heads, rows, columns, dim, scale);
+    }
+};
+
 }  // namespace
 
 extern "C" {
@@ -218,21 +215,9 @@ int xc_attend_rows(int dtype, const void* q, int64_t q_batch, int64_t q_head, in
                    int64_t v_head, int64_t v_column, void* out, float* lse, const int64_t* first_column,
                    int64_t batch, int64_t heads, int64_t rows, int64_t columns, int64_t dim, float scale) {
     const Layout ql{q_batch, q_head, q_row}, kl{k_batch, k_head, k_column}, vl{v_batch, v_head, v_column};
-    switch (dtype) {
-        case BFLOAT16:
-            attend(static_cast<const uint16_t*>(q), ql, static_cast<const uint16_t*>(k), kl, static_cast<const uint16_t*>(v), vl,
-                   static_cast<uint16_t*>(out), lse, first_column, batch, heads, rows, columns, dim, scale);
-            return 0;
-        case FLOAT16:
-            attend(static_cast<const _Float16*>(q), ql, static_cast<const _Float16*>(k), kl, static_cast<const _Float16*>(v), vl,
-                   static_cast<_Float16*>(out), lse, first_column, batch, heads, rows, columns, dim, scale);
-            return 0;
-        case FLOAT32:
-            attend(static_cast<const float*>(q), ql, static_cast<const float*>(k), kl, static_cast<const float*>(v), vl,
-                   static_cast<float*>(out), lse, first_column, batch, heads, rows, columns, dim, scale);
-            return 0;
-    }
-    return -1;
+    return by_dtype<AttendRows>(dtype, q, ql, k, kl, v, vl, out, lse, first_column, batch, heads, rows, columns, dim,
+                                scale)
+               ? 0 : -1;
 }
 
 }  // extern "C"

@@ -37,8 +37,6 @@ inline floatv load_codes(const int8_t* p) {
 #endif
 }
 
-// Rows of activations a pass takes: their sums stay in registers.
-constexpr int ROW_TILE = 4;
 // Output features a thread takes at a time.
 constexpr int64_t FEATURE_BLOCK = 16;
 
@@ -69,6 +67,14 @@ void features(const float* x, int64_t k_dim, const int8_t* codes, const float* s
     }
 }
 
+template <int TILE>
+struct Features {  // features<TILE> for the rows from `r` on
+    static void run(int64_t r, const float* x, int64_t k_dim, const int8_t* codes, const float* scales, int64_t group,
+                    int64_t first, int64_t end, float* sums, int64_t n_dim) {
+        features<TILE>(x + r * k_dim, k_dim, codes, scales, group, first, end, sums + r * n_dim, n_dim);
+    }
+};
+
 template <typename T>
 struct LinearInt8 {
     static void run(const void* input, int64_t input_stride, int64_t rows, int64_t k_dim, const int8_t* codes,
@@ -81,14 +87,8 @@ struct LinearInt8 {
 #pragma omp parallel for schedule(static)
         for (int64_t b = 0; b < blocks; ++b) {
             const int64_t first = b * FEATURE_BLOCK, end = std::min(n_dim, first + FEATURE_BLOCK);
-            int64_t r = 0;
-            for (; r + ROW_TILE <= rows; r += ROW_TILE)
-                features<ROW_TILE>(&x[r * k_dim], k_dim, codes, scales, group, first, end, &sums[r * n_dim], n_dim);
-            switch (rows - r) {
-                case 3: features<3>(&x[r * k_dim], k_dim, codes, scales, group, first, end, &sums[r * n_dim], n_dim); break;
-                case 2: features<2>(&x[r * k_dim], k_dim, codes, scales, group, first, end, &sums[r * n_dim], n_dim); break;
-                case 1: features<1>(&x[r * k_dim], k_dim, codes, scales, group, first, end, &sums[r * n_dim], n_dim); break;
-            }
+            by_row_tiles<Features>(rows, static_cast<const float*>(x.data()), k_dim, codes, scales, group, first, end,
+                                   sums.data(), n_dim);
         }
         const T* b = static_cast<const T*>(bias);
         for (int64_t r = 0; r < rows; ++r) {

@@ -86,6 +86,21 @@ inline floatv exp_lanes(floatv x) {
     return x > 88.7f ? floatv{} + INFINITY : result;
 }
 
+// Rows of activations a kernel takes at a time: their float32 sums stay in registers.
+constexpr int ROW_TILE = 4;
+
+// Runs F<TILE>::run(first row, args...) over `rows` in tiles of ROW_TILE rows, the last tile smaller.
+template <template <int> class F, typename... Args>
+void by_row_tiles(int64_t rows, Args... args) {
+    int64_t r = 0;
+    for (; r + ROW_TILE <= rows; r += ROW_TILE) F<ROW_TILE>::run(r, args...);
+    switch (rows - r) {
+        case 3: F<3>::run(r, args...); break;
+        case 2: F<2>::run(r, args...); break;
+        case 1: F<1>::run(r, args...); break;
+    }
+}
+
 // Calls F<T>::run(args...) for the activation dtype `dtype` names; false for an unknown one.
 template <template <typename> class F, typename... Args>
 bool by_dtype(int dtype, Args... args) {
