@@ -214,6 +214,8 @@ def test_rows_of_mixed_dtypes_are_refused_before_any_kernel_reads_them():
         rows_attention.attend_rows(query, key.float(), value, 0.125)
     with pytest.raises(ValueError, match="one dtype with head_dim contiguous"):
         rows_attention.attend_rows(query, key, value.transpose(-1, -2), 0.125)
+    with pytest.raises(ValueError, match="one dtype with head_dim contiguous"):
+        rows_attention.attend_rows(query.transpose(-1, -2), key, value, 0.125)
 
 
 @pytest.mark.parametrize("with_native", [True, False], ids=["native", "flash"])

@@ -24,10 +24,11 @@ def attend_rows(
     log-sum-exp [B, H, R] in float32, of scores scaled by `scale`. first_column (int64 [B]): batch b
     attends from that column on; a batch with none to attend gives zeros and a log-sum-exp of -inf.
     out: a contiguous [B, H, R, D] tensor of query's dtype to write the output into (the caller's)."""
-    if key.dtype != query.dtype or value.dtype != query.dtype or key.stride(-1) != 1 or value.stride(-1) != 1:
+    operands = (query, key, value)
+    if any(t.dtype != query.dtype or t.stride(-1) != 1 for t in operands):
         raise ValueError(
             f"attend_rows takes query, key and value of one dtype with head_dim contiguous, got "
-            f"{query.dtype}, {key.dtype}, {value.dtype} (strides {key.stride()}, {value.stride()})"
+            f"{', '.join(str(t.dtype) for t in operands)} (strides {', '.join(str(t.stride()) for t in operands)})"
         )
     if out is not None and (out.shape != query.shape or out.dtype != query.dtype or not out.is_contiguous()):
         raise ValueError(f"attend_rows writes a contiguous {tuple(query.shape)} {query.dtype} out")
