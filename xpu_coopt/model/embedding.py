@@ -23,7 +23,7 @@ class QuantizedTable:
         return self.weight.codes.device
 
     def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.weight.rows(input_ids).dequantize(torch.float32).to(self.dtype)
+        return self.weight.rows(input_ids).dequantize(self.dtype)  # float32 values, rounded once
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return self.weight.tensors()
